@@ -1,0 +1,1 @@
+"""Data: tokenizers, sources, processing, prompts."""

@@ -1,0 +1,258 @@
+"""Hugging Face safetensors <-> our parameters, through one weight table.
+
+`weight_table(cfg)` lists every hub key (`model.layers.*`, `visual.*`, `lm_head.*`) with our
+parameter path and how the tensor is laid out; loading and export both read it. Tensors are
+read shard by shard (`safe_open(...).get_slice`) straight into their device shardings, so no
+host ever holds the full model. Safetensors only: nothing is unpickled, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+from contextlib import ExitStack
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from emor3_jax import sharding
+from emor3_jax.models.qwen25_vl.config import ModelConfig
+from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+
+log = logging.getLogger(__name__)
+
+# Layouts: "copy" same array; "linear" HF [out, in] <-> ours [in, out];
+# "conv" HF Conv3d [E, C, T, P, P] <-> ours [C*T*P*P, E].
+COPY, LINEAR, CONV = "copy", "linear", "conv"
+
+# Non-weight files of a checkpoint directory that export carries over.
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    path: tuple
+    layout: str
+
+
+def weight_table(cfg: ModelConfig) -> list[Entry]:
+    """Every hub key of a Qwen2.5-VL checkpoint with our parameter path and layout."""
+    table = [Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), CONV)]
+
+    def linear(hf: str, ours: tuple, bias: bool):
+        table.append(Entry(f"{hf}.weight", (*ours, "kernel"), LINEAR))
+        if bias:
+            table.append(Entry(f"{hf}.bias", (*ours, "bias"), COPY))
+
+    for i in range(cfg.vision.depth):
+        hf, ours = f"visual.blocks.{i}", ("visual", "blocks", i)
+        table += [Entry(f"{hf}.norm1.weight", (*ours, "norm1", "weight"), COPY),
+                  Entry(f"{hf}.norm2.weight", (*ours, "norm2", "weight"), COPY)]
+        linear(f"{hf}.attn.qkv", (*ours, "attn", "qkv"), True)
+        linear(f"{hf}.attn.proj", (*ours, "attn", "proj"), True)
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), True)
+    table.append(Entry("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "weight"), COPY))
+    linear("visual.merger.mlp.0", ("visual", "merger", "fc1"), True)
+    linear("visual.merger.mlp.2", ("visual", "merger", "fc2"), True)
+
+    table.append(Entry("model.embed_tokens.weight", ("embed_tokens",), COPY))
+    for i in range(cfg.text.num_layers):
+        hf, ours = f"model.layers.{i}", ("layers", i)
+        for p in ("q_proj", "k_proj", "v_proj"):
+            linear(f"{hf}.self_attn.{p}", (*ours, "self_attn", p), True)
+        linear(f"{hf}.self_attn.o_proj", (*ours, "self_attn", "o_proj"), False)
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), False)
+        table += [Entry(f"{hf}.input_layernorm.weight", (*ours, "input_layernorm", "weight"), COPY),
+                  Entry(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), COPY)]
+    table.append(Entry("model.norm.weight", ("norm", "weight"), COPY))
+    if not cfg.tie_word_embeddings:
+        linear("lm_head", ("lm_head",), False)
+    return table
+
+
+def hf_shape(layout: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the hub tensor behind one of our parameters."""
+    if layout == LINEAR:
+        return shape[::-1]
+    if layout == CONV:
+        v = cfg.vision
+        return (shape[1], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    return tuple(shape)
+
+
+def _read(tensor_slice, layout: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Our-layout block `index` of one hub tensor, reading only the rows it needs."""
+    if layout == LINEAR:
+        return tensor_slice[index[1], index[0]].T
+    if layout == CONV:
+        rows = tensor_slice[index[1]]
+        return rows.reshape(rows.shape[0], -1).T[index[0]]
+    return tensor_slice[index]
+
+
+def _to_hf(array: np.ndarray, layout: str, cfg: ModelConfig) -> np.ndarray:
+    if layout == LINEAR:
+        return np.ascontiguousarray(array.T)
+    if layout == CONV:
+        return np.ascontiguousarray(array.T).reshape(hf_shape(CONV, array.shape, cfg))
+    return array
+
+
+def _check_table(cfg: ModelConfig, abs_state) -> dict[tuple, nnx.Variable]:
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(abs_state)}
+    table_paths = {e.path for e in weight_table(cfg)}
+    if table_paths != set(flat):
+        raise AssertionError(f"weight table out of sync with the model: {sorted(table_paths ^ set(flat))[:5]}")
+    return flat
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, n) for n in names]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{path}: shard files listed in the index are missing: {missing}")
+    if not files:
+        pickled = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))
+        hint = " (only pickled weights found; convert them to safetensors first)" if pickled else ""
+        raise FileNotFoundError(f"{path}: no *.safetensors weight files{hint}")
+    return files
+
+
+def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
+    """Loads a local HF Qwen2.5-VL checkpoint directly into its shardings on `mesh`.
+
+    `runtime` sets ModelConfig's run-time fields (param_dtype, compute_dtype, attention_impl).
+    Raises, naming them, on unmapped keys, missing keys and shape mismatches.
+    """
+    cfg = ModelConfig.from_hf_dir(path, **runtime)
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    flat = _check_table(cfg, abs_state)
+    table = weight_table(cfg)
+    with ExitStack() as stack:
+        where = {}
+        for f in _weight_files(path):
+            handle = stack.enter_context(safe_open(f, framework="numpy"))
+            for key in handle.keys():
+                where[key] = (handle, f)
+        wanted = {e.hf_key for e in table}
+        # A tied checkpoint may still carry lm_head.weight (it equals the embedding): not needed.
+        ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        unmapped = sorted(set(where) - wanted - ignorable)
+        missing = sorted(wanted - set(where))
+        if unmapped or missing:
+            raise ValueError(f"{path}: checkpoint keys do not match Qwen2.5-VL "
+                             f"(depth {cfg.vision.depth}, {cfg.text.num_layers} layers): "
+                             f"unmapped keys {unmapped[:10]}{'...' if len(unmapped) > 10 else ''}, "
+                             f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}")
+        dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+        leaves = []
+        for e in table:
+            var = flat[e.path]
+            handle, fname = where[e.hf_key]
+            tslice = handle.get_slice(e.hf_key)
+            expected = hf_shape(e.layout, var.shape, cfg)
+            if tuple(tslice.get_shape()) != expected:
+                raise ValueError(f"{fname}: {e.hf_key} has shape {tuple(tslice.get_shape())}, expected {expected}")
+            target = sharding.named_sharding(var.get_metadata()["axes"], var.shape, mesh, rules)
+            arr = jax.make_array_from_callback(
+                var.shape, target, lambda idx, t=tslice, lay=e.layout: _read(t, lay, idx).astype(dtype))
+            leaves.append((e.path, var.replace(arr)))
+    state = nnx.from_flat_state(leaves)
+    return nnx.merge(graphdef, state)
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host sharded) array, on every host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_hf(model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str | None = None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `model` as a HF checkpoint: sharded safetensors with hub key names, config.json,
+    and (from `like`, a source checkpoint dir) its tokenizer/processor/chat-template files.
+
+    Every process takes part (gathers); only process 0 writes.
+    """
+    cfg = model.cfg
+    out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    table = weight_table(cfg)
+    if {e.path for e in table} != set(flat):
+        raise AssertionError("weight table out of sync with the model")
+    config = cfg.to_hf_dict()
+    if like is not None:
+        config = _config_like(like, cfg)
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = out_dtype.name
+
+    # Plan shards from shapes first so file names can say "-of-N".
+    shards, size = [[]], 0
+    for e in table:
+        nbytes = int(np.prod(flat[e.path].shape)) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for name, entries in zip(names, shards):
+        tensors = {}
+        for e in entries:
+            arr = _to_hf(_host_array(flat[e.path][...]), e.layout, cfg).astype(out_dtype)
+            tensors[e.hf_key] = arr
+            weight_map[e.hf_key] = name
+            total += arr.nbytes
+        if writer:
+            save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+    if not writer:
+        return
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if like is not None:
+        for name in AUX_FILES:
+            src = os.path.join(like, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def _config_like(like: str, cfg: ModelConfig) -> dict:
+    """The source checkpoint's config.json, after checking it describes the same architecture."""
+    with open(os.path.join(like, "config.json")) as f:
+        src = json.load(f)
+    src_cfg = ModelConfig.from_hf_dict(src, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
+                                       attention_impl=cfg.attention_impl)
+    if src_cfg != cfg:
+        raise ValueError(f"{like}/config.json describes another architecture than the model being exported")
+    return src

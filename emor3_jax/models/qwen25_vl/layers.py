@@ -1,0 +1,100 @@
+"""Building blocks shared by the vision tower and the text decoder.
+
+Einsum letters: B batch, T query length, S key length, N query heads, K kv heads,
+G query heads per kv head (N = K * G), H head dim, D model dim, F mlp dim.
+
+Every parameter carries `axes` metadata (logical axis names); `emor3_jax.sharding` maps
+them to the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Init = Callable[..., jax.Array]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, init: Init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b), W stored [in, out] (HF stores [out, in]; convert.py transposes)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool,
+                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (d_out,), (axes[1],), param_dtype) if bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w, the statistics in fp32 (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, *, param_dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, f: int, axes: tuple[str, str], *, bias: bool, param_dtype, compute_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(bias=bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes, **kw)
+        self.up_proj = Linear(d, f, axes, **kw)
+        self.down_proj = Linear(f, d, (axes[1], axes[0]), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [..., T, N, H] rotated by cos/sin [..., T, H] (fp32 math, result in x's dtype)."""
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[..., None, :] + rotate_half(x32) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+    """Softmax attention with grouped kv heads.
+
+    q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] (True = attend) -> [B, T, N, H].
+    `impl`: "xla" / "cudnn" go through jax.nn.dot_product_attention (cuDNN flash attention
+    on GPUs with "cudnn"); "einsum" is the explicit path below. Logits and softmax are fp32.
+    """
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else "cudnn")
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)

