@@ -1,0 +1,162 @@
+"""Forward and forward+backward: our jitted Flax Qwen2.5-VL vs transformers' PyTorch model.
+
+Same random weights (built in transformers, saved, loaded with our `load_hf`), fp32, CPU,
+one script so both see the same machine state. Mid-size model (~100M parameters): 8 text
+layers of width 512, a 4-block vision tower; batch 4 rows of one 224x224 image + 512 text
+tokens.
+
+    python bench/forward.py [--iters 5] [--batch 4] [--text 512]
+
+Prints tokens/s for each side, `ratio <name>: <x>` (ours over transformers, higher is
+better), compile time apart, and achieved FLOP/s as a fraction of a fp32 matmul peak
+measured in this run. CPU/wall time shows when another process competed for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from emor3_jax import sharding  # noqa: E402
+from emor3_jax.models.qwen25_vl.convert import load_hf  # noqa: E402
+from emor3_jax.models.qwen25_vl.model import prepare_inputs  # noqa: E402
+
+VOCAB, IMAGE, VSTART, VEND = 48000, 47990, 47992, 47993
+
+
+def hf_config() -> Qwen2_5_VLConfig:
+    text = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+    vision = dict(depth=4, hidden_size=512, intermediate_size=1368, num_heads=8, out_hidden_size=512,
+                  fullatt_block_indexes=[3], window_size=112)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=IMAGE + 1,
+                            vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:
+    grid = (1, 16, 16)  # 224x224 pixels in 14-pixel patches
+    n_img = grid[1] * grid[2] // 4
+    rows = [np.concatenate([rng.integers(0, IMAGE - 10, text // 2), [VSTART], [IMAGE] * n_img, [VEND],
+                            rng.integers(0, IMAGE - 10, text - text // 2)]) for _ in range(batch)]
+    ids = np.stack(rows).astype(np.int64)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                pixel_values=rng.standard_normal((batch * grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32),
+                image_grid_thw=np.array([grid] * batch))
+
+
+def timeit(fn, iters: int) -> tuple[float, float]:
+    """Median wall seconds per call, and CPU/wall ratio over all calls."""
+    walls, cpu0, wall0 = [], time.process_time(), time.perf_counter()
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t)
+    return float(np.median(walls)), (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+
+
+def matmul_peak(n: int = 2048) -> float:
+    """Best fp32 FLOP/s of an n^3 matmul, numpy (OpenBLAS) or XLA, whichever is faster here."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    best = []
+    t, _ = timeit(lambda: a @ a, 3)
+    best.append(2 * n**3 / t)
+    x = jnp.asarray(a)
+    f = jax.jit(lambda x: x @ x)
+    f(x).block_until_ready()
+    t, _ = timeit(lambda: f(x).block_until_ready(), 3)
+    best.append(2 * n**3 / t)
+    return max(best)
+
+
+def logprob_sum_torch(logits, ids):
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).sum()
+
+
+def logprob_sum_jax(logits, ids):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), ids[:, 1:, None], -1).sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--text", type=int, default=512)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
+    n_params = sum(p.numel() for p in hf.parameters())
+    tmp = tempfile.mkdtemp()
+    hf.save_pretrained(tmp)
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    ours = load_hf(tmp, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    batch = make_batch(args.batch, args.text, np.random.default_rng(0))
+    inputs = prepare_inputs(ours.cfg, **batch)
+    inputs.pop("rope_deltas")
+    tokens = batch["input_ids"].size
+    print(f"model: {n_params / 1e6:.1f}M params; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
+          f"(one 224x224 image each); jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+
+    # transformers: default attention (sdpa), M-RoPE positions through mm_token_type_ids.
+    t_ids = torch.tensor(batch["input_ids"])
+    t_kw = dict(input_ids=t_ids, attention_mask=torch.tensor(batch["attention_mask"]),
+                pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+                mm_token_type_ids=(t_ids == IMAGE).long())
+
+    def torch_fwd():
+        with torch.no_grad():
+            hf(**t_kw)
+
+    def torch_fwd_bwd():
+        hf.zero_grad(set_to_none=True)
+        logprob_sum_torch(hf(**t_kw).logits, t_ids).backward()
+
+    peak = matmul_peak()  # before torch runs anything (see below)
+    graphdef, state = nnx.split(ours)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))
+    grad = jax.jit(jax.grad(lambda s, x: logprob_sum_jax(nnx.merge(graphdef, s)(**x), x["input_ids"])))
+
+    # All of ours first, then transformers: torch's OpenMP threads keep spinning after its
+    # calls and would steal the cores from XLA if the two were interleaved.
+    ours_res = {}
+    for name, jfn in (("forward", fwd), ("forward_backward", grad)):
+        t0 = time.perf_counter()
+        compiled = jfn.lower(state, inputs).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(state, inputs))
+        t, cpu = timeit(lambda: jax.block_until_ready(compiled(state, inputs)), args.iters)
+        ours_res[name] = (t, cpu, compile_s, compiled.cost_analysis()["flops"])
+    results = {}
+    for name, tfn in (("forward", torch_fwd), ("forward_backward", torch_fwd_bwd)):
+        tfn()  # warm-up
+        ref_t, ref_cpu = timeit(tfn, args.iters)
+        ours_t, ours_cpu, compile_s, flops = ours_res[name]
+        results[name] = (ours_t, ref_t, flops)
+        print(f"{name}: ours {tokens / ours_t:,.0f} tok/s ({ours_t * 1e3:.0f} ms, cpu/wall {ours_cpu:.2f}, "
+              f"compile {compile_s:.1f} s) | transformers {tokens / ref_t:,.0f} tok/s ({ref_t * 1e3:.0f} ms, "
+              f"cpu/wall {ref_cpu:.2f}) | XLA flops {flops / 1e9:.1f} GFLOP")
+
+    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s (2048^3, best of numpy and XLA)")
+    for name, (ours_t, ref_t, flops) in results.items():
+        print(f"{name}: ours {flops / ours_t / 1e9:.0f} GFLOP/s = {flops / ours_t / peak:.0%} of peak; "
+              f"transformers {flops / ref_t / 1e9:.0f} GFLOP/s = {flops / ref_t / peak:.0%} of peak (same FLOP count)")
+    for name, (ours_t, ref_t, _) in results.items():
+        print(f"ratio {name}_vs_transformers: {ref_t / ours_t:.2f}")
+
+
+if __name__ == "__main__":
+    main()
