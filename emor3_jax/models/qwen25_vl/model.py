@@ -20,7 +20,9 @@ from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
-from emor3_jax.models.qwen25_vl.text import DecoderLayer
+from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
+
+Cache = tuple[KV, ...]
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
 
@@ -54,15 +56,26 @@ class Qwen25VL(nnx.Module):
 
     def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D]."""
-        t = self.cfg.text
-        x = sharding.constrain(x, ("batch", "seq", "embed"))
-        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
         seq = x.shape[1]
         causal = jnp.tril(jnp.ones((seq, seq), bool))
         mask = (causal[None] & attention_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
+        return self.decode(x, positions, mask)[0]
+
+    def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: Cache | None = None,
+               index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+        """Decoder with an optional KV cache (one (k, v) pair [B, S, K, H] per layer).
+
+        x [B, T, D], positions [3, B, T], mask [B, 1, T, S] -> (hidden [B, T, D], cache); with
+        a cache the T new tokens are written at slots index..index+T-1.
+        """
+        t = self.cfg.text
+        x = sharding.constrain(x, ("batch", "seq", "embed"))
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
+            new_cache.append(kv)
+        return self.norm(x), None if cache is None else tuple(new_cache)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""

@@ -12,6 +12,9 @@ from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
 
+KV = tuple[jax.Array, jax.Array]  # one layer's key and value cache, each [B, S, K, H]
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
 
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
@@ -23,15 +26,25 @@ class Attention(nnx.Module):
         self.o_proj = layers.Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=False, **kw)
         self.head_dim, self.impl = h, impl
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S=T] -> [B, T, D]."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: KV | None = None,
+                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
+
+        Without `kv` the keys are this call's own tokens (S = T). With `kv` (cache [B, S, K, H]
+        pair) this call's keys/values are written at slots index..index+T-1 first and the
+        queries attend over the whole cache; the updated cache is returned.
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        out = layers.attention(q, k, v, mask, self.impl)
-        return self.o_proj(out.reshape(b, t, -1))
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+            kv = (sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES))
+        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)
+        return self.o_proj(out.reshape(b, t, -1)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -43,7 +56,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False,
                                    compute_dtype=compute_dtype, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: KV | None = None,
+                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return sharding.constrain(x, ("batch", "seq", "embed"))
+        return sharding.constrain(x, ("batch", "seq", "embed")), kv

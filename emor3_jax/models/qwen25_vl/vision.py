@@ -13,8 +13,6 @@ gather them back into reading order.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,5 +205,3 @@ def order_pixels(pixel_values: np.ndarray, layout: VisionLayout) -> np.ndarray:
         raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, the grids need {layout.patch_order.shape[0]}")
     return pixel_values[layout.patch_order]
 
-
-__all__ = ["VisionLayout", "VisionTower", "vision_layout", "order_pixels", "dataclasses"]
