@@ -21,31 +21,19 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from common import IMAGE, VSTART, VEND, hf_config, timeit  # noqa: E402
 from emor3_jax import sharding  # noqa: E402
 from emor3_jax.models.qwen25_vl.convert import load_hf  # noqa: E402
 from emor3_jax.models.qwen25_vl.model import prepare_inputs  # noqa: E402
-
-VOCAB, IMAGE, VSTART, VEND = 48000, 47990, 47992, 47993
-
-
-def hf_config() -> Qwen2_5_VLConfig:
-    text = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
-    vision = dict(depth=4, hidden_size=512, intermediate_size=1368, num_heads=8, out_hidden_size=512,
-                  fullatt_block_indexes=[3], window_size=112)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=IMAGE + 1,
-                            vision_start_token_id=VSTART, vision_end_token_id=VEND)
-
 
 def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:
     grid = (1, 16, 16)  # 224x224 pixels in 14-pixel patches
@@ -56,16 +44,6 @@ def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:
     return dict(input_ids=ids, attention_mask=np.ones_like(ids),
                 pixel_values=rng.standard_normal((batch * grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32),
                 image_grid_thw=np.array([grid] * batch))
-
-
-def timeit(fn, iters: int) -> tuple[float, float]:
-    """Median wall seconds per call, and CPU/wall ratio over all calls."""
-    walls, cpu0, wall0 = [], time.process_time(), time.perf_counter()
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t)
-    return float(np.median(walls)), (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
 
 def matmul_peak(n: int = 2048) -> float:

@@ -128,14 +128,18 @@ def test_vision_tower_per_block_matches_transformers(hf_tiny, ours_fp32):
     assert np.abs(final - ref.pooler_output.numpy()).max() <= 1e-5
 
 
-def test_window_attention_memory_is_linear_in_windows(ours_fp32):
-    """The window path gathers [W, 64] blocks: its largest attention operand is W*64*64, not L*L."""
+def test_vision_attention_memory_is_linear_in_windows_and_images(ours_fp32):
+    """Window blocks gather [W, 64] windows, full blocks [F, Lf] frames: the largest attention
+    operand grows with the number of windows / images, never with (all patches)^2."""
     cfg = ours_fp32.cfg.vision
     small = vision_layout(np.array([[1, 16, 16]]), None, cfg)
     large = vision_layout(np.array([[1, 64, 64]]), None, cfg)
     assert small.windows.shape == (4, 64) and large.windows.shape == (64, 64)
     # 16x more patches -> 16x more windows, each still 64 slots.
     assert large.windows.size / small.windows.size == large.patch_order.size / small.patch_order.size
+    many = vision_layout(np.array([[1, 16, 16]] * 8 + [[1, 8, 12]]), None, cfg)
+    assert many.frames.shape == (9, 256)  # 9 images -> 9 rows of the largest frame, not (8*256+96)^2
+    assert sorted(many.unframe.tolist()) == sorted(set(many.unframe.tolist()))
 
 
 def _token_logprob_sum(logits, ids, mask):

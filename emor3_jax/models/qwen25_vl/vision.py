@@ -4,11 +4,12 @@ Letters: L patches, W windows, P patches per window (padded), M merged tokens, C
 (C*T*P*P pixels), E vision width, N heads, H head dim.
 
 Patches arrive already in *window order* (`VisionLayout.patch_order` applied on the host):
-the merge units of each attention window are contiguous, as transformers permutes them.
-Window attention gathers the sequence into [W, P] blocks (memory linear in W, never an
-[L, L] mask); full-attention blocks attend within each frame through a segment mask. The
-merged tokens come out in window order and `VisionLayout.merged_image`/`merged_video`
-gather them back into reading order.
+the merge units of each attention window are contiguous, as transformers permutes them, and
+so are the patches of each frame. Attention never builds an [L, L] mask over the batch:
+window blocks gather the sequence into [W, P] windows and full-attention blocks into
+[F, Lf] frames (F frames, Lf the largest frame), so memory grows linearly with the number
+of windows and images. The merged tokens come out in window order and
+`VisionLayout.merged_image`/`merged_video` gather them back into reading order.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class VisionLayout:
     pos_hw [L, 2]: (row, column) of each window-ordered patch, for the 2-D rotary embedding.
     windows [W, P]: window-ordered patch index of each window slot; L marks an empty slot.
     unwindow [L]: flat slot (w * P + p) holding each patch, to undo the gather.
-    frame [L]: which frame each patch belongs to (full attention stays inside a frame).
+    frames [F, Lf], unframe [L]: the same for frames (full attention stays inside a frame).
     merged_image [Mi], merged_video [Mv]: window-ordered merged token behind each image /
     video token in reading order.
     """
@@ -41,7 +42,8 @@ class VisionLayout:
     pos_hw: np.ndarray
     windows: np.ndarray
     unwindow: np.ndarray
-    frame: np.ndarray
+    frames: np.ndarray
+    unframe: np.ndarray
     merged_image: np.ndarray
     merged_video: np.ndarray
 
@@ -73,37 +75,44 @@ def _patch_hw(t: int, h: int, w: int, m: int) -> np.ndarray:
     return np.tile(np.stack([hh, ww], axis=-1), (t, 1))
 
 
+def _blocks(sizes: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive runs of `sizes` patches as rows of a [len(sizes), width] gather index
+    (padding = total count, one past the last patch) and the flat slot of each patch."""
+    n = sum(sizes)
+    blocks = np.full((len(sizes), width), n, np.int32)
+    unblock = np.zeros((n,), np.int32)
+    start = 0
+    for i, size in enumerate(sizes):
+        blocks[i, :size] = np.arange(start, start + size)
+        unblock[start:start + size] = i * width + np.arange(size)
+        start += size
+    return blocks, unblock
+
+
 def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig) -> VisionLayout:
     """Index arrays for images (first) and videos (after) fed through the tower together."""
     image_grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
     video_grid = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
     grids = np.concatenate([image_grid, video_grid]).astype(np.int64)
+    if not grids.size:
+        raise ValueError("vision_layout: no image or video grids")
     mu, m = cfg.merge_unit, cfg.spatial_merge_size
     p_max = cfg.window_merge_units**2 * mu
-    unit_order, window_sizes, pos_hw, frames = [], [], [], []
-    unit_base = frame_base = 0
+    unit_order, window_sizes, frame_sizes, pos_hw = [], [], [], []
+    unit_base = 0
     for t, h, w in grids.tolist():
         if h % m or w % m:
             raise ValueError(f"grid {(t, h, w)}: height and width must be multiples of spatial_merge_size {m}")
         order, sizes = _grid_layout(t, h, w, cfg)
         unit_order.append(order + unit_base)
         window_sizes += [s * mu for s in sizes]
+        frame_sizes += [h * w] * t
         pos_hw.append(_patch_hw(t, h, w, m))
-        frames.append(np.repeat(np.arange(t) + frame_base, h * w))
         unit_base += t * (h // m) * (w // m)
-        frame_base += t
-    if not grids.size:
-        raise ValueError("vision_layout: no image or video grids")
     unit_order = np.concatenate(unit_order)
     patch_order = (unit_order[:, None] * mu + np.arange(mu)).reshape(-1)
-    n = patch_order.size
-    windows = np.full((len(window_sizes), p_max), n, np.int32)
-    unwindow = np.zeros((n,), np.int32)
-    start = 0
-    for i, size in enumerate(window_sizes):
-        windows[i, :size] = np.arange(start, start + size)
-        unwindow[start:start + size] = i * p_max + np.arange(size)
-        start += size
+    windows, unwindow = _blocks(window_sizes, p_max)
+    frames, unframe = _blocks(frame_sizes, max(frame_sizes))
     reverse = np.argsort(unit_order).astype(np.int32)  # reading-order merged token -> window order
     n_img = int((image_grid[:, 0] * image_grid[:, 1] * image_grid[:, 2]).sum()) // mu
     return VisionLayout(
@@ -111,7 +120,8 @@ def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig) -> VisionLa
         pos_hw=np.concatenate(pos_hw)[patch_order].astype(np.int32),
         windows=windows,
         unwindow=unwindow,
-        frame=np.concatenate(frames)[patch_order].astype(np.int32),
+        frames=frames,
+        unframe=unframe,
         merged_image=reverse[:n_img],
         merged_video=reverse[n_img:],
     )
@@ -125,21 +135,17 @@ class VisionAttention(nnx.Module):
         self.proj = layers.Linear(e, e, ("vision_heads", "vision_embed"), bias=True, **kw)
         self.num_heads, self.impl = cfg.num_heads, impl
 
-    def __call__(self, x, cos, sin, windows, unwindow, frame, full: bool):
-        """x [L, E] -> [L, E]. Window blocks gather into [W, P]; full blocks mask by frame."""
+    def __call__(self, x, cos, sin, blocks, unblock):
+        """x [L, E] -> [L, E], attending within each row of `blocks` [W, P] (windows or frames)."""
         n_patch = x.shape[0]
         qkv = self.qkv(x).reshape(n_patch, 3, self.num_heads, -1)  # [L, 3, N, H]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        if full:
-            mask = (frame[:, None] == frame[None, :])[None, None]  # [1, 1, L, L]
-            out = layers.attention(q[None], k[None], v[None], mask, self.impl)[0]
-        else:
-            pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[windows]  # [W, P, N, H]
-            valid = windows < n_patch  # [W, P]
-            mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [W, 1, P, P]
-            out = layers.attention(pad(q), pad(k), pad(v), mask, self.impl)
-            out = out.reshape(-1, *out.shape[2:])[unwindow]  # [L, N, H]
+        gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks]  # [W, P, N, H]
+        valid = blocks < n_patch  # [W, P]
+        mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [W, 1, P, P]
+        out = layers.attention(gather(q), gather(k), gather(v), mask, self.impl)
+        out = out.reshape(-1, *out.shape[2:])[unblock]  # [L, N, H]
         return self.proj(out.reshape(n_patch, -1))
 
 
@@ -152,8 +158,8 @@ class VisionBlock(nnx.Module):
         self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True,
                                    compute_dtype=compute_dtype, **kw)
 
-    def __call__(self, x, cos, sin, windows, unwindow, frame, full: bool):
-        x = x + self.attn(self.norm1(x), cos, sin, windows, unwindow, frame, full)
+    def __call__(self, x, cos, sin, blocks, unblock):
+        x = x + self.attn(self.norm1(x), cos, sin, blocks, unblock)
         return x + self.mlp(self.norm2(x))
 
 
@@ -191,8 +197,10 @@ class VisionTower(nnx.Module):
         x = sharding.constrain(x, ("seq", "vision_embed"))
         hidden = []
         for i, block in enumerate(self.blocks):
-            full = i in self.cfg.fullatt_block_indexes
-            x = block(x, cos, sin, layout.windows, layout.unwindow, layout.frame, full)
+            if i in self.cfg.fullatt_block_indexes:
+                x = block(x, cos, sin, layout.frames, layout.unframe)
+            else:
+                x = block(x, cos, sin, layout.windows, layout.unwindow)
             hidden.append(x)
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged

@@ -1,0 +1,226 @@
+"""Rollout sampling throughput: our on-device sampler vs transformers' generate.
+
+CPU mode (default): the mid-size random Qwen2.5-VL of bench/forward.py, 16 prompts with one
+224x224 image, n=8 samples each at temperature 1.0, 128 new tokens forced (no stop token),
+fp32. Each side runs in its own subprocess, back to back, on the same saved weights, so
+peak memory (max RSS) is each side's own and torch's spinning threads cannot slow XLA.
+Also times our sampler with prefill once + fork against prefilling every copy.
+
+    python bench/sampling.py [--prompts 16] [--n 8] [--new 128]
+
+GPU mode: Qwen2.5-VL-3B shapes with random bf16 weights, 32 prompts x 8 samples (256 rows)
+with a 448x448 image, 512 new tokens; tokens/s and the fraction of HBM bandwidth the decode
+steps use (bytes of weights + KV cache read per step over the step time).
+
+    python bench/sampling.py --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import numpy as np  # noqa: E402
+
+PROMPT_TEXT = 62  # text tokens around the image: prompt = 62 + 64 image + 2 = 128 tokens
+HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
+
+
+def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, int, int], rng):
+    from emor3_jax.sampling.sampler import Prompt
+
+    image, vstart, vend = vocab_image
+    n_img = grid[1] * grid[2] // 4
+    out = []
+    for _ in range(count):
+        ids = np.concatenate([rng.integers(1, image - 10, PROMPT_TEXT // 2), [vstart], [image] * n_img, [vend],
+                              rng.integers(1, image - 10, PROMPT_TEXT - PROMPT_TEXT // 2)])
+        pixels = rng.standard_normal((grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32)
+        out.append(Prompt(ids, pixels, np.array([grid])))
+    return out
+
+
+def run_ours(path: str, args) -> dict:
+    import jax
+
+    from common import IMAGE, VEND, VSTART
+    from emor3_jax import sharding
+    from emor3_jax.models.qwen25_vl.convert import load_hf
+    from emor3_jax.sampling.methods import SamplingParams
+    from emor3_jax.sampling.sampler import Sampler
+
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    model = load_hf(path, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    prompts = prompts_for(args.prompts, (1, 16, 16), (IMAGE, VSTART, VEND), np.random.default_rng(0))
+    params = SamplingParams(temperature=1.0)
+    res = {}
+    for name, batch, n in (("fork", prompts, args.n), ("prefill_each", [p for p in prompts for _ in range(args.n)], 1)):
+        s = Sampler(model.cfg, prompt_buckets=(128,), gen_buckets=(args.new,), pad_id=0)
+        t0 = time.perf_counter()
+        out = s.generate(model, batch, key=jax.random.key(0), max_new_tokens=args.new, n=n, params=params)
+        jax.block_until_ready(out.tokens)
+        first = time.perf_counter() - t0  # compile + one run
+        walls = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            out = s.generate(model, batch, key=jax.random.key(i + 1), max_new_tokens=args.new, n=n, params=params)
+            jax.block_until_ready(out.tokens)
+            walls.append(time.perf_counter() - t0)
+        lengths = np.asarray(out.lengths)
+        assert (lengths == args.new).all(), "every row must run the full length"
+        wall = float(np.median(walls))
+        res[name] = dict(seconds=wall, tokens=int(lengths.sum()), compile_s=first - wall,
+                         programs=s.compiled_programs())
+    res["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return res
+
+
+def run_transformers(path: str, args) -> dict:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from common import IMAGE, VEND, VSTART
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    prompts = prompts_for(args.prompts, (1, 16, 16), (IMAGE, VSTART, VEND), np.random.default_rng(0))
+    ids = torch.tensor(np.stack([p.ids for p in prompts]))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMAGE).long(),
+              pixel_values=torch.tensor(np.concatenate([p.pixel_values for p in prompts])),
+              image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in prompts])),
+              do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=args.n,
+              max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.generate(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(**kw)
+        wall = time.perf_counter() - t0
+    new = out[:, ids.shape[1]:]
+    assert new.shape[1] == args.new
+    return dict(seconds=wall, tokens=int(new.numel()),
+                max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def cpu_main(args) -> None:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from common import hf_config
+
+    path = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(hf_config())
+    model.save_pretrained(path)
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    results = {}
+    for side in ("ours", "transformers"):
+        cmd = [sys.executable, __file__, "--side", side, "--path", path, "--prompts", str(args.prompts),
+               "--n", str(args.n), "--new", str(args.new), "--iters", str(args.iters)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[side] = json.loads(out.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["transformers"]
+    fork, each = ours["fork"], ours["prefill_each"]
+    tps = lambda r: r["tokens"] / r["seconds"]
+    print(f"model {n_params / 1e6:.1f}M params, {args.prompts} prompts (224x224 image, 128-token prompt) x n={args.n}, "
+          f"{args.new} new tokens forced, T=1.0, fp32, CPU")
+    print(f"ours (prefill once + fork): {tps(fork):,.0f} tok/s ({fork['seconds']:.2f} s for {fork['tokens']} tokens; "
+          f"compile {fork['compile_s']:.1f} s, {fork['programs']} programs)")
+    print(f"ours (prefill every copy):  {tps(each):,.0f} tok/s ({each['seconds']:.2f} s; compile {each['compile_s']:.1f} s)")
+    print(f"transformers generate:      {tps(ref):,.0f} tok/s ({ref['seconds']:.2f} s for {ref['tokens']} tokens)")
+    print(f"peak memory (max RSS of each process): ours {ours['max_rss_gb']:.2f} GB, "
+          f"transformers {ref['max_rss_gb']:.2f} GB")
+    print(f"ratio sampling_vs_transformers: {tps(fork) / tps(ref):.2f}")
+    print(f"ratio fork_vs_prefill_each: {each['seconds'] / fork['seconds']:.2f}")
+
+
+def gpu_main(args) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from emor3_jax import sharding
+    from emor3_jax.models.qwen25_vl.config import preset
+    from emor3_jax.models.qwen25_vl.model import create_model
+    from emor3_jax.sampling.methods import SamplingParams
+    from emor3_jax.sampling.sampler import Sampler
+
+    cfg = preset("3b", param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl=args.attention)
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+    t0 = time.perf_counter()
+    model = create_model(cfg, mesh, sharding.DEFAULT_RULES)
+    print(f"{jax.devices()[0].device_kind}: random 3B-shaped model in {time.perf_counter() - t0:.1f} s")
+    grid = (1, 32, 32)  # 448x448
+    prompts = prompts_for(args.prompts, grid, (cfg.image_token_id, cfg.vision_start_token_id,
+                                                cfg.vision_end_token_id), np.random.default_rng(0))
+    p_len = len(prompts[0].ids)
+    s = Sampler(cfg, prompt_buckets=(p_len,), gen_buckets=(args.new,), pad_id=0)
+    params = SamplingParams(temperature=1.0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(s.generate(model, prompts, key=jax.random.key(0), max_new_tokens=args.new, n=args.n,
+                                     params=params).tokens)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = s.generate(model, prompts, key=jax.random.key(1), max_new_tokens=args.new, n=args.n, params=params)
+    jax.block_until_ready(out.tokens)
+    wall = time.perf_counter() - t0
+    rows = args.prompts * args.n
+    tokens = int(np.asarray(out.lengths).sum())
+    t = cfg.text
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx_state(model)))
+    kv_row_slot = 2 * t.num_layers * t.num_kv_heads * t.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+    # Each step reads the text weights and the whole cache buffer (masked slots included).
+    text_bytes = param_bytes - sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx_state(model.visual)))
+    step_bytes = text_bytes + rows * (p_len + args.new) * kv_row_slot
+    step_s = wall / args.new  # prefill included: an upper bound on the step time
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in HBM_PEAK.items() if k in kind), None)
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"{rows} rows x {args.new} new tokens (prompt {p_len} with a 448x448 image), bf16, "
+          f"attention={args.attention}")
+    print(f"tokens/s {tokens / wall:,.0f} ({wall:.2f} s; first call incl. compile {first:.1f} s; "
+          f"{s.compiled_programs()} programs)")
+    print(f"decode step {step_s * 1e3:.2f} ms reading {step_bytes / 1e9:.2f} GB -> {step_bytes / step_s / 1e12:.2f} TB/s"
+          + (f" = {step_bytes / step_s / peak:.0%} of {kind} HBM peak {peak / 1e12:.2f} TB/s" if peak else ""))
+    print(f"peak HBM in use: {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
+
+
+def nnx_state(module):
+    from flax import nnx
+
+    return nnx.state(module, nnx.Param)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--new", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=1)
+    ap.add_argument("--attention", default="cudnn", help="GPU mode: xla | cudnn | einsum")
+    ap.add_argument("--side", choices=("ours", "transformers"), help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        run = run_ours if args.side == "ours" else run_transformers
+        print(json.dumps(run(args.path, args)))
+    elif args.gpu:
+        args.prompts, args.new = args.prompts or 32, args.new or 512
+        gpu_main(args)
+    else:
+        args.prompts, args.new = args.prompts or 16, args.new or 128
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()
