@@ -76,8 +76,48 @@ def filtered_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return x
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """First index of the row maximum [B]; a max and a masked min, which XLA's CPU backend
+    runs ~5x faster than its variadic argmax reduction."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+def categorical(key: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
+    """One draw per row from softmax(logits) [B, V] (-inf = never), by inverting the CDF.
+
+    One uniform per row instead of a Gumbel number per vocabulary entry (the RNG dominates a
+    decode step otherwise). The CDF is searched in two levels, blocks of `block` tokens then
+    within the chosen block, so no full-vocabulary cumsum is needed. Rounding at a block
+    edge can only land on a token of positive probability.
+    """
+    b, v = logits.shape
+    nb = -(-v // block)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V], 0 where -inf
+    e = jnp.pad(e, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
+    block_mass = e.sum(-1)  # [B, nb]
+    cdf = jnp.cumsum(block_mass, axis=-1)
+    u = jax.random.uniform(key, (b,), jnp.float32) * cdf[:, -1]
+    blk = _first_above(cdf, u, block_mass > 0)  # [B]
+    inner = jnp.take_along_axis(e, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+    before = jnp.take_along_axis(cdf - block_mass, blk[:, None], axis=1)[:, 0]
+    pos = _first_above(jnp.cumsum(inner, axis=-1), u - before, inner > 0)
+    return blk * block + pos
+
+
+def _first_above(cdf: jax.Array, u: jax.Array, positive: jax.Array) -> jax.Array:
+    """Index of the first cdf entry > u per row, kept on an entry with positive mass."""
+    n = cdf.shape[-1]
+    idx = jnp.sum(cdf <= u[:, None], axis=-1).astype(jnp.int32)
+    iota = jnp.arange(n, dtype=jnp.int32)
+    last_positive = jnp.max(jnp.where(positive, iota, -1), axis=-1)
+    first_positive = jnp.min(jnp.where(positive, iota, n), axis=-1)
+    return jnp.clip(idx, first_positive, last_positive)
+
+
 def select(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
     """Next token ids [B] from logits [B, V] (logit bias already added)."""
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filtered_logits(logits, params), axis=-1).astype(jnp.int32)
+        return argmax(logits)
+    return categorical(key, filtered_logits(logits, params))

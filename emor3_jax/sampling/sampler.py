@@ -24,7 +24,7 @@ from flax import nnx, struct
 
 from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl.model import Cache, Qwen25VL, prepare_inputs
-from emor3_jax.models.qwen25_vl.text import CACHE_AXES
+from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -141,11 +141,10 @@ class Sampler:
         key = (rows, slots, jnp.dtype(dtype).name)
         if key not in self._buffers:
             t = self.cfg.text
-            shape = (rows, slots, t.num_kv_heads, t.head_dim)
-
             def alloc():
-                z = sharding.constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-                return tuple((z, z) for _ in range(t.num_layers))
+                k = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, t.head_dim, slots), dtype), K_CACHE_AXES)
+                v = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, slots, t.head_dim), dtype), V_CACHE_AXES)
+                return tuple((k, v) for _ in range(t.num_layers))
 
             self._buffers[key] = jax.jit(alloc)()
         return self._buffers.pop(key)
@@ -158,8 +157,9 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, p = ids.shape
     x = model.embed(ids, batch.get("pixels"), batch.get("layout"))
-    zeros = sharding.constrain(jnp.zeros((b, p, t.num_kv_heads, t.head_dim), x.dtype), CACHE_AXES)
-    cache = tuple((zeros, zeros) for _ in range(t.num_layers))
+    k = sharding.constrain(jnp.zeros((b, t.num_kv_heads, t.head_dim, p), x.dtype), K_CACHE_AXES)
+    v = sharding.constrain(jnp.zeros((b, t.num_kv_heads, p, t.head_dim), x.dtype), V_CACHE_AXES)
+    cache = tuple((k, v) for _ in range(t.num_layers))
     causal = jnp.tril(jnp.ones((p, p), bool))
     attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [B, 1, P, P]
     h, cache = model.decode(x, batch["positions"], attn, cache, 0)
@@ -190,7 +190,7 @@ def _decode(graphdef, n: int, g_len: int, params: SamplingParams, state, logits,
     def body(c):
         step, raw = c["step"], c["logits"]
         tok = select(raw + bias, jax.random.fold_in(key, step), params)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), tok[:, None], axis=-1)[:, 0]
+        logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
         live = ~c["done"]
         tok = jnp.where(live, tok, pad_id)
         hit = live & jnp.isin(tok, stop_ids)

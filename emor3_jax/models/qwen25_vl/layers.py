@@ -98,3 +98,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: s
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
+    """One new token per row against the KV cache.
+
+    q [B, 1, N, H], k_cache [B, K, H, S], v_cache [B, K, S, H], mask [B, 1, 1, S] -> [B, 1, N, H].
+    """
+    b, _, n, h = q.shape
+    kh = k_cache.shape[1]
+    qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
+    logits = jnp.einsum("bkgh,bkhs->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
+    logits = jnp.where(mask[:, :, 0, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache)
+    return out.reshape(b, 1, n, h)

@@ -6,14 +6,19 @@ Letters: B batch, T query length, S key length, N heads, K kv heads, H head dim,
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
 
-KV = tuple[jax.Array, jax.Array]  # one layer's key and value cache, each [B, S, K, H]
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+# One layer's cache: keys [B, K, H, S] and values [B, K, S, H]. In these layouts both decode
+# dots reduce over a non-minor axis and stream the cache once (on CPU, 7x faster than
+# keys as [B, S, K, H]).
+KV = tuple[jax.Array, jax.Array]
+K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "seq")
+V_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 class Attention(nnx.Module):
@@ -30,20 +35,30 @@ class Attention(nnx.Module):
                  index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
         """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
 
-        Without `kv` the keys are this call's own tokens (S = T). With `kv` (cache [B, S, K, H]
-        pair) this call's keys/values are written at slots index..index+T-1 first and the
-        queries attend over the whole cache; the updated cache is returned.
+        Without `kv` the keys are this call's own tokens (S = T). With `kv` this call's keys and
+        values are written at slots index..index+T-1 and the updated cache is returned; one
+        token (decode) attends over the whole cache, several tokens (prefill, which must start
+        at slot 0) over themselves.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-            kv = (sharding.constrain(k, CACHE_AXES), sharding.constrain(v, CACHE_AXES))
-        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)
+        if kv is None:
+            out = layers.attention(q, k, v, mask, self.impl)
+            return self.o_proj(out.reshape(b, t, -1)), None
+        if t > 1 and not (isinstance(index, int) and index == 0):
+            raise ValueError("a multi-token call with a KV cache is a prefill and must start at slot 0")
+        k_cache = jax.lax.dynamic_update_slice_in_dim(
+            kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype), index, axis=3)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(
+            kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
+        kv = (sharding.constrain(k_cache, K_CACHE_AXES), sharding.constrain(v_cache, V_CACHE_AXES))
+        if t == 1:
+            out = layers.decode_attention(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask)
+        else:
+            out = layers.attention(q, k, v, mask[..., :t], self.impl)
         return self.o_proj(out.reshape(b, t, -1)), kv
 
 
