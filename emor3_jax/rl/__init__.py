@@ -1,0 +1,1 @@
+"""RL math and loop for EMO-R3: advantages, GRPO losses, rewards, rollouts, learner."""
