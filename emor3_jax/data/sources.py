@@ -1,0 +1,378 @@
+"""Readers that turn image-emotion data sets on disk into RECORDS.
+
+A RECORD is a dict:
+
+  {"id": str, "image": bytes, "label": str, "problem": str, "answer": str}
+
+`image` is the encoded image file exactly as stored (PNG, JPEG, or any format
+PIL decodes); `label` is lower case and one of the caller's `labels`;
+`problem` is the question text ("" if the source has none); `answer` is the
+source's reference answer ("" if none).
+
+Readers:
+  read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
+  read_folder(root, annotations_file, labels)     images under root + JSONL/CSV
+  read_emoset118k(root, split, labels)            the official EmoSet-118K release
+
+Each reader checks the top level (files present, columns present) when called
+and raises ValueError / FileNotFoundError then. Each record is read and checked
+when it is drawn; a bad one raises `BadRecord` naming the file, row and id.
+The iterator stays usable after a `BadRecord`, so `checked(...)` can skip bad
+records and go on:
+
+  records = checked(read_folder(root, "ann.jsonl", LABELS), skip_bad=True,
+                    max_bad_fraction=0.01, counter={})
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+RECORD_KEYS = ("id", "image", "label", "problem", "answer")
+EMOSET118K_SPLITS = ("train", "val", "test")
+# `checked` applies the bad-fraction limit only once this many records were seen.
+MIN_SEEN_FOR_LIMIT = 20
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+class BadRecord(ValueError):
+    """One record that cannot be used; the message names the record and what was expected."""
+
+
+class _Records:
+    """An iterator of records that stays usable after one of them raises BadRecord.
+
+    `thunks` yields one zero-argument function per record; calling it reads and
+    checks that record. The thunk stream advances before the record is built, so
+    the next `next()` after a BadRecord goes on with the following record.
+    """
+
+    def __init__(self, thunks: Iterator[Callable[[], dict]]):
+        self._thunks = thunks
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._thunks)()
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by the readers.
+
+
+def _norm_labels(labels: Sequence[str]) -> frozenset[str]:
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+    return frozenset(str(x).strip().lower() for x in labels)
+
+
+def _check_label(label, labels: frozenset[str], where: str) -> str:
+    if not isinstance(label, str):
+        raise BadRecord(f"{where}: label must be a string, got {type(label).__name__} {label!r}")
+    norm = label.strip().lower()
+    if norm not in labels:
+        raise BadRecord(f"{where}: label {label!r} is not one of {sorted(labels)}")
+    return norm
+
+
+def _check_image(data, where: str) -> bytes:
+    """Returns `data` if it is a whole image PIL can decode, else raises BadRecord."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise BadRecord(f"{where}: expected encoded image bytes, got {type(data).__name__} of length "
+                        f"{len(data) if hasattr(data, '__len__') else '?'}")
+    data = bytes(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # structure and checksums; leaves the image unusable
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # full decode: catches truncated pixel data
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise BadRecord(f"{where}: image is not a readable image file ({type(e).__name__}: {e})") from e
+    return data
+
+
+def _read_image_file(root_real: str, rel_path, where: str) -> bytes:
+    """Reads `rel_path` under the data root; refuses paths that leave the root."""
+    if not isinstance(rel_path, str) or not rel_path:
+        raise BadRecord(f"{where}: expected a non-empty image path, got {rel_path!r}")
+    full = os.path.realpath(os.path.join(root_real, rel_path))  # resolves `..` and symlinks
+    if os.path.commonpath([root_real, full]) != root_real:
+        raise BadRecord(f"{where}: image path {rel_path!r} resolves to {full}, outside the data root {root_real}")
+    if not os.path.isfile(full):
+        raise BadRecord(f"{where}: image file {full} does not exist")
+    with open(full, "rb") as f:
+        return _check_image(f.read(), f"{where} ({full})")
+
+
+def _text(value, field: str, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _root(root) -> str:
+    root_real = os.path.realpath(os.fspath(root))
+    if not os.path.isdir(root_real):
+        raise FileNotFoundError(f"data root {root} is not a directory")
+    return root_real
+
+
+# ---------------------------------------------------------------------------
+# EmoSet-2k (HF parquet).
+
+
+def label_from_answer(answer: str) -> str:
+    """The label inside an EmoSet-2k answer: the text in <answer>...</answer> if present,
+    else the whole answer; stripped of spaces and trailing '.'."""
+    m = _ANSWER_TAG.search(answer)
+    text = m.group(1) if m else answer
+    return text.strip().rstrip(".").strip()
+
+
+def _parquet_files(path_or_dir) -> list[str]:
+    path = os.fspath(path_or_dir)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {path}")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"parquet file {path} does not exist")
+    return [path]
+
+
+def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
+    """Records from one parquet file or every *.parquet under a directory (sorted).
+
+    HF `datasets` layout: `images` is a list of {"bytes", "path"} structs holding
+    exactly one image; `problem` the question; `answer` the reference answer, whose
+    label is `label_from_answer(answer)`. Other columns (`course_grained`) are
+    ignored. `id` is "<file stem>-<row index within the file>".
+    """
+    import pyarrow.parquet as pq
+
+    labels = _norm_labels(labels)
+    files = _parquet_files(path_or_dir)
+    columns = ["images", "problem", "answer"]
+    for file in files:
+        names = pq.ParquetFile(file).schema_arrow.names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise ValueError(f"{file}: missing parquet columns {missing} (has {names})")
+
+    def row_record(file: str, row_index: int, row: dict) -> dict:
+        rid = f"{os.path.splitext(os.path.basename(file))[0]}-{row_index}"
+        where = f"{file} row {row_index} (id {rid})"
+        images = row["images"]
+        if not isinstance(images, list) or len(images) != 1:
+            n = len(images) if isinstance(images, list) else type(images).__name__
+            raise BadRecord(f"{where}: expected `images` to hold exactly one image, got {n}")
+        image = images[0]
+        if not isinstance(image, dict) or image.get("bytes") is None:
+            raise BadRecord(f"{where}: expected `images[0]` to be a struct with image `bytes`, got {image!r:.80}")
+        answer = _text(row["answer"], "answer", where)
+        return {
+            "id": rid,
+            "image": _check_image(image["bytes"], where),
+            "label": _check_label(label_from_answer(answer), labels, where),
+            "problem": _text(row["problem"], "problem", where),
+            "answer": answer,
+        }
+
+    def thunks():
+        for file in files:
+            row_index = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=columns):
+                for row in batch.to_pylist():
+                    yield lambda f=file, i=row_index, r=row: row_record(f, i, r)
+                    row_index += 1
+
+    return _Records(thunks())
+
+
+# ---------------------------------------------------------------------------
+# A folder of images plus a JSONL or CSV annotation file.
+
+
+def _annotation_rows(path: str) -> Iterator[tuple[str, object]]:
+    """Yields (where, row): row is the parsed line/row, or a BadRecord for a line that is not JSON."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {line_no}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, BadRecord(f"{where}: expected one JSON object per line ({e})")
+    else:  # .csv (read_folder checked the suffix)
+        with open(path, encoding="utf-8", newline="") as f:
+            for row_no, row in enumerate(csv.DictReader(f), 1):
+                yield f"{path} row {row_no}", row
+
+
+def read_folder(root, annotations_file, labels: Sequence[str]) -> Iterator[dict]:
+    """Records from images under `root` listed in a JSONL or CSV annotations file.
+
+    Columns: `image` (path relative to `root`), `label`; optional `problem`,
+    `answer` (default ""), `id` (default: the image path). A relative
+    `annotations_file` is taken from the working directory, not from `root`.
+    """
+    labels = _norm_labels(labels)
+    root_real = _root(root)
+    path = os.fspath(annotations_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotations file {path} does not exist")
+    if not path.endswith((".jsonl", ".csv")):
+        raise ValueError(f"annotations file {path} must end in .jsonl (one JSON object per line) or .csv")
+    if path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+        missing = [c for c in ("image", "label") if c not in header]
+        if missing:
+            raise ValueError(f"{path}: CSV header {header} lacks columns {missing}")
+
+    def row_record(where: str, row) -> dict:
+        if isinstance(row, BadRecord):
+            raise row
+        if not isinstance(row, dict):
+            raise BadRecord(f"{where}: expected an object with `image` and `label`, got {row!r:.80}")
+        for key in ("image", "label"):
+            if not row.get(key):
+                raise BadRecord(f"{where}: missing required field {key!r} (row {row!r:.120})")
+        rid = _text(row.get("id") or row["image"], "id", where)
+        where = f"{where} (id {rid})"
+        return {
+            "id": rid,
+            "image": _read_image_file(root_real, row["image"], where),
+            "label": _check_label(row["label"], labels, where),
+            "problem": _text(row.get("problem"), "problem", where),
+            "answer": _text(row.get("answer"), "answer", where),
+        }
+
+    def thunks():
+        for where, row in _annotation_rows(path):
+            yield lambda w=where, r=row: row_record(w, r)
+
+    return _Records(thunks())
+
+
+# ---------------------------------------------------------------------------
+# EmoSet-118K official release.
+
+
+def read_emoset118k(root, split: str, labels: Sequence[str]) -> Iterator[dict]:
+    """Records of one split of the EmoSet-118K release.
+
+    Layout: `root/{train,val,test}.json` each hold a JSON list of
+    [emotion, image_id, image_path, annotation_path], e.g.
+    ["awe", "awe_00012", "image/awe/awe_00012.jpg", "annotation/awe/awe_00012.json"],
+    paths relative to `root` (images in per-emotion folders). The per-image
+    annotation JSON (scene, objects, ...) is not used. `problem` and `answer` are "".
+    """
+    if split not in EMOSET118K_SPLITS:
+        raise ValueError(f"EmoSet-118K split must be one of {EMOSET118K_SPLITS}, got {split!r}")
+    labels = _norm_labels(labels)
+    root_real = _root(root)
+    path = os.path.join(root_real, f"{split}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EmoSet-118K split list {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of [emotion, image_id, image_path, annotation_path]")
+
+    def item_record(index: int, item) -> dict:
+        where = f"{path} item {index}"
+        if not (isinstance(item, list) and len(item) >= 3 and all(isinstance(x, str) for x in item[:3])):
+            raise BadRecord(f"{where}: expected [emotion, image_id, image_path, annotation_path], got {item!r:.120}")
+        emotion, image_id, image_path = item[:3]
+        where = f"{where} (id {image_id})"
+        return {
+            "id": image_id,
+            "image": _read_image_file(root_real, image_path, where),
+            "label": _check_label(emotion, labels, where),
+            "problem": "",
+            "answer": "",
+        }
+
+    def thunks():
+        for index, item in enumerate(items):
+            yield lambda i=index, it=item: item_record(i, it)
+
+    return _Records(thunks())
+
+
+# ---------------------------------------------------------------------------
+# Skipping bad records.
+
+
+def checked(records: Iterable[dict], skip_bad: bool, max_bad_fraction: float, counter: dict) -> Iterator[dict]:
+    """Passes records through; counts, and optionally skips, those that raise BadRecord.
+
+    With `skip_bad` False the first BadRecord is re-raised. With True it is logged
+    and skipped. `counter["seen"]` counts every record drawn (good and bad),
+    `counter["bad"]` the skipped ones. The rule: once at least
+    MIN_SEEN_FOR_LIMIT (20) records were seen, and again at the end of the stream
+    whatever the count, a bad/seen above `max_bad_fraction` raises RuntimeError
+    naming the fraction and the limit (so a broken data set stops early instead
+    of training on what little is left).
+
+    Skipping needs a reader from this module (or any iterator that stays usable
+    after raising); a plain generator ends on its first exception, so skipping
+    inside one raises TypeError instead of silently dropping the rest.
+    """
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    counter.setdefault("seen", 0)
+    counter.setdefault("bad", 0)
+
+    def over_limit() -> bool:
+        return counter["seen"] > 0 and counter["bad"] / counter["seen"] > max_bad_fraction
+
+    def fail(last: BadRecord):
+        raise RuntimeError(
+            f"too many bad records: {counter['bad']} of {counter['seen']} seen "
+            f"({counter['bad'] / counter['seen']:.1%}) exceeds max_bad_fraction={max_bad_fraction}; last: {last}"
+        )
+
+    it = iter(records)
+    last_bad = None
+    while True:
+        try:
+            record = next(it)
+        except StopIteration:
+            break
+        except BadRecord as e:
+            if not skip_bad:
+                raise
+            if isinstance(it, types.GeneratorType):
+                raise TypeError("cannot skip a bad record inside a generator (it has ended); "
+                                "read through emor3_jax.data.sources readers") from e
+            counter["seen"] += 1
+            counter["bad"] += 1
+            last_bad = e
+            log.warning("skipping bad record: %s", e)
+            if counter["seen"] >= MIN_SEEN_FOR_LIMIT and over_limit():
+                fail(e)
+            continue
+        counter["seen"] += 1
+        if last_bad is not None and counter["seen"] >= MIN_SEEN_FOR_LIMIT and over_limit():
+            fail(last_bad)
+        yield record
+    if last_bad is not None and over_limit():
+        fail(last_bad)
