@@ -107,6 +107,17 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Rules):
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_with_shardings(abstract_state, mesh: Mesh, rules: Rules):
+    """The abstract state with ShapeDtypeStruct leaves that carry their NamedSharding (restore targets)."""
+    from flax import nnx
+
+    def one(v):
+        spec = named_sharding(v.get_metadata()["axes"], v.shape, mesh, rules)
+        return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def describe_fallbacks(abstract_state, mesh: Mesh, rules: Rules) -> list[str]:
     """Every parameter dimension that is replicated because the mesh does not divide it."""
     from flax import nnx

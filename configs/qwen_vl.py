@@ -1,0 +1,131 @@
+"""EMO-R3 on Qwen2.5-VL: cold start (SFT on SET answers), then GRPO with the reflective reward.
+
+    # tiny default: random tiny Qwen2.5-VL on the synthetic emotion set, CPU, a few minutes
+    python -m emor3_jax.train --config=configs/qwen_vl.py
+
+    # the paper's settings (spec section 5) on a TPU VM or GPU node
+    python -m emor3_jax.train --config=configs/qwen_vl.py:3b \\
+        --config.hf_path=/ckpt/Qwen2.5-VL-3B-Instruct \\
+        --config.data.source=emoset_parquet --config.data.train=/data/EmoSet-2k/train \\
+        --config.data.test=/data/EmoSet-2k/test --config.workdir=/runs/emor3-3b
+
+Any field can be overridden on the command line (`--config.rl.num_generations=4`); unknown
+fields raise.
+"""
+
+from ml_collections import ConfigDict
+
+EMOSET_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+
+
+def get_config(arg: str = "tiny") -> ConfigDict:
+    if arg not in ("tiny", "3b", "7b"):
+        raise ValueError(f"configs/qwen_vl.py: unknown variant {arg!r}; use tiny, 3b or 7b")
+    tiny = arg == "tiny"
+    c = ConfigDict()
+    c.variant = arg
+    c.workdir = "workdir/tiny" if tiny else ""
+    c.seed = 0
+    c.hf_path = ""  # local HF checkpoint dir (3b/7b); tiny starts from random weights
+    c.tokenizer_path = ""  # "" = the HF checkpoint's tokenizer; tiny builds the test BPE into the workdir
+
+    c.model = ConfigDict()
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32" if tiny else "bfloat16"
+    c.model.attention_impl = "xla"
+    c.model.remat = not tiny
+    # Architecture of the random tiny model (ignored when hf_path is set).
+    c.model.tiny = ConfigDict(dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                                   mrope_section=(4, 6, 6), vision_depth=2, vision_hidden_size=64,
+                                   vision_intermediate_size=128, vision_heads=2))
+
+    c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
+    c.logical_axis_rules = [
+        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
+        ("kv_heads", "tensor"), ("mlp", "tensor"), ("vision_embed", "fsdp"), ("vision_heads", "tensor"),
+        ("vision_mlp", "tensor"), ("patch", None), ("seq", None), ("norm", None), ("head_dim", None),
+    ]
+
+    c.data = ConfigDict()
+    c.data.source = "synthetic" if tiny else "emoset_parquet"  # synthetic | emoset_parquet | folder | emoset118k
+    c.data.train = ""  # parquet file/dir, image root, or EmoSet-118K root
+    c.data.test = ""
+    c.data.annotations_train = ""  # folder source: JSONL/CSV annotation files
+    c.data.annotations_test = ""
+    c.data.labels = EMOSET_LABELS
+    c.data.synthetic_train = 512
+    c.data.synthetic_test = 128
+    c.data.image_size = 56  # synthetic images (pixels per side)
+    c.data.min_pixels = 28 * 28 if tiny else 512 * 512
+    c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048
+    c.data.skip_bad = False  # True: skip bad records, count them, stop past max_bad_fraction
+    c.data.max_bad_fraction = 0.01
+
+    c.cold_start = ConfigDict()
+    c.cold_start.steps = 150 if tiny else 0
+    c.cold_start.batch_size = 16 if tiny else 64
+    c.cold_start.learning_rate = 1e-3 if tiny else 1e-5
+    c.cold_start.warmup_steps = 10 if tiny else 0
+
+    c.rl = ConfigDict()
+    c.rl.steps = 30 if tiny else 0  # 0: derive from epochs
+    c.rl.epochs = 20
+    c.rl.num_generations = 8
+    c.rl.rollout_batch = 8 if tiny else 512  # prompts per step
+    c.rl.update_batch = 4 if tiny else 256  # prompts per optimizer step
+    c.rl.micro_batch = 16 if tiny else 16  # rows per forward/backward (gradient accumulation)
+    c.rl.learning_rate = 2e-4 if tiny else 2e-6
+    c.rl.schedule = "constant"  # constant | warmup_constant | cosine
+    c.rl.warmup_steps = 0
+    c.rl.weight_decay = 0.01
+    c.rl.b1 = 0.9
+    c.rl.b2 = 0.999
+    c.rl.grad_clip = 1.0
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.3
+    c.rl.dual_clip = 3.0
+    c.rl.kl_coef = 0.01
+    c.rl.kl_kind = "low_var_kl"
+    c.rl.loss_mode = "token"  # token | seq
+    c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
+    c.rl.temperature = 1.0
+    c.rl.top_p = 1.0
+    c.rl.max_prompt_len = 320 if tiny else 2048
+    c.rl.max_response_len = 48 if tiny else 2048
+    c.rl.recompute_old_logprobs = False  # False: the sampler's log-probs are the old policy's
+
+    c.reward = ConfigDict()
+    c.reward.compat = "robust"  # robust | emo_r3_code
+    c.reward.coherence_target = "label"  # label | own_answer
+    c.reward.judge = "policy"  # policy | reference
+    c.reward.reflection = True  # False: no reflective reward (coherence = consistency = 1)
+    c.reward.w_accuracy = 0.8
+    c.reward.w_coherence = 0.1
+    c.reward.w_consistency = 0.1
+    c.reward.w_format = 0.1
+    c.reward.reflection_max_tokens = 32  # emo_r3_code mode uses rl.max_response_len
+    c.reward.reflection_temperature = 0.6
+    c.reward.reflection_top_p = 0.95
+    c.reward.threads = 4
+
+    c.sampling = ConfigDict()
+    c.sampling.prompt_buckets = (96, 192, 320) if tiny else (256, 512, 1024, 2048)
+    c.sampling.gen_buckets = (32, 48) if tiny else (32, 512, 2048)
+
+    c.eval = ConfigDict()
+    c.eval.every = 10 if tiny else 1
+    c.eval.num_examples = 128 if tiny else 2000
+    c.eval.batch_size = 32 if tiny else 64
+    c.eval.sampled_temperature = 0.6
+    c.eval.sampled_top_p = 0.95
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every = 10 if tiny else 5
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ConfigDict()
+    c.log.samples_every = 10
+    c.log.num_samples = 2
+    c.lock()
+    return c

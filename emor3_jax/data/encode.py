@@ -1,0 +1,86 @@
+"""Records -> model inputs on the host: prompts for the sampler, padded SFT batches.
+
+A record is {"id", "image" (encoded bytes), "label", "problem", "answer"} (see sources.py).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from emor3_jax.data import prompts
+from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.models.qwen25_vl.config import ModelConfig
+from emor3_jax.models.qwen25_vl.model import prepare_inputs
+from emor3_jax.sampling.sampler import Prompt
+
+
+def bucket(n: int, buckets) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}; raise the config's buckets/limits")
+
+
+class Encoder:
+    def __init__(self, tokenizer, processor: ImageProcessor, cfg: ModelConfig, labels, max_prompt_len: int):
+        self.tok, self.processor, self.cfg = tokenizer, processor, cfg
+        self.labels = tuple(labels)
+        self.max_prompt_len = max_prompt_len
+
+    def image(self, record) -> tuple[np.ndarray, np.ndarray]:
+        """pixel rows [L, C] and grid [1, 3] of the record's image."""
+        try:
+            img = Image.open(io.BytesIO(record["image"]))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record
+            raise ValueError(f"record {record.get('id')!r}: unreadable image ({e})") from e
+        pixels, grid = self.processor(img, source=f"record {record.get('id')!r}")
+        return pixels, np.asarray(grid).reshape(1, 3)
+
+    def question(self, record) -> str:
+        return record.get("problem") or prompts.question(self.labels)
+
+    def prompt(self, text: str, pixels=None, grid=None, what: str = "prompt") -> Prompt:
+        """A chat-template prompt of `text` (`<image>` marks the image, if any)."""
+        ids = prompts.encode_prompt(self.tok, text)
+        if grid is not None:
+            ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
+        if len(ids) > self.max_prompt_len:
+            raise ValueError(f"{what}: {len(ids)} tokens exceed rl.max_prompt_len={self.max_prompt_len}")
+        return Prompt(ids, pixels, grid)
+
+    def rollout_prompt(self, record, use_set: bool = True) -> Prompt:
+        pixels, grid = self.image(record)
+        q = self.question(record)
+        return self.prompt(prompts.set_prompt(q) if use_set else q, pixels, grid, f"record {record.get('id')!r}")
+
+    def sft_example(self, record):
+        """(ids [T], answer mask [T], pixels, grid) of the record's prompt + reference answer."""
+        if not record.get("answer"):
+            raise ValueError(f"record {record.get('id')!r}: no reference answer for the cold start")
+        pixels, grid = self.image(record)
+        ids, mask = prompts.encode_for_sft(self.tok, prompts.set_prompt(self.question(record)), record["answer"])
+        n_before = len(ids)
+        ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
+        mask = np.concatenate([np.zeros(len(ids) - n_before, bool), mask])  # the image sits in the prompt
+        return ids, mask, pixels, grid
+
+
+def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, np.ndarray]:
+    """Right-padded batch (prepare_inputs arrays) and the loss mask [R, T-1] over next tokens."""
+    t = bucket(max(len(e[0]) for e in examples), buckets)
+    ids = np.full((len(examples), t), pad_id, np.int64)
+    attn = np.zeros((len(examples), t), np.int64)
+    loss = np.zeros((len(examples), t), bool)
+    for i, (e_ids, e_mask, _, _) in enumerate(examples):
+        ids[i, :len(e_ids)] = e_ids
+        attn[i, :len(e_ids)] = 1
+        loss[i, :len(e_ids)] = e_mask
+    pixels = np.concatenate([e[2] for e in examples])
+    grids = np.concatenate([e[3] for e in examples])
+    inputs = prepare_inputs(cfg, ids, attn, pixels, grids)
+    inputs.pop("rope_deltas")
+    return inputs, loss[:, 1:].astype(np.float32)

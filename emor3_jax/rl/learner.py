@@ -1,0 +1,159 @@
+"""Log-probs of token sequences under the model, and the optimizer steps (SFT and GRPO).
+
+Letters: R rows, T tokens per row, D width, V vocab, C chunk of positions.
+
+A row is a prompt followed by its response. `SequenceBatch` carries what the model needs;
+`response_logprobs` runs it and scores the tokens at positions start+1 .. start+length from
+the hidden states before them, computing the vocabulary projection chunk by chunk (under
+`jax.checkpoint`, so the backward pass never holds [R, T, V] logits either).
+
+Gradients are accumulated over micro-batches with weights that make the sum equal the
+loss over the whole mini-batch (token-mean: each micro-batch's tokens over all tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from emor3_jax.models.qwen25_vl.vision import VisionLayout
+from emor3_jax.rl import grpo
+
+
+@struct.dataclass
+class SequenceBatch:
+    input_ids: jax.Array  # [R, T]
+    attention_mask: jax.Array  # [R, T]
+    positions: jax.Array  # [3, R, T]
+    pixels: jax.Array | None = None  # [L, C] window order
+    layout: VisionLayout | None = None
+
+
+def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chunk: int = 256):
+    """Log-probs and entropies [R, length] of tokens start+1 .. start+length (static ints)."""
+    x = model.embed(batch.input_ids, batch.pixels, batch.layout)
+    h = model.hidden_states(x, batch.positions, batch.attention_mask)[:, start:start + length]  # [R, length, D]
+    targets = batch.input_ids[:, start + 1:start + 1 + length]
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hc = jnp.moveaxis(h.reshape(h.shape[0], n_chunks, chunk, -1), 1, 0)  # [chunks, R, C, D]
+    tc = jnp.moveaxis(targets.reshape(targets.shape[0], n_chunks, chunk), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        hx, tx = args
+        logits = model.logits(hx)  # [R, C, V] fp32
+        return grpo.token_logprobs(logits, tx), grpo.entropy(logits)
+
+    logp, ent = jax.lax.map(one, (hc, tc))
+    unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1)[:, :length]
+    return unchunk(logp), unchunk(ent)
+
+
+def make_optimizer(schedule: str, lr: float, warmup: int, total_steps: int, weight_decay: float, b1: float,
+                   b2: float, grad_clip: float) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    """AdamW after global-norm clipping; also the learning-rate schedule (for logging)."""
+    if schedule == "constant":
+        lr_fn = optax.constant_schedule(lr)
+    elif schedule == "warmup_constant":
+        lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+                                     [max(warmup, 1)])
+    elif schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay))
+    return tx, lr_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    clip_low: float
+    clip_high: float
+    dual_clip: float
+    kl_coef: float
+    kl_kind: str
+    loss_mode: str
+
+
+class Learner:
+    """Owns the jitted gradient / update functions for one model graph and optimizer."""
+
+    def __init__(self, graphdef, tx: optax.GradientTransformation, chunk: int = 256):
+        self.graphdef, self.tx, self.chunk = graphdef, tx, chunk
+        self._grad = {}
+        self._logprobs = jax.jit(self._logprobs_impl, static_argnums=(2, 3))
+        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1, 2))
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
+
+    # ---- log-probs without gradients (old / reference policy) ----
+    def _logprobs_impl(self, params, batch, start, length):
+        model = nnx.merge(self.graphdef, params)
+        return response_logprobs(model, batch, start, length, self.chunk)[0]
+
+    def logprobs(self, params, batch: SequenceBatch, start: int, length: int) -> jax.Array:
+        return self._logprobs(params, batch, start, length)
+
+    # ---- gradients ----
+    def sft_grads(self, params, batch: SequenceBatch, loss_mask, weight):
+        """Gradient of weight * (masked mean NLL of the tokens loss_mask [R, T-1] marks)."""
+        fn = self._grad.get("sft")
+        if fn is None:
+            def loss_fn(p, batch, loss_mask, weight):
+                model = nnx.merge(self.graphdef, p)
+                length = batch.input_ids.shape[1] - 1
+                logp, _ = response_logprobs(model, batch, 0, length, self.chunk)
+                nll = -(logp * loss_mask).sum() / jnp.maximum(loss_mask.sum(), 1)
+                return weight * nll, {"loss": nll, "tokens": loss_mask.sum()}
+
+            fn = self._grad["sft"] = jax.jit(jax.grad(loss_fn, has_aux=True))
+        return fn(params, batch, loss_mask, weight)
+
+    def grpo_grads(self, params, batch: SequenceBatch, start: int, length: int, old_logp, ref_logp, advantages,
+                   mask, weight, settings: GRPOSettings):
+        """Gradient of weight * GRPO loss on one micro-batch; metrics alongside."""
+        key = ("grpo", start, length, settings)
+        fn = self._grad.get(key)
+        if fn is None:
+            def loss_fn(p, batch, old_logp, ref_logp, advantages, mask, weight):
+                model = nnx.merge(self.graphdef, p)
+                logp, ent = response_logprobs(model, batch, start, length, self.chunk)
+                loss, metrics = grpo.grpo_loss(
+                    logp, old_logp, ref_logp, advantages, mask, clip_low=settings.clip_low,
+                    clip_high=settings.clip_high, dual_clip=settings.dual_clip, kl_coef=settings.kl_coef,
+                    kl_kind=settings.kl_kind, mode=settings.loss_mode)
+                metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
+                return weight * loss, metrics
+
+            fn = self._grad[key] = jax.jit(jax.grad(loss_fn, has_aux=True))
+        return fn(params, batch, old_logp, ref_logp, advantages, mask, weight)
+
+    def accumulate(self, total, grads):
+        return grads if total is None else self._add(total, grads)
+
+    # ---- optimizer step ----
+    def _apply_impl(self, params, opt_state, grads):
+        norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, norm
+
+    def apply(self, params, opt_state, grads):
+        """One optimizer step; returns (params, opt_state, grad_norm before clipping)."""
+        return self._apply(params, opt_state, grads)
+
+
+def check_finite(step: int, phase: str, **values) -> None:
+    """Stops the run at the first NaN/inf loss or gradient norm, naming the step."""
+    bad = {k: float(v) for k, v in values.items() if not np.isfinite(np.asarray(v)).all()}
+    if bad:
+        raise FloatingPointError(f"{phase} step {step}: non-finite {bad}; stopping (the last checkpoint is kept)")

@@ -1,0 +1,29 @@
+"""EMO-R3 training: cold start (SFT on SET answers), then GRPO with the reflective reward.
+
+    python -m emor3_jax.train --config=configs/qwen_vl.py              # tiny, CPU
+    python -m emor3_jax.train --config=configs/qwen_vl.py:3b --config.hf_path=... --config.workdir=...
+
+The same command resumes: it continues from the last checkpoint in the workdir (after a
+crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run. The logic
+lives in emor3_jax.trainer; this file only parses flags.
+"""
+
+from __future__ import annotations
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    from emor3_jax.trainer import run
+
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

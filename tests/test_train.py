@@ -1,0 +1,195 @@
+"""The trainer end to end on a very small config: it trains, logs, checkpoints, resumes
+exactly after SIGTERM and SIGKILL, stops on NaN keeping its last checkpoint, and exports a
+checkpoint transformers loads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from configs.qwen_vl import get_config
+
+from emor3_jax import trainer
+from emor3_jax.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {
+    "cold_start.steps": 3, "cold_start.batch_size": 4, "rl.steps": 4, "rl.rollout_batch": 2, "rl.update_batch": 1,
+    "rl.num_generations": 2, "rl.micro_batch": 2, "eval.every": 2, "eval.num_examples": 4, "eval.batch_size": 4,
+    "data.synthetic_train": 32, "data.synthetic_test": 8, "checkpoint.every": 1, "checkpoint.async_save": True,
+    "log.samples_every": 2,
+}
+TIMING = ("_s", "tokens_per_s", "new_programs")
+
+
+def small_config(workdir, **extra):
+    c = get_config("tiny")
+    for key, value in {**OVERRIDES, **extra, "workdir": str(workdir)}.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def _flags(workdir, **extra):
+    out = [f"--config={ROOT}/configs/qwen_vl.py", f"--config.workdir={workdir}"]
+    for key, value in {**OVERRIDES, **extra}.items():
+        out.append(f"--config.{key}={value}")
+    return out
+
+
+def _params(workdir):
+    ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
+    try:
+        step = ck.latest_step()
+        import jax
+        from flax import nnx
+
+        from emor3_jax.models.qwen25_vl.config import ModelConfig
+        from emor3_jax.models.qwen25_vl.model import abstract_model
+
+        meta = ck.read_meta(step)
+        cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype="float32", compute_dtype="float32")
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                nnx.state(abstract_model(cfg)))
+        flat = ck.restore_subtree(step, {"params": abstract})["params"]
+        return step, {"/".join(map(str, p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(flat)}
+    finally:
+        ck.close()
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run; the other tests compare against it."""
+    workdir = tmp_path_factory.mktemp("reference")
+    results = trainer.run(small_config(workdir))
+    return workdir, results
+
+
+def test_tiny_run_trains_logs_and_reports(reference_run):
+    workdir, results = reference_run
+    rows = _metrics(workdir)
+    phases = {r["phase"] for r in rows}
+    assert {"cold_start", "grpo", "eval_cold_start", "eval_grpo"} <= phases
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    assert [r["step"] for r in grpo] == [4, 5, 6, 7]
+    for key in ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "reward_consistency",
+                "kl", "clipfrac", "entropy", "grad_norm", "learning_rate", "response_length", "reward_errors"):
+        assert key in grpo[0], key
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    assert "step_s" in first
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert results["cold_start"]["greedy_accuracy"] >= 0 and "sampled_accuracy" in results["grpo"]
+    step, params = _params(workdir)
+    assert step == 7
+    # GRPO moved the parameters away from the cold-start result.
+    ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
+    assert ck.read_meta(7)["phase"] == "grpo"
+    ck.close()
+
+
+def _wait_for_step(workdir, step, proc, timeout=400):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        d = os.path.join(workdir, "ckpt")
+        if os.path.isdir(d) and any(n.isdigit() and int(n) >= step for n in os.listdir(d)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint >= {step} after {timeout} s")
+
+
+def test_sigterm_then_sigkill_then_resume_reaches_the_same_params(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "emor3_jax.train", *_flags(workdir)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    # SIGTERM during the cold start: saves at the next step boundary and exits 0.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(workdir, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved step" in out
+    # SIGKILL in the middle of GRPO: whatever was being written is lost, finished steps stay.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(workdir, 5, proc)
+    proc.kill()
+    proc.wait()
+    # Resume to the end with the same command.
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    step, params = _params(workdir)
+    ref_step, ref_params = _params(ref_dir)
+    assert step == ref_step and params.keys() == ref_params.keys()
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
+    assert _metrics(workdir) == _metrics(ref_dir)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    c = small_config(tmp_path / "nan", **{"cold_start.learning_rate": 1e30, "cold_start.steps": 5})
+    with pytest.raises(FloatingPointError, match=r"cold_start step \d: non-finite"):
+        trainer.run(c)
+    ck = Checkpointer(os.path.join(c.workdir, "ckpt"), keep=10, async_save=False)
+    last = ck.latest_step()
+    ck.close()
+    assert last is not None and last >= 1
+
+
+def test_export_of_a_run_reloads_in_transformers(reference_run, tmp_path):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from emor3_jax.export import export
+
+    ref_dir, _ = reference_run
+    out = export(str(ref_dir), str(tmp_path / "hf"))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    _, params = _params(ref_dir)
+    (emb,) = [v for k, v in params.items() if "embed_tokens" in k]
+    np.testing.assert_array_equal(hf.model.language_model.embed_tokens.weight.detach().numpy(), emb)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7]])
+        assert torch.isfinite(hf(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"rl.num_generations": 1}, "GRPO needs >= 2 per prompt"),
+    ({"rl.micro_batch": 3}, "must divide update_batch"),
+    ({"data.source": "parquet"}, "--config.data.source='parquet' must be one of"),
+    ({"reward.compat": "official"}, "--config.reward.compat='official'"),
+])
+def test_bad_config_values_are_refused_naming_the_flag(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        trainer.Run(small_config(tmp_path, **override))
+
+
+def test_real_variant_without_paths_says_which_flag_to_set(tmp_path):
+    c = get_config("3b")
+    c.workdir = str(tmp_path)
+    with pytest.raises(ValueError) as err:
+        trainer.Run(c)
+    assert "--config.hf_path" in str(err.value) and "--config.data.train" in str(err.value)
+
+
+def test_unknown_config_key_raises():
+    c = get_config("tiny")
+    with pytest.raises(AttributeError):
+        c.rl.num_generation = 4
