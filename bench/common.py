@@ -11,13 +11,35 @@ VOCAB, IMAGE, VSTART, VEND = 48000, 47990, 47992, 47993
 
 
 def hf_config() -> Qwen2_5_VLConfig:
-    text = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
-    vision = dict(depth=4, hidden_size=512, intermediate_size=1368, num_heads=8, out_hidden_size=512,
-                  fullatt_block_indexes=[3], window_size=112)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=IMAGE + 1,
-                            vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+    )
+    vision = dict(
+        depth=4,
+        hidden_size=512,
+        intermediate_size=1368,
+        num_heads=8,
+        out_hidden_size=512,
+        fullatt_block_indexes=[3],
+        window_size=112,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=IMAGE + 1,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+    )
 
 
 def timeit(fn, iters: int) -> tuple[float, float]:
@@ -28,5 +50,3 @@ def timeit(fn, iters: int) -> tuple[float, float]:
         fn()
         walls.append(time.perf_counter() - t)
     return float(np.median(walls)), (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-
-

@@ -27,23 +27,37 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import IMAGE, VEND, VSTART, hf_config, timeit  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from common import IMAGE, VSTART, VEND, hf_config, timeit  # noqa: E402
 from emor3_jax import sharding  # noqa: E402
 from emor3_jax.models.qwen25_vl.convert import load_hf  # noqa: E402
 from emor3_jax.models.qwen25_vl.model import prepare_inputs  # noqa: E402
 
+
 def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:
     grid = (1, 16, 16)  # 224x224 pixels in 14-pixel patches
     n_img = grid[1] * grid[2] // 4
-    rows = [np.concatenate([rng.integers(0, IMAGE - 10, text // 2), [VSTART], [IMAGE] * n_img, [VEND],
-                            rng.integers(0, IMAGE - 10, text - text // 2)]) for _ in range(batch)]
+    rows = [
+        np.concatenate(
+            [
+                rng.integers(0, IMAGE - 10, text // 2),
+                [VSTART],
+                [IMAGE] * n_img,
+                [VEND],
+                rng.integers(0, IMAGE - 10, text - text // 2),
+            ]
+        )
+        for _ in range(batch)
+    ]
     ids = np.stack(rows).astype(np.int64)
-    return dict(input_ids=ids, attention_mask=np.ones_like(ids),
-                pixel_values=rng.standard_normal((batch * grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32),
-                image_grid_thw=np.array([grid] * batch))
+    return dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=rng.standard_normal((batch * grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32),
+        image_grid_thw=np.array([grid] * batch),
+    )
 
 
 def matmul_peak(n: int = 2048) -> float:
@@ -85,15 +99,21 @@ def main() -> None:
     inputs = prepare_inputs(ours.cfg, **batch)
     inputs.pop("rope_deltas")
     tokens = batch["input_ids"].size
-    print(f"model: {n_params / 1e6:.1f}M params; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
-          f"(one 224x224 image each); jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(
+        f"model: {n_params / 1e6:.1f}M params; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
+        f"(one 224x224 image each); jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
 
     # transformers: default attention (sdpa), M-RoPE positions through mm_token_type_ids.
     t_ids = torch.tensor(batch["input_ids"])
-    t_kw = dict(input_ids=t_ids, attention_mask=torch.tensor(batch["attention_mask"]),
-                pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"]),
-                mm_token_type_ids=(t_ids == IMAGE).long())
+    t_kw = dict(
+        input_ids=t_ids,
+        attention_mask=torch.tensor(batch["attention_mask"]),
+        pixel_values=torch.tensor(batch["pixel_values"]),
+        image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+        mm_token_type_ids=(t_ids == IMAGE).long(),
+    )
 
     def torch_fwd():
         with torch.no_grad():
@@ -124,14 +144,18 @@ def main() -> None:
         ref_t, ref_cpu = timeit(tfn, args.iters)
         ours_t, ours_cpu, compile_s, flops = ours_res[name]
         results[name] = (ours_t, ref_t, flops)
-        print(f"{name}: ours {tokens / ours_t:,.0f} tok/s ({ours_t * 1e3:.0f} ms, cpu/wall {ours_cpu:.2f}, "
-              f"compile {compile_s:.1f} s) | transformers {tokens / ref_t:,.0f} tok/s ({ref_t * 1e3:.0f} ms, "
-              f"cpu/wall {ref_cpu:.2f}) | XLA flops {flops / 1e9:.1f} GFLOP")
+        print(
+            f"{name}: ours {tokens / ours_t:,.0f} tok/s ({ours_t * 1e3:.0f} ms, cpu/wall {ours_cpu:.2f}, "
+            f"compile {compile_s:.1f} s) | transformers {tokens / ref_t:,.0f} tok/s ({ref_t * 1e3:.0f} ms, "
+            f"cpu/wall {ref_cpu:.2f}) | XLA flops {flops / 1e9:.1f} GFLOP"
+        )
 
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s (2048^3, best of numpy and XLA)")
     for name, (ours_t, ref_t, flops) in results.items():
-        print(f"{name}: ours {flops / ours_t / 1e9:.0f} GFLOP/s = {flops / ours_t / peak:.0%} of peak; "
-              f"transformers {flops / ref_t / 1e9:.0f} GFLOP/s = {flops / ref_t / peak:.0%} of peak (same FLOP count)")
+        print(
+            f"{name}: ours {flops / ours_t / 1e9:.0f} GFLOP/s = {flops / ours_t / peak:.0%} of peak; "
+            f"transformers {flops / ref_t / 1e9:.0f} GFLOP/s = {flops / ref_t / peak:.0%} of peak (same FLOP count)"
+        )
     for name, (ours_t, ref_t, _) in results.items():
         print(f"ratio {name}_vs_transformers: {ref_t / ours_t:.2f}")
 

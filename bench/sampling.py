@@ -44,8 +44,15 @@ def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, 
     n_img = grid[1] * grid[2] // 4
     out = []
     for _ in range(count):
-        ids = np.concatenate([rng.integers(1, image - 10, PROMPT_TEXT // 2), [vstart], [image] * n_img, [vend],
-                              rng.integers(1, image - 10, PROMPT_TEXT - PROMPT_TEXT // 2)])
+        ids = np.concatenate(
+            [
+                rng.integers(1, image - 10, PROMPT_TEXT // 2),
+                [vstart],
+                [image] * n_img,
+                [vend],
+                rng.integers(1, image - 10, PROMPT_TEXT - PROMPT_TEXT // 2),
+            ]
+        )
         pixels = rng.standard_normal((grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32)
         out.append(Prompt(ids, pixels, np.array([grid])))
     return out
@@ -53,8 +60,8 @@ def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, 
 
 def run_ours(path: str, args) -> dict:
     import jax
-
     from common import IMAGE, VEND, VSTART
+
     from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
     from emor3_jax.sampling.methods import SamplingParams
@@ -80,43 +87,53 @@ def run_ours(path: str, args) -> dict:
         lengths = np.asarray(out.lengths)
         assert (lengths == args.new).all(), "every row must run the full length"
         wall = float(np.median(walls))
-        res[name] = dict(seconds=wall, tokens=int(lengths.sum()), compile_s=first - wall,
-                         programs=s.compiled_programs())
+        res[name] = dict(
+            seconds=wall, tokens=int(lengths.sum()), compile_s=first - wall, programs=s.compiled_programs()
+        )
     res["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return res
 
 
 def run_transformers(path: str, args) -> dict:
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from common import IMAGE, VEND, VSTART
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
     prompts = prompts_for(args.prompts, (1, 16, 16), (IMAGE, VSTART, VEND), np.random.default_rng(0))
     ids = torch.tensor(np.stack([p.ids for p in prompts]))
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMAGE).long(),
-              pixel_values=torch.tensor(np.concatenate([p.pixel_values for p in prompts])),
-              image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in prompts])),
-              do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=args.n,
-              max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == IMAGE).long(),
+        pixel_values=torch.tensor(np.concatenate([p.pixel_values for p in prompts])),
+        image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in prompts])),
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        num_return_sequences=args.n,
+        max_new_tokens=args.new,
+        min_new_tokens=args.new,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         model.generate(**{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         t0 = time.perf_counter()
         out = model.generate(**kw)
         wall = time.perf_counter() - t0
-    new = out[:, ids.shape[1]:]
+    new = out[:, ids.shape[1] :]
     assert new.shape[1] == args.new
-    return dict(seconds=wall, tokens=int(new.numel()),
-                max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return dict(
+        seconds=wall, tokens=int(new.numel()), max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
 
 
 def cpu_main(args) -> None:
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from common import hf_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = tempfile.mkdtemp()
     torch.manual_seed(0)
@@ -126,21 +143,44 @@ def cpu_main(args) -> None:
     del model
     results = {}
     for side in ("ours", "transformers"):
-        cmd = [sys.executable, __file__, "--side", side, "--path", path, "--prompts", str(args.prompts),
-               "--n", str(args.n), "--new", str(args.new), "--iters", str(args.iters)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--side",
+            side,
+            "--path",
+            path,
+            "--prompts",
+            str(args.prompts),
+            "--n",
+            str(args.n),
+            "--new",
+            str(args.new),
+            "--iters",
+            str(args.iters),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[side] = json.loads(out.strip().splitlines()[-1])
     ours, ref = results["ours"], results["transformers"]
     fork, each = ours["fork"], ours["prefill_each"]
     tps = lambda r: r["tokens"] / r["seconds"]
-    print(f"model {n_params / 1e6:.1f}M params, {args.prompts} prompts (224x224 image, 128-token prompt) x n={args.n}, "
-          f"{args.new} new tokens forced, T=1.0, fp32, CPU")
-    print(f"ours (prefill once + fork): {tps(fork):,.0f} tok/s ({fork['seconds']:.2f} s for {fork['tokens']} tokens; "
-          f"compile {fork['compile_s']:.1f} s, {fork['programs']} programs)")
-    print(f"ours (prefill every copy):  {tps(each):,.0f} tok/s ({each['seconds']:.2f} s; compile {each['compile_s']:.1f} s)")
+    print(
+        f"model {n_params / 1e6:.1f}M params, {args.prompts} prompts (224x224 image, 128-token prompt) x n={args.n}, "
+        f"{args.new} new tokens forced, T=1.0, fp32, CPU"
+    )
+    print(
+        f"ours (prefill once + fork): {tps(fork):,.0f} tok/s ({fork['seconds']:.2f} s for {fork['tokens']} tokens; "
+        f"compile {fork['compile_s']:.1f} s, {fork['programs']} programs)"
+    )
+    print(
+        f"ours (prefill every copy):  {tps(each):,.0f} tok/s ({each['seconds']:.2f} s; "
+        f"compile {each['compile_s']:.1f} s)"
+    )
     print(f"transformers generate:      {tps(ref):,.0f} tok/s ({ref['seconds']:.2f} s for {ref['tokens']} tokens)")
-    print(f"peak memory (max RSS of each process): ours {ours['max_rss_gb']:.2f} GB, "
-          f"transformers {ref['max_rss_gb']:.2f} GB")
+    print(
+        f"peak memory (max RSS of each process): ours {ours['max_rss_gb']:.2f} GB, "
+        f"transformers {ref['max_rss_gb']:.2f} GB"
+    )
     print(f"ratio sampling_vs_transformers: {tps(fork) / tps(ref):.2f}")
     print(f"ratio fork_vs_prefill_each: {each['seconds'] / fork['seconds']:.2f}")
 
@@ -158,34 +198,58 @@ def gpu_main(args) -> None:
     runtime = dict(param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl=args.attention)
     if args.smoke:  # tiny shapes, to check this path on a CPU
         cfg = preset("3b", **runtime)
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=2, hidden_size=128, intermediate_size=256,
-                                                   num_heads=4, num_kv_heads=2, mrope_section=(4, 6, 6)),
-                          vision=dataclasses.replace(cfg.vision, depth=2, hidden_size=64, intermediate_size=96,
-                                                     num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)))
+        cfg = cfg.replace(
+            text=dataclasses.replace(
+                cfg.text,
+                num_layers=2,
+                hidden_size=128,
+                intermediate_size=256,
+                num_heads=4,
+                num_kv_heads=2,
+                mrope_section=(4, 6, 6),
+            ),
+            vision=dataclasses.replace(
+                cfg.vision,
+                depth=2,
+                hidden_size=64,
+                intermediate_size=96,
+                num_heads=2,
+                out_hidden_size=128,
+                fullatt_block_indexes=(1,),
+            ),
+        )
     else:
         cfg = preset("3b", **runtime)
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
     t0 = time.perf_counter()
     model = create_model(cfg, mesh, sharding.DEFAULT_RULES)
-    print(f"{jax.devices()[0].device_kind}: random {'tiny' if args.smoke else '3B-shaped'} model "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{jax.devices()[0].device_kind}: random {'tiny' if args.smoke else '3B-shaped'} model "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     grid = (1, 32, 32)  # 448x448
-    prompts = prompts_for(args.prompts, grid, (cfg.image_token_id, cfg.vision_start_token_id,
-                                                cfg.vision_end_token_id), np.random.default_rng(0))
+    prompts = prompts_for(
+        args.prompts,
+        grid,
+        (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id),
+        np.random.default_rng(0),
+    )
     p_len = len(prompts[0].ids)
     s = Sampler(cfg, prompt_buckets=(p_len,), gen_buckets=(args.new,), pad_id=0)
     params = SamplingParams(temperature=1.0)
     t0 = time.perf_counter()
-    jax.block_until_ready(s.generate(model, prompts, key=jax.random.key(0), max_new_tokens=args.new, n=args.n,
-                                     params=params).tokens)
+    jax.block_until_ready(
+        s.generate(model, prompts, key=jax.random.key(0), max_new_tokens=args.new, n=args.n, params=params).tokens
+    )
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = s.generate(model, prompts, key=jax.random.key(1), max_new_tokens=args.new, n=args.n, params=params)
     jax.block_until_ready(out.tokens)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()  # prefill + one step, same programs (max_new_tokens is not static)
-    jax.block_until_ready(s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1, n=args.n,
-                                     params=params).tokens)
+    jax.block_until_ready(
+        s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1, n=args.n, params=params).tokens
+    )
     one = time.perf_counter() - t0
     rows = args.prompts * args.n
     tokens = int(np.asarray(out.lengths).sum())
@@ -199,12 +263,17 @@ def gpu_main(args) -> None:
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in HBM_PEAK.items() if k in kind), None)
     stats = jax.devices()[0].memory_stats() or {}
-    print(f"{rows} rows x {args.new} new tokens (prompt {p_len} with a 448x448 image), bf16, "
-          f"attention={args.attention}")
-    print(f"tokens/s {tokens / wall:,.0f} ({wall:.2f} s, of which prefill + first step {one:.2f} s; "
-          f"first call incl. compile {first:.1f} s; {s.compiled_programs()} programs)")
-    print(f"decode step {step_s * 1e3:.2f} ms reading {step_bytes / 1e9:.2f} GB -> {step_bytes / step_s / 1e12:.2f} TB/s"
-          + (f" = {step_bytes / step_s / peak:.0%} of {kind} HBM peak {peak / 1e12:.2f} TB/s" if peak else ""))
+    print(
+        f"{rows} rows x {args.new} new tokens (prompt {p_len} with a 448x448 image), bf16, attention={args.attention}"
+    )
+    print(
+        f"tokens/s {tokens / wall:,.0f} ({wall:.2f} s, of which prefill + first step {one:.2f} s; "
+        f"first call incl. compile {first:.1f} s; {s.compiled_programs()} programs)"
+    )
+    print(
+        f"decode step {step_s * 1e3:.2f} ms reading {step_bytes / 1e9:.2f} GB -> {step_bytes / step_s / 1e12:.2f} TB/s"
+        + (f" = {step_bytes / step_s / peak:.0%} of {kind} HBM peak {peak / 1e12:.2f} TB/s" if peak else "")
+    )
     print(f"peak HBM in use: {stats.get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")
 
 

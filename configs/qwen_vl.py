@@ -35,15 +35,36 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.model.attention_impl = "xla"
     c.model.remat = not tiny
     # Architecture of the random tiny model (ignored when hf_path is set).
-    c.model.tiny = ConfigDict(dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                                   mrope_section=(4, 6, 6), vision_depth=2, vision_hidden_size=64,
-                                   vision_intermediate_size=128, vision_heads=2))
+    c.model.tiny = ConfigDict(
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            mrope_section=(4, 6, 6),
+            vision_depth=2,
+            vision_hidden_size=64,
+            vision_intermediate_size=128,
+            vision_heads=2,
+        )
+    )
 
     c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
     c.logical_axis_rules = [
-        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("vision_embed", "fsdp"), ("vision_heads", "tensor"),
-        ("vision_mlp", "tensor"), ("patch", None), ("seq", None), ("norm", None), ("head_dim", None),
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vision_embed", "fsdp"),
+        ("vision_heads", "tensor"),
+        ("vision_mlp", "tensor"),
+        ("patch", None),
+        ("seq", None),
+        ("norm", None),
+        ("head_dim", None),
     ]
 
     c.data = ConfigDict()

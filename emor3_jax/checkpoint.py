@@ -19,8 +19,7 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -28,8 +27,9 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts saving `state` (a pytree of arrays) and `meta` (JSON) as `step`."""
-        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
+        self._mngr.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
 
     def read_meta(self, step: int) -> dict:
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -38,20 +38,28 @@ class Checkpointer:
         """(state, meta) of `step`, arrays placed as `abstract_state`'s shardings say."""
         meta = self.read_meta(step)
         if meta.get("model") != expect_model:
-            diff = sorted(k for k in set(expect_model) | set(meta.get("model") or {})
-                          if (meta.get("model") or {}).get(k) != expect_model.get(k))
-            raise ValueError(f"{self.directory}/{step}: checkpoint of another model (differs in {diff}); "
-                             "use a fresh --config.workdir or the matching model config")
-        state = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+            diff = sorted(
+                k
+                for k in set(expect_model) | set(meta.get("model") or {})
+                if (meta.get("model") or {}).get(k) != expect_model.get(k)
+            )
+            raise ValueError(
+                f"{self.directory}/{step}: checkpoint of another model (differs in {diff}); "
+                "use a fresh --config.workdir or the matching model config"
+            )
+        state = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"
+        ]
         return state, meta
 
     def restore_subtree(self, step: int, abstract_part: dict) -> dict:
         """Only the top-level entries of the state named in `abstract_part` (e.g. {"params": ...})."""
-        reader = ocp.CheckpointManager(self.directory, item_names=("state", "meta"),
-                                       item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-        args = ocp.args.PyTreeRestore(abstract_part, restore_args=ocp.checkpoint_utils.construct_restore_args(
-            abstract_part), partial_restore=True)
+        reader = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+        )
+        args = ocp.args.PyTreeRestore(
+            abstract_part, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part), partial_restore=True
+        )
         try:
             return reader.restore(step, args=ocp.args.Composite(state=args))["state"]
         finally:

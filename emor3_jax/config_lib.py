@@ -26,44 +26,65 @@ def validate(c: ConfigDict) -> None:
     if c.variant != "tiny":
         need(bool(c.hf_path), f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir>")
     if c.hf_path:
-        need(os.path.isfile(os.path.join(c.hf_path, "config.json")),
-             f"--config.hf_path={c.hf_path!r} has no config.json (expected a local HF checkpoint dir)")
+        need(
+            os.path.isfile(os.path.join(c.hf_path, "config.json")),
+            f"--config.hf_path={c.hf_path!r} has no config.json (expected a local HF checkpoint dir)",
+        )
     if c.tokenizer_path:
         need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
     need(c.data.source in SOURCES, f"--config.data.source={c.data.source!r} must be one of {SOURCES}")
     if c.data.source != "synthetic":
         for split in ("train", "test"):
             path = c.data[split]
-            need(bool(path) and os.path.exists(path),
-                 f"--config.data.{split}={path!r} does not exist (the {c.data.source} data for the {split} split)")
+            need(
+                bool(path) and os.path.exists(path),
+                f"--config.data.{split}={path!r} does not exist (the {c.data.source} data for the {split} split)",
+            )
             if c.data.source == "folder":
                 ann = c.data[f"annotations_{split}"]
-                need(bool(ann) and os.path.isfile(ann),
-                     f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing")
-    need(len(c.data.labels) >= 2 and len(set(c.data.labels)) == len(c.data.labels),
-         f"--config.data.labels={list(c.data.labels)} must be at least two distinct labels")
+                need(
+                    bool(ann) and os.path.isfile(ann),
+                    f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
+                )
+    need(
+        len(c.data.labels) >= 2 and len(set(c.data.labels)) == len(c.data.labels),
+        f"--config.data.labels={list(c.data.labels)} must be at least two distinct labels",
+    )
     need(0 <= c.data.max_bad_fraction < 1, f"--config.data.max_bad_fraction={c.data.max_bad_fraction} not in [0, 1)")
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
     rl = c.rl
     need(rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt")
-    need(rl.rollout_batch >= 1 and rl.update_batch >= 1 and rl.rollout_batch % rl.update_batch == 0,
-         f"--config.rl.rollout_batch={rl.rollout_batch} must be a multiple of update_batch={rl.update_batch}")
+    need(
+        rl.rollout_batch >= 1 and rl.update_batch >= 1 and rl.rollout_batch % rl.update_batch == 0,
+        f"--config.rl.rollout_batch={rl.rollout_batch} must be a multiple of update_batch={rl.update_batch}",
+    )
     rows = rl.update_batch * rl.num_generations
-    need(rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
-         f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}")
+    need(
+        rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
+        f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
+    )
     need(rl.learning_rate > 0, f"--config.rl.learning_rate={rl.learning_rate} must be > 0")
     need(rl.schedule in ("constant", "warmup_constant", "cosine"), f"--config.rl.schedule={rl.schedule!r} unknown")
     need(rl.advantage in ("grpo", "drgrpo", "rloo"), f"--config.rl.advantage={rl.advantage!r} unknown")
     need(rl.loss_mode in ("token", "seq"), f"--config.rl.loss_mode={rl.loss_mode!r} must be token or seq")
     need(rl.kl_kind in ("k1", "k2", "k3", "low_var_kl"), f"--config.rl.kl_kind={rl.kl_kind!r} unknown")
-    need(0 <= rl.clip_low < 1 and rl.clip_high >= 0 and rl.dual_clip > 1,
-         "--config.rl.clip_low in [0, 1), clip_high >= 0 and dual_clip > 1 are required")
+    need(
+        0 <= rl.clip_low < 1 and rl.clip_high >= 0 and rl.dual_clip > 1,
+        "--config.rl.clip_low in [0, 1), clip_high >= 0 and dual_clip > 1 are required",
+    )
     need(rl.temperature > 0 and 0 < rl.top_p <= 1, "--config.rl.temperature > 0 and top_p in (0, 1] are required")
-    need(max(c.sampling.prompt_buckets) >= rl.max_prompt_len,
-         f"--config.sampling.prompt_buckets={tuple(c.sampling.prompt_buckets)} must reach rl.max_prompt_len")
-    need(max(c.sampling.gen_buckets) >= rl.max_response_len,
-         f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len")
-    need(c.rl.steps > 0 or c.rl.epochs > 0, "set --config.rl.steps or --config.rl.epochs")
+    need(
+        max(c.sampling.prompt_buckets) >= rl.max_prompt_len,
+        f"--config.sampling.prompt_buckets={tuple(c.sampling.prompt_buckets)} must reach rl.max_prompt_len",
+    )
+    need(
+        max(c.sampling.gen_buckets) >= rl.max_response_len,
+        f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
+    )
+    need(
+        c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
+        "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
+    )
     r = c.reward
     need(r.compat in ("robust", "emo_r3_code"), f"--config.reward.compat={r.compat!r} must be robust or emo_r3_code")
     need(r.coherence_target in ("label", "own_answer"), f"--config.reward.coherence_target={r.coherence_target!r}")
@@ -77,19 +98,42 @@ def validate(c: ConfigDict) -> None:
 
 def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
     """The architecture: from the HF checkpoint, or the tiny one sized to the tokenizer."""
-    runtime = dict(param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
-                   attention_impl=c.model.attention_impl)
+    runtime = dict(
+        param_dtype=c.model.param_dtype,
+        compute_dtype=c.model.compute_dtype,
+        attention_impl=c.model.attention_impl,
+        remat=c.model.remat,
+    )
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
     t = c.model.tiny
-    text = TextConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                      num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                      mrope_section=tuple(t.mrope_section), rope_theta=10000.0, max_position_embeddings=4096,
-                      bos_token_id=None, eos_token_id=special_ids["<|im_end|>"])
-    vision = VisionConfig(depth=t.vision_depth, hidden_size=t.vision_hidden_size,
-                          intermediate_size=t.vision_intermediate_size, num_heads=t.vision_heads,
-                          out_hidden_size=t.hidden_size, fullatt_block_indexes=(t.vision_depth - 1,))
-    return ModelConfig(text=text, vision=vision, image_token_id=special_ids["<|image_pad|>"],
-                       video_token_id=special_ids["<|video_pad|>"],
-                       vision_start_token_id=special_ids["<|vision_start|>"],
-                       vision_end_token_id=special_ids["<|vision_end|>"], **runtime)
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads,
+        mrope_section=tuple(t.mrope_section),
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=special_ids["<|im_end|>"],
+    )
+    vision = VisionConfig(
+        depth=t.vision_depth,
+        hidden_size=t.vision_hidden_size,
+        intermediate_size=t.vision_intermediate_size,
+        num_heads=t.vision_heads,
+        out_hidden_size=t.hidden_size,
+        fullatt_block_indexes=(t.vision_depth - 1,),
+    )
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        image_token_id=special_ids["<|image_pad|>"],
+        video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"],
+        **runtime,
+    )

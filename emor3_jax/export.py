@@ -23,11 +23,13 @@ from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.convert import save_hf
 from emor3_jax.models.qwen25_vl.model import abstract_model
 
-FLAGS = flags.DEFINE_string("workdir", None, "the training run's workdir"), \
-    flags.DEFINE_string("out", None, "output directory"), \
-    flags.DEFINE_integer("step", None, "global step to export (default: the latest)"), \
-    flags.DEFINE_bool("best", False, "export the best checkpoint (by validation accuracy)"), \
-    flags.DEFINE_string("dtype", None, "weights dtype (default: the parameters')")
+FLAGS = (
+    flags.DEFINE_string("workdir", None, "the training run's workdir"),
+    flags.DEFINE_string("out", None, "output directory"),
+    flags.DEFINE_integer("step", None, "global step to export (default: the latest)"),
+    flags.DEFINE_bool("best", False, "export the best checkpoint (by validation accuracy)"),
+    flags.DEFINE_string("dtype", None, "weights dtype (default: the parameters')"),
+)
 
 
 def export(workdir: str, out: str, step: int | None = None, best: bool = False, dtype: str | None = None) -> str:
@@ -41,8 +43,9 @@ def export(workdir: str, out: str, step: int | None = None, best: bool = False, 
             raise FileNotFoundError(f"{directory}: no finished checkpoint")
         meta = ckpt.read_meta(step)
         config = json.loads(meta["config"])
-        cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype=config["model"]["param_dtype"],
-                                       compute_dtype="float32")
+        cfg = ModelConfig.from_hf_dict(
+            meta["model"], param_dtype=config["model"]["param_dtype"], compute_dtype="float32"
+        )
         mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
         graphdef, abstract = nnx.split(abstract_model(cfg))
         abstract = sharding.abstract_with_shardings(abstract, mesh, sharding.DEFAULT_RULES)

@@ -28,7 +28,7 @@ from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.evaluation import evaluate
-from emor3_jax.metrics import MetricWriter
+from emor3_jax.metrics import CompileTimer, MetricWriter
 from emor3_jax.models.qwen25_vl.convert import load_hf
 from emor3_jax.models.qwen25_vl.model import create_model
 from emor3_jax.rl import rewards
@@ -59,16 +59,23 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-def build_data(c: ConfigDict) -> str:
-    """ArrayRecord files of both splits (built once per workdir); returns their directory."""
+def build_data(c: ConfigDict) -> tuple[str, dict]:
+    """ArrayRecord files of both splits (built once per workdir): their directory, and the
+    records seen / skipped as bad per split while building."""
     from emor3_jax.data.synthetic import SyntheticEmotions
 
     labels = list(c.data.labels)
     if c.data.source == "synthetic":
+
         def split(name, count):
             for ex in SyntheticEmotions(count, c.seed, size=c.data.image_size, split=name):
-                yield {"id": ex["id"], "image": _png(ex["image"]), "label": ex["label"], "problem": ex["problem"],
-                       "answer": ex["answer"]}
+                yield {
+                    "id": ex["id"],
+                    "image": _png(ex["image"]),
+                    "label": ex["label"],
+                    "problem": ex["problem"],
+                    "answer": ex["answer"],
+                }
 
         splits = {"train": split("train", c.data.synthetic_train), "test": split("test", c.data.synthetic_test)}
     else:
@@ -78,11 +85,13 @@ def build_data(c: ConfigDict) -> str:
             "folder": lambda s: sources.read_folder(c.data[s], c.data[f"annotations_{s}"], labels),
             "emoset118k": lambda s: sources.read_emoset118k(c.data[s], s, labels),
         }[c.data.source]
-        splits = {s: sources.checked(readers(s), c.data.skip_bad, c.data.max_bad_fraction, counter[s])
-                  for s in ("train", "test")}
+        splits = {
+            s: sources.checked(readers(s), c.data.skip_bad, c.data.max_bad_fraction, counter[s])
+            for s in ("train", "test")
+        }
     out = os.path.join(c.workdir, "data")
     tfds_builder.build(splits, out, DATA_NAME)
-    return out
+    return out, counter
 
 
 def _special_ids(tok) -> dict[str, int]:
@@ -106,30 +115,63 @@ class Run:
         self.cfg = config_lib.model_config(c, len(self.tok), self.special)
         self.mesh = sharding.make_mesh([tuple(x) for x in c.mesh])
         self.rules = [tuple(r) for r in c.logical_axis_rules]
-        self.data_dir = build_data(c)
+        self.data_dir, bad = build_data(c)
         test = pipeline.open_split(self.data_dir, DATA_NAME, "test")
         self.test_records = [test[i] for i in range(min(len(test), c.eval.num_examples))]
-        self.encoder = Encoder(self.tok, ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels), self.cfg,
-                               c.data.labels, c.rl.max_prompt_len)
+        self.encoder = Encoder(
+            self.tok,
+            ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+            self.cfg,
+            c.data.labels,
+            c.rl.max_prompt_len,
+        )
         if c.hf_path:
-            model = load_hf(c.hf_path, self.mesh, self.rules, param_dtype=self.cfg.param_dtype,
-                            compute_dtype=self.cfg.compute_dtype, attention_impl=self.cfg.attention_impl)
+            model = load_hf(
+                c.hf_path,
+                self.mesh,
+                self.rules,
+                param_dtype=self.cfg.param_dtype,
+                compute_dtype=self.cfg.compute_dtype,
+                attention_impl=self.cfg.attention_impl,
+                remat=self.cfg.remat,
+            )
         else:
             model = create_model(self.cfg, self.mesh, self.rules, seed=c.seed)
         self.graphdef, self.params = nnx.split(model)
-        self.sampler = Sampler(self.cfg, prompt_buckets=c.sampling.prompt_buckets, gen_buckets=c.sampling.gen_buckets,
-                               pad_id=self.special["<|endoftext|>"], rules=self.rules)
+        self.sampler = Sampler(
+            self.cfg,
+            prompt_buckets=c.sampling.prompt_buckets,
+            gen_buckets=c.sampling.gen_buckets,
+            pad_id=self.special["<|endoftext|>"],
+            rules=self.rules,
+        )
         self.stop_ids = (self.special["<|im_end|>"], self.special["<|endoftext|>"])
         self.bias = {self.special["<|image_pad|>"]: -np.inf, self.special["<|video_pad|>"]: -np.inf}
         self.ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.checkpoint.keep, c.checkpoint.async_save)
         self.best = Checkpointer(os.path.join(c.workdir, "best"), 1, c.checkpoint.async_save)
         self.writer = MetricWriter(c.workdir)
+        self.compile = CompileTimer()
+        for split, count in bad.items():
+            if count:
+                print(f"data {split}: skipped {count.get('bad', 0)} bad of {count.get('seen', 0)} records")
+                self.writer.write(
+                    f"data_{split}", 0, {"records_seen": count.get("seen", 0), "records_bad": count.get("bad", 0)}
+                )
         self.preempt = PreemptionFlag()
         self.key = jax.random.key(c.seed)
         self.train_size = len(pipeline.open_split(self.data_dir, DATA_NAME, "train"))
-        self.rl_steps = c.rl.steps or max(1, c.rl.epochs * self.train_size // c.rl.rollout_batch)
-        self.meta = {"phase": PHASES[0], "phase_step": 0, "global_step": 0, "data": {}, "best_accuracy": -1.0,
-                     "evals": {}}
+        # rl.steps = rl.epochs = 0: the cold start alone.
+        self.rl_steps = c.rl.steps or (
+            max(1, c.rl.epochs * self.train_size // c.rl.rollout_batch) if c.rl.epochs else 0
+        )
+        self.meta = {
+            "phase": PHASES[0],
+            "phase_step": 0,
+            "global_step": 0,
+            "data": {},
+            "best_accuracy": -1.0,
+            "evals": {},
+        }
 
     # ---- helpers
     def model(self, params=None):
@@ -143,13 +185,22 @@ class Run:
         replicated (committed on the mesh, so a restore places them there too)."""
         opt = tx.init(self.params)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.tree.map(lambda x: x if len(x.sharding.device_set) == self.mesh.size
-                            else jax.device_put(x, replicated), opt)
+        return jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated), opt
+        )
 
     def iterator(self, phase: str, batch_size: int):
-        it = pipeline.make_iterator(self.data_dir, DATA_NAME, "train", batch_size=batch_size, seed=self.c.seed,
-                                    shuffle=True, num_epochs=None, shard_index=jax.process_index(),
-                                    shard_count=jax.process_count())
+        it = pipeline.make_iterator(
+            self.data_dir,
+            DATA_NAME,
+            "train",
+            batch_size=batch_size,
+            seed=self.c.seed,
+            shuffle=True,
+            num_epochs=None,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
         if phase in self.meta["data"]:
             it.set_state(self.meta["data"][phase])
         return it
@@ -181,22 +232,48 @@ class Run:
         out = {}
         model = self.model()
         with self.ctx():
-            for name, params in (("greedy", GREEDY), ("sampled", SamplingParams(
-                    temperature=self.c.eval.sampled_temperature, top_p=self.c.eval.sampled_top_p))):
-                res = evaluate(self.sampler, model, self.encoder, self.test_records, batch_size=self.c.eval.batch_size,
-                               key=jax.random.fold_in(self.key, 10**6 + step), max_new=self.c.rl.max_response_len,
-                               params=params, stop_ids=self.stop_ids, logit_bias=self.bias)
-                out.update({f"{name}_accuracy": res["accuracy"], f"{name}_format": res["format_rate"],
-                            f"{name}_length": res["response_length"]})
+            for name, params in (
+                ("greedy", GREEDY),
+                (
+                    "sampled",
+                    SamplingParams(temperature=self.c.eval.sampled_temperature, top_p=self.c.eval.sampled_top_p),
+                ),
+            ):
+                res = evaluate(
+                    self.sampler,
+                    model,
+                    self.encoder,
+                    self.test_records,
+                    batch_size=self.c.eval.batch_size,
+                    key=jax.random.fold_in(self.key, 10**6 + step),
+                    max_new=self.c.rl.max_response_len,
+                    params=params,
+                    stop_ids=self.stop_ids,
+                    logit_bias=self.bias,
+                )
+                out.update(
+                    {
+                        f"{name}_accuracy": res["accuracy"],
+                        f"{name}_format": res["format_rate"],
+                        f"{name}_length": res["response_length"],
+                    }
+                )
         self.writer.write(f"eval_{label}", step, out)
         return out
 
     # ---------------------------------------------------------------- cold start
     def cold_start(self) -> None:
         c = self.c.cold_start
-        tx, lr_fn = make_optimizer("warmup_constant" if c.warmup_steps else "constant", c.learning_rate,
-                                   c.warmup_steps, c.steps, self.c.rl.weight_decay, self.c.rl.b1, self.c.rl.b2,
-                                   self.c.rl.grad_clip)
+        tx, lr_fn = make_optimizer(
+            "warmup_constant" if c.warmup_steps else "constant",
+            c.learning_rate,
+            c.warmup_steps,
+            c.steps,
+            self.c.rl.weight_decay,
+            self.c.rl.b1,
+            self.c.rl.b2,
+            self.c.rl.grad_clip,
+        )
         if self.meta["phase"] != "cold_start":
             return
         learner = Learner(self.graphdef, tx)
@@ -210,17 +287,30 @@ class Run:
             t0 = time.perf_counter()
             records = _records(next(it))
             examples = [self.encoder.sft_example(r) for r in records]
-            inputs, loss_mask = sft_batch(examples, self.cfg, self.special["<|endoftext|>"],
-                                          self.c.sampling.prompt_buckets + (self.c.rl.max_prompt_len +
-                                                                             self.c.rl.max_response_len,))
+            inputs, loss_mask = sft_batch(
+                examples,
+                self.cfg,
+                self.special["<|endoftext|>"],
+                self.c.sampling.prompt_buckets + (self.c.rl.max_prompt_len + self.c.rl.max_response_len,),
+            )
             with self.ctx():
                 grads, m = learner.sft_grads(self.params, as_batch(inputs), loss_mask, 1.0)
                 self.params, opt, gnorm = learner.apply(self.params, opt, grads)
             check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
             self.meta.update(phase_step=step, global_step=step)
             self.meta["data"]["cold_start"] = it.get_state()
-            self.writer.write("cold_start", step, {"loss": m["loss"], "grad_norm": gnorm, "learning_rate": lr_fn(step),
-                                                   "tokens": m["tokens"], "step_s": time.perf_counter() - t0})
+            self.writer.write(
+                "cold_start",
+                step,
+                {
+                    "loss": m["loss"],
+                    "grad_norm": gnorm,
+                    "learning_rate": lr_fn(step),
+                    "tokens": m["tokens"],
+                    "step_s": time.perf_counter() - t0,
+                    "compile_s": self.compile.take(),
+                },
+            )
             self.writer.progress("cold_start", step, c.steps, start, f"loss {float(m['loss']):.3f}")
             if step % self.c.checkpoint.every == 0 or step == c.steps or self.preempt.requested:
                 self.save({"params": self.params, "opt": opt})
@@ -230,8 +320,9 @@ class Run:
     # ---------------------------------------------------------------- GRPO
     def grpo(self) -> dict:
         c, rc = self.c.rl, self.c.reward
-        tx, lr_fn = make_optimizer(c.schedule, c.learning_rate, c.warmup_steps, self.rl_steps, c.weight_decay,
-                                   c.b1, c.b2, c.grad_clip)
+        tx, lr_fn = make_optimizer(
+            c.schedule, c.learning_rate, c.warmup_steps, self.rl_steps, c.weight_decay, c.b1, c.b2, c.grad_clip
+        )
         learner = Learner(self.graphdef, tx)
         if self.meta["phase"] == "cold_start":  # entering GRPO: the reference is the cold-start result
             self.meta.update(phase="grpo", phase_step=0)
@@ -243,8 +334,9 @@ class Run:
             state = self.restore({"params": self.params, "opt": self.init_opt(tx), "ref": self.params})
             self.params, opt, ref = state["params"], state["opt"], state["ref"]
         settings = GRPOSettings(c.clip_low, c.clip_high, c.dual_clip, c.kl_coef, c.kl_kind, c.loss_mode)
-        reward_cfg = rewards.RewardConfig(rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence,
-                                          rc.w_consistency, rc.w_format)
+        reward_cfg = rewards.RewardConfig(
+            rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence, rc.w_consistency, rc.w_format
+        )
         reflect_max = rc.reflection_max_tokens if rc.compat == "robust" else c.max_response_len
         reflect_params = SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p)
         rollout_params = SamplingParams(temperature=c.temperature, top_p=c.top_p)
@@ -261,25 +353,49 @@ class Run:
             records = _records(next(it))
             policy = self.model()
             with self.ctx():
-                ro = sample_rollouts(self.sampler, policy, self.encoder, records, n=n, key=key,
-                                     max_new=c.max_response_len, params=rollout_params, stop_ids=self.stop_ids,
-                                     logit_bias=self.bias)
+                ro = sample_rollouts(
+                    self.sampler,
+                    policy,
+                    self.encoder,
+                    records,
+                    n=n,
+                    key=key,
+                    max_new=c.max_response_len,
+                    params=rollout_params,
+                    stop_ids=self.stop_ids,
+                    logit_bias=self.bias,
+                )
                 times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
                 if rc.reflection:
                     judge = policy if rc.judge == "policy" else self.model(ref)
-                    reflect(self.sampler, judge, self.encoder, ro, key=jax.random.fold_in(key, 1), compat=rc.compat,
-                            max_new=reflect_max, params=reflect_params, stop_ids=self.stop_ids, logit_bias=self.bias)
+                    reflect(
+                        self.sampler,
+                        judge,
+                        self.encoder,
+                        ro,
+                        key=jax.random.fold_in(key, 1),
+                        compat=rc.compat,
+                        max_new=reflect_max,
+                        params=reflect_params,
+                        stop_ids=self.stop_ids,
+                        logit_bias=self.bias,
+                    )
                 times["reflection_s"], t = time.perf_counter() - t, time.perf_counter()
                 futures = score_async(pool, ro, reward_cfg, rc.reflection)
                 # While the host scores: the rows, their reference (and old) log-probs on device.
                 rows = np.arange(len(ro.responses))
-                micro = [rows[i:i + c.micro_batch] for i in range(0, len(rows), c.micro_batch)]
-                batches = [training_rows(ro, self.encoder, self.special["<|endoftext|>"],
-                                         self.c.sampling.prompt_buckets, m) for m in micro]
+                micro = [rows[i : i + c.micro_batch] for i in range(0, len(rows), c.micro_batch)]
+                batches = [
+                    training_rows(ro, self.encoder, self.special["<|endoftext|>"], self.c.sampling.prompt_buckets, m)
+                    for m in micro
+                ]
                 p_len, g_len = batches[0][2], batches[0][3]
                 ref_lp = [learner.logprobs(ref, b[0], p_len - 1, g_len) for b in batches]
-                old_lp = ([learner.logprobs(self.params, b[0], p_len - 1, g_len) for b in batches]
-                          if c.recompute_old_logprobs else [ro.old_logp[m] for m in micro])
+                old_lp = (
+                    [learner.logprobs(self.params, b[0], p_len - 1, g_len) for b in batches]
+                    if c.recompute_old_logprobs
+                    else [ro.old_logp[m] for m in micro]
+                )
                 jax.block_until_ready((ref_lp, old_lp))
                 times["logprobs_s"], t = time.perf_counter() - t, time.perf_counter()
                 scores = [f.result() for f in futures]
@@ -292,24 +408,43 @@ class Run:
             errors = [s for s in scores if "error" in s]
             for s in errors[:3]:
                 print(f"\nreward error at step {gstep}: {s['error']}", file=sys.stderr)
-            comp = {k: float(np.mean([s[k] for s in scores])) for k in ("overall", "accuracy", "format",
-                                                                          "coherence", "consistency")}
+            comp = {
+                k: float(np.mean([s[k] for s in scores]))
+                for k in ("overall", "accuracy", "format", "coherence", "consistency")
+            }
             total_s = sum(times.values())
             tokens = float(ro.lengths.sum())
-            log = {**{f"reward_{k}": v for k, v in comp.items()}, **metrics, **times,
-                   "response_length": float(ro.lengths.mean()), "reward_errors": len(errors),
-                   "learning_rate": float(lr_fn(step)), "tokens_per_s": tokens / total_s,
-                   "new_programs": self.sampler.compiled_programs() - programs}
+            log = {
+                **{f"reward_{k}": v for k, v in comp.items()},
+                **metrics,
+                **times,
+                "response_length": float(ro.lengths.mean()),
+                "reward_errors": len(errors),
+                "learning_rate": float(lr_fn(step)),
+                "tokens_per_s": tokens / total_s,
+                "new_programs": self.sampler.compiled_programs() - programs,
+                "compile_s": self.compile.take(),
+            }
             self.meta.update(phase_step=step, global_step=gstep)
             self.meta["data"]["grpo"] = it.get_state()
             self.writer.write("grpo", gstep, log)
             if step % self.c.log.samples_every == 0 or step == 1:
                 for i in range(min(self.c.log.num_samples, len(ro.responses))):
-                    self.writer.text("grpo", gstep, f"sample_{i}", f"label: {ro.labels[i]}\nreward: {scores[i]}\n"
-                                     f"response: {ro.responses[i]}\ntext judge: {ro.text_answers and ro.text_answers[i]}"
-                                     f"\nimage judge: {ro.image_answers and ro.image_answers[i]}")
-            self.writer.progress("grpo", step, self.rl_steps, start,
-                                 f"reward {comp['overall']:.3f} acc {comp['accuracy']:.2f} kl {log['kl']:.4f}")
+                    self.writer.text(
+                        "grpo",
+                        gstep,
+                        f"sample_{i}",
+                        f"label: {ro.labels[i]}\nreward: {scores[i]}\n"
+                        f"response: {ro.responses[i]}\ntext judge: {ro.text_answers and ro.text_answers[i]}"
+                        f"\nimage judge: {ro.image_answers and ro.image_answers[i]}",
+                    )
+            self.writer.progress(
+                "grpo",
+                step,
+                self.rl_steps,
+                start,
+                f"reward {comp['overall']:.3f} acc {comp['accuracy']:.2f} kl {log['kl']:.4f}",
+            )
             state = {"params": self.params, "opt": opt, "ref": ref}
             if step % self.c.eval.every == 0 or step == self.rl_steps:
                 ev = self.eval_all("grpo", gstep)
@@ -340,8 +475,18 @@ class Run:
             grads = None
             for i, size in zip(group, sizes):
                 batch, mask, _, _ = batches[i]
-                g, m = learner.grpo_grads(self.params, batch, p_len - 1, g_len, old_lp[i], ref_lp[i],
-                                          adv[micro[i]], mask, size / total, settings)
+                g, m = learner.grpo_grads(
+                    self.params,
+                    batch,
+                    p_len - 1,
+                    g_len,
+                    old_lp[i],
+                    ref_lp[i],
+                    adv[micro[i]],
+                    mask,
+                    size / total,
+                    settings,
+                )
                 grads = learner.accumulate(grads, g)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -359,6 +504,7 @@ class Run:
         raise SystemExit(0)
 
     def close(self) -> None:
+        self.compile.close()
         self.ckpt.close()
         self.best.close()
         self.writer.close()
@@ -394,18 +540,27 @@ def run(c: ConfigDict) -> dict:
         r.resume_meta()
         if c.cold_start.steps:
             r.cold_start()
-        evals = r.grpo()
+        if r.rl_steps:
+            evals = r.grpo()
+        else:
+            evals = {"cold_start": r.eval_all("cold_start", r.meta["global_step"])}
         r.ckpt.wait()
-        results = {"cold_start": evals.get("cold_start"), "grpo": evals.get("grpo"),
-                   "workdir": os.path.abspath(c.workdir)}
+        results = {
+            "cold_start": evals.get("cold_start"),
+            "grpo": evals.get("grpo"),
+            "workdir": os.path.abspath(c.workdir),
+        }
         if jax.process_index() == 0:
             with open(os.path.join(c.workdir, "results.json"), "w") as f:
                 json.dump(results, f, indent=2)
-        cs, gr = results["cold_start"], results["grpo"]
-        if cs:
-            print(f"\nheld-out accuracy, cold start: greedy {cs['greedy_accuracy']:.3f}, "
-                  f"sampled {cs['sampled_accuracy']:.3f}")
-        print(f"held-out accuracy, GRPO:       greedy {gr['greedy_accuracy']:.3f}, sampled {gr['sampled_accuracy']:.3f}")
+        for name, ev in (("cold start", results["cold_start"]), ("GRPO", results["grpo"])):
+            if ev:
+                print(
+                    f"\nheld-out accuracy, {name}: greedy {ev['greedy_accuracy']:.3f}, "
+                    f"sampled {ev['sampled_accuracy']:.3f}",
+                    end="",
+                )
+        print()
         return results
     finally:
         r.close()

@@ -44,5 +44,6 @@ def ours_fp32(hf_tiny_dir, mesh1):
     from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
 
-    return load_hf(hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32",
-                   attention_impl="xla")
+    return load_hf(
+        hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32", attention_impl="xla"
+    )

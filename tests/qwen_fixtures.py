@@ -16,14 +16,39 @@ PATCH_DIM = 3 * 2 * 14 * 14
 
 
 def hf_config(tie: bool = False, **text_overrides) -> Qwen2_5_VLConfig:
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                bos_token_id=None, eos_token_id=VEND + 1, **text_overrides)
-    vision = dict(depth=3, hidden_size=40, intermediate_size=56, num_heads=2, out_hidden_size=64,
-                  fullatt_block_indexes=[1], window_size=112, tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                            vision_start_token_id=VSTART, vision_end_token_id=VEND, tie_word_embeddings=tie)
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=None,
+        eos_token_id=VEND + 1,
+        **text_overrides,
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=40,
+        intermediate_size=56,
+        num_heads=2,
+        out_hidden_size=64,
+        fullatt_block_indexes=[1],
+        window_size=112,
+        tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+        tie_word_embeddings=tie,
+    )
 
 
 def hf_model(seed: int = 0, tie: bool = False) -> Qwen2_5_VLForConditionalGeneration:

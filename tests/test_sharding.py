@@ -71,8 +71,9 @@ def test_rules_replicate_an_indivisible_dim_and_say_so():
 
 def test_a_mesh_axis_is_used_once_per_array():
     mesh = sharding.make_mesh([("data", 1), ("fsdp", 8), ("tensor", 1)])
-    spec, _ = sharding.logical_to_spec(("vision_mlp", "vision_embed"), (16, 16), mesh,
-                                       (("vision_mlp", "fsdp"), ("vision_embed", "fsdp")))
+    spec, _ = sharding.logical_to_spec(
+        ("vision_mlp", "vision_embed"), (16, 16), mesh, (("vision_mlp", "fsdp"), ("vision_embed", "fsdp"))
+    )
     assert spec == P("fsdp", None)
 
 

@@ -11,16 +11,27 @@ import time
 
 import numpy as np
 import pytest
-from configs.qwen_vl import get_config
 
+from configs.qwen_vl import get_config
 from emor3_jax import trainer
 from emor3_jax.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
-    "cold_start.steps": 3, "cold_start.batch_size": 4, "rl.steps": 4, "rl.rollout_batch": 2, "rl.update_batch": 1,
-    "rl.num_generations": 2, "rl.micro_batch": 2, "eval.every": 2, "eval.num_examples": 4, "eval.batch_size": 4,
-    "data.synthetic_train": 32, "data.synthetic_test": 8, "checkpoint.every": 1, "checkpoint.async_save": True,
+    "cold_start.steps": 3,
+    "cold_start.batch_size": 4,
+    "rl.steps": 4,
+    "rl.rollout_batch": 2,
+    "rl.update_batch": 1,
+    "rl.num_generations": 2,
+    "rl.micro_batch": 2,
+    "eval.every": 2,
+    "eval.num_examples": 4,
+    "eval.batch_size": 4,
+    "data.synthetic_train": 32,
+    "data.synthetic_test": 8,
+    "checkpoint.every": 1,
+    "checkpoint.async_save": True,
     "log.samples_every": 2,
 }
 TIMING = ("_s", "tokens_per_s", "new_programs")
@@ -56,8 +67,12 @@ def _params(workdir):
 
         meta = ck.read_meta(step)
         cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype="float32", compute_dtype="float32")
-        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                                nnx.state(abstract_model(cfg)))
+        abstract = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(
+                v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            ),
+            nnx.state(abstract_model(cfg)),
+        )
         flat = ck.restore_subtree(step, {"params": abstract})["params"]
         return step, {"/".join(map(str, p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(flat)}
     finally:
@@ -85,8 +100,20 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
     assert {"cold_start", "grpo", "eval_cold_start", "eval_grpo"} <= phases
     grpo = [r for r in rows if r["phase"] == "grpo"]
     assert [r["step"] for r in grpo] == [4, 5, 6, 7]
-    for key in ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "reward_consistency",
-                "kl", "clipfrac", "entropy", "grad_norm", "learning_rate", "response_length", "reward_errors"):
+    for key in (
+        "reward_overall",
+        "reward_accuracy",
+        "reward_format",
+        "reward_coherence",
+        "reward_consistency",
+        "kl",
+        "clipfrac",
+        "entropy",
+        "grad_norm",
+        "learning_rate",
+        "response_length",
+        "reward_errors",
+    ):
         assert key in grpo[0], key
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         first = json.loads(f.readline())
@@ -170,12 +197,15 @@ def test_export_of_a_run_reloads_in_transformers(reference_run, tmp_path):
         assert torch.isfinite(hf(input_ids=ids).logits).all()
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"rl.num_generations": 1}, "GRPO needs >= 2 per prompt"),
-    ({"rl.micro_batch": 3}, "must divide update_batch"),
-    ({"data.source": "parquet"}, "--config.data.source='parquet' must be one of"),
-    ({"reward.compat": "official"}, "--config.reward.compat='official'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"rl.num_generations": 1}, "GRPO needs >= 2 per prompt"),
+        ({"rl.micro_batch": 3}, "must divide update_batch"),
+        ({"data.source": "parquet"}, "--config.data.source='parquet' must be one of"),
+        ({"reward.compat": "official"}, "--config.reward.compat='official'"),
+    ],
+)
 def test_bad_config_values_are_refused_naming_the_flag(tmp_path, override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trainer.Run(small_config(tmp_path, **override))

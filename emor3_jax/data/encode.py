@@ -76,9 +76,9 @@ def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, n
     attn = np.zeros((len(examples), t), np.int64)
     loss = np.zeros((len(examples), t), bool)
     for i, (e_ids, e_mask, _, _) in enumerate(examples):
-        ids[i, :len(e_ids)] = e_ids
-        attn[i, :len(e_ids)] = 1
-        loss[i, :len(e_ids)] = e_mask
+        ids[i, : len(e_ids)] = e_ids
+        attn[i, : len(e_ids)] = 1
+        loss[i, : len(e_ids)] = e_mask
     pixels = np.concatenate([e[2] for e in examples])
     grids = np.concatenate([e[3] for e in examples])
     inputs = prepare_inputs(cfg, ids, attn, pixels, grids)

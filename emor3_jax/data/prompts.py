@@ -120,6 +120,8 @@ def expand_image_tokens(ids: np.ndarray, grid_thw_list, image_pad_id: int, merge
     counts = np.ones(len(ids), np.int64)
     for k, (pos, (t, h, w)) in enumerate(zip(where, grids)):
         if h % merge_size or w % merge_size or min(t, h, w) < 1:
-            raise ValueError(f"expand_image_tokens: grid {k} = {[int(t), int(h), int(w)]} not a merge_size={merge_size} grid")
+            raise ValueError(
+                f"expand_image_tokens: grid {k} = {[int(t), int(h), int(w)]} not a merge_size={merge_size} grid"
+            )
         counts[pos] = t * h * w // merge_size**2
     return np.repeat(ids, counts)

@@ -89,8 +89,10 @@ def _check_label(label, labels: frozenset[str], where: str) -> str:
 def _check_image(data, where: str) -> bytes:
     """Returns `data` if it is a whole image PIL can decode, else raises BadRecord."""
     if not isinstance(data, (bytes, bytearray)) or not data:
-        raise BadRecord(f"{where}: expected encoded image bytes, got {type(data).__name__} of length "
-                        f"{len(data) if hasattr(data, '__len__') else '?'}")
+        raise BadRecord(
+            f"{where}: expected encoded image bytes, got {type(data).__name__} of length "
+            f"{len(data) if hasattr(data, '__len__') else '?'}"
+        )
     data = bytes(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -361,8 +363,10 @@ def checked(records: Iterable[dict], skip_bad: bool, max_bad_fraction: float, co
             if not skip_bad:
                 raise
             if isinstance(it, types.GeneratorType):
-                raise TypeError("cannot skip a bad record inside a generator (it has ended); "
-                                "read through emor3_jax.data.sources readers") from e
+                raise TypeError(
+                    "cannot skip a bad record inside a generator (it has ended); "
+                    "read through emor3_jax.data.sources readers"
+                ) from e
             counter["seen"] += 1
             counter["bad"] += 1
             last_bad = e

@@ -70,10 +70,7 @@ def reference_answer(label: str, size_class: int, step2_choice: int) -> str:
     valence, arousal = VALENCE_AROUSAL[label]
     step1 = _STEP1[label][size_class]
     step2 = _STEP2[label][step2_choice % len(_STEP2[label])]
-    return (
-        f"<step1>{step1} </step1><step2>{step2} </step2>"
-        f"<step3> {valence}, {arousal} </step3> \\boxed{{{label}}}"
-    )
+    return f"<step1>{step1} </step1><step2>{step2} </step2><step3> {valence}, {arousal} </step3> \\boxed{{{label}}}"
 
 
 def label_of(index: int, seed: int, split: str = "train") -> str:
@@ -177,8 +174,11 @@ def _draw(draw: PIL.ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: flo
         draw.ellipse((cx - r / 2, cy - r / 2, cx + r / 2, cy + r / 2), fill=colour)
         for k in range(8):
             a = k * math.pi / 4
-            draw.line((cx + 0.65 * r * math.cos(a), cy + 0.65 * r * math.sin(a),
-                       cx + r * math.cos(a), cy + r * math.sin(a)), fill=colour, width=2)
+            draw.line(
+                (cx + 0.65 * r * math.cos(a), cy + 0.65 * r * math.sin(a), cx + r * math.cos(a), cy + r * math.sin(a)),
+                fill=colour,
+                width=2,
+            )
     elif kind == "dots":
         for _ in range(int(rng.integers(5, 10))):
             x, y = rng.uniform(-r, r, 2) * 0.8

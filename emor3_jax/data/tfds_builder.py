@@ -178,12 +178,16 @@ def build(splits: Mapping[str, Iterable[dict]], out_dir, name: str, *, overwrite
         else:
             stored = _stored_fingerprints(path)
             if not stored:
-                raise ValueError(f"{path} exists but has no record fingerprints (not written by this builder?); "
-                                 "delete it or pass overwrite=True")
+                raise ValueError(
+                    f"{path} exists but has no record fingerprints (not written by this builder?); "
+                    "delete it or pass overwrite=True"
+                )
             given = _fingerprints(splits)
             if given != stored:
-                raise ValueError(f"{path} holds a different data set (stored fingerprints {stored}, "
-                                 f"given records {given}); pass overwrite=True to rebuild it")
+                raise ValueError(
+                    f"{path} holds a different data set (stored fingerprints {stored}, "
+                    f"given records {given}); pass overwrite=True to rebuild it"
+                )
             log.info("%s already holds these records; skipping the build", path)
             return path
 

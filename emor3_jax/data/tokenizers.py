@@ -193,11 +193,7 @@ def build_qwen_tokenizer(path: str) -> Qwen2Tokenizer:
     vocab = {to_str(token): rank for token, rank in ranks.items()}
     merges = []
     for token, rank in ranks.items():
-        splits = [
-            (token[:i], token[i:])
-            for i in range(1, len(token))
-            if token[:i] in ranks and token[i:] in ranks
-        ]
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
         splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
         merges.extend((rank, left, right) for left, right in splits)
     merges.sort(key=lambda m: m[0])  # stable: keeps the per-token order above
@@ -206,9 +202,7 @@ def build_qwen_tokenizer(path: str) -> Qwen2Tokenizer:
     tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=True))
     _set_qwen_pipeline(tok)
     if tok.get_vocab_size() != QWEN_FIRST_SPECIAL_ID:
-        raise ValueError(
-            f"qwen.tiktoken has {tok.get_vocab_size()} ranks, expected {QWEN_FIRST_SPECIAL_ID}"
-        )
+        raise ValueError(f"qwen.tiktoken has {tok.get_vocab_size()} ranks, expected {QWEN_FIRST_SPECIAL_ID}")
     return _wrap_and_save(tok, path)
 
 
@@ -244,10 +238,7 @@ def _set_qwen_pipeline(tok: Tokenizer) -> None:
 def _wrap_and_save(tok: Tokenizer, path: str) -> Qwen2Tokenizer:
     """Appends the 22 Qwen tokens, wraps `tok` for transformers and saves it."""
     tok.add_tokens(
-        [
-            AddedToken(t, special=i < _NUM_SPECIAL, normalized=False)
-            for i, t in enumerate(QWEN_SPECIAL_TOKENS)
-        ]
+        [AddedToken(t, special=i < _NUM_SPECIAL, normalized=False) for i, t in enumerate(QWEN_SPECIAL_TOKENS)]
     )
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=tok,

@@ -38,8 +38,8 @@ class SequenceBatch:
 def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chunk: int = 256):
     """Log-probs and entropies [R, length] of tokens start+1 .. start+length (static ints)."""
     x = model.embed(batch.input_ids, batch.pixels, batch.layout)
-    h = model.hidden_states(x, batch.positions, batch.attention_mask)[:, start:start + length]  # [R, length, D]
-    targets = batch.input_ids[:, start + 1:start + 1 + length]
+    h = model.hidden_states(x, batch.positions, batch.attention_mask)[:, start : start + length]  # [R, length, D]
+    targets = batch.input_ids[:, start + 1 : start + 1 + length]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -58,20 +58,21 @@ def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chun
     return unchunk(logp), unchunk(ent)
 
 
-def make_optimizer(schedule: str, lr: float, warmup: int, total_steps: int, weight_decay: float, b1: float,
-                   b2: float, grad_clip: float) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+def make_optimizer(
+    schedule: str, lr: float, warmup: int, total_steps: int, weight_decay: float, b1: float, b2: float, grad_clip: float
+) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
     """AdamW after global-norm clipping; also the learning-rate schedule (for logging)."""
     if schedule == "constant":
         lr_fn = optax.constant_schedule(lr)
     elif schedule == "warmup_constant":
-        lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
-                                     [max(warmup, 1)])
+        lr_fn = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)]
+        )
     elif schedule == "cosine":
         lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay))
     return tx, lr_fn
 
 
@@ -92,7 +93,7 @@ class Learner:
         self.graphdef, self.tx, self.chunk = graphdef, tx, chunk
         self._grad = {}
         self._logprobs = jax.jit(self._logprobs_impl, static_argnums=(2, 3))
-        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1, 2))
+        self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
     # ---- log-probs without gradients (old / reference policy) ----
@@ -108,6 +109,7 @@ class Learner:
         """Gradient of weight * (masked mean NLL of the tokens loss_mask [R, T-1] marks)."""
         fn = self._grad.get("sft")
         if fn is None:
+
             def loss_fn(p, batch, loss_mask, weight):
                 model = nnx.merge(self.graphdef, p)
                 length = batch.input_ids.shape[1] - 1
@@ -118,19 +120,40 @@ class Learner:
             fn = self._grad["sft"] = jax.jit(jax.grad(loss_fn, has_aux=True))
         return fn(params, batch, loss_mask, weight)
 
-    def grpo_grads(self, params, batch: SequenceBatch, start: int, length: int, old_logp, ref_logp, advantages,
-                   mask, weight, settings: GRPOSettings):
+    def grpo_grads(
+        self,
+        params,
+        batch: SequenceBatch,
+        start: int,
+        length: int,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        weight,
+        settings: GRPOSettings,
+    ):
         """Gradient of weight * GRPO loss on one micro-batch; metrics alongside."""
         key = ("grpo", start, length, settings)
         fn = self._grad.get(key)
         if fn is None:
+
             def loss_fn(p, batch, old_logp, ref_logp, advantages, mask, weight):
                 model = nnx.merge(self.graphdef, p)
                 logp, ent = response_logprobs(model, batch, start, length, self.chunk)
                 loss, metrics = grpo.grpo_loss(
-                    logp, old_logp, ref_logp, advantages, mask, clip_low=settings.clip_low,
-                    clip_high=settings.clip_high, dual_clip=settings.dual_clip, kl_coef=settings.kl_coef,
-                    kl_kind=settings.kl_kind, mode=settings.loss_mode)
+                    logp,
+                    old_logp,
+                    ref_logp,
+                    advantages,
+                    mask,
+                    clip_low=settings.clip_low,
+                    clip_high=settings.clip_high,
+                    dual_clip=settings.dual_clip,
+                    kl_coef=settings.kl_coef,
+                    kl_kind=settings.kl_kind,
+                    mode=settings.loss_mode,
+                )
                 metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
                 return weight * loss, metrics
 

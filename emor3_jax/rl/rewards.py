@@ -237,14 +237,9 @@ def consistency_score(answer: str | None, compat: str) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def _combine(
-    accuracy: float, fmt: float, coherence: float, consistency: float, cfg: RewardConfig
-) -> dict[str, float]:
+def _combine(accuracy: float, fmt: float, coherence: float, consistency: float, cfg: RewardConfig) -> dict[str, float]:
     overall = (
-        cfg.w_accuracy * accuracy
-        + cfg.w_coherence * coherence
-        + cfg.w_consistency * consistency
-        + cfg.w_format * fmt
+        cfg.w_accuracy * accuracy + cfg.w_coherence * coherence + cfg.w_consistency * consistency + cfg.w_format * fmt
     )
     return dict(overall=overall, accuracy=accuracy, format=fmt, coherence=coherence, consistency=consistency)
 

@@ -45,17 +45,41 @@ def decode(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
 
 
-def sample_rollouts(sampler: Sampler, policy, encoder: Encoder, records: list[dict], *, n: int, key,
-                    max_new: int, params: SamplingParams, stop_ids, logit_bias, use_set: bool = True) -> Rollouts:
+def sample_rollouts(
+    sampler: Sampler,
+    policy,
+    encoder: Encoder,
+    records: list[dict],
+    *,
+    n: int,
+    key,
+    max_new: int,
+    params: SamplingParams,
+    stop_ids,
+    logit_bias,
+    use_set: bool = True,
+) -> Rollouts:
     prompts = [encoder.rollout_prompt(r, use_set) for r in records]
-    out = sampler.generate(policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params, stop_ids=stop_ids,
-                           logit_bias=logit_bias)
+    out = sampler.generate(
+        policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params, stop_ids=stop_ids, logit_bias=logit_bias
+    )
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return Rollouts(records, prompts, n, tokens, lengths, out.logprobs, decode(encoder.tok, tokens, lengths))
 
 
-def reflect(sampler: Sampler, judge, encoder: Encoder, ro: Rollouts, *, key, compat: str, max_new: int,
-            params: SamplingParams, stop_ids, logit_bias) -> None:
+def reflect(
+    sampler: Sampler,
+    judge,
+    encoder: Encoder,
+    ro: Rollouts,
+    *,
+    key,
+    compat: str,
+    max_new: int,
+    params: SamplingParams,
+    stop_ids,
+    logit_bias,
+) -> None:
     """Asks `judge` both reflection questions about every response (fills ro.*_answers)."""
     labels = encoder.labels
     text_q = [rewards.text_reflection_prompt(r, labels, compat) for r in ro.responses]
@@ -65,20 +89,21 @@ def reflect(sampler: Sampler, judge, encoder: Encoder, ro: Rollouts, *, key, com
     image_prompts = []
     for row, q in enumerate(image_q):
         src = ro.prompts[row // ro.n]
-        image_prompts.append(encoder.prompt(q or "<image>\n" + placeholder, src.pixel_values, src.image_grid_thw,
-                                            "image reflection"))
+        image_prompts.append(
+            encoder.prompt(q or "<image>\n" + placeholder, src.pixel_values, src.image_grid_thw, "image reflection")
+        )
     k1, k2 = jax.random.split(key)
     answers = []
     for qs, ps, k in ((text_q, text_prompts, k1), (image_q, image_prompts, k2)):
-        out = sampler.generate(judge, ps, key=k, max_new_tokens=max_new, params=params, stop_ids=stop_ids,
-                               logit_bias=logit_bias)
+        out = sampler.generate(
+            judge, ps, key=k, max_new_tokens=max_new, params=params, stop_ids=stop_ids, logit_bias=logit_bias
+        )
         texts = decode(encoder.tok, np.asarray(out.tokens), np.asarray(out.lengths))
         answers.append([t if q is not None else None for t, q in zip(texts, qs)])
     ro.text_answers, ro.image_answers = answers
 
 
-def score_async(pool: ThreadPoolExecutor, ro: Rollouts, cfg: rewards.RewardConfig,
-                reflection: bool) -> list[Future]:
+def score_async(pool: ThreadPoolExecutor, ro: Rollouts, cfg: rewards.RewardConfig, reflection: bool) -> list[Future]:
     """One future per row resolving to its reward components (safe: errors score 0)."""
     futures = []
     for i, (resp, label) in enumerate(zip(ro.responses, ro.labels)):
@@ -93,12 +118,19 @@ def _safe_plain(response: str, label: str, cfg: rewards.RewardConfig) -> dict:
     try:
         return rewards.score_without_reflection(response, label, cfg)
     except Exception as e:  # noqa: BLE001 - a reward bug must not stop the run
-        return {"overall": 0.0, "accuracy": 0.0, "format": 0.0, "coherence": 0.0, "consistency": 0.0,
-                "error": f"{type(e).__name__}: {e}"}
+        return {
+            "overall": 0.0,
+            "accuracy": 0.0,
+            "format": 0.0,
+            "coherence": 0.0,
+            "consistency": 0.0,
+            "error": f"{type(e).__name__}: {e}",
+        }
 
 
-def training_rows(ro: Rollouts, encoder: Encoder, pad_id: int, prompt_buckets,
-                  rows: np.ndarray) -> tuple[SequenceBatch, np.ndarray, int, int]:
+def training_rows(
+    ro: Rollouts, encoder: Encoder, pad_id: int, prompt_buckets, rows: np.ndarray
+) -> tuple[SequenceBatch, np.ndarray, int, int]:
     """Rows `rows` as prompt (left-padded to P) + response (G): the model inputs, the response
     mask [len(rows), G], and (P, G). Response token j sits at position P + j."""
     p_len = bucket(max(len(p.ids) for p in ro.prompts), prompt_buckets)
@@ -108,16 +140,22 @@ def training_rows(ro: Rollouts, encoder: Encoder, pad_id: int, prompt_buckets,
     resp_mask = (np.arange(g_len)[None, :] < ro.lengths[rows, None]).astype(np.float32)
     srcs = [ro.prompts[row // ro.n] for row in rows]
     for i, (row, src) in enumerate(zip(rows, srcs)):
-        ids[i, p_len - len(src.ids):p_len] = src.ids
-        attn[i, p_len - len(src.ids):p_len] = 1
+        ids[i, p_len - len(src.ids) : p_len] = src.ids
+        attn[i, p_len - len(src.ids) : p_len] = 1
         ids[i, p_len:] = ro.tokens[row]
         attn[i, p_len:] = resp_mask[i]
-    inputs = prepare_inputs(encoder.cfg, ids, attn, np.concatenate([p.pixel_values for p in srcs]),
-                            np.concatenate([p.image_grid_thw for p in srcs]))
+    inputs = prepare_inputs(
+        encoder.cfg,
+        ids,
+        attn,
+        np.concatenate([p.pixel_values for p in srcs]),
+        np.concatenate([p.image_grid_thw for p in srcs]),
+    )
     return as_batch(inputs), resp_mask, p_len, g_len
 
 
 def as_batch(inputs: dict) -> SequenceBatch:
     """`prepare_inputs` arrays -> SequenceBatch."""
-    return SequenceBatch(inputs["input_ids"], inputs["attention_mask"], inputs["positions"], inputs.get("pixels"),
-                         inputs.get("layout"))
+    return SequenceBatch(
+        inputs["input_ids"], inputs["attention_mask"], inputs["positions"], inputs.get("pixels"), inputs.get("layout")
+    )

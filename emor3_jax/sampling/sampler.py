@@ -68,8 +68,8 @@ def left_padded_batch(cfg, prompts: Sequence[Prompt], length: int, pad_id: int) 
     mask = np.zeros((len(prompts), length), np.int64)
     for i, p in enumerate(prompts):
         n = len(p.ids)
-        ids[i, length - n:] = p.ids
-        mask[i, length - n:] = 1
+        ids[i, length - n :] = p.ids
+        mask[i, length - n :] = 1
     with_img = [p for p in prompts if p.image_grid_thw is not None]
     pixels = np.concatenate([p.pixel_values for p in with_img]) if with_img else None
     grids = np.concatenate([np.asarray(p.image_grid_thw).reshape(-1, 3) for p in with_img]) if with_img else None
@@ -87,8 +87,15 @@ class Sampler:
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     """
 
-    def __init__(self, cfg, *, prompt_buckets: Sequence[int], gen_buckets: Sequence[int], pad_id: int,
-                 rules=sharding.DEFAULT_RULES):
+    def __init__(
+        self,
+        cfg,
+        *,
+        prompt_buckets: Sequence[int],
+        gen_buckets: Sequence[int],
+        pad_id: int,
+        rules=sharding.DEFAULT_RULES,
+    ):
         self.cfg = cfg
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules = pad_id, rules
@@ -98,6 +105,7 @@ class Sampler:
             def run(*args):
                 self._traces += 1
                 return fn(*args)
+
             return run
 
         self._prefill = jax.jit(traced(_prefill), static_argnums=(0,))
@@ -108,9 +116,18 @@ class Sampler:
         """Prefill + decode programs compiled so far (one per shape / setting)."""
         return self._traces
 
-    def generate(self, model: Qwen25VL, prompts: Sequence[Prompt], *, key: jax.Array, max_new_tokens: int,
-                 n: int = 1, params: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-                 logit_bias: dict[int, float] | None = None) -> Samples:
+    def generate(
+        self,
+        model: Qwen25VL,
+        prompts: Sequence[Prompt],
+        *,
+        key: jax.Array,
+        max_new_tokens: int,
+        n: int = 1,
+        params: SamplingParams = SamplingParams(),
+        stop_ids: Sequence[int] = (),
+        logit_bias: dict[int, float] | None = None,
+    ) -> Samples:
         """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b]."""
         if not prompts:
             raise ValueError("generate: no prompts")
@@ -128,10 +145,22 @@ class Sampler:
             logits, prompt_cache = self._prefill(graphdef, state, batch)
             buffer = self._buffer(len(prompts) * n, p_len + g_len, prompt_cache[0][0].dtype)
             samples, buffer = self._decode(
-                graphdef, n, g_len, params, state, logits, prompt_cache, buffer, batch["attention_mask"],
-                batch["next_pos"], jnp.asarray(max_new_tokens, jnp.int32),
-                jnp.asarray(list(stop_ids) or [-1], jnp.int32), jnp.asarray(bias), key,
-                jnp.asarray(self.pad_id, jnp.int32))
+                graphdef,
+                n,
+                g_len,
+                params,
+                state,
+                logits,
+                prompt_cache,
+                buffer,
+                batch["attention_mask"],
+                batch["next_pos"],
+                jnp.asarray(max_new_tokens, jnp.int32),
+                jnp.asarray(list(stop_ids) or [-1], jnp.int32),
+                jnp.asarray(bias),
+                key,
+                jnp.asarray(self.pad_id, jnp.int32),
+            )
         self._buffers[(len(prompts) * n, p_len + g_len, buffer[0][0].dtype.name)] = buffer
         return samples
 
@@ -141,6 +170,7 @@ class Sampler:
         key = (rows, slots, jnp.dtype(dtype).name)
         if key not in self._buffers:
             t = self.cfg.text
+
             def alloc():
                 k = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, t.head_dim, slots), dtype), K_CACHE_AXES)
                 v = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, slots, t.head_dim), dtype), V_CACHE_AXES)
@@ -166,8 +196,23 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     return model.logits(h[:, -1]), cache
 
 
-def _decode(graphdef, n: int, g_len: int, params: SamplingParams, state, logits, prompt_cache: Cache,
-            buffer: Cache, prompt_mask, next_pos, max_new, stop_ids, bias, key, pad_id) -> tuple[Samples, Cache]:
+def _decode(
+    graphdef,
+    n: int,
+    g_len: int,
+    params: SamplingParams,
+    state,
+    logits,
+    prompt_cache: Cache,
+    buffer: Cache,
+    prompt_mask,
+    next_pos,
+    max_new,
+    stop_ids,
+    bias,
+    key,
+    pad_id,
+) -> tuple[Samples, Cache]:
     """Forks the prompt cache [B, P] n ways into `buffer` [R, S] (donated; slots past the
     prompt hold stale values that the key mask hides) and samples up to max_new (<= G)
     tokens per row."""
@@ -175,14 +220,26 @@ def _decode(graphdef, n: int, g_len: int, params: SamplingParams, state, logits,
     fork = lambda a: jnp.repeat(a, n, axis=0)
     b, p = prompt_mask.shape
     r = b * n
-    cache = tuple((jax.lax.dynamic_update_slice(bk, fork(k), (0, 0, 0, 0)),
-                   jax.lax.dynamic_update_slice(bv, fork(v), (0, 0, 0, 0)))
-                  for (k, v), (bk, bv) in zip(prompt_cache, buffer))
+    cache = tuple(
+        (
+            jax.lax.dynamic_update_slice(bk, fork(k), (0, 0, 0, 0)),
+            jax.lax.dynamic_update_slice(bv, fork(v), (0, 0, 0, 0)),
+        )
+        for (k, v), (bk, bv) in zip(prompt_cache, buffer)
+    )
     key_mask = jnp.pad(fork(prompt_mask).astype(bool), ((0, 0), (0, g_len)))  # [R, S]
     next_pos = fork(next_pos)
-    init = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=fork(logits), key_mask=key_mask,
-                tokens=jnp.full((r, g_len), pad_id, jnp.int32), logprobs=jnp.zeros((r, g_len), jnp.float32),
-                lengths=jnp.zeros((r,), jnp.int32), done=jnp.zeros((r,), bool), stopped=jnp.zeros((r,), bool))
+    init = dict(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=fork(logits),
+        key_mask=key_mask,
+        tokens=jnp.full((r, g_len), pad_id, jnp.int32),
+        logprobs=jnp.zeros((r, g_len), jnp.float32),
+        lengths=jnp.zeros((r,), jnp.int32),
+        done=jnp.zeros((r,), bool),
+        stopped=jnp.zeros((r,), bool),
+    )
 
     def cond(c):
         return (c["step"] < max_new) & ~jnp.all(c["done"])
@@ -199,11 +256,17 @@ def _decode(graphdef, n: int, g_len: int, params: SamplingParams, state, logits,
         positions = jnp.broadcast_to((next_pos + step)[None, :, None], (3, r, 1))
         x = model.embed(tok[:, None])
         h, cache = model.decode(x, positions, key_mask[:, None, None, :], c["cache"], slot)
-        return dict(step=step + 1, cache=cache, logits=model.logits(h[:, -1]), key_mask=key_mask,
-                    tokens=c["tokens"].at[:, step].set(tok),
-                    logprobs=c["logprobs"].at[:, step].set(jnp.where(live, logp, 0.0)),
-                    lengths=c["lengths"] + live, done=c["done"] | hit | (step + 1 >= max_new),
-                    stopped=c["stopped"] | hit)
+        return dict(
+            step=step + 1,
+            cache=cache,
+            logits=model.logits(h[:, -1]),
+            key_mask=key_mask,
+            tokens=c["tokens"].at[:, step].set(tok),
+            logprobs=c["logprobs"].at[:, step].set(jnp.where(live, logp, 0.0)),
+            lengths=c["lengths"] + live,
+            done=c["done"] | hit | (step + 1 >= max_new),
+            stopped=c["stopped"] | hit,
+        )
 
     out = jax.lax.while_loop(cond, body, init)
     samples = Samples(tokens=out["tokens"], logprobs=out["logprobs"], lengths=out["lengths"], done=out["stopped"])

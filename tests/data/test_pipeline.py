@@ -21,8 +21,16 @@ def png(i: int) -> bytes:
 
 
 def records(n, prefix):
-    return [{"id": f"{prefix}{i:03d}", "image": png(i), "label": LABELS[i % 8],
-             "problem": f"Q {i} é" if i % 2 else "", "answer": LABELS[i % 8] if i % 3 else ""} for i in range(n)]
+    return [
+        {
+            "id": f"{prefix}{i:03d}",
+            "image": png(i),
+            "label": LABELS[i % 8],
+            "problem": f"Q {i} é" if i % 2 else "",
+            "answer": LABELS[i % 8] if i % 3 else "",
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +68,9 @@ def test_rebuild_identical_is_skipped_different_raises(data_dir):
     path = os.path.join(data_dir, "toy", tfds_builder.VERSION)
     stamps = {f: os.stat(os.path.join(path, f)).st_mtime_ns for f in os.listdir(path)}
     # Same records in another order: same data set, nothing rewritten.
-    again = tfds_builder.build({"train": reversed(records(N_TRAIN, "tr")), "test": records(N_TEST, "te")},
-                               data_dir, "toy")
+    again = tfds_builder.build(
+        {"train": reversed(records(N_TRAIN, "tr")), "test": records(N_TEST, "te")}, data_dir, "toy"
+    )
     assert again == path
     assert {f: os.stat(os.path.join(path, f)).st_mtime_ns for f in os.listdir(path)} == stamps
 
@@ -118,16 +127,19 @@ def test_shuffle_by_seed_and_epoch(data_dir):
 
 @pytest.mark.parametrize("batch_size", [3, 5])
 def test_two_shards_partition(data_dir, batch_size):
-    shards = [ids(iterator(data_dir, batch_size=batch_size, num_epochs=1, shard_index=i, shard_count=2))
-              for i in range(2)]
+    shards = [
+        ids(iterator(data_dir, batch_size=batch_size, num_epochs=1, shard_index=i, shard_count=2)) for i in range(2)
+    ]
     # Cut to a multiple of batch_size * 2: same number of batches on both shards.
     keep = N_TRAIN // (2 * batch_size) * 2 * batch_size
     assert len(shards[0]) == len(shards[1]) == keep // 2
     assert not set(shards[0]) & set(shards[1])
     assert len(set(shards[0]) | set(shards[1])) == keep
     # Without the cut the two shards together hold every record exactly once.
-    full = [ids(iterator(data_dir, batch_size=batch_size, num_epochs=1, shard_index=i, shard_count=2,
-                         drop_remainder=False)) for i in range(2)]
+    full = [
+        ids(iterator(data_dir, batch_size=batch_size, num_epochs=1, shard_index=i, shard_count=2, drop_remainder=False))
+        for i in range(2)
+    ]
     assert sorted(full[0] + full[1]) == [f"tr{i:03d}" for i in range(N_TRAIN)]
     # Endless: each epoch's stream is split alternately between the shards.
     whole_it = iterator(data_dir, batch_size=2 * N_TRAIN, num_epochs=None)

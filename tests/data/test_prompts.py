@@ -33,7 +33,14 @@ def small(tmp_path_factory):
 
 def test_label_sets():
     assert prompts.EMOSET_LABELS == (
-        "amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"
+        "amusement",
+        "anger",
+        "awe",
+        "contentment",
+        "disgust",
+        "excitement",
+        "fear",
+        "sadness",
     )
     assert prompts.EMOTION6_LABELS == ("anger", "disgust", "fear", "joy", "sadness", "surprise")
     assert set(prompts.VALENCE_AROUSAL) == set(prompts.EMOSET_LABELS)
@@ -45,9 +52,7 @@ def test_label_sets():
 
 def test_question_text():
     assert prompts.question(prompts.EMOSET_LABELS) == EMOSET_QUESTION
-    assert prompts.question(prompts.EMOTION6_LABELS).endswith(
-        "category: anger, disgust, fear, joy, sadness, surprise."
-    )
+    assert prompts.question(prompts.EMOTION6_LABELS).endswith("category: anger, disgust, fear, joy, sadness, surprise.")
 
 
 @pytest.mark.parametrize("labels", [[], ["Awe"], ["awe, joy"]])
@@ -66,11 +71,12 @@ def test_chat_messages():
     assert prompts.chat_messages("<image>Hi?") == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}
     ]
-    assert prompts.chat_messages("Just text") == [
-        {"role": "user", "content": [{"type": "text", "text": "Just text"}]}
-    ]
+    assert prompts.chat_messages("Just text") == [{"role": "user", "content": [{"type": "text", "text": "Just text"}]}]
     assert prompts.chat_messages("A<image>B<image>")[0]["content"] == [
-        {"type": "text", "text": "A"}, {"type": "image"}, {"type": "text", "text": "B"}, {"type": "image"}
+        {"type": "text", "text": "A"},
+        {"type": "image"},
+        {"type": "text", "text": "B"},
+        {"type": "image"},
     ]
 
 
@@ -79,7 +85,7 @@ def test_render_one_image(small):
     expected = (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-        + SET_PROMPT[len("<image>"):]
+        + SET_PROMPT[len("<image>") :]
         + "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert prompts.render(small, text) == expected
@@ -103,7 +109,7 @@ def test_sft_mask_covers_answer_and_im_end(small):
     prompt = prompts.encode_prompt(small, text)
     assert ids.shape == mask.shape and mask.dtype == bool
     np.testing.assert_array_equal(ids[: len(prompt)], prompt)
-    assert not mask[: len(prompt)].any() and mask[len(prompt):].all()
+    assert not mask[: len(prompt)].any() and mask[len(prompt) :].all()
     assert small.decode(ids[mask].tolist()) == ANSWER + "<|im_end|>"
     assert ids[-1] == small.convert_tokens_to_ids("<|im_end|>")
     # The whole sequence decodes to the rendered supervised example.

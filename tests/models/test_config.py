@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from flax import nnx
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import hf_shape, weight_table
 from emor3_jax.models.qwen25_vl.model import abstract_model
-from flax import nnx
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "assets", "hf_configs")
 HUB = {"3b": "qwen2_5_vl_3b_instruct.json", "7b": "qwen2_5_vl_7b_instruct.json"}

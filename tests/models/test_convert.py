@@ -22,12 +22,18 @@ def _hf_logits(model, batch):
     ids = torch.tensor(batch["input_ids"])
     tt = (ids == model.config.image_token_id).long()
     grid = torch.tensor(batch["image_grid_thw"])
-    pos, _ = model.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=tt,
-                                        attention_mask=torch.tensor(batch["attention_mask"]))
+    pos, _ = model.model.get_rope_index(
+        ids, image_grid_thw=grid, mm_token_type_ids=tt, attention_mask=torch.tensor(batch["attention_mask"])
+    )
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]), position_ids=pos,
-                     mm_token_type_ids=tt, pixel_values=torch.tensor(batch["pixel_values"]),
-                     image_grid_thw=grid).logits.numpy()
+        return model(
+            input_ids=ids,
+            attention_mask=torch.tensor(batch["attention_mask"]),
+            position_ids=pos,
+            mm_token_type_ids=tt,
+            pixel_values=torch.tensor(batch["pixel_values"]),
+            image_grid_thw=grid,
+        ).logits.numpy()
 
 
 def _keys(path):
@@ -60,9 +66,21 @@ def test_export_without_source_writes_a_config_transformers_reads(hf_tiny_dir, m
     assert reloaded.dtype == torch.bfloat16
     src = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_tiny_dir).config
     for a, b in ((reloaded.config.text_config, src.text_config), (reloaded.config.vision_config, src.vision_config)):
-        for field in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "rms_norm_eps",
-                      "num_key_value_heads", "num_hidden_layers", "depth", "fullatt_block_indexes", "num_heads",
-                      "out_hidden_size", "window_size", "rope_parameters"):
+        for field in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "vocab_size",
+            "rms_norm_eps",
+            "num_key_value_heads",
+            "num_hidden_layers",
+            "depth",
+            "fullatt_block_indexes",
+            "num_heads",
+            "out_hidden_size",
+            "window_size",
+            "rope_parameters",
+        ):
             assert getattr(a, field, None) == getattr(b, field, None), field
     # Round trip of the sharded bf16 export through our loader.
     again = load_hf(out, mesh1, RULES, **FP32)
@@ -106,10 +124,14 @@ def _broken_copy(src, dst, edit):
     "edit, message",
     [
         (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "missing keys ['model.layers.1.mlp.up_proj.weight']"),
-        (lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((88, 64), np.float32)}),
-         "unmapped keys ['model.layers.2.mlp.up_proj.weight']"),
-        (lambda t: t.update({"visual.blocks.0.attn.qkv.weight": np.zeros((120, 41), np.float32)}),
-         "visual.blocks.0.attn.qkv.weight has shape (120, 41), expected (120, 40)"),
+        (
+            lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((88, 64), np.float32)}),
+            "unmapped keys ['model.layers.2.mlp.up_proj.weight']",
+        ),
+        (
+            lambda t: t.update({"visual.blocks.0.attn.qkv.weight": np.zeros((120, 41), np.float32)}),
+            "visual.blocks.0.attn.qkv.weight has shape (120, 41), expected (120, 40)",
+        ),
     ],
     ids=["missing", "extra", "shape"],
 )

@@ -22,8 +22,9 @@ def _hf_positions(hf_model, batch):
     ids = torch.tensor(batch["input_ids"])
     tt = (ids == hf_model.config.image_token_id).long()
     grid = torch.tensor(batch["image_grid_thw"]) if "image_grid_thw" in batch else None
-    pos, deltas = hf_model.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=tt,
-                                                attention_mask=torch.tensor(batch["attention_mask"]))
+    pos, deltas = hf_model.model.get_rope_index(
+        ids, image_grid_thw=grid, mm_token_type_ids=tt, attention_mask=torch.tensor(batch["attention_mask"])
+    )
     return pos.numpy(), deltas.numpy()[:, 0]
 
 
@@ -33,9 +34,16 @@ def _hf_logits(hf_model, batch):
     pos, _ = _hf_positions(hf_model, batch)
     kw = {}
     if "image_grid_thw" in batch:
-        kw = dict(pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"]))
-    return hf_model(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]), position_ids=torch.tensor(pos),
-                    mm_token_type_ids=tt, **kw).logits
+        kw = dict(
+            pixel_values=torch.tensor(batch["pixel_values"]), image_grid_thw=torch.tensor(batch["image_grid_thw"])
+        )
+    return hf_model(
+        input_ids=ids,
+        attention_mask=torch.tensor(batch["attention_mask"]),
+        position_ids=torch.tensor(pos),
+        mm_token_type_ids=tt,
+        **kw,
+    ).logits
 
 
 def _batch(name, seed=0):
@@ -58,8 +66,9 @@ def _ours(model, batch):
 def test_position_ids_and_deltas_match_transformers(hf_tiny, ours_fp32, name):
     batch = _batch(name)
     ref_pos, ref_deltas = _hf_positions(hf_tiny, batch)
-    pos, deltas = get_rope_index(batch["input_ids"], ours_fp32.cfg, batch["attention_mask"],
-                                 batch.get("image_grid_thw"))
+    pos, deltas = get_rope_index(
+        batch["input_ids"], ours_fp32.cfg, batch["attention_mask"], batch.get("image_grid_thw")
+    )
     np.testing.assert_array_equal(pos, ref_pos)
     np.testing.assert_array_equal(deltas, ref_deltas)
     if "image_grid_thw" in batch:  # images really move the positions off the 1-D ramp
@@ -69,13 +78,23 @@ def test_position_ids_and_deltas_match_transformers(hf_tiny, ours_fp32, name):
 def test_video_position_ids_match_transformers(hf_tiny, ours_fp32):
     """Video grids (t > 1, temporal spacing by tokens_per_second * seconds per grid)."""
     cfg = ours_fp32.cfg
-    ids = np.array([[5, 6, cfg.vision_start_token_id] + [cfg.video_token_id] * (3 * 4 * 6 // 4)
-                    + [cfg.vision_end_token_id, 7, cfg.image_token_id, cfg.image_token_id, 8]])
+    ids = np.array(
+        [
+            [5, 6, cfg.vision_start_token_id]
+            + [cfg.video_token_id] * (3 * 4 * 6 // 4)
+            + [cfg.vision_end_token_id, 7, cfg.image_token_id, cfg.image_token_id, 8]
+        ]
+    )
     video_grid, image_grid, seconds = np.array([[3, 4, 6]]), np.array([[1, 2, 4]]), np.array([1.5])
     tt = torch.tensor((ids == cfg.image_token_id) + 2 * (ids == cfg.video_token_id)).long()
     ref_pos, ref_deltas = hf_tiny.model.get_rope_index(
-        torch.tensor(ids), image_grid_thw=torch.tensor(image_grid), video_grid_thw=torch.tensor(video_grid),
-        second_per_grid_ts=torch.tensor(seconds), mm_token_type_ids=tt, attention_mask=torch.ones(ids.shape))
+        torch.tensor(ids),
+        image_grid_thw=torch.tensor(image_grid),
+        video_grid_thw=torch.tensor(video_grid),
+        second_per_grid_ts=torch.tensor(seconds),
+        mm_token_type_ids=tt,
+        attention_mask=torch.ones(ids.shape),
+    )
     pos, deltas = get_rope_index(ids, cfg, None, image_grid, video_grid, seconds)
     np.testing.assert_array_equal(pos, ref_pos.numpy())
     np.testing.assert_array_equal(deltas, ref_deltas.numpy()[:, 0])
@@ -95,8 +114,14 @@ def test_einsum_attention_path_matches_transformers(hf_tiny, hf_tiny_dir, mesh1)
     from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
 
-    model = load_hf(hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32",
-                    attention_impl="einsum")
+    model = load_hf(
+        hf_tiny_dir,
+        mesh1,
+        sharding.DEFAULT_RULES,
+        param_dtype="float32",
+        compute_dtype="float32",
+        attention_impl="einsum",
+    )
     batch = _batch("mixed_batch")
     with torch.no_grad():
         ref = _hf_logits(hf_tiny, batch).numpy()
@@ -108,8 +133,9 @@ def test_vision_tower_per_block_matches_transformers(hf_tiny, ours_fp32):
     batch = _batch("two_images_sizes")  # partial windows: 12x20 patches -> 2x3 windows
     grid = batch["image_grid_thw"]
     with torch.no_grad():
-        ref = hf_tiny.model.visual(torch.tensor(batch["pixel_values"]), grid_thw=torch.tensor(grid),
-                                   output_hidden_states=True)
+        ref = hf_tiny.model.visual(
+            torch.tensor(batch["pixel_values"]), grid_thw=torch.tensor(grid), output_hidden_states=True
+        )
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
     layout = inputs["layout"]
     assert layout.windows.shape[0] == 2 * 3 + 1 and layout.windows.shape[1] == 64
@@ -196,6 +222,24 @@ def test_gradients_match_torch_autograd(hf_tiny, ours_fp32):
         scale = np.abs(ref).max()
         assert scale > 0, f"{hf_key}: zero reference gradient tests nothing"
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=hf_key)
+
+
+def test_remat_gives_the_same_gradients(ours_fp32):
+    batch = _batch("one_image")
+    inputs = prepare_inputs(ours_fp32.cfg, **batch)
+    inputs.pop("rope_deltas")
+    graphdef, state = nnx.split(ours_fp32)
+    remat_def, _ = nnx.split(
+        nnx.eval_shape(lambda: type(ours_fp32)(ours_fp32.cfg.replace(remat=True), rngs=nnx.Rngs(0)))
+    )
+
+    def grads(gdef):
+        loss = lambda s: _token_logprob_sum(nnx.merge(gdef, s)(**inputs), inputs["input_ids"], inputs["attention_mask"])
+        return jax.jit(jax.grad(loss))(state)
+
+    plain, remat = grads(graphdef), grads(remat_def)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_compute_stays_close_to_fp32(hf_tiny_dir, mesh1, ours_fp32):

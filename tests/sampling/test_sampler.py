@@ -45,16 +45,27 @@ def _hf_generate(model, prompts, max_new, stop_ids):
     ids = torch.zeros((len(prompts), t), dtype=torch.long)
     mask = torch.zeros((len(prompts), t), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, t - len(p.ids):] = torch.tensor(p.ids)
-        mask[i, t - len(p.ids):] = 1
+        ids[i, t - len(p.ids) :] = torch.tensor(p.ids)
+        mask[i, t - len(p.ids) :] = 1
     kw = {}
     with_img = [p for p in prompts if p.image_grid_thw is not None]
     if with_img:
-        kw = dict(pixel_values=torch.tensor(np.concatenate([p.pixel_values for p in with_img])),
-                  image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in with_img])))
-    out = model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).long(), do_sample=False,
-                         max_new_tokens=max_new, pad_token_id=PAD, eos_token_id=list(stop_ids) or None,
-                         output_logits=True, return_dict_in_generate=True, **kw)
+        kw = dict(
+            pixel_values=torch.tensor(np.concatenate([p.pixel_values for p in with_img])),
+            image_grid_thw=torch.tensor(np.concatenate([p.image_grid_thw for p in with_img])),
+        )
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        mm_token_type_ids=(ids == IMAGE).long(),
+        do_sample=False,
+        max_new_tokens=max_new,
+        pad_token_id=PAD,
+        eos_token_id=list(stop_ids) or None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
     tokens = out.sequences[:, t:].numpy()
     logp = torch.stack(out.logits, 1).log_softmax(-1).numpy()
     return tokens, logp
@@ -88,8 +99,9 @@ def test_greedy_equals_transformers_generate(hf_tiny, ours_fp32, sampler, name):
                 break
         assert stop_ids, "no usable stop token in the reference output"
         ref, _ = _hf_generate(hf_tiny, prompts, max_new, stop_ids)
-    out = sampler.generate(ours_fp32, prompts, key=jax.random.key(0), max_new_tokens=max_new, params=GREEDY,
-                           stop_ids=stop_ids)
+    out = sampler.generate(
+        ours_fp32, prompts, key=jax.random.key(0), max_new_tokens=max_new, params=GREEDY, stop_ids=stop_ids
+    )
     tokens = np.asarray(out.tokens)[:, :max_new]
     np.testing.assert_array_equal(tokens, ref)
     lengths = np.asarray(out.lengths)
@@ -115,18 +127,24 @@ def test_sampled_logprobs_are_the_unmodified_policy(hf_tiny, ours_fp32, sampler)
     rng = np.random.default_rng(7)
     prompt = _prompt(rng, [5, (8, 8), 4])
     params = SamplingParams(temperature=0.6, top_p=0.95)
-    out = sampler.generate(ours_fp32, [prompt], key=jax.random.key(3), max_new_tokens=6, params=params,
-                           logit_bias={7: 2.0})
+    out = sampler.generate(
+        ours_fp32, [prompt], key=jax.random.key(3), max_new_tokens=6, params=params, logit_bias={7: 2.0}
+    )
     gen = np.asarray(out.tokens)[0, :6]
     ids = torch.tensor(np.concatenate([prompt.ids, gen]))[None]
     tt = (ids == IMAGE).long()
     grid = torch.tensor(prompt.image_grid_thw)
     pos, _ = hf_tiny.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=tt)
     with torch.no_grad():
-        logits = hf_tiny(input_ids=ids, position_ids=pos, mm_token_type_ids=tt, image_grid_thw=grid,
-                         pixel_values=torch.tensor(prompt.pixel_values)).logits
+        logits = hf_tiny(
+            input_ids=ids,
+            position_ids=pos,
+            mm_token_type_ids=tt,
+            image_grid_thw=grid,
+            pixel_values=torch.tensor(prompt.pixel_values),
+        ).logits
     n = len(prompt.ids)
-    ref = logits[0, n - 1:-1].log_softmax(-1).gather(-1, torch.tensor(gen)[:, None])[:, 0].numpy()
+    ref = logits[0, n - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(gen)[:, None])[:, 0].numpy()
     np.testing.assert_allclose(np.asarray(out.logprobs)[0, :6], ref, atol=1e-4)
 
 
@@ -144,8 +162,18 @@ def peaky(tmp_path_factory, mesh1):
     grid = torch.tensor(prompt.image_grid_thw)
     pos, _ = hf.model.get_rope_index(ids, image_grid_thw=grid, mm_token_type_ids=tt)
     with torch.no_grad():
-        logits = hf(input_ids=ids, position_ids=pos, mm_token_type_ids=tt, image_grid_thw=grid,
-                    pixel_values=torch.tensor(prompt.pixel_values)).logits[0, -1].double().numpy()
+        logits = (
+            hf(
+                input_ids=ids,
+                position_ids=pos,
+                mm_token_type_ids=tt,
+                image_grid_thw=grid,
+                pixel_values=torch.tensor(prompt.pixel_values),
+            )
+            .logits[0, -1]
+            .double()
+            .numpy()
+        )
     model = load_hf(path, mesh1, RULES, **FP32)
     return model, prompt, logits
 
@@ -172,8 +200,9 @@ def _chi2_pvalue(counts, probs):
 
 def _first_tokens(model, prompt, params, draws=3000, seed=0, bias=None):
     s = Sampler(model.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD)
-    out = s.generate(model, [prompt], key=jax.random.key(seed), max_new_tokens=1, n=draws, params=params,
-                     logit_bias=bias)
+    out = s.generate(
+        model, [prompt], key=jax.random.key(seed), max_new_tokens=1, n=draws, params=params, logit_bias=bias
+    )
     tokens = np.asarray(out.tokens)[:, 0]
     return np.bincount(tokens, minlength=model.cfg.text.vocab_size)
 
@@ -229,8 +258,9 @@ def test_logit_bias_is_obeyed(peaky):
 
 def test_keys_reproduce_and_vary(ours_fp32, sampler):
     prompt = _prompt(np.random.default_rng(9), [5, (8, 8), 3])
-    gen = lambda k: np.asarray(sampler.generate(ours_fp32, [prompt], key=jax.random.key(k), max_new_tokens=8,
-                                                n=4).tokens)
+    gen = lambda k: np.asarray(
+        sampler.generate(ours_fp32, [prompt], key=jax.random.key(k), max_new_tokens=8, n=4).tokens
+    )
     a, b, c = gen(1), gen(1), gen(2)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -273,12 +303,15 @@ def test_buckets_bound_the_compiled_programs(ours_fp32):
         s.generate(ours_fp32, [_prompt(rng, [4])], key=jax.random.key(0), max_new_tokens=9)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(top_p=0.0), "top_p must be in"),
-    (dict(top_k=-1), "top_k must be >= 0"),
-    (dict(min_p=1.0), "min_p must be in"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+        (dict(min_p=1.0), "min_p must be in"),
+    ],
+)
 def test_bad_sampling_params_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)

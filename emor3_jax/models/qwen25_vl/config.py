@@ -87,6 +87,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"
+    remat: bool = False  # recompute each decoder layer in the backward pass (training memory)
 
     def __post_init__(self):
         _validate(self)
@@ -251,10 +252,28 @@ def preset(name: str, **runtime) -> ModelConfig:
         tokens_per_second=2,
     )
     presets = {  # name: (text fields, tied embeddings)
-        "3b": (dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
-                    num_kv_heads=2), True),
-        "7b": (dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                    num_kv_heads=4), False),
+        "3b": (
+            dict(
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=11008,
+                num_layers=36,
+                num_heads=16,
+                num_kv_heads=2,
+            ),
+            True,
+        ),
+        "7b": (
+            dict(
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_layers=28,
+                num_heads=28,
+                num_kv_heads=4,
+            ),
+            False,
+        ),
     }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}")

@@ -35,9 +35,18 @@ COPY, LINEAR, CONV = "copy", "linear", "conv"
 
 # Non-weight files of a checkpoint directory that export carries over.
 AUX_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
 )
 
 
@@ -59,8 +68,10 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
 
     for i in range(cfg.vision.depth):
         hf, ours = f"visual.blocks.{i}", ("visual", "blocks", i)
-        table += [Entry(f"{hf}.norm1.weight", (*ours, "norm1", "weight"), COPY),
-                  Entry(f"{hf}.norm2.weight", (*ours, "norm2", "weight"), COPY)]
+        table += [
+            Entry(f"{hf}.norm1.weight", (*ours, "norm1", "weight"), COPY),
+            Entry(f"{hf}.norm2.weight", (*ours, "norm2", "weight"), COPY),
+        ]
         linear(f"{hf}.attn.qkv", (*ours, "attn", "qkv"), True)
         linear(f"{hf}.attn.proj", (*ours, "attn", "proj"), True)
         for p in ("gate_proj", "up_proj", "down_proj"):
@@ -77,8 +88,10 @@ def weight_table(cfg: ModelConfig) -> list[Entry]:
         linear(f"{hf}.self_attn.o_proj", (*ours, "self_attn", "o_proj"), False)
         for p in ("gate_proj", "up_proj", "down_proj"):
             linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), False)
-        table += [Entry(f"{hf}.input_layernorm.weight", (*ours, "input_layernorm", "weight"), COPY),
-                  Entry(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), COPY)]
+        table += [
+            Entry(f"{hf}.input_layernorm.weight", (*ours, "input_layernorm", "weight"), COPY),
+            Entry(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), COPY),
+        ]
     table.append(Entry("model.norm.weight", ("norm", "weight"), COPY))
     if not cfg.tie_word_embeddings:
         linear("lm_head", ("lm_head",), False)
@@ -161,10 +174,12 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
         unmapped = sorted(set(where) - wanted - ignorable)
         missing = sorted(wanted - set(where))
         if unmapped or missing:
-            raise ValueError(f"{path}: checkpoint keys do not match Qwen2.5-VL "
-                             f"(depth {cfg.vision.depth}, {cfg.text.num_layers} layers): "
-                             f"unmapped keys {unmapped[:10]}{'...' if len(unmapped) > 10 else ''}, "
-                             f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}")
+            raise ValueError(
+                f"{path}: checkpoint keys do not match Qwen2.5-VL "
+                f"(depth {cfg.vision.depth}, {cfg.text.num_layers} layers): "
+                f"unmapped keys {unmapped[:10]}{'...' if len(unmapped) > 10 else ''}, "
+                f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}"
+            )
         dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
         leaves = []
         for e in table:
@@ -176,7 +191,8 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
                 raise ValueError(f"{fname}: {e.hf_key} has shape {tuple(tslice.get_shape())}, expected {expected}")
             target = sharding.named_sharding(var.get_metadata()["axes"], var.shape, mesh, rules)
             arr = jax.make_array_from_callback(
-                var.shape, target, lambda idx, t=tslice, lay=e.layout: _read(t, lay, idx).astype(dtype))
+                var.shape, target, lambda idx, t=tslice, lay=e.layout: _read(t, lay, idx).astype(dtype)
+            )
             leaves.append((e.path, var.replace(arr)))
     state = nnx.from_flat_state(leaves)
     return nnx.merge(graphdef, state)
@@ -191,8 +207,9 @@ def _host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_hf(model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(
+    model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """Writes `model` as a HF checkpoint: sharded safetensors with hub key names, config.json,
     and (from `like`, a source checkpoint dir) its tokenizer/processor/chat-template files.
 
@@ -221,8 +238,11 @@ def save_hf(model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str |
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map, total = {}, 0
     for name, entries in zip(names, shards):
         tensors = {}
@@ -251,8 +271,9 @@ def _config_like(like: str, cfg: ModelConfig) -> dict:
     """The source checkpoint's config.json, after checking it describes the same architecture."""
     with open(os.path.join(like, "config.json")) as f:
         src = json.load(f)
-    src_cfg = ModelConfig.from_hf_dict(src, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                                       attention_impl=cfg.attention_impl)
+    src_cfg = ModelConfig.from_hf_dict(
+        src, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, attention_impl=cfg.attention_impl
+    )
     if src_cfg != cfg:
         raise ValueError(f"{like}/config.json describes another architecture than the model being exported")
     return src

@@ -29,8 +29,17 @@ def param(rngs: nnx.Rngs, init: Init, shape: tuple[int, ...], axes: tuple[str | 
 class Linear(nnx.Module):
     """y = x @ W (+ b), W stored [in, out] (HF stores [out, in]; convert.py transposes)."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool,
-                 param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str | None, str | None],
+        *,
+        bias: bool,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes, param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros_init(), (d_out,), (axes[1],), param_dtype) if bias else None
         self.compute_dtype = compute_dtype
@@ -58,8 +67,9 @@ class RMSNorm(nnx.Module):
 class GatedMLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, d: int, f: int, axes: tuple[str, str], *, bias: bool, param_dtype, compute_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, d: int, f: int, axes: tuple[str, str], *, bias: bool, param_dtype, compute_dtype, rngs: nnx.Rngs
+    ):
         kw = dict(bias=bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.gate_proj = Linear(d, f, axes, **kw)
         self.up_proj = Linear(d, f, axes, **kw)

@@ -21,9 +21,9 @@ from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
+from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
 Cache = tuple[KV, ...]
-from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
 
 class Qwen25VL(nnx.Module):
@@ -33,23 +33,30 @@ class Qwen25VL(nnx.Module):
         pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
         self.visual = VisionTower(cfg.vision, cfg.attention_impl, **kw)
-        self.embed_tokens = layers.param(rngs, nnx.initializers.normal(0.02), (t.vocab_size, t.hidden_size),
-                                         ("vocab", "embed"), pd)
+        self.embed_tokens = layers.param(
+            rngs, nnx.initializers.normal(0.02), (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd
+        )
         self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
-            t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else layers.Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        )
         self.compute_dtype = cd
 
-    def embed(self, input_ids: jax.Array, pixels: jax.Array | None = None,
-              layout: VisionLayout | None = None) -> jax.Array:
+    def embed(
+        self, input_ids: jax.Array, pixels: jax.Array | None = None, layout: VisionLayout | None = None
+    ) -> jax.Array:
         """Token embeddings [B, T, D], image/video features written at their pad tokens."""
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
         if pixels is None:
             return x
         merged = self.visual(pixels.astype(self.compute_dtype), layout).astype(x.dtype)  # [M, D], window order
-        for token_id, order in ((self.cfg.image_token_id, layout.merged_image),
-                                (self.cfg.video_token_id, layout.merged_video)):
+        for token_id, order in (
+            (self.cfg.image_token_id, layout.merged_image),
+            (self.cfg.video_token_id, layout.merged_video),
+        ):
             if order.shape[0]:
                 x = _scatter_features(x, input_ids == token_id, merged[order])
         return x
@@ -61,8 +68,14 @@ class Qwen25VL(nnx.Module):
         mask = (causal[None] & attention_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
         return self.decode(x, positions, mask)[0]
 
-    def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: Cache | None = None,
-               index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
+    def decode(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: Cache | None = None,
+        index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:
         """Decoder with an optional KV cache (one (k, v) pair [B, S, K, H] per layer).
 
         x [B, T, D], positions [3, B, T], mask [B, 1, T, S] -> (hidden [B, T, D], cache); with
@@ -73,7 +86,10 @@ class Qwen25VL(nnx.Module):
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
+            if cache is None and self.cfg.remat:
+                x, kv = _remat_layer(layer, x, cos, sin, mask), None
+            else:
+                x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
             new_cache.append(kv)
         return self.norm(x), None if cache is None else tuple(new_cache)
 
@@ -85,11 +101,22 @@ class Qwen25VL(nnx.Module):
             out = self.lm_head(h)
         return out.astype(jnp.float32)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 pixels: jax.Array | None = None, layout: VisionLayout | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        pixels: jax.Array | None = None,
+        layout: VisionLayout | None = None,
+    ) -> jax.Array:
         """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32)."""
         x = self.embed(input_ids, pixels, layout)
         return self.logits(self.hidden_states(x, positions, attention_mask))
+
+
+@nnx.remat
+def _remat_layer(layer: DecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
@@ -99,8 +126,16 @@ def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> j
     return jnp.where(is_pad[..., None], features[idx].reshape(b, t, d), x)
 
 
-def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> dict:
+def prepare_inputs(
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+) -> dict:
     """Host batch -> keyword arguments of `Qwen25VL.__call__` (numpy), plus `rope_deltas` [B].
 
     pixel_values / pixel_values_videos are the processor's rows [L, C] for all images / videos
@@ -109,16 +144,22 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     positions, deltas = get_rope_index(input_ids, cfg, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
-    out = dict(input_ids=input_ids.astype(np.int32), positions=positions.astype(np.int32),
-               attention_mask=mask.astype(np.int32), rope_deltas=deltas.astype(np.int32))
+    out = dict(
+        input_ids=input_ids.astype(np.int32),
+        positions=positions.astype(np.int32),
+        attention_mask=mask.astype(np.int32),
+        rope_deltas=deltas.astype(np.int32),
+    )
     has_img, has_vid = image_grid_thw is not None, video_grid_thw is not None
     if (pixel_values is None) != (not has_img) or (pixel_values_videos is None) != (not has_vid):
         raise ValueError("pixel_values and image_grid_thw (and the video pair) must be given together")
     if not (has_img or has_vid):
         return out
     vc = cfg.vision
-    for name, token_id, grid in (("image", cfg.image_token_id, image_grid_thw),
-                                 ("video", cfg.video_token_id, video_grid_thw)):
+    for name, token_id, grid in (
+        ("image", cfg.image_token_id, image_grid_thw),
+        ("video", cfg.video_token_id, video_grid_thw),
+    ):
         need = 0 if grid is None else int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum()) // vc.merge_unit
         have = int((input_ids[mask.astype(bool)] == token_id).sum())
         if need != have:

@@ -52,8 +52,10 @@ def get_rope_index(
     mask = np.ones((b, t), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     types = token_types(input_ids, cfg)
     merge = cfg.vision.spatial_merge_size
-    grids = {IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
-             VIDEO: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw))}
+    grids = {
+        IMAGE: iter(np.zeros((0, 3)) if image_grid_thw is None else np.asarray(image_grid_thw)),
+        VIDEO: iter(np.zeros((0, 3)) if video_grid_thw is None else np.asarray(video_grid_thw)),
+    }
     seconds = iter([1.0] * 10**6 if second_per_grid_ts is None else list(second_per_grid_ts))
     positions = np.zeros((3, b, t), np.int64)
     deltas = np.zeros((b,), np.int64)

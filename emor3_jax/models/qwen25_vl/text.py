@@ -31,8 +31,15 @@ class Attention(nnx.Module):
         self.o_proj = layers.Linear(cfg.num_heads * h, d, ("heads", "embed"), bias=False, **kw)
         self.head_dim, self.impl = h, impl
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: KV | None = None,
-                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: KV | None = None,
+        index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KV | None]:
         """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
 
         Without `kv` the keys are this call's own tokens (S = T). With `kv` this call's keys and
@@ -51,9 +58,9 @@ class Attention(nnx.Module):
         if t > 1 and not (isinstance(index, int) and index == 0):
             raise ValueError("a multi-token call with a KV cache is a prefill and must start at slot 0")
         k_cache = jax.lax.dynamic_update_slice_in_dim(
-            kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype), index, axis=3)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(
-            kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
+            kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype), index, axis=3
+        )
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
         kv = (sharding.constrain(k_cache, K_CACHE_AXES), sharding.constrain(v_cache, V_CACHE_AXES))
         if t == 1:
             out = layers.decode_attention(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask)
@@ -68,11 +75,19 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
         self.self_attn = Attention(cfg, impl, compute_dtype=compute_dtype, **kw)
-        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False,
-                                   compute_dtype=compute_dtype, **kw)
+        self.mlp = layers.GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, compute_dtype=compute_dtype, **kw
+        )
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: KV | None = None,
-                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv: KV | None = None,
+        index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KV | None]:
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))

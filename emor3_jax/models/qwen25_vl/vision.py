@@ -84,7 +84,7 @@ def _blocks(sizes: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
     start = 0
     for i, size in enumerate(sizes):
         blocks[i, :size] = np.arange(start, start + size)
-        unblock[start:start + size] = i * width + np.arange(size)
+        unblock[start : start + size] = i * width + np.arange(size)
         start += size
     return blocks, unblock
 
@@ -155,8 +155,14 @@ class VisionBlock(nnx.Module):
         self.norm1 = layers.RMSNorm(cfg.hidden_size, 1e-6, "norm", **kw)
         self.norm2 = layers.RMSNorm(cfg.hidden_size, 1e-6, "norm", **kw)
         self.attn = VisionAttention(cfg, impl, compute_dtype=compute_dtype, **kw)
-        self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True,
-                                   compute_dtype=compute_dtype, **kw)
+        self.mlp = layers.GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            ("vision_embed", "vision_mlp"),
+            bias=True,
+            compute_dtype=compute_dtype,
+            **kw,
+        )
 
     def __call__(self, x, cos, sin, blocks, unblock):
         x = x + self.attn(self.norm1(x), cos, sin, blocks, unblock)
@@ -212,4 +218,3 @@ def order_pixels(pixel_values: np.ndarray, layout: VisionLayout) -> np.ndarray:
     if pixel_values.shape[0] != layout.patch_order.shape[0]:
         raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, the grids need {layout.patch_order.shape[0]}")
     return pixel_values[layout.patch_order]
-
