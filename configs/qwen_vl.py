@@ -83,7 +83,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.max_bad_fraction = 0.01
 
     c.cold_start = ConfigDict()
-    c.cold_start.steps = 150 if tiny else 0
+    c.cold_start.steps = 90 if tiny else 0
     c.cold_start.batch_size = 16 if tiny else 64
     c.cold_start.learning_rate = 1e-3 if tiny else 1e-5
     c.cold_start.warmup_steps = 10 if tiny else 0
@@ -95,7 +95,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.rollout_batch = 8 if tiny else 512  # prompts per step
     c.rl.update_batch = 4 if tiny else 256  # prompts per optimizer step
     c.rl.micro_batch = 16 if tiny else 16  # rows per forward/backward (gradient accumulation)
-    c.rl.learning_rate = 2e-4 if tiny else 2e-6
+    c.rl.learning_rate = 5e-5 if tiny else 2e-6
     c.rl.schedule = "constant"  # constant | warmup_constant | cosine
     c.rl.warmup_steps = 0
     c.rl.weight_decay = 0.01
