@@ -77,6 +77,7 @@ def build_data(c: ConfigDict) -> tuple[str, dict]:
                     "answer": ex["answer"],
                 }
 
+        counter = {}  # generated here: nothing to skip
         splits = {"train": split("train", c.data.synthetic_train), "test": split("test", c.data.synthetic_test)}
     else:
         counter = {"train": {}, "test": {}}
