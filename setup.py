@@ -18,6 +18,7 @@ RUNTIME = [
     "safetensors==0.8.0",
     "numpy>=2.0,<2.5",
     "pillow>=10",
+    "jinja2>=3.1",  # transformers renders chat templates with it
     "tensorboardX==2.6.5",
 ]
 

@@ -223,3 +223,41 @@ def test_unknown_config_key_raises():
     c = get_config("tiny")
     with pytest.raises(AttributeError):
         c.rl.num_generation = 4
+
+
+def _folder_data(root, corrupt: bool):
+    from emor3_jax.data.synthetic import SyntheticEmotions
+
+    root.mkdir()
+    lines = []
+    for i, ex in enumerate(SyntheticEmotions(8, seed=0)):
+        name = f"img{i}.png"
+        ex["image"].save(root / name)
+        lines.append(json.dumps({"image": name, "label": ex["label"], "answer": ex["answer"], "id": f"r{i}"}))
+    if corrupt:
+        (root / "img3.png").write_bytes(b"\x89PNG not really")
+    (root / "ann.jsonl").write_text("\n".join(lines))
+    return str(root), str(root / "ann.jsonl")
+
+
+def test_bad_record_stops_the_data_build_naming_it_or_is_skipped_and_counted(tmp_path):
+    from emor3_jax.data.sources import BadRecord
+
+    images, ann = _folder_data(tmp_path / "imgs", corrupt=True)
+    flags = {
+        "data.source": "folder",
+        "data.train": images,
+        "data.test": images,
+        "data.annotations_train": ann,
+        "data.annotations_test": ann,
+    }
+    with pytest.raises(BadRecord, match="img3.png"):
+        trainer.build_data(small_config(tmp_path / "strict", **flags))
+    out, counts = trainer.build_data(
+        small_config(tmp_path / "lenient", **flags, **{"data.skip_bad": True, "data.max_bad_fraction": 0.5})
+    )
+    assert counts["train"] == {"seen": 8, "bad": 1} and os.path.isdir(out)
+    with pytest.raises(RuntimeError, match="bad"):
+        trainer.build_data(
+            small_config(tmp_path / "too_many", **flags, **{"data.skip_bad": True, "data.max_bad_fraction": 0.05})
+        )
