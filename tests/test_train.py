@@ -261,3 +261,10 @@ def test_bad_record_stops_the_data_build_naming_it_or_is_skipped_and_counted(tmp
         trainer.build_data(
             small_config(tmp_path / "too_many", **flags, **{"data.skip_bad": True, "data.max_bad_fraction": 0.05})
         )
+
+
+def test_cold_start_alone(tmp_path):
+    results = trainer.run(small_config(tmp_path / "sft", **{"rl.steps": 0, "rl.epochs": 0}))
+    assert results["grpo"] is None and 0 <= results["cold_start"]["greedy_accuracy"] <= 1
+    rows = _metrics(tmp_path / "sft")
+    assert {r["phase"] for r in rows} == {"cold_start", "eval_cold_start"}
