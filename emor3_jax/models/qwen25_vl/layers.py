@@ -15,15 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Init = Callable[..., jax.Array]
+# Initializers by name: the name is kept in the parameter's metadata so `create_model` can
+# draw each parameter on its own (a few small programs instead of one for the whole model).
+INITS: dict[str, Callable[..., jax.Array]] = {
+    "normal": nnx.initializers.normal(0.02),
+    "zeros": nnx.initializers.zeros_init(),
+    "ones": nnx.initializers.ones_init(),
+}
 
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def param(rngs: nnx.Rngs, init: Init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+def param(rngs: nnx.Rngs, init: str, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+    return nnx.Param(INITS[init](rngs.params(), shape, dtype), axes=axes, init=init)
 
 
 class Linear(nnx.Module):
@@ -40,8 +46,8 @@ class Linear(nnx.Module):
         compute_dtype,
         rngs: nnx.Rngs,
     ):
-        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes, param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros_init(), (d_out,), (axes[1],), param_dtype) if bias else None
+        self.kernel = param(rngs, "normal", (d_in, d_out), axes, param_dtype)
+        self.bias = param(rngs, "zeros", (d_out,), (axes[1],), param_dtype) if bias else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,7 +61,7 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * w, the statistics in fp32 (as transformers does)."""
 
     def __init__(self, dim: int, eps: float, axis_name: str, *, param_dtype, rngs: nnx.Rngs):
-        self.weight = param(rngs, nnx.initializers.ones_init(), (dim,), (axis_name,), param_dtype)
+        self.weight = param(rngs, "ones", (dim,), (axis_name,), param_dtype)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ runs the decoder.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,9 +35,7 @@ class Qwen25VL(nnx.Module):
         pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
         self.visual = VisionTower(cfg.vision, cfg.attention_impl, **kw)
-        self.embed_tokens = layers.param(
-            rngs, nnx.initializers.normal(0.02), (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd
-        )
+        self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
         self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
         self.lm_head = (
@@ -177,13 +177,22 @@ def abstract_model(cfg: ModelConfig) -> Qwen25VL:
 
 
 def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL:
-    """Random-init model whose parameters are created directly in their shardings."""
+    """Random-init model, each parameter drawn directly in its sharding.
+
+    One small jitted program per distinct (initializer, shape, dtype, sharding), so a 3B
+    model compiles a dozen tiny programs instead of one with hundreds of RNG kernels.
+    """
     graphdef, abs_state = nnx.split(abstract_model(cfg))
-    shardings = sharding.state_shardings(abs_state, mesh, rules)
+    base = jax.random.key(seed)
+    leaves = []
+    for i, (path, v) in enumerate(nnx.to_flat_state(abs_state)):
+        meta = v.get_metadata()
+        target = sharding.named_sharding(meta["axes"], v.shape, mesh, rules)
+        value = _init_program(meta["init"], tuple(v.shape), jnp.dtype(v.dtype), target)(jax.random.fold_in(base, i))
+        leaves.append((path, v.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
-    def init():
-        return nnx.state(Qwen25VL(cfg, rngs=nnx.Rngs(seed)))
 
-    with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+@functools.cache
+def _init_program(init: str, shape: tuple[int, ...], dtype, target):
+    return jax.jit(lambda key: layers.INITS[init](key, shape, dtype), out_shardings=target)
