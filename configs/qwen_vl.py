@@ -15,6 +15,8 @@ fields raise.
 
 from ml_collections import ConfigDict
 
+from emor3_jax.sharding import DEFAULT_RULES
+
 EMOSET_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
 
 
@@ -51,21 +53,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     )
 
     c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
-    c.logical_axis_rules = [
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("vision_embed", "fsdp"),
-        ("vision_heads", "tensor"),
-        ("vision_mlp", "tensor"),
-        ("patch", None),
-        ("seq", None),
-        ("norm", None),
-        ("head_dim", None),
-    ]
+    c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes
 
     c.data = ConfigDict()
     c.data.source = "synthetic" if tiny else "emoset_parquet"  # synthetic | emoset_parquet | folder | emoset118k
