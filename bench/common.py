@@ -10,9 +10,12 @@ from transformers import Qwen2_5_VLConfig
 VOCAB, IMAGE, VSTART, VEND = 48000, 47990, 47992, 47993
 
 
-def hf_config() -> Qwen2_5_VLConfig:
+def hf_config(
+    vocab: int = VOCAB, image: int = IMAGE, vstart: int = VSTART, vend: int = VEND, eos: int = 0
+) -> Qwen2_5_VLConfig:
+    """The mid-size architecture; token ids default to the ones bench/forward.py uses."""
     text = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=512,
         intermediate_size=1408,
         num_hidden_layers=8,
@@ -20,7 +23,7 @@ def hf_config() -> Qwen2_5_VLConfig:
         num_key_value_heads=2,
         rms_norm_eps=1e-6,
         bos_token_id=None,
-        eos_token_id=0,
+        eos_token_id=eos,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
     )
     vision = dict(
@@ -35,10 +38,10 @@ def hf_config() -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=IMAGE,
-        video_token_id=IMAGE + 1,
-        vision_start_token_id=VSTART,
-        vision_end_token_id=VEND,
+        image_token_id=image,
+        video_token_id=image + 1,
+        vision_start_token_id=vstart,
+        vision_end_token_id=vend,
     )
 
 

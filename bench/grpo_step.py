@@ -32,7 +32,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from common import hf_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from configs.qwen_vl import get_config
     from emor3_jax import trainer
@@ -41,35 +42,8 @@ def main() -> None:
     root = tempfile.mkdtemp()
     tok = build_test_tokenizer(os.path.join(root, "tokenizer"))
     ids = special_token_ids(tok)
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        bos_token_id=None,
-        eos_token_id=ids["<|im_end|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-    )
-    vision = dict(
-        depth=4,
-        hidden_size=512,
-        intermediate_size=1368,
-        num_heads=8,
-        out_hidden_size=512,
-        fullatt_block_indexes=[3],
-        window_size=112,
-    )
-    cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
+    cfg = hf_config(len(tok), ids["<|image_pad|>"], ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|im_end|>"])
+    assert cfg.video_token_id == ids["<|video_pad|>"]  # Qwen's order: <|video_pad|> follows <|image_pad|>
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     model_dir = os.path.join(root, "model")
