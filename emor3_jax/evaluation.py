@@ -3,6 +3,7 @@ says (last boxed answer vs label), greedily and with the spec's sampled setting.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from emor3_jax.data.encode import Encoder
@@ -31,8 +32,6 @@ def evaluate(
     The last batch is padded with repeats of its first record (their answers are dropped),
     so every batch has the same shape and no program is compiled twice.
     """
-    import jax
-
     acc, fmt, lengths, responses = [], [], [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]

@@ -130,6 +130,13 @@ def describe_fallbacks(abstract_state, mesh: Mesh, rules: Rules) -> list[str]:
 
 
 @contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules):
+    """`jax.set_mesh(mesh)` and `axis_rules(rules)` together: where sharded code runs."""
+    with jax.set_mesh(mesh), axis_rules(rules):
+        yield
+
+
+@contextlib.contextmanager
 def axis_rules(rules: Rules):
     """Activates logical-axis rules for `constrain` inside (trace time)."""
     token = _RULES.set(tuple(rules))

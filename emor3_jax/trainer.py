@@ -27,6 +27,7 @@ from emor3_jax.checkpoint import Checkpointer, PreemptionFlag
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
 from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.tokenizers import special_token_ids
 from emor3_jax.evaluation import evaluate
 from emor3_jax.metrics import CompileTimer, MetricWriter
 from emor3_jax.models.qwen25_vl.convert import load_hf
@@ -96,8 +97,8 @@ def build_data(c: ConfigDict) -> tuple[str, dict]:
 
 
 def _special_ids(tok) -> dict[str, int]:
-    names = ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    ids = {n: tok.convert_tokens_to_ids(n) for n in names}
+    """Qwen's special-token ids in `tok`; raises naming any it lacks."""
+    ids = special_token_ids(tok)
     missing = [n for n, i in ids.items() if i is None or i == tok.unk_token_id]
     if missing:
         raise ValueError(f"tokenizer lacks Qwen special tokens {missing}")
@@ -179,7 +180,7 @@ class Run:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
     def ctx(self):
-        return _Ctx(self.mesh, self.rules)
+        return sharding.use_mesh(self.mesh, self.rules)
 
     def init_opt(self, tx):
         """Optimizer state on the mesh: moments shaped like the params, the step counters
@@ -286,7 +287,7 @@ class Run:
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            records = _records(next(it))
+            records = next(it)
             examples = [self.encoder.sft_example(r) for r in records]
             inputs, loss_mask = sft_batch(
                 examples,
@@ -351,7 +352,7 @@ class Run:
             key = jax.random.fold_in(self.key, gstep)
             times, t = {}, time.perf_counter()
             programs = self.sampler.compiled_programs()
-            records = _records(next(it))
+            records = next(it)
             policy = self.model()
             with self.ctx():
                 ro = sample_rollouts(
@@ -510,29 +511,6 @@ class Run:
         self.best.close()
         self.writer.close()
         self.preempt.restore_handler()
-
-
-class _Ctx:
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
-
-    def __enter__(self):
-        self._a = jax.set_mesh(self.mesh)
-        self._b = sharding.axis_rules(self.rules)
-        self._a.__enter__()
-        self._b.__enter__()
-
-    def __exit__(self, *exc):
-        self._b.__exit__(*exc)
-        return self._a.__exit__(*exc)
-
-
-def _records(batch) -> list[dict]:
-    """A grain batch or split (list of records or dict of lists) -> list of record dicts."""
-    if isinstance(batch, dict):
-        keys = list(batch)
-        return [dict(zip(keys, vals)) for vals in zip(*(batch[k] for k in keys))]
-    return list(batch)
 
 
 def run(c: ConfigDict) -> dict:

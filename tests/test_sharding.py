@@ -23,7 +23,7 @@ def test_eight_fake_devices_are_present():
 def _logits(model, mesh, batch):
     inputs = prepare_inputs(model.cfg, **batch)
     inputs.pop("rope_deltas")
-    with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+    with sharding.use_mesh(mesh, RULES):
         return np.asarray(nnx.jit(lambda m, x: m(**x))(model, inputs))
 
 

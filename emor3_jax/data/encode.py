@@ -14,14 +14,7 @@ from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
-from emor3_jax.sampling.sampler import Prompt
-
-
-def bucket(n: int, buckets) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}; raise the config's buckets/limits")
+from emor3_jax.sampling.sampler import Prompt, bucket
 
 
 class Encoder:
@@ -71,7 +64,7 @@ class Encoder:
 
 def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, np.ndarray]:
     """Right-padded batch (prepare_inputs arrays) and the loss mask [R, T-1] over next tokens."""
-    t = bucket(max(len(e[0]) for e in examples), buckets)
+    t = bucket(max(len(e[0]) for e in examples), buckets, "cold-start example length")
     ids = np.full((len(examples), t), pad_id, np.int64)
     attn = np.zeros((len(examples), t), np.int64)
     loss = np.zeros((len(examples), t), bool)

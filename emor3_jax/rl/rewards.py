@@ -286,8 +286,17 @@ def safe_score(
 ) -> dict[str, float | str]:
     """`score`, but any exception gives all-zero components plus "error" (the exception's
     type and message), so one malformed sample is counted and logged instead of ending a run."""
+    return _guarded(score, response, label, text_answer, image_answer, cfg)
+
+
+def safe_score_without_reflection(response: str, label: str, cfg: RewardConfig) -> dict[str, float | str]:
+    """`score_without_reflection` with the same error handling as `safe_score`."""
+    return _guarded(score_without_reflection, response, label, cfg)
+
+
+def _guarded(fn, *args) -> dict[str, float | str]:
     try:
-        return score(response, label, text_answer, image_answer, cfg)
+        return fn(*args)
     except Exception as e:  # noqa: BLE001 - any failure of one sample must not stop training
         zeros: dict[str, float | str] = dict.fromkeys(_KEYS, 0.0)
         zeros["error"] = f"{type(e).__name__}: {e}"

@@ -16,12 +16,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
-from emor3_jax.data.encode import Encoder, bucket
+from emor3_jax.data.encode import Encoder
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
 from emor3_jax.rl import rewards
 from emor3_jax.rl.learner import SequenceBatch
 from emor3_jax.sampling.methods import SamplingParams
-from emor3_jax.sampling.sampler import Prompt, Sampler
+from emor3_jax.sampling.sampler import Prompt, Sampler, bucket
 
 
 @dataclasses.dataclass
@@ -110,22 +110,8 @@ def score_async(pool: ThreadPoolExecutor, ro: Rollouts, cfg: rewards.RewardConfi
         if reflection:
             futures.append(pool.submit(rewards.safe_score, resp, label, ro.text_answers[i], ro.image_answers[i], cfg))
         else:
-            futures.append(pool.submit(_safe_plain, resp, label, cfg))
+            futures.append(pool.submit(rewards.safe_score_without_reflection, resp, label, cfg))
     return futures
-
-
-def _safe_plain(response: str, label: str, cfg: rewards.RewardConfig) -> dict:
-    try:
-        return rewards.score_without_reflection(response, label, cfg)
-    except Exception as e:  # noqa: BLE001 - a reward bug must not stop the run
-        return {
-            "overall": 0.0,
-            "accuracy": 0.0,
-            "format": 0.0,
-            "coherence": 0.0,
-            "consistency": 0.0,
-            "error": f"{type(e).__name__}: {e}",
-        }
 
 
 def training_rows(
@@ -133,7 +119,7 @@ def training_rows(
 ) -> tuple[SequenceBatch, np.ndarray, int, int]:
     """Rows `rows` as prompt (left-padded to P) + response (G): the model inputs, the response
     mask [len(rows), G], and (P, G). Response token j sits at position P + j."""
-    p_len = bucket(max(len(p.ids) for p in ro.prompts), prompt_buckets)
+    p_len = bucket(max(len(p.ids) for p in ro.prompts), prompt_buckets, "prompt length")
     g_len = ro.tokens.shape[1]
     ids = np.full((len(rows), p_len + g_len), pad_id, np.int64)
     attn = np.zeros((len(rows), p_len + g_len), np.int64)

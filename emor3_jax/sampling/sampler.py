@@ -55,7 +55,8 @@ class Samples:
     done: jax.Array
 
 
-def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    """The smallest of `buckets` holding `n`; raises naming `what` when none does."""
     for b in sorted(buckets):
         if n <= b:
             return b
@@ -133,15 +134,15 @@ class Sampler:
             raise ValueError("generate: no prompts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        p_len = _bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
-        g_len = _bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
+        p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
+        g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
         batch = left_padded_batch(self.cfg, prompts, p_len, self.pad_id)
         bias = np.zeros((self.cfg.text.vocab_size,), np.float32)
         for tok, value in (logit_bias or {}).items():
             bias[tok] = value
         graphdef, state = nnx.split(model)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
-        with jax.set_mesh(mesh), sharding.axis_rules(self.rules):
+        with sharding.use_mesh(mesh, self.rules):
             logits, prompt_cache = self._prefill(graphdef, state, batch)
             buffer = self._buffer(len(prompts) * n, p_len + g_len, prompt_cache[0][0].dtype)
             samples, buffer = self._decode(
