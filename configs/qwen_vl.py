@@ -9,6 +9,9 @@
         --config.data.source=emoset_parquet --config.data.train=/data/EmoSet-2k/train \\
         --config.data.test=/data/EmoSet-2k/test --config.workdir=/runs/emor3-3b
 
+    # evaluate a run (its latest step) on its test split: results.json/.md, confusion, responses
+    python -m emor3_jax.eval --config=configs/qwen_vl.py --checkpoint=workdir/tiny --out=workdir/tiny/eval
+
 Any field can be overridden on the command line (`--config.rl.num_generations=4`); unknown
 fields raise.
 """
@@ -18,6 +21,7 @@ from ml_collections import ConfigDict
 from emor3_jax.sharding import DEFAULT_RULES
 
 EMOSET_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
+EMOTION6_LABELS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 
 
 def get_config(arg: str = "tiny") -> ConfigDict:
@@ -127,6 +131,26 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.eval.batch_size = 32 if tiny else 64
     c.eval.sampled_temperature = 0.6
     c.eval.sampled_top_p = 0.95
+    # Data sets `python -m emor3_jax.eval --datasets=a,b` reads, by name, each prompted with its
+    # own labels. Fields: source (as data.source), path (as data.test), annotations (folder
+    # source), split (emoset118k: train | val | test; synthetic: train | test), labels,
+    # num_examples (0: all; synthetic: how many to draw).
+    # "test" is this run's own held-out split: its fields follow data.* and eval.num_examples.
+    c.eval.datasets = ConfigDict()
+    c.eval.datasets.test = ConfigDict(
+        dict(
+            source=c.data.get_ref("source"),
+            path=c.data.get_ref("test"),
+            annotations=c.data.get_ref("annotations_test"),
+            split="test",
+            labels=c.data.get_ref("labels"),
+            num_examples=c.eval.get_ref("num_examples"),
+        )
+    )
+    # Emotion6 (spec section 6): images under `path`, a JSONL/CSV of {image, label} rows.
+    c.eval.datasets.emotion6 = ConfigDict(
+        dict(source="folder", path="", annotations="", split="test", labels=EMOTION6_LABELS, num_examples=0)
+    )
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 10 if tiny else 5

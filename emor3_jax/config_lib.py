@@ -9,9 +9,8 @@ import os
 
 from ml_collections import ConfigDict
 
+from emor3_jax.data.splits import SOURCES
 from emor3_jax.models.qwen25_vl.config import ModelConfig, TextConfig, VisionConfig
-
-SOURCES = ("synthetic", "emoset_parquet", "folder", "emoset118k")
 
 
 def validate(c: ConfigDict) -> None:
@@ -94,6 +93,59 @@ def validate(c: ConfigDict) -> None:
     need(c.eval.every >= 1 and c.eval.batch_size >= 1, "--config.eval.every and batch_size must be >= 1")
     if errors:
         raise ValueError("bad config:\n  " + "\n  ".join(errors))
+
+
+def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
+    """Raises ValueError listing every bad value an evaluation of data sets `names` with
+    `samples` sampled runs would use."""
+    errors = []
+
+    def need(cond: bool, message: str):
+        if not cond:
+            errors.append(message)
+
+    need(bool(names), "--datasets: name at least one data set")
+    for name in names:
+        if name not in c.eval.datasets:
+            errors.append(f"--datasets: no data set {name!r} in config.eval.datasets (have {sorted(c.eval.datasets)})")
+            continue
+        ds, flag = c.eval.datasets[name], f"--config.eval.datasets.{name}"
+        need(ds.source in SOURCES, f"{flag}.source={ds.source!r} must be one of {SOURCES}")
+        if ds.source == "synthetic":
+            need(ds.split in ("train", "test"), f"{flag}.split={ds.split!r} must be train or test (synthetic)")
+            need(ds.num_examples > 0, f"{flag}.num_examples={ds.num_examples}: synthetic needs how many to draw")
+        elif ds.source in SOURCES:
+            need(bool(ds.path) and os.path.exists(ds.path), f"{flag}.path={ds.path!r} does not exist")
+        if ds.source == "folder":
+            need(
+                bool(ds.annotations) and os.path.isfile(ds.annotations),
+                f"{flag}.annotations={ds.annotations!r}: the JSONL/CSV annotation file is missing",
+            )
+        if ds.source == "emoset118k":
+            need(ds.split in ("train", "val", "test"), f"{flag}.split={ds.split!r} must be train, val or test")
+        labels = list(ds.labels)
+        need(
+            len(labels) >= 2
+            and len(set(labels)) == len(labels)
+            and all(x and x == x.strip().lower() and "," not in x for x in labels),
+            f"{flag}.labels={labels} must be at least two distinct lower-case labels without commas",
+        )
+        need(ds.num_examples >= 0, f"{flag}.num_examples={ds.num_examples} must be >= 0 (0: all)")
+    need(samples >= 1, f"--samples={samples} must be >= 1")
+    need(c.eval.batch_size >= 1, f"--config.eval.batch_size={c.eval.batch_size} must be >= 1")
+    need(
+        c.eval.sampled_temperature > 0 and 0 < c.eval.sampled_top_p <= 1,
+        "--config.eval.sampled_temperature > 0 and sampled_top_p in (0, 1] are required",
+    )
+    need(
+        max(c.sampling.gen_buckets) >= c.rl.max_response_len,
+        f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
+    )
+    need(c.reward.compat in ("robust", "emo_r3_code"), f"--config.reward.compat={c.reward.compat!r} unknown")
+    if c.tokenizer_path:
+        need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
+    if errors:
+        raise ValueError("bad evaluation settings:\n  " + "\n  ".join(errors))
 
 
 def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:

@@ -1,16 +1,33 @@
-"""Held-out accuracy: the policy answers the test prompts (no reflection), scored as the spec
-says (last boxed answer vs label), greedily and with the spec's sampled setting."""
+"""Held-out accuracy: the policy answers the test prompts, scored as the spec says (last boxed
+answer vs label), greedily and with the spec's sampled setting; optionally the policy also
+judges its own answers (the reflective scores).
+
+Every per-response result is a plain python dict, one row per (record, sample), so rows of
+several processes can be gathered and concatenated.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
 
 from emor3_jax.data.encode import Encoder
 from emor3_jax.rl import rewards
-from emor3_jax.rl.rollout import sample_rollouts
+from emor3_jax.rl.rollout import reflect, sample_rollouts
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Reflection:
+    """How the policy judges its responses (spec section 4): both reflection questions are
+    sampled with `params`, up to `max_new` tokens, and scored as `reward` says."""
+
+    reward: rewards.RewardConfig
+    max_new: int
+    params: SamplingParams
 
 
 def evaluate(
@@ -26,37 +43,79 @@ def evaluate(
     stop_ids=(),
     logit_bias=None,
     use_set: bool = True,
+    n: int = 1,
+    reflection: Reflection | None = None,
 ) -> dict:
-    """accuracy, format rate and mean response length over `records`, plus every response.
+    """accuracy, format rate and mean response length over `n` responses to each of
+    `records`, the accuracy of each of the n runs, and every response.
 
-    The last batch is padded with repeats of its first record (their answers are dropped),
-    so every batch has the same shape and no program is compiled twice.
+    `responses`: R = len(records) * n rows, record b's samples at rows b*n .. b*n+n-1, each
+    {id, label, sample, response, prediction (the boxed answer, "None" if none), correct
+    and format (bools), length}; with `reflection`, also {text_answer, image_answer (None: not asked),
+    coherence, consistency, and score_error if scoring failed}, and their means.
+
+    Batches hold `batch_size` prompts. The last one is padded with repeats of its first
+    record (their answers are dropped), so every batch has the same shape and no program is
+    compiled twice.
     """
-    acc, fmt, lengths, responses = [], [], [], []
+    rows = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+        batch_key = jax.random.fold_in(key, i)
         ro = sample_rollouts(
             sampler,
             model,
             encoder,
             padded,
-            n=1,
-            key=jax.random.fold_in(key, i),
+            n=n,
+            key=batch_key,
             max_new=max_new,
             params=params,
             stop_ids=stop_ids,
             logit_bias=logit_bias,
             use_set=use_set,
         )
-        for resp, length, rec in zip(ro.responses[: len(chunk)], ro.lengths[: len(chunk)], chunk):
-            acc.append(rewards.accuracy_score(resp, rec["label"]))
-            fmt.append(rewards.format_score(resp))
-            lengths.append(int(length))
-            responses.append({"id": rec["id"], "label": rec["label"], "response": resp})
-    return {
-        "accuracy": float(np.mean(acc)),
-        "format_rate": float(np.mean(fmt)),
-        "response_length": float(np.mean(lengths)),
-        "responses": responses,
+        if reflection is not None:
+            reflect(
+                sampler,
+                model,
+                encoder,
+                ro,
+                key=jax.random.fold_in(batch_key, 1),
+                compat=reflection.reward.compat,
+                max_new=reflection.max_new,
+                params=reflection.params,
+                stop_ids=stop_ids,
+                logit_bias=logit_bias,
+            )
+        for r in range(len(chunk) * n):
+            rec, resp = chunk[r // n], ro.responses[r]
+            row = {
+                "id": rec["id"],
+                "label": rec["label"],
+                "sample": r % n,
+                "response": resp,
+                "prediction": rewards.extract_boxed(resp),
+                "correct": rewards.accuracy_score(resp, rec["label"]) == 1.0,
+                "format": rewards.format_score(resp) == 1.0,
+                "length": int(ro.lengths[r]),
+            }
+            if reflection is not None:
+                row["text_answer"], row["image_answer"] = ro.text_answers[r], ro.image_answers[r]
+                s = rewards.safe_score(resp, rec["label"], row["text_answer"], row["image_answer"], reflection.reward)
+                row["coherence"], row["consistency"] = s["coherence"], s["consistency"]
+                if "error" in s:
+                    row["score_error"] = s["error"]
+            rows.append(row)
+    out = {
+        "accuracy": float(np.mean([r["correct"] for r in rows])),
+        "run_accuracies": [float(np.mean([r["correct"] for r in rows[j::n]])) for j in range(n)],
+        "format_rate": float(np.mean([r["format"] for r in rows])),
+        "response_length": float(np.mean([r["length"] for r in rows])),
+        "responses": rows,
     }
+    if reflection is not None:
+        out["coherence"] = float(np.mean([r["coherence"] for r in rows]))
+        out["consistency"] = float(np.mean([r["consistency"] for r in rows]))
+    return out

@@ -9,19 +9,15 @@ the tokenizer the run built).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import jax
 from absl import app, flags, logging
-from flax import nnx
 
 from emor3_jax import sharding
-from emor3_jax.checkpoint import Checkpointer
-from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.convert import save_hf
-from emor3_jax.models.qwen25_vl.model import abstract_model
+from emor3_jax.policy import load_step
 
 FLAGS = (
     flags.DEFINE_string("workdir", None, "the training run's workdir"),
@@ -36,23 +32,8 @@ def export(workdir: str, out: str, step: int | None = None, best: bool = False, 
     directory = os.path.join(workdir, "best" if best else "ckpt")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no checkpoints (is --workdir a training run's workdir?)")
-    ckpt = Checkpointer(directory, keep=1, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no finished checkpoint")
-        meta = ckpt.read_meta(step)
-        config = json.loads(meta["config"])
-        cfg = ModelConfig.from_hf_dict(
-            meta["model"], param_dtype=config["model"]["param_dtype"], compute_dtype="float32"
-        )
-        mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
-        graphdef, abstract = nnx.split(abstract_model(cfg))
-        abstract = sharding.abstract_with_shardings(abstract, mesh, sharding.DEFAULT_RULES)
-        params = ckpt.restore_subtree(step, {"params": abstract})["params"]
-    finally:
-        ckpt.close()
-    model = nnx.merge(graphdef, params)
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+    model, _, config, _ = load_step(directory, step, mesh, sharding.DEFAULT_RULES, compute_dtype="float32")
     like = config["hf_path"] or None
     save_hf(model, out, like=like, dtype=dtype)
     if like is None and jax.process_index() == 0:

@@ -1,0 +1,181 @@
+"""Evaluates a policy on one or more data sets, each prompted with its own labels.
+
+    # a run's latest step on its own test split (tiny: the synthetic set)
+    python -m emor3_jax.eval --config=configs/qwen_vl.py --checkpoint=workdir/tiny --out=/tmp/eval
+
+    # a Hugging Face checkpoint on EmoSet-2k test and Emotion6, 8 sampled runs, no SET prompt
+    python -m emor3_jax.eval --config=configs/qwen_vl.py:3b --checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct \\
+        --config.data.test=/data/EmoSet-2k/test --datasets=test,emotion6 \\
+        --config.eval.datasets.emotion6.path=/data/Emotion6 \\
+        --config.eval.datasets.emotion6.annotations=/data/Emotion6/test.jsonl \\
+        --samples=8 --plain --out=/tmp/eval-3b
+
+--checkpoint: a workdir (its latest step), workdir/ckpt/N, workdir/best/N, or a local HF dir.
+Data sets are `config.eval.datasets.<name>` (configs/qwen_vl.py). Per data set: greedy accuracy
+with the policy's reflective judgements of its greedy answers, and k sampled runs at
+eval.sampled_temperature / sampled_top_p (spec section 8). Writes to --out:
+results.json, results.md, <name>_responses.jsonl, <name>_confusion.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from emor3_jax import config_lib, eval_report, sharding
+from emor3_jax.data.encode import Encoder
+from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.splits import load_eval_records
+from emor3_jax.evaluation import Reflection, evaluate
+from emor3_jax.policy import load_policy
+from emor3_jax.rl import rewards
+from emor3_jax.sampling.methods import GREEDY, SamplingParams
+from emor3_jax.sampling.sampler import Sampler
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir, workdir/{ckpt,best}/N, or a local HF checkpoint dir")
+_DATASETS = flags.DEFINE_list("datasets", ["test"], "names in config.eval.datasets")
+_OUT = flags.DEFINE_string("out", "eval", "output directory")
+_SAMPLES = flags.DEFINE_integer("samples", 4, "k: sampled runs per data set (mean and std reported)")
+_PLAIN = flags.DEFINE_bool("plain", False, "ask without the SET prompt (the bare question)")
+
+
+def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
+    """One line per record: its greedy row and its k sampled responses."""
+    keep = ("response", "prediction", "correct", "format", "length")
+    lines = []
+    for b, row in enumerate(greedy["responses"]):
+        runs = sampled["responses"][b * k : (b + 1) * k]
+        lines.append({**row, "sampled": [{key: r[key] for key in keep} for r in runs]})
+    return lines
+
+
+def evaluate_dataset(name: str, c: ConfigDict, policy, sampler: Sampler, mesh, rules, k: int, use_set: bool):
+    """(results.json entry, responses.jsonl lines) of data set `name`."""
+    ds = c.eval.datasets[name]
+    counter = {}
+    records = load_eval_records(ds, c, counter)
+    if not records:
+        raise ValueError(f"data set {name!r}: no records")
+    if counter.get("bad"):
+        print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
+    labels = tuple(ds.labels)
+    encoder = Encoder(
+        policy.tokenizer,
+        ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
+        policy.cfg,
+        labels,
+        c.rl.max_prompt_len,
+    )
+    rc = c.reward
+    reflection = Reflection(
+        rewards.RewardConfig(
+            rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence, rc.w_consistency, rc.w_format
+        ),
+        rc.reflection_max_tokens if rc.compat == "robust" else c.rl.max_response_len,
+        SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p),
+    )
+    special = policy.special
+    common = dict(
+        max_new=c.rl.max_response_len,
+        stop_ids=(special["<|im_end|>"], special["<|endoftext|>"]),
+        logit_bias={special["<|image_pad|>"]: -np.inf, special["<|video_pad|>"]: -np.inf},
+        use_set=use_set,
+    )
+    key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
+    t = time.perf_counter()
+    print(f"{name}: {len(records)} records, labels {', '.join(labels)}")
+    with sharding.use_mesh(mesh, rules):
+        greedy = evaluate(
+            sampler,
+            policy.model,
+            encoder,
+            records,
+            batch_size=c.eval.batch_size,
+            key=jax.random.fold_in(key, 0),
+            params=GREEDY,
+            reflection=reflection,
+            **common,
+        )
+        print(f"{name}: greedy accuracy {greedy['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
+        sampled = evaluate(
+            sampler,
+            policy.model,
+            encoder,
+            records,
+            batch_size=max(1, c.eval.batch_size // k),  # about eval.batch_size rows per batch
+            key=jax.random.fold_in(key, 1),
+            params=SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p),
+            n=k,
+            **common,
+        )
+    runs = sampled["run_accuracies"]
+    print(f"{name}: sampled accuracy {np.mean(runs):.3f} ± {np.std(runs):.3f} ({time.perf_counter() - t:.0f} s)")
+    return eval_report.summarize(labels, greedy, sampled), _responses(greedy, sampled, k)
+
+
+def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int, use_set: bool) -> dict:
+    """Evaluates the policy at `checkpoint` on data sets `names`; writes the reports to `out`
+    (process 0) and returns results.json's content."""
+    config_lib.validate_eval(c, names, k)
+    mesh = sharding.make_mesh([tuple(x) for x in c.mesh])
+    rules = [tuple(r) for r in c.logical_axis_rules]
+    policy = load_policy(checkpoint, c, mesh, rules)
+    sampler = Sampler(
+        policy.cfg,
+        prompt_buckets=c.sampling.prompt_buckets,
+        gen_buckets=c.sampling.gen_buckets,
+        pad_id=policy.special["<|endoftext|>"],
+        rules=rules,
+    )
+    results = {
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": policy.step,
+        "use_set": use_set,
+        "samples": k,
+        "sampled_temperature": c.eval.sampled_temperature,
+        "sampled_top_p": c.eval.sampled_top_p,
+        "max_response_len": c.rl.max_response_len,
+        "reward_compat": c.reward.compat,
+        "datasets": {},
+    }
+    write = jax.process_index() == 0
+    if write:
+        os.makedirs(out, exist_ok=True)
+    for name in names:
+        summary, lines = evaluate_dataset(name, c, policy, sampler, mesh, rules, k, use_set)
+        results["datasets"][name] = summary
+        if write:
+            with open(os.path.join(out, f"{name}_responses.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            conf = summary["confusion"]["counts"]
+            title = f"{name}: label (rows) vs greedy prediction (columns), n={summary['num_examples']}"
+            eval_report.confusion_image(conf, summary["labels"], title).save(os.path.join(out, f"{name}_confusion.png"))
+    if write:
+        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
+            f.write(eval_report.markdown(results))
+    print("\n" + eval_report.summary_table(results["datasets"]))
+    print(f"\nwrote {os.path.abspath(out)}")
+    return results
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _CHECKPOINT.value:
+        raise app.UsageError("--checkpoint is required")
+    logging.set_verbosity(logging.WARNING)
+    run_eval(_CONFIG.value, _CHECKPOINT.value, _DATASETS.value, _OUT.value, _SAMPLES.value, not _PLAIN.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""A policy to evaluate, from a checkpoint path: a training run's Orbax step or a local Hugging
+Face Qwen2.5-VL checkpoint; the model on the mesh, its tokenizer and Qwen's special ids.
+
+  workdir            the latest step of workdir/ckpt
+  workdir/ckpt/N     step N (also workdir/best/N)
+  hf_dir             config.json + *.safetensors (+ tokenizer files)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from flax import nnx
+from ml_collections import ConfigDict
+
+from emor3_jax import sharding
+from emor3_jax.checkpoint import Checkpointer
+from emor3_jax.data.tokenizers import special_token_ids
+from emor3_jax.models.qwen25_vl.config import ModelConfig
+from emor3_jax.models.qwen25_vl.convert import load_hf
+from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+
+
+@dataclasses.dataclass
+class Policy:
+    model: Qwen25VL
+    cfg: ModelConfig
+    tokenizer: object
+    special: dict[str, int]  # Qwen special token -> id
+    step: int | None  # the Orbax step; None for an HF checkpoint
+
+
+def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple[Qwen25VL, dict, dict, int]:
+    """The model saved as `step` (None: the latest) in a run's checkpoint `directory`
+    (workdir/ckpt or workdir/best), its parameters placed on `mesh` by `rules`; also the
+    step's metadata, the run's config (a dict) and the step.
+
+    The architecture and param_dtype are the run's; `runtime` sets ModelConfig's other
+    run-time fields (compute_dtype, attention_impl, remat).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no checkpoints")
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no finished checkpoint")
+        meta = ckpt.read_meta(step)
+        config = json.loads(meta["config"])
+        cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype=config["model"]["param_dtype"], **runtime)
+        graphdef, abstract = nnx.split(abstract_model(cfg))
+        abstract = sharding.abstract_with_shardings(abstract, mesh, rules)
+        params = ckpt.restore_subtree(step, {"params": abstract})["params"]
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, params), meta, config, step
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """("hf", None), or (Orbax checkpoint directory, step or None for the latest) for `path`;
+    raises naming what was expected when `path` is neither."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint={path!r} does not exist")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf", None
+    if os.path.isdir(os.path.join(path, "ckpt")):
+        return os.path.join(path, "ckpt"), None
+    name = os.path.basename(os.path.normpath(path))
+    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+        return os.path.dirname(os.path.normpath(path)), int(name)
+    raise ValueError(
+        f"--checkpoint={path!r} is neither a Hugging Face checkpoint dir (config.json + *.safetensors) "
+        "nor a training workdir (with ckpt/) nor an Orbax step dir (workdir/ckpt/N or workdir/best/N)"
+    )
+
+
+def load_policy(path: str, c: ConfigDict, mesh, rules) -> Policy:
+    """The policy at `path` on `mesh`, computing in c.model.compute_dtype. The tokenizer is
+    c.tokenizer_path if set, else the checkpoint's (HF dir; an Orbax run's tokenizer_path or
+    hf_path, or the test tokenizer it built in its workdir)."""
+    from transformers import AutoTokenizer
+
+    runtime = dict(compute_dtype=c.model.compute_dtype, attention_impl=c.model.attention_impl, remat=False)
+    where, step = locate(path)
+    if where == "hf":
+        model = load_hf(path, mesh, rules, param_dtype=c.model.param_dtype, **runtime)
+        tok_dir = c.tokenizer_path or path
+    else:
+        model, _, run, step = load_step(where, step, mesh, rules, **runtime)
+        workdir = os.path.dirname(where)
+        tok_dir = c.tokenizer_path or run["tokenizer_path"] or run["hf_path"] or os.path.join(workdir, "tokenizer")
+    if not os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
+        raise FileNotFoundError(f"{tok_dir}: no tokenizer (tokenizer_config.json); set --config.tokenizer_path")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = model.cfg
+    special = special_token_ids(tok)
+    missing = [t for t, i in special.items() if i is None or i == tok.unk_token_id]
+    if missing:
+        raise ValueError(f"{tok_dir}: tokenizer lacks Qwen special tokens {missing}")
+    if special["<|image_pad|>"] != cfg.image_token_id or len(tok) > cfg.text.vocab_size:
+        raise ValueError(
+            f"{tok_dir}: tokenizer does not match the checkpoint {path} (<|image_pad|> id "
+            f"{special['<|image_pad|>']} vs {cfg.image_token_id}, {len(tok)} tokens vs vocab "
+            f"{cfg.text.vocab_size}); set --config.tokenizer_path to the model's tokenizer"
+        )
+    return Policy(model, cfg, tok, special, step)
