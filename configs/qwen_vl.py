@@ -56,7 +56,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         )
     )
 
-    c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)]
+    c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes
 
     c.data = ConfigDict()

@@ -6,19 +6,31 @@
 The same command resumes: it continues from the last checkpoint in the workdir (after a
 crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run. The logic
 lives in emor3_jax.trainer; this file only parses flags.
+
+    # per-device memory of the state on a 64-device target, on this machine's CPU
+    python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
+        --config.mesh="[('data',1),('fsdp',16),('tensor',4)]"
 """
 
 from __future__ import annotations
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
+_DRY_RUN = flags.DEFINE_integer(
+    "dry_run", 0, "N > 0: fake N CPU devices (the target's global count), print per-device memory, train nothing"
+)
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DRY_RUN.value:
+        from emor3_jax import dry_run
+
+        dry_run.main(_CONFIG.value, _DRY_RUN.value)
+        return
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     from emor3_jax.trainer import run
 

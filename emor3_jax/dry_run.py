@@ -1,0 +1,209 @@
+"""Dry run: per-device memory of a run's resident state on a target topology, on fake CPU devices.
+
+    python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
+        --config.mesh="[('data',1),('fsdp',16),('tensor',4)]"
+
+`--dry_run=N` stands for the target's global device count (all hosts together). The mesh is
+built over N fake CPU devices and the state exists only as shapes (`nnx.eval_shape`,
+`jax.eval_shape`): nothing is allocated or compiled, so a 7B model on 64 "devices" takes
+seconds on a laptop.
+
+Counted, per device, from each array's shard shape under the sharding the run gives it:
+params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
+gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache for
+rollout_batch * num_generations rows x (prompt bucket + generation bucket) slots in the
+compute dtype. Not counted: activations, logit chunks, a micro-batch's fresh gradients while
+they are summed, and the sampler's smaller cache buffers (reflection, eval), which it also keeps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from emor3_jax import sharding
+from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
+from emor3_jax.models.qwen25_vl.model import abstract_model
+from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
+from emor3_jax.rl.learner import make_optimizer
+from emor3_jax.sampling.sampler import bucket
+
+CATEGORIES = ("params", "optimizer", "reference", "gradients", "kv_cache")
+GiB = 1024**3
+
+
+def use_fake_devices(n: int) -> None:
+    """Makes this process see `n` CPU devices; must run before anything touches a JAX backend."""
+    if n < 1:
+        raise ValueError(f"--dry_run={n}: give the target's global device count, e.g. --dry_run=64")
+    # jax_num_cpu_devices, unlike XLA_FLAGS, still applies after `import jax` (the config file
+    # imports it while absl parses flags), as long as no backend has started.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+    if jax.device_count() != n:
+        raise RuntimeError(
+            f"--dry_run={n}: this process already has {jax.device_count()} devices (a JAX backend "
+            "started before the dry run); run it in a fresh process"
+        )
+
+
+def model_config(c: ConfigDict) -> ModelConfig:
+    """The architecture: the HF checkpoint's config.json, else the variant's preset."""
+    runtime = dict(
+        param_dtype=c.model.param_dtype,
+        compute_dtype=c.model.compute_dtype,
+        attention_impl=c.model.attention_impl,
+        remat=c.model.remat,
+    )
+    if c.hf_path:
+        return ModelConfig.from_hf_dir(c.hf_path, **runtime)
+    if c.variant == "tiny":
+        raise ValueError(
+            "--dry_run needs --config=configs/qwen_vl.py:3b or :7b (or --config.hf_path); the tiny model's "
+            "vocabulary comes from a tokenizer built at run time"
+        )
+    return preset(c.variant, **runtime)
+
+
+def make_mesh(c: ConfigDict) -> Mesh:
+    """config.mesh over all devices, the error naming the flags when they disagree."""
+    shape = [tuple(x) for x in c.mesh]
+    try:
+        return sharding.make_mesh(shape)
+    except ValueError as e:
+        raise ValueError(
+            f"--config.mesh={shape} does not fit --dry_run={jax.device_count()} devices: {e}. "
+            "The mesh's product must equal the global device count across all hosts."
+        ) from None
+
+
+def _sharded(tree, mesh: Mesh, rules) -> list[jax.ShapeDtypeStruct]:
+    """Leaves of an abstract tree with their run-time sharding: variables with logical `axes`
+    by the rules, anything else (step counters) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            s = sharding.named_sharding(x.get_metadata()["axes"], x.shape, mesh, rules)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+
+    return [one(x) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+
+
+def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:
+    """(bytes on the fullest device, global bytes). A NamedSharding's shards are equal-sized,
+    so `shard_shape` is every device's shard, the largest included."""
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    return per_device, sum(x.size * x.dtype.itemsize for x in leaves)
+
+
+def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str]]:
+    """The rollout decode cache: per layer K [R, K, H, S] and V [R, K, S, H] (R rows, S slots)."""
+    t = cfg.text
+    rows = c.rl.rollout_batch * c.rl.num_generations
+    slots = bucket(c.rl.max_prompt_len, c.sampling.prompt_buckets, "rl.max_prompt_len") + bucket(
+        c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len"
+    )
+    dtype = jnp.dtype(cfg.compute_dtype)
+    leaves, fallbacks = [], []
+    for axes, shape in (
+        (K_CACHE_AXES, (rows, t.num_kv_heads, t.head_dim, slots)),
+        (V_CACHE_AXES, (rows, t.num_kv_heads, slots, t.head_dim)),
+    ):
+        spec, fb = sharding.logical_to_spec(axes, shape, mesh, rules)
+        leaves += [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))] * t.num_layers
+        fallbacks += [f"kv_cache {'K' if axes == K_CACHE_AXES else 'V'} {shape}: {f}" for f in fb]
+    return leaves, fallbacks
+
+
+def memory(c: ConfigDict) -> dict:
+    """Bytes per category on the fullest device and globally, plus what the mesh replicates.
+
+    Needs the target's device count to be visible already (`use_fake_devices`).
+    """
+    mesh = make_mesh(c)  # first: a bad topology fails before the model is traced
+    cfg = model_config(c)
+    rules = [tuple(r) for r in c.logical_axis_rules]
+    _, params = nnx.split(abstract_model(cfg))
+    tx, _ = make_optimizer(
+        c.rl.schedule,
+        c.rl.learning_rate,
+        c.rl.warmup_steps,
+        max(c.rl.steps, 1),
+        c.rl.weight_decay,
+        c.rl.b1,
+        c.rl.b2,
+        c.rl.grad_clip,
+    )
+    opt = jax.eval_shape(tx.init, params)
+    param_leaves = _sharded(params, mesh, rules)
+    cache, cache_fallbacks = kv_cache(c, cfg, mesh, rules)
+    parts = {
+        "params": param_leaves,
+        "optimizer": _sharded(opt, mesh, rules),
+        "reference": param_leaves,  # the GRPO reference: a copy in the params' shardings
+        "gradients": param_leaves,  # the micro-batch accumulator: param-shaped and -sharded
+        "kv_cache": cache,
+    }
+    per_device, global_ = {}, {}
+    for name, leaves in parts.items():
+        per_device[name], global_[name] = _bytes(leaves)
+    per_device["total"], global_["total"] = sum(per_device.values()), sum(global_.values())
+    k_shape = cache[0].shape
+    return {
+        "variant": c.variant if not c.hf_path else c.hf_path,
+        "devices": mesh.size,
+        "mesh": dict(mesh.shape),
+        "num_params": int(sum(np.prod(x.shape) for x in param_leaves)),
+        "param_dtype": cfg.param_dtype,
+        "compute_dtype": cfg.compute_dtype,
+        "kv_rows": k_shape[0],
+        "kv_slots": k_shape[3],
+        "per_device": per_device,
+        "global": global_,
+        "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,
+    }
+
+
+def report(m: dict) -> str:
+    """The memory table of `memory(...)` as text."""
+    mesh = " x ".join(f"{k}={v}" for k, v in m["mesh"].items())
+    lines = [
+        f"dry run: {m['variant']}, {m['num_params'] / 1e9:.2f}B params ({m['param_dtype']}), "
+        f"{m['devices']} devices, mesh {mesh}",
+        f"{'':12}{'GiB/device':>12}{'GiB global':>12}",
+    ]
+    notes = {
+        "optimizer": "AdamW moments + step counters",
+        "reference": "GRPO reference policy",
+        "gradients": "accumulator over micro-batches",
+        "kv_cache": f"{m['kv_rows']} rows x {m['kv_slots']} slots, {m['compute_dtype']}",
+    }
+    for name in (*CATEGORIES, "total"):
+        gib = f"{m['per_device'][name] / GiB:12.2f}{m['global'][name] / GiB:12.2f}"
+        lines.append(f"{name:12}{gib}  {notes.get(name, '')}".rstrip())
+    lines.append(
+        "not included: activations, logit chunks, a micro-batch's fresh gradients, the sampler's "
+        "reflection/eval cache buffers, XLA workspace"
+    )
+    if m["fallbacks"]:
+        lines.append(f"replicated because the mesh does not divide them ({len(m['fallbacks'])}):")
+        lines += [f"  {f}" for f in m["fallbacks"]]
+    else:
+        lines.append("replicated because the mesh does not divide them: none")
+    return "\n".join(lines)
+
+
+def main(c: ConfigDict, num_devices: int) -> dict:
+    """`--dry_run=N`: fake N devices, print the table, return the numbers."""
+    use_fake_devices(num_devices)
+    m = memory(c)
+    print(report(m))
+    return m

@@ -1,0 +1,119 @@
+"""The dry run's per-device memory against hand counts from the Qwen2.5-VL presets.
+
+Each case runs in a subprocess: the dry run fakes its own device count (64 or 8), which a
+process that already started JAX (this one, with conftest's 8 devices) cannot do.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from emor3_jax.models.qwen25_vl.config import preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1024**3
+FP32 = 4
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _memory(variant: str, devices: int, mesh: tuple) -> tuple[dict, str]:
+    """dry_run.main for configs/qwen_vl.py:<variant>; (the returned numbers, the printed report)."""
+    script = (
+        "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
+        f"c = get_config({variant!r}); c.mesh = {mesh!r}\n"
+        f"m = dry_run.main(c, {devices})\n"
+        "print(json.dumps(m))\n"
+    )
+    out = _run(["-c", script])
+    assert out.returncode == 0, out.stderr[-3000:]
+    *report, last = out.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(report)
+
+
+def param_elems_per_device(name: str, fsdp: int, tensor: int) -> tuple[int, int]:
+    """(all parameters, parameters on one device) of a preset, counted by hand.
+
+    Under DEFAULT_RULES: a kernel's embed-side dim goes over fsdp, its heads/mlp/vocab-side
+    dim over tensor; 1-D biases follow their kernel's output axis; norms and the patch axis
+    stay whole. Every dim here is divisible by the meshes used below.
+    """
+    cfg = preset(name)
+    t, v = cfg.text, cfg.vision
+    d, f, hd, e, vf = t.hidden_size, t.intermediate_size, t.head_dim, v.hidden_size, v.intermediate_size
+    q, kv, merged = t.num_heads * hd, t.num_kv_heads * hd, e * v.merge_unit
+    ft = fsdp * tensor
+    parts = [  # (elements, divisor)
+        (t.vocab_size * d, ft),  # embed_tokens [vocab, embed]
+        (t.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * f), ft),  # q/k/v/o + gate/up/down kernels
+        (t.num_layers * (q + 2 * kv), tensor),  # q/k/v biases
+        (t.num_layers * 2 * d + d, 1),  # decoder norms + final norm
+        (v.patch_dim * e, fsdp),  # patch_embed [patch, vision_embed]
+        (v.depth * (3 * e * e + e * e + 3 * e * vf), ft),  # qkv, proj, gate/up/down kernels
+        (v.depth * (3 * e + 2 * vf), tensor),  # qkv and gate/up biases
+        (v.depth * 2 * e, fsdp),  # proj and down biases [vision_embed]
+        (v.depth * 2 * e + e, 1),  # block norms + merger ln_q
+        (merged * merged, ft),  # merger fc1 [vision_mlp, vision_embed]
+        (merged, fsdp),  # fc1 bias [vision_embed]
+        (merged * d, fsdp),  # fc2 [vision_embed, embed]: fsdp taken by its first dim
+        (d, fsdp),  # fc2 bias [embed]
+    ]
+    if not cfg.tie_word_embeddings:
+        parts.append((d * t.vocab_size, ft))  # lm_head [embed, vocab]
+    for n, k in parts:
+        assert n % k == 0, (n, k)
+    return sum(n for n, _ in parts), sum(n // k for n, k in parts)
+
+
+def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float) -> None:
+    total, per_device = param_elems_per_device(name, fsdp, tensor)
+    assert m["num_params"] == total
+    pd, gl = m["per_device"], m["global"]
+    assert pd["params"] == FP32 * per_device
+    assert gl["params"] == FP32 * total
+    assert pd["reference"] == pd["gradients"] == pd["params"]
+    # AdamW: two fp32 moments in the params' shardings, plus two int32 step counters (replicated).
+    assert pd["optimizer"] == 2 * pd["params"] + 2 * 4
+    assert pd["kv_cache"] == kv_gib * GiB
+    for k in pd:
+        assert pd[k] * m["devices"] >= gl[k], k  # every byte lives somewhere (replicas count more)
+    assert pd["total"] == sum(pd[k] for k in ("params", "optimizer", "reference", "gradients", "kv_cache"))
+    assert m["fallbacks"] == []
+
+
+def test_7b_on_64_devices_fsdp16_tensor4():
+    m, report = _memory("7b", 64, (("data", 1), ("fsdp", 16), ("tensor", 4)))
+    assert m["num_params"] == 8_292_166_656  # Qwen2.5-VL-7B-Instruct's published count
+    # K and V per layer: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 4096 slots x 2 bytes, 28 layers.
+    _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 4096 * 2 / GiB)
+    assert m["per_device"]["params"] < m["global"]["params"] / 64 * 1.02  # all but 1% of it split 64 ways
+    assert "activations" in report and "not included" in report
+    assert "GiB/device" in report and "fsdp=16" in report
+
+
+def test_3b_on_8_devices_pure_fsdp():
+    m, _ = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)))
+    assert m["num_params"] == 3_754_622_976  # Qwen2.5-VL-3B-Instruct's published count (tied embeddings)
+    assert m["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dry_run=8", "--config.mesh=[('data',1),('fsdp',4),('tensor',1)]"], "--config.mesh="),
+        (["--dry_run=-2"], "--dry_run=-2: give the target's global device count"),
+    ],
+)
+def test_bad_topology_names_the_flag(args, message):
+    out = _run(["-m", "emor3_jax.train", "--config=configs/qwen_vl.py:3b", *args])
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    if "--config.mesh=" in message:  # the CLI list parsed and the 8 fake devices took effect
+        assert "needs 4 devices, have 8" in out.stderr and "global device count" in out.stderr
