@@ -61,8 +61,8 @@ if [[ $SETUP == 1 ]]; then
   (cd "$REPO_ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -czf "$tarball")
   echo "copying $(du -h "$tarball" | cut -f1) checkout to every worker of $TPU_NAME"
   run "${gc[@]}" scp "$tarball" "$TPU_NAME":emor3_jax.tar.gz --worker=all "${where[@]}"
-  setup_cmd="set -e; mkdir -p $REMOTE_DIR && tar -xzf emor3_jax.tar.gz -C $REMOTE_DIR \
-    && python3 -m venv ~/emor3-venv && ~/emor3-venv/bin/pip install -q -e '$REMOTE_DIR[tpu]'"
+  setup_cmd="set -e; mkdir -p $REMOTE_DIR && tar -xzf emor3_jax.tar.gz -C $REMOTE_DIR && python3 -m venv ~/emor3-venv \
+    && cd $REMOTE_DIR && ~/emor3-venv/bin/pip install -q -e '.[tpu]'"
   run "${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$setup_cmd"
 fi
 
