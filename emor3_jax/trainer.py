@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib, sharding
+from emor3_jax import config_lib, multihost, sharding
 from emor3_jax.checkpoint import Checkpointer, PreemptionFlag
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
@@ -40,6 +40,7 @@ from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 
 PHASES = ["cold_start", "grpo"]
+REWARD_KEYS = ("overall", "accuracy", "format", "coherence", "consistency")  # overall first
 DATA_NAME = "emotions"
 
 
@@ -51,7 +52,10 @@ def load_tokenizer(c: ConfigDict):
         return AutoTokenizer.from_pretrained(c.tokenizer_path or c.hf_path)
     from emor3_jax.data.tokenizers import build_test_tokenizer
 
-    return build_test_tokenizer(os.path.join(c.workdir, "tokenizer"))
+    path = os.path.join(c.workdir, "tokenizer")
+    tok = build_test_tokenizer(path) if multihost.is_main() else None
+    multihost.barrier("test tokenizer written")  # the workdir is shared: one process writes it
+    return tok or AutoTokenizer.from_pretrained(path)
 
 
 def _png(image) -> bytes:
@@ -92,7 +96,9 @@ def build_data(c: ConfigDict) -> tuple[str, dict]:
             for s in ("train", "test")
         }
     out = os.path.join(c.workdir, "data")
-    tfds_builder.build(splits, out, DATA_NAME)
+    if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks
+        tfds_builder.build(splits, out, DATA_NAME)
+    multihost.barrier("data built")
     return out, counter
 
 
@@ -119,7 +125,11 @@ class Run:
         self.rules = [tuple(r) for r in c.logical_axis_rules]
         self.data_dir, bad = build_data(c)
         test = pipeline.open_split(self.data_dir, DATA_NAME, "test")
-        self.test_records = [test[i] for i in range(min(len(test), c.eval.num_examples))]
+        count, procs, me = min(len(test), c.eval.num_examples), jax.process_count(), jax.process_index()
+        # Each process reads its block; all hold the whole list, in the order one process reads it.
+        self.test_records = multihost.gather_records(
+            [test[i] for i in range(me * count // procs, (me + 1) * count // procs)]
+        )
         self.encoder = Encoder(
             self.tok,
             ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
@@ -182,21 +192,18 @@ class Run:
     def ctx(self):
         return sharding.use_mesh(self.mesh, self.rules)
 
-    def init_opt(self, tx):
-        """Optimizer state on the mesh: moments shaped like the params, the step counters
-        replicated (committed on the mesh, so a restore places them there too)."""
-        opt = tx.init(self.params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated), opt
-        )
-
     def iterator(self, phase: str, batch_size: int):
+        """This process's block of each global batch of `batch_size` records (`next_batch` gathers
+        the blocks). The state saved is the batch index, the same on every process."""
+        if batch_size % jax.process_count():
+            raise ValueError(
+                f"{phase}: a global batch of {batch_size} does not split over {jax.process_count()} processes"
+            )
         it = pipeline.make_iterator(
             self.data_dir,
             DATA_NAME,
             "train",
-            batch_size=batch_size,
+            batch_size=batch_size // jax.process_count(),
             seed=self.c.seed,
             shuffle=True,
             num_epochs=None,
@@ -279,7 +286,7 @@ class Run:
         if self.meta["phase"] != "cold_start":
             return
         learner = Learner(self.graphdef, tx)
-        opt = self.init_opt(tx)
+        opt = learner.init(self.params)
         if self.meta["global_step"]:
             state = self.restore({"params": self.params, "opt": opt})
             self.params, opt = state["params"], state["opt"]
@@ -287,7 +294,7 @@ class Run:
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            records = next(it)
+            records = multihost.gather_records(next(it))
             examples = [self.encoder.sft_example(r) for r in records]
             inputs, loss_mask = sft_batch(
                 examples,
@@ -314,9 +321,10 @@ class Run:
                 },
             )
             self.writer.progress("cold_start", step, c.steps, start, f"loss {float(m['loss']):.3f}")
-            if step % self.c.checkpoint.every == 0 or step == c.steps or self.preempt.requested:
+            stop = multihost.any_process(self.preempt.requested)  # every process saves, then stops
+            if step % self.c.checkpoint.every == 0 or step == c.steps or stop:
                 self.save({"params": self.params, "opt": opt})
-                if self.preempt.requested:
+                if stop:
                     return self._preempted()
 
     # ---------------------------------------------------------------- GRPO
@@ -331,9 +339,9 @@ class Run:
             if self.c.cold_start.steps:
                 self.meta["evals"]["cold_start"] = self.eval_all("cold_start", self.meta["global_step"])
             ref = jax.tree.map(jnp.copy, self.params)
-            opt = self.init_opt(tx)
+            opt = learner.init(self.params)
         else:
-            state = self.restore({"params": self.params, "opt": self.init_opt(tx), "ref": self.params})
+            state = self.restore({"params": self.params, "opt": learner.init(self.params), "ref": self.params})
             self.params, opt, ref = state["params"], state["opt"], state["ref"]
         settings = GRPOSettings(c.clip_low, c.clip_high, c.dual_clip, c.kl_coef, c.kl_kind, c.loss_mode)
         reward_cfg = rewards.RewardConfig(
@@ -352,7 +360,7 @@ class Run:
             key = jax.random.fold_in(self.key, gstep)
             times, t = {}, time.perf_counter()
             programs = self.sampler.compiled_programs()
-            records = next(it)
+            records = multihost.gather_records(next(it))
             policy = self.model()
             with self.ctx():
                 ro = sample_rollouts(
@@ -383,7 +391,7 @@ class Run:
                         logit_bias=self.bias,
                     )
                 times["reflection_s"], t = time.perf_counter() - t, time.perf_counter()
-                futures = score_async(pool, ro, reward_cfg, rc.reflection)
+                futures = score_async(pool, ro, reward_cfg, rc.reflection, multihost.local_rows(len(ro.responses)))
                 # While the host scores: the rows, their reference (and old) log-probs on device.
                 rows = np.arange(len(ro.responses))
                 micro = [rows[i : i + c.micro_batch] for i in range(0, len(rows), c.micro_batch)]
@@ -400,9 +408,12 @@ class Run:
                 )
                 jax.block_until_ready((ref_lp, old_lp))
                 times["logprobs_s"], t = time.perf_counter() - t, time.perf_counter()
-                scores = [f.result() for f in futures]
+                scores = [f.result() for f in futures]  # this process's rows
+                table = multihost.gather_rows(
+                    np.array([[s[k] for k in REWARD_KEYS] + ["error" in s] for s in scores], np.float32)
+                )
                 times["scoring_wait_s"], t = time.perf_counter() - t, time.perf_counter()
-                reward = np.array([s["overall"] for s in scores], np.float32)
+                reward = table[:, 0]
                 adv = np.asarray(compute_advantages(jnp.asarray(reward), n, c.advantage))
                 metrics = self._update(learner, settings, batches, micro, old_lp, ref_lp, adv, p_len, g_len, opt)
                 opt = metrics.pop("_opt")
@@ -410,10 +421,7 @@ class Run:
             errors = [s for s in scores if "error" in s]
             for s in errors[:3]:
                 print(f"\nreward error at step {gstep}: {s['error']}", file=sys.stderr)
-            comp = {
-                k: float(np.mean([s[k] for s in scores]))
-                for k in ("overall", "accuracy", "format", "coherence", "consistency")
-            }
+            comp = {k: float(table[:, j].mean()) for j, k in enumerate(REWARD_KEYS)}
             total_s = sum(times.values())
             tokens = float(ro.lengths.sum())
             log = {
@@ -421,7 +429,7 @@ class Run:
                 **metrics,
                 **times,
                 "response_length": float(ro.lengths.mean()),
-                "reward_errors": len(errors),
+                "reward_errors": int(table[:, -1].sum()),
                 "learning_rate": float(lr_fn(step)),
                 "tokens_per_s": tokens / total_s,
                 "new_programs": self.sampler.compiled_programs() - programs,
@@ -454,9 +462,10 @@ class Run:
                     self.meta["best_accuracy"] = ev["greedy_accuracy"]
                     self.save(state, best=True)
                 self.meta["evals"]["grpo"] = ev
-            if step % self.c.checkpoint.every == 0 or step == self.rl_steps or self.preempt.requested:
+            stop = multihost.any_process(self.preempt.requested)
+            if step % self.c.checkpoint.every == 0 or step == self.rl_steps or stop:
                 self.save(state)
-                if self.preempt.requested:
+                if stop:
                     pool.shutdown()
                     return self._preempted()
         pool.shutdown()
@@ -529,17 +538,17 @@ def run(c: ConfigDict) -> dict:
             "grpo": evals.get("grpo"),
             "workdir": os.path.abspath(c.workdir),
         }
-        if jax.process_index() == 0:
+        if multihost.is_main():
             with open(os.path.join(c.workdir, "results.json"), "w") as f:
                 json.dump(results, f, indent=2)
-        for name, ev in (("cold start", results["cold_start"]), ("GRPO", results["grpo"])):
-            if ev:
-                print(
-                    f"\nheld-out accuracy, {name}: greedy {ev['greedy_accuracy']:.3f}, "
-                    f"sampled {ev['sampled_accuracy']:.3f}",
-                    end="",
-                )
-        print()
+            for name, ev in (("cold start", results["cold_start"]), ("GRPO", results["grpo"])):
+                if ev:
+                    print(
+                        f"\nheld-out accuracy, {name}: greedy {ev['greedy_accuracy']:.3f}, "
+                        f"sampled {ev['sampled_accuracy']:.3f}",
+                        end="",
+                    )
+            print()
         return results
     finally:
         r.close()

@@ -55,10 +55,11 @@ def _flags(workdir, **extra):
     return out
 
 
-def _params(workdir):
+def _params(workdir, step=None):
+    """(step, {path: array}) of the latest (or the given) checkpoint's params."""
     ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
     try:
-        step = ck.latest_step()
+        step = ck.latest_step() if step is None else step
         import jax
         from flax import nnx
 

@@ -11,12 +11,15 @@ Each element of a batch is a RECORD with python types:
   {"id": str, "image": bytes, "label": str, "problem": str, "answer": str}
 
 Order of operations (all index arithmetic on a grain MapDataset, no buffers):
-  source -> shuffle(seed) -> repeat(num_epochs) -> [truncate] -> [shard_index::shard_count]
-  -> batch(batch_size)
+  source -> shuffle(seed) -> repeat(num_epochs) -> [truncate] -> batch(batch_size)
+  -> [shard_index::shard_count]
 `shuffle` draws a new permutation each epoch (grain seeds epoch e with seed + e).
-Every process must use the same seed: they all compute the same global order
-and process i takes positions i, i + shard_count, ... of it, so the shards
-partition each epoch and a record moves between processes from epoch to epoch.
+Every process must use the same seed: they all compute the same global order,
+cut it into global batches of batch_size * shard_count records, and process i
+reads only block i (records i*batch_size .. (i+1)*batch_size - 1) of each. So
+the processes' batches, concatenated in process order, are exactly the batch one
+process would read with batch_size * shard_count: a run's data does not depend
+on how many hosts it runs on. Only the records of a process's own block are read.
 With `drop_remainder` and finite `num_epochs`, the global stream is cut to a
 multiple of batch_size * shard_count, so every process yields the same number
 of full batches (the records cut are the tail of the last epoch's order). With
@@ -108,7 +111,6 @@ def make_iterator(
                 f"{batch_size} x {shard_count} shards; lower batch_size or set drop_remainder=False"
             )
         ds = ds[:keep]
-    ds = ds[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list)[shard_index::shard_count]
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
     return iter(ds.to_iter_dataset(read_options))

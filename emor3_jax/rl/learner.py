@@ -164,6 +164,17 @@ class Learner:
         return grads if total is None else self._add(total, grads)
 
     # ---- optimizer step ----
+    def init(self, params):
+        """Optimizer state on the params' mesh: moments shaped and sharded like the params, the
+        step counters replicated (committed, so every step reuses one compiled `apply` and a
+        restore places them on the mesh too)."""
+        opt = self.tx.init(params)
+        mesh = jax.tree.leaves(params)[0].sharding.mesh
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated), opt
+        )
+
     def _apply_impl(self, params, opt_state, grads):
         norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)

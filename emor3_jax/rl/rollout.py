@@ -18,6 +18,7 @@ import numpy as np
 
 from emor3_jax.data.encode import Encoder
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
+from emor3_jax.multihost import to_host
 from emor3_jax.rl import rewards
 from emor3_jax.rl.learner import SequenceBatch
 from emor3_jax.sampling.methods import SamplingParams
@@ -63,7 +64,7 @@ def sample_rollouts(
     out = sampler.generate(
         policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params, stop_ids=stop_ids, logit_bias=logit_bias
     )
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     return Rollouts(records, prompts, n, tokens, lengths, out.logprobs, decode(encoder.tok, tokens, lengths))
 
 
@@ -98,15 +99,20 @@ def reflect(
         out = sampler.generate(
             judge, ps, key=k, max_new_tokens=max_new, params=params, stop_ids=stop_ids, logit_bias=logit_bias
         )
-        texts = decode(encoder.tok, np.asarray(out.tokens), np.asarray(out.lengths))
+        texts = decode(encoder.tok, to_host(out.tokens), to_host(out.lengths))
         answers.append([t if q is not None else None for t, q in zip(texts, qs)])
     ro.text_answers, ro.image_answers = answers
 
 
-def score_async(pool: ThreadPoolExecutor, ro: Rollouts, cfg: rewards.RewardConfig, reflection: bool) -> list[Future]:
-    """One future per row resolving to its reward components (safe: errors score 0)."""
+def score_async(
+    pool: ThreadPoolExecutor, ro: Rollouts, cfg: rewards.RewardConfig, reflection: bool, rows: slice = slice(None)
+) -> list[Future]:
+    """One future per row of `rows` (this process's rows) resolving to its reward components
+    (safe: errors score 0)."""
     futures = []
-    for i, (resp, label) in enumerate(zip(ro.responses, ro.labels)):
+    labels = ro.labels
+    for i in range(len(ro.responses))[rows]:
+        resp, label = ro.responses[i], labels[i]
         if reflection:
             futures.append(pool.submit(rewards.safe_score, resp, label, ro.text_answers[i], ro.image_answers[i], cfg))
         else:

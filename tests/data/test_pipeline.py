@@ -141,12 +141,14 @@ def test_two_shards_partition(data_dir, batch_size):
         for i in range(2)
     ]
     assert sorted(full[0] + full[1]) == [f"tr{i:03d}" for i in range(N_TRAIN)]
-    # Endless: each epoch's stream is split alternately between the shards.
-    whole_it = iterator(data_dir, batch_size=2 * N_TRAIN, num_epochs=None)
-    whole = ids([next(whole_it), next(whole_it)])  # 4 epochs of the global order
-    endless = [iterator(data_dir, batch_size=N_TRAIN, num_epochs=None, shard_index=i, shard_count=2) for i in range(2)]
-    first = [ids([next(it), next(it)]) for it in endless]
-    assert first[0] == whole[0::2] and first[1] == whole[1::2]
+    # Endless: shard i holds block i of each global batch, so the shards' batches side by side
+    # are the batches of one process reading batch_size * 2 (not alternate records).
+    whole_it = iterator(data_dir, batch_size=2 * batch_size, num_epochs=None)
+    endless = [
+        iterator(data_dir, batch_size=batch_size, num_epochs=None, shard_index=i, shard_count=2) for i in range(2)
+    ]
+    for _ in range(2 * N_TRAIN // batch_size):  # past several epoch boundaries
+        assert ids([next(endless[0])]) + ids([next(endless[1])]) == ids([next(whole_it)])
 
 
 @pytest.mark.parametrize("shard_index", [0, 1])

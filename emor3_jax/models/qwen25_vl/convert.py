@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+from emor3_jax.multihost import to_host
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,6 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
     return nnx.merge(graphdef, state)
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    """The full value of a (possibly multi-host sharded) array, on every host."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def save_hf(
     model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> None:
@@ -247,7 +239,7 @@ def save_hf(
     for name, entries in zip(names, shards):
         tensors = {}
         for e in entries:
-            arr = _to_hf(_host_array(flat[e.path][...]), e.layout, cfg).astype(out_dtype)
+            arr = _to_hf(to_host(flat[e.path][...]), e.layout, cfg).astype(out_dtype)
             tensors[e.hf_key] = arr
             weight_map[e.hf_key] = name
             total += arr.nbytes
