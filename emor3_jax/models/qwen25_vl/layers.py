@@ -51,10 +51,15 @@ class Linear(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        """x [..., in] -> [..., out]. The leading dims are flattened into one for the matmul: the
+        weight gradient is then one plain [in, M] x [M, out] product (XLA's CPU backend is ~2.5x
+        slower at an MLP's backward with [B, T] kept apart); on GPU/TPU it is the same program."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
+        y = jnp.dot(x2, self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
-        return y
+        return y.reshape(*lead, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):

