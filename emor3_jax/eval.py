@@ -15,6 +15,9 @@ Data sets are `config.eval.datasets.<name>` (configs/qwen_vl.py). Per data set: 
 with the policy's reflective judgements of its greedy answers, and k sampled runs at
 eval.sampled_temperature / sampled_top_p (spec section 8). Writes to --out:
 results.json, results.md, <name>_responses.jsonl, <name>_confusion.png.
+
+Several processes (launch/README.md): every process runs the same command; each batch is
+sampled on the global mesh and process 0 writes the reports.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from emor3_jax import config_lib, eval_report, sharding
+from emor3_jax import config_lib, eval_report, multihost, sharding
 from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import load_eval_records
@@ -146,7 +149,7 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
         "reward_compat": c.reward.compat,
         "datasets": {},
     }
-    write = jax.process_index() == 0
+    write = multihost.is_main()  # every process samples its part of each batch; one writes
     if write:
         os.makedirs(out, exist_ok=True)
     for name in names:
@@ -163,8 +166,9 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
             json.dump(results, f, indent=2, ensure_ascii=False)
         with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
             f.write(eval_report.markdown(results))
-    print("\n" + eval_report.summary_table(results["datasets"]))
-    print(f"\nwrote {os.path.abspath(out)}")
+    if write:
+        print("\n" + eval_report.summary_table(results["datasets"]))
+        print(f"\nwrote {os.path.abspath(out)}")
     return results
 
 
@@ -174,6 +178,7 @@ def main(argv) -> None:
     if not _CHECKPOINT.value:
         raise app.UsageError("--checkpoint is required")
     logging.set_verbosity(logging.WARNING)
+    multihost.initialize()
     run_eval(_CONFIG.value, _CHECKPOINT.value, _DATASETS.value, _OUT.value, _SAMPLES.value, not _PLAIN.value)
 
 

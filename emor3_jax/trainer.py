@@ -9,7 +9,6 @@ would have done.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from emor3_jax.checkpoint import Checkpointer, PreemptionFlag
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
 from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.splits import read_split
 from emor3_jax.data.tokenizers import special_token_ids
 from emor3_jax.evaluation import evaluate
 from emor3_jax.metrics import CompileTimer, MetricWriter
@@ -58,43 +58,28 @@ def load_tokenizer(c: ConfigDict):
     return tok or AutoTokenizer.from_pretrained(path)
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def build_data(c: ConfigDict) -> tuple[str, dict]:
     """ArrayRecord files of both splits (built once per workdir): their directory, and the
     records seen / skipped as bad per split while building."""
-    from emor3_jax.data.synthetic import SyntheticEmotions
-
     labels = list(c.data.labels)
-    if c.data.source == "synthetic":
-
-        def split(name, count):
-            for ex in SyntheticEmotions(count, c.seed, size=c.data.image_size, split=name):
-                yield {
-                    "id": ex["id"],
-                    "image": _png(ex["image"]),
-                    "label": ex["label"],
-                    "problem": ex["problem"],
-                    "answer": ex["answer"],
-                }
-
-        counter = {}  # generated here: nothing to skip
-        splits = {"train": split("train", c.data.synthetic_train), "test": split("test", c.data.synthetic_test)}
-    else:
-        counter = {"train": {}, "test": {}}
-        readers = {
-            "emoset_parquet": lambda s: sources.read_emoset_parquet(c.data[s], labels),
-            "folder": lambda s: sources.read_folder(c.data[s], c.data[f"annotations_{s}"], labels),
-            "emoset118k": lambda s: sources.read_emoset118k(c.data[s], s, labels),
-        }[c.data.source]
-        splits = {
-            s: sources.checked(readers(s), c.data.skip_bad, c.data.max_bad_fraction, counter[s])
-            for s in ("train", "test")
-        }
+    synthetic = c.data.source == "synthetic"
+    counter = {} if synthetic else {"train": {}, "test": {}}  # generated records cannot be bad
+    counts = {"train": c.data.synthetic_train, "test": c.data.synthetic_test}
+    splits = {}
+    for s in ("train", "test"):
+        records = read_split(
+            c.data.source,
+            c.data[s],
+            c.data[f"annotations_{s}"],
+            s,
+            labels,
+            count=counts[s],
+            seed=c.seed,
+            image_size=c.data.image_size,
+        )
+        if not synthetic:
+            records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])
+        splits[s] = records
     out = os.path.join(c.workdir, "data")
     if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks
         tfds_builder.build(splits, out, DATA_NAME)

@@ -36,34 +36,49 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
+def _run(args, tmp_path, name: str, processes: int) -> list[str]:
+    """`python -m <args>` as 1 process with 8 CPU devices or 2 with 4 each; their outputs."""
+    port = _free_port()
+    procs = []
+    for i in range(processes):
+        extra = {}
+        if processes > 1:
+            extra = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes))
+            extra["JAX_PROCESS_ID"] = str(i)
+        log = open(tmp_path / f"{name}_{i}.log", "w+")
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-m", *args],
+                    env=_env(8 // processes, **extra),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                ),
+                log,
+            )
+        )
+    outs = []
+    for i, (p, log) in enumerate(procs):
+        p.wait(timeout=600)
+        log.seek(0)
+        outs.append(log.read())
+        assert p.returncode == 0, f"{name} process {i}:\n{outs[-1][-4000:]}"
+    return outs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_and_evaluate_like_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    cmd = [sys.executable, "-m", "emor3_jax.train"]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            cmd + _flags(two, **STEPS),
-            env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-        )
-        for i in range(2)
-    ]
-    single = subprocess.run(
-        cmd + _flags(one, **STEPS), env=_env(8), capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    train = ["emor3_jax.train"]
+    # The two runs one after the other: on 2 cores, side by side they would only slow each other.
+    _run(train + _flags(one, **STEPS), tmp_path, "train_one", 1)
+    outs = _run(train + _flags(two, **STEPS), tmp_path, "train_two", 2)
     assert "multi-process (explicit): 2 processes, 8 devices (4 per process)" in outs[0]
     assert "held-out accuracy" in outs[0] and "held-out accuracy" not in outs[1]  # process 0 reports
 
@@ -73,13 +88,14 @@ def test_two_processes_train_like_one(tmp_path):
     assert sft_one.keys() == sft_two.keys()
     for name in sft_one:
         np.testing.assert_allclose(sft_two[name], sft_one[name], rtol=1e-5, atol=1e-7, err_msg=name)
-    # GRPO (steps 3-4): the same rollouts and rewards, scored half on each process and gathered.
+    # GRPO step 3 samples from those params: the same rollouts and rewards, scored half on each
+    # process and gathered. A random model's rewards are all equal, so the advantages are 0 and
+    # the GRPO gradient is rounding noise (~1e-6) that Adam scales to +-lr per parameter: from
+    # step 4 on the runs may sample differently, and the params agree to 2 * lr * steps.
     metrics = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     keys = ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "response_length")
-    grpo = lambda rows: [[r["step"]] + [r[k] for k in keys] for r in rows if r["phase"] == "grpo"]
-    assert grpo(metrics(two)) == grpo(metrics(one)) and len(grpo(metrics(one))) == 2
-    # A random model's rewards are all equal, so the advantages are 0 and the GRPO gradient is
-    # rounding noise (~1e-6) that Adam scales to +-lr per step: the params agree to 2 * lr * steps.
+    first = lambda rows: [[r[k] for k in keys] for r in rows if r["phase"] == "grpo" and r["step"] == 3]
+    assert first(metrics(two)) == first(metrics(one)) and len(first(metrics(one))) == 1
     step_one, params_one = _params(one)
     step_two, params_two = _params(two)
     assert step_one == step_two == 4
@@ -87,6 +103,20 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(params_two[name], params_one[name], rtol=0, atol=2 * 5e-5 * 2, err_msg=name)
     res_one = json.loads((one / "results.json").read_text())
     res_two = json.loads((two / "results.json").read_text())
-    for phase in ("cold_start", "grpo"):
-        for key in ("greedy_accuracy", "sampled_accuracy", "greedy_format", "greedy_length"):
-            assert res_two[phase][key] == res_one[phase][key], (phase, key)
+    for key in ("greedy_accuracy", "sampled_accuracy", "greedy_format", "greedy_length"):
+        assert res_two["cold_start"][key] == res_one["cold_start"][key], key  # evaluated after step 2
+
+    # The evaluation CLI on the 1-process run's checkpoint, as 1 process and as 2.
+    ev = ["emor3_jax.eval", f"--config={ROOT}/configs/qwen_vl.py", f"--checkpoint={one}", "--samples=2"]
+    ev += ["--config.eval.num_examples=4", "--config.eval.batch_size=4", "--config.rl.max_response_len=16"]
+    ev += [f"--config.workdir={one}", "--config.data.synthetic_test=8"]
+    _run(ev + [f"--out={tmp_path / 'eval_one'}"], tmp_path, "eval_one", 1)
+    outs = _run(ev + [f"--out={tmp_path / 'eval_two'}"], tmp_path, "eval_two", 2)
+    assert "wrote" in outs[0] and "wrote" not in outs[1]
+    ev_one = json.loads((tmp_path / "eval_one" / "results.json").read_text())["datasets"]["test"]
+    ev_two = json.loads((tmp_path / "eval_two" / "results.json").read_text())["datasets"]["test"]
+    assert ev_two["num_examples"] == ev_one["num_examples"] == 4
+    assert ev_two["greedy"] == ev_one["greedy"]  # accuracy, format, length, reflective scores
+    assert ev_two["sampled"] == ev_one["sampled"] and ev_two["confusion"] == ev_one["confusion"]
+    greedy = lambda d: [json.loads(x)["response"] for x in (d / "test_responses.jsonl").read_text().splitlines()]
+    assert greedy(tmp_path / "eval_two") == greedy(tmp_path / "eval_one")
