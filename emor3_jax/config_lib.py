@@ -81,6 +81,10 @@ def validate(c: ConfigDict) -> None:
         f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
     )
     need(
+        c.sampling.max_rows == 0 or c.sampling.max_rows >= rl.num_generations,
+        f"--config.sampling.max_rows={c.sampling.max_rows} must be 0 (all at once) or >= rl.num_generations",
+    )
+    need(
         c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
         "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
     )

@@ -11,7 +11,7 @@ seconds on a laptop.
 Counted, per device, from each array's shard shape under the sharding the run gives it:
 params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
 gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache for
-rollout_batch * num_generations rows x (prompt bucket + generation bucket) slots in the
+rollout_batch * num_generations rows (at most sampling.max_rows) x (prompt bucket + generation bucket) slots in the
 compute dtype. Not counted: activations, logit chunks, a micro-batch's fresh gradients while
 they are summed, and the sampler's smaller cache buffers (reflection, eval), which it also keeps.
 """
@@ -108,6 +108,8 @@ def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[j
     """The rollout decode cache: per layer K [R, K, H, S] and V [R, K, S, H] (R rows, S slots)."""
     t = cfg.text
     rows = c.rl.rollout_batch * c.rl.num_generations
+    if c.sampling.max_rows:  # the sampler decodes chunks of max_rows // n prompts at a time
+        rows = min(rows, c.sampling.max_rows // c.rl.num_generations * c.rl.num_generations)
     slots = bucket(c.rl.max_prompt_len, c.sampling.prompt_buckets, "rl.max_prompt_len") + bucket(
         c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len"
     )

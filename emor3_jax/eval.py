@@ -137,6 +137,7 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
         gen_buckets=c.sampling.gen_buckets,
         pad_id=policy.special["<|endoftext|>"],
         rules=rules,
+        max_rows=c.sampling.max_rows,
     )
     results = {
         "checkpoint": os.path.abspath(checkpoint),

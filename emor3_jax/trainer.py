@@ -141,6 +141,7 @@ class Run:
             gen_buckets=c.sampling.gen_buckets,
             pad_id=self.special["<|endoftext|>"],
             rules=self.rules,
+            max_rows=c.sampling.max_rows,
         )
         self.stop_ids = (self.special["<|im_end|>"], self.special["<|endoftext|>"])
         self.bias = {self.special["<|image_pad|>"]: -np.inf, self.special["<|video_pad|>"]: -np.inf}

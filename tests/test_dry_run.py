@@ -23,11 +23,11 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _memory(variant: str, devices: int, mesh: tuple) -> tuple[dict, str]:
+def _memory(variant: str, devices: int, mesh: tuple, max_rows: int = 0) -> tuple[dict, str]:
     """dry_run.main for configs/qwen_vl.py:<variant>; (the returned numbers, the printed report)."""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
-        f"c = get_config({variant!r}); c.mesh = {mesh!r}\n"
+        f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
         f"m = dry_run.main(c, {devices})\n"
         "print(json.dumps(m))\n"
     )
@@ -102,6 +102,10 @@ def test_3b_on_8_devices_pure_fsdp():
     assert m["num_params"] == 3_754_622_976  # Qwen2.5-VL-3B-Instruct's published count (tied embeddings)
     assert m["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB)
+    # The sampler decoding at most 1020 rows at once: chunks of 127 prompts x 8 = 1016 rows.
+    m, _ = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=1020)
+    assert m["kv_rows"] == 1016
+    assert m["per_device"]["kv_cache"] == 36 * 2 * 127 * 2 * 128 * 4096 * 2
 
 
 @pytest.mark.parametrize(

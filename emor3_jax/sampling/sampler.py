@@ -85,6 +85,9 @@ class Sampler:
 
     prompt_buckets / gen_buckets: allowed prompt lengths P and generation lengths G.
     pad_id: written after a row stops (never attended to).
+    max_rows: rows decoded at once (0: all). A larger request is sampled in chunks of
+    max_rows // n prompts, one after another, so the KV cache holds at most max_rows rows
+    (the rollout cache is what decides whether a model fits; see dry_run.py).
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     """
 
@@ -96,8 +99,11 @@ class Sampler:
         gen_buckets: Sequence[int],
         pad_id: int,
         rules=sharding.DEFAULT_RULES,
+        max_rows: int = 0,
     ):
-        self.cfg = cfg
+        if max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0 (0: all rows at once), got {max_rows}")
+        self.cfg, self.max_rows = cfg, max_rows
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules = pad_id, rules
         self._traces = 0
@@ -129,11 +135,36 @@ class Sampler:
         stop_ids: Sequence[int] = (),
         logit_bias: dict[int, float] | None = None,
     ) -> Samples:
-        """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b]."""
+        """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b].
+
+        Past `max_rows` rows, chunk c of the prompts is sampled with key fold_in(key, c); the
+        last chunk is padded with repeats of its first prompt (rows dropped), so every chunk
+        runs the same programs.
+        """
         if not prompts:
             raise ValueError("generate: no prompts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        per = max(1, self.max_rows // n) if self.max_rows else len(prompts)
+        if per < len(prompts):
+            parts = []
+            for c, i in enumerate(range(0, len(prompts), per)):
+                chunk = list(prompts[i : i + per])
+                out = self._generate(
+                    model,
+                    chunk + [chunk[0]] * (per - len(chunk)),
+                    jax.random.fold_in(key, c),
+                    max_new_tokens,
+                    n,
+                    params,
+                    stop_ids,
+                    logit_bias,
+                )
+                parts.append(jax.tree.map(lambda a, rows=len(chunk) * n: a[:rows], out))
+            return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+        return self._generate(model, prompts, key, max_new_tokens, n, params, stop_ids, logit_bias)
+
+    def _generate(self, model, prompts, key, max_new_tokens, n, params, stop_ids, logit_bias) -> Samples:
         p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
         g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
         batch = left_padded_batch(self.cfg, prompts, p_len, self.pad_id)

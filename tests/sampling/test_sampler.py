@@ -315,3 +315,21 @@ def test_buckets_bound_the_compiled_programs(ours_fp32):
 def test_bad_sampling_params_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)
+
+
+def test_max_rows_samples_in_chunks(ours_fp32):
+    """3 prompts x n=2 with at most 4 rows at once: chunks of 2 prompts (the last padded), the
+    cache never holds more than 4 rows, and greedy rows equal one unchunked call's."""
+    rng = np.random.default_rng(11)
+    prompts = [_prompt(rng, segs) for segs in ([4, (8, 12), 5], [9], [2, (4, 4), 7])]
+    kw = dict(key=jax.random.key(0), max_new_tokens=6, n=2, params=GREEDY)
+    whole = Sampler(ours_fp32.cfg, prompt_buckets=(32, 64), gen_buckets=(8,), pad_id=PAD)
+    chunked = Sampler(ours_fp32.cfg, prompt_buckets=(32, 64), gen_buckets=(8,), pad_id=PAD, max_rows=4)
+    a, b = whole.generate(ours_fp32, prompts, **kw), chunked.generate(ours_fp32, prompts, **kw)
+    assert np.asarray(b.tokens).shape == (6, 8)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
+    np.testing.assert_allclose(np.asarray(b.logprobs), np.asarray(a.logprobs), atol=1e-4)
+    assert {rows for rows, _, _ in chunked._buffers} == {4}
+    with pytest.raises(ValueError, match="max_rows must be >= 0"):
+        Sampler(ours_fp32.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD, max_rows=-1)
