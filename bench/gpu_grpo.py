@@ -41,14 +41,11 @@ accumulated and per-micro-batch gradients 15 GB = 37.5 GB. fp32 parameters would
 15 + 30 + 30 = 75 GB before any activation, more than an H100 holds (EasyR1 shards that state
 over 8 GPUs with FSDP); timing is the same either way, bf16 moments are a benchmark shortcut,
 not a training recipe. The reference policy shares the policy's weights (random either way; a
-real run holds one more copy, +7.5 GB). Remat is on, but it covers the decoder layers only: the
-vision tower keeps every block's activations for the backward pass, about 2.5-3 GB per 448x448
-image by hand count (70 KB per patch per block x 1024 patches x 32 blocks, plus the 4 full-
-attention blocks' [16, 1024, 1024] fp32 scores), so a micro-batch of 8 rows would need ~22 GB
-for the tower alone (~67 GB in all, too close to the ~74 GiB usable). Default `--micro 4`
-(~53 GB estimated; 4 x 1088 = 4352 tokens per matmul, still large for the GEMMs). On
-RESOURCE_EXHAUSTED the update halves the micro-batch and recompiles. `--param-dtype float32`
-and `--micro 8` are for an H200.
+real run holds one more copy, +7.5 GB). Remat is on for the decoder layers and the vision
+blocks (without it the tower kept every block's activations, ~2.5-3 GB per 448x448 image by
+hand count; on an H200 the peak was 46 GiB with `--micro 4` and 56 GiB with `--micro 8`).
+Default `--micro 4` (4 x 1088 = 4352 tokens per matmul); on RESOURCE_EXHAUSTED the update halves
+the micro-batch and recompiles. `--param-dtype float32` is for an H200.
 
 Peak HBM is the device allocator's `peak_bytes_in_use`, cumulative since start, read after
 each phase (n/a on CPU). Results print as each phase ends (flushed) and `--out` is rewritten

@@ -6,7 +6,7 @@ when the environment says this is one process of several:
   - a TPU VM slice with several workers (TPU_WORKER_HOSTNAMES lists more than one);
   - a SLURM job step with more than one task (SLURM_NTASKS or SLURM_STEP_NUM_TASKS > 1);
 jax.distributed then finds the coordinator itself in the last two cases. One host: nothing
-happens. On the CPU backend cross-process collectives need gloo, which `initialize` selects.
+happens. CPU devices need gloo for cross-process collectives, which `initialize` selects.
 
 Data flow of a step: each process reads only its block of the global batch (see
 data/pipeline.py), `gather_records` hands every process the whole global batch (encoded
@@ -49,8 +49,8 @@ def initialize(env=None) -> str:
     mode = launch_mode(env)
     if mode == "single":
         return mode
-    if env.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices talk across processes only through gloo; the setting leaves GPUs and TPUs alone.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if mode == "explicit":
         n, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
         if not 0 <= pid < n:

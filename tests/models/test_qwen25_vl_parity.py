@@ -233,13 +233,19 @@ def test_remat_gives_the_same_gradients(ours_fp32):
         nnx.eval_shape(lambda: type(ours_fp32)(ours_fp32.cfg.replace(remat=True), rngs=nnx.Rngs(0)))
     )
 
+    def loss_of(gdef):
+        return lambda s: _token_logprob_sum(nnx.merge(gdef, s)(**inputs), inputs["input_ids"], inputs["attention_mask"])
+
     def grads(gdef):
-        loss = lambda s: _token_logprob_sum(nnx.merge(gdef, s)(**inputs), inputs["input_ids"], inputs["attention_mask"])
-        return jax.jit(jax.grad(loss))(state)
+        return jax.jit(jax.grad(loss_of(gdef)))(state)
 
     plain, remat = grads(graphdef), grads(remat_def)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Every decoder layer and every vision block is rematerialised (one checkpoint each).
+    cfg = ours_fp32.cfg
+    jaxpr = str(jax.make_jaxpr(loss_of(remat_def))(state))
+    assert jaxpr.count(" = remat") == cfg.text.num_layers + cfg.vision.depth
 
 
 def test_bf16_compute_stays_close_to_fp32(hf_tiny_dir, mesh1, ours_fp32):

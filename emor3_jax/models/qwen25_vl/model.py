@@ -34,7 +34,7 @@ class Qwen25VL(nnx.Module):
         t = cfg.text
         pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
-        self.visual = VisionTower(cfg.vision, cfg.attention_impl, **kw)
+        self.visual = VisionTower(cfg.vision, cfg.attention_impl, remat=cfg.remat, **kw)
         self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
         self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
