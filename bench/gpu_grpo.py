@@ -43,7 +43,8 @@ over 8 GPUs with FSDP); timing is the same either way, bf16 moments are a benchm
 not a training recipe. The reference policy shares the policy's weights (random either way; a
 real run holds one more copy, +7.5 GB). Remat is on for the decoder layers and the vision
 blocks (without it the tower kept every block's activations, ~2.5-3 GB per 448x448 image by
-hand count; on an H200 the peak was 46 GiB with `--micro 4` and 56 GiB with `--micro 8`).
+hand count). Measured on an H200 with `--micro 8`: 41 GiB peak and 21.3 s per update with the
+tower's remat, 56 GiB and 19.6 s without; `--micro 4` without it peaked at 46 GiB.
 Default `--micro 4` (4 x 1088 = 4352 tokens per matmul); on RESOURCE_EXHAUSTED the update halves
 the micro-batch and recompiles. `--param-dtype float32` is for an H200.
 
