@@ -11,8 +11,8 @@ seconds on a laptop.
 Counted, per device, from each array's shard shape under the sharding the run gives it:
 params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
 gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache for
-rollout_batch * num_generations rows (at most sampling.max_rows) x (prompt bucket + generation bucket) slots in the
-compute dtype. Not counted: activations, logit chunks, a micro-batch's fresh gradients while
+rollout_batch * num_generations rows (at most sampling.max_rows) x (prompt bucket + generation
+bucket) slots in the compute dtype. Not counted: activations, logit chunks, a micro-batch's fresh gradients while
 they are summed, and the sampler's smaller cache buffers (reflection, eval), which it also keeps.
 """
 
