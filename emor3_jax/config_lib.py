@@ -152,14 +152,19 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
         raise ValueError("bad evaluation settings:\n  " + "\n  ".join(errors))
 
 
-def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
-    """The architecture: from the HF checkpoint, or the tiny one sized to the tokenizer."""
-    runtime = dict(
+def runtime_fields(c: ConfigDict) -> dict:
+    """The ModelConfig fields the run chooses (dtypes, attention, remat), not the checkpoint."""
+    return dict(
         param_dtype=c.model.param_dtype,
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=c.model.remat,
     )
+
+
+def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
+    """The architecture: from the HF checkpoint, or the tiny one sized to the tokenizer."""
+    runtime = runtime_fields(c)
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
     t = c.model.tiny

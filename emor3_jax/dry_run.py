@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from emor3_jax import sharding
+from emor3_jax import config_lib, sharding
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.model import abstract_model
 from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
@@ -55,12 +55,7 @@ def use_fake_devices(n: int) -> None:
 
 def model_config(c: ConfigDict) -> ModelConfig:
     """The architecture: the HF checkpoint's config.json, else the variant's preset."""
-    runtime = dict(
-        param_dtype=c.model.param_dtype,
-        compute_dtype=c.model.compute_dtype,
-        attention_impl=c.model.attention_impl,
-        remat=c.model.remat,
-    )
+    runtime = config_lib.runtime_fields(c)
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
     if c.variant == "tiny":
