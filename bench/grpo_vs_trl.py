@@ -64,6 +64,7 @@ def trl_phases(trl: dict) -> dict:
 
 
 N_GEN, PROMPTS_PER_STEP, LENGTH = 8, 2, 64
+PROMPT_BUCKETS = (128, 256, 512)
 
 
 def load_module(path: str, name: str):
@@ -94,11 +95,14 @@ class Ours:
         from flax import nnx
         from transformers import AutoTokenizer
 
+        from configs.qwen_vl import EMOSET_LABELS, get_config
         from emor3_jax import sharding
         from emor3_jax.data.encode import Encoder
         from emor3_jax.data.processing import ImageProcessor
+        from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
         from emor3_jax.models.qwen25_vl.convert import load_hf
         from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
+        from emor3_jax.rl.rollout import Reflection
         from emor3_jax.sampling.sampler import Sampler
 
         self.jax, self.ref_script, self.reflection = jax, ref_script, reflection
@@ -108,16 +112,14 @@ class Ours:
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.ref = jax.tree.map(lambda x: x.copy(), self.params)
-        ids = {t: self.tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-        self.pad = ids["<|endoftext|>"]
-        self.stops = (ids["<|im_end|>"], ids["<|endoftext|>"])
-        self.bias = {self.cfg.image_token_id: -np.inf, self.cfg.video_token_id: -np.inf}  # never sample pads
+        special = special_token_ids(self.tok)
+        self.pad = special["<|endoftext|>"]
+        self.stops, self.bias = stop_ids_and_bias(special)
+        self.refl = Reflection.from_config(get_config("tiny"))  # the spec's reflection settings
         # The reference script's processor: min 56*56, max 28*28*1280 pixels (224x224 -> 16x16 patches).
         processor = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-        from configs.qwen_vl import EMOSET_LABELS
-
         self.encoder = Encoder(self.tok, processor, self.cfg, EMOSET_LABELS, max_prompt_len=512)
-        self.sampler = Sampler(self.cfg, prompt_buckets=(128, 256, 512), gen_buckets=(32, LENGTH), pad_id=self.pad)
+        self.sampler = Sampler(self.cfg, prompt_buckets=PROMPT_BUCKETS, gen_buckets=(32, LENGTH), pad_id=self.pad)
         tx, _ = make_optimizer("constant", 2e-6, 0, 1, 0.0, 0.9, 0.999, 1.0)
         self.learner = Learner(self.graphdef, tx)
         self.opt = self.learner.init(self.params)
@@ -174,9 +176,8 @@ class Ours:
         boxed = np.array(self.ref_script.boxed_reward(ro.responses), np.float32)
         if not self.reflection:
             return boxed
-        cfg = rewards.RewardConfig("robust", "label", 0.8, 0.1, 0.1, 0.1)
         scores = [
-            rewards.safe_score(r, lab, ta, ia, cfg)
+            rewards.safe_score(r, lab, ta, ia, self.refl.reward)
             for r, lab, ta, ia in zip(ro.responses, ro.labels, ro.text_answers, ro.image_answers)
         ]
         return boxed + np.array([0.1 * s["coherence"] + 0.1 * s["consistency"] for s in scores], np.float32)
@@ -189,7 +190,6 @@ class Ours:
 
     def step(self, step: int) -> dict:
         from emor3_jax.rl.rollout import reflect, training_rows
-        from emor3_jax.sampling.methods import SamplingParams
 
         jax, times = self.jax, {}
         ro, times["generate"] = self.rollouts(step)
@@ -200,10 +200,8 @@ class Ours:
                 self.model(),
                 self.encoder,
                 ro,
+                self.refl,
                 key=jax.random.fold_in(self.key, 10**6 + step),
-                compat="robust",
-                max_new=32,
-                params=SamplingParams(temperature=0.6, top_p=0.95),
                 stop_ids=self.stops,
                 logit_bias=self.bias,
             )
@@ -213,7 +211,7 @@ class Ours:
         adv = self.advantages(reward)
         times["reward"] = time.perf_counter() - t
         t = time.perf_counter()
-        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, (128, 256, 512), np.arange(len(reward)))
+        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, PROMPT_BUCKETS, np.arange(len(reward)))
         ref_lp = jax.block_until_ready(self.learner.logprobs(self.ref, batch, p_len - 1, g_len))
         times["reference"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -238,7 +236,7 @@ class Ours:
         ro, _ = self.rollouts(10**4)
         reward = self.rewards(ro)
         adv = self.advantages(reward)
-        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, (128, 256, 512), np.arange(len(reward)))
+        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, PROMPT_BUCKETS, np.arange(len(reward)))
         old = self.learner.logprobs(self.params, batch, p_len - 1, g_len)
         ref_lp = self.learner.logprobs(self.ref, batch, p_len - 1, g_len)
         args = (batch, p_len - 1, g_len, old, ref_lp, adv, mask, 1.0, self.settings)
@@ -246,17 +244,11 @@ class Ours:
         fresh = self.learner.init(self.params)  # a first AdamW step, as TRL's side takes
         params, _, _ = self.learner.apply(jax.tree.map(lambda x: x.copy(), self.params), fresh, grads)
         _, after = self.learner.grpo_grads(params, *args)
-        prompt_ids = np.full((len(reward), p_len), self.pad, np.int64)
-        prompt_mask = np.zeros_like(prompt_ids)
-        for i in range(len(reward)):
-            ids = ro.prompts[i // N_GEN].ids
-            prompt_ids[i, p_len - len(ids) :] = ids
-            prompt_mask[i, p_len - len(ids) :] = 1
         src = [ro.prompts[i // N_GEN] for i in range(len(reward))]
         np.savez(
             path,
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+            prompt_ids=batch.input_ids[:, :p_len].astype(np.int64),  # left-padded, as TRL pads
+            prompt_mask=batch.attention_mask[:, :p_len].astype(np.int64),
             completion_ids=ro.tokens.astype(np.int64),
             completion_mask=mask.astype(np.int64),
             pixel_values=np.concatenate([p.pixel_values for p in src]).astype(np.float32),

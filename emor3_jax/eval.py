@@ -36,9 +36,10 @@ from emor3_jax import config_lib, eval_report, multihost, sharding
 from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import load_eval_records
-from emor3_jax.evaluation import Reflection, evaluate
+from emor3_jax.data.tokenizers import stop_ids_and_bias
+from emor3_jax.evaluation import evaluate
 from emor3_jax.policy import load_policy
-from emor3_jax.rl import rewards
+from emor3_jax.rl.rollout import Reflection
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 
@@ -77,21 +78,9 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, sampler: Sampler, mesh, r
         labels,
         c.rl.max_prompt_len,
     )
-    rc = c.reward
-    reflection = Reflection(
-        rewards.RewardConfig(
-            rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence, rc.w_consistency, rc.w_format
-        ),
-        rc.reflection_max_tokens if rc.compat == "robust" else c.rl.max_response_len,
-        SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p),
-    )
-    special = policy.special
-    common = dict(
-        max_new=c.rl.max_response_len,
-        stop_ids=(special["<|im_end|>"], special["<|endoftext|>"]),
-        logit_bias={special["<|image_pad|>"]: -np.inf, special["<|video_pad|>"]: -np.inf},
-        use_set=use_set,
-    )
+    reflection = Reflection.from_config(c)
+    stop_ids, logit_bias = stop_ids_and_bias(policy.special)
+    common = dict(max_new=c.rl.max_response_len, stop_ids=stop_ids, logit_bias=logit_bias, use_set=use_set)
     key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
     t = time.perf_counter()
     print(f"{name}: {len(records)} records, labels {', '.join(labels)}")

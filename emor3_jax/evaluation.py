@@ -8,26 +8,14 @@ several processes can be gathered and concatenated.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
 from emor3_jax.data.encode import Encoder
 from emor3_jax.rl import rewards
-from emor3_jax.rl.rollout import reflect, sample_rollouts
+from emor3_jax.rl.rollout import Reflection, reflect, sample_rollouts
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
-
-
-@dataclasses.dataclass(frozen=True)
-class Reflection:
-    """How the policy judges its responses (spec section 4): both reflection questions are
-    sampled with `params`, up to `max_new` tokens, and scored as `reward` says."""
-
-    reward: rewards.RewardConfig
-    max_new: int
-    params: SamplingParams
 
 
 def evaluate(
@@ -82,10 +70,8 @@ def evaluate(
                 model,
                 encoder,
                 ro,
+                reflection,
                 key=jax.random.fold_in(batch_key, 1),
-                compat=reflection.reward.compat,
-                max_new=reflection.max_new,
-                params=reflection.params,
                 stop_ids=stop_ids,
                 logit_bias=logit_bias,
             )

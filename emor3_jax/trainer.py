@@ -27,15 +27,14 @@ from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import read_split
-from emor3_jax.data.tokenizers import special_token_ids
+from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
 from emor3_jax.evaluation import evaluate
 from emor3_jax.metrics import CompileTimer, MetricWriter
 from emor3_jax.models.qwen25_vl.convert import load_hf
 from emor3_jax.models.qwen25_vl.model import create_model
-from emor3_jax.rl import rewards
 from emor3_jax.rl.advantages import compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner, check_finite, make_optimizer
-from emor3_jax.rl.rollout import as_batch, reflect, sample_rollouts, score_async, training_rows
+from emor3_jax.rl.rollout import Reflection, as_batch, reflect, sample_rollouts, score_async, training_rows
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 
@@ -143,8 +142,7 @@ class Run:
             rules=self.rules,
             max_rows=c.sampling.max_rows,
         )
-        self.stop_ids = (self.special["<|im_end|>"], self.special["<|endoftext|>"])
-        self.bias = {self.special["<|image_pad|>"]: -np.inf, self.special["<|video_pad|>"]: -np.inf}
+        self.stop_ids, self.bias = stop_ids_and_bias(self.special)
         self.ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.checkpoint.keep, c.checkpoint.async_save)
         self.best = Checkpointer(os.path.join(c.workdir, "best"), 1, c.checkpoint.async_save)
         self.writer = MetricWriter(c.workdir)
@@ -330,11 +328,7 @@ class Run:
             state = self.restore({"params": self.params, "opt": learner.init(self.params), "ref": self.params})
             self.params, opt, ref = state["params"], state["opt"], state["ref"]
         settings = GRPOSettings(c.clip_low, c.clip_high, c.dual_clip, c.kl_coef, c.kl_kind, c.loss_mode)
-        reward_cfg = rewards.RewardConfig(
-            rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence, rc.w_consistency, rc.w_format
-        )
-        reflect_max = rc.reflection_max_tokens if rc.compat == "robust" else c.max_response_len
-        reflect_params = SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p)
+        refl = Reflection.from_config(self.c)
         rollout_params = SamplingParams(temperature=c.temperature, top_p=c.top_p)
         it = self.iterator("grpo", c.rollout_batch)
         n = c.num_generations
@@ -369,15 +363,13 @@ class Run:
                         judge,
                         self.encoder,
                         ro,
+                        refl,
                         key=jax.random.fold_in(key, 1),
-                        compat=rc.compat,
-                        max_new=reflect_max,
-                        params=reflect_params,
                         stop_ids=self.stop_ids,
                         logit_bias=self.bias,
                     )
                 times["reflection_s"], t = time.perf_counter() - t, time.perf_counter()
-                futures = score_async(pool, ro, reward_cfg, rc.reflection, multihost.local_rows(len(ro.responses)))
+                futures = score_async(pool, ro, refl.reward, rc.reflection, multihost.local_rows(len(ro.responses)))
                 # While the host scores: the rows, their reference (and old) log-probs on device.
                 rows = np.arange(len(ro.responses))
                 micro = [rows[i : i + c.micro_batch] for i in range(0, len(rows), c.micro_batch)]

