@@ -171,8 +171,10 @@ class Learner:
         opt = self.tx.init(params)
         mesh = jax.tree.leaves(params)[0].sharding.mesh
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # tx.init makes the counters with a default (single-device) sharding, even on a one-device
+        # mesh; apply returns them as NamedShardings, which would compile apply a second time.
         return jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated), opt
+            lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), opt
         )
 
     def _apply_impl(self, params, opt_state, grads):
