@@ -226,10 +226,10 @@ def run(args) -> Report:
     import jax.numpy as jnp
     from flax import nnx
 
-    from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.config import preset
     from emor3_jax.models.qwen25_vl.model import create_model
     from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
+    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 

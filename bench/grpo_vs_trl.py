@@ -96,13 +96,13 @@ class Ours:
         from transformers import AutoTokenizer
 
         from configs.qwen_vl import EMOSET_LABELS, get_config
-        from emor3_jax import sharding
         from emor3_jax.data.encode import Encoder
         from emor3_jax.data.processing import ImageProcessor
         from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
         from emor3_jax.models.qwen25_vl.convert import load_hf
         from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
         from emor3_jax.rl.rollout import Reflection
+        from emor3_jax.runtime import sharding
         from emor3_jax.sampling.sampler import Sampler
 
         self.jax, self.ref_script, self.reflection = jax, ref_script, reflection
@@ -171,7 +171,7 @@ class Ours:
         return nnx.merge(self.graphdef, self.params)
 
     def rewards(self, ro) -> np.ndarray:
-        from emor3_jax.rl import rewards
+        from emor3_jax.emo_r3 import rewards
 
         boxed = np.array(self.ref_script.boxed_reward(ro.responses), np.float32)
         if not self.reflection:

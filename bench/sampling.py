@@ -62,8 +62,8 @@ def run_ours(path: str, args) -> dict:
     import jax
     from common import IMAGE, VEND, VSTART
 
-    from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
+    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
@@ -189,9 +189,9 @@ def gpu_main(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from emor3_jax import sharding
     from emor3_jax.models.qwen25_vl.config import preset
     from emor3_jax.models.qwen25_vl.model import create_model
+    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 

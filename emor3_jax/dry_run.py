@@ -27,11 +27,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib, sharding
+from emor3_jax import config_lib
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.model import abstract_model
 from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
 from emor3_jax.rl.learner import make_optimizer
+from emor3_jax.runtime import sharding
 from emor3_jax.sampling.sampler import bucket
 
 CATEGORIES = ("params", "optimizer", "reference", "gradients", "kv_cache")

@@ -32,14 +32,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from emor3_jax import config_lib, eval_report, multihost, sharding
+from emor3_jax import config_lib
 from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.data.tokenizers import stop_ids_and_bias
-from emor3_jax.evaluation import evaluate
-from emor3_jax.policy import load_policy
+from emor3_jax.evaluation import report as eval_report
+from emor3_jax.evaluation.evaluate import evaluate
 from emor3_jax.rl.rollout import Reflection
+from emor3_jax.runtime import multihost, sharding
+from emor3_jax.runtime.load import load_policy
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 

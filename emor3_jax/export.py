@@ -15,9 +15,9 @@ import shutil
 import jax
 from absl import app, flags, logging
 
-from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl.convert import save_hf
-from emor3_jax.policy import load_step
+from emor3_jax.runtime import sharding
+from emor3_jax.runtime.load import load_step
 
 FLAGS = (
     flags.DEFINE_string("workdir", None, "the training run's workdir"),

@@ -32,7 +32,7 @@ def main(argv) -> None:
         dry_run.main(_CONFIG.value, _DRY_RUN.value)
         return
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    from emor3_jax import multihost
+    from emor3_jax.runtime import multihost
 
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
     from emor3_jax.trainer import run

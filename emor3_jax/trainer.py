@@ -21,20 +21,21 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib, multihost, sharding
-from emor3_jax.checkpoint import Checkpointer, PreemptionFlag
+from emor3_jax import config_lib
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.encode import Encoder, sft_batch
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import read_split
 from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
-from emor3_jax.evaluation import evaluate
-from emor3_jax.metrics import CompileTimer, MetricWriter
+from emor3_jax.evaluation.evaluate import evaluate
 from emor3_jax.models.qwen25_vl.convert import load_hf
 from emor3_jax.models.qwen25_vl.model import create_model
 from emor3_jax.rl.advantages import compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner, check_finite, make_optimizer
 from emor3_jax.rl.rollout import Reflection, as_batch, reflect, sample_rollouts, score_async, training_rows
+from emor3_jax.runtime import multihost, sharding
+from emor3_jax.runtime.checkpoint import Checkpointer, PreemptionFlag
+from emor3_jax.runtime.metrics import CompileTimer, MetricWriter
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from configs.qwen_vl import get_config
-from emor3_jax import config_lib, eval_report, sharding, trainer
-from emor3_jax.policy import load_policy, locate
+from emor3_jax import config_lib, trainer
+from emor3_jax.evaluation import report as eval_report
+from emor3_jax.runtime import sharding
+from emor3_jax.runtime.load import load_policy, locate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ("awe", "fear", "joy")

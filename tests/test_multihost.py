@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, _flags, _params
 
-from emor3_jax.multihost import launch_mode
+from emor3_jax.runtime.multihost import launch_mode
 
 STEPS = {"cold_start.steps": 2, "rl.steps": 2, "eval.every": 2}
 

@@ -14,7 +14,7 @@ import pytest
 
 from configs.qwen_vl import get_config
 from emor3_jax import trainer
-from emor3_jax.checkpoint import Checkpointer
+from emor3_jax.runtime.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {

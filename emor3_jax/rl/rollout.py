@@ -17,10 +17,10 @@ import jax
 import numpy as np
 
 from emor3_jax.data.encode import Encoder
+from emor3_jax.emo_r3 import rewards
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
-from emor3_jax.multihost import to_host
-from emor3_jax.rl import rewards
 from emor3_jax.rl.learner import SequenceBatch
+from emor3_jax.runtime.multihost import to_host
 from emor3_jax.sampling.methods import SamplingParams
 from emor3_jax.sampling.sampler import Prompt, Sampler, bucket
 

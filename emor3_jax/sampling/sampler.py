@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from emor3_jax import sharding
 from emor3_jax.models.qwen25_vl.model import Cache, Qwen25VL, prepare_inputs
 from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
+from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import SamplingParams, select
 
 

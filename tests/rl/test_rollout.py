@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from emor3_jax.rl import rewards
+from emor3_jax.emo_r3 import rewards
 from emor3_jax.rl.rollout import Rollouts, score_async
 
 GOOD = "<step1>a red star</step1><step2>thrilled</step2><step3>positive, high</step3> \\boxed{excitement}"

@@ -15,12 +15,12 @@ import os
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax import sharding
-from emor3_jax.checkpoint import Checkpointer
 from emor3_jax.data.tokenizers import special_token_ids
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.convert import load_hf
 from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+from emor3_jax.runtime import sharding
+from emor3_jax.runtime.checkpoint import Checkpointer
 
 
 @dataclasses.dataclass

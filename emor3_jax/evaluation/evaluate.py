@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from emor3_jax.data.encode import Encoder
-from emor3_jax.rl import rewards
+from emor3_jax.emo_r3 import rewards
 from emor3_jax.rl.rollout import Reflection, reflect, sample_rollouts
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler

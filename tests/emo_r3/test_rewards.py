@@ -6,8 +6,8 @@ case; expected numbers are written out, with the wrong answer a plausible bug wo
 
 import pytest
 
-from emor3_jax.rl import rewards as R
-from emor3_jax.rl.rewards import RewardConfig
+from emor3_jax.emo_r3 import rewards as R
+from emor3_jax.emo_r3.rewards import RewardConfig
 
 OFFICIAL = "emo_r3_code"
 ROBUST = "robust"
