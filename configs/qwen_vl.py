@@ -40,21 +40,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.model.compute_dtype = "float32" if tiny else "bfloat16"
     c.model.attention_impl = "xla"
     c.model.remat = not tiny
-    # Architecture of the random tiny model (ignored when hf_path is set).
-    c.model.tiny = ConfigDict(
-        dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            mrope_section=(4, 6, 6),
-            vision_depth=2,
-            vision_hidden_size=64,
-            vision_intermediate_size=128,
-            vision_heads=2,
-        )
-    )
+    # Without hf_path the model is models.api.preset("tiny") (random weights, sized to the tokenizer).
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes

@@ -10,7 +10,12 @@ import os
 from ml_collections import ConfigDict
 
 from emor3_jax.data.splits import SOURCES
-from emor3_jax.models.qwen25_vl.config import ModelConfig, TextConfig, VisionConfig
+from emor3_jax.emo_r3 import rewards
+from emor3_jax.emo_r3.task import JUDGES
+from emor3_jax.models.api import ModelConfig, preset
+from emor3_jax.rl import grpo
+from emor3_jax.rl.advantages import ESTIMATORS
+from emor3_jax.rl.learner import SCHEDULES
 
 
 def validate(c: ConfigDict) -> None:
@@ -63,10 +68,16 @@ def validate(c: ConfigDict) -> None:
         f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
     )
     need(rl.learning_rate > 0, f"--config.rl.learning_rate={rl.learning_rate} must be > 0")
-    need(rl.schedule in ("constant", "warmup_constant", "cosine"), f"--config.rl.schedule={rl.schedule!r} unknown")
-    need(rl.advantage in ("grpo", "drgrpo", "rloo"), f"--config.rl.advantage={rl.advantage!r} unknown")
-    need(rl.loss_mode in ("token", "seq"), f"--config.rl.loss_mode={rl.loss_mode!r} must be token or seq")
-    need(rl.kl_kind in ("k1", "k2", "k3", "low_var_kl"), f"--config.rl.kl_kind={rl.kl_kind!r} unknown")
+    for flag, value, registry in (
+        ("rl.schedule", rl.schedule, SCHEDULES),
+        ("rl.advantage", rl.advantage, ESTIMATORS),
+        ("rl.loss_mode", rl.loss_mode, grpo.MODES),
+        ("rl.kl_kind", rl.kl_kind, grpo.KL_KINDS),
+        ("reward.compat", c.reward.compat, rewards.COMPATS),
+        ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
+        ("reward.judge", c.reward.judge, JUDGES),
+    ):
+        need(value in registry, f"--config.{flag}={value!r} must be one of {tuple(registry)}")
     need(
         0 <= rl.clip_low < 1 and rl.clip_high >= 0 and rl.dual_clip > 1,
         "--config.rl.clip_low in [0, 1), clip_high >= 0 and dual_clip > 1 are required",
@@ -88,10 +99,6 @@ def validate(c: ConfigDict) -> None:
         c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
         "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
     )
-    r = c.reward
-    need(r.compat in ("robust", "emo_r3_code"), f"--config.reward.compat={r.compat!r} must be robust or emo_r3_code")
-    need(r.coherence_target in ("label", "own_answer"), f"--config.reward.coherence_target={r.coherence_target!r}")
-    need(r.judge in ("policy", "reference"), f"--config.reward.judge={r.judge!r} must be policy or reference")
     need(c.cold_start.steps >= 0 and c.cold_start.batch_size >= 1, "--config.cold_start.steps/batch_size invalid")
     need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1, "--config.checkpoint.every and keep must be >= 1")
     need(c.eval.every >= 1 and c.eval.batch_size >= 1, "--config.eval.every and batch_size must be >= 1")
@@ -145,7 +152,10 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
         max(c.sampling.gen_buckets) >= c.rl.max_response_len,
         f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
     )
-    need(c.reward.compat in ("robust", "emo_r3_code"), f"--config.reward.compat={c.reward.compat!r} unknown")
+    need(
+        c.reward.compat in rewards.COMPATS,
+        f"--config.reward.compat={c.reward.compat!r} must be one of {rewards.COMPATS}",
+    )
     if c.tokenizer_path:
         need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
     if errors:
@@ -163,38 +173,8 @@ def runtime_fields(c: ConfigDict) -> dict:
 
 
 def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
-    """The architecture: from the HF checkpoint, or the tiny one sized to the tokenizer."""
+    """The architecture: from the HF checkpoint, or the tiny preset sized to the tokenizer."""
     runtime = runtime_fields(c)
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
-    t = c.model.tiny
-    text = TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_layers=t.num_layers,
-        num_heads=t.num_heads,
-        num_kv_heads=t.num_kv_heads,
-        mrope_section=tuple(t.mrope_section),
-        rope_theta=10000.0,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=special_ids["<|im_end|>"],
-    )
-    vision = VisionConfig(
-        depth=t.vision_depth,
-        hidden_size=t.vision_hidden_size,
-        intermediate_size=t.vision_intermediate_size,
-        num_heads=t.vision_heads,
-        out_hidden_size=t.hidden_size,
-        fullatt_block_indexes=(t.vision_depth - 1,),
-    )
-    return ModelConfig(
-        text=text,
-        vision=vision,
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
-        **runtime,
-    )
+    return preset("tiny", vocab_size=vocab_size, special_ids=special_ids, **runtime)

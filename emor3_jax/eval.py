@@ -22,6 +22,7 @@ sampled on the global mesh and process 0 writes the reports.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -33,17 +34,13 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from emor3_jax import config_lib
-from emor3_jax.data.encode import Encoder
-from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.splits import load_eval_records
-from emor3_jax.data.tokenizers import stop_ids_and_bias
+from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import evaluate
-from emor3_jax.rl.rollout import Reflection
-from emor3_jax.runtime import multihost, sharding
+from emor3_jax.runtime import multihost, setup
 from emor3_jax.runtime.load import load_policy
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
-from emor3_jax.sampling.sampler import Sampler
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir, workdir/{ckpt,best}/N, or a local HF checkpoint dir")
@@ -63,7 +60,7 @@ def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
     return lines
 
 
-def evaluate_dataset(name: str, c: ConfigDict, policy, sampler: Sampler, mesh, rules, k: int, use_set: bool):
+def evaluate_dataset(name: str, c: ConfigDict, policy, rt: setup.Runtime, k: int, use_set: bool):
     """(results.json entry, responses.jsonl lines) of data set `name`."""
     ds = c.eval.datasets[name]
     counter = {}
@@ -73,36 +70,30 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, sampler: Sampler, mesh, r
     if counter.get("bad"):
         print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
     labels = tuple(ds.labels)
-    encoder = Encoder(
-        policy.tokenizer,
-        ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels),
-        policy.cfg,
-        labels,
-        c.rl.max_prompt_len,
-    )
-    reflection = Reflection.from_config(c)
-    stop_ids, logit_bias = stop_ids_and_bias(policy.special)
-    common = dict(max_new=c.rl.max_response_len, stop_ids=stop_ids, logit_bias=logit_bias, use_set=use_set)
+    encoder = rt.encoder(labels, c.rl.max_prompt_len)
+    task = EmoR3.from_config(c, labels, use_set)
+    common = dict(max_new=c.rl.max_response_len, stop_ids=rt.stop_ids, logit_bias=rt.logit_bias)
     key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
     t = time.perf_counter()
     print(f"{name}: {len(records)} records, labels {', '.join(labels)}")
-    with sharding.use_mesh(mesh, rules):
-        greedy = evaluate(
-            sampler,
+    with rt.ctx():
+        greedy = evaluate(  # the policy also judges its greedy answers
+            rt.sampler,
             policy.model,
             encoder,
+            dataclasses.replace(task, reflects=True),
             records,
             batch_size=c.eval.batch_size,
             key=jax.random.fold_in(key, 0),
             params=GREEDY,
-            reflection=reflection,
             **common,
         )
         print(f"{name}: greedy accuracy {greedy['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
         sampled = evaluate(
-            sampler,
+            rt.sampler,
             policy.model,
             encoder,
+            dataclasses.replace(task, reflects=False),
             records,
             batch_size=max(1, c.eval.batch_size // k),  # about eval.batch_size rows per batch
             key=jax.random.fold_in(key, 1),
@@ -119,17 +110,9 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
     """Evaluates the policy at `checkpoint` on data sets `names`; writes the reports to `out`
     (process 0) and returns results.json's content."""
     config_lib.validate_eval(c, names, k)
-    mesh = sharding.make_mesh([tuple(x) for x in c.mesh])
-    rules = [tuple(r) for r in c.logical_axis_rules]
+    mesh, rules = setup.mesh_and_rules(c)
     policy = load_policy(checkpoint, c, mesh, rules)
-    sampler = Sampler(
-        policy.cfg,
-        prompt_buckets=c.sampling.prompt_buckets,
-        gen_buckets=c.sampling.gen_buckets,
-        pad_id=policy.special["<|endoftext|>"],
-        rules=rules,
-        max_rows=c.sampling.max_rows,
-    )
+    rt = setup.build(c, policy.tokenizer, policy.special, policy.cfg, mesh, rules)
     results = {
         "checkpoint": os.path.abspath(checkpoint),
         "step": policy.step,
@@ -145,7 +128,7 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
     if write:
         os.makedirs(out, exist_ok=True)
     for name in names:
-        summary, lines = evaluate_dataset(name, c, policy, sampler, mesh, rules, k, use_set)
+        summary, lines = evaluate_dataset(name, c, policy, rt, k, use_set)
         results["datasets"][name] = summary
         if write:
             with open(os.path.join(out, f"{name}_responses.jsonl"), "w", encoding="utf-8") as f:

@@ -14,6 +14,7 @@ import pytest
 
 from configs.qwen_vl import get_config
 from emor3_jax import trainer
+from emor3_jax.data import store
 from emor3_jax.runtime.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,13 +254,13 @@ def test_bad_record_stops_the_data_build_naming_it_or_is_skipped_and_counted(tmp
         "data.annotations_test": ann,
     }
     with pytest.raises(BadRecord, match="img3.png"):
-        trainer.build_data(small_config(tmp_path / "strict", **flags))
-    out, counts = trainer.build_data(
+        store.build(small_config(tmp_path / "strict", **flags))
+    out, counts = store.build(
         small_config(tmp_path / "lenient", **flags, **{"data.skip_bad": True, "data.max_bad_fraction": 0.5})
     )
     assert counts["train"] == {"seen": 8, "bad": 1} and os.path.isdir(out)
     with pytest.raises(RuntimeError, match="bad"):
-        trainer.build_data(
+        store.build(
             small_config(tmp_path / "too_many", **flags, **{"data.skip_bad": True, "data.max_bad_fraction": 0.05})
         )
 

@@ -10,11 +10,10 @@ import io
 import numpy as np
 from PIL import Image
 
+from emor3_jax.batches import Prompt, bucket
 from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
-from emor3_jax.models.qwen25_vl.config import ModelConfig
-from emor3_jax.models.qwen25_vl.model import prepare_inputs
-from emor3_jax.sampling.sampler import Prompt, bucket
+from emor3_jax.models.api import ModelConfig, prepare_inputs
 
 
 class Encoder:
@@ -45,21 +44,25 @@ class Encoder:
             raise ValueError(f"{what}: {len(ids)} tokens exceed rl.max_prompt_len={self.max_prompt_len}")
         return Prompt(ids, pixels, grid)
 
-    def rollout_prompt(self, record, use_set: bool = True) -> Prompt:
+    def record_prompt(self, record, text: str) -> Prompt:
+        """The prompt `text` (its `<image>` marks the record's image) with the record's image."""
         pixels, grid = self.image(record)
-        q = self.question(record)
-        return self.prompt(prompts.set_prompt(q) if use_set else q, pixels, grid, f"record {record.get('id')!r}")
+        return self.prompt(text, pixels, grid, f"record {record.get('id')!r}")
 
-    def sft_example(self, record):
-        """(ids [T], answer mask [T], pixels, grid) of the record's prompt + reference answer."""
+    def sft_example(self, record, text: str):
+        """(ids [T], answer mask [T], pixels, grid) of prompt `text` + the record's reference answer."""
         if not record.get("answer"):
             raise ValueError(f"record {record.get('id')!r}: no reference answer for the cold start")
         pixels, grid = self.image(record)
-        ids, mask = prompts.encode_for_sft(self.tok, prompts.set_prompt(self.question(record)), record["answer"])
+        ids, mask = prompts.encode_for_sft(self.tok, text, record["answer"])
         n_before = len(ids)
         ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
         mask = np.concatenate([np.zeros(len(ids) - n_before, bool), mask])  # the image sits in the prompt
         return ids, mask, pixels, grid
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+        """Sampled rows [R, G] cut at their lengths [R] -> texts, special tokens skipped."""
+        return [self.tok.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(tokens, lengths)]
 
 
 def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, np.ndarray]:

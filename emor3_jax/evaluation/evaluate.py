@@ -11,17 +11,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from emor3_jax.data.encode import Encoder
-from emor3_jax.emo_r3 import rewards
-from emor3_jax.rl.rollout import Reflection, reflect, sample_rollouts
+from emor3_jax.rl.rollout import sample_rollouts
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
-from emor3_jax.sampling.sampler import Sampler
 
 
 def evaluate(
-    sampler: Sampler,
+    sampler,
     model,
-    encoder: Encoder,
+    encoder,
+    task,
     records: list[dict],
     *,
     batch_size: int,
@@ -30,23 +28,23 @@ def evaluate(
     params: SamplingParams = GREEDY,
     stop_ids=(),
     logit_bias=None,
-    use_set: bool = True,
     n: int = 1,
-    reflection: Reflection | None = None,
 ) -> dict:
     """accuracy, format rate and mean response length over `n` responses to each of
-    `records`, the accuracy of each of the n runs, and every response.
+    `records`, the accuracy of each of the n runs, and every response. `task`
+    (emo_r3/task.py) asks and scores; when `task.reflects`, `model` also judges its answers.
 
     `responses`: R = len(records) * n rows, record b's samples at rows b*n .. b*n+n-1, each
-    {id, label, sample, response, prediction (the boxed answer, "None" if none), correct
-    and format (bools), length}; with `reflection`, also {text_answer, image_answer (None: not asked),
-    coherence, consistency, and score_error if scoring failed}, and their means.
+    {id, label, sample, response, prediction (the task's parsed answer, "None" if none),
+    correct and format (bools), length}; when the task reflects, also {text_answer,
+    image_answer (None: not asked), the other reward components (coherence, consistency), and
+    score_error if scoring failed}, and those components' means.
 
     Batches hold `batch_size` prompts. The last one is padded with repeats of its first
     record (their answers are dropped), so every batch has the same shape and no program is
     compiled twice.
     """
-    rows = []
+    rows, judged = [], []  # judged: the reward components beyond accuracy and format, when reflecting
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
@@ -55,6 +53,7 @@ def evaluate(
             sampler,
             model,
             encoder,
+            task,
             padded,
             n=n,
             key=batch_key,
@@ -62,35 +61,35 @@ def evaluate(
             params=params,
             stop_ids=stop_ids,
             logit_bias=logit_bias,
-            use_set=use_set,
         )
-        if reflection is not None:
-            reflect(
+        if task.reflects:
+            task.reflect(
                 sampler,
                 model,
                 encoder,
                 ro,
-                reflection,
                 key=jax.random.fold_in(batch_key, 1),
                 stop_ids=stop_ids,
                 logit_bias=logit_bias,
             )
         for r in range(len(chunk) * n):
             rec, resp = chunk[r // n], ro.responses[r]
+            answers = (ro.text_answers[r], ro.image_answers[r]) if task.reflects else (None, None)
+            s = task.score(resp, rec["label"], *answers)
             row = {
                 "id": rec["id"],
                 "label": rec["label"],
                 "sample": r % n,
                 "response": resp,
-                "prediction": rewards.extract_boxed(resp),
-                "correct": rewards.accuracy_score(resp, rec["label"]) == 1.0,
-                "format": rewards.format_score(resp) == 1.0,
+                "prediction": task.answer(resp),
+                "correct": s["accuracy"] == 1.0,
+                "format": s["format"] == 1.0,
                 "length": int(ro.lengths[r]),
             }
-            if reflection is not None:
-                row["text_answer"], row["image_answer"] = ro.text_answers[r], ro.image_answers[r]
-                s = rewards.safe_score(resp, rec["label"], row["text_answer"], row["image_answer"], reflection.reward)
-                row["coherence"], row["consistency"] = s["coherence"], s["consistency"]
+            if task.reflects:
+                row["text_answer"], row["image_answer"] = answers
+                judged = [k for k in s if k not in ("overall", "accuracy", "format", "error")]
+                row.update({k: s[k] for k in judged})
                 if "error" in s:
                     row["score_error"] = s["error"]
             rows.append(row)
@@ -101,7 +100,34 @@ def evaluate(
         "response_length": float(np.mean([r["length"] for r in rows])),
         "responses": rows,
     }
-    if reflection is not None:
-        out["coherence"] = float(np.mean([r["coherence"] for r in rows]))
-        out["consistency"] = float(np.mean([r["consistency"] for r in rows]))
+    out.update({k: float(np.mean([r[k] for r in rows])) for k in judged})
+    return out
+
+
+def heldout(rt, model, encoder, task, records: list[dict], c, key) -> dict:
+    """The trainer's validation: greedy and sampled (eval.sampled_temperature / top_p)
+    accuracy, format rate and mean length over `records` (rt: runtime.setup.Runtime)."""
+    out = {}
+    sampled = SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p)
+    for name, params in (("greedy", GREEDY), ("sampled", sampled)):
+        res = evaluate(
+            rt.sampler,
+            model,
+            encoder,
+            task,
+            records,
+            batch_size=c.eval.batch_size,
+            key=key,
+            max_new=c.rl.max_response_len,
+            params=params,
+            stop_ids=rt.stop_ids,
+            logit_bias=rt.logit_bias,
+        )
+        out.update(
+            {
+                f"{name}_accuracy": res["accuracy"],
+                f"{name}_format": res["format_rate"],
+                f"{name}_length": res["response_length"],
+            }
+        )
     return out

@@ -8,6 +8,8 @@ boxed answer that is none of the labels).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -172,3 +174,14 @@ def confusion_image(counts: list[list[int]], labels: Sequence[str], title: str) 
             ink = "white" if share[i, j] > 0.5 else "black"
             draw.text((x + CELL // 2, y + CELL // 2), str(counts[i][j]), fill=ink, font=font, anchor="mm")
     return img
+
+
+def write_run_results(workdir: str, results: dict) -> None:
+    """A training run's results.json, and its held-out accuracies printed."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    for name, ev in (("cold start", results["cold_start"]), ("GRPO", results["grpo"])):
+        if ev:
+            greedy, sampled = ev["greedy_accuracy"], ev["sampled_accuracy"]
+            print(f"\nheld-out accuracy, {name}: greedy {greedy:.3f}, sampled {sampled:.3f}", end="")
+    print()

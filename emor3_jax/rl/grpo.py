@@ -15,8 +15,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KL_KINDS = ("k1", "k2", "k3", "low_var_kl")
-MODES = ("token", "seq")
 LOG_RATIO_CLAMP = 20.0  # |log pi/pi_old| and |log pi_ref/pi| are clamped before exp
 KL_CLAMP = 10.0  # k3 values are clamped to [-10, 10]
 
@@ -58,6 +56,23 @@ def entropy(logits: jax.Array) -> jax.Array:
     return lse - jnp.sum(p * z, axis=-1)
 
 
+def _k1(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    return logp - ref_logp
+
+
+def _k2(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    return 0.5 * jnp.square(logp - ref_logp)
+
+
+def _k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -KL_CLAMP, KL_CLAMP)
+
+
+# The registries the config validation reads (rl.kl_kind, rl.loss_mode): a new kind is one entry.
+KL_KINDS = {"k1": _k1, "k2": _k2, "k3": _k3, "low_var_kl": _k3}
+
+
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
     """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs.
 
@@ -73,16 +88,23 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
     Returns:
       [B, T] fp32.
     """
-    logp = logp.astype(jnp.float32)
-    ref_logp = ref_logp.astype(jnp.float32)
-    if kind == "k1":
-        return logp - ref_logp
-    if kind == "k2":
-        return 0.5 * jnp.square(logp - ref_logp)
-    if kind in ("k3", "low_var_kl"):
-        d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return jnp.clip(jnp.exp(d) - d - 1.0, -KL_CLAMP, KL_CLAMP)
-    raise ValueError(f"unknown KL kind {kind!r}, expected one of {KL_KINDS}")
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown KL kind {kind!r}, expected one of {tuple(KL_KINDS)}")
+    return KL_KINDS[kind](logp.astype(jnp.float32), ref_logp.astype(jnp.float32))
+
+
+def _token_mean(xm: jax.Array, m: jax.Array) -> jax.Array:
+    return jnp.sum(xm) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _seq_mean(xm: jax.Array, m: jax.Array) -> jax.Array:
+    count = jnp.sum(m, axis=-1)  # [B]
+    per_seq = jnp.sum(xm, axis=-1) / jnp.maximum(count, 1.0)  # [B]
+    has_tokens = (count > 0).astype(jnp.float32)
+    return jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
+MODES = {"token": _token_mean, "seq": _seq_mean}
 
 
 def aggregate(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
@@ -101,17 +123,11 @@ def aggregate(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     Returns:
       scalar fp32.
     """
-    x = x.astype(jnp.float32)
+    if mode not in MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}, expected one of {tuple(MODES)}")
     m = mask.astype(jnp.float32)
-    xm = jnp.where(m > 0, x, 0.0) * m  # masked garbage (inf, NaN) must not leak into the sum
-    if mode == "token":
-        return jnp.sum(xm) / jnp.maximum(jnp.sum(m), 1.0)
-    if mode == "seq":
-        count = jnp.sum(m, axis=-1)  # [B]
-        per_seq = jnp.sum(xm, axis=-1) / jnp.maximum(count, 1.0)  # [B]
-        has_tokens = (count > 0).astype(jnp.float32)
-        return jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
-    raise ValueError(f"unknown aggregation mode {mode!r}, expected one of {MODES}")
+    xm = jnp.where(m > 0, x.astype(jnp.float32), 0.0) * m  # masked garbage (inf, NaN) must not leak into the sum
+    return MODES[mode](xm, m)
 
 
 def _check_shapes(mask: jax.Array, advantages: jax.Array, **per_token: jax.Array) -> None:

@@ -20,19 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
-from emor3_jax.models.qwen25_vl.vision import VisionLayout
+from emor3_jax.batches import SequenceBatch
 from emor3_jax.rl import grpo
-
-
-@struct.dataclass
-class SequenceBatch:
-    input_ids: jax.Array  # [R, T]
-    attention_mask: jax.Array  # [R, T]
-    positions: jax.Array  # [3, R, T]
-    pixels: jax.Array | None = None  # [L, C] window order
-    layout: VisionLayout | None = None
 
 
 def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chunk: int = 256):
@@ -58,32 +49,93 @@ def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chun
     return unchunk(logp), unchunk(ent)
 
 
-def make_optimizer(
-    schedule: str, lr: float, warmup: int, total_steps: int, weight_decay: float, b1: float, b2: float, grad_clip: float
-) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
-    """AdamW after global-norm clipping; also the learning-rate schedule (for logging)."""
-    if schedule == "constant":
-        lr_fn = optax.constant_schedule(lr)
-    elif schedule == "warmup_constant":
-        lr_fn = optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)]
+def _warmup_constant(lr: float, warmup: int, total_steps: int):
+    w = max(warmup, 1)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, w), optax.constant_schedule(lr)], [w])
+
+
+# The registry the config validation reads (rl.schedule): (lr, warmup, total steps) -> schedule.
+SCHEDULES = {
+    "constant": lambda lr, warmup, total_steps: optax.constant_schedule(lr),
+    "warmup_constant": _warmup_constant,
+    "cosine": lambda lr, warmup, total_steps: optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup, 1), max(total_steps, warmup + 1)
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerSettings:
+    """AdamW after global-norm clipping, with a learning-rate schedule from SCHEDULES."""
+
+    schedule: str
+    learning_rate: float
+    warmup_steps: int
+    total_steps: int
+    weight_decay: float
+    b1: float
+    b2: float
+    grad_clip: float
+
+    @classmethod
+    def from_config(cls, c, phase: str, total_steps: int) -> OptimizerSettings:
+        """Phase "grpo" reads rl.*; "cold_start" reads its learning rate and warmup from
+        cold_start.* (constant after warmup) and the AdamW moments and clipping from rl.*."""
+        rl = c.rl
+        if phase == "cold_start":
+            cs = c.cold_start
+            schedule = "warmup_constant" if cs.warmup_steps else "constant"
+            lr, warmup = cs.learning_rate, cs.warmup_steps
+        elif phase == "grpo":
+            schedule, lr, warmup = rl.schedule, rl.learning_rate, rl.warmup_steps
+        else:
+            raise ValueError(f"unknown phase {phase!r}; expected cold_start or grpo")
+        return cls(
+            schedule=schedule,
+            learning_rate=lr,
+            warmup_steps=warmup,
+            total_steps=total_steps,
+            weight_decay=rl.weight_decay,
+            b1=rl.b1,
+            b2=rl.b2,
+            grad_clip=rl.grad_clip,
         )
-    elif schedule == "cosine":
-        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(lr_fn, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def make_optimizer(s: OptimizerSettings) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
+    """AdamW after global-norm clipping; also the learning-rate schedule (for logging)."""
+    if s.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {s.schedule!r}, expected one of {tuple(SCHEDULES)}")
+    lr_fn = SCHEDULES[s.schedule](s.learning_rate, s.warmup_steps, s.total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(s.grad_clip), optax.adamw(lr_fn, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay)
+    )
     return tx, lr_fn
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOSettings:
+    """The clipped, KL-regularised loss (rl/grpo.py): kl_kind from grpo.KL_KINDS, loss_mode
+    from grpo.MODES."""
+
     clip_low: float
     clip_high: float
     dual_clip: float
     kl_coef: float
     kl_kind: str
     loss_mode: str
+
+    @classmethod
+    def from_config(cls, c) -> GRPOSettings:
+        rl = c.rl
+        return cls(
+            clip_low=rl.clip_low,
+            clip_high=rl.clip_high,
+            dual_clip=rl.dual_clip,
+            kl_coef=rl.kl_coef,
+            kl_kind=rl.kl_kind,
+            loss_mode=rl.loss_mode,
+        )
 
 
 class Learner:
@@ -95,6 +147,10 @@ class Learner:
         self._logprobs = jax.jit(self._logprobs_impl, static_argnums=(2, 3))
         self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
+
+    def model(self, params):
+        """The model with `params` (a view: no copy)."""
+        return nnx.merge(self.graphdef, params)
 
     # ---- log-probs without gradients (old / reference policy) ----
     def _logprobs_impl(self, params, batch, start, length):

@@ -15,24 +15,22 @@ import os
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax.data.tokenizers import special_token_ids
-from emor3_jax.models.qwen25_vl.config import ModelConfig
-from emor3_jax.models.qwen25_vl.convert import load_hf
-from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+from emor3_jax.models.api import Model, ModelConfig, abstract_model, load_hf
 from emor3_jax.runtime import sharding
 from emor3_jax.runtime.checkpoint import Checkpointer
+from emor3_jax.runtime.setup import check_tokenizer
 
 
 @dataclasses.dataclass
 class Policy:
-    model: Qwen25VL
+    model: Model
     cfg: ModelConfig
     tokenizer: object
     special: dict[str, int]  # Qwen special token -> id
     step: int | None  # the Orbax step; None for an HF checkpoint
 
 
-def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple[Qwen25VL, dict, dict, int]:
+def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple[Model, dict, dict, int]:
     """The model saved as `step` (None: the latest) in a run's checkpoint `directory`
     (workdir/ckpt or workdir/best), its parameters placed on `mesh` by `rules`; also the
     step's metadata, the run's config (a dict) and the step.
@@ -94,15 +92,5 @@ def load_policy(path: str, c: ConfigDict, mesh, rules) -> Policy:
     if not os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
         raise FileNotFoundError(f"{tok_dir}: no tokenizer (tokenizer_config.json); set --config.tokenizer_path")
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = model.cfg
-    special = special_token_ids(tok)
-    missing = [t for t, i in special.items() if i is None or i == tok.unk_token_id]
-    if missing:
-        raise ValueError(f"{tok_dir}: tokenizer lacks Qwen special tokens {missing}")
-    if special["<|image_pad|>"] != cfg.image_token_id or len(tok) > cfg.text.vocab_size:
-        raise ValueError(
-            f"{tok_dir}: tokenizer does not match the checkpoint {path} (<|image_pad|> id "
-            f"{special['<|image_pad|>']} vs {cfg.image_token_id}, {len(tok)} tokens vs vocab "
-            f"{cfg.text.vocab_size}); set --config.tokenizer_path to the model's tokenizer"
-        )
-    return Policy(model, cfg, tok, special, step)
+    special = check_tokenizer(tok, f"{tok_dir} (for {path})", model.cfg)
+    return Policy(model, model.cfg, tok, special, step)

@@ -75,6 +75,14 @@ class MetricWriter:
             self._tb.add_scalar(f"{phase}/{k}", v, step)
         self._tb.flush()
 
+    def records_skipped(self, counts: dict) -> None:
+        """Reports the bad records skipped per split while the data was built ({split: {seen, bad}})."""
+        for split, count in counts.items():
+            if count:
+                print(f"data {split}: skipped {count.get('bad', 0)} bad of {count.get('seen', 0)} records")
+                seen, bad = count.get("seen", 0), count.get("bad", 0)
+                self.write(f"data_{split}", 0, {"records_seen": seen, "records_bad": bad})
+
     def text(self, phase: str, step: int, tag: str, text: str) -> None:
         if self.enabled:
             self._tb.add_text(f"{phase}/{tag}", text, step)

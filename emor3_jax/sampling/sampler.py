@@ -14,7 +14,6 @@ run compiles a bounded number of programs (`Sampler.compiled_programs`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -22,20 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from emor3_jax.models.qwen25_vl.model import Cache, Qwen25VL, prepare_inputs
-from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
+from emor3_jax.batches import Prompt, bucket
+from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, Cache, Model, prepare_inputs
 from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import SamplingParams, select
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One tokenized prompt. `pixel_values` [L, C] and `image_grid_thw` [I, 3] as the image
-    processor returns them, for the images of this prompt in order (None: text only)."""
-
-    ids: np.ndarray
-    pixel_values: np.ndarray | None = None
-    image_grid_thw: np.ndarray | None = None
 
 
 @struct.dataclass
@@ -53,14 +42,6 @@ class Samples:
     logprobs: jax.Array
     lengths: jax.Array
     done: jax.Array
-
-
-def bucket(n: int, buckets: Sequence[int], what: str) -> int:
-    """The smallest of `buckets` holding `n`; raises naming `what` when none does."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}; add a larger bucket to the config")
 
 
 def left_padded_batch(cfg, prompts: Sequence[Prompt], length: int, pad_id: int) -> dict:
@@ -125,7 +106,7 @@ class Sampler:
 
     def generate(
         self,
-        model: Qwen25VL,
+        model: Model,
         prompts: Sequence[Prompt],
         *,
         key: jax.Array,

@@ -6,7 +6,19 @@ import numpy as np
 import pytest
 
 from emor3_jax.emo_r3 import rewards
+from emor3_jax.emo_r3.task import EmoR3, Reflection
 from emor3_jax.rl.rollout import Rollouts, score_async
+from emor3_jax.sampling.methods import GREEDY
+
+
+def _task(cfg: rewards.RewardConfig, reflection: bool) -> EmoR3:
+    return EmoR3(
+        labels=("excitement", "fear"),
+        reward=cfg,
+        reflection=Reflection(max_new=8, params=GREEDY),
+        reflects=reflection,
+    )
+
 
 GOOD = "<step1>a red star</step1><step2>thrilled</step2><step3>positive, high</step3> \\boxed{excitement}"
 
@@ -31,7 +43,7 @@ def test_scores_follow_the_spec_and_an_exception_scores_zero_and_is_reported():
     ro.image_answers = ["yes", None, None, "no"]
     cfg = rewards.RewardConfig()
     with ThreadPoolExecutor(2) as pool:
-        scores = [f.result() for f in score_async(pool, ro, cfg, reflection=True)]
+        scores = [f.result() for f in score_async(pool, ro, _task(cfg, reflection=True).score)]
     # row 0: accuracy 1, format 1, coherence 1, consistency 1 -> 0.8 + 0.1 + 0.1 + 0.1
     assert scores[0]["overall"] == pytest.approx(1.1)
     # row 1: the response is not a string: zero reward, the error kept for the log
@@ -45,6 +57,6 @@ def test_scores_follow_the_spec_and_an_exception_scores_zero_and_is_reported():
 def test_without_reflection_coherence_and_consistency_are_one():
     ro = _rollouts([GOOD, GOOD], ["excitement"], n=2)
     with ThreadPoolExecutor(1) as pool:
-        scores = [f.result() for f in score_async(pool, ro, rewards.RewardConfig(), reflection=False)]
+        scores = [f.result() for f in score_async(pool, ro, _task(rewards.RewardConfig(), reflection=False).score)]
     assert scores[0]["coherence"] == scores[0]["consistency"] == 1.0
     assert scores[0]["overall"] == pytest.approx(1.1)

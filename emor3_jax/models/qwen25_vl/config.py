@@ -241,8 +241,19 @@ def _validate(c: ModelConfig) -> None:
             raise ValueError(f"{name}: hidden_act {act!r} not supported (Qwen2.5-VL uses 'silu')")
 
 
-def preset(name: str, **runtime) -> ModelConfig:
-    """Architectures of Qwen2.5-VL-{3B,7B}-Instruct (no download needed)."""
+# Qwen's special tokens a tiny model needs ids for (the tokenizer it is sized to gives them).
+TINY_SPECIAL = ("<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def preset(name: str, *, vocab_size: int | None = None, special_ids: dict | None = None, **runtime) -> ModelConfig:
+    """Named architectures: Qwen2.5-VL-{3B,7B}-Instruct (no download needed) and "tiny", the
+    random 2-layer model of the CPU default run, tests and bench smoke runs.
+
+    tiny is sized to a tokenizer: `vocab_size` (required) and `special_ids`, Qwen's special
+    token -> id for TINY_SPECIAL (None: the last five ids of the vocabulary).
+    """
+    if name == "tiny":
+        return _tiny(vocab_size, special_ids, **runtime)
     common_v = dict(
         depth=32,
         hidden_size=1280,
@@ -276,8 +287,39 @@ def preset(name: str, **runtime) -> ModelConfig:
         ),
     }
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(presets)}")
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(presets) + ['tiny']}")
     t, tie = presets[name]
     text = TextConfig(mrope_section=(16, 24, 24), **t)
     vision = VisionConfig(out_hidden_size=text.hidden_size, **common_v)
     return ModelConfig(text=text, vision=vision, tie_word_embeddings=tie, **runtime)
+
+
+def _tiny(vocab_size: int | None, special_ids: dict | None, **runtime) -> ModelConfig:
+    if not vocab_size:
+        raise ValueError("the tiny preset needs vocab_size (the size of the tokenizer it is used with)")
+    ids = special_ids or {tok: vocab_size - 5 + i for i, tok in enumerate(TINY_SPECIAL)}
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        mrope_section=(4, 6, 6),
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+    )
+    vision = VisionConfig(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, fullatt_block_indexes=(1,)
+    )
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **runtime,
+    )

@@ -1,0 +1,79 @@
+"""The run's data store: both splits written once to ArrayRecord files in the workdir (a
+tensorflow-datasets builder), read back with grain, each process its block of every global
+batch (the blocks in process order are what one process reads)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from emor3_jax.data import pipeline, sources, tfds_builder
+from emor3_jax.data.splits import read_split
+from emor3_jax.runtime import multihost
+
+NAME = "emotions"
+
+
+def build(c: ConfigDict) -> tuple[str, dict]:
+    """ArrayRecord files of both splits (built once per workdir): their directory, and the
+    records seen / skipped as bad per split while building."""
+    labels = list(c.data.labels)
+    synthetic = c.data.source == "synthetic"
+    counter = {} if synthetic else {"train": {}, "test": {}}  # generated records cannot be bad
+    counts = {"train": c.data.synthetic_train, "test": c.data.synthetic_test}
+    splits = {}
+    for s in ("train", "test"):
+        records = read_split(
+            c.data.source,
+            c.data[s],
+            c.data[f"annotations_{s}"],
+            s,
+            labels,
+            count=counts[s],
+            seed=c.seed,
+            image_size=c.data.image_size,
+        )
+        if not synthetic:
+            records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])
+        splits[s] = records
+    out = os.path.join(c.workdir, "data")
+    if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks
+        tfds_builder.build(splits, out, NAME)
+    multihost.barrier("data built")
+    return out, counter
+
+
+def train_size(directory: str) -> int:
+    return len(pipeline.open_split(directory, NAME, "train"))
+
+
+def train_iterator(directory: str, what: str, batch_size: int, seed: int, state=None):
+    """This process's block of each global batch of `batch_size` shuffled training records,
+    repeating forever (`multihost.gather_records` gathers the blocks); `state` resumes it. Its
+    saved state is the batch index, the same on every process."""
+    if batch_size % jax.process_count():
+        raise ValueError(f"{what}: a global batch of {batch_size} does not split over {jax.process_count()} processes")
+    it = pipeline.make_iterator(
+        directory,
+        NAME,
+        "train",
+        batch_size=batch_size // jax.process_count(),
+        seed=seed,
+        shuffle=True,
+        num_epochs=None,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+def test_records(directory: str, count: int) -> list[dict]:
+    """The first `count` held-out records: each process reads its block; all hold the whole
+    list, in the order one process reads it."""
+    test = pipeline.open_split(directory, NAME, "test")
+    count, procs, me = min(len(test), count), jax.process_count(), jax.process_index()
+    return multihost.gather_records([test[i] for i in range(me * count // procs, (me + 1) * count // procs)])

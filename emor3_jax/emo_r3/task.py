@@ -1,0 +1,133 @@
+"""EMO-R3 as a task: what the policy is asked (the SET prompt), how it judges its own answers
+(the two reflection questions, spec section 4), and the reward's named components.
+
+The GRPO step (rl/experience.py) and the evaluation reach the method only through a `Task`:
+
+    prompt(encoder, record) -> Prompt            the rollout prompt of a record
+    sft_example(encoder, record) -> example      prompt + reference answer (cold start)
+    answer(response) -> str                      the parsed answer (evaluation's prediction)
+    reflects                                     whether `reflect` must run before `score`
+    judge                                        "policy" | "reference": who answers reflections
+    reflect(sampler, judge, encoder, ro, key=, stop_ids=, logit_bias=)   fills ro.*_answers
+    score(response, label, text_answer, image_answer) -> {name: value}, "overall" included;
+        never raises: a row it cannot score gets "error" (a message) and its values
+
+A new reward or task is one class with these members; the trainer, eval and metrics log
+whatever components `score` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from emor3_jax.batches import Prompt
+from emor3_jax.data import prompts
+from emor3_jax.emo_r3 import rewards
+from emor3_jax.runtime.multihost import to_host
+from emor3_jax.sampling.methods import SamplingParams
+
+JUDGES = ("policy", "reference")
+_PLACEHOLDER = "Answer 'None'"  # fills a reflection slot whose response gave no span (answer ignored)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reflection:
+    """How the judge answers the reflection questions: sampled with `params`, up to `max_new`
+    tokens."""
+
+    max_new: int
+    params: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmoR3:
+    """The EMO-R3 task. `reflects=False` scores without a judge (coherence = consistency = 1)."""
+
+    labels: tuple[str, ...]
+    reward: rewards.RewardConfig
+    reflection: Reflection
+    reflects: bool = True
+    judge: str = "policy"
+    use_set: bool = True  # False: the bare question (eval --plain)
+
+    def __post_init__(self):
+        if self.judge not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+
+    @classmethod
+    def from_config(cls, c, labels=None, use_set: bool = True) -> EmoR3:
+        """From the run config's `reward` section (emo_r3_code mode answers up to
+        rl.max_response_len); `labels` default to data.labels."""
+        rc = c.reward
+        return cls(
+            labels=tuple(c.data.labels if labels is None else labels),
+            reward=rewards.RewardConfig(
+                compat=rc.compat,
+                coherence_target=rc.coherence_target,
+                w_accuracy=rc.w_accuracy,
+                w_coherence=rc.w_coherence,
+                w_consistency=rc.w_consistency,
+                w_format=rc.w_format,
+            ),
+            reflection=Reflection(
+                max_new=rc.reflection_max_tokens if rc.compat == "robust" else c.rl.max_response_len,
+                params=SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p),
+            ),
+            reflects=rc.reflection,
+            judge=rc.judge,
+            use_set=use_set,
+        )
+
+    # ---- what the policy is asked
+    def question(self, encoder, record) -> str:
+        q = encoder.question(record)
+        return prompts.set_prompt(q) if self.use_set else q
+
+    def prompt(self, encoder, record) -> Prompt:
+        return encoder.record_prompt(record, self.question(encoder, record))
+
+    def sft_example(self, encoder, record):
+        return encoder.sft_example(record, prompts.set_prompt(encoder.question(record)))
+
+    def answer(self, response: str) -> str:
+        """The response's answer: its last boxed content ("None" if none)."""
+        return rewards.extract_boxed(response)
+
+    # ---- how it judges itself
+    def reflect(self, sampler, judge, encoder, ro, *, key, stop_ids, logit_bias) -> None:
+        """Asks `judge` both reflection questions about every response (fills ro.text_answers
+        and ro.image_answers; None where the robust mode does not ask). Both are sampled in
+        batches of exactly R prompts (a response without a span gets a placeholder question,
+        its answer dropped), so every step runs the same compiled programs."""
+        compat = self.reward.compat
+        text_q = [rewards.text_reflection_prompt(r, self.labels, compat) for r in ro.responses]
+        image_q = [rewards.image_reflection_prompt(r, compat) for r in ro.responses]
+        text_prompts = [encoder.prompt(q or _PLACEHOLDER, what="text reflection") for q in text_q]
+        image_prompts = []
+        for row, q in enumerate(image_q):
+            src = ro.prompts[row // ro.n]
+            image_prompts.append(
+                encoder.prompt(
+                    q or "<image>\n" + _PLACEHOLDER, src.pixel_values, src.image_grid_thw, "image reflection"
+                )
+            )
+        k1, k2 = jax.random.split(key)
+        answers = []
+        r = self.reflection
+        for qs, ps, k in ((text_q, text_prompts, k1), (image_q, image_prompts, k2)):
+            out = sampler.generate(
+                judge, ps, key=k, max_new_tokens=r.max_new, params=r.params, stop_ids=stop_ids, logit_bias=logit_bias
+            )
+            texts = encoder.decode(to_host(out.tokens), to_host(out.lengths))
+            answers.append([t if q is not None else None for t, q in zip(texts, qs)])
+        ro.text_answers, ro.image_answers = answers
+
+    # ---- the reward
+    def score(self, response: str, label: str, text_answer: str | None, image_answer: str | None) -> dict:
+        """The Reflective Emotional Reward's components (emo_r3/rewards.py). Never raises: a
+        malformed row scores 0 with an "error" entry, which the step counts and logs."""
+        if self.reflects:
+            return rewards.safe_score(response, label, text_answer, image_answer, self.reward)
+        return rewards.safe_score_without_reflection(response, label, self.reward)

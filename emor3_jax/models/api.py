@@ -1,0 +1,54 @@
+"""The model seam: the rest of the code reaches a model family only through this module.
+
+A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D width, V vocab)
+
+    embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
+    hidden_states(x, positions [3, B, T], attention_mask [B, T]) -> h [B, T, D]
+    decode(x, positions, attn [B, 1, T, S], cache, index) -> (h [B, T, D], cache)
+    logits(h [..., D]) -> [..., V] fp32
+
+and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
+rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
+layout (`Cache`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration (`ModelConfig`, named
+`preset`s), and construction and checkpoint IO (`create_model`, `abstract_model`, `load_hf`,
+`save_hf`). Qwen2.5-VL is the family implemented; another one plugs in here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+
+from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
+from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
+from emor3_jax.models.qwen25_vl.model import Cache, abstract_model, create_model, prepare_inputs
+from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
+
+__all__ = [
+    "K_CACHE_AXES",
+    "V_CACHE_AXES",
+    "Cache",
+    "Model",
+    "ModelConfig",
+    "abstract_model",
+    "create_model",
+    "load_hf",
+    "prepare_inputs",
+    "preset",
+    "save_hf",
+]
+
+
+class Model(Protocol):
+    """What sampling and learning call on a model (see the module docstring for shapes)."""
+
+    cfg: ModelConfig
+
+    def embed(self, input_ids: jax.Array, pixels=None, layout=None) -> jax.Array: ...
+
+    def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array: ...
+
+    def decode(self, x: jax.Array, positions: jax.Array, attn: jax.Array, cache: Cache, index) -> tuple: ...
+
+    def logits(self, h: jax.Array) -> jax.Array: ...

@@ -1,0 +1,191 @@
+"""The GRPO step in pieces (rl/experience.py), with a scripted sampler (fixed responses) and a
+scripted task (fixed rewards), on a tiny random model: gradient accumulation over micro-batches
+equals one big batch in each loss mode, the optimizer state is threaded through the update, and
+a reward component a task adds comes back from the step and lands in the trainer's metrics."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from emor3_jax.batches import Prompt
+from emor3_jax.models.api import create_model
+from emor3_jax.rl.experience import GRPOStep, StepSettings
+from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
+from emor3_jax.runtime import sharding
+from emor3_jax.sampling.methods import SamplingParams
+from emor3_jax.sampling.sampler import Samples
+
+B, N, G, PAD = 4, 2, 6, 0
+LENGTHS = np.array([1, 6, 3, 5, 2, 6, 4, 1])  # [R]: different lengths, so token and row weights differ
+
+
+class ScriptedSampler:
+    """Returns the same tokens for every call: row r is r+10, r+11, ... cut at LENGTHS[r]."""
+
+    def generate(self, model, prompts, *, key, max_new_tokens, n, params, stop_ids, logit_bias):
+        rows = len(prompts) * n
+        tokens = np.full((rows, G), PAD, np.int32)
+        for r in range(rows):
+            tokens[r, : LENGTHS[r]] = np.arange(LENGTHS[r]) + 10 + r
+        return Samples(
+            tokens=jax.numpy.asarray(tokens),
+            logprobs=jax.numpy.zeros((rows, G)),
+            lengths=jax.numpy.asarray(LENGTHS[:rows]),
+            done=jax.numpy.ones((rows,), bool),
+        )
+
+
+class ScriptedEncoder:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def decode(self, tokens, lengths):
+        return [" ".join(map(str, row[:n])) for row, n in zip(tokens, lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedTask:
+    """Reward = response length / 10, plus a "brevity" component the trainer has never heard of."""
+
+    reflects: bool = False
+    judge: str = "policy"
+
+    def prompt(self, encoder, record):
+        return Prompt(np.array(record["ids"], np.int32))
+
+    def score(self, response, label, text_answer, image_answer):
+        n = len(response.split())
+        return {"overall": n / 10, "brevity": float(n <= 2)}
+
+
+def _setup(micro_batch, loss_mode, tx=None):
+    from emor3_jax.models.api import preset
+
+    cfg = preset("tiny", vocab_size=64, param_dtype="float32", compute_dtype="float32")
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    graphdef, params = nnx.split(create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0))
+    settings = StepSettings(
+        num_generations=N,
+        advantage="grpo",
+        max_response_len=G,
+        rollout=SamplingParams(temperature=1.0),
+        micro_batch=micro_batch,
+        update_batch=B,
+        recompute_old_logprobs=True,
+        prompt_buckets=(8,),
+        loss=GRPOSettings(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode=loss_mode),
+    )
+    learner = Learner(graphdef, tx or optax.sgd(1.0))
+    step = GRPOStep(
+        learner=learner,
+        sampler=ScriptedSampler(),
+        encoder=ScriptedEncoder(cfg),
+        task=ScriptedTask(),
+        settings=settings,
+        pad_id=PAD,
+        stop_ids=(),
+        logit_bias=None,
+        threads=1,
+    )
+    records = [{"id": str(b), "label": "x", "ids": list(range(1, 3 + b))} for b in range(B)]
+    return mesh, learner, params, step, records
+
+
+@pytest.mark.parametrize("loss_mode", ["token", "seq"])
+def test_micro_batches_accumulate_to_the_gradient_of_one_big_batch(loss_mode):
+    """With plain SGD at lr 1, params_after = params - grad: the update over 4 micro-batches of
+    2 rows must move the params exactly as one micro-batch of all 8 rows (a weighting by rows
+    in token mode, or by tokens in seq mode, fails this: the rows have 1 to 6 tokens)."""
+    moved = {}
+    for micro in (B * N, 2):
+        mesh, learner, params, step, records = _setup(micro, loss_mode)
+        ref = jax.tree.map(lambda x: x + 0.01, params)  # a reference that differs, so the KL term has a gradient
+        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+            exp = step.experience(params, ref, records, jax.random.key(0))
+            assert len(exp.batches) == B * N // micro
+            before = jax.tree.map(np.asarray, params)  # apply donates the params
+            new, _, metrics = step.update(params, learner.init(params), exp, step=1)
+        moved[micro] = jax.tree.map(lambda a, b: np.asarray(a) - b, new, before)
+        step.close()
+    flat_big, flat_small = jax.tree.leaves(moved[B * N]), jax.tree.leaves(moved[2])
+    assert max(float(np.abs(a).max()) for a in flat_big) > 1e-6  # the gradient is not zero
+    for a, b in zip(flat_big, flat_small):
+        # atol: two float32 ulps of a parameter of magnitude ~1 (the move is new - old params)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2.5e-7)
+
+
+def _adam_count(opt) -> int:
+    return int(np.asarray(opt[1][0].count))  # chain(clip, adamw): AdamW's step counter
+
+
+def test_optimizer_state_is_threaded_through_not_smuggled():
+    tx, _ = make_optimizer(
+        OptimizerSettings(
+            schedule="constant",
+            learning_rate=1e-3,
+            warmup_steps=0,
+            total_steps=2,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            grad_clip=1.0,
+        )
+    )
+    mesh, learner, params, step, records = _setup(2, "token", tx)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        opt = learner.init(params)
+        exp = step.experience(params, params, records, jax.random.key(0))
+        p1, opt1, metrics = step.update(params, opt, exp, step=1)
+        count1 = _adam_count(opt1)  # read before the next update donates opt1
+        p1_again = jax.tree.map(jnp.copy, p1)  # apply donates its inputs
+        fresh = learner.init(p1)
+        p2, opt2, _ = step.update(p1, opt1, exp, step=2)
+        # The same second update from a fresh optimizer state moves the params differently:
+        # the state handed in is the one used.
+        p2_fresh, _, _ = step.update(p1_again, fresh, exp, step=2)
+    step.close()
+    assert count1 == 1 and _adam_count(opt2) == 2  # one optimizer step per update (update_batch = B)
+    assert all(isinstance(v, float) for v in metrics.values())  # metrics are numbers, no state inside
+    diff = max(float(np.abs(np.asarray(a - b)).max()) for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p2_fresh)))
+    assert diff > 0
+
+
+def test_experience_returns_every_reward_component_the_task_scores():
+    mesh, learner, params, step, records = _setup(2, "token")
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        exp = step.experience(params, params, records, jax.random.key(0))
+    step.close()
+    assert list(exp.rewards) == ["overall", "brevity"]
+    np.testing.assert_allclose(exp.rewards["overall"], LENGTHS / 10, rtol=1e-6)
+    np.testing.assert_array_equal(exp.rewards["brevity"], (LENGTHS <= 2).astype(np.float32))
+    # GRPO with n = 2: each pair's rewards a, b give A = sign(a - b) / sqrt(2) (mean (a+b)/2,
+    # unbiased std |a - b| / sqrt(2)); the pairs' lengths are (1, 6), (3, 5), (2, 6), (4, 1).
+    want = np.array([-1, 1, -1, 1, -1, 1, 1, -1]) / np.sqrt(2)
+    np.testing.assert_allclose(exp.advantages, want, rtol=1e-4)
+
+
+def test_a_task_component_lands_in_the_trainers_metrics(tmp_path, monkeypatch):
+    """The trainer logs whatever components the task returns: a task that adds one (here
+    through the EMO-R3 task's score) needs no change to the trainer."""
+    from test_train import small_config
+
+    from emor3_jax import trainer
+    from emor3_jax.emo_r3.task import EmoR3
+
+    class WithLength(EmoR3):
+        def score(self, response, label, text_answer, image_answer):
+            return {**super().score(response, label, text_answer, image_answer), "chars": float(len(response))}
+
+    monkeypatch.setattr(trainer, "EmoR3", WithLength)
+    trainer.run(small_config(tmp_path, **{"cold_start.steps": 0, "rl.steps": 1, "eval.num_examples": 2}))
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        grpo = [json.loads(line) for line in f if '"phase": "grpo"' in line]
+    assert len(grpo) == 1 and grpo[0]["reward_chars"] > 0
+    assert {"reward_overall", "reward_accuracy", "reward_format"} <= set(grpo[0])
