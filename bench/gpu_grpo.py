@@ -59,7 +59,6 @@ The GPU path imports neither torch nor transformers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -81,23 +80,9 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
 
 
-def tiny(cfg):
-    """A 2-layer text and vision stack with a 1024-token vocabulary (CPU smoke)."""
-    text = dict(vocab_size=1024, num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=128)
-    return cfg.replace(
-        text=dataclasses.replace(cfg.text, mrope_section=(4, 6, 6), bos_token_id=None, eos_token_id=None, **text),
-        vision=dataclasses.replace(cfg.vision, fullatt_block_indexes=(1,), **vision),
-        image_token_id=1000,
-        video_token_id=1001,
-        vision_start_token_id=1002,
-        vision_end_token_id=1003,
-    )
-
-
 def make_prompts(cfg, count: int, text_len: int, image: int, rng) -> list:
     """`count` prompts: text_len random text tokens around one image of image x image pixels."""
-    from emor3_jax.sampling.sampler import Prompt
+    from emor3_jax.batches import Prompt
 
     side = image // cfg.vision.patch_size
     grid = np.array([[1, side, side]])
@@ -159,30 +144,21 @@ def peak_hbm() -> float | None:
 
 
 def training_batches(cfg, prompts, n: int, tokens: np.ndarray, micro: int) -> list:
-    """Prompt + sampled response for every row, as device SequenceBatches of `micro` rows."""
+    """Prompt + sampled response for every row, as device SequenceBatches of `micro` rows, built
+    by the GRPO step's own row builder (rl/rollout.training_rows)."""
     import jax
 
-    from emor3_jax.models.qwen25_vl.model import prepare_inputs
-    from emor3_jax.rl.learner import SequenceBatch
+    from emor3_jax.rl.rollout import Rollouts, training_rows
 
     special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
     tokens = np.where(np.isin(tokens, special), 1, tokens)  # random weights sample them too
-    out = []
-    for s in range(0, len(tokens), micro):
-        rows = range(s, min(s + micro, len(tokens)))
-        src = [prompts[r // n] for r in rows]
-        ids = np.stack([np.concatenate([p.ids, tokens[r]]) for p, r in zip(src, rows)])
-        x = prepare_inputs(
-            cfg,
-            ids,
-            np.ones_like(ids),
-            np.concatenate([p.pixel_values for p in src]),
-            np.concatenate([p.image_grid_thw for p in src]),
-        )
-        out.append(
-            jax.device_put(SequenceBatch(x["input_ids"], x["attention_mask"], x["positions"], x["pixels"], x["layout"]))
-        )
-    return out
+    lengths = np.full((len(tokens),), tokens.shape[1])
+    ro = Rollouts([{}] * len(prompts), list(prompts), n, tokens, lengths, None, [])
+    p_len = max(len(p.ids) for p in prompts)
+    rows = np.arange(len(tokens))
+    return [
+        jax.device_put(training_rows(ro, cfg, 0, (p_len,), rows[s : s + micro])[0]) for s in range(0, len(rows), micro)
+    ]
 
 
 def is_oom(e: Exception) -> bool:
@@ -226,18 +202,16 @@ def run(args) -> Report:
     import jax.numpy as jnp
     from flax import nnx
 
-    from emor3_jax.models.qwen25_vl.config import preset
-    from emor3_jax.models.qwen25_vl.model import create_model
-    from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
+    from configs.qwen_vl import get_config
+    from emor3_jax.models.api import create_model, preset
+    from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
     from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
     rep = Report(args.out, args.budget)
-    cfg = preset(
-        "3b", param_dtype=args.param_dtype, compute_dtype="bfloat16", attention_impl=args.attention, remat=True
-    )
-    cfg = tiny(cfg) if args.smoke else cfg
+    runtime = dict(param_dtype=args.param_dtype, compute_dtype="bfloat16", attention_impl=args.attention, remat=True)
+    cfg = preset("tiny", vocab_size=1024, **runtime) if args.smoke else preset("3b", **runtime)
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)
     rows, new = args.prompts * args.n, args.new
@@ -294,8 +268,9 @@ def run(args) -> Report:
     seq = p_len + new
     seqlens = [seq] * rows
     train_tokens = rows * seq
-    tx, _ = make_optimizer("constant", 1e-6, 0, 1, 0.01, 0.9, 0.999, 1.0)  # configs/qwen_vl.py rl defaults
-    settings = GRPOSettings(0.2, 0.3, 3.0, 0.01, "low_var_kl", "token")
+    c = get_config("3b")  # the real variant's optimizer and loss settings
+    tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", 1))
+    settings = GRPOSettings.from_config(c)
     learner = Learner(graphdef, tx, chunk=min(256, new))
     adv = jnp.asarray(np.random.default_rng(1).standard_normal(rows).astype(np.float32))
     ref_logp = old_logp  # replaced by the timed reference forward below when it runs

@@ -27,6 +27,7 @@ Prints per-phase medians (first step, with compilation, left out), steps/s, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -87,8 +88,35 @@ def run_trl(args, workdir: str) -> dict:
         return json.load(f)
 
 
+@dataclasses.dataclass(frozen=True)
+class TRLTask:
+    """The reference script's prompts (`<image>` + its question, no SET) and reward
+    (`boxed_reward`); with `reflects`, plus 0.1 x each EMO-R3 reflective component, judged by the
+    policy as in the trainer."""
+
+    emo_r3: object  # emo_r3.task.EmoR3: the reflection questions and their scores
+    boxed_reward: object
+    reflects: bool
+    judge: str = "policy"
+
+    def prompt(self, encoder, record):
+        pixels, grid = encoder.processor(record["image"])
+        return encoder.prompt("<image>\n" + record["question"], pixels, np.asarray(grid).reshape(1, 3))
+
+    def reflect(self, *args, **kwargs):
+        self.emo_r3.reflect(*args, **kwargs)
+
+    def score(self, response, label, text_answer, image_answer) -> dict:
+        boxed = float(self.boxed_reward([response])[0])
+        if not self.reflects:
+            return {"overall": boxed}
+        s = self.emo_r3.score(response, label, text_answer, image_answer)
+        judged = {"coherence": s["coherence"], "consistency": s["consistency"]}
+        return {"overall": boxed + 0.1 * s["coherence"] + 0.1 * s["consistency"], "boxed": boxed, **judged}
+
+
 class Ours:
-    """Our GRPO step on the checkpoint the reference script saved."""
+    """Our GRPO step (rl/experience.py) on the checkpoint the reference script saved."""
 
     def __init__(self, model_dir: str, ref_script, reflection: bool):
         import jax
@@ -96,159 +124,122 @@ class Ours:
         from transformers import AutoTokenizer
 
         from configs.qwen_vl import EMOSET_LABELS, get_config
-        from emor3_jax.data.encode import Encoder
-        from emor3_jax.data.processing import ImageProcessor
-        from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
-        from emor3_jax.models.qwen25_vl.convert import load_hf
-        from emor3_jax.rl.learner import GRPOSettings, Learner, make_optimizer
-        from emor3_jax.rl.rollout import Reflection
-        from emor3_jax.runtime import sharding
-        from emor3_jax.sampling.sampler import Sampler
+        from emor3_jax.emo_r3.task import EmoR3
+        from emor3_jax.models.api import load_hf
+        from emor3_jax.rl.experience import GRPOStep, StepSettings
+        from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
+        from emor3_jax.runtime import setup, sharding
+        from emor3_jax.sampling.methods import SamplingParams
 
-        self.jax, self.ref_script, self.reflection = jax, ref_script, reflection
-        self.mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        model = load_hf(model_dir, self.mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
-        self.cfg = model.cfg
+        c = get_config("tiny")
+        c.sampling.prompt_buckets, c.sampling.gen_buckets = PROMPT_BUCKETS, (32, LENGTH)
+        # The reference script's processor: min 56*56, max 28*28*1280 pixels (224x224 -> 16x16 patches).
+        c.data.min_pixels, c.data.max_pixels = 56 * 56, 28 * 28 * 1280
+        self.jax = jax
+        mesh, rules = [("data", 1), ("fsdp", -1), ("tensor", 1)], sharding.DEFAULT_RULES
+        mesh = sharding.make_mesh(mesh)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = load_hf(model_dir, mesh, rules, param_dtype="float32", compute_dtype="float32")
+        self.rt = setup.build(c, tok, setup.check_tokenizer(tok, model_dir), model.cfg, mesh, rules)
         self.graphdef, self.params = nnx.split(model)
         self.ref = jax.tree.map(lambda x: x.copy(), self.params)
-        special = special_token_ids(self.tok)
-        self.pad = special["<|endoftext|>"]
-        self.stops, self.bias = stop_ids_and_bias(special)
-        self.refl = Reflection.from_config(get_config("tiny"))  # the spec's reflection settings
-        # The reference script's processor: min 56*56, max 28*28*1280 pixels (224x224 -> 16x16 patches).
-        processor = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-        self.encoder = Encoder(self.tok, processor, self.cfg, EMOSET_LABELS, max_prompt_len=512)
-        self.sampler = Sampler(self.cfg, prompt_buckets=PROMPT_BUCKETS, gen_buckets=(32, LENGTH), pad_id=self.pad)
-        tx, _ = make_optimizer("constant", 2e-6, 0, 1, 0.0, 0.9, 0.999, 1.0)
+        task = TRLTask(EmoR3.from_config(c), ref_script.boxed_reward, reflection)  # the spec's reflection settings
+        tx, _ = make_optimizer(
+            OptimizerSettings(
+                schedule="constant",
+                learning_rate=2e-6,
+                warmup_steps=0,
+                total_steps=1,
+                weight_decay=0.0,
+                b1=0.9,
+                b2=0.999,
+                grad_clip=1.0,
+            )
+        )
         self.learner = Learner(self.graphdef, tx)
         self.opt = self.learner.init(self.params)
+        rows = PROMPTS_PER_STEP * N_GEN
         # TRL's "grpo" loss: token mean per sequence, then mean; two-sided clip 0.2; k3 KL 0.01; no dual clip.
-        self.settings = GRPOSettings(0.2, 0.2, 1e9, 0.01, "k3", "seq")
+        loss = GRPOSettings(clip_low=0.2, clip_high=0.2, dual_clip=1e9, kl_coef=0.01, kl_kind="k3", loss_mode="seq")
+        settings = StepSettings(
+            num_generations=N_GEN,
+            advantage="grpo",
+            max_response_len=LENGTH,
+            rollout=SamplingParams(temperature=1.0),
+            micro_batch=rows,
+            update_batch=PROMPTS_PER_STEP,
+            recompute_old_logprobs=False,
+            prompt_buckets=PROMPT_BUCKETS,
+            loss=loss,
+        )
+        self.step_fn = GRPOStep(
+            learner=self.learner,
+            sampler=self.rt.sampler,
+            encoder=self.rt.encoder(EMOSET_LABELS, max_prompt_len=512),
+            task=task,
+            settings=settings,
+            pad_id=self.rt.pad_id,
+            stop_ids=(),  # TRL forces LENGTH tokens (min_new_tokens): no stop
+            logit_bias=self.rt.logit_bias,
+            threads=1,
+        )
         self.key = jax.random.key(0)
         rng = random.Random(1)  # the reference script's data set: question i, image i
         self.data = []
         for i in range(32):
             q = ref_script.QUESTIONS[i % len(ref_script.QUESTIONS)]
             q = q.format(color=rng.choice(ref_script.COLORS), shape=rng.choice(ref_script.SHAPES))
-            self.data.append((q, ref_script.make_image(i, 224)))
+            self.data.append(
+                {"id": str(i), "question": q, "image": ref_script.make_image(i, 224), "label": "amusement"}
+            )
 
-    def prompts(self, step: int):
-        out = []
-        for j in range(PROMPTS_PER_STEP):
-            q, image = self.data[(step * PROMPTS_PER_STEP + j) % len(self.data)]
-            pixels, grid = self.encoder.processor(image)
-            out.append(self.encoder.prompt("<image>\n" + q, pixels, np.asarray(grid).reshape(1, 3)))
-        return out
-
-    def rollouts(self, step: int):
-        """(Rollouts, seconds) of this step's 2 x 8 forced-length completions."""
-        from emor3_jax.rl.rollout import Rollouts, decode
-        from emor3_jax.sampling.methods import SamplingParams
-
-        jax = self.jax
-        t = time.perf_counter()
-        prompts = self.prompts(step)
-        policy = self.model()
-        out = self.sampler.generate(
-            policy,
-            prompts,
-            key=jax.random.fold_in(self.key, step),
-            max_new_tokens=LENGTH,
-            n=N_GEN,
-            params=SamplingParams(temperature=1.0),
-            stop_ids=(),
-            logit_bias=self.bias,
-        )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        records = [{"label": "amusement"} for _ in prompts]
-        ro = Rollouts(records, prompts, N_GEN, tokens, lengths, out.logprobs, decode(self.tok, tokens, lengths))
-        return ro, time.perf_counter() - t
-
-    def model(self):
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, self.params)
-
-    def rewards(self, ro) -> np.ndarray:
-        from emor3_jax.emo_r3 import rewards
-
-        boxed = np.array(self.ref_script.boxed_reward(ro.responses), np.float32)
-        if not self.reflection:
-            return boxed
-        scores = [
-            rewards.safe_score(r, lab, ta, ia, self.refl.reward)
-            for r, lab, ta, ia in zip(ro.responses, ro.labels, ro.text_answers, ro.image_answers)
-        ]
-        return boxed + np.array([0.1 * s["coherence"] + 0.1 * s["consistency"] for s in scores], np.float32)
-
-    def advantages(self, reward: np.ndarray) -> np.ndarray:
-        """GRPO advantages with TRL's epsilon (std + 1e-4; ours defaults to 1e-6)."""
-        from emor3_jax.rl.advantages import grpo_advantages
-
-        return np.asarray(grpo_advantages(reward, N_GEN, eps=1e-4))
+    def records(self, step: int) -> list[dict]:
+        return [self.data[(step * PROMPTS_PER_STEP + j) % len(self.data)] for j in range(PROMPTS_PER_STEP)]
 
     def step(self, step: int) -> dict:
-        from emor3_jax.rl.rollout import reflect, training_rows
-
-        jax, times = self.jax, {}
-        ro, times["generate"] = self.rollouts(step)
-        if self.reflection:
+        """One step; seconds per phase (TRL's names) and the tokens generated."""
+        jax = self.jax
+        with self.rt.ctx():
+            exp = self.step_fn.experience(self.params, self.ref, self.records(step), jax.random.fold_in(self.key, step))
             t = time.perf_counter()
-            reflect(
-                self.sampler,
-                self.model(),
-                self.encoder,
-                ro,
-                self.refl,
-                key=jax.random.fold_in(self.key, 10**6 + step),
-                stop_ids=self.stops,
-                logit_bias=self.bias,
-            )
-            times["reflection"] = time.perf_counter() - t
-        t = time.perf_counter()
-        reward = self.rewards(ro)
-        adv = self.advantages(reward)
-        times["reward"] = time.perf_counter() - t
-        t = time.perf_counter()
-        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, PROMPT_BUCKETS, np.arange(len(reward)))
-        ref_lp = jax.block_until_ready(self.learner.logprobs(self.ref, batch, p_len - 1, g_len))
-        times["reference"] = time.perf_counter() - t
-        t = time.perf_counter()
-        grads, m = self.learner.grpo_grads(
-            self.params, batch, p_len - 1, g_len, ro.old_logp, ref_lp, adv, mask, 1.0, self.settings
-        )
-        jax.block_until_ready(grads)
-        times["policy_fwd_bwd"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self.params, self.opt, _ = jax.block_until_ready(self.learner.apply(self.params, self.opt, grads))
-        times["optimizer"] = time.perf_counter() - t
+            self.params, self.opt, _ = self.step_fn.update(self.params, self.opt, exp, step=step)
+            jax.block_until_ready(self.params)
+        ph = exp.times
+        times = {
+            "generate": ph["rollout_s"],
+            "reflection": ph["reflection_s"],
+            "reference": ph["logprobs_s"],
+            "reward": ph["scoring_wait_s"],
+            "update": time.perf_counter() - t,
+        }
         times["step_total"] = sum(times.values())
-        times["tokens"] = float(ro.lengths.sum())
+        times["tokens"] = float(exp.rollouts.lengths.sum())
         return times
 
     def same_batch(self, path: str) -> dict:
         """Samples one batch, writes it for TRL, and computes our advantages and loss before and
-        after one step on it. Called before any step: the weights are the checkpoint's."""
-        from emor3_jax.rl.rollout import training_rows
+        after one step on it. Called before any step: the weights are the checkpoint's. Old
+        log-probs are the policy's own (ratio 1), and the advantages TRL's (std + 1e-4)."""
+        from emor3_jax.rl.advantages import grpo_advantages
 
         jax = self.jax
-        ro, _ = self.rollouts(10**4)
-        reward = self.rewards(ro)
-        adv = self.advantages(reward)
-        batch, mask, p_len, g_len = training_rows(ro, self.encoder, self.pad, PROMPT_BUCKETS, np.arange(len(reward)))
-        old = self.learner.logprobs(self.params, batch, p_len - 1, g_len)
-        ref_lp = self.learner.logprobs(self.ref, batch, p_len - 1, g_len)
-        args = (batch, p_len - 1, g_len, old, ref_lp, adv, mask, 1.0, self.settings)
-        grads, before = self.learner.grpo_grads(self.params, *args)
-        fresh = self.learner.init(self.params)  # a first AdamW step, as TRL's side takes
-        params, _, _ = self.learner.apply(jax.tree.map(lambda x: x.copy(), self.params), fresh, grads)
-        _, after = self.learner.grpo_grads(params, *args)
+        step_fn = self.step_fn
+        step_fn.s = dataclasses.replace(step_fn.s, recompute_old_logprobs=True)
+        with self.rt.ctx():
+            exp = step_fn.experience(self.params, self.ref, self.records(10**4), jax.random.fold_in(self.key, 10**4))
+            reward = exp.rewards["overall"]
+            exp.advantages = np.asarray(grpo_advantages(reward, N_GEN, eps=1e-4))
+            params = jax.tree.map(lambda x: x.copy(), self.params)
+            params, _, before = step_fn.update(params, self.learner.init(params), exp, step=0)  # a first AdamW step
+            _, _, after = step_fn.update(params, self.learner.init(params), exp, step=0)  # its loss at the new params
+        step_fn.s = dataclasses.replace(step_fn.s, recompute_old_logprobs=False)
+        batch, mask = exp.batches[0]
+        ro, p_len = exp.rollouts, exp.p_len
         src = [ro.prompts[i // N_GEN] for i in range(len(reward))]
         np.savez(
             path,
-            prompt_ids=batch.input_ids[:, :p_len].astype(np.int64),  # left-padded, as TRL pads
-            prompt_mask=batch.attention_mask[:, :p_len].astype(np.int64),
+            prompt_ids=np.asarray(batch.input_ids[:, :p_len]).astype(np.int64),  # left-padded, as TRL pads
+            prompt_mask=np.asarray(batch.attention_mask[:, :p_len]).astype(np.int64),
             completion_ids=ro.tokens.astype(np.int64),
             completion_mask=mask.astype(np.int64),
             pixel_values=np.concatenate([p.pixel_values for p in src]).astype(np.float32),
@@ -257,8 +248,8 @@ class Ours:
             group_size=np.array(N_GEN),
         )
         return {
-            "advantages": adv,
-            "ref_logps": np.asarray(ref_lp),
+            "advantages": exp.advantages,
+            "ref_logps": np.asarray(exp.ref_logp[0]),
             "loss_before": float(before["loss"]),
             "loss_after": float(after["loss"]),
         }
@@ -323,7 +314,8 @@ def main() -> None:
     trl_step = trl["median_step_s_excl_first"]
     print(f"\nmedian seconds per GRPO step (steps 2..{args.steps}; 2 prompts x 8 completions x 64 tokens)")
     print(f"{'phase':<16}{'TRL':>10}{'ours':>10}{'ours+RER':>10}")
-    for key in ("generate", "reward", "reference", "policy_fwd_bwd", "optimizer"):
+    trl_ph["update"] = trl_ph["policy_fwd_bwd"] + trl_ph["optimizer"]
+    for key in ("generate", "reward", "reference", "update"):
         print(f"{key:<16}{trl_ph[key]:>10.3f}{results['ours'][key]:>10.3f}{results['ours_rer'][key]:>10.3f}")
     print(f"{'reflection':<16}{'-':>10}{'-':>10}{results['ours_rer']['reflection']:>10.3f}")
     print(
