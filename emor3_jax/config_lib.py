@@ -95,6 +95,11 @@ def _get(c: ConfigDict, path: str):
     return c
 
 
+def _listing(what: str, errors: list[str]) -> str:
+    """One line for one problem, one line each for several."""
+    return f"{what}: {errors[0]}" if len(errors) == 1 else f"{what}:\n  " + "\n  ".join(errors)
+
+
 def validate(c: ConfigDict) -> None:
     """Raises ValueError listing every bad or missing value of `c`."""
     errors = []
@@ -204,7 +209,7 @@ def validate(c: ConfigDict) -> None:
             f"vision_heads={t.vision_heads}",
         )
     if errors:
-        raise ValueError("bad config:\n  " + "\n  ".join(errors))
+        raise ValueError(_listing("bad config", errors))
 
 
 def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
@@ -257,7 +262,7 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
     if c.tokenizer_path:
         need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
     if errors:
-        raise ValueError("bad evaluation settings:\n  " + "\n  ".join(errors))
+        raise ValueError(_listing("bad evaluation settings", errors))
 
 
 # Fields a resumed run may change: they extend the run, move files, or change how often it logs,

@@ -15,7 +15,7 @@ import shutil
 import jax
 from absl import app, flags, logging
 
-from emor3_jax import sharding
+from emor3_jax import cli, sharding
 from emor3_jax.models.qwen25_vl.convert import save_hf
 from emor3_jax.policy import load_step
 
@@ -53,4 +53,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
