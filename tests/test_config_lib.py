@@ -27,7 +27,7 @@ BAD = {
     "data.synthetic_train": 0,
     "data.synthetic_test": 0,
     "data.image_size": 27,
-    "data.min_pixels": 0,
+    "data.min_pixels": 783,
     "data.max_pixels": 783,
     "cold_start.steps": -3,
     "cold_start.batch_size": 0,
