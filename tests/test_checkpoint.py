@@ -166,3 +166,35 @@ def test_error_line_takes_the_root_cause_skipping_stop_iteration():
             raise Exception("Encountered error while reading array: TensorStore({...})") from e
     except Exception as e:
         assert error_line(e) == "ValueError: OUT_OF_RANGE: byte range [0, 8) of a 4-byte value"
+
+
+def test_the_trainers_state_falls_back_past_a_damaged_step(tmp_path, ours_fp32):
+    """nnx params, optax state and a phase-dependent tree (GRPO adds the reference), as the
+    trainer saves them, with the trainer's own arrays as the abstract state."""
+    from flax import nnx
+
+    from emor3_jax.rl.learner import Learner, make_optimizer
+
+    graphdef, params = nnx.split(ours_fp32)
+    learner = Learner(graphdef, make_optimizer("constant", 1e-3, 0, 10, 0.01, 0.9, 0.999, 1.0)[0])
+    opt = learner.init(params)
+    d = str(tmp_path / "ckpt")
+    ck = Checkpointer(d, keep=5, async_save=False)
+    ck.save(1, {"params": params, "opt": opt}, {"phase": "cold_start", "model": MODEL})
+    ck.save(2, {"params": params, "opt": opt, "ref": params}, {"phase": "grpo", "model": MODEL})
+    ck.save(3, {"params": params, "opt": opt, "ref": params}, {"phase": "grpo", "model": MODEL})
+    os.remove(os.path.join(d, "3", "state", "_METADATA"))
+
+    def abstract_for(meta):
+        return {"params": params, "opt": opt} | ({"ref": params} if meta["phase"] == "grpo" else {})
+
+    got = ck.restore_newest_intact(abstract_for, MODEL)
+    assert (got.step, [s for s, _ in got.skipped]) == (2, [3]) and set(got.state) == {"params", "opt", "ref"}
+    for a, b in zip(jax.tree.leaves(got.state["ref"]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    # Step 2 damaged too: back to the cold-start step, whose tree has no reference.
+    _truncate(_largest_array_file(os.path.join(d, "2")))
+    ck._mngr.reload()
+    got = ck.restore_newest_intact(abstract_for, MODEL)
+    ck.close()
+    assert got.step == 1 and set(got.state) == {"params", "opt"} and "OUT_OF_RANGE" in got.skipped[0][1]
