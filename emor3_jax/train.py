@@ -4,10 +4,11 @@
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b --config.hf_path=... --config.workdir=...
 
 The same command resumes: it continues from the last checkpoint in the workdir (after a
-crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run. A resume
-with changed settings stops naming them, unless --accept_changes lists them. One run at a
-time holds a workdir (<workdir>/run.lock). The logic lives in emor3_jax.trainer; this file
-parses flags and checks them before anything is built.
+crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run.
+--accept_changes names the config fields that may differ from the checkpoint's config
+(config_lib.resume_changes). One run at a time holds a workdir (<workdir>/run.lock). The
+logic lives in emor3_jax.trainer; this file parses flags and checks them before anything is
+built.
 
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
