@@ -5,7 +5,9 @@ Every problem is reported before anything is built, naming the flag to set.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 
 from ml_collections import ConfigDict
 
@@ -16,6 +18,82 @@ from emor3_jax.models.api import ModelConfig, preset
 from emor3_jax.rl import grpo
 from emor3_jax.rl.advantages import ESTIMATORS
 from emor3_jax.rl.learner import SCHEDULES
+
+
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _at_least(low):
+    return lambda x: x >= low
+
+
+def _open_unit(x) -> bool:
+    return 0 < x < 1
+
+
+def _unit(x) -> bool:
+    return 0 < x <= 1
+
+
+# (field, test, rule): the range of each numeric field of configs/qwen_vl.py on its own; `validate`
+# checks the fields that constrain each other (batch sizes, pixels, buckets) separately.
+RANGES = (
+    ("seed", _at_least(0), "must be >= 0"),
+    ("data.synthetic_train", _at_least(1), "must be >= 1 (records of the synthetic train split)"),
+    ("data.synthetic_test", _at_least(1), "must be >= 1 (records of the synthetic test split)"),
+    ("data.image_size", _at_least(28), "must be >= 28 (one merged 2x2 patch of 14 pixels)"),
+    ("data.min_pixels", _at_least(28 * 28), "must be >= 784 (one merged 2x2 patch of 14 pixels)"),
+    ("data.max_pixels", _at_least(28 * 28), "must be >= 784 (one merged 2x2 patch of 14 pixels)"),
+    ("cold_start.steps", _at_least(0), "must be >= 0 (0: no cold start)"),
+    ("cold_start.batch_size", _at_least(1), "must be >= 1"),
+    ("cold_start.learning_rate", _positive, "must be > 0"),
+    ("cold_start.warmup_steps", _at_least(0), "must be >= 0"),
+    ("rl.steps", _at_least(0), "must be >= 0 (0: derive from rl.epochs)"),
+    ("rl.epochs", _at_least(0), "must be >= 0 (0 with rl.steps=0: no GRPO)"),
+    ("rl.learning_rate", _positive, "must be > 0"),
+    ("rl.warmup_steps", _at_least(0), "must be >= 0"),
+    ("rl.weight_decay", _at_least(0), "must be >= 0"),
+    ("rl.b1", _open_unit, "must be in (0, 1)"),
+    ("rl.b2", _open_unit, "must be in (0, 1)"),
+    ("rl.grad_clip", _positive, "must be > 0 (the global gradient norm to clip to)"),
+    ("rl.kl_coef", _at_least(0), "must be >= 0 (0: no KL penalty)"),
+    ("rl.clip_low", lambda x: 0 <= x < 1, "must be in [0, 1)"),
+    ("rl.clip_high", _at_least(0), "must be >= 0"),
+    ("rl.dual_clip", lambda x: x > 1, "must be > 1"),
+    ("rl.temperature", _positive, "must be > 0"),
+    ("rl.top_p", _unit, "must be in (0, 1]"),
+    ("rl.max_prompt_len", _at_least(1), "must be >= 1"),
+    ("rl.max_response_len", _at_least(1), "must be >= 1"),
+    ("reward.w_accuracy", _at_least(0), "must be >= 0"),
+    ("reward.w_coherence", _at_least(0), "must be >= 0"),
+    ("reward.w_consistency", _at_least(0), "must be >= 0"),
+    ("reward.w_format", _at_least(0), "must be >= 0"),
+    ("reward.reflection_max_tokens", _at_least(1), "must be >= 1"),
+    ("reward.reflection_temperature", _positive, "must be > 0"),
+    ("reward.reflection_top_p", _unit, "must be in (0, 1]"),
+    ("reward.threads", _at_least(1), "must be >= 1"),
+    ("eval.every", _at_least(1), "must be >= 1 (GRPO steps between evaluations)"),
+    ("eval.num_examples", _at_least(1), "must be >= 1 (held-out records to evaluate)"),
+    ("eval.batch_size", _at_least(1), "must be >= 1"),
+    ("eval.sampled_temperature", _positive, "must be > 0"),
+    ("eval.sampled_top_p", _unit, "must be in (0, 1]"),
+    ("checkpoint.every", _at_least(1), "must be >= 1 (steps between checkpoints)"),
+    ("checkpoint.keep", _at_least(1), "must be >= 1 (checkpoints kept)"),
+    ("log.samples_every", _at_least(1), "must be >= 1 (GRPO steps between logged samples)"),
+    ("log.num_samples", _at_least(0), "must be >= 0"),
+)
+
+
+def _get(c: ConfigDict, path: str):
+    for key in path.split("."):
+        c = c[key]
+    return c
+
+
+def _listing(what: str, errors: list[str]) -> str:
+    """One line for one problem, one line each for several."""
+    return f"{what}: {errors[0]}" if len(errors) == 1 else f"{what}:\n  " + "\n  ".join(errors)
 
 
 def validate(c: ConfigDict) -> None:
@@ -67,7 +145,6 @@ def validate(c: ConfigDict) -> None:
         rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
         f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
     )
-    need(rl.learning_rate > 0, f"--config.rl.learning_rate={rl.learning_rate} must be > 0")
     for flag, value, registry in (
         ("rl.schedule", rl.schedule, SCHEDULES),
         ("rl.advantage", rl.advantage, ESTIMATORS),
@@ -79,16 +156,11 @@ def validate(c: ConfigDict) -> None:
     ):
         need(value in registry, f"--config.{flag}={value!r} must be one of {tuple(registry)}")
     need(
-        0 <= rl.clip_low < 1 and rl.clip_high >= 0 and rl.dual_clip > 1,
-        "--config.rl.clip_low in [0, 1), clip_high >= 0 and dual_clip > 1 are required",
-    )
-    need(rl.temperature > 0 and 0 < rl.top_p <= 1, "--config.rl.temperature > 0 and top_p in (0, 1] are required")
-    need(
-        max(c.sampling.prompt_buckets) >= rl.max_prompt_len,
+        max(c.sampling.prompt_buckets, default=0) >= rl.max_prompt_len,
         f"--config.sampling.prompt_buckets={tuple(c.sampling.prompt_buckets)} must reach rl.max_prompt_len",
     )
     need(
-        max(c.sampling.gen_buckets) >= rl.max_response_len,
+        max(c.sampling.gen_buckets, default=0) >= rl.max_response_len,
         f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
     )
     need(
@@ -99,11 +171,27 @@ def validate(c: ConfigDict) -> None:
         c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
         "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
     )
-    need(c.cold_start.steps >= 0 and c.cold_start.batch_size >= 1, "--config.cold_start.steps/batch_size invalid")
-    need(c.checkpoint.every >= 1 and c.checkpoint.keep >= 1, "--config.checkpoint.every and keep must be >= 1")
-    need(c.eval.every >= 1 and c.eval.batch_size >= 1, "--config.eval.every and batch_size must be >= 1")
+    r = c.reward
+    for path, ok, rule in RANGES:
+        value = _get(c, path)
+        need(ok(value), f"--config.{path}={value!r} {rule}")
+    for name in ("prompt_buckets", "gen_buckets"):
+        b = tuple(c.sampling[name])
+        need(
+            len(b) >= 1 and all(x >= 1 for x in b) and list(b) == sorted(set(b)),
+            f"--config.sampling.{name}={b} must be increasing positive lengths",
+        )
+    sizes = [size for _, size in c.mesh]
+    need(
+        all(x >= 1 or x == -1 for x in sizes) and sizes.count(-1) <= 1,
+        f"--config.mesh={tuple(tuple(a) for a in c.mesh)}: sizes must be >= 1, and at most one -1 (the rest)",
+    )
+    need(
+        r.w_accuracy + r.w_coherence + r.w_consistency + r.w_format > 0,
+        "--config.reward.w_accuracy/w_coherence/w_consistency/w_format are all 0: no reward to learn from",
+    )
     if errors:
-        raise ValueError("bad config:\n  " + "\n  ".join(errors))
+        raise ValueError(_listing("bad config", errors))
 
 
 def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
@@ -159,7 +247,92 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
     if c.tokenizer_path:
         need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
     if errors:
-        raise ValueError("bad evaluation settings:\n  " + "\n  ".join(errors))
+        raise ValueError(_listing("bad evaluation settings", errors))
+
+
+# Fields a resumed run may change: they extend the run, move files, or change how often it logs,
+# evaluates and saves, not what a step computes. A name covers every field under it.
+RESUMABLE = (
+    "workdir",
+    "hf_path",
+    "tokenizer_path",
+    "data.train",
+    "data.test",
+    "data.annotations_train",
+    "data.annotations_test",
+    "cold_start.steps",
+    "rl.steps",
+    "rl.epochs",
+    "eval.every",
+    "eval.datasets",  # read by `python -m emor3_jax.eval` only
+    "checkpoint",
+    "log",
+    "reward.threads",
+)
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _covered(field: str, names: Sequence[str]) -> bool:
+    return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def resume_changes(saved_json: str, c: ConfigDict, accepted: Sequence[str] = ()) -> list[str]:
+    """Compares the config a checkpoint was saved with (`saved_json`, `ConfigDict.to_json()`)
+    with the run's config `c`.
+
+    Returns one line per allowed change ("rl.steps: 30 -> 60 (may change on resume)"), to
+    print. Raises ValueError naming every other changed field with its old and new value
+    and the --accept_changes value that accepts them; `accepted` are the field names the
+    user accepted (see `check_accepted`). A field only one side has came with a code change
+    no flag can undo: it is reported, not refused.
+    """
+    old, new = _flat(json.loads(saved_json)), _flat(json.loads(c.to_json()))
+    allowed, refused = [], []
+    for field in sorted(set(old) | set(new)):
+        before, after = old.get(field, _ABSENT), new.get(field, _ABSENT)
+        if before == after:
+            continue
+        change = f"{field}: {_show(before)} -> {_show(after)}"
+        if _ABSENT in (before, after):
+            allowed.append(f"{change} (field added or removed by a code change)")
+        elif _covered(field, RESUMABLE):
+            allowed.append(f"{change} (may change on resume)")
+        elif field in accepted:
+            allowed.append(f"{change} (accepted by --accept_changes)")
+        else:
+            refused.append((field, change))
+    if refused:
+        raise ValueError(
+            "the config differs from the one the checkpoint was saved with: "
+            + "; ".join(change for _, change in refused)
+            + f". Resume with them anyway: --accept_changes={','.join(f for f, _ in refused)}; "
+            "or start over with a fresh --config.workdir"
+        )
+    return allowed
+
+
+def check_accepted(accepted: Sequence[str], c: ConfigDict) -> None:
+    """Raises ValueError when --accept_changes names a field the config does not have."""
+    fields = _flat(json.loads(c.to_json()))
+    unknown = [name for name in accepted if name not in fields]
+    if unknown:
+        raise ValueError(f"--accept_changes={','.join(accepted)}: no config field {unknown} (e.g. rl.learning_rate)")
 
 
 def runtime_fields(c: ConfigDict) -> dict:

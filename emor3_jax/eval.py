@@ -11,6 +11,7 @@
         --samples=8 --plain --out=/tmp/eval-3b
 
 --checkpoint: a workdir (its latest step), workdir/ckpt/N, workdir/best/N, or a local HF dir.
+Without --out, a run's evaluation goes to <workdir>/eval (a step: <workdir>/eval-ckpt-N).
 Data sets are `config.eval.datasets.<name>` (configs/qwen_vl.py). Per data set: greedy accuracy
 with the policy's reflective judgements of its greedy answers, and k sampled runs at
 eval.sampled_temperature / sampled_top_p (spec section 8). Writes to --out:
@@ -33,19 +34,21 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from emor3_jax import config_lib
+from emor3_jax import cli, config_lib
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import evaluate
 from emor3_jax.runtime import multihost, setup
-from emor3_jax.runtime.load import load_policy
+from emor3_jax.runtime.load import load_policy, locate
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir, workdir/{ckpt,best}/N, or a local HF checkpoint dir")
 _DATASETS = flags.DEFINE_list("datasets", ["test"], "names in config.eval.datasets")
-_OUT = flags.DEFINE_string("out", "eval", "output directory")
+_OUT = flags.DEFINE_string(
+    "out", None, "output directory (default: <workdir>/eval for a workdir, <workdir>/eval-ckpt-N for workdir/ckpt/N)"
+)
 _SAMPLES = flags.DEFINE_integer("samples", 4, "k: sampled runs per data set (mean and std reported)")
 _PLAIN = flags.DEFINE_bool("plain", False, "ask without the SET prompt (the bare question)")
 
@@ -147,15 +150,25 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
     return results
 
 
+def default_out(checkpoint: str) -> str:
+    """Where a run's evaluation goes without --out: into its workdir, next to what it evaluates."""
+    where, step = locate(checkpoint)
+    if where == "hf":
+        raise ValueError(f"--checkpoint={checkpoint!r} is a Hugging Face checkpoint: pass --out=<directory>")
+    workdir = os.path.dirname(os.path.normpath(where))
+    return os.path.join(workdir, "eval" if step is None else f"eval-{os.path.basename(where)}-{step}")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _CHECKPOINT.value:
         raise app.UsageError("--checkpoint is required")
+    out = _OUT.value or default_out(_CHECKPOINT.value)
     logging.set_verbosity(logging.WARNING)
     multihost.initialize()
-    run_eval(_CONFIG.value, _CHECKPOINT.value, _DATASETS.value, _OUT.value, _SAMPLES.value, not _PLAIN.value)
+    run_eval(_CONFIG.value, _CHECKPOINT.value, _DATASETS.value, out, _SAMPLES.value, not _PLAIN.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

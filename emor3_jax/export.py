@@ -4,7 +4,8 @@
 
 The architecture and run config come from the checkpoint's metadata; tokenizer, processor
 and chat-template files come from the run's HF source checkpoint (or, for the tiny model,
-the tokenizer the run built).
+the tokenizer the run built and an image processor config for the run's data.min_pixels and
+max_pixels), so `AutoProcessor.from_pretrained(out)` loads.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import shutil
 import jax
 from absl import app, flags, logging
 
-from emor3_jax.models.qwen25_vl.convert import save_hf
-from emor3_jax.runtime import sharding
+from emor3_jax.models.api import save_hf
+from emor3_jax.runtime import cli, sharding
 from emor3_jax.runtime.load import load_step
 
 FLAGS = (
@@ -35,7 +36,8 @@ def export(workdir: str, out: str, step: int | None = None, best: bool = False, 
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
     model, _, config, _ = load_step(directory, step, mesh, sharding.DEFAULT_RULES, compute_dtype="float32")
     like = config["hf_path"] or None
-    save_hf(model, out, like=like, dtype=dtype)
+    pixels = (config["data"]["min_pixels"], config["data"]["max_pixels"])
+    save_hf(model, out, like=like, dtype=dtype, image_pixels=pixels)
     if like is None and jax.process_index() == 0:
         tok_dir = config["tokenizer_path"] or os.path.join(workdir, "tokenizer")
         for name in os.listdir(tok_dir):
@@ -53,4 +55,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

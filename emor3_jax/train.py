@@ -4,8 +4,11 @@
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b --config.hf_path=... --config.workdir=...
 
 The same command resumes: it continues from the last checkpoint in the workdir (after a
-crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run. The logic
-lives in emor3_jax.trainer; this file only parses flags.
+crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run.
+--accept_changes names the config fields that may differ from the checkpoint's config
+(config_lib.resume_changes). One run at a time holds a workdir (<workdir>/run.lock). The
+logic lives in emor3_jax.trainer; this file parses flags and checks them before anything is
+built.
 
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
@@ -17,9 +20,17 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from emor3_jax import cli, config_lib
+from emor3_jax.runtime.workdir_lock import WorkdirLock
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
 _DRY_RUN = flags.DEFINE_integer(
     "dry_run", 0, "N > 0: fake N CPU devices (the target's global count), print per-device memory, train nothing"
+)
+_ACCEPT_CHANGES = flags.DEFINE_list(
+    "accept_changes",
+    [],
+    "config fields (e.g. rl.learning_rate,rl.b1) that may differ from the checkpoint's config on resume",
 )
 
 
@@ -31,14 +42,18 @@ def main(argv) -> None:
 
         dry_run.main(_CONFIG.value, _DRY_RUN.value)
         return
+    c = _CONFIG.value
+    config_lib.validate(c)  # before a device or a file is touched
+    config_lib.check_accepted(_ACCEPT_CHANGES.value, c)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     from emor3_jax.runtime import multihost
 
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
-    from emor3_jax.trainer import run
+    with WorkdirLock(c.workdir):
+        from emor3_jax.trainer import run  # slow to import: only once the workdir is ours
 
-    run(_CONFIG.value)
+        run(c, accepted=tuple(_ACCEPT_CHANGES.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

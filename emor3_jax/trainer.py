@@ -41,9 +41,9 @@ PHASES = ["cold_start", "grpo"]
 class Run:
     """Everything a run holds; phases are methods."""
 
-    def __init__(self, c: ConfigDict):
+    def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = ()):
         config_lib.validate(c)
-        self.c = c
+        self.c, self.accepted = c, accepted
         os.makedirs(c.workdir, exist_ok=True)
         tok = setup.load_tokenizer(c)
         special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
@@ -90,7 +90,9 @@ class Run:
         """Adopts the latest checkpoint's metadata (phase, steps, data state), if any."""
         latest = self.ckpts.latest()
         if latest is not None:
-            self.meta, lines = latest
+            self.meta, lines, saved_config = latest
+            for line in config_lib.resume_changes(saved_config, self.c, self.accepted):  # raises on other changes
+                print(line)
             self.writer.truncate_to(lines)
 
     def eval_all(self, label: str, step: int) -> dict:
@@ -247,8 +249,10 @@ class Run:
         self.preempt.restore_handler()
 
 
-def run(c: ConfigDict) -> dict:
-    r = Run(c)
+def run(c: ConfigDict, accepted: tuple[str, ...] = ()) -> dict:
+    """Trains as `c` says (resuming from the workdir's latest checkpoint; `accepted`: config
+    fields that may differ from the checkpoint's, see config_lib.resume_changes)."""
+    r = Run(c, accepted)
     try:
         r.resume_meta()
         if c.cold_start.steps:

@@ -180,13 +180,14 @@ def build(splits: Mapping[str, Iterable[dict]], out_dir, name: str, *, overwrite
             if not stored:
                 raise ValueError(
                     f"{path} exists but has no record fingerprints (not written by this builder?); "
-                    "delete it or pass overwrite=True"
+                    "delete that directory or use a fresh --config.workdir"
                 )
             given = _fingerprints(splits)
             if given != stored:
                 raise ValueError(
-                    f"{path} holds a different data set (stored fingerprints {stored}, "
-                    f"given records {given}); pass overwrite=True to rebuild it"
+                    f"{path} holds a different data set than --config.data.* give (stored fingerprints {stored}, "
+                    f"given {given}): set --config.data.* back to the data this workdir was built from, use a "
+                    f"fresh --config.workdir, or delete {path} to rebuild it"
                 )
             log.info("%s already holds these records; skipping the build", path)
             return path

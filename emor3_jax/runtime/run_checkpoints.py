@@ -30,14 +30,15 @@ class RunCheckpoints:
         full = dict(meta, model=self.model, config=self.config, metrics_lines=metrics_lines)
         target.save(meta["global_step"], state, full)
 
-    def latest(self) -> tuple[dict, int] | None:
-        """(the trainer's meta, metrics.jsonl lines) of the latest ckpt/ step; None if none."""
+    def latest(self) -> tuple[dict, int, str] | None:
+        """(the trainer's meta, metrics.jsonl lines, the run config it was saved with as JSON)
+        of the latest ckpt/ step; None if none."""
         step = self.ckpt.latest_step()
         if step is None:
             return None
         meta = self.ckpt.read_meta(step)
         print(f"resuming from {self.ckpt.directory}/{step}: phase {meta['phase']} step {meta['phase_step']}")
-        return {k: v for k, v in meta.items() if k not in _STORED}, meta["metrics_lines"]
+        return {k: v for k, v in meta.items() if k not in _STORED}, meta["metrics_lines"], meta["config"]
 
     def restore(self, abstract_state: dict) -> dict:
         """Arrays of the latest ckpt/ step, checked to be of this model."""

@@ -199,11 +199,45 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
     return nnx.merge(graphdef, state)
 
 
+def processor_config(cfg: ModelConfig, min_pixels: int, max_pixels: int) -> dict:
+    """preprocessor_config.json of the image processor a run resized its images with (Qwen's
+    smart_resize between min_pixels and max_pixels, CLIP mean/std, `cfg`'s patch sizes), in
+    the field names of transformers' Qwen2VLImageProcessor; AutoProcessor reads it."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+    v = cfg.vision
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "min_pixels": min_pixels,  # the hub files' names, read by transformers 4.x
+        "max_pixels": max_pixels,
+        "resample": int(PILImageResampling.BICUBIC),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "merge_size": v.spatial_merge_size,
+    }
+
+
 def save_hf(
-    model: Qwen25VL, out_dir: str, like: str | None = None, dtype: str | None = None, max_shard_bytes: int = 5 * 2**30
+    model: Qwen25VL,
+    out_dir: str,
+    like: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    image_pixels: tuple[int, int] | None = None,
 ) -> None:
     """Writes `model` as a HF checkpoint: sharded safetensors with hub key names, config.json,
     and (from `like`, a source checkpoint dir) its tokenizer/processor/chat-template files.
+    `image_pixels` = (min_pixels, max_pixels) the run resized images to: a
+    preprocessor_config.json for them is written when `like` brings none.
 
     Every process takes part (gathers); only process 0 writes.
     """
@@ -257,6 +291,10 @@ def save_hf(
             src = os.path.join(like, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
+    processor = os.path.join(out_dir, "preprocessor_config.json")
+    if image_pixels is not None and not os.path.isfile(processor):
+        with open(processor, "w") as f:
+            json.dump(processor_config(cfg, *image_pixels), f, indent=2)
 
 
 def _config_like(like: str, cfg: ModelConfig) -> dict:

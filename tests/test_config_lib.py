@@ -1,0 +1,217 @@
+"""Start-up checks of a run config: every numeric field out of range is refused naming its
+flag; a resumed run's config is compared with the one its checkpoint was saved with."""
+
+import json
+
+import pytest
+
+from configs.qwen_vl import get_config
+from emor3_jax import config_lib
+
+
+def _config(**overrides):
+    c = get_config("tiny")
+    c.workdir = "/tmp/unused"
+    for path, value in overrides.items():
+        node = c
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+# One out-of-range value per field of config_lib.RANGES.
+BAD = {
+    "seed": -1,
+    "data.synthetic_train": 0,
+    "data.synthetic_test": 0,
+    "data.image_size": 27,
+    "data.min_pixels": 783,
+    "data.max_pixels": 783,
+    "cold_start.steps": -3,
+    "cold_start.batch_size": 0,
+    "cold_start.learning_rate": -1e-3,
+    "cold_start.warmup_steps": -1,
+    "rl.steps": -5,
+    "rl.epochs": -2,
+    "rl.learning_rate": -5e-5,
+    "rl.warmup_steps": -1,
+    "rl.weight_decay": -0.01,
+    "rl.b1": 1.0,
+    "rl.b2": 0.0,
+    "rl.grad_clip": 0.0,
+    "rl.kl_coef": -0.01,
+    "rl.clip_low": 1.0,
+    "rl.clip_high": -0.1,
+    "rl.dual_clip": 1.0,
+    "rl.temperature": 0.0,
+    "rl.top_p": 1.5,
+    "rl.max_prompt_len": 0,
+    "rl.max_response_len": 0,
+    "reward.w_accuracy": -0.8,
+    "reward.w_coherence": -0.1,
+    "reward.w_consistency": -0.1,
+    "reward.w_format": -0.1,
+    "reward.reflection_max_tokens": 0,
+    "reward.reflection_temperature": 0.0,
+    "reward.reflection_top_p": 0.0,
+    "reward.threads": 0,
+    "eval.every": 0,
+    "eval.num_examples": 0,
+    "eval.batch_size": 0,
+    "eval.sampled_temperature": -0.6,
+    "eval.sampled_top_p": 1.01,
+    "checkpoint.every": 0,
+    "checkpoint.keep": 0,
+    "log.samples_every": 0,
+    "log.num_samples": -1,
+    "model.tiny.hidden_size": 0,
+    "model.tiny.intermediate_size": 0,
+    "model.tiny.num_layers": 0,
+    "model.tiny.num_heads": 0,
+    "model.tiny.num_kv_heads": 0,
+    "model.tiny.vision_depth": 0,
+    "model.tiny.vision_hidden_size": 0,
+    "model.tiny.vision_intermediate_size": 0,
+    "model.tiny.vision_heads": 0,
+}
+# Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
+CROSS_CHECKED = {
+    "data.max_bad_fraction",
+    "rl.num_generations",
+    "rl.rollout_batch",
+    "rl.update_batch",
+    "rl.micro_batch",
+    "sampling.max_rows",
+    "sampling.prompt_buckets",
+    "sampling.gen_buckets",
+    "model.tiny.mrope_section",
+    "mesh",
+    "eval.datasets.test.num_examples",
+    "eval.datasets.emotion6.num_examples",
+}
+
+
+def test_the_default_configs_are_valid():
+    config_lib.validate(_config())
+
+
+def test_every_numeric_field_has_a_range_check():
+    flat = config_lib._flat(json.loads(_config().to_json()))
+
+    def numeric(v):
+        if isinstance(v, list):
+            return bool(v) and all(numeric(x) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def mesh_like(v):  # [[axis, size], ...]
+        return isinstance(v, list) and all(isinstance(x, list) and numeric(x[1:]) for x in v)
+
+    fields = {k for k, v in flat.items() if numeric(v) or (k == "mesh" and mesh_like(v))}
+    ranged = {path for path, _, _ in config_lib.RANGES}
+    assert fields - ranged - CROSS_CHECKED == set(), "add a range to config_lib.RANGES"
+    assert set(BAD) == ranged, "test every entry of config_lib.RANGES"
+
+
+@pytest.mark.parametrize("path", sorted(BAD))
+def test_out_of_range_value_is_refused_naming_its_flag(path):
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**{path: BAD[path]}))
+    assert f"--config.{path}={BAD[path]!r} must be" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sampling.prompt_buckets": (192, 96, 320)}, "prompt_buckets=(192, 96, 320) must be increasing"),
+        ({"sampling.gen_buckets": (0, 48)}, "--config.sampling.gen_buckets=(0, 48) must be increasing positive"),
+        ({"mesh": (("data", 0), ("fsdp", -1), ("tensor", 1))}, "--config.mesh=(('data', 0), ('fsdp', -1), ('tens"),
+        ({"mesh": (("data", -1), ("fsdp", -1), ("tensor", 1))}, "at most one -1"),
+        (
+            {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
+            "no reward to learn from",
+        ),
+        ({"model.tiny.num_kv_heads": 3}, "--config.model.tiny.num_heads=4 must be a multiple of num_kv_heads=3"),
+        ({"model.tiny.hidden_size": 130}, "--config.model.tiny.hidden_size=130 must be a multiple of num_heads=4"),
+        ({"model.tiny.vision_heads": 3}, "--config.model.tiny.vision_hidden_size=64 must be a multiple of vision_h"),
+    ],
+)
+def test_fields_that_constrain_each_other(overrides, message):
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**overrides))
+    assert message in str(err.value)
+
+
+def test_negative_cold_start_steps_get_a_precise_message():
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**{"cold_start.steps": -3}))
+    assert "--config.cold_start.steps=-3 must be >= 0 (0: no cold start)" in str(err.value)
+    assert "batch_size" not in str(err.value)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_unchanged_config_resumes_silently():
+    assert config_lib.resume_changes(_config().to_json(), _config()) == []
+
+
+def test_extending_a_run_and_moving_files_may_change_on_resume():
+    saved = _config().to_json()
+    new = _config(
+        **{
+            "rl.steps": 60,
+            "cold_start.steps": 100,
+            "workdir": "/elsewhere",
+            "checkpoint.keep": 5,
+            "eval.every": 5,
+            "log.samples_every": 1,
+            "reward.threads": 8,
+            "eval.datasets.emotion6.path": "/data/Emotion6",
+        }
+    )
+    lines = config_lib.resume_changes(saved, new)
+    assert "rl.steps: 30 -> 60 (may change on resume)" in lines
+    assert "workdir: '/tmp/unused' -> '/elsewhere' (may change on resume)" in lines
+    assert len(lines) == 8 and all(line.endswith("(may change on resume)") for line in lines)
+
+
+def test_changed_settings_stop_the_resume_naming_fields_values_and_the_flag():
+    saved = _config().to_json()
+    new = _config(**{"rl.learning_rate": 1e-3, "rl.b1": 0.8, "rl.steps": 60})
+    with pytest.raises(ValueError) as err:
+        config_lib.resume_changes(saved, new)
+    msg = str(err.value)
+    assert "rl.b1: 0.9 -> 0.8; rl.learning_rate: 5e-05 -> 0.001." in msg
+    assert "--accept_changes=rl.b1,rl.learning_rate" in msg and "--config.workdir" in msg
+    assert "rl.steps" not in msg and "\n" not in msg
+    # Accepting one still stops on the other; accepting both resumes and says so.
+    with pytest.raises(ValueError, match=r"--accept_changes=rl\.b1;"):
+        config_lib.resume_changes(saved, new, accepted=["rl.learning_rate"])
+    lines = config_lib.resume_changes(saved, new, accepted=["rl.learning_rate", "rl.b1"])
+    assert "rl.learning_rate: 5e-05 -> 0.001 (accepted by --accept_changes)" in lines
+
+
+def test_a_field_referenced_elsewhere_is_refused_by_its_own_name():
+    """eval.datasets.test.num_examples follows eval.num_examples: the eval set changed."""
+    with pytest.raises(ValueError) as err:
+        config_lib.resume_changes(_config().to_json(), _config(**{"eval.num_examples": 4}))
+    assert "--accept_changes=eval.num_examples;" in str(err.value)
+
+
+def test_a_field_only_one_side_has_is_reported_not_refused():
+    saved = json.loads(_config().to_json())
+    del saved["rl"]["dual_clip"]
+    saved["rl"]["old_knob"] = 1
+    lines = config_lib.resume_changes(json.dumps(saved), _config())
+    assert lines == [
+        "rl.dual_clip: (absent) -> 3.0 (field added or removed by a code change)",
+        "rl.old_knob: 1 -> (absent) (field added or removed by a code change)",
+    ]
+
+
+def test_accepting_an_unknown_field_is_refused():
+    config_lib.check_accepted(["rl.learning_rate"], _config())
+    with pytest.raises(ValueError, match=r"--accept_changes=rl\.learning_rat: no config field \['rl\.learning_rat'\]"):
+        config_lib.check_accepted(["rl.learning_rat"], _config())
