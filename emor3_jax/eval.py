@@ -34,12 +34,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from emor3_jax import cli, config_lib
+from emor3_jax import config_lib
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import evaluate
-from emor3_jax.runtime import multihost, setup
+from emor3_jax.runtime import cli, multihost, setup
 from emor3_jax.runtime.load import load_policy, locate
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 

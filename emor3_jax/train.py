@@ -20,7 +20,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emor3_jax import cli, config_lib
+from emor3_jax import config_lib
+from emor3_jax.runtime import cli
 from emor3_jax.runtime.workdir_lock import WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)

@@ -66,15 +66,6 @@ BAD = {
     "checkpoint.keep": 0,
     "log.samples_every": 0,
     "log.num_samples": -1,
-    "model.tiny.hidden_size": 0,
-    "model.tiny.intermediate_size": 0,
-    "model.tiny.num_layers": 0,
-    "model.tiny.num_heads": 0,
-    "model.tiny.num_kv_heads": 0,
-    "model.tiny.vision_depth": 0,
-    "model.tiny.vision_hidden_size": 0,
-    "model.tiny.vision_intermediate_size": 0,
-    "model.tiny.vision_heads": 0,
 }
 # Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
 CROSS_CHECKED = {
@@ -86,7 +77,6 @@ CROSS_CHECKED = {
     "sampling.max_rows",
     "sampling.prompt_buckets",
     "sampling.gen_buckets",
-    "model.tiny.mrope_section",
     "mesh",
     "eval.datasets.test.num_examples",
     "eval.datasets.emotion6.num_examples",
@@ -132,9 +122,6 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
             "no reward to learn from",
         ),
-        ({"model.tiny.num_kv_heads": 3}, "--config.model.tiny.num_heads=4 must be a multiple of num_kv_heads=3"),
-        ({"model.tiny.hidden_size": 130}, "--config.model.tiny.hidden_size=130 must be a multiple of num_heads=4"),
-        ({"model.tiny.vision_heads": 3}, "--config.model.tiny.vision_hidden_size=64 must be a multiple of vision_h"),
     ],
 )
 def test_fields_that_constrain_each_other(overrides, message):
