@@ -31,8 +31,7 @@ from common import IMAGE, VEND, VSTART, hf_config, timeit  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from emor3_jax.models.qwen25_vl.convert import load_hf  # noqa: E402
-from emor3_jax.models.qwen25_vl.model import prepare_inputs  # noqa: E402
+from emor3_jax.models.api import load_hf, prepare_inputs  # noqa: E402
 from emor3_jax.runtime import sharding  # noqa: E402
 
 

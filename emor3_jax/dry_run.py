@@ -28,10 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
-from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
-from emor3_jax.models.qwen25_vl.model import abstract_model
-from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
-from emor3_jax.rl.learner import make_optimizer
+from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, ModelConfig, abstract_model, preset
+from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
 from emor3_jax.runtime import sharding
 from emor3_jax.sampling.sampler import bucket
 
@@ -130,16 +128,7 @@ def memory(c: ConfigDict) -> dict:
     cfg = model_config(c)
     rules = [tuple(r) for r in c.logical_axis_rules]
     _, params = nnx.split(abstract_model(cfg))
-    tx, _ = make_optimizer(
-        c.rl.schedule,
-        c.rl.learning_rate,
-        c.rl.warmup_steps,
-        max(c.rl.steps, 1),
-        c.rl.weight_decay,
-        c.rl.b1,
-        c.rl.b2,
-        c.rl.grad_clip,
-    )
+    tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
     opt = jax.eval_shape(tx.init, params)
     param_leaves = _sharded(params, mesh, rules)
     cache, cache_fallbacks = kv_cache(c, cfg, mesh, rules)
