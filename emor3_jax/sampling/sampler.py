@@ -11,8 +11,9 @@ program then runs a `lax.while_loop` over W slots: whenever a slot is free and a
 group is waiting, the row takes the slot (its prompt's cache copied to entries [0, P), the
 fork to n samples), and every step decodes one token for every busy slot. A row stops on a
 stop token or at its own limit, and its slot takes the next waiting row in the same loop. The
-call returns once the group's rows are all in slots; the next group's call carries the slots
-on, and the last call runs until every slot is free.
+call returns once the group's rows are all in slots and a slot is free; the next group's call
+carries the slots on and fills that slot before its first step, and the last call runs until
+every slot is free.
 
 Rows in slots differ in prompt, length and position: each slot has its own M-RoPE position
 (largest prompt position + 1 + j for its j-th token, as transformers' `rope_deltas`) and
@@ -191,7 +192,7 @@ class Sampler:
         g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
         q = min(len(prompts), max(1, self.max_rows // n)) if self.max_rows else len(prompts)
         groups = -(-len(prompts) // q)
-        slots = min(self.max_rows, q * n) if self.max_rows else q * n
+        slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
         bias = np.zeros((self.cfg.text.vocab_size,), np.float32)
         for tok, value in (logit_bias or {}).items():
@@ -325,8 +326,8 @@ def _decode(
     key,
     pad_id,
 ) -> tuple[Cache, dict]:
-    """Decodes until the group's first `valid` rows have all taken slots; the last group
-    (`final`) until every slot is free.
+    """Decodes until the group's first `valid` rows have all taken slots and a slot is free;
+    the last group (`final`) until every slot is free.
 
     cache [W, S] per layer and carry (`_fresh_slots`) are donated and returned. The group:
     logits [Q, V], prompt_cache [Q, P] per layer, prompt_mask [Q, P], next_pos [Q] from its
@@ -381,11 +382,14 @@ def _decode(
         return c, cache, pending + jnp.sum(take)
 
     def cond(loop):
+        # A free slot with no row of this group left: return, so the next group's rows take it
+        # before the next step. The last group: until every row has stopped.
         c, _, pending = loop
-        return (pending < valid) | (final & jnp.any(c["slot_row"] >= 0))
+        busy = c["slot_row"] >= 0
+        return (pending < valid) | jnp.where(final, jnp.any(busy), jnp.all(busy))
 
     def body(loop):
-        c, cache, pending = admit(*loop)
+        c, cache, pending = loop
         live, j, raw = c["slot_row"] >= 0, c["slot_step"], c["logits"]
         keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(c["slot_row"], j)
         tok = select(raw + bias, keys, params)
@@ -409,7 +413,8 @@ def _decode(
             done=c["done"].at[row].set(hit, mode="drop"),
             step=c["step"] + 1,
         )
-        return c, cache, pending
+        return admit(c, cache, pending)
 
-    carry, cache, _ = jax.lax.while_loop(cond, body, (carry, cache, jnp.zeros((), jnp.int32)))
+    loop = admit(carry, cache, jnp.zeros((), jnp.int32))
+    carry, cache, _ = jax.lax.while_loop(cond, body, loop)
     return cache, carry
