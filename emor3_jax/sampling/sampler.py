@@ -207,6 +207,8 @@ class Sampler:
                 chunk = list(prompts[g * q : (g + 1) * q])
                 batch = left_padded_batch(self.cfg, chunk + [chunk[0]] * (q - len(chunk)), p_len, self.pad_id)
                 logits, prompt_cache = self._prefill(graphdef, state, batch)
+                if g:  # the previous group's decode done: at most two groups' prompt caches exist
+                    jax.block_until_ready(carry)
                 if cache is None:
                     cache = self._buffer(slots, p_len + g_len, prompt_cache[0][0].dtype)
                 valid = len(chunk) * n
