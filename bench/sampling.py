@@ -8,6 +8,14 @@ Also times our sampler with prefill once + fork against prefilling every copy.
 
     python bench/sampling.py [--prompts 16] [--n 8] [--new 128]
 
+Realistic lengths (CPU): a tiny-width random model, 64 prompts x n=8 with a 224x224 image,
+limit 256; each row stops at a length drawn from a log-normal (median 256 / 6, 1% of rows at
+the limit; the same lengths for both sides, as per-row limits). Continuous batching against
+the static path (chunks of max_rows rows, each decoded until its longest row stops), both with
+the same 32 decode slots, i.e. the same KV cache:
+
+    python bench/sampling.py --lengths realistic [--prompts 64] [--n 8] [--new 256] [--slots 32]
+
 GPU mode: Qwen2.5-VL-3B shapes with random bf16 weights, 32 prompts x 8 samples (256 rows)
 with a 448x448 image, 512 new tokens; tokens/s and the fraction of HBM bandwidth the decode
 steps use (bytes of weights + KV cache read per step over the step time).
@@ -128,6 +136,115 @@ def run_transformers(path: str, args) -> dict:
     return dict(
         seconds=wall, tokens=int(new.numel()), max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )
+
+
+def realistic_lengths(rows: int, limit: int, rng) -> np.ndarray:
+    """Response lengths [rows]: log-normal with the median at limit / 6 and 1% of rows at or past
+    the limit (sigma = ln 6 / z_0.99), rounded and clipped to 1..limit."""
+    sigma = np.log(6.0) / 2.3263478740408408  # z_0.99
+    drawn = np.exp(np.log(limit / 6) + sigma * rng.standard_normal(rows))
+    return np.clip(np.round(drawn), 1, limit).astype(np.int32)
+
+
+def tiny_width_config():
+    """The bench's mid-size architecture at a tiny width: a decode step is cheap, so the
+    comparison measures the scheduling, not the matmuls."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(
+        vocab_size=8192,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        out_hidden_size=128,
+        fullatt_block_indexes=[1],
+        window_size=112,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=8182,
+        video_token_id=8183,
+        vision_start_token_id=8184,
+        vision_end_token_id=8185,
+    )
+
+
+def lengths_main(args) -> None:
+    import jax
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from emor3_jax import sharding
+    from emor3_jax.models.qwen25_vl.convert import load_hf
+    from emor3_jax.sampling.methods import SamplingParams
+    from emor3_jax.sampling.sampler import Sampler
+
+    path = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    hf_cfg = tiny_width_config()
+    Qwen2_5_VLForConditionalGeneration(hf_cfg).save_pretrained(path)
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    model = load_hf(path, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    ids = (hf_cfg.image_token_id, hf_cfg.vision_start_token_id, hf_cfg.vision_end_token_id)
+    prompts = prompts_for(args.prompts, (1, 16, 16), ids, np.random.default_rng(0))
+    rows = args.prompts * args.n
+    lengths = realistic_lengths(rows, args.new, np.random.default_rng(1))
+    kw = dict(max_new_tokens=args.new, n=args.n, params=SamplingParams(temperature=1.0), row_max_new=lengths)
+    res = {}
+    for name, continuous in (("static", False), ("continuous", True)):
+        s = Sampler(
+            model.cfg,
+            prompt_buckets=(128,),
+            gen_buckets=(args.new,),
+            pad_id=0,
+            max_rows=args.slots,
+            continuous=continuous,
+        )
+        jax.block_until_ready(s.generate(model, prompts, key=jax.random.key(0), **kw).tokens)  # compile
+        walls = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            out = s.generate(model, prompts, key=jax.random.key(i + 1), **kw)
+            jax.block_until_ready(out.tokens)
+            walls.append(time.perf_counter() - t0)
+        np.testing.assert_array_equal(np.asarray(out.lengths), lengths)  # every row stopped at its drawn length
+        ((cache_rows, entries, _),) = s._buffers
+        res[name] = dict(
+            seconds=float(np.median(walls)),
+            steps=int(s.last_schedule.steps),
+            cache=(cache_rows, entries),
+            programs=s.compiled_programs(),
+        )
+    st, co = res["static"], res["continuous"]
+    tokens = int(lengths.sum())
+    print(
+        f"tiny-width model, {args.prompts} prompts (224x224 image, 128-token prompt) x n={args.n} = {rows} rows, "
+        f"limit {args.new}, T=1.0, fp32, CPU, {args.slots} slots"
+    )
+    print(
+        f"lengths: log-normal, median {np.median(lengths):.0f}, mean {lengths.mean():.1f}, "
+        f"{(lengths == args.new).mean():.1%} at the limit, {tokens} tokens"
+    )
+    for name, r in (("static (chunks)", st), ("continuous", co)):
+        print(
+            f"{name:16} {tokens / r['seconds']:8,.0f} tok/s ({r['seconds']:.2f} s, {r['steps']} decode steps, "
+            f"KV cache {r['cache'][0]} rows x {r['cache'][1]} entries, {r['programs']} programs)"
+        )
+    print(f"ideal steps (tokens / slots): {tokens / args.slots:.0f}")
+    print(f"ratio continuous_vs_static: {st['seconds'] / co['seconds']:.2f}")
 
 
 def cpu_main(args) -> None:
@@ -286,6 +403,10 @@ def nnx_state(module):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument(
+        "--lengths", choices=("forced", "realistic"), default="forced", help="CPU: realistic = drawn per row"
+    )
+    ap.add_argument("--slots", type=int, default=32, help="--lengths realistic: decode slots (max_rows)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=None)
@@ -298,6 +419,9 @@ def main() -> None:
     if args.side:
         run = run_ours if args.side == "ours" else run_transformers
         print(json.dumps(run(args.path, args)))
+    elif args.lengths == "realistic":
+        args.prompts, args.new = args.prompts or 64, args.new or 256
+        lengths_main(args)
     elif args.gpu or args.smoke:
         args.prompts, args.new = args.prompts or (2 if args.smoke else 32), args.new or (8 if args.smoke else 512)
         gpu_main(args)

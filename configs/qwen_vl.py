@@ -110,7 +110,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.sampling = ConfigDict()
     c.sampling.prompt_buckets = (96, 192, 320) if tiny else (256, 512, 1024, 2048)
     c.sampling.gen_buckets = (32, 48) if tiny else (32, 512, 2048)
-    c.sampling.max_rows = 0  # rows decoded at once (0: all); bounds the rollout KV cache, see launch/README.md
+    # Decode slots (0: one per row): the rows in the KV cache at once, refilled as rows stop
+    # (continuous batching); bounds the rollout KV cache, see launch/README.md.
+    c.sampling.max_rows = 0
 
     c.eval = ConfigDict()
     c.eval.every = 10 if tiny else 1

@@ -165,7 +165,8 @@ def validate(c: ConfigDict) -> None:
     )
     need(
         c.sampling.max_rows == 0 or c.sampling.max_rows >= rl.num_generations,
-        f"--config.sampling.max_rows={c.sampling.max_rows} must be 0 (all at once) or >= rl.num_generations",
+        f"--config.sampling.max_rows={c.sampling.max_rows} (decode slots) must be 0 (one per row) "
+        "or >= rl.num_generations",
     )
     need(
         c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,

@@ -10,10 +10,13 @@ seconds on a laptop.
 
 Counted, per device, from each array's shard shape under the sharding the run gives it:
 params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
-gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache for
-rollout_batch * num_generations rows (at most sampling.max_rows) x (prompt bucket + generation
-bucket) slots in the compute dtype. Not counted: activations, logit chunks, a micro-batch's fresh gradients while
-they are summed, and the sampler's smaller cache buffers (reflection, eval), which it also keeps.
+gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache: its
+decode slots (sampling.max_rows, or one per rollout_batch * num_generations row when 0) x
+(prompt bucket + generation bucket) entries in the compute dtype. Not counted: activations,
+logit chunks, a micro-batch's fresh gradients while they are summed, the prompt cache of the
+prefill group being decoded (max_rows // num_generations prompts x prompt bucket, all prompts
+when max_rows is 0), and the sampler's smaller cache buffers (reflection, eval), which it also
+keeps.
 """
 
 from __future__ import annotations
@@ -99,11 +102,12 @@ def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:
 
 
 def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str]]:
-    """The rollout decode cache: per layer K [R, K, H, S] and V [R, K, S, H] (R rows, S slots)."""
+    """The rollout decode cache: per layer K [W, K, H, S] and V [W, K, S, H] (W decode slots, S
+    cache entries per slot)."""
     t = cfg.text
     rows = c.rl.rollout_batch * c.rl.num_generations
-    if c.sampling.max_rows:  # the sampler decodes chunks of max_rows // n prompts at a time
-        rows = min(rows, c.sampling.max_rows // c.rl.num_generations * c.rl.num_generations)
+    if c.sampling.max_rows:  # continuous batching: max_rows slots, refilled as rows stop
+        rows = min(rows, c.sampling.max_rows)
     slots = bucket(c.rl.max_prompt_len, c.sampling.prompt_buckets, "rl.max_prompt_len") + bucket(
         c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len"
     )
@@ -171,14 +175,14 @@ def report(m: dict) -> str:
         "optimizer": "AdamW moments + step counters",
         "reference": "GRPO reference policy",
         "gradients": "accumulator over micro-batches",
-        "kv_cache": f"{m['kv_rows']} rows x {m['kv_slots']} slots, {m['compute_dtype']}",
+        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['compute_dtype']}",
     }
     for name in (*CATEGORIES, "total"):
         gib = f"{m['per_device'][name] / GiB:12.2f}{m['global'][name] / GiB:12.2f}"
         lines.append(f"{name:12}{gib}  {notes.get(name, '')}".rstrip())
     lines.append(
-        "not included: activations, logit chunks, a micro-batch's fresh gradients, the sampler's "
-        "reflection/eval cache buffers, XLA workspace"
+        "not included: activations, logit chunks, a micro-batch's fresh gradients, the prefill group's "
+        "prompt cache, the sampler's reflection/eval cache buffers, XLA workspace"
     )
     if m["fallbacks"]:
         lines.append(f"replicated because the mesh does not divide them ({len(m['fallbacks'])}):")

@@ -102,10 +102,12 @@ def test_3b_on_8_devices_pure_fsdp():
     assert m["num_params"] == 3_754_622_976  # Qwen2.5-VL-3B-Instruct's published count (tied embeddings)
     assert m["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB)
-    # The sampler decoding at most 1020 rows at once: chunks of 127 prompts x 8 = 1016 rows.
-    m, _ = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=1020)
-    assert m["kv_rows"] == 1016
-    assert m["per_device"]["kv_cache"] == 36 * 2 * 127 * 2 * 128 * 4096 * 2
+    # 1000 decode slots (continuous batching; not a multiple of num_generations=8): the cache
+    # holds 1000 rows, 125 per device.
+    m, report = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=1000)
+    assert m["kv_rows"] == 1000
+    assert m["per_device"]["kv_cache"] == 36 * 2 * 125 * 2 * 128 * 4096 * 2
+    assert "1000 decode slots x 4096 entries" in report
 
 
 @pytest.mark.parametrize(

@@ -84,13 +84,15 @@ def argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
-def categorical(key: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
+def categorical(keys: jax.Array, logits: jax.Array, block: int = 128) -> jax.Array:
     """One draw per row from softmax(logits) [B, V] (-inf = never), by inverting the CDF.
 
-    One uniform per row instead of a Gumbel number per vocabulary entry (the RNG dominates a
-    decode step otherwise). The CDF is searched in two levels, blocks of `block` tokens then
-    within the chosen block, so no full-vocabulary cumsum is needed. Rounding at a block
-    edge can only land on a token of positive probability.
+    keys [B]: one key per row, so a row's draw does not depend on the other rows in the batch
+    (the sampler's slots hold different rows over time). One uniform per row instead of a
+    Gumbel number per vocabulary entry (the RNG dominates a decode step otherwise). The CDF
+    is searched in two levels, blocks of `block` tokens then within the chosen block, so no
+    full-vocabulary cumsum is needed. Rounding at a block edge can only land on a token of
+    positive probability.
     """
     b, v = logits.shape
     nb = -(-v // block)
@@ -98,7 +100,7 @@ def categorical(key: jax.Array, logits: jax.Array, block: int = 128) -> jax.Arra
     e = jnp.pad(e, ((0, 0), (0, nb * block - v))).reshape(b, nb, block)
     block_mass = e.sum(-1)  # [B, nb]
     cdf = jnp.cumsum(block_mass, axis=-1)
-    u = jax.random.uniform(key, (b,), jnp.float32) * cdf[:, -1]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
     blk = _first_above(cdf, u, block_mass > 0)  # [B]
     inner = jnp.take_along_axis(e, blk[:, None, None], axis=1)[:, 0]  # [B, block]
     before = jnp.take_along_axis(cdf - block_mass, blk[:, None], axis=1)[:, 0]
@@ -116,8 +118,8 @@ def _first_above(cdf: jax.Array, u: jax.Array, positive: jax.Array) -> jax.Array
     return jnp.clip(idx, first_positive, last_positive)
 
 
-def select(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-    """Next token ids [B] from logits [B, V] (logit bias already added)."""
+def select(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> jax.Array:
+    """Next token ids [B] from logits [B, V] (logit bias already added), keys [B] one per row."""
     if params.greedy:
         return argmax(logits)
-    return categorical(key, filtered_logits(logits, params))
+    return categorical(keys, filtered_logits(logits, params))

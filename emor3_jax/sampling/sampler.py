@@ -1,15 +1,31 @@
-"""On-device sampling: one jitted prefill per prompt, fork n ways, one jitted decode loop.
+"""On-device sampling with continuous batching: a fixed number of decode slots, refilled
+inside one jitted loop as rows stop.
 
-Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G generation
-bucket, S = P + G cache slots, L decoder layers, K kv heads, H head dim, V vocab.
+Letters: B prompts, n samples per prompt, R = B * n rows, Q prompts per prefill group,
+W slots (decode rows at once), P prompt bucket, G generation bucket, S = P + G cache entries
+per slot, V vocab.
 
-Prompts are left-padded to a bucket length P, so every row writes its j-th new token at
-slot P + j and its M-RoPE position is (largest prompt position + 1 + j), as transformers
-does with `rope_deltas`. Prefill (vision tower + prompt) runs once per prompt; its cache
-[B, P] is repeated n ways into the decode cache [R, S] inside the decode program, which
-runs a `lax.while_loop` until every row has stopped or `max_new_tokens` is reached. The
-cache is donated from prefill to decode. Shapes come from a few configured buckets, so a
-run compiles a bounded number of programs (`Sampler.compiled_programs`).
+Prompts are left-padded to one bucket length P and prefilled once each, in groups of Q
+(vision tower + prompt -> the group's prompt cache [Q, P] and next-token logits). The decode
+program then runs a `lax.while_loop` over W slots: whenever a slot is free and a row of the
+group is waiting, the row takes the slot (its prompt's cache copied to entries [0, P), the
+fork to n samples), and every step decodes one token for every busy slot. A row stops on a
+stop token or at its own limit, and its slot takes the next waiting row in the same loop. The
+call returns once the group's rows are all in slots and a slot is free; the next group's call
+carries the slots on and fills that slot before its first step, and the last call runs until
+every slot is free.
+
+Rows in slots differ in prompt, length and position: each slot has its own M-RoPE position
+(largest prompt position + 1 + j for its j-th token, as transformers' `rope_deltas`) and
+step count. Generated keys and values go to entries P + (global step mod G), shared by all
+slots: attention is a masked sum over cache entries, so their order does not matter, and a
+row of at most G tokens never overwrites its own. A new row's key mask hides what the
+slot's previous row left there. Each row samples with keys from (key, row, token index), so
+its tokens do not depend on the slot or the step it ran in.
+
+The KV cache [W, S] is set by the slot count, allocated once per shape and donated to each
+decode call. Shapes come from the buckets and settings, so a run compiles a bounded number
+of programs (`Sampler.compiled_programs`).
 """
 
 from __future__ import annotations
@@ -61,15 +77,28 @@ def left_padded_batch(cfg, prompts: Sequence[Prompt], length: int, pad_id: int) 
     return out
 
 
+@struct.dataclass
+class Schedule:
+    """Where the rows of the last `generate` ran. slot [R]: the decode slot row r held;
+    start [R]: the decode step at which it took the slot; steps: decode steps in all."""
+
+    slot: jax.Array
+    start: jax.Array
+    steps: jax.Array
+
+
 class Sampler:
     """Samples continuations of prompts with a model's current parameters.
 
     prompt_buckets / gen_buckets: allowed prompt lengths P and generation lengths G.
     pad_id: written after a row stops (never attended to).
-    max_rows: rows decoded at once (0: all). A larger request is sampled in chunks of
-    max_rows // n prompts, one after another, so the KV cache holds at most max_rows rows
-    (the rollout cache is what decides whether a model fits; see dry_run.py).
+    max_rows: decode slots W, i.e. the rows the KV cache holds at once (0: one slot per row).
+    Prompts are prefilled in groups of max_rows // n; a row that stops hands its slot to the
+    next waiting row (the rollout cache decides whether a model fits; see dry_run.py).
+    continuous: False refills slots only once all of them are free, i.e. decodes in chunks
+    that each run until their longest row stops (the reference bench/sampling.py compares).
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
+    After each `generate`, `last_schedule` says which slot ran each row and when.
     """
 
     def __init__(
@@ -81,12 +110,14 @@ class Sampler:
         pad_id: int,
         rules=sharding.DEFAULT_RULES,
         max_rows: int = 0,
+        continuous: bool = True,
     ):
         if max_rows < 0:
-            raise ValueError(f"max_rows must be >= 0 (0: all rows at once), got {max_rows}")
-        self.cfg, self.max_rows = cfg, max_rows
+            raise ValueError(f"max_rows must be >= 0 (0: one slot per row), got {max_rows}")
+        self.cfg, self.max_rows, self.continuous = cfg, max_rows, continuous
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules = pad_id, rules
+        self.last_schedule: Schedule | None = None
         self._traces = 0
 
         def traced(fn):  # every trace is one compiled program
@@ -97,7 +128,8 @@ class Sampler:
             return run
 
         self._prefill = jax.jit(traced(_prefill), static_argnums=(0,))
-        self._decode = jax.jit(traced(_decode), static_argnums=(0, 1, 2, 3), donate_argnums=(7,))
+        self._decode = jax.jit(traced(_decode), static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
+        self._fresh = jax.jit(_fresh_slots, static_argnums=(0, 1, 2, 3, 4, 5))
         self._buffers: dict[tuple, Cache] = {}
 
     def compiled_programs(self) -> int:
@@ -115,67 +147,85 @@ class Sampler:
         params: SamplingParams = SamplingParams(),
         stop_ids: Sequence[int] = (),
         logit_bias: dict[int, float] | None = None,
+        row_max_new: Sequence[int] | None = None,
     ) -> Samples:
         """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b].
 
-        Past `max_rows` rows, chunk c of the prompts is sampled with key fold_in(key, c); the
-        last chunk is padded with repeats of its first prompt (rows dropped), so every chunk
-        runs the same programs.
+        row_max_new [R]: optional per-row limits in 1..max_new_tokens (default: all
+        max_new_tokens). Row r draws its j-th token with key fold_in(fold_in(key, r), j),
+        whichever slot and step it runs in. The last prefill group is padded with repeats of
+        its first prompt, whose rows never take a slot, so every group runs the same programs.
         """
         if not prompts:
             raise ValueError("generate: no prompts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        per = max(1, self.max_rows // n) if self.max_rows else len(prompts)
-        if per < len(prompts):
-            parts = []
-            for c, i in enumerate(range(0, len(prompts), per)):
-                chunk = list(prompts[i : i + per])
-                out = self._generate(
-                    model,
-                    chunk + [chunk[0]] * (per - len(chunk)),
-                    jax.random.fold_in(key, c),
-                    max_new_tokens,
-                    n,
-                    params,
-                    stop_ids,
-                    logit_bias,
+        rows = len(prompts) * n
+        limits = np.full((rows,), max_new_tokens, np.int32)
+        if row_max_new is not None:
+            limits = np.asarray(row_max_new, np.int32)
+            if limits.shape != (rows,) or limits.min() < 1 or limits.max() > max_new_tokens:
+                raise ValueError(
+                    f"row_max_new must hold {rows} limits in 1..{max_new_tokens}, got shape {limits.shape} "
+                    f"with values {limits.min()}..{limits.max()}"
                 )
-                parts.append(jax.tree.map(lambda a, rows=len(chunk) * n: a[:rows], out))
-            return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-        return self._generate(model, prompts, key, max_new_tokens, n, params, stop_ids, logit_bias)
-
-    def _generate(self, model, prompts, key, max_new_tokens, n, params, stop_ids, logit_bias) -> Samples:
         p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
         g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
-        batch = left_padded_batch(self.cfg, prompts, p_len, self.pad_id)
+        q = min(len(prompts), max(1, self.max_rows // n)) if self.max_rows else len(prompts)
+        groups = -(-len(prompts) // q)
+        slots = min(self.max_rows, rows) if self.max_rows else rows
+        out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
         bias = np.zeros((self.cfg.text.vocab_size,), np.float32)
         for tok, value in (logit_bias or {}).items():
             bias[tok] = value
+        stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
         graphdef, state = nnx.split(model)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
         with sharding.use_mesh(mesh, self.rules):
-            logits, prompt_cache = self._prefill(graphdef, state, batch)
-            buffer = self._buffer(len(prompts) * n, p_len + g_len, prompt_cache[0][0].dtype)
-            samples, buffer = self._decode(
-                graphdef,
-                n,
-                g_len,
-                params,
-                state,
-                logits,
-                prompt_cache,
-                buffer,
-                batch["attention_mask"],
-                batch["next_pos"],
-                jnp.asarray(max_new_tokens, jnp.int32),
-                jnp.asarray(list(stop_ids) or [-1], jnp.int32),
-                jnp.asarray(bias),
-                key,
-                jnp.asarray(self.pad_id, jnp.int32),
-            )
-        self._buffers[(len(prompts) * n, p_len + g_len, buffer[0][0].dtype.name)] = buffer
-        return samples
+            carry = self._fresh(slots, out_rows, p_len, g_len, self.cfg.text.vocab_size, self.pad_id)
+            cache = None
+            for g in range(groups):
+                chunk = list(prompts[g * q : (g + 1) * q])
+                batch = left_padded_batch(self.cfg, chunk + [chunk[0]] * (q - len(chunk)), p_len, self.pad_id)
+                logits, prompt_cache = self._prefill(graphdef, state, batch)
+                if g:  # the previous group's decode done: at most two groups' prompt caches exist
+                    jax.block_until_ready(carry)
+                if cache is None:
+                    cache = self._buffer(slots, p_len + g_len, prompt_cache[0][0].dtype)
+                valid = len(chunk) * n
+                group_limits = np.ones((q * n,), np.int32)
+                group_limits[:valid] = limits[g * q * n : g * q * n + valid]
+                cache, carry = self._decode(
+                    graphdef,
+                    n,
+                    params,
+                    self.continuous,
+                    state,
+                    cache,
+                    carry,
+                    logits,
+                    prompt_cache,
+                    batch["attention_mask"],
+                    batch["next_pos"],
+                    group_limits,
+                    np.int32(g * q * n),
+                    np.int32(valid),
+                    np.bool_(g == groups - 1),
+                    stops,
+                    jnp.asarray(bias),
+                    key,
+                    jnp.asarray(self.pad_id, jnp.int32),
+                )
+        self._buffers[(slots, p_len + g_len, cache[0][0].dtype.name)] = cache
+        self.last_schedule = Schedule(
+            slot=carry["row_slot"][:rows], start=carry["row_start"][:rows], steps=carry["step"]
+        )
+        return Samples(
+            tokens=carry["tokens"][:rows],
+            logprobs=carry["logprobs"][:rows],
+            lengths=carry["lengths"][:rows],
+            done=carry["done"][:rows],
+        )
 
     def _buffer(self, rows: int, slots: int, dtype) -> Cache:
         """The decode cache for this shape: allocated once (under the caller's mesh), donated to
@@ -193,8 +243,37 @@ class Sampler:
         return self._buffers.pop(key)
 
 
+def _fresh_slots(slots: int, out_rows: int, p_len: int, g_len: int, vocab: int, pad_id: int) -> dict:
+    """Free slots and empty outputs for one `generate` (everything the decode loop carries
+    between calls except the KV cache).
+
+    Slots [W]: row (-1: free), step j (tokens generated), pos (M-RoPE position of token 0),
+    limit (its max new tokens); logits [W, V] of each slot's next token; key_mask [W, S].
+    Outputs, by row [R_out]: tokens / logprobs [R_out, G], lengths, done, and row_slot /
+    row_start (which slot ran the row, from which step). step: decode steps so far.
+    """
+    w, s, r = slots, p_len + g_len, out_rows
+    batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    i32 = lambda shape, value: batch(jnp.full(shape, value, jnp.int32))
+    return dict(
+        slot_row=i32((w,), -1),
+        slot_step=i32((w,), 0),
+        slot_pos=i32((w,), 0),
+        slot_limit=i32((w,), 0),
+        logits=batch(jnp.zeros((w, vocab), jnp.float32)),
+        key_mask=batch(jnp.zeros((w, s), bool)),
+        tokens=i32((r, g_len), pad_id),
+        logprobs=batch(jnp.zeros((r, g_len), jnp.float32)),
+        lengths=i32((r,), 0),
+        done=batch(jnp.zeros((r,), bool)),
+        row_slot=i32((r,), -1),
+        row_start=i32((r,), -1),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
 def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
-    """Vision tower + prompt -> logits of the next token [B, V] and the prompt cache [B, P]."""
+    """Vision tower + prompt -> logits of the next token [Q, V] and the prompt cache [Q, P]."""
     model = nnx.merge(graphdef, state)
     t = model.cfg.text
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -204,7 +283,7 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     v = sharding.constrain(jnp.zeros((b, t.num_kv_heads, p, t.head_dim), x.dtype), V_CACHE_AXES)
     cache = tuple((k, v) for _ in range(t.num_layers))
     causal = jnp.tril(jnp.ones((p, p), bool))
-    attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [B, 1, P, P]
+    attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [Q, 1, P, P]
     h, cache = model.decode(x, batch["positions"], attn, cache, 0)
     return model.logits(h[:, -1]), cache
 
@@ -212,75 +291,113 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
 def _decode(
     graphdef,
     n: int,
-    g_len: int,
     params: SamplingParams,
+    continuous: bool,
     state,
+    cache: Cache,
+    carry: dict,
     logits,
     prompt_cache: Cache,
-    buffer: Cache,
     prompt_mask,
     next_pos,
-    max_new,
+    limits,
+    row0,
+    valid,
+    final,
     stop_ids,
     bias,
     key,
     pad_id,
-) -> tuple[Samples, Cache]:
-    """Forks the prompt cache [B, P] n ways into `buffer` [R, S] (donated; slots past the
-    prompt hold stale values that the key mask hides) and samples up to max_new (<= G)
-    tokens per row."""
+) -> tuple[Cache, dict]:
+    """Decodes until the group's first `valid` rows have all taken slots and a slot is free;
+    the last group (`final`) until every slot is free.
+
+    cache [W, S] per layer and carry (`_fresh_slots`) are donated and returned. The group:
+    logits [Q, V], prompt_cache [Q, P] per layer, prompt_mask [Q, P], next_pos [Q] from its
+    prefill; limits [Q * n] per row; its row i (prompt i // n) is output row row0 + i.
+    """
     model = nnx.merge(graphdef, state)
-    fork = lambda a: jnp.repeat(a, n, axis=0)
-    b, p = prompt_mask.shape
-    r = b * n
-    cache = tuple(
-        (
-            jax.lax.dynamic_update_slice(bk, fork(k), (0, 0, 0, 0)),
-            jax.lax.dynamic_update_slice(bv, fork(v), (0, 0, 0, 0)),
+    p = prompt_mask.shape[1]
+    w, s = carry["key_mask"].shape
+    g_len, out_rows = s - p, carry["tokens"].shape[0]
+    slot_ids = jnp.arange(w, dtype=jnp.int32)
+
+    def admit(c, cache, pending):
+        """Waiting rows take free slots in row order (all at once when not continuous)."""
+        free = c["slot_row"] < 0
+        rank = jnp.cumsum(free) - 1
+        take = free & (rank < valid - pending)
+        if not continuous:
+            take &= jnp.all(free)
+        src = jnp.where(take, pending + rank, 0)  # the group row each taking slot gets
+        b = src // n  # its prompt: the fork to n samples
+        row = jnp.where(take, row0 + src, out_rows)  # out_rows: dropped by the scatters
+        gen_mask = jnp.zeros((w, g_len), bool)
+
+        # Copy each new row's prompt cache into its slot, one slot at a time: the cost follows
+        # the rows admitted, not W.
+        order = jnp.nonzero(take, size=w, fill_value=0)[0]
+
+        def copy(i, kv):
+            slot, prompt = order[i], b[order[i]]
+            return tuple(
+                (
+                    jax.lax.dynamic_update_slice(k, jax.lax.dynamic_slice_in_dim(pk, prompt, 1), (slot, 0, 0, 0)),
+                    jax.lax.dynamic_update_slice(v, jax.lax.dynamic_slice_in_dim(pv, prompt, 1), (slot, 0, 0, 0)),
+                )
+                for (k, v), (pk, pv) in zip(kv, prompt_cache)
+            )
+
+        cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
+        c = dict(
+            c,
+            slot_row=jnp.where(take, row0 + src, c["slot_row"]),
+            slot_step=jnp.where(take, 0, c["slot_step"]),
+            slot_pos=jnp.where(take, next_pos[b], c["slot_pos"]),
+            slot_limit=jnp.where(take, limits[src], c["slot_limit"]),
+            logits=jnp.where(take[:, None], logits[b], c["logits"]),
+            key_mask=jnp.where(
+                take[:, None], jnp.concatenate([prompt_mask[b].astype(bool), gen_mask], 1), c["key_mask"]
+            ),
+            row_slot=c["row_slot"].at[row].set(slot_ids, mode="drop"),
+            row_start=c["row_start"].at[row].set(c["step"], mode="drop"),
         )
-        for (k, v), (bk, bv) in zip(prompt_cache, buffer)
-    )
-    key_mask = jnp.pad(fork(prompt_mask).astype(bool), ((0, 0), (0, g_len)))  # [R, S]
-    next_pos = fork(next_pos)
-    init = dict(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        logits=fork(logits),
-        key_mask=key_mask,
-        tokens=jnp.full((r, g_len), pad_id, jnp.int32),
-        logprobs=jnp.zeros((r, g_len), jnp.float32),
-        lengths=jnp.zeros((r,), jnp.int32),
-        done=jnp.zeros((r,), bool),
-        stopped=jnp.zeros((r,), bool),
-    )
+        return c, cache, pending + jnp.sum(take)
 
-    def cond(c):
-        return (c["step"] < max_new) & ~jnp.all(c["done"])
+    def cond(loop):
+        # A free slot with no row of this group left: return, so the next group's rows take it
+        # before the next step. The last group: until every row has stopped.
+        c, _, pending = loop
+        busy = c["slot_row"] >= 0
+        return (pending < valid) | jnp.where(final, jnp.any(busy), jnp.all(busy))
 
-    def body(c):
-        step, raw = c["step"], c["logits"]
-        tok = select(raw + bias, jax.random.fold_in(key, step), params)
+    def body(loop):
+        c, cache, pending = loop
+        live, j, raw = c["slot_row"] >= 0, c["slot_step"], c["logits"]
+        keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(c["slot_row"], j)
+        tok = select(raw + bias, keys, params)
         logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
-        live = ~c["done"]
         tok = jnp.where(live, tok, pad_id)
         hit = live & jnp.isin(tok, stop_ids)
-        slot = p + step
-        key_mask = c["key_mask"].at[:, slot].set(True)
-        positions = jnp.broadcast_to((next_pos + step)[None, :, None], (3, r, 1))
-        x = model.embed(tok[:, None])
-        h, cache = model.decode(x, positions, key_mask[:, None, None, :], c["cache"], slot)
-        return dict(
-            step=step + 1,
-            cache=cache,
+        row = jnp.where(live, c["slot_row"], out_rows)  # out_rows: free slots write nothing
+        entry = p + c["step"] % g_len  # shared by all slots; see the module docstring
+        key_mask = c["key_mask"].at[:, entry].set(live)
+        positions = jnp.broadcast_to((c["slot_pos"] + j)[None, :, None], (3, w, 1))
+        h, cache = model.decode(model.embed(tok[:, None]), positions, key_mask[:, None, None, :], cache, entry)
+        c = dict(
+            c,
+            slot_row=jnp.where(live & (hit | (j + 1 >= c["slot_limit"])), -1, c["slot_row"]),
+            slot_step=j + live,
             logits=model.logits(h[:, -1]),
             key_mask=key_mask,
-            tokens=c["tokens"].at[:, step].set(tok),
-            logprobs=c["logprobs"].at[:, step].set(jnp.where(live, logp, 0.0)),
-            lengths=c["lengths"] + live,
-            done=c["done"] | hit | (step + 1 >= max_new),
-            stopped=c["stopped"] | hit,
+            tokens=c["tokens"].at[row, j].set(tok, mode="drop"),
+            logprobs=c["logprobs"].at[row, j].set(logp, mode="drop"),
+            lengths=c["lengths"].at[row].set(j + 1, mode="drop"),
+            done=c["done"].at[row].set(hit, mode="drop"),
+            step=c["step"] + 1,
         )
+        return admit(c, cache, pending)
 
-    out = jax.lax.while_loop(cond, body, init)
-    samples = Samples(tokens=out["tokens"], logprobs=out["logprobs"], lengths=out["lengths"], done=out["stopped"])
-    return samples, out["cache"]
+    loop = admit(carry, cache, jnp.zeros((), jnp.int32))
+    carry, cache, _ = jax.lax.while_loop(cond, body, loop)
+    return cache, carry
