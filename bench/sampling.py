@@ -26,7 +26,6 @@ steps use (bytes of weights + KV cache read per step over the step time).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -46,7 +45,7 @@ HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM par
 
 
 def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, int, int], rng):
-    from emor3_jax.sampling.sampler import Prompt
+    from emor3_jax.batches import Prompt
 
     image, vstart, vend = vocab_image
     n_img = grid[1] * grid[2] // 4
@@ -70,7 +69,7 @@ def run_ours(path: str, args) -> dict:
     import jax
     from common import IMAGE, VEND, VSTART
 
-    from emor3_jax.models.qwen25_vl.convert import load_hf
+    from emor3_jax.models.api import load_hf
     from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
@@ -187,8 +186,8 @@ def lengths_main(args) -> None:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from emor3_jax import sharding
-    from emor3_jax.models.qwen25_vl.convert import load_hf
+    from emor3_jax.models.api import load_hf
+    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
@@ -306,37 +305,14 @@ def gpu_main(args) -> None:
     import jax
     import jax.numpy as jnp
 
-    from emor3_jax.models.qwen25_vl.config import preset
-    from emor3_jax.models.qwen25_vl.model import create_model
+    from emor3_jax.models.api import create_model, preset
     from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
     runtime = dict(param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl=args.attention)
-    if args.smoke:  # tiny shapes, to check this path on a CPU
-        cfg = preset("3b", **runtime)
-        cfg = cfg.replace(
-            text=dataclasses.replace(
-                cfg.text,
-                num_layers=2,
-                hidden_size=128,
-                intermediate_size=256,
-                num_heads=4,
-                num_kv_heads=2,
-                mrope_section=(4, 6, 6),
-            ),
-            vision=dataclasses.replace(
-                cfg.vision,
-                depth=2,
-                hidden_size=64,
-                intermediate_size=96,
-                num_heads=2,
-                out_hidden_size=128,
-                fullatt_block_indexes=(1,),
-            ),
-        )
-    else:
-        cfg = preset("3b", **runtime)
+    # --smoke: the tiny preset (with the 3B vocabulary), to check this path on a CPU
+    cfg = preset("tiny", vocab_size=preset("3b").text.vocab_size, **runtime) if args.smoke else preset("3b", **runtime)
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
     t0 = time.perf_counter()
     model = create_model(cfg, mesh, sharding.DEFAULT_RULES)
