@@ -138,7 +138,8 @@ def test_vision_tower_per_block_matches_transformers(hf_tiny, ours_fp32):
         )
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
     layout = inputs["layout"]
-    assert layout.windows.shape[0] == 2 * 3 + 1 and layout.windows.shape[1] == 64
+    # 6 + 1 windows; the four partial ones (32, 32, 32, 16 patches) share rows: 5 rows of 64.
+    assert layout.windows.index.shape == (5, 64) and np.unique(layout.windows.segment).tolist() == [-1, *range(7)]
 
     @nnx.jit
     def tower(model, pixels, layout):
@@ -160,12 +161,12 @@ def test_vision_attention_memory_is_linear_in_windows_and_images(ours_fp32):
     cfg = ours_fp32.cfg.vision
     small = vision_layout(np.array([[1, 16, 16]]), None, cfg)
     large = vision_layout(np.array([[1, 64, 64]]), None, cfg)
-    assert small.windows.shape == (4, 64) and large.windows.shape == (64, 64)
+    assert small.windows.index.shape == (4, 64) and large.windows.index.shape == (64, 64)
     # 16x more patches -> 16x more windows, each still 64 slots.
-    assert large.windows.size / small.windows.size == large.patch_order.size / small.patch_order.size
+    assert large.windows.index.size / small.windows.index.size == large.patch_order.size / small.patch_order.size
     many = vision_layout(np.array([[1, 16, 16]] * 8 + [[1, 8, 12]]), None, cfg)
-    assert many.frames.shape == (9, 256)  # 9 images -> 9 rows of the largest frame, not (8*256+96)^2
-    assert sorted(many.unframe.tolist()) == sorted(set(many.unframe.tolist()))
+    assert many.frames.index.shape == (9, 256)  # 9 images -> 9 rows of the largest frame, not (8*256+96)^2
+    assert sorted(many.frames.unblock.tolist()) == sorted(set(many.frames.unblock.tolist()))
 
 
 def _token_logprob_sum(logits, ids, mask):
