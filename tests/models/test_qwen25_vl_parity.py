@@ -196,7 +196,10 @@ GRAD_PARAMS = {  # hub key -> (our path, layout: linear weights are transposed)
 }
 
 
-def test_gradients_match_torch_autograd(hf_tiny, ours_fp32):
+@pytest.mark.parametrize("buckets", [(), (64, 256)], ids=["unpadded", "vision_buckets"])
+def test_gradients_match_torch_autograd(hf_tiny, ours_fp32, buckets):
+    """With buckets, our 172 patches are padded to 256 (transformers sees the 172): padding
+    adds nothing to any gradient."""
     batch = _batch("mixed_batch")
     hf_tiny.zero_grad()
     logits = _hf_logits(hf_tiny, batch)
@@ -205,8 +208,9 @@ def test_gradients_match_torch_autograd(hf_tiny, ours_fp32):
     (logp * mask[:, 1:] * mask[:, :-1]).sum().backward()
     ref_grads = dict(hf_tiny.named_parameters())
 
-    inputs = prepare_inputs(ours_fp32.cfg, **batch)
+    inputs = prepare_inputs(ours_fp32.cfg.replace(vision_buckets=buckets), **batch)
     inputs.pop("rope_deltas")
+    assert inputs["pixels"].shape[0] == (buckets[-1] if buckets else 172)
 
     @nnx.jit
     def grads(model, inputs):

@@ -127,9 +127,9 @@ def _signature(inputs) -> tuple:
 
 def test_forty_image_sizes_compile_a_bounded_number_of_programs(hf_tiny, ours_fp32):
     """40 batches, each with an image size of its own (sides 2-20 patches, aspect ratios up
-    to 1:10), odd batches with a second image and a text-only row: every one matches
-    transformers, and the forward compiles at most one program per (batch bucket, frame
-    bucket <= it, window rows in 2 choices, frame rows in 2 choices), under 40."""
+    to 1:10), odd batches with a second image and a text-only row. The forward compiles at
+    most one program per (batch bucket, frame bucket <= it, window rows in 2 choices, frame
+    rows in 2 choices), under 40; each program matches transformers on its first batch."""
     buckets = (128, 320, 800)
     bound = 4 * len(buckets) * (len(buckets) + 1) // 2
     assert bound < 40
@@ -157,10 +157,12 @@ def test_forty_image_sizes_compile_a_bounded_number_of_programs(hf_tiny, ours_fp
         for blocks in (inputs["layout"].windows, inputs["layout"].frames):
             rows, width = blocks.index.shape  # the fewest rows that hold L patches, or the packing bound
             assert rows in (-(-total // width), -(-2 * total // width))
+        programs = len(traces)
         ours = np.asarray(forward(state, inputs))
-        ref = _hf_logits(hf_tiny, batch)
-        real = batch["attention_mask"].astype(bool)
-        assert np.abs(ours - ref)[real].max() <= 1e-4, f"batch {i}: image sizes {rows}"
+        if len(traces) > programs:  # each program's first batch against transformers (~1 s each)
+            ref = _hf_logits(hf_tiny, batch)
+            real = batch["attention_mask"].astype(bool)
+            assert np.abs(ours - ref)[real].max() <= 1e-4, f"batch {i}: image sizes {rows}"
     assert len(traces) <= bound, f"{len(traces)} programs for {len(buckets)} buckets"
     assert len(unpadded_shapes) > bound  # unpadded, nearly every batch is a new program
     print(f"{len(traces)} programs for 40 image sizes (bound {bound}; unpadded {len(unpadded_shapes)})")
