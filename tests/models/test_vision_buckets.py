@@ -166,3 +166,32 @@ def test_forty_image_sizes_compile_a_bounded_number_of_programs(hf_tiny, ours_fp
     assert len(traces) <= bound, f"{len(traces)} programs for {len(buckets)} buckets"
     assert len(unpadded_shapes) > bound  # unpadded, nearly every batch is a new program
     print(f"{len(traces)} programs for 40 image sizes (bound {bound}; unpadded {len(unpadded_shapes)})")
+
+
+def test_the_sampler_pads_through_prepare_inputs_unchanged(ours_fp32):
+    """The sampler (a caller of prepare_inputs) with a bucketed config: 12 image sizes, two
+    prompts per call, compile at most the buckets' prefill programs plus one decode, and
+    give the greedy tokens of an unbucketed sampler."""
+    from emor3_jax.sampling.methods import GREEDY
+    from emor3_jax.sampling.sampler import Prompt, Sampler
+
+    buckets = (64, 256)
+    rng = np.random.default_rng(8)
+
+    def prompt(h, w):
+        batch = make_batch([[3, ("image", h, w), 2]], rng)
+        return Prompt(batch["input_ids"][0], batch["pixel_values"], batch["image_grid_thw"])
+
+    sizes = [(2, 4), (4, 14), (6, 6), (2, 20), (8, 8), (10, 4), (12, 6), (4, 16), (14, 8), (6, 18), (16, 10), (12, 12)]
+    calls = [[prompt(*sizes[i]), prompt(*sizes[-1 - i])] for i in range(len(sizes))]
+    kw = dict(prompt_buckets=(96,), gen_buckets=(4,), pad_id=0)
+    padded = Sampler(ours_fp32.cfg.replace(vision_buckets=buckets), **kw)
+    unpadded = Sampler(ours_fp32.cfg, **kw)
+    gen = dict(key=jax.random.key(0), max_new_tokens=4, n=1, params=GREEDY)
+    for i, prompts in enumerate(calls):
+        out = padded.generate(ours_fp32, prompts, **gen)
+        if i in (0, len(calls) - 1):
+            ref = unpadded.generate(ours_fp32, prompts, **gen)
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    bound = 4 * len(buckets) * (len(buckets) + 1) // 2 + 1
+    assert padded.compiled_programs() <= bound and padded.compiled_programs() < len(calls)  # 3 when written
