@@ -118,12 +118,12 @@ def _pack(sizes: list[int], total: int, width: int, bucketed: bool) -> Blocks:
     rows = max(len(fill), -(-total // width))
     if bucketed and rows > -(-total // width):
         rows = -(-2 * total // width)
-    fill += [0] * (rows - len(fill))
     run = np.repeat(np.arange(len(sizes)), sizes)  # [n_real] run of each real patch
     starts = np.cumsum(sizes) - sizes
     real_slot = row_of[run] * width + col_of[run] + np.arange(n_real) - starts[run]
-    free = np.concatenate([r * width + np.arange(f, width) for r, f in enumerate(fill)])
-    pad_slot = free[: total - n_real]  # padding in the free slots, row by row
+    free = np.ones(rows * width, bool)
+    free[real_slot] = False
+    pad_slot = np.flatnonzero(free)[: total - n_real]  # padding in the free slots, row by row
     slot = np.concatenate([real_slot, pad_slot])
     index = np.full(rows * width, total, np.int32)
     index[slot] = np.arange(total)
@@ -132,12 +132,12 @@ def _pack(sizes: list[int], total: int, width: int, bucketed: bool) -> Blocks:
     return Blocks(index.reshape(rows, width), segment.reshape(rows, width), slot.astype(np.int32))
 
 
-def _bucket(n: int, buckets: Sequence[int], what: str) -> int:
+def _bucket(n: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if n <= b:
             return b
     raise ValueError(
-        f"{what} of {n} patches exceeds the largest vision bucket {buckets[-1]}: add a larger bucket to "
+        f"a batch of {n} patches exceeds the largest vision bucket {buckets[-1]}: add a larger bucket to "
         "--config.model.vision_buckets (ModelConfig.vision_buckets), or send fewer or smaller images per "
         "batch (sampling.max_rows, rl.micro_batch, eval.batch_size, data.max_pixels)"
     )
@@ -171,8 +171,8 @@ def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Se
     n = patch_order.size
     total, frame_width = n, max(frame_sizes)
     if buckets:
-        total = _bucket(n, buckets, "a batch")
-        frame_width = _bucket(frame_width, buckets, "a frame")
+        total = _bucket(n, buckets)
+        frame_width = _bucket(frame_width, buckets)  # <= total: a frame is part of the batch
     pad = total - n
     reverse = np.argsort(unit_order).astype(np.int32)  # reading-order merged token -> window order
     n_img = int((image_grid[:, 0] * image_grid[:, 1] * image_grid[:, 2]).sum()) // mu
