@@ -40,6 +40,12 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.model.compute_dtype = "float32" if tiny else "bfloat16"
     c.model.attention_impl = "xla"
     c.model.remat = not tiny
+    # Patch counts a batch's images are padded to (ModelConfig.vision_buckets): a bounded set of
+    # compiled programs for any image sizes; () = no padding (new programs for every new size).
+    # Doubling steps: at most 2x padded patches. tiny: from one 56x56 image (16 patches) to 256
+    # of them; 3b/7b: from under one min_pixels image (512*512 -> ~1,340 patches) to ~100
+    # max_pixels images (2048*2048 -> ~21,400 patches each).
+    c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(12))
     # Without hf_path the model is models.api.preset("tiny") (random weights, sized to the tokenizer).
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists

@@ -134,6 +134,12 @@ def validate(c: ConfigDict) -> None:
     )
     need(0 <= c.data.max_bad_fraction < 1, f"--config.data.max_bad_fraction={c.data.max_bad_fraction} not in [0, 1)")
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
+    image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
+    need(
+        not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
+        f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at data.max_pixels "
+        f"({image_patches} patches)",
+    )
     rl = c.rl
     need(rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt")
     need(
@@ -337,12 +343,14 @@ def check_accepted(accepted: Sequence[str], c: ConfigDict) -> None:
 
 
 def runtime_fields(c: ConfigDict) -> dict:
-    """The ModelConfig fields the run chooses (dtypes, attention, remat), not the checkpoint."""
+    """The ModelConfig fields the run chooses (dtypes, attention, remat, vision buckets), not
+    the checkpoint."""
     return dict(
         param_dtype=c.model.param_dtype,
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=c.model.remat,
+        vision_buckets=tuple(int(n) for n in c.model.vision_buckets),
     )
 
 

@@ -68,9 +68,10 @@ def save_hf_model(model, path) -> str:
     return str(path)
 
 
-def make_batch(rows, rng: np.random.Generator, pad_side: str = "left"):
+def make_batch(rows, rng: np.random.Generator, pad_side: str = "left", length: int = 0):
     """rows: list of segment lists; a segment is an int (that many text tokens) or
-    ("image", h, w) in patches. Returns a dict like a processor's output (numpy)."""
+    ("image", h, w) in patches. Returns a dict like a processor's output (numpy), padded to
+    `length` tokens (0: the longest row)."""
     seqs, grids, pixels = [], [], []
     for segs in rows:
         ids = []
@@ -83,7 +84,7 @@ def make_batch(rows, rng: np.random.Generator, pad_side: str = "left"):
                 pixels.append(rng.standard_normal((h * w, PATCH_DIM)).astype(np.float32))
                 ids += [VSTART] + [IMAGE] * (h * w // 4) + [VEND]
         seqs.append(ids)
-    t = max(map(len, seqs))
+    t = max(length, *map(len, seqs))
     input_ids = np.zeros((len(seqs), t), np.int64)
     mask = np.zeros((len(seqs), t), np.int64)
     for i, ids in enumerate(seqs):

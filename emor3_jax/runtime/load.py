@@ -80,7 +80,12 @@ def load_policy(path: str, c: ConfigDict, mesh, rules) -> Policy:
     hf_path, or the test tokenizer it built in its workdir)."""
     from transformers import AutoTokenizer
 
-    runtime = dict(compute_dtype=c.model.compute_dtype, attention_impl=c.model.attention_impl, remat=False)
+    runtime = dict(
+        compute_dtype=c.model.compute_dtype,
+        attention_impl=c.model.attention_impl,
+        remat=False,
+        vision_buckets=tuple(c.model.vision_buckets),  # any image size, a bounded number of programs
+    )
     where, step = locate(path)
     if where == "hf":
         model = load_hf(path, mesh, rules, param_dtype=c.model.param_dtype, **runtime)

@@ -83,3 +83,29 @@ def test_bad_architecture_values_are_refused():
     d["use_sliding_window"] = True
     with pytest.raises(ValueError, match="use_sliding_window"):
         ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("buckets", [(30,), (64, 32), (0, 64), (64, 64)])
+def test_bad_vision_buckets_are_refused(buckets):
+    with pytest.raises(
+        ValueError, match=r"vision_buckets .* must be increasing positive multiples of the merge unit 4"
+    ):
+        preset("3b", vision_buckets=buckets)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "3b"])
+def test_run_config_buckets_reach_the_model_and_hold_one_max_pixels_image(variant):
+    from configs.qwen_vl import get_config
+    from emor3_jax import config_lib
+
+    c = get_config(variant)
+    buckets = config_lib.runtime_fields(c)["vision_buckets"]
+    assert buckets == tuple(c.model.vision_buckets) and buckets
+    assert preset("3b", vision_buckets=buckets).vision_buckets == buckets  # valid for the model
+    assert max(buckets) >= c.data.max_pixels // (14 * 14)
+    c.model.vision_buckets = (8,)
+    c.hf_path, c.data.source = "", "synthetic"  # leave only the bucket problem (and variant paths) to report
+    with pytest.raises(
+        ValueError, match=r"--config.model.vision_buckets=\(8,\) must reach one image at data.max_pixels"
+    ):
+        config_lib.validate(c)

@@ -138,7 +138,8 @@ def test_vision_tower_per_block_matches_transformers(hf_tiny, ours_fp32):
         )
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
     layout = inputs["layout"]
-    assert layout.windows.shape[0] == 2 * 3 + 1 and layout.windows.shape[1] == 64
+    # 6 + 1 windows; the four partial ones (32, 32, 32, 16 patches) share rows: 5 rows of 64.
+    assert layout.windows.index.shape == (5, 64) and np.unique(layout.windows.segment).tolist() == [-1, *range(7)]
 
     @nnx.jit
     def tower(model, pixels, layout):
@@ -160,12 +161,12 @@ def test_vision_attention_memory_is_linear_in_windows_and_images(ours_fp32):
     cfg = ours_fp32.cfg.vision
     small = vision_layout(np.array([[1, 16, 16]]), None, cfg)
     large = vision_layout(np.array([[1, 64, 64]]), None, cfg)
-    assert small.windows.shape == (4, 64) and large.windows.shape == (64, 64)
+    assert small.windows.index.shape == (4, 64) and large.windows.index.shape == (64, 64)
     # 16x more patches -> 16x more windows, each still 64 slots.
-    assert large.windows.size / small.windows.size == large.patch_order.size / small.patch_order.size
+    assert large.windows.index.size / small.windows.index.size == large.patch_order.size / small.patch_order.size
     many = vision_layout(np.array([[1, 16, 16]] * 8 + [[1, 8, 12]]), None, cfg)
-    assert many.frames.shape == (9, 256)  # 9 images -> 9 rows of the largest frame, not (8*256+96)^2
-    assert sorted(many.unframe.tolist()) == sorted(set(many.unframe.tolist()))
+    assert many.frames.index.shape == (9, 256)  # 9 images -> 9 rows of the largest frame, not (8*256+96)^2
+    assert sorted(many.frames.unblock.tolist()) == sorted(set(many.frames.unblock.tolist()))
 
 
 def _token_logprob_sum(logits, ids, mask):
@@ -195,7 +196,10 @@ GRAD_PARAMS = {  # hub key -> (our path, layout: linear weights are transposed)
 }
 
 
-def test_gradients_match_torch_autograd(hf_tiny, ours_fp32):
+@pytest.mark.parametrize("buckets", [(), (64, 256)], ids=["unpadded", "vision_buckets"])
+def test_gradients_match_torch_autograd(hf_tiny, ours_fp32, buckets):
+    """With buckets, our 172 patches are padded to 256 (transformers sees the 172): padding
+    adds nothing to any gradient."""
     batch = _batch("mixed_batch")
     hf_tiny.zero_grad()
     logits = _hf_logits(hf_tiny, batch)
@@ -204,8 +208,9 @@ def test_gradients_match_torch_autograd(hf_tiny, ours_fp32):
     (logp * mask[:, 1:] * mask[:, :-1]).sum().backward()
     ref_grads = dict(hf_tiny.named_parameters())
 
-    inputs = prepare_inputs(ours_fp32.cfg, **batch)
+    inputs = prepare_inputs(ours_fp32.cfg.replace(vision_buckets=buckets), **batch)
     inputs.pop("rope_deltas")
+    assert inputs["pixels"].shape[0] == (buckets[-1] if buckets else 172)
 
     @nnx.jit
     def grads(model, inputs):

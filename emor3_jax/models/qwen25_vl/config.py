@@ -88,6 +88,10 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"
     remat: bool = False  # recompute each decoder layer in the backward pass (training memory)
+    # Allowed patch counts of one batch's images (increasing multiples of the merge unit): the
+    # vision inputs are padded to the smallest that holds them, so the number of compiled
+    # programs depends on these, not on image sizes. Empty: no padding (a shape per batch).
+    vision_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         _validate(self)
@@ -236,6 +240,11 @@ def _validate(c: ModelConfig) -> None:
         raise ValueError(f"vision: fullatt_block_indexes {list(v.fullatt_block_indexes)} outside depth {v.depth}")
     if v.window_size % (v.spatial_merge_size * v.patch_size):
         raise ValueError(f"vision: window_size {v.window_size} is not a multiple of merge*patch")
+    b = c.vision_buckets
+    if any(n <= 0 or n % v.merge_unit for n in b) or list(b) != sorted(set(b)):
+        raise ValueError(
+            f"vision_buckets {list(b)} must be increasing positive multiples of the merge unit {v.merge_unit}"
+        )
     for name, act in (("text", t.hidden_act), ("vision", v.hidden_act)):
         if act != "silu":
             raise ValueError(f"{name}: hidden_act {act!r} not supported (Qwen2.5-VL uses 'silu')")

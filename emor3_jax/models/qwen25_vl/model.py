@@ -3,7 +3,8 @@
 Letters: B batch, T tokens, D width, V vocab, L patches, C patch row, M merged tokens.
 
 Host side, `prepare_inputs` turns token ids, the processor's pixel rows and grids into what
-the jitted forward needs (position ids, window layout, pixels in window order). Device side,
+the jitted forward needs (position ids, window layout, pixels in window order, padded to a
+`vision_buckets` bucket). Device side,
 `Qwen25VL.__call__` embeds tokens, writes image/video features at their pad tokens, and
 runs the decoder.
 """
@@ -120,7 +121,8 @@ def _remat_layer(layer: DecoderLayer, x, cos, sin, mask):
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
-    """Writes features [M, D] at the True positions of is_pad [B, T], in reading order."""
+    """Writes features [M, D] at the True positions of is_pad [B, T], in reading order: the
+    k-th pad token gets row k, so rows past the number of pad tokens (bucket filler) are unread."""
     b, t, d = x.shape
     idx = jnp.clip(jnp.cumsum(is_pad.reshape(-1)) - 1, 0, features.shape[0] - 1)
     return jnp.where(is_pad[..., None], features[idx].reshape(b, t, d), x)
@@ -138,8 +140,10 @@ def prepare_inputs(
 ) -> dict:
     """Host batch -> keyword arguments of `Qwen25VL.__call__` (numpy), plus `rope_deltas` [B].
 
-    pixel_values / pixel_values_videos are the processor's rows [L, C] for all images / videos
-    of the batch in order. Checks that pad-token counts match the grids.
+    pixel_values / pixel_values_videos are the processor's rows [n, C] for all images / videos
+    of the batch in order. Checks that pad-token counts match the grids. With
+    `cfg.vision_buckets`, `pixels` [L, C] and the layout are padded to the smallest bucket L
+    >= n (raises past the largest).
     """
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
@@ -164,7 +168,7 @@ def prepare_inputs(
         have = int((input_ids[mask.astype(bool)] == token_id).sum())
         if need != have:
             raise ValueError(f"{have} {name} pad tokens in input_ids but the {name} grids give {need} features")
-    layout = vision_layout(image_grid_thw, video_grid_thw, vc)
+    layout = vision_layout(image_grid_thw, video_grid_thw, vc, cfg.vision_buckets)
     rows = [np.asarray(p).reshape(-1, vc.patch_dim) for p in (pixel_values, pixel_values_videos) if p is not None]
     out["pixels"] = order_pixels(np.concatenate(rows), layout).astype(np.float32)
     out["layout"] = layout

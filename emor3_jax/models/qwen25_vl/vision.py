@@ -1,18 +1,25 @@
 """The Qwen2.5-VL vision tower.
 
-Letters: L patches, W windows, P patches per window (padded), M merged tokens, C patch row
-(C*T*P*P pixels), E vision width, N heads, H head dim.
+Letters: L patches (padded to a bucket), R rows, S slots per row, M merged tokens, C patch
+row (C*T*P*P pixels), E vision width, N heads, H head dim.
 
 Patches arrive already in *window order* (`VisionLayout.patch_order` applied on the host):
 the merge units of each attention window are contiguous, as transformers permutes them, and
 so are the patches of each frame. Attention never builds an [L, L] mask over the batch:
-window blocks gather the sequence into [W, P] windows and full-attention blocks into
-[F, Lf] frames (F frames, Lf the largest frame), so memory grows linearly with the number
-of windows and images. The merged tokens come out in window order and
+window blocks and full-attention blocks (frames) are packed into rows of S slots ([R, S]
+`Blocks`, several short blocks per row, each attending only to itself), so memory grows
+linearly with the number of patches. The merged tokens come out in window order and
 `VisionLayout.merged_image`/`merged_video` gather them back into reading order.
+
+With `vision_buckets`, the patches are padded to the smallest bucket that holds them, and
+every other shape follows from the bucket (and, for frames, the bucket of the largest
+frame): padding patches are zero pixels in attention blocks of their own, and their merged
+tokens are never read, so real outputs are those of the unpadded batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,24 +33,39 @@ from emor3_jax.runtime import sharding
 
 
 @struct.dataclass
+class Blocks:
+    """Attention blocks (windows or frames) over the window-ordered patches, packed in rows.
+
+    index [R, S]: patch in each slot; L (one past the last patch) marks an empty slot.
+    segment [R, S]: block id of each slot; a slot attends to the slots of its row with the
+    same id (empty slots share -1 and see only each other).
+    unblock [L]: flat slot (r * S + s) holding each patch, to undo the gather.
+    """
+
+    index: np.ndarray
+    segment: np.ndarray
+    unblock: np.ndarray
+
+
+@struct.dataclass
 class VisionLayout:
     """Host-computed index arrays for one batch of images/videos (numpy or jax arrays).
 
-    patch_order [L]: pixel row (processor order) feeding each window-ordered patch.
+    patch_order [L]: pixel row (processor order) feeding each window-ordered patch; -1 for a
+    padding patch (zero pixels).
     pos_hw [L, 2]: (row, column) of each window-ordered patch, for the 2-D rotary embedding.
-    windows [W, P]: window-ordered patch index of each window slot; L marks an empty slot.
-    unwindow [L]: flat slot (w * P + p) holding each patch, to undo the gather.
-    frames [F, Lf], unframe [L]: the same for frames (full attention stays inside a frame).
+    windows: window blocks, rows of S = window_merge_units**2 * merge_unit slots.
+    frames: one block per frame (full attention stays inside a frame), rows as wide as the
+    largest frame (or its bucket).
     merged_image [Mi], merged_video [Mv]: window-ordered merged token behind each image /
-    video token in reading order.
+    video token in reading order (padded to L / merge_unit with 0s, which `embed` never
+    reads: it takes as many as there are pad tokens).
     """
 
     patch_order: np.ndarray
     pos_hw: np.ndarray
-    windows: np.ndarray
-    unwindow: np.ndarray
-    frames: np.ndarray
-    unframe: np.ndarray
+    windows: Blocks
+    frames: Blocks
     merged_image: np.ndarray
     merged_video: np.ndarray
 
@@ -75,29 +97,64 @@ def _patch_hw(t: int, h: int, w: int, m: int) -> np.ndarray:
     return np.tile(np.stack([hh, ww], axis=-1), (t, 1))
 
 
-def _blocks(sizes: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Consecutive runs of `sizes` patches as rows of a [len(sizes), width] gather index
-    (padding = total count, one past the last patch) and the flat slot of each patch."""
-    n = sum(sizes)
-    blocks = np.full((len(sizes), width), n, np.int32)
-    unblock = np.zeros((n,), np.int32)
-    start = 0
-    for i, size in enumerate(sizes):
-        blocks[i, :size] = np.arange(start, start + size)
-        unblock[start : start + size] = i * width + np.arange(size)
-        start += size
-    return blocks, unblock
+def _pack(sizes: list[int], total: int, width: int, bucketed: bool) -> Blocks:
+    """Consecutive runs of `sizes` patches (one block each), then `total - sum(sizes)` padding
+    patches, packed into rows of `width` slots.
+
+    Runs go largest first, next fit (into the last row, else a new one), so two neighbouring
+    rows always hold more than `width` patches: at most ceil(2 * total / width) rows. Padding
+    fills the gaps, then whole rows, one block per row. Unbucketed: as many rows as needed.
+    Bucketed: ceil(total / width) rows when they hold everything, else the bound; two shapes
+    per (total, width), whatever the sizes.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    n_real = int(sizes.sum())
+    row_of, col_of, fill = np.zeros_like(sizes), np.zeros_like(sizes), []
+    for i in np.argsort(-sizes, kind="stable"):
+        if not fill or fill[-1] + sizes[i] > width:
+            fill.append(0)
+        row_of[i], col_of[i] = len(fill) - 1, fill[-1]
+        fill[-1] += sizes[i]
+    rows = max(len(fill), -(-total // width))
+    if bucketed and rows > -(-total // width):
+        rows = -(-2 * total // width)
+    run = np.repeat(np.arange(len(sizes)), sizes)  # [n_real] run of each real patch
+    starts = np.cumsum(sizes) - sizes
+    real_slot = row_of[run] * width + col_of[run] + np.arange(n_real) - starts[run]
+    free = np.ones(rows * width, bool)
+    free[real_slot] = False
+    pad_slot = np.flatnonzero(free)[: total - n_real]  # padding in the free slots, row by row
+    slot = np.concatenate([real_slot, pad_slot])
+    index = np.full(rows * width, total, np.int32)
+    index[slot] = np.arange(total)
+    segment = np.full(rows * width, -1, np.int32)
+    segment[slot] = np.concatenate([run, len(sizes) + pad_slot // width])  # padding: a block per row
+    return Blocks(index.reshape(rows, width), segment.reshape(rows, width), slot.astype(np.int32))
 
 
-def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig) -> VisionLayout:
-    """Index arrays for images (first) and videos (after) fed through the tower together."""
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(
+        f"a batch of {n} patches exceeds the largest vision bucket {buckets[-1]}: add a larger bucket to "
+        "--config.model.vision_buckets (ModelConfig.vision_buckets), or send fewer or smaller images per "
+        "batch (sampling.max_rows, rl.micro_batch, eval.batch_size, data.max_pixels)"
+    )
+
+
+def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Sequence[int] = ()) -> VisionLayout:
+    """Index arrays for images (first) and videos (after) fed through the tower together.
+
+    `buckets` (increasing patch counts; empty: no padding): the patches are padded to the
+    smallest bucket holding them, frame rows to the smallest holding the largest frame.
+    """
     image_grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
     video_grid = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
     grids = np.concatenate([image_grid, video_grid]).astype(np.int64)
     if not grids.size:
         raise ValueError("vision_layout: no image or video grids")
     mu, m = cfg.merge_unit, cfg.spatial_merge_size
-    p_max = cfg.window_merge_units**2 * mu
     unit_order, window_sizes, frame_sizes, pos_hw = [], [], [], []
     unit_base = 0
     for t, h, w in grids.tolist():
@@ -111,19 +168,24 @@ def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig) -> VisionLa
         unit_base += t * (h // m) * (w // m)
     unit_order = np.concatenate(unit_order)
     patch_order = (unit_order[:, None] * mu + np.arange(mu)).reshape(-1)
-    windows, unwindow = _blocks(window_sizes, p_max)
-    frames, unframe = _blocks(frame_sizes, max(frame_sizes))
+    n = patch_order.size
+    total, frame_width = n, max(frame_sizes)
+    if buckets:
+        total = _bucket(n, buckets)
+        frame_width = _bucket(frame_width, buckets)  # <= total: a frame is part of the batch
+    pad = total - n
     reverse = np.argsort(unit_order).astype(np.int32)  # reading-order merged token -> window order
     n_img = int((image_grid[:, 0] * image_grid[:, 1] * image_grid[:, 2]).sum()) // mu
+    merged = [reverse[:n_img], reverse[n_img:]]
+    if buckets:  # a fixed length per bucket; the filler is never read
+        merged = [np.pad(a, (0, total // mu - a.size)) if a.size else a for a in merged]
     return VisionLayout(
-        patch_order=patch_order.astype(np.int32),
-        pos_hw=np.concatenate(pos_hw)[patch_order].astype(np.int32),
-        windows=windows,
-        unwindow=unwindow,
-        frames=frames,
-        unframe=unframe,
-        merged_image=reverse[:n_img],
-        merged_video=reverse[n_img:],
+        patch_order=np.pad(patch_order, (0, pad), constant_values=-1).astype(np.int32),
+        pos_hw=np.pad(np.concatenate(pos_hw)[patch_order], ((0, pad), (0, 0))).astype(np.int32),
+        windows=_pack(window_sizes, total, cfg.window_merge_units**2 * mu, bool(buckets)),
+        frames=_pack(frame_sizes, total, frame_width, bool(buckets)),
+        merged_image=merged[0],
+        merged_video=merged[1],
     )
 
 
@@ -135,17 +197,17 @@ class VisionAttention(nnx.Module):
         self.proj = layers.Linear(e, e, ("vision_heads", "vision_embed"), bias=True, **kw)
         self.num_heads, self.impl = cfg.num_heads, impl
 
-    def __call__(self, x, cos, sin, blocks, unblock):
-        """x [L, E] -> [L, E], attending within each row of `blocks` [W, P] (windows or frames)."""
+    def __call__(self, x, cos, sin, blocks: Blocks):
+        """x [L, E] -> [L, E], each patch attending to its block in `blocks` (windows or frames)."""
         n_patch = x.shape[0]
         qkv = self.qkv(x).reshape(n_patch, 3, self.num_heads, -1)  # [L, 3, N, H]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks]  # [W, P, N, H]
-        valid = blocks < n_patch  # [W, P]
-        mask = (valid[:, :, None] & valid[:, None, :])[:, None]  # [W, 1, P, P]
+        gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks.index]  # [R, S, N, H]
+        seg = blocks.segment
+        mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [R, 1, S, S]
         out = layers.attention(gather(q), gather(k), gather(v), mask, self.impl)
-        out = out.reshape(-1, *out.shape[2:])[unblock]  # [L, N, H]
+        out = out.reshape(-1, *out.shape[2:])[blocks.unblock]  # [L, N, H]
         return self.proj(out.reshape(n_patch, -1))
 
 
@@ -164,8 +226,8 @@ class VisionBlock(nnx.Module):
             **kw,
         )
 
-    def __call__(self, x, cos, sin, blocks, unblock):
-        x = x + self.attn(self.norm1(x), cos, sin, blocks, unblock)
+    def __call__(self, x, cos, sin, blocks: Blocks):
+        x = x + self.attn(self.norm1(x), cos, sin, blocks)
         return x + self.mlp(self.norm2(x))
 
 
@@ -209,23 +271,23 @@ class VisionTower(nnx.Module):
         hidden = []
         for i, block in enumerate(self.blocks):
             run = _remat_block if self.remat and not return_blocks else VisionBlock.__call__
-            if i in self.cfg.fullatt_block_indexes:
-                x = run(block, x, cos, sin, layout.frames, layout.unframe)
-            else:
-                x = run(block, x, cos, sin, layout.windows, layout.unwindow)
+            blocks = layout.frames if i in self.cfg.fullatt_block_indexes else layout.windows
+            x = run(block, x, cos, sin, blocks)
             hidden.append(x)
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged
 
 
 @nnx.remat
-def _remat_block(block: VisionBlock, x, cos, sin, blocks, unblock):
-    return block(x, cos, sin, blocks, unblock)
+def _remat_block(block: VisionBlock, x, cos, sin, blocks: Blocks):
+    return block(x, cos, sin, blocks)
 
 
 def order_pixels(pixel_values: np.ndarray, layout: VisionLayout) -> np.ndarray:
-    """Processor-order pixel rows [L, C] -> window order (host side, once per batch)."""
+    """Processor-order pixel rows [n, C] -> window order [L, C], padding patches zero (host
+    side, once per batch)."""
     pixel_values = np.asarray(pixel_values)
-    if pixel_values.shape[0] != layout.patch_order.shape[0]:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, the grids need {layout.patch_order.shape[0]}")
-    return pixel_values[layout.patch_order]
+    need = int((layout.patch_order >= 0).sum())
+    if pixel_values.shape[0] != need:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows, the grids need {need}")
+    return np.concatenate([pixel_values, np.zeros_like(pixel_values[:1])])[layout.patch_order]  # -1: zero row
