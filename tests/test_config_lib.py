@@ -77,6 +77,7 @@ CROSS_CHECKED = {
     "sampling.max_rows",
     "sampling.prompt_buckets",
     "sampling.gen_buckets",
+    "model.vision_buckets",  # must hold one image at data.max_pixels; ModelConfig checks the steps
     "mesh",
     "eval.datasets.test.num_examples",
     "eval.datasets.emotion6.num_examples",
