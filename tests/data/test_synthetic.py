@@ -10,8 +10,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from configs.qwen_vl import get_config
+from emor3_jax import config_lib
 from emor3_jax.data import prompts, synthetic
 from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.splits import read_split
 from emor3_jax.data.tokenizers import build_test_tokenizer
 
 # Spec section 4: the official format reward.
@@ -199,3 +202,23 @@ def test_to_record_carries_truth_as_json():
     assert set(record) == {"id", "image", "label", "problem", "answer", "truth"}
     assert json.loads(record["truth"]) == ex["truth"] and ex["truth"]["unfaithful"] in ("size", "feeling")
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(io.BytesIO(record["image"]))), _pixels(ex))
+
+
+def test_config_unfaithful_share(tmp_path):
+    c = get_config("tiny")
+    assert c.data.unfaithful_share == 0.25 and get_config("3b").data.unfaithful_share == 0.0
+    records = read_split(
+        "synthetic", "", "", "train", c.data.labels, count=c.data.synthetic_train, seed=c.seed,
+        image_size=c.data.image_size, unfaithful_share=c.data.unfaithful_share,
+    )  # fmt: skip
+    wrong = [json.loads(r["truth"])["unfaithful"] for r in records]
+    assert len(wrong) == 512 and sum(w != "" for w in wrong) == 128  # 0.25 * 512, exactly
+    c.workdir = str(tmp_path)
+    config_lib.validate(c)
+    for bad in (-0.1, 1.5):
+        c.data.unfaithful_share = bad
+        with pytest.raises(ValueError, match=f"data.unfaithful_share={bad} must be in"):
+            config_lib.validate(c)
+    c.data.unfaithful_share, c.data.source = 0.25, "folder"
+    with pytest.raises(ValueError, match="0 unless data.source is synthetic"):
+        config_lib.validate(c)
