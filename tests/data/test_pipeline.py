@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from emor3_jax.data import pipeline, splits, synthetic, tfds_builder
@@ -85,6 +86,21 @@ def test_synthetic_truth_travels_with_the_records(tmp_path):
         tfds_builder.build({"train": changed}, tmp_path, "syn")
     with pytest.raises(ValueError, match="only synthetic answers can be made unfaithful"):
         splits.read_split("folder", str(tmp_path), "a.jsonl", "test", LABELS, **kw)
+
+
+def test_data_set_without_truth_is_refused(tmp_path, monkeypatch):
+    """A data set written before records had a truth: reading it says to rebuild it."""
+    old_keys = ("id", "image", "label", "problem", "answer")
+    features = tfds_builder._features()
+    monkeypatch.setattr(tfds_builder, "RECORD_KEYS", old_keys)
+    monkeypatch.setattr(tfds_builder, "_checked_record", lambda record, where: record)
+    monkeypatch.setattr(
+        tfds_builder, "_features", lambda: tfds.features.FeaturesDict({k: features[k] for k in old_keys})
+    )
+    old = [{k: v for k, v in r.items() if k != "truth"} for r in records(2, "o")]
+    tfds_builder.build({"train": old}, tmp_path, "old")
+    with pytest.raises(ValueError, match=r"lacks features \['truth'\] \(written by an older builder\)"):
+        pipeline.open_split(tmp_path, "old", "train")
 
 
 def test_rebuild_identical_is_skipped_different_raises(data_dir):
