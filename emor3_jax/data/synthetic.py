@@ -136,7 +136,9 @@ def is_unfaithful(index: int, seed: int, split: str, share: float) -> bool:
 
 def make_example(index: int, seed: int, size: int = 56, split: str = "train", unfaithful_share: float = 0.0) -> dict:
     """Example `index` of the (seed, split) stream: id, image (RGB, size x size), label,
-    problem, answer, valence, arousal, truth (a dict, see `_truth`)."""
+    problem, answer, valence, arousal, truth (a dict, see `_truth`). With `unfaithful_share`
+    > 0 the answers of the examples `is_unfaithful` picks carry one wrong detail; the image,
+    the label and every other answer stay as they are without it."""
     if size < 28:
         raise ValueError(f"make_example: size={size} is below the 28-pixel minimum")
     label = label_of(index, seed, split)
@@ -191,7 +193,7 @@ def _truth(label: str, size_class: int, fraction: float, said_size: int, said_fe
         "figure": noun,
         "colour": colour,
         "size_class": size_class,
-        "radius": round(float(fraction), 4),
+        "radius": float(fraction),
         "background": BACKGROUNDS[label],
         "answer_size_class": said_size,
         "answer_feeling": said_feeling,
