@@ -61,6 +61,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.synthetic_train = 512
     c.data.synthetic_test = 128
     c.data.image_size = 56  # synthetic images (pixels per side)
+    # Synthetic training answers with one wrong detail (a wrong size, or a feeling word of another
+    # label) but the right label, as imperfect distilled cold-start data; real data: 0.
+    c.data.unfaithful_share = 0.25 if tiny else 0.0
     c.data.min_pixels = 28 * 28 if tiny else 512 * 512
     c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048
     c.data.skip_bad = False  # True: skip bad records, count them, stop past max_bad_fraction

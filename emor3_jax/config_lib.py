@@ -133,6 +133,11 @@ def validate(c: ConfigDict) -> None:
         f"--config.data.labels={list(c.data.labels)} must be at least two distinct labels",
     )
     need(0 <= c.data.max_bad_fraction < 1, f"--config.data.max_bad_fraction={c.data.max_bad_fraction} not in [0, 1)")
+    share = c.data.unfaithful_share
+    need(
+        0 <= share <= 1 and (share == 0 or c.data.source == "synthetic"),
+        f"--config.data.unfaithful_share={share} must be in [0, 1], and 0 unless data.source is synthetic",
+    )
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
     need(

@@ -8,7 +8,7 @@
   it2 = make_iterator(...same arguments...); it2.set_state(state)   # continues exactly
 
 Each element of a batch is a RECORD with python types:
-  {"id": str, "image": bytes, "label": str, "problem": str, "answer": str}
+  {"id": str, "image": bytes, "label": str, "problem": str, "answer": str, "truth": str}
 
 Order of operations (all index arithmetic on a grain MapDataset, no buffers):
   source -> shuffle(seed) -> repeat(num_epochs) -> [truncate] -> batch(batch_size)
@@ -40,7 +40,7 @@ import tensorflow_datasets as tfds
 
 from emor3_jax.data.tfds_builder import dataset_path
 
-_TEXT_KEYS = ("id", "label", "problem", "answer")
+_TEXT_KEYS = ("id", "label", "problem", "answer", "truth")
 
 
 def _to_python(example: dict) -> dict:
@@ -58,6 +58,11 @@ def open_split(data_dir, name: str, split: str) -> grain.MapDataset:
             f"no data set {name!r} under {data_dir} (expected {path}; write it with tfds_builder.build)"
         )
     builder = tfds.builder_from_directory(path)
+    missing = [k for k in _TEXT_KEYS if k not in builder.info.features]
+    if missing:
+        raise ValueError(
+            f"{path} lacks features {missing} (written by an older builder); rebuild it with overwrite=True"
+        )
     names = [part.split("[")[0].strip() for part in split.split("+")]
     if any(n not in builder.info.splits for n in names):
         raise ValueError(f"{path} has splits {sorted(builder.info.splits)}, not {split!r}")

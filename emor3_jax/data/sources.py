@@ -2,12 +2,14 @@
 
 A RECORD is a dict:
 
-  {"id": str, "image": bytes, "label": str, "problem": str, "answer": str}
+  {"id": str, "image": bytes, "label": str, "problem": str, "answer": str, "truth": str}
 
 `image` is the encoded image file exactly as stored (PNG, JPEG, or any format
 PIL decodes); `label` is lower case and one of the caller's `labels`;
 `problem` is the question text ("" if the source has none); `answer` is the
-source's reference answer ("" if none).
+source's reference answer ("" if none); `truth` is what the source knows of the image
+beyond its label, as JSON: the synthetic set's drawn figure and what its answer says
+(synthetic.make_example), "" for every real data set (the readers below).
 
 Readers:
   read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
@@ -37,7 +39,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-RECORD_KEYS = ("id", "image", "label", "problem", "answer")
+RECORD_KEYS = ("id", "image", "label", "problem", "answer", "truth")
 EMOSET118K_SPLITS = ("train", "val", "test")
 # `checked` applies the bad-fraction limit only once this many records were seen.
 MIN_SEEN_FOR_LIMIT = 20
@@ -192,6 +194,7 @@ def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
             "label": _check_label(label_from_answer(answer), labels, where),
             "problem": _text(row["problem"], "problem", where),
             "answer": answer,
+            "truth": "",
         }
 
     def thunks():
@@ -264,6 +267,7 @@ def read_folder(root, annotations_file, labels: Sequence[str]) -> Iterator[dict]
             "label": _check_label(row["label"], labels, where),
             "problem": _text(row.get("problem"), "problem", where),
             "answer": _text(row.get("answer"), "answer", where),
+            "truth": "",
         }
 
     def thunks():
@@ -310,6 +314,7 @@ def read_emoset118k(root, split: str, labels: Sequence[str]) -> Iterator[dict]:
             "label": _check_label(emotion, labels, where),
             "problem": "",
             "answer": "",
+            "truth": "",
         }
 
     def thunks():

@@ -1,6 +1,6 @@
 """One split of any supported source as RECORDS, and the records of an evaluation data set.
 
-A RECORD is {"id", "image" (encoded bytes), "label", "problem", "answer"} (see sources.py).
+A RECORD is {"id", "image" (encoded bytes), "label", "problem", "answer", "truth"} (see sources.py).
 
   records = read_split("folder", "/data/Emotion6", "/data/Emotion6/test.jsonl", "test",
                        EMOTION6_LABELS, count=0, seed=0, image_size=56)
@@ -12,7 +12,6 @@ process the same (a multi-host caller shards the list).
 
 from __future__ import annotations
 
-import io
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -22,12 +21,6 @@ from emor3_jax.data import sources
 
 SOURCES = ("synthetic", "emoset_parquet", "folder", "emoset118k")
 SYNTHETIC_SPLITS = ("train", "test")
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_split(
@@ -40,11 +33,14 @@ def read_split(
     count: int,
     seed: int,
     image_size: int,
+    unfaithful_share: float = 0.0,
 ) -> Iterator[dict]:
     """RECORDS of one split of `source`.
 
     synthetic: `count` generated examples of `split` (train | test) for `seed`, images
-    `image_size` pixels a side, encoded as PNG; `path`, `annotations` unused.
+    `image_size` pixels a side, encoded as PNG, their truth as JSON; a share
+    `unfaithful_share` of the answers carries a wrong detail (synthetic.make_example);
+    `path`, `annotations` unused. Other sources: `unfaithful_share` must be 0.
     emoset_parquet: the parquet file/dir `path`. folder: images under `path` listed in the
     JSONL/CSV `annotations`. emoset118k: split `split` (train | val | test) of the release at
     `path`. The readers' iterators are returned as they are (not wrapped in a generator), so
@@ -53,7 +49,9 @@ def read_split(
     if source == "synthetic":
         if split not in SYNTHETIC_SPLITS:
             raise ValueError(f"synthetic split must be one of {SYNTHETIC_SPLITS}, got {split!r}")
-        return _synthetic(count, seed, image_size, split, labels)
+        return _synthetic(count, seed, image_size, split, labels, unfaithful_share)
+    if unfaithful_share:
+        raise ValueError(f"unfaithful_share={unfaithful_share}: only synthetic answers can be made unfaithful")
     if source == "emoset_parquet":
         return sources.read_emoset_parquet(path, labels)
     if source == "folder":
@@ -63,13 +61,15 @@ def read_split(
     raise ValueError(f"unknown source {source!r}; use one of {SOURCES}")
 
 
-def _synthetic(count: int, seed: int, image_size: int, split: str, labels: Sequence[str]) -> Iterator[dict]:
-    from emor3_jax.data.synthetic import SyntheticEmotions
+def _synthetic(
+    count: int, seed: int, image_size: int, split: str, labels: Sequence[str], unfaithful_share: float
+) -> Iterator[dict]:
+    from emor3_jax.data.synthetic import SyntheticEmotions, to_record
 
-    for ex in SyntheticEmotions(count, seed, size=image_size, split=split):
+    for ex in SyntheticEmotions(count, seed, size=image_size, split=split, unfaithful_share=unfaithful_share):
         if ex["label"] not in labels:
             raise ValueError(f"synthetic record {ex['id']}: label {ex['label']!r} is not one of {list(labels)}")
-        yield {k: ex[k] for k in ("id", "label", "problem", "answer")} | {"image": _png(ex["image"])}
+        yield to_record(ex)
 
 
 def load_eval_records(ds: ConfigDict, c: ConfigDict, counter: dict) -> list[dict]:

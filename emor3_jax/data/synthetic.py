@@ -8,14 +8,24 @@ figure size and position are jittered and mild noise is added, so examples diffe
 label stays a simple function of the pixels (the mean colour alone separates the classes).
 
 The reference answers follow the SET format in a few words each, short enough for the
-~1000-token test tokenizer (under 40 tokens). Step 3 gives valence and arousal as
-"positive, high" (the word "arousal" alone costs 5 tokens there).
+~1000-token test tokenizer (under 40 tokens): step 1 names the figure with its size class
+("small pink ball", "pink ball", "huge pink ball"), step 2 one feeling word of the label,
+step 3 valence and arousal as "positive, high" (the word "arousal" alone costs 5 tokens).
+FIGURES, SIZE_WORDS, FEELINGS and prompts.VALENCE_AROUSAL are the one vocabulary that the
+answers, the faithfulness metrics and the reflection examples share.
 
-Everything is a function of (index, seed, split): no files, no downloads.
+Every example knows its TRUTH (`truth`, a dict; JSON in the record): what is drawn and what
+its answer says. A share `unfaithful_share` of the answers carries one wrong detail (a wrong
+size class, or a feeling word of another label) while still boxing the right label, as
+imperfect distilled cold-start data would; the truth marks which.
+
+Everything is a function of (index, seed, split, unfaithful_share): no files, no downloads.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from collections.abc import Sequence
 
@@ -26,9 +36,10 @@ import PIL.ImageDraw
 from emor3_jax.data.prompts import EMOSET_LABELS, VALENCE_AROUSAL, question
 
 SPLITS = {"train": 0, "test": 1}
-_LABEL_STREAM, _IMAGE_STREAM = 0, 1
+# Independent random streams: adding the unfaithful draws leaves labels and images unchanged.
+_LABEL_STREAM, _IMAGE_STREAM, _UNFAITHFUL_STREAM, _SHARE_OFFSET_STREAM, _SHARE_ORDER_STREAM = 0, 1, 2, 3, 4
 
-# label -> (background RGB, figure RGB, figure kind)
+# label -> (background RGB, figure RGB, figure kind drawn by _draw)
 _LOOK = {
     "amusement": ((235, 205, 60), (240, 100, 190), "ball"),
     "anger": ((200, 35, 35), (25, 20, 20), "cross"),
@@ -39,38 +50,61 @@ _LOOK = {
     "fear": ((28, 22, 40), (225, 225, 200), "eyes"),
     "sadness": ((115, 130, 150), (30, 40, 100), "rain"),
 }
-# label -> step-1 text for a (small, medium, large) figure: what is drawn.
-_STEP1 = {
-    "amusement": (" small pink ball", " pink ball", " huge pink ball"),
-    "anger": (" small dark X", " dark X", " huge dark X"),
-    "awe": (" small white mountain", " white mountain", " huge white mountain"),
-    "contentment": (" small warm sun", " warm sun", " huge warm sun"),
-    "disgust": (" small brown dots", " brown dots", " huge brown dots"),
-    "excitement": (" small red star", " red star", " huge red star"),
-    "fear": (" small pale eyes", " pale eyes", " huge pale eyes"),
-    "sadness": (" light rain", " dark rain", " heavy rain"),
+# label -> (colour word, noun): how step 1 names the label's figure.
+FIGURES = {
+    "amusement": ("pink", "ball"),
+    "anger": ("dark", "X"),
+    "awe": ("white", "mountain"),
+    "contentment": ("warm", "sun"),
+    "disgust": ("brown", "dots"),
+    "excitement": ("red", "star"),
+    "fear": ("pale", "eyes"),
+    "sadness": ("dark", "rain"),
 }
-# label -> step-2 choices: how a viewer would feel.
-_STEP2 = {
-    "amusement": (" fun", " silly", " laugh"),
-    "anger": (" rage", " anger"),
-    "awe": (" wonder", " awe"),
-    "contentment": (" peace", " calm", " relaxed"),
-    "disgust": (" sick", " disgust", " dirt"),
-    "excitement": (" energy", " cheer", " jump"),
-    "fear": (" threat", " horror", " fear"),
-    "sadness": (" grief", " sorrow", " alone"),
+# label -> how the background is named in the truth.
+BACKGROUNDS = {
+    "amusement": "yellow",
+    "anger": "red",
+    "awe": "navy",
+    "contentment": "green",
+    "disgust": "olive",
+    "excitement": "orange",
+    "fear": "black",
+    "sadness": "grey",
 }
+# Size class -> the word before the figure: small, medium (no word), large.
+SIZE_WORDS = ("small", "", "huge")
+# label -> the step-2 words: how a viewer would feel. No word belongs to two labels.
+FEELINGS = {
+    "amusement": ("fun", "silly", "laugh"),
+    "anger": ("rage", "anger"),
+    "awe": ("wonder", "awe"),
+    "contentment": ("peace", "calm", "relaxed"),
+    "disgust": ("sick", "disgust", "dirt"),
+    "excitement": ("energy", "cheer", "jump"),
+    "fear": ("threat", "horror", "fear"),
+    "sadness": ("grief", "sorrow", "alone"),
+}
+UNFAITHFUL_KINDS = ("size", "feeling")
 # Figure radius as a fraction of the image side; thirds of the range are small/medium/large.
 _RADIUS = (0.14, 0.30)
 
 
-def reference_answer(label: str, size_class: int, step2_choice: int) -> str:
-    """The SET-formatted reference response for a drawn figure of `label`."""
+def describe(colour: str, noun: str, size_class: int) -> str:
+    """Step-1 words for a figure: "small pink ball", "pink ball" (medium), "huge pink ball"."""
+    return " ".join(w for w in (SIZE_WORDS[size_class], colour, noun) if w)
+
+
+def set_answer(step1: str, feeling: str, label: str) -> str:
+    """A SET response: `step1` and `feeling` as steps 1 and 2, the valence and arousal of
+    `label` as step 3, `label` boxed."""
     valence, arousal = VALENCE_AROUSAL[label]
-    step1 = _STEP1[label][size_class]
-    step2 = _STEP2[label][step2_choice % len(_STEP2[label])]
-    return f"<step1>{step1} </step1><step2>{step2} </step2><step3> {valence}, {arousal} </step3> \\boxed{{{label}}}"
+    return f"<step1> {step1} </step1><step2> {feeling} </step2><step3> {valence}, {arousal} </step3> \\boxed{{{label}}}"
+
+
+def reference_answer(label: str, size_class: int, feeling: str) -> str:
+    """The SET-formatted answer for a drawn figure of `label` of `size_class`, feeling `feeling`."""
+    return set_answer(describe(*FIGURES[label], size_class), feeling, label)
 
 
 def label_of(index: int, seed: int, split: str = "train") -> str:
@@ -80,9 +114,31 @@ def label_of(index: int, seed: int, split: str = "train") -> str:
     return EMOSET_LABELS[order[index % len(EMOSET_LABELS)]]
 
 
-def make_example(index: int, seed: int, size: int = 56, split: str = "train") -> dict:
+def is_unfaithful(index: int, seed: int, split: str, share: float) -> bool:
+    """Whether example `index` carries a wrong detail.
+
+    Virtual index v is picked when floor((v + 1) * share + o) > floor(v * share + o), o
+    uniform in [0, 1) drawn from (seed, split): any n consecutive v hold floor(n * share) or
+    ceil(n * share) picks. Within each aligned block of 8 examples (the label blocks of
+    `label_of`) the v are a permutation drawn from (seed, split, block), so the picks fall on
+    random positions and the first 8k examples hold floor or ceil of share * 8k of them.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"synthetic: unfaithful_share={share} must be in [0, 1]")
+    if share == 0.0:
+        return False
+    block, position = divmod(index, len(EMOSET_LABELS))
+    order = _rng(seed, split, _SHARE_ORDER_STREAM, block).permutation(len(EMOSET_LABELS))
+    v = block * len(EMOSET_LABELS) + int(order[position])
+    offset = _rng(seed, split, _SHARE_OFFSET_STREAM, 0).uniform()
+    return math.floor((v + 1) * share + offset) > math.floor(v * share + offset)
+
+
+def make_example(index: int, seed: int, size: int = 56, split: str = "train", unfaithful_share: float = 0.0) -> dict:
     """Example `index` of the (seed, split) stream: id, image (RGB, size x size), label,
-    problem, answer, valence, arousal."""
+    problem, answer, valence, arousal, truth (a dict, see `_truth`). With `unfaithful_share`
+    > 0 the answers of the examples `is_unfaithful` picks carry one wrong detail; the image,
+    the label and every other answer stay as they are without it."""
     if size < 28:
         raise ValueError(f"make_example: size={size} is below the 28-pixel minimum")
     label = label_of(index, seed, split)
@@ -104,31 +160,73 @@ def make_example(index: int, seed: int, size: int = 56, split: str = "train") ->
     _draw(PIL.ImageDraw.Draw(image), kind, cx, cy, radius, colour, rng)
 
     pixels = np.asarray(image, np.float64) + rng.normal(0, 6, (size, size, 3))
+    feeling = FEELINGS[label][int(rng.integers(len(FEELINGS[label])))]
+
+    wrong, said_size, said_feeling = "", size_class, feeling
+    if is_unfaithful(index, seed, split, unfaithful_share):
+        wrong_rng = _rng(seed, split, _UNFAITHFUL_STREAM, index)
+        wrong = UNFAITHFUL_KINDS[int(wrong_rng.integers(len(UNFAITHFUL_KINDS)))]
+        if wrong == "size":
+            said_size = int(wrong_rng.choice([c for c in range(len(SIZE_WORDS)) if c != size_class]))
+        else:
+            other = str(wrong_rng.choice([x for x in EMOSET_LABELS if x != label]))
+            said_feeling = str(wrong_rng.choice(FEELINGS[other]))
     valence, arousal = VALENCE_AROUSAL[label]
     return {
         "id": f"synthetic-{split}-{seed}-{index:06d}",
         "image": PIL.Image.fromarray(_to_uint8(pixels)),
         "label": label,
         "problem": question(EMOSET_LABELS),
-        "answer": reference_answer(label, size_class, int(rng.integers(len(_STEP2[label])))),
+        "answer": reference_answer(label, said_size, said_feeling),
         "valence": valence,
         "arousal": arousal,
+        "truth": _truth(label, size_class, fraction, said_size, said_feeling, wrong),
     }
+
+
+def _truth(label: str, size_class: int, fraction: float, said_size: int, said_feeling: str, wrong: str) -> dict:
+    """What is drawn (figure noun, colour word, size class, radius as a fraction of the side,
+    background) and what the answer says (answer_size_class, answer_feeling); `unfaithful`
+    names the wrong detail of the answer ("size" or "feeling"), "" when it is right."""
+    colour, noun = FIGURES[label]
+    return {
+        "figure": noun,
+        "colour": colour,
+        "size_class": size_class,
+        "radius": float(fraction),
+        "background": BACKGROUNDS[label],
+        "answer_size_class": said_size,
+        "answer_feeling": said_feeling,
+        "unfaithful": wrong,
+    }
+
+
+def to_record(example: dict) -> dict:
+    """A RECORD (see sources.py) of `example`: the image as PNG bytes, the truth as JSON."""
+    buf = io.BytesIO()
+    example["image"].save(buf, format="PNG")
+    record = {k: example[k] for k in ("id", "label", "problem", "answer")}
+    return record | {"image": buf.getvalue(), "truth": json.dumps(example["truth"], sort_keys=True)}
 
 
 class SyntheticEmotions(Sequence):
     """`num_examples` examples of `make_example` for one (seed, split); train and test draw
     from different streams. Labels are balanced (exactly, when num_examples is a multiple
-    of 8)."""
+    of 8); so is the unfaithful share (floor or ceil of unfaithful_share * num_examples)."""
 
-    def __init__(self, num_examples: int, seed: int, size: int = 56, split: str = "train"):
+    def __init__(
+        self, num_examples: int, seed: int, size: int = 56, split: str = "train", unfaithful_share: float = 0.0
+    ):
         if num_examples < 0:
             raise ValueError(f"SyntheticEmotions: num_examples={num_examples} is negative")
+        if not 0.0 <= unfaithful_share <= 1.0:
+            raise ValueError(f"SyntheticEmotions: unfaithful_share={unfaithful_share} must be in [0, 1]")
         _check_split(split)
         self.num_examples = num_examples
         self.seed = seed
         self.size = size
         self.split = split
+        self.unfaithful_share = unfaithful_share
 
     def __len__(self) -> int:
         return self.num_examples
@@ -140,7 +238,7 @@ class SyntheticEmotions(Sequence):
             index += self.num_examples
         if not 0 <= index < self.num_examples:
             raise IndexError(f"SyntheticEmotions: index {index} out of range for {self.num_examples} examples")
-        return make_example(int(index), self.seed, self.size, self.split)
+        return make_example(int(index), self.seed, self.size, self.split, self.unfaithful_share)
 
 
 def _check_split(split: str) -> None:

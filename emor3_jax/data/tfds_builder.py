@@ -3,7 +3,7 @@
   path = build({"train": train_records, "test": test_records}, "/data/tfds", "emoset2k")
   # -> /data/tfds/emoset2k/1.0.0, read with pipeline.open_split("/data/tfds", "emoset2k", "train")
 
-Features: `id`, `label`, `problem`, `answer` are Text; `image` is a scalar
+Features: `id`, `label`, `problem`, `answer`, `truth` are Text; `image` is a scalar
 bytes Tensor holding the encoded file unchanged (an `Image` feature would
 decode to pixels on reading, which needs TensorFlow or re-encoding; raw bytes
 round-trip exactly and the processor decodes them later).
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
 # Bump when the feature layout or the fingerprint recipe changes.
-FORMAT = "emor3-records-v1"
+FORMAT = "emor3-records-v2"  # v2: the `truth` feature
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _SPLIT = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -54,6 +54,7 @@ def _features() -> tfds.features.FeaturesDict:
             "label": tfds.features.Text(),
             "problem": tfds.features.Text(),
             "answer": tfds.features.Text(),
+            "truth": tfds.features.Text(),
         }
     )
 
@@ -68,7 +69,7 @@ def _checked_record(record, where: str) -> dict:
         raise BadRecord(f"{where}: `id` must be a non-empty string")
     if not isinstance(record["image"], bytes) or not record["image"]:
         raise BadRecord(f"{where}: `image` must be non-empty encoded image bytes")
-    for key in ("label", "problem", "answer"):
+    for key in ("label", "problem", "answer", "truth"):
         if not isinstance(record[key], str):
             raise BadRecord(f"{where}: `{key}` must be a string, got {type(record[key]).__name__}")
     return record

@@ -1,13 +1,15 @@
 """Tests for emor3_jax.data.tfds_builder and emor3_jax.data.pipeline: build -> grain read round trip,
-idempotent rebuilds, per-epoch shuffling, sharding and resumption."""
+the synthetic truth carried through, idempotent rebuilds, per-epoch shuffling, sharding and resumption."""
 
 import io
+import json
 import os
 
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-from emor3_jax.data import pipeline, tfds_builder
+from emor3_jax.data import pipeline, splits, synthetic, tfds_builder
 from emor3_jax.data.sources import BadRecord
 
 LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
@@ -28,6 +30,7 @@ def records(n, prefix):
             "label": LABELS[i % 8],
             "problem": f"Q {i} é" if i % 2 else "",
             "answer": LABELS[i % 8] if i % 3 else "",
+            "truth": json.dumps({"figure": "ball", "size_class": i % 3}) if i % 4 else "",
         }
         for i in range(n)
     ]
@@ -64,6 +67,42 @@ def test_round_trip_exact(data_dir):
         pipeline.open_split(data_dir, "nope", "train")
 
 
+def test_synthetic_truth_travels_with_the_records(tmp_path):
+    kw = dict(count=8, seed=3, image_size=56, unfaithful_share=0.5)
+    train = splits.read_split("synthetic", "", "", "train", LABELS, **kw)
+    tfds_builder.build({"train": train}, tmp_path, "syn")
+    got = {r["id"]: r for r in pipeline.open_split(tmp_path, "syn", "train")}
+    assert len(got) == 8
+    for i in range(8):
+        ex = synthetic.make_example(i, seed=3, split="train", unfaithful_share=0.5)
+        record = got[ex["id"]]
+        assert json.loads(record["truth"]) == ex["truth"]
+        assert record["answer"] == ex["answer"] and record["label"] == ex["label"]
+    assert sum(json.loads(r["truth"])["unfaithful"] != "" for r in got.values()) == 4
+    # The truth is a field of the records: changing it changes the data set.
+    changed = list(splits.read_split("synthetic", "", "", "train", LABELS, **kw))
+    changed[0]["truth"] = ""
+    with pytest.raises(ValueError, match="holds a different data set"):
+        tfds_builder.build({"train": changed}, tmp_path, "syn")
+    with pytest.raises(ValueError, match="only synthetic answers can be made unfaithful"):
+        splits.read_split("folder", str(tmp_path), "a.jsonl", "test", LABELS, **kw)
+
+
+def test_data_set_without_truth_is_refused(tmp_path, monkeypatch):
+    """A data set written before records had a truth: reading it says to rebuild it."""
+    old_keys = ("id", "image", "label", "problem", "answer")
+    features = tfds_builder._features()
+    monkeypatch.setattr(tfds_builder, "RECORD_KEYS", old_keys)
+    monkeypatch.setattr(tfds_builder, "_checked_record", lambda record, where: record)
+    monkeypatch.setattr(
+        tfds_builder, "_features", lambda: tfds.features.FeaturesDict({k: features[k] for k in old_keys})
+    )
+    old = [{k: v for k, v in r.items() if k != "truth"} for r in records(2, "o")]
+    tfds_builder.build({"train": old}, tmp_path, "old")
+    with pytest.raises(ValueError, match=r"lacks features \['truth'\] \(written by an older builder\)"):
+        pipeline.open_split(tmp_path, "old", "train")
+
+
 def test_rebuild_identical_is_skipped_different_raises(data_dir):
     path = os.path.join(data_dir, "toy", tfds_builder.VERSION)
     stamps = {f: os.stat(os.path.join(path, f)).st_mtime_ns for f in os.listdir(path)}
@@ -94,6 +133,10 @@ def test_build_overwrite_and_errors(tmp_path):
     bad[1]["image"] = "not bytes"
     with pytest.raises(BadRecord, match=r"split 'train' record 1 \(id 'e001'\): `image` must be"):
         tfds_builder.build({"train": bad}, tmp_path, "bad")
+    no_truth = records(2, "g")
+    del no_truth[1]["truth"]
+    with pytest.raises(BadRecord, match=r"split 'train' record 1: expected a record with keys .*'truth'\]"):
+        tfds_builder.build({"train": no_truth}, tmp_path, "no_truth")
     with pytest.raises(ValueError, match="split 'train' of 'empty' has no records"):
         tfds_builder.build({"train": []}, tmp_path, "empty")
     assert not os.path.exists(os.path.join(tmp_path, "empty", tfds_builder.VERSION))

@@ -62,6 +62,7 @@ def test_read_emoset_parquet_file_and_dir(tmp_path):
         "label": "amusement",
         "problem": "<image>Which emotion? 0",
         "answer": "amusement",
+        "truth": "",
     }
     assert recs[1]["label"] == "awe" and recs[1]["answer"] == "<answer> Awe </answer>"
 
@@ -112,9 +113,9 @@ def test_read_folder_jsonl(folder, tmp_path):
     ann.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     recs = list(sources.read_folder(folder, ann, LABELS))
     assert recs == [
-        {"id": "imgs/0.png", "image": png(0), "label": "fear", "problem": "", "answer": ""},
-        {"id": "a1", "image": png(1), "label": "awe", "problem": "Q?", "answer": "awe"},
-        {"id": "imgs/5.jpg", "image": png(5, "JPEG"), "label": "sadness", "problem": "", "answer": ""},
+        {"id": "imgs/0.png", "image": png(0), "label": "fear", "problem": "", "answer": "", "truth": ""},
+        {"id": "a1", "image": png(1), "label": "awe", "problem": "Q?", "answer": "awe", "truth": ""},
+        {"id": "imgs/5.jpg", "image": png(5, "JPEG"), "label": "sadness", "problem": "", "answer": "", "truth": ""},
     ]
 
 
@@ -127,8 +128,8 @@ def test_read_folder_csv(folder, tmp_path):
         w.writerow(["", "imgs/3.png", "Contentment", ""])
     recs = list(sources.read_folder(folder, ann, LABELS))
     assert recs == [
-        {"id": "x0", "image": png(2), "label": "anger", "problem": 'why, "really"?', "answer": ""},
-        {"id": "imgs/3.png", "image": png(3), "label": "contentment", "problem": "", "answer": ""},
+        {"id": "x0", "image": png(2), "label": "anger", "problem": 'why, "really"?', "answer": "", "truth": ""},
+        {"id": "imgs/3.png", "image": png(3), "label": "contentment", "problem": "", "answer": "", "truth": ""},
     ]
 
     bad = tmp_path / "bad.csv"
@@ -203,7 +204,14 @@ def test_read_emoset118k(tmp_path):
     test = list(sources.read_emoset118k(tmp_path, "test", LABELS))
     assert [r["id"] for r in train] == [x[1] for x in items[::2]]
     assert [r["id"] for r in test] == [x[1] for x in items[1::2]]
-    assert train[1] == {"id": "fear_00000", "image": png(10, "JPEG"), "label": "fear", "problem": "", "answer": ""}
+    assert train[1] == {
+        "id": "fear_00000",
+        "image": png(10, "JPEG"),
+        "label": "fear",
+        "problem": "",
+        "answer": "",
+        "truth": "",
+    }
     assert list(sources.read_emoset118k(tmp_path, "val", LABELS)) == []
     with pytest.raises(ValueError, match="split must be one of"):
         sources.read_emoset118k(tmp_path, "dev", LABELS)

@@ -2,14 +2,19 @@
 length, and that the label is learnable from the pixels."""
 
 import collections
+import io
+import json
 import re
 
 import numpy as np
 import PIL.Image
 import pytest
 
+from configs.qwen_vl import get_config
+from emor3_jax import config_lib
 from emor3_jax.data import prompts, synthetic
 from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.splits import read_split
 from emor3_jax.data.tokenizers import build_test_tokenizer
 
 # Spec section 4: the official format reward.
@@ -41,7 +46,7 @@ def test_split():
 
 def test_example_fields(train):
     ex = train[3]
-    assert set(ex) == {"id", "image", "label", "problem", "answer", "valence", "arousal"}
+    assert set(ex) == {"id", "image", "label", "problem", "answer", "valence", "arousal", "truth"}
     assert isinstance(ex["image"], PIL.Image.Image) and ex["image"].mode == "RGB" and ex["image"].size == (56, 56)
     assert ex["label"] in prompts.EMOSET_LABELS
     assert ex["problem"] == prompts.question(prompts.EMOSET_LABELS)
@@ -101,8 +106,8 @@ def test_answers_short(train, small):
     # Every answer the generator can write, not just the ones drawn above.
     for label in prompts.EMOSET_LABELS:
         for size_class in range(3):
-            for choice in range(3):
-                answer = synthetic.reference_answer(label, size_class, choice)
+            for feeling in synthetic.FEELINGS[label]:
+                answer = synthetic.reference_answer(label, size_class, feeling)
                 assert format_ok(answer) and len(small.encode(answer)) < 40, answer
 
 
@@ -121,3 +126,99 @@ def test_learnable_from_mean_colour(train, test_split):
     pred = np.array(labels)[np.argmin(((x_test[:, None] - means[None]) ** 2).sum(-1), axis=1)]
     accuracy = np.mean(pred == np.array([ex["label"] for ex in test_split]))
     assert accuracy > 0.9, accuracy
+
+
+def test_truth_matches_image_and_answer(train):
+    # The figure colours of the look table, by the truth's words (hand-copied from _LOOK).
+    figure_rgb = {"ball": (240, 100, 190), "mountain": (245, 245, 250), "sun": (250, 235, 140)}
+    for ex in train:
+        truth = ex["truth"]
+        assert (truth["colour"], truth["figure"]) == synthetic.FIGURES[ex["label"]]
+        assert truth["unfaithful"] == "" and truth["answer_size_class"] == truth["size_class"]
+        # The radius fraction decides the size class: thirds of [0.14, 0.30].
+        assert truth["size_class"] == min(2, int((truth["radius"] - 0.14) / (0.16 / 3)))
+        size = ("small ", "", "huge ")[truth["size_class"]]
+        assert f"<step1> {size}{truth['colour']} {truth['figure']} </step1>" in ex["answer"]
+        assert f"<step2> {truth['answer_feeling']} </step2>" in ex["answer"]
+        assert truth["answer_feeling"] in synthetic.FEELINGS[ex["label"]]
+        if truth["figure"] in figure_rgb:
+            # A figure of radius r covers at least (r * side)^2 pixels within 45 of its colour
+            # (the sun's disc is r/2: a quarter of that).
+            close = np.abs(_pixels(ex).astype(int) - figure_rgb[truth["figure"]]).max(-1) < 45
+            need = (truth["radius"] * 56) ** 2 / (4 if truth["figure"] == "sun" else 1)
+            assert close.sum() >= need, (ex["id"], close.sum(), need)
+    sizes = collections.Counter(ex["truth"]["size_class"] for ex in train)
+    assert set(sizes) == {0, 1, 2} and min(sizes.values()) > 40
+
+
+@pytest.mark.parametrize("share, n, count", [(0.25, 512, {128}), (0.3, 104, {31, 32}), (0.1, 80, {8}), (1.0, 16, {16})])
+def test_unfaithful_share(share, n, count):
+    for seed in (0, 1):
+        unfaithful = [synthetic.is_unfaithful(i, seed, "train", share) for i in range(n)]
+        assert sum(unfaithful) in count
+        # Every block of 8 holds floor or ceil of 8 * share: 2 for 0.25, 2 or 3 for 0.3.
+        per_block = {sum(unfaithful[b : b + 8]) for b in range(0, n, 8)}
+        assert per_block <= {int(np.floor(8 * share)), int(np.ceil(8 * share))}
+
+
+def test_unfaithful_answers_keep_label_and_image():
+    faithful = synthetic.SyntheticEmotions(64, seed=2)
+    mixed = synthetic.SyntheticEmotions(64, seed=2, unfaithful_share=0.25)
+    kinds = collections.Counter()
+    for a, b in zip(faithful, mixed):
+        np.testing.assert_array_equal(_pixels(a), _pixels(b))  # the wrong detail is in the text only
+        assert b["label"] == a["label"] and b["answer"].endswith(f"\\boxed{{{a['label']}}}") and format_ok(b["answer"])
+        wrong = b["truth"]["unfaithful"]
+        kinds[wrong] += 1
+        if not wrong:
+            assert b["answer"] == a["answer"] and b["truth"] == a["truth"]
+            continue
+        assert b["answer"] != a["answer"]
+        if wrong == "size":
+            assert b["truth"]["answer_size_class"] != a["truth"]["size_class"]
+            assert b["truth"]["answer_feeling"] == a["truth"]["answer_feeling"]
+        else:
+            assert b["truth"]["answer_feeling"] not in synthetic.FEELINGS[a["label"]]
+            assert b["truth"]["answer_size_class"] == a["truth"]["size_class"]
+    assert kinds[""] == 48 and kinds["size"] > 0 and kinds["feeling"] > 0
+    # Deterministic given the seed; another seed picks other examples.
+    again = [ex["answer"] for ex in synthetic.SyntheticEmotions(64, seed=2, unfaithful_share=0.25)]
+    assert again == [ex["answer"] for ex in mixed]
+    picks = [synthetic.is_unfaithful(i, 2, "train", 0.25) for i in range(64)]
+    assert picks != [synthetic.is_unfaithful(i, 5, "train", 0.25) for i in range(64)]
+    with pytest.raises(ValueError, match="unfaithful_share=1.5 must be in"):
+        synthetic.SyntheticEmotions(8, seed=0, unfaithful_share=1.5)
+
+
+def test_feeling_words_name_one_label():
+    words = [w for ws in synthetic.FEELINGS.values() for w in ws]
+    assert len(words) == len(set(words))
+    assert set(synthetic.FEELINGS) == set(synthetic.FIGURES) == set(prompts.EMOSET_LABELS)
+
+
+def test_to_record_carries_truth_as_json():
+    ex = synthetic.make_example(3, seed=0, unfaithful_share=1.0)
+    record = synthetic.to_record(ex)
+    assert set(record) == {"id", "image", "label", "problem", "answer", "truth"}
+    assert json.loads(record["truth"]) == ex["truth"] and ex["truth"]["unfaithful"] in ("size", "feeling")
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(io.BytesIO(record["image"]))), _pixels(ex))
+
+
+def test_config_unfaithful_share(tmp_path):
+    c = get_config("tiny")
+    assert c.data.unfaithful_share == 0.25 and get_config("3b").data.unfaithful_share == 0.0
+    records = read_split(
+        "synthetic", "", "", "train", c.data.labels, count=c.data.synthetic_train, seed=c.seed,
+        image_size=c.data.image_size, unfaithful_share=c.data.unfaithful_share,
+    )  # fmt: skip
+    wrong = [json.loads(r["truth"])["unfaithful"] for r in records]
+    assert len(wrong) == 512 and sum(w != "" for w in wrong) == 128  # 0.25 * 512, exactly
+    c.workdir = str(tmp_path)
+    config_lib.validate(c)
+    for bad in (-0.1, 1.5):
+        c.data.unfaithful_share = bad
+        with pytest.raises(ValueError, match=f"data.unfaithful_share={bad} must be in"):
+            config_lib.validate(c)
+    c.data.unfaithful_share, c.data.source = 0.25, "folder"
+    with pytest.raises(ValueError, match="0 unless data.source is synthetic"):
+        config_lib.validate(c)
