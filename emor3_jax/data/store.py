@@ -34,6 +34,7 @@ def build(c: ConfigDict) -> tuple[str, dict]:
             count=counts[s],
             seed=c.seed,
             image_size=c.data.image_size,
+            unfaithful_share=c.data.unfaithful_share if s == "train" else 0.0,  # imperfect distilled answers
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])

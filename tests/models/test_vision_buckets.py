@@ -172,8 +172,9 @@ def test_the_sampler_pads_through_prepare_inputs_unchanged(ours_fp32):
     """The sampler (a caller of prepare_inputs) with a bucketed config: 12 image sizes, two
     prompts per call, compile at most the buckets' prefill programs plus one decode, and
     give the greedy tokens of an unbucketed sampler."""
+    from emor3_jax.batches import Prompt
     from emor3_jax.sampling.methods import GREEDY
-    from emor3_jax.sampling.sampler import Prompt, Sampler
+    from emor3_jax.sampling.sampler import Sampler
 
     buckets = (64, 256)
     rng = np.random.default_rng(8)

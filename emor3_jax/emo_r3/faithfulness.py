@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 from emor3_jax.data.prompts import VALENCE_AROUSAL
 from emor3_jax.data.synthetic import FEELINGS, FIGURES, SIZE_WORDS
-from emor3_jax.rl import rewards
+from emor3_jax.emo_r3 import rewards
 
 KEYS = ("image_faithful", "answer_coherent")
 TRUTH_KEYS = ("figure", "colour", "size_class")  # what image_faithful reads

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from emor3_jax.data import faithfulness, reflection_examples, synthetic
+from emor3_jax.data import synthetic
 from emor3_jax.data.prompts import EMOSET_LABELS
-from emor3_jax.data.reflection_examples import ReflectionExample
 from emor3_jax.data.splits import read_split
-from emor3_jax.rl import rewards
+from emor3_jax.emo_r3 import faithfulness, reflection_examples, rewards
+from emor3_jax.emo_r3.reflection_examples import ReflectionExample
 
 LABELS = list(EMOSET_LABELS)
 TEXT_QUESTION = (

@@ -1,6 +1,6 @@
 """Supervised examples that teach a tiny judge the two reflection questions, from the truth.
 
-The questions are exactly those the judge is asked at train time: rl.rewards'
+The questions are exactly those the judge is asked at train time: emo_r3.rewards'
 text_reflection_prompt and image_reflection_prompt applied to a SET response written in the
 synthetic vocabulary (synthetic.set_answer), so the prompts cannot drift from the reward's.
 For a response with both spans the two compat modes ask the same text.
@@ -28,10 +28,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emor3_jax.data.faithfulness import parse_truth
 from emor3_jax.data.splits import read_split
 from emor3_jax.data.synthetic import FEELINGS, FIGURES, SIZE_WORDS, describe, set_answer
-from emor3_jax.rl import rewards
+from emor3_jax.emo_r3 import rewards
+from emor3_jax.emo_r3.faithfulness import parse_truth
 
 TEXT_KINDS = ("text", "text_feeling")
 WRONG_KINDS = ("image_wrong_figure", "image_wrong_size", "image_wrong_colour")
