@@ -145,59 +145,20 @@ def realistic_lengths(rows: int, limit: int, rng) -> np.ndarray:
     return np.clip(np.round(drawn), 1, limit).astype(np.int32)
 
 
-def tiny_width_config():
-    """The bench's mid-size architecture at a tiny width: a decode step is cheap, so the
-    comparison measures the scheduling, not the matmuls."""
-    from transformers import Qwen2_5_VLConfig
-
-    text = dict(
-        vocab_size=8192,
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        bos_token_id=None,
-        eos_token_id=0,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-    )
-    vision = dict(
-        depth=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=2,
-        out_hidden_size=128,
-        fullatt_block_indexes=[1],
-        window_size=112,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=8182,
-        video_token_id=8183,
-        vision_start_token_id=8184,
-        vision_end_token_id=8185,
-    )
-
-
 def lengths_main(args) -> None:
     import jax
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from emor3_jax.models.api import load_hf
+    from emor3_jax.models.api import create_model, preset
     from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
-    path = tempfile.mkdtemp()
-    torch.manual_seed(0)
-    hf_cfg = tiny_width_config()
-    Qwen2_5_VLForConditionalGeneration(hf_cfg).save_pretrained(path)
+    # The tiny preset (random weights): a decode step is cheap, so the comparison measures the
+    # scheduling, not the matmuls.
+    cfg = preset("tiny", vocab_size=8192, param_dtype="float32", compute_dtype="float32")
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
-    model = load_hf(path, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
-    ids = (hf_cfg.image_token_id, hf_cfg.vision_start_token_id, hf_cfg.vision_end_token_id)
+    model = create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0)
+    ids = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     prompts = prompts_for(args.prompts, (1, 16, 16), ids, np.random.default_rng(0))
     rows = args.prompts * args.n
     lengths = realistic_lengths(rows, args.new, np.random.default_rng(1))
