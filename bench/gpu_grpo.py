@@ -13,8 +13,9 @@ forked 8 ways. Training rows are prompt + response, T = 1088 tokens, in micro-ba
 Phases, in this order (the update before the log-probs: it carries the MFU figure), each
 timed on a second call so compilation is reported apart (compile_s = first call - later call):
   sampling       Sampler.generate, prefill + 512 decode steps; tokens = generated tokens.
-  update         Learner.grpo_grads on every micro-batch (forward + backward of the policy,
-                 with remat) + Learner.apply (clip + AdamW); tokens = prompt + response tokens.
+  update         GRPOStep.update (rl/experience.py): Learner.grpo_grads on every micro-batch
+                 (forward + backward of the policy, with remat) + Learner.apply (clip + AdamW);
+                 tokens = prompt + response tokens.
   ref_logprobs   Learner.logprobs over the same rows (forward only; the reference policy).
   grpo_step      sampling + ref_logprobs + update (old log-probs come from the sampler, as with
                  rl.recompute_old_logprobs=False; host-side reward scoring is not included).
@@ -59,6 +60,7 @@ The GPU path imports neither torch nor transformers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -204,7 +206,8 @@ def run(args) -> Report:
 
     from configs.qwen_vl import get_config
     from emor3_jax.models.api import create_model, preset
-    from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
+    from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
+    from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
     from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
@@ -270,33 +273,35 @@ def run(args) -> Report:
     train_tokens = rows * seq
     c = get_config("3b")  # the real variant's optimizer and loss settings
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", 1))
-    settings = GRPOSettings.from_config(c)
     learner = Learner(graphdef, tx, chunk=min(256, new))
-    adv = jnp.asarray(np.random.default_rng(1).standard_normal(rows).astype(np.float32))
+    adv = np.random.default_rng(1).standard_normal(rows).astype(np.float32)
     ref_logp = old_logp  # replaced by the timed reference forward below when it runs
     micro = args.micro
     opt = None
     with sharding.use_mesh(mesh, rules):
         while rep.time_left(f"update (micro-batch {micro})"):
+            # The update half of the GRPO step (GRPOStep.update: accumulation over micro-batches,
+            # one AdamW step over all rows) on an Experience of the sampled rows.
             batches = training_batches(cfg, prompts, args.n, tokens, micro)
-            split = lambda a: [a[s : s + micro] for s in range(0, rows, micro)]  # sliced before timing
-            olds, refs, advs = split(old_logp), split(ref_logp), split(adv)
-            mask = jnp.ones((micro, new), jnp.float32)
-
-            def grads(i, p):
-                return learner.grpo_grads(
-                    p, batches[i], p_len - 1, new, olds[i], refs[i], advs[i], mask, 1.0 / len(batches), settings
-                )
-
+            parts = [np.arange(s, s + micro) for s in range(0, rows, micro)]  # sliced before timing
+            settings = StepSettings.from_config(c)
+            settings = dataclasses.replace(
+                settings, num_generations=args.n, micro_batch=micro, update_batch=args.prompts, max_response_len=new
+            )
+            step = GRPOStep(
+                learner=learner, sampler=None, encoder=None, task=None, settings=settings, pad_id=0, stop_ids=(),
+                logit_bias=None, threads=1,
+            )  # fmt: skip
+            exp = Experience(
+                rollouts=None, rewards={}, scores=[], errors=0, advantages=adv, micro=parts,
+                batches=[(b, jnp.ones((micro, new), jnp.float32)) for b in batches], p_len=p_len, g_len=new,
+                old_logp=[old_logp[m] for m in parts], ref_logp=[ref_logp[m] for m in parts], times={},
+            )  # fmt: skip
             try:
-                opt = tx.init(params) if opt is None else opt
+                opt = learner.init(params) if opt is None else opt
                 t = time.perf_counter()
-                g = jax.block_until_ready(grads(0, params)[0])
-                first_grad = time.perf_counter() - t
-                t = time.perf_counter()
-                params, opt, _ = jax.block_until_ready(learner.apply(params, opt, g))
-                first_apply = time.perf_counter() - t
-                del g
+                params, opt, _ = jax.block_until_ready(step.update(params, opt, exp, step=1))
+                first = time.perf_counter() - t
             except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_oom(e) or micro == 1:
                     raise
@@ -304,27 +309,20 @@ def run(args) -> Report:
                 rep.data.setdefault("oom_micro_batches", []).append(micro)
                 micro //= 2
                 continue
+            finally:
+                step.close()
             if not rep.time_left("update second pass", grace=GRACE):
                 break
             t = time.perf_counter()
-            acc = None
-            for i in range(len(batches)):
-                acc = learner.accumulate(acc, grads(i, params)[0])
-            jax.block_until_ready(acc)
-            t_grads = time.perf_counter() - t
-            t = time.perf_counter()
-            params, opt, gnorm = jax.block_until_ready(learner.apply(params, opt, acc))
-            t_apply = time.perf_counter() - t
-            del acc
-            wall = t_grads + t_apply
+            params, opt, metrics = jax.block_until_ready(step.update(params, opt, exp, step=2))
+            wall = time.perf_counter() - t
             rep.phase(
-                "update", micro_batch=micro, compile_s=first_grad - t_grads / len(batches) + first_apply - t_apply,
-                run_s=wall, fwd_bwd_s=t_grads, optimizer_s=t_apply, tokens=train_tokens,
+                "update", micro_batch=micro, compile_s=first - wall, run_s=wall, tokens=train_tokens,
                 tokens_per_s=train_tokens / wall, mfu=mfu(text_flops(cfg, seqlens, True), wall, peak),
                 mfu_with_vision=mfu(
                     text_flops(cfg, seqlens, True) + vision_flops(cfg, grid, rows, True), wall, peak
                 ),
-                grad_norm=float(gnorm),
+                grad_norm=metrics["grad_norm"],
             )  # fmt: skip
             break
 

@@ -8,7 +8,7 @@ Also times our sampler with prefill once + fork against prefilling every copy.
 
     python bench/sampling.py [--prompts 16] [--n 8] [--new 128]
 
-Realistic lengths (CPU): a tiny-width random model, 64 prompts x n=8 with a 224x224 image,
+Realistic lengths (CPU): the tiny preset with random weights, 64 prompts x n=8 with a 224x224 image,
 limit 256; each row stops at a length drawn from a log-normal (median 256 / 6, 1% of rows at
 the limit; the same lengths for both sides, as per-row limits). Continuous batching against
 the static path (chunks of max_rows rows, each decoded until its longest row stops), both with
