@@ -100,7 +100,16 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.top_p = 1.0
     c.rl.max_prompt_len = 320 if tiny else 2048
     c.rl.max_response_len = 48 if tiny else 2048
-    c.rl.recompute_old_logprobs = False  # False: the sampler's log-probs are the old policy's
+    # True (the official run): the training model recomputes the old log-probs after the rollout,
+    # so the first mini-batch's ratio is exactly 1; False: the sampler's log-probs (one forward
+    # pass less per step, but inference/training numeric differences enter the clipping).
+    c.rl.recompute_old_logprobs = not tiny
+    # by_share: micro-batch gradients sum to the mini-batch's loss gradient; equal: each
+    # micro-batch's own mean weighs 1/accumulation steps, as the official run (spec section 5).
+    c.rl.micro_batch_weighting = "by_share"
+    # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
+    # many in a row are tolerated, one more stops the run (0: the first one stops it).
+    c.rl.max_skipped_steps = 3
 
     c.reward = ConfigDict()
     c.reward.compat = "robust"  # robust | emo_r3_code

@@ -17,6 +17,7 @@ from emor3_jax.emo_r3.task import JUDGES
 from emor3_jax.models.api import ModelConfig, preset
 from emor3_jax.rl import grpo
 from emor3_jax.rl.advantages import ESTIMATORS
+from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
 from emor3_jax.rl.learner import SCHEDULES
 
 
@@ -65,6 +66,7 @@ RANGES = (
     ("rl.top_p", _unit, "must be in (0, 1]"),
     ("rl.max_prompt_len", _at_least(1), "must be >= 1"),
     ("rl.max_response_len", _at_least(1), "must be >= 1"),
+    ("rl.max_skipped_steps", _at_least(0), "must be >= 0 (0: a non-finite gradient stops the run)"),
     ("reward.w_accuracy", _at_least(0), "must be >= 0"),
     ("reward.w_coherence", _at_least(0), "must be >= 0"),
     ("reward.w_consistency", _at_least(0), "must be >= 0"),
@@ -161,6 +163,7 @@ def validate(c: ConfigDict) -> None:
         ("rl.advantage", rl.advantage, ESTIMATORS),
         ("rl.loss_mode", rl.loss_mode, grpo.MODES),
         ("rl.kl_kind", rl.kl_kind, grpo.KL_KINDS),
+        ("rl.micro_batch_weighting", rl.micro_batch_weighting, MICRO_BATCH_WEIGHTINGS),
         ("reward.compat", c.reward.compat, rewards.COMPATS),
         ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
         ("reward.judge", c.reward.judge, JUDGES),
