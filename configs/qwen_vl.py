@@ -112,15 +112,19 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.max_skipped_steps = 3
 
     c.reward = ConfigDict()
-    c.reward.compat = "robust"  # robust | emo_r3_code
+    # emo_r3_code (3b/7b): the official reward code and reflection length (rl.max_response_len);
+    # robust (tiny): quirks fixed, short reflections (README "Which variant reproduces the paper").
+    c.reward.compat = "robust" if tiny else "emo_r3_code"
     c.reward.coherence_target = "label"  # label | own_answer
     c.reward.judge = "policy"  # policy | reference
-    c.reward.reflection = True  # False: no reflective reward (coherence = consistency = 1)
+    # Reflections that run: both | text | image | none; one that does not scores 1, as the
+    # official reward scores a missing side (none: coherence = consistency = 1).
+    c.reward.reflection = "both"
     c.reward.w_accuracy = 0.8
     c.reward.w_coherence = 0.1
     c.reward.w_consistency = 0.1
     c.reward.w_format = 0.1
-    c.reward.reflection_max_tokens = 32  # emo_r3_code mode uses rl.max_response_len
+    c.reward.reflection_max_tokens = 32  # robust mode; emo_r3_code mode uses rl.max_response_len
     c.reward.reflection_temperature = 0.6
     c.reward.reflection_top_p = 0.95
     c.reward.threads = 4
@@ -138,6 +142,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.eval.batch_size = 32 if tiny else 64
     c.eval.sampled_temperature = 0.6
     c.eval.sampled_top_p = 0.95
+    # What picks the best checkpoint (best/): greedy_accuracy | sampled_accuracy | sampled_reward
+    # (the official validation: one sample at the values above, reward without reflection).
+    c.eval.best_by = "greedy_accuracy"
     # Data sets `python -m emor3_jax.eval --datasets=a,b` reads, by name, each prompted with its
     # own labels. Fields: source (as data.source), path (as data.test), annotations (folder
     # source), split (emoset118k: train | val | test; synthetic: train | test), labels,

@@ -20,6 +20,11 @@ from emor3_jax.rl.advantages import ESTIMATORS
 from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
 from emor3_jax.rl.learner import SCHEDULES
 
+# The validation value that picks the best checkpoint (eval.best_by), read by trainer._validate:
+# greedy or sampled (eval.sampled_temperature / top_p) held-out accuracy, or the sampled
+# validation's mean reward without reflection (the official run's validation score).
+BEST_BY = ("greedy_accuracy", "sampled_accuracy", "sampled_reward")
+
 
 def _positive(x) -> bool:
     return x > 0
@@ -166,7 +171,9 @@ def validate(c: ConfigDict) -> None:
         ("rl.micro_batch_weighting", rl.micro_batch_weighting, MICRO_BATCH_WEIGHTINGS),
         ("reward.compat", c.reward.compat, rewards.COMPATS),
         ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
+        ("reward.reflection", c.reward.reflection, rewards.REFLECTIONS),
         ("reward.judge", c.reward.judge, JUDGES),
+        ("eval.best_by", c.eval.best_by, BEST_BY),
     ):
         need(value in registry, f"--config.{flag}={value!r} must be one of {tuple(registry)}")
     need(

@@ -225,10 +225,17 @@ class Run:
         self.writer.progress("grpo", step, self.rl_steps, start, info)
 
     def _validate(self, state: dict, gstep: int) -> None:
-        """Held-out accuracy now; a new best greedy accuracy saves to best/."""
+        """Held-out accuracy now; a new best of eval.best_by (config_lib.BEST_BY) saves to best/."""
         ev = self.eval_all("grpo", gstep)
-        if ev["greedy_accuracy"] > self.meta["best_accuracy"]:
-            self.meta["best_accuracy"] = ev["greedy_accuracy"]
+        r = self.c.reward
+        # Without reflection coherence = consistency = 1, and the mean reward is linear in the
+        # accuracy and format rates.
+        ev["sampled_reward"] = (
+            r.w_accuracy * ev["sampled_accuracy"] + r.w_coherence + r.w_consistency + r.w_format * ev["sampled_format"]
+        )
+        # meta keeps the name "best_accuracy" (saved checkpoints have it); it holds eval.best_by's best.
+        if ev[self.c.eval.best_by] > self.meta["best_accuracy"]:
+            self.meta["best_accuracy"] = ev[self.c.eval.best_by]
             self.save(state, best=True)
         self.meta["evals"]["grpo"] = ev
 
