@@ -49,10 +49,11 @@ class Run:
         special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
         self.rt = setup.build(c, tok, special, cfg, *setup.mesh_and_rules(c))
-        self.data_dir, bad = store.build(c)
-        self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
+        dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
+        self.data_dir, bad = store.build(c, lambda r: self.task.prompt_length(self.encoder, r), dropped)
+        self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         if c.hf_path:
             model = load_hf(c.hf_path, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
         else:
@@ -62,6 +63,13 @@ class Run:
         self.writer = MetricWriter(c.workdir)
         self.compile = CompileTimer()
         self.writer.records_skipped(bad)
+        for split, rows in dropped.items():
+            huge = [d["id"] for d in rows if d["too_large_at_min_pixels"]]
+            if rows:
+                print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
+            if huge:
+                print(f"data {split}: images too large even at data.min_pixels: {huge}")
+            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
         self.preempt = PreemptionFlag()
         self.key = jax.random.key(c.seed)
         # rl.steps = rl.epochs = 0: the cold start alone.
