@@ -24,6 +24,7 @@ from emor3_jax import config_lib
 from emor3_jax.batches import SequenceBatch
 from emor3_jax.data import store
 from emor3_jax.data.encode import sft_batch
+from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import heldout
@@ -52,7 +53,9 @@ class Run:
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
         dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
-        self.data_dir, bad = store.build(c, lambda r: self.task.prompt_length(self.encoder, r), dropped)
+        self.data_dir, bad = store.build(
+            c, lambda r: self.task.prompt_length(self.encoder, r), dropped, is_set_answer=rewards.format_score
+        )
         self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         if c.hf_path:
             model = load_hf(c.hf_path, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))

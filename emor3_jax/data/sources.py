@@ -413,3 +413,17 @@ def drop_overlong(
         log.warning(
             "dropping record %r: its prompt has %d tokens > rl.max_prompt_len=%d%s", record["id"], tokens, limit, why
         )
+
+
+def require_set_answers(records: Iterable[dict], is_set_answer: Callable[[str], bool], field: str) -> Iterator[dict]:
+    """Passes records whose `answer` (read from the source's `field`) is a SET-formatted answer
+    (`is_set_answer`, e.g. rewards.format_score); the first one that is not stops the build
+    naming the record and the field, so a cold start never trains on bare labels."""
+    for record in records:
+        if not is_set_answer(record["answer"]):
+            raise ValueError(
+                f"record {record['id']!r}: field {field!r} is not a SET answer (<step1>..</step1><step2>..</step2>"
+                f"<step3>..</step3> then \\boxed{{label}}), got {record['answer'][:80]!r}; the cold start would "
+                "train on it: use data with SET answers, or --config.cold_start.steps=0"
+            )
+        yield record

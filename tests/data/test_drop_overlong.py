@@ -1,7 +1,10 @@
 """Prompts over rl.max_prompt_len are dropped when the data set is built, counted and named,
 not raised (spec section 5, filter_overlong_prompts)."""
 
-from emor3_jax.data.sources import drop_overlong
+import pytest
+
+from emor3_jax.data.sources import drop_overlong, require_set_answers
+from emor3_jax.emo_r3.rewards import format_score
 
 # id -> (prompt tokens, image tokens, image tokens at min_pixels); limit 100.
 LENGTHS = {
@@ -21,3 +24,12 @@ def test_overlong_prompts_are_dropped_counted_and_named_not_raised():
         {"id": "long", "tokens": 101, "image_tokens": 60, "too_large_at_min_pixels": False},
         {"id": "huge", "tokens": 300, "image_tokens": 150, "too_large_at_min_pixels": True},
     ]
+
+
+def test_a_cold_start_without_set_answers_stops_naming_the_field():
+    set_answer = "<step1>a storm</step1><step2>afraid</step2><step3>negative, high</step3>\\boxed{fear}"
+    records = [{"id": "a", "answer": set_answer}, {"id": "b", "answer": "fear"}]  # b: a bare label
+    it = require_set_answers(records, format_score, "answer")
+    assert next(it)["id"] == "a"
+    with pytest.raises(ValueError, match=r"record 'b': field 'answer' is not a SET answer.*got 'fear'"):
+        next(it)
