@@ -100,18 +100,31 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.top_p = 1.0
     c.rl.max_prompt_len = 320 if tiny else 2048
     c.rl.max_response_len = 48 if tiny else 2048
-    c.rl.recompute_old_logprobs = False  # False: the sampler's log-probs are the old policy's
+    # True (the official run): the training model recomputes the old log-probs after the rollout,
+    # so the first mini-batch's ratio is exactly 1; False: the sampler's log-probs (one forward
+    # pass less per step, but inference/training numeric differences enter the clipping).
+    c.rl.recompute_old_logprobs = not tiny
+    # by_share: micro-batch gradients sum to the mini-batch's loss gradient; equal: each
+    # micro-batch's own mean weighs 1/accumulation steps, as the official run (spec section 5).
+    c.rl.micro_batch_weighting = "by_share"
+    # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
+    # many in a row are tolerated, one more stops the run (0: the first one stops it).
+    c.rl.max_skipped_steps = 3
 
     c.reward = ConfigDict()
-    c.reward.compat = "robust"  # robust | emo_r3_code
+    # emo_r3_code (3b/7b): the official reward code and reflection length (rl.max_response_len);
+    # robust (tiny): quirks fixed, short reflections (README "Which variant reproduces the paper").
+    c.reward.compat = "robust" if tiny else "emo_r3_code"
     c.reward.coherence_target = "label"  # label | own_answer
     c.reward.judge = "policy"  # policy | reference
-    c.reward.reflection = True  # False: no reflective reward (coherence = consistency = 1)
+    # Reflections that run: both | text | image | none; one that does not scores 1, as the
+    # official reward scores a missing side (none: coherence = consistency = 1).
+    c.reward.reflection = "both"
     c.reward.w_accuracy = 0.8
     c.reward.w_coherence = 0.1
     c.reward.w_consistency = 0.1
     c.reward.w_format = 0.1
-    c.reward.reflection_max_tokens = 32  # emo_r3_code mode uses rl.max_response_len
+    c.reward.reflection_max_tokens = 32  # robust mode; emo_r3_code mode uses rl.max_response_len
     c.reward.reflection_temperature = 0.6
     c.reward.reflection_top_p = 0.95
     c.reward.threads = 4
@@ -129,6 +142,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.eval.batch_size = 32 if tiny else 64
     c.eval.sampled_temperature = 0.6
     c.eval.sampled_top_p = 0.95
+    # What picks the best checkpoint (best/): greedy_accuracy | sampled_accuracy | sampled_reward
+    # (the official validation: one sample at the values above, reward without reflection).
+    c.eval.best_by = "greedy_accuracy"
     # Data sets `python -m emor3_jax.eval --datasets=a,b` reads, by name, each prompted with its
     # own labels. Fields: source (as data.source), path (as data.test), annotations (folder
     # source), split (emoset118k: train | val | test; synthetic: train | test), labels,

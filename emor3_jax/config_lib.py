@@ -17,7 +17,13 @@ from emor3_jax.emo_r3.task import JUDGES
 from emor3_jax.models.api import ModelConfig, preset
 from emor3_jax.rl import grpo
 from emor3_jax.rl.advantages import ESTIMATORS
+from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
 from emor3_jax.rl.learner import SCHEDULES
+
+# The validation value that picks the best checkpoint (eval.best_by), read by trainer._validate:
+# greedy or sampled (eval.sampled_temperature / top_p) held-out accuracy, or the sampled
+# validation's mean reward without reflection (the official run's validation score).
+BEST_BY = ("greedy_accuracy", "sampled_accuracy", "sampled_reward")
 
 
 def _positive(x) -> bool:
@@ -65,6 +71,7 @@ RANGES = (
     ("rl.top_p", _unit, "must be in (0, 1]"),
     ("rl.max_prompt_len", _at_least(1), "must be >= 1"),
     ("rl.max_response_len", _at_least(1), "must be >= 1"),
+    ("rl.max_skipped_steps", _at_least(0), "must be >= 0 (0: a non-finite gradient stops the run)"),
     ("reward.w_accuracy", _at_least(0), "must be >= 0"),
     ("reward.w_coherence", _at_least(0), "must be >= 0"),
     ("reward.w_consistency", _at_least(0), "must be >= 0"),
@@ -161,9 +168,12 @@ def validate(c: ConfigDict) -> None:
         ("rl.advantage", rl.advantage, ESTIMATORS),
         ("rl.loss_mode", rl.loss_mode, grpo.MODES),
         ("rl.kl_kind", rl.kl_kind, grpo.KL_KINDS),
+        ("rl.micro_batch_weighting", rl.micro_batch_weighting, MICRO_BATCH_WEIGHTINGS),
         ("reward.compat", c.reward.compat, rewards.COMPATS),
         ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
+        ("reward.reflection", c.reward.reflection, rewards.REFLECTIONS),
         ("reward.judge", c.reward.judge, JUDGES),
+        ("eval.best_by", c.eval.best_by, BEST_BY),
     ):
         need(value in registry, f"--config.{flag}={value!r} must be one of {tuple(registry)}")
     need(

@@ -24,6 +24,7 @@ from emor3_jax import config_lib
 from emor3_jax.batches import SequenceBatch
 from emor3_jax.data import store
 from emor3_jax.data.encode import sft_batch
+from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import heldout
@@ -49,10 +50,13 @@ class Run:
         special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
         self.rt = setup.build(c, tok, special, cfg, *setup.mesh_and_rules(c))
-        self.data_dir, bad = store.build(c)
-        self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
+        dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
+        self.data_dir, bad = store.build(
+            c, lambda r: self.task.prompt_length(self.encoder, r), dropped, is_set_answer=rewards.format_score
+        )
+        self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         if c.hf_path:
             model = load_hf(c.hf_path, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
         else:
@@ -62,6 +66,13 @@ class Run:
         self.writer = MetricWriter(c.workdir)
         self.compile = CompileTimer()
         self.writer.records_skipped(bad)
+        for split, rows in dropped.items():
+            huge = [d["id"] for d in rows if d["too_large_at_min_pixels"]]
+            if rows:
+                print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
+            if huge:
+                print(f"data {split}: images too large even at data.min_pixels: {huge}")
+            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
         self.preempt = PreemptionFlag()
         self.key = jax.random.key(c.seed)
         # rl.steps = rl.epochs = 0: the cold start alone.
@@ -225,10 +236,17 @@ class Run:
         self.writer.progress("grpo", step, self.rl_steps, start, info)
 
     def _validate(self, state: dict, gstep: int) -> None:
-        """Held-out accuracy now; a new best greedy accuracy saves to best/."""
+        """Held-out accuracy now; a new best of eval.best_by (config_lib.BEST_BY) saves to best/."""
         ev = self.eval_all("grpo", gstep)
-        if ev["greedy_accuracy"] > self.meta["best_accuracy"]:
-            self.meta["best_accuracy"] = ev["greedy_accuracy"]
+        r = self.c.reward
+        # Without reflection coherence = consistency = 1, and the mean reward is linear in the
+        # accuracy and format rates.
+        ev["sampled_reward"] = (
+            r.w_accuracy * ev["sampled_accuracy"] + r.w_coherence + r.w_consistency + r.w_format * ev["sampled_format"]
+        )
+        # meta keeps the name "best_accuracy" (saved checkpoints have it); it holds eval.best_by's best.
+        if ev[self.c.eval.best_by] > self.meta["best_accuracy"]:
+            self.meta["best_accuracy"] = ev[self.c.eval.best_by]
             self.save(state, best=True)
         self.meta["evals"]["grpo"] = ev
 

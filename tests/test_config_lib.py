@@ -49,6 +49,7 @@ BAD = {
     "rl.top_p": 1.5,
     "rl.max_prompt_len": 0,
     "rl.max_response_len": 0,
+    "rl.max_skipped_steps": -1,
     "reward.w_accuracy": -0.8,
     "reward.w_coherence": -0.1,
     "reward.w_consistency": -0.1,
@@ -70,6 +71,7 @@ BAD = {
 # Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
 CROSS_CHECKED = {
     "data.max_bad_fraction",
+    "data.unfaithful_share",  # in [0, 1], and 0 unless data.source is synthetic
     "rl.num_generations",
     "rl.rollout_batch",
     "rl.update_batch",
@@ -203,3 +205,23 @@ def test_accepting_an_unknown_field_is_refused():
     config_lib.check_accepted(["rl.learning_rate"], _config())
     with pytest.raises(ValueError, match=r"--accept_changes=rl\.learning_rat: no config field \['rl\.learning_rat'\]"):
         config_lib.check_accepted(["rl.learning_rat"], _config())
+
+
+@pytest.mark.parametrize("variant", ["3b", "7b"])
+def test_the_real_variants_default_to_the_papers_settings(variant):
+    c = get_config(variant)
+    assert c.reward.compat == "emo_r3_code" and c.reward.reflection == "both"
+    assert c.rl.recompute_old_logprobs is True
+    assert (c.rl.max_prompt_len, c.rl.max_response_len) == (2048, 2048)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("reward.reflection", "true"), ("rl.micro_batch_weighting", "by_tokens"), ("eval.best_by", "loss")],
+)
+def test_a_choice_outside_its_registry_is_refused_naming_the_flag(field, value):
+    c = _config()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(ValueError, match=f"--config.{field}='{value}' must be one of"):
+        config_lib.validate(c)

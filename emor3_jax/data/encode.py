@@ -9,11 +9,14 @@ import io
 
 import numpy as np
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from emor3_jax.batches import Prompt, bucket
 from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.models.api import ModelConfig, prepare_inputs
+
+PATCH = 14  # Qwen2.5-VL's patch side in pixels
 
 
 class Encoder:
@@ -35,14 +38,47 @@ class Encoder:
     def question(self, record) -> str:
         return record.get("problem") or prompts.question(self.labels)
 
-    def prompt(self, text: str, pixels=None, grid=None, what: str = "prompt") -> Prompt:
-        """A chat-template prompt of `text` (`<image>` marks the image, if any)."""
+    def prompt_ids(self, text: str, grid=None) -> np.ndarray:
+        """Token ids [T] of the chat-template prompt of `text`, image tokens expanded; any length."""
         ids = prompts.encode_prompt(self.tok, text)
         if grid is not None:
             ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
+        return ids
+
+    def prompt(self, text: str, pixels=None, grid=None, what: str = "prompt", cut_right: bool = False) -> Prompt:
+        """A chat-template prompt of `text` (`<image>` marks the image, if any). Over
+        rl.max_prompt_len it raises, or with `cut_right` keeps its first max_prompt_len tokens
+        (the official run's truncation of reflection prompts, spec section 5)."""
+        ids = self.prompt_ids(text, grid)
         if len(ids) > self.max_prompt_len:
-            raise ValueError(f"{what}: {len(ids)} tokens exceed rl.max_prompt_len={self.max_prompt_len}")
+            if not cut_right:
+                raise ValueError(f"{what}: {len(ids)} tokens exceed rl.max_prompt_len={self.max_prompt_len}")
+            image_end = np.flatnonzero(ids == self.cfg.image_token_id)
+            if len(image_end) and image_end[-1] >= self.max_prompt_len:
+                raise ValueError(
+                    f"{what}: cutting {len(ids)} tokens to rl.max_prompt_len={self.max_prompt_len} would cut its image"
+                )
+            ids = ids[: self.max_prompt_len]
         return Prompt(ids, pixels, grid)
+
+    def prompt_length(self, record, text: str) -> tuple[int, int, int]:
+        """(prompt tokens, image tokens, image tokens at data.min_pixels) of prompt `text` with
+        the record's image, from the image's size alone (nothing is decoded or resized)."""
+        try:
+            with Image.open(io.BytesIO(record["image"])) as img:
+                width, height = img.size
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record
+            raise ValueError(f"record {record.get('id')!r}: unreadable image ({e})") from e
+        p = self.processor
+        factor = p.merge_size * PATCH
+        tokens = []
+        for hi in (p.max_pixels, p.min_pixels):
+            h, w = smart_resize(height, width, factor=factor, min_pixels=p.min_pixels, max_pixels=hi)
+            tokens.append(h * w // factor**2)
+        m = self.cfg.vision.spatial_merge_size
+        grid = np.array([[1, m, m]])  # keeps the template's one image token; the count is added below
+        n_text = len(self.prompt_ids(text, grid)) - 1
+        return n_text + tokens[0], tokens[0], tokens[1]
 
     def record_prompt(self, record, text: str) -> Prompt:
         """The prompt `text` (its `<image>` marks the record's image) with the record's image."""

@@ -385,3 +385,45 @@ def checked(records: Iterable[dict], skip_bad: bool, max_bad_fraction: float, co
         yield record
     if last_bad is not None and over_limit():
         fail(last_bad)
+
+
+# ---------------------------------------------------------------------------
+# Dropping prompts over the length limit.
+
+
+def drop_overlong(
+    records: Iterable[dict], prompt_length: Callable[[dict], tuple[int, int, int]], limit: int, dropped: list
+) -> Iterator[dict]:
+    """Passes the records whose prompt fits `limit` tokens (the official run's
+    filter_overlong_prompts: a long prompt is dropped when the data set is built, it does not
+    stop the run). `prompt_length(record)` gives (prompt tokens, image tokens, image tokens at
+    min_pixels); each dropped record is appended to `dropped` as {"id", "tokens",
+    "image_tokens", "too_large_at_min_pixels"} (True: its prompt would not fit even with the
+    image at data.min_pixels) and logged by id."""
+    for record in records:
+        tokens, image, at_min = prompt_length(record)
+        if tokens <= limit:
+            yield record
+            continue
+        at_min_too_large = tokens - image + at_min > limit
+        dropped.append(
+            {"id": record["id"], "tokens": tokens, "image_tokens": image, "too_large_at_min_pixels": at_min_too_large}
+        )
+        why = f"; even at data.min_pixels its image takes {at_min} tokens" if at_min_too_large else ""
+        log.warning(
+            "dropping record %r: its prompt has %d tokens > rl.max_prompt_len=%d%s", record["id"], tokens, limit, why
+        )
+
+
+def require_set_answers(records: Iterable[dict], is_set_answer: Callable[[str], bool], field: str) -> Iterator[dict]:
+    """Passes records whose `answer` (read from the source's `field`) is a SET-formatted answer
+    (`is_set_answer`, e.g. rewards.format_score); the first one that is not stops the build
+    naming the record and the field, so a cold start never trains on bare labels."""
+    for record in records:
+        if not is_set_answer(record["answer"]):
+            raise ValueError(
+                f"record {record['id']!r}: field {field!r} is not a SET answer (<step1>..</step1><step2>..</step2>"
+                f"<step3>..</step3> then \\boxed{{label}}), got {record['answer'][:80]!r}; the cold start would "
+                "train on it: use data with SET answers, or --config.cold_start.steps=0"
+            )
+        yield record

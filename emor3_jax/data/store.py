@@ -16,9 +16,15 @@ from emor3_jax.runtime import multihost
 NAME = "emotions"
 
 
-def build(c: ConfigDict) -> tuple[str, dict]:
+def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set_answer=None) -> tuple[str, dict]:
     """ArrayRecord files of both splits (built once per workdir): their directory, and the
-    records seen / skipped as bad per split while building."""
+    records seen / skipped as bad per split while building.
+
+    With `prompt_length` (record -> (prompt tokens, image tokens, image tokens at min_pixels),
+    e.g. EmoR3.prompt_length) records whose prompt exceeds rl.max_prompt_len are dropped and
+    listed per split in `dropped` ({split: [sources.drop_overlong entries]}). With
+    `is_set_answer` (answer -> truthy, e.g. rewards.format_score) and cold_start.steps > 0, a
+    training record whose `answer` is not a SET answer stops the build naming the field."""
     labels = list(c.data.labels)
     synthetic = c.data.source == "synthetic"
     counter = {} if synthetic else {"train": {}, "test": {}}  # generated records cannot be bad
@@ -38,6 +44,10 @@ def build(c: ConfigDict) -> tuple[str, dict]:
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])
+        if is_set_answer is not None and c.cold_start.steps and s == "train":
+            records = sources.require_set_answers(records, is_set_answer, "answer")
+        if prompt_length is not None:
+            records = sources.drop_overlong(records, prompt_length, c.rl.max_prompt_len, dropped.setdefault(s, []))
         splits[s] = records
     out = os.path.join(c.workdir, "data")
     if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks

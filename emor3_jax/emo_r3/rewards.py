@@ -17,11 +17,15 @@ Two compat modes:
 - "emo_r3_code": bit-for-bit the official scoring, quirks included: coherence compares
   unstripped text ("Awe." scores 0); consistency tests substrings, "yes" first, so "None",
   "not", "know", "cannot" count as no and "yes and no" as yes; an empty span still asks the
-  judge "Answer 'None'".
+  judge "Answer 'None'"; a reflection that was not run (answer None) scores 1.
 - "robust" (default): coherence strips, lower-cases, drops surrounding punctuation and
   accepts the target as one word of a short answer (at most SHORT_ANSWER_WORDS words);
   consistency takes the first whole word "yes" or "no"; an empty span is not sent to the
   judge (its prompt is None) and that reflection scores 0.5.
+
+`reflection` (REFLECTIONS) says which reflections run: "both", "text", "image" or "none". In
+both modes a side that does not run scores 1, as the official reward scores a missing answer
+(spec section 5), so "none" equals scoring without reflection.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections.abc import Sequence
 
 COMPATS = ("robust", "emo_r3_code")
 COHERENCE_TARGETS = ("label", "own_answer")
+REFLECTIONS = ("both", "text", "image", "none")  # the reflections that run
+NOT_RUN = 1.0  # score of a reflection that does not run (the official code's missing answer)
 # Robust coherence accepts the target as one word of an answer of at most this many
 # words ("The emotion is awe." has 4); longer answers must equal the target.
 SHORT_ANSWER_WORDS = 5
@@ -57,6 +63,7 @@ class RewardConfig:
 
     compat: str = "robust"  # "robust" | "emo_r3_code" (bit-for-bit the official scoring)
     coherence_target: str = "label"  # "label" (official code) | "own_answer" (paper figure)
+    reflection: str = "both"  # REFLECTIONS: the reflections that run; the others score NOT_RUN
     w_accuracy: float = 0.8
     w_coherence: float = 0.1
     w_consistency: float = 0.1
@@ -66,6 +73,8 @@ class RewardConfig:
         _check_compat(self.compat)
         if self.coherence_target not in COHERENCE_TARGETS:
             raise ValueError(f"coherence_target must be one of {COHERENCE_TARGETS}, got {self.coherence_target!r}")
+        if self.reflection not in REFLECTIONS:
+            raise ValueError(f"reflection must be one of {REFLECTIONS}, got {self.reflection!r}")
         for name in ("w_accuracy", "w_coherence", "w_consistency", "w_format"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -149,6 +158,11 @@ def text_reflection_prompt(response: str, labels: Sequence[str], compat: str) ->
     span = text_span(response)
     if not span:
         return _NONE_PROMPT if compat == "emo_r3_code" else None
+    return text_reflection_question(span, labels)
+
+
+def text_reflection_question(span: str, labels: Sequence[str]) -> str:
+    """The coherence question quoting `span` (see `text_reflection_prompt`)."""
     return (
         f"{span}\nWhich emotion best describes the text above?\n"
         f"Answer the question using one emotional category (one word only): {', '.join(labels)}."
@@ -168,6 +182,11 @@ def image_reflection_prompt(response: str, compat: str) -> str | None:
     span = image_span(response)
     if not span:
         return "<image>\n" + _NONE_PROMPT if compat == "emo_r3_code" else None
+    return image_reflection_question(span)
+
+
+def image_reflection_question(span: str) -> str:
+    """The consistency question quoting `span` (see `image_reflection_prompt`)."""
     return _IMAGE_QUESTION + span
 
 
@@ -184,8 +203,9 @@ def _normalize(text: str) -> str:
 def coherence_score(answer: str | None, target: str, compat: str) -> float:
     """Does the text judge's emotion equal the target?
 
-    emo_r3_code: 0.5 if answer == "" or lower(answer) == "none"; else
-                 1 if lower(answer) == lower(target); else 0 (nothing stripped).
+    emo_r3_code: None (the text reflection did not run) -> 1; 0.5 if answer == "" or
+                 lower(answer) == "none"; else 1 if lower(answer) == lower(target); else 0
+                 (nothing stripped).
     robust: None (judge not asked) -> 0.5; n = normalize(answer); 0.5 if n in ("", "none");
             1 if n == normalize(target), or the answer has <= SHORT_ANSWER_WORDS words and
             one of them is normalize(target); else 0.
@@ -193,7 +213,7 @@ def coherence_score(answer: str | None, target: str, compat: str) -> float:
     _check_compat(compat)
     if compat == "emo_r3_code":
         if answer is None:
-            raise ValueError("emo_r3_code always asks the judge: the text answer must be a string, got None")
+            return NOT_RUN
         if answer == "" or answer.lower() == "none":
             return NEUTRAL
         return 1.0 if answer.lower() == target.lower() else 0.0
@@ -211,15 +231,16 @@ def coherence_score(answer: str | None, target: str, compat: str) -> float:
 def consistency_score(answer: str | None, compat: str) -> float:
     """Does the image judge say the scene description fits the image?
 
-    emo_r3_code: 1 if "yes" in lower(answer) (checked first); else 0 if "no" in lower(answer)
-                 (so "None", "not", "know", "cannot" are no); else 0.5.
+    emo_r3_code: None (the image reflection did not run) -> 1; 1 if "yes" in lower(answer)
+                 (checked first); else 0 if "no" in lower(answer) (so "None", "not", "know",
+                 "cannot" are no); else 0.5.
     robust: None (judge not asked) -> 0.5; else the first whole word yes/no decides
             (1 / 0); neither -> 0.5.
     """
     _check_compat(compat)
     if compat == "emo_r3_code":
         if answer is None:
-            raise ValueError("emo_r3_code always asks the judge: the image answer must be a string, got None")
+            return NOT_RUN
         low = answer.lower()
         if "yes" in low:
             return 1.0
@@ -249,7 +270,15 @@ def _check_asked(answer: str | None, asked: bool, which: str) -> None:
     if asked and answer is None:
         raise ValueError(f"the {which} reflection was asked but its answer is None")
     if not asked and answer is not None:
-        raise ValueError(f"the {which} span is empty (judge not asked) but an answer was given: {answer!r}")
+        raise ValueError(
+            f"the {which} reflection was not asked (empty span, or reward.reflection leaves it out) "
+            f"but an answer was given: {answer!r}"
+        )
+
+
+def runs(reflection: str, side: str) -> bool:
+    """Whether the `side` ("text" | "image") reflection runs under `reflection` (REFLECTIONS)."""
+    return reflection in ("both", side)
 
 
 def score(
@@ -257,21 +286,26 @@ def score(
 ) -> dict[str, float]:
     """All reward components of one response and `overall` (module docstring).
 
-    text_answer / image_answer: the judge's decoded answers, None where the robust prompt
-    was None (empty span). Coherence is scored against `label` or, with
+    text_answer / image_answer: the judge's decoded answers; None where the reflection does
+    not run (cfg.reflection), which scores NOT_RUN, or where the robust prompt was None
+    (empty span), which scores 0.5. Coherence is scored against `label` or, with
     coherence_target="own_answer", against the response's own boxed answer.
     Raises ValueError when an answer is given for a question that was not asked, or missing
-    for one that was.
+    for one that was (robust mode; the official code has no such check).
     """
-    if cfg.compat == "robust":
-        _check_asked(text_answer, bool(text_span(response)), "text")
-        _check_asked(image_answer, bool(image_span(response)), "image")
+    sides = {}
+    for side, answer in (("text", text_answer), ("image", image_answer)):
+        run = runs(cfg.reflection, side)
+        if cfg.compat == "robust":
+            span = text_span(response) if side == "text" else image_span(response)
+            _check_asked(answer, run and bool(span), side)
+        sides[side] = run
     target = label if cfg.coherence_target == "label" else extract_boxed(response)
     return _combine(
         accuracy_score(response, label),
         format_score(response),
-        coherence_score(text_answer, target, cfg.compat),
-        consistency_score(image_answer, cfg.compat),
+        coherence_score(text_answer, target, cfg.compat) if sides["text"] else NOT_RUN,
+        consistency_score(image_answer, cfg.compat) if sides["image"] else NOT_RUN,
         cfg,
     )
 

@@ -7,6 +7,7 @@ The GRPO step (rl/experience.py) and the evaluation reach the method only throug
     sft_example(encoder, record) -> example      prompt + reference answer (cold start)
     answer(response) -> str                      the parsed answer (evaluation's prediction)
     reflects                                     whether `reflect` must run before `score`
+    prompt_length(encoder, record) -> (tokens, image tokens, image tokens at min_pixels)
     judge                                        "policy" | "reference": who answers reflections
     reflect(sampler, judge, encoder, ro, key=, stop_ids=, logit_bias=)   fills ro.*_answers
     score(response, label, text_answer, image_answer) -> {name: value}, "overall" included;
@@ -66,6 +67,7 @@ class EmoR3:
             reward=rewards.RewardConfig(
                 compat=rc.compat,
                 coherence_target=rc.coherence_target,
+                reflection=rc.reflection,
                 w_accuracy=rc.w_accuracy,
                 w_coherence=rc.w_coherence,
                 w_consistency=rc.w_consistency,
@@ -75,7 +77,7 @@ class EmoR3:
                 max_new=rc.reflection_max_tokens if rc.compat == "robust" else c.rl.max_response_len,
                 params=SamplingParams(temperature=rc.reflection_temperature, top_p=rc.reflection_top_p),
             ),
-            reflects=rc.reflection,
+            reflects=rc.reflection != "none",
             judge=rc.judge,
             use_set=use_set,
         )
@@ -88,6 +90,11 @@ class EmoR3:
     def prompt(self, encoder, record) -> Prompt:
         return encoder.record_prompt(record, self.question(encoder, record))
 
+    def prompt_length(self, encoder, record) -> tuple[int, int, int]:
+        """`prompt`'s length without building it (Encoder.prompt_length): the data set drops
+        records whose prompt would exceed rl.max_prompt_len."""
+        return encoder.prompt_length(record, self.question(encoder, record))
+
     def sft_example(self, encoder, record):
         return encoder.sft_example(record, prompts.set_prompt(encoder.question(record)))
 
@@ -97,32 +104,51 @@ class EmoR3:
 
     # ---- how it judges itself
     def reflect(self, sampler, judge, encoder, ro, *, key, stop_ids, logit_bias) -> None:
-        """Asks `judge` both reflection questions about every response (fills ro.text_answers
-        and ro.image_answers; None where the robust mode does not ask). Both are sampled in
-        batches of exactly R prompts (a response without a span gets a placeholder question,
-        its answer dropped), so every step runs the same compiled programs."""
-        compat = self.reward.compat
-        text_q = [rewards.text_reflection_prompt(r, self.labels, compat) for r in ro.responses]
-        image_q = [rewards.image_reflection_prompt(r, compat) for r in ro.responses]
-        text_prompts = [encoder.prompt(q or _PLACEHOLDER, what="text reflection") for q in text_q]
-        image_prompts = []
-        for row, q in enumerate(image_q):
-            src = ro.prompts[row // ro.n]
-            image_prompts.append(
-                encoder.prompt(
-                    q or "<image>\n" + _PLACEHOLDER, src.pixel_values, src.image_grid_thw, "image reflection"
-                )
-            )
-        k1, k2 = jax.random.split(key)
-        answers = []
+        """Asks `judge` the reflection questions reward.reflection runs about every response
+        (fills ro.text_answers and ro.image_answers; None where a question is not asked). Each
+        is sampled in batches of exactly R prompts (a response without a span gets a placeholder
+        question, its answer dropped), so every step runs the same compiled programs. A question
+        over rl.max_prompt_len is cut on the right in emo_r3_code mode (the official run; the
+        end of the question goes); in robust mode its quoted reasoning is shortened instead."""
+        answers = {}
         r = self.reflection
-        for qs, ps, k in ((text_q, text_prompts, k1), (image_q, image_prompts, k2)):
+        for side, k in zip(("text", "image"), jax.random.split(key)):
+            if not rewards.runs(self.reward.reflection, side):
+                answers[side] = [None] * len(ro.responses)
+                continue
+            qs, ps = [], []
+            for row, response in enumerate(ro.responses):
+                q, p = self._reflection_prompt(encoder, side, response, ro.prompts[row // ro.n])
+                qs.append(q)
+                ps.append(p)
             out = sampler.generate(
                 judge, ps, key=k, max_new_tokens=r.max_new, params=r.params, stop_ids=stop_ids, logit_bias=logit_bias
             )
             texts = encoder.decode(to_host(out.tokens), to_host(out.lengths))
-            answers.append([t if q is not None else None for t, q in zip(texts, qs)])
-        ro.text_answers, ro.image_answers = answers
+            answers[side] = [t if q is not None else None for t, q in zip(texts, qs)]
+        ro.text_answers, ro.image_answers = answers["text"], answers["image"]
+
+    def _reflection_prompt(self, encoder, side: str, response: str, src: Prompt) -> tuple[str | None, Prompt]:
+        """The `side` question about `response` (None: not asked) and the prompt sampled for it."""
+        what = f"{side} reflection"
+        pixels, grid = (None, None) if side == "text" else (src.pixel_values, src.image_grid_thw)
+        if self.reward.compat == "emo_r3_code":
+            if side == "text":
+                q = rewards.text_reflection_prompt(response, self.labels, "emo_r3_code")
+            else:
+                q = rewards.image_reflection_prompt(response, "emo_r3_code")
+            return q, encoder.prompt(q, pixels, grid, what, cut_right=True)
+        if side == "text":
+            span = rewards.text_span(response)
+            build = lambda quoted: rewards.text_reflection_question(quoted, self.labels)
+        else:
+            span = rewards.image_span(response)
+            build = rewards.image_reflection_question
+        if not span:
+            placeholder = _PLACEHOLDER if side == "text" else "<image>\n" + _PLACEHOLDER
+            return None, encoder.prompt(placeholder, pixels, grid, what)
+        q = _fit(encoder, build, span, grid, what)
+        return q, encoder.prompt(q, pixels, grid, what)
 
     # ---- the reward
     def score(self, response: str, label: str, text_answer: str | None, image_answer: str | None) -> dict:
@@ -131,3 +157,18 @@ class EmoR3:
         if self.reflects:
             return rewards.safe_score(response, label, text_answer, image_answer, self.reward)
         return rewards.safe_score_without_reflection(response, label, self.reward)
+
+
+def _fit(encoder, build, span: str, grid, what: str) -> str:
+    """build(span) with `span` cut from its end, token by token, until the prompt fits
+    rl.max_prompt_len: the quoted reasoning is shortened, the question stays whole."""
+    q, keep = build(span), None
+    while (excess := len(encoder.prompt_ids(q, grid)) - encoder.max_prompt_len) > 0:
+        tokens = encoder.tok.encode(span, add_special_tokens=False)
+        if not tokens:
+            raise ValueError(f"{what}: the question alone exceeds rl.max_prompt_len={encoder.max_prompt_len}")
+        # Decoding a cut and encoding it again may not give back the same count: always shorten.
+        keep = max(0, min(len(tokens) - excess, len(tokens) - 1 if keep is None else keep - 1))
+        span = encoder.tok.decode(tokens[:keep])
+        q = build(span)
+    return q

@@ -1,8 +1,9 @@
 """One GRPO step as two calls: `GRPOStep.experience` turns a global batch of records into an
 `Experience` (rollouts, reflections, rewards by name, advantages, reference and old log-probs,
 the training rows); `GRPOStep.update` learns from it (mini-batches, micro-batches, gradient
-accumulation weighted for the loss mode) and returns the new parameters, optimizer state and
-metrics. The trainer, the evaluation and the benches call these; none rebuilds a piece.
+accumulation weighted as `micro_batch_weighting` says, non-finite gradients skipped) and
+returns the new parameters, optimizer state and metrics. The trainer, the evaluation and the
+benches call these; none rebuilds a piece.
 
 Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket.
 
@@ -19,12 +20,21 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
-from emor3_jax.rl.learner import GRPOSettings, Learner, check_finite
+from emor3_jax.rl.learner import GRPOSettings, Learner
 from emor3_jax.rl.rollout import Rollouts, sample_rollouts, score_async, training_rows
 from emor3_jax.runtime import multihost
 from emor3_jax.sampling.methods import SamplingParams
+
+# The registry the config validation reads (rl.micro_batch_weighting):
+# - "by_share": each micro-batch's gradient weighs its share of the mini-batch's loss (its
+#   tokens in "token" mode, its rows in "seq" mode), so the sum is the mini-batch's gradient.
+# - "equal": each micro-batch's own loss mean weighs 1 / (micro-batches per optimizer step),
+#   as the official EasyR1 run accumulates (spec section 5): a short response in a micro-batch
+#   of short ones weighs more than in a mini-batch-wide token mean.
+MICRO_BATCH_WEIGHTINGS = ("by_share", "equal")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,10 +50,21 @@ class StepSettings:
     recompute_old_logprobs: bool  # False: the sampler's log-probs are the old policy's
     prompt_buckets: tuple[int, ...]
     loss: GRPOSettings
+    # How a mini-batch's micro-batch gradients are summed (MICRO_BATCH_WEIGHTINGS).
+    micro_batch_weighting: str = "by_share"
+    # Optimizer steps with a non-finite gradient norm skipped in a row before the run stops
+    # (0: the first one stops it).
+    max_skipped_steps: int = 0
 
     def __post_init__(self):
         if self.advantage not in ESTIMATORS:
             raise ValueError(f"advantage must be one of {tuple(ESTIMATORS)}, got {self.advantage!r}")
+        if self.micro_batch_weighting not in MICRO_BATCH_WEIGHTINGS:
+            raise ValueError(
+                f"micro_batch_weighting must be one of {MICRO_BATCH_WEIGHTINGS}, got {self.micro_batch_weighting!r}"
+            )
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         rows = self.update_batch * self.num_generations
         if self.micro_batch < 1 or rows % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
@@ -61,6 +82,8 @@ class StepSettings:
             recompute_old_logprobs=rl.recompute_old_logprobs,
             prompt_buckets=tuple(c.sampling.prompt_buckets),
             loss=GRPOSettings.from_config(c),
+            micro_batch_weighting=rl.micro_batch_weighting,
+            max_skipped_steps=rl.max_skipped_steps,
         )
 
 
@@ -123,6 +146,7 @@ class GRPOStep:
         self.learner, self.sampler, self.encoder, self.task = learner, sampler, encoder, task
         self.s, self.pad_id, self.stop_ids, self.logit_bias = settings, pad_id, stop_ids, logit_bias
         self.pool = ThreadPoolExecutor(threads)
+        self.skipped_in_row = 0  # optimizer steps skipped in a row (non-finite gradient), across updates
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -193,21 +217,25 @@ class GRPOStep:
 
     def update(self, params, opt, exp: Experience, *, step: int) -> tuple[object, object, dict]:
         """One pass over the experience in mini-batches of update_batch prompts, one optimizer
-        step each; every micro-batch's gradient is weighted by its share of the mini-batch's
-        loss (tokens in "token" mode, rows in "seq" mode), so the accumulated gradient equals
-        the mini-batch's. Returns (params, opt, metrics averaged over micro-batches, grad_norm
-        over optimizer steps). Stops at a non-finite loss or gradient norm, naming `step`."""
+        step each, its gradient accumulated over micro-batches weighted as
+        `micro_batch_weighting` says. A mini-batch whose loss or gradient norm is not finite is
+        skipped (no optimizer step, as the official run does); more than max_skipped_steps
+        skipped in a row, across updates, stop the run naming `step`. Returns (params, opt,
+        metrics averaged over micro-batches, grad_norm over optimizer steps, skipped_steps:
+        the mini-batches skipped in this update)."""
         s, learner = self.s, self.learner
         per_step = s.update_batch * s.num_generations // s.micro_batch  # micro-batches per optimizer step
-        sums, count = {}, 0
+        sums, count, skipped = {}, 0, 0
         for first in range(0, len(exp.batches), per_step):
             group = range(first, first + per_step)
-            if s.loss.loss_mode == "token":
+            if s.micro_batch_weighting == "equal":
+                sizes = [1.0] * per_step
+            elif s.loss.loss_mode == "token":
                 sizes = [float(exp.batches[i][1].sum()) for i in group]
             else:
                 sizes = [float(len(exp.micro[i])) for i in group]
             total = max(sum(sizes), 1.0)
-            grads = None
+            grads, loss = None, 0.0
             for i, size in zip(group, sizes):
                 batch, mask = exp.batches[i]
                 g, m = learner.grpo_grads(
@@ -225,8 +253,25 @@ class GRPOStep:
                 grads = learner.accumulate(grads, g)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                loss += float(m["loss"])
                 count += 1
-            params, opt, gnorm = learner.apply(params, opt, grads)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gnorm) * per_step
-            check_finite(step, "grpo", loss=sums.get("loss", 0.0), grad_norm=gnorm)
-        return params, opt, {k: v / count for k, v in sums.items()}
+            gnorm = float(_global_norm(grads))
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * per_step
+            if np.isfinite(gnorm) and np.isfinite(loss):
+                self.skipped_in_row = 0
+                params, opt, _ = learner.apply(params, opt, grads)
+                continue
+            skipped += 1
+            self.skipped_in_row += 1
+            if self.skipped_in_row > s.max_skipped_steps:
+                raise FloatingPointError(
+                    f"grpo step {step}: non-finite loss {loss} or gradient norm {gnorm}, "
+                    f"{self.skipped_in_row} optimizer steps in a row (rl.max_skipped_steps={s.max_skipped_steps}); "
+                    "stopping (the last checkpoint is kept)"
+                )
+        return params, opt, {**{k: v / count for k, v in sums.items()}, "skipped_steps": float(skipped)}
+
+
+# The norm `Learner.apply` clips by, taken before it: a skipped step must not reach the
+# optimizer, whose inputs `apply` donates.
+_global_norm = jax.jit(optax.tree.norm)

@@ -173,15 +173,17 @@ def policy_loss(
                        A < 0 with ratio < 1 - clip_low)
         clipfrac_dual  A < 0 and max(pg1, pg2) > -A * dual_clip
         ratio_mean     ratio
-        approx_kl      old_logp - logp
+        approx_kl      -clamp(logp - old_logp, -20, 20): EasyR1's `ppo_kl`, the clamped log
+                       ratio the loss sees (unclamped, one token with a -1e4 log ratio would
+                       dominate the mean)
     """
     _check_shapes(mask, advantages, logp=logp, old_logp=old_logp)
     logp = logp.astype(jnp.float32)
     old_logp = old_logp.astype(jnp.float32)
     adv = advantages.astype(jnp.float32)[:, None]  # [B, 1]
 
-    log_ratio = logp - old_logp
-    ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = jnp.maximum(pg1, pg2)

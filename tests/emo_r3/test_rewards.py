@@ -218,9 +218,8 @@ def test_coherence_short_answer_limit():
 
 
 def test_coherence_not_asked():
-    assert R.coherence_score(None, "awe", ROBUST) == 0.5
-    with pytest.raises(ValueError, match="None"):
-        R.coherence_score(None, "awe", OFFICIAL)
+    assert R.coherence_score(None, "awe", ROBUST) == 0.5  # robust: not asked (empty span)
+    assert R.coherence_score(None, "awe", OFFICIAL) == 1.0  # official: the reflection did not run
 
 
 # ---------------------------------------------------------------------------- consistency
@@ -252,8 +251,7 @@ def test_consistency_score(answer, official, robust):
 
 def test_consistency_not_asked():
     assert R.consistency_score(None, ROBUST) == 0.5
-    with pytest.raises(ValueError, match="None"):
-        R.consistency_score(None, OFFICIAL)
+    assert R.consistency_score(None, OFFICIAL) == 1.0
 
 
 def test_scores_reject_unknown_compat():
@@ -309,6 +307,36 @@ def test_robust_score_rejects_answers_that_do_not_match_the_questions():
         R.score(GOOD, "awe", "awe", None, RewardConfig())
 
 
+@pytest.mark.parametrize("compat", [OFFICIAL, ROBUST])
+def test_one_sided_reflection_scores_the_missing_side_one(compat):
+    """A wrong answer (accuracy 0, format 1) judged "fear" by the text judge (coherence 0 vs
+    label awe) and "no" by the image judge (consistency 0). Text only: consistency is 1
+    (official missing side): 0 + 0.1 * 0 + 0.1 * 1 + 0.1 = 0.2 (0.1 if the missing side
+    scored 0, 0.15 if 0.5). Image only: coherence 1: 0.1 + 0 + 0.1 = 0.2. None: both 1: 0.3."""
+    wrong = STEPS + "\\boxed{fear}"
+    text_only = R.score(wrong, "awe", "fear", None, RewardConfig(compat=compat, reflection="text"))
+    assert text_only == pytest.approx(dict(overall=0.2, accuracy=0.0, format=1.0, coherence=0.0, consistency=1.0))
+    image_only = R.score(wrong, "awe", None, "no", RewardConfig(compat=compat, reflection="image"))
+    assert image_only == pytest.approx(dict(overall=0.2, accuracy=0.0, format=1.0, coherence=1.0, consistency=0.0))
+    none = R.score(wrong, "awe", None, None, RewardConfig(compat=compat, reflection="none"))
+    assert none == R.score_without_reflection(wrong, "awe", RewardConfig(compat=compat))
+    assert none["overall"] == pytest.approx(0.3)
+
+
+def test_official_reward_accepts_a_missing_answer_whatever_the_setting():
+    # The official code scores any None answer 1 (it has no wiring check): with both
+    # reflections set, a None image answer still gives consistency 1: 0.8 + 0.1 + 0.1 + 0.1.
+    s = R.score(GOOD, "awe", "awe", None, RewardConfig(compat=OFFICIAL))
+    assert s["consistency"] == 1.0 and s["overall"] == pytest.approx(1.1)
+
+
+def test_robust_one_sided_reflection_rejects_an_answer_to_the_side_not_run():
+    with pytest.raises(ValueError, match="image reflection was not asked"):
+        R.score(GOOD, "awe", "awe", "yes", RewardConfig(reflection="text"))
+    with pytest.raises(ValueError, match="reflection must be one of"):
+        RewardConfig(reflection=True)
+
+
 def test_coherence_target_own_answer():
     wrong = STEPS + "\\boxed{fear}"
     # the judge reads "fear" into the steps; label is awe
@@ -344,5 +372,5 @@ def test_safe_score_catches_errors():
     assert {k: s[k] for k in ("overall", "accuracy", "format", "coherence", "consistency")} == dict.fromkeys(
         ("overall", "accuracy", "format", "coherence", "consistency"), 0.0
     )
-    s = R.safe_score(GOOD, "awe", None, "yes", RewardConfig(compat=OFFICIAL))
+    s = R.safe_score(GOOD, "awe", None, "yes", RewardConfig())  # robust: asked, but no answer
     assert s["overall"] == 0.0 and s["error"].startswith("ValueError")

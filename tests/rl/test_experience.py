@@ -65,7 +65,7 @@ class ScriptedTask:
         return {"overall": n / 10, "brevity": float(n <= 2)}
 
 
-def _setup(micro_batch, loss_mode, tx=None):
+def _setup(micro_batch, loss_mode, tx=None, **settings_fields):
     from emor3_jax.models.api import preset
 
     cfg = preset("tiny", vocab_size=64, param_dtype="float32", compute_dtype="float32")
@@ -81,6 +81,7 @@ def _setup(micro_batch, loss_mode, tx=None):
         recompute_old_logprobs=True,
         prompt_buckets=(8,),
         loss=GRPOSettings(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode=loss_mode),
+        **settings_fields,
     )
     learner = Learner(graphdef, tx or optax.sgd(1.0))
     step = GRPOStep(
@@ -119,6 +120,68 @@ def test_micro_batches_accumulate_to_the_gradient_of_one_big_batch(loss_mode):
     for a, b in zip(flat_big, flat_small):
         # atol: two float32 ulps of a parameter of magnitude ~1 (the move is new - old params)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2.5e-7)
+
+
+def test_equal_micro_batch_weighting_averages_each_micro_batchs_own_mean():
+    """ "equal" (the official run's accumulation): with SGD at lr 1 the move is
+    -(1/4) * sum_i grad(token mean of micro-batch i) over the 4 micro-batches of 2 rows; the
+    rows have 1 to 6 tokens, so this differs from "by_share" (the mini-batch's token mean)."""
+    moved, grad_sums = {}, None
+    for weighting in ("by_share", "equal"):
+        mesh, learner, params, step, records = _setup(2, "token", micro_batch_weighting=weighting)
+        ref = jax.tree.map(lambda x: x + 0.01, params)
+        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+            exp = step.experience(params, ref, records, jax.random.key(0))
+            if weighting == "equal":  # each micro-batch's own token-mean loss, weight 1
+                for i, (batch, mask) in enumerate(exp.batches):
+                    adv = exp.advantages[exp.micro[i]]
+                    args = (exp.old_logp[i], exp.ref_logp[i], adv, mask, 1.0, step.s.loss)
+                    g, _ = learner.grpo_grads(params, batch, exp.p_len - 1, exp.g_len, *args)
+                    g = jax.tree.map(np.asarray, g)
+                    grad_sums = g if grad_sums is None else jax.tree.map(np.add, grad_sums, g)
+            before = jax.tree.map(np.asarray, params)
+            new, _, _ = step.update(params, learner.init(params), exp, step=1)
+        moved[weighting] = jax.tree.map(lambda a, b: np.asarray(a) - b, new, before)
+        step.close()
+    for got, g in zip(jax.tree.leaves(moved["equal"]), jax.tree.leaves(grad_sums)):
+        np.testing.assert_allclose(got, -g / 4, rtol=1e-4, atol=2.5e-7)
+    gap = max(float(np.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, moved.values())))
+    assert gap > 1e-5  # the two weightings differ on rows of unequal length
+
+
+def test_a_non_finite_gradient_skips_the_step_then_stops_the_run_past_the_limit():
+    """NaN advantages make the loss and every gradient NaN: the update skips the optimizer
+    step (params and AdamW's counter unchanged, skipped_steps = 1); a finite update resets the
+    count; with max_skipped_steps = 1 the second skip in a row stops the run naming the step."""
+    tx, _ = make_optimizer(
+        OptimizerSettings(
+            schedule="constant",
+            learning_rate=1e-3,
+            warmup_steps=0,
+            total_steps=4,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            grad_clip=1.0,
+        )
+    )
+    mesh, learner, params, step, records = _setup(2, "token", tx, max_skipped_steps=1)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        good = step.experience(params, params, records, jax.random.key(0))
+        bad = dataclasses.replace(good, advantages=np.full_like(good.advantages, np.nan))
+        before = jax.tree.map(np.asarray, params)
+        p1, opt1, m1 = step.update(params, learner.init(params), bad, step=1)
+        assert m1["skipped_steps"] == 1 and not np.isfinite(m1["loss"])
+        assert _adam_count(opt1) == 0
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(before)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        p2, opt2, m2 = step.update(p1, opt1, good, step=2)  # finite: applied, the count resets
+        assert m2["skipped_steps"] == 0 and _adam_count(opt2) == 1
+        p3, opt3, m3 = step.update(p2, opt2, bad, step=3)  # one in a row: tolerated
+        assert m3["skipped_steps"] == 1
+        with pytest.raises(FloatingPointError, match=r"grpo step 4: non-finite .* 2 optimizer steps in a row"):
+            step.update(p3, opt3, bad, step=4)
+    step.close()
 
 
 def _adam_count(opt) -> int:

@@ -126,6 +126,17 @@ def test_policy_loss_clip_cases_by_hand():
         np.testing.assert_allclose(li, PER_TOKEN[i], rtol=1e-6, err_msg=f"row {i}")
 
 
+def test_approx_kl_is_easyr1_ppo_kl_the_clamped_log_ratio():
+    # Log ratios (logp - old_logp) of three tokens: -30 (a token the old policy liked far more),
+    # 0.5, 1.0; the fourth is padding. EasyR1's ppo_kl = mean(-clamp(log ratio, -20, 20))
+    # = -(-20 + 0.5 + 1.0) / 3 = 18.5 / 3 = 6.1666667. Unclamped: 28.5 / 3 = 9.5.
+    logp = np.array([[-31.0, -1.5, -1.0, 7.0]], np.float32)
+    old = np.array([[-1.0, -2.0, -2.0, 0.0]], np.float32)
+    mask = np.array([[1.0, 1.0, 1.0, 0.0]], np.float32)
+    _, m = grpo.policy_loss(logp, old, np.array([1.0], np.float32), mask)
+    np.testing.assert_allclose(m["approx_kl"], 18.5 / 3, rtol=1e-6)
+
+
 def test_policy_loss_gradient_zero_when_clipped():
     # d loss / d logp = -A * ratio / N where unclipped, 0 where clipped.
     logp = jnp.asarray(np.log(RATIO), jnp.float32)[:, None]
@@ -226,7 +237,7 @@ def _np_grpo(lp, old, ref, adv, m, cl, ch, dc, coef, kind, mode):
         "clipfrac": _np_agg((pg1 < pg2).astype(np.float64), m, "token"),
         "clipfrac_dual": _np_agg(((a < 0) & (clipped > -a * dc)).astype(np.float64), m, "token"),
         "ratio_mean": _np_agg(ratio, m, "token"),
-        "approx_kl": _np_agg(old - lp, m, "token"),
+        "approx_kl": _np_agg(-np.clip(lp - old, -20, 20), m, "token"),
     }
     return pg_loss + coef * kl, metrics
 
