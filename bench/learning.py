@@ -31,7 +31,7 @@ def one_run(seed: int, reflection: bool, extra: list[str], root: str) -> dict:
         f"--config={ROOT}/configs/qwen_vl.py",
         f"--config.workdir={workdir}",
         f"--config.seed={seed}",
-        f"--config.reward.reflection={reflection}",
+        f"--config.reward.reflection={'both' if reflection else 'none'}",
         *extra,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
