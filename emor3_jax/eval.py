@@ -35,6 +35,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from emor3_jax import config_lib
+from emor3_jax.data import sources
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
@@ -64,17 +65,23 @@ def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
 
 
 def evaluate_dataset(name: str, c: ConfigDict, policy, rt: setup.Runtime, k: int, use_set: bool):
-    """(results.json entry, responses.jsonl lines) of data set `name`."""
+    """(results.json entry, responses.jsonl lines, ids of the prompts dropped as too long) of
+    data set `name`."""
     ds = c.eval.datasets[name]
-    counter = {}
-    records = load_eval_records(ds, c, counter)
-    if not records:
-        raise ValueError(f"data set {name!r}: no records")
-    if counter.get("bad"):
-        print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
+    counter, dropped = {}, []
     labels = tuple(ds.labels)
     encoder = rt.encoder(labels, c.rl.max_prompt_len)
     task = EmoR3.from_config(c, labels, use_set)
+    records = load_eval_records(ds, c, counter)
+    # Prompts over rl.max_prompt_len are left out and listed, as the training data drops them.
+    fits = lambda r: task.prompt_length(encoder, r)
+    records = list(sources.drop_overlong(records, fits, c.rl.max_prompt_len, dropped))
+    if not records:
+        raise ValueError(f"data set {name!r}: no records (prompts dropped as too long: {len(dropped)})")
+    if counter.get("bad"):
+        print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
+    if dropped:
+        print(f"{name}: dropped {len(dropped)} prompts over rl.max_prompt_len: {[d['id'] for d in dropped]}")
     common = dict(max_new=c.rl.max_response_len, stop_ids=rt.stop_ids, logit_bias=rt.logit_bias)
     key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
     t = time.perf_counter()
@@ -106,7 +113,7 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, rt: setup.Runtime, k: int
         )
     runs = sampled["run_accuracies"]
     print(f"{name}: sampled accuracy {np.mean(runs):.3f} ± {np.std(runs):.3f} ({time.perf_counter() - t:.0f} s)")
-    return eval_report.summarize(labels, greedy, sampled), _responses(greedy, sampled, k)
+    return eval_report.summarize(labels, greedy, sampled), _responses(greedy, sampled, k), [d["id"] for d in dropped]
 
 
 def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int, use_set: bool) -> dict:
@@ -126,13 +133,15 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
         "max_response_len": c.rl.max_response_len,
         "reward_compat": c.reward.compat,
         "datasets": {},
+        "prompts_dropped": {},  # per data set: ids of the prompts over rl.max_prompt_len, left out
     }
     write = multihost.is_main()  # every process samples its part of each batch; one writes
     if write:
         os.makedirs(out, exist_ok=True)
     for name in names:
-        summary, lines = evaluate_dataset(name, c, policy, rt, k, use_set)
+        summary, lines, dropped = evaluate_dataset(name, c, policy, rt, k, use_set)
         results["datasets"][name] = summary
+        results["prompts_dropped"][name] = dropped
         if write:
             with open(os.path.join(out, f"{name}_responses.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
