@@ -11,6 +11,8 @@ The GRPO step (rl/experience.py) and the evaluation reach the method only throug
     reflect(sampler, judge, encoder, ro, key=, stop_ids=, logit_bias=)   fills ro.*_answers
     score(response, label, text_answer, image_answer) -> {name: value}, "overall" included;
         never raises: a row it cannot score gets "error" (a message) and its values
+    faithfulness(response, record) -> {name: bool} | None    ground-truth checks (None: no truth)
+    faithfulness_rates(true_labels, flags) -> dict           their rates, overall and per class
 
 A new reward or task is one class with these members; the trainer, eval and metrics log
 whatever components `score` returns.
@@ -24,6 +26,7 @@ import jax
 
 from emor3_jax.batches import Prompt
 from emor3_jax.data import prompts
+from emor3_jax.emo_r3 import faithfulness as faith
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.runtime.multihost import to_host
 from emor3_jax.sampling.methods import SamplingParams
@@ -131,3 +134,15 @@ class EmoR3:
         if self.reflects:
             return rewards.safe_score(response, label, text_answer, image_answer, self.reward)
         return rewards.safe_score_without_reflection(response, label, self.reward)
+
+    # ---- what no judge is needed for: the data set's truth
+    def faithfulness(self, response: str, record: dict) -> dict[str, bool] | None:
+        """{"image_faithful", "answer_coherent"} of `response` to `record` (emo_r3/faithfulness.py),
+        or None when the record carries no truth (real data sets do not know what is drawn)."""
+        if not record.get("truth"):
+            return None
+        return faith.score(response, faith.parse_truth(record["truth"]), self.labels)
+
+    def faithfulness_rates(self, true_labels, flags) -> dict:
+        """Rates of `faithfulness` results, overall and per true label (faithfulness.aggregate)."""
+        return faith.aggregate(true_labels, flags)
