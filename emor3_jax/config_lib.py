@@ -139,6 +139,19 @@ def validate(c: ConfigDict) -> None:
         f"--config.data.unfaithful_share={share} must be in [0, 1], and 0 unless data.source is synthetic",
     )
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
+    share = c.cold_start.reflection_share
+    need(
+        0 <= share < 1 and (share == 0 or c.data.source == "synthetic"),
+        f"--config.cold_start.reflection_share={share} must be in [0, 1), and 0 unless data.source is synthetic "
+        "(the reflection examples are written from the synthetic truth)",
+    )
+    need(
+        share == 0 or round(share * c.cold_start.batch_size) >= 1,
+        f"--config.cold_start.reflection_share={share} gives no reflection row in a batch of "
+        f"--config.cold_start.batch_size={c.cold_start.batch_size}",
+    )
+    judge = c.cold_start.judge_records
+    need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
     need(
         not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
@@ -273,6 +286,7 @@ RESUMABLE = (
     "data.annotations_train",
     "data.annotations_test",
     "cold_start.steps",
+    "cold_start.judge_records",  # measured after the cold start, not trained on
     "rl.steps",
     "rl.epochs",
     "eval.every",
