@@ -77,7 +77,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # Share of each cold-start batch's rows that teach the judge the two reflection questions
     # (emo_r3/reflection_examples.py, from the synthetic truth), the rest SET answers. The tiny
     # random model must learn to judge (a real Qwen2.5-VL-Instruct already answers such
-    # questions: 0 for 3b/7b). The rows replace SET rows, so the cold start costs the same.
+    # questions: 0 for 3b/7b). round(share * batch_size) rows replace SET rows, so the cold
+    # start costs the same.
     c.cold_start.reflection_share = 0.25 if tiny else 0.0
     # After the cold start, the judge answers the reflection questions of this many held-out
     # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").

@@ -145,13 +145,14 @@ def validate(c: ConfigDict) -> None:
         f"--config.cold_start.reflection_share={share} must be in [0, 1), and 0 unless data.source is synthetic "
         "(the reflection examples are written from the synthetic truth)",
     )
-    need(
-        share == 0 or round(share * c.cold_start.batch_size) >= 1,
-        f"--config.cold_start.reflection_share={share} gives no reflection row in a batch of "
-        f"--config.cold_start.batch_size={c.cold_start.batch_size}",
-    )
     judge = c.cold_start.judge_records
     need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
+    need(
+        judge == 0 or c.reward.reflection_max_tokens <= max(c.sampling.gen_buckets),
+        f"--config.cold_start.judge_records={judge}: the judge answers up to --config.reward.reflection_max_tokens="
+        f"{c.reward.reflection_max_tokens} tokens, past the largest --config.sampling.gen_buckets "
+        f"{tuple(c.sampling.gen_buckets)} (set judge_records=0 or add a bucket)",
+    )
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
     need(
         not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
