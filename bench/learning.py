@@ -5,7 +5,9 @@ seeds, with and without the reflective reward (not a test: ~4 minutes per run on
 
 Each run is the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`)
 with another seed; the script reads each run's results.json (held-out accuracy after the cold
-start and after GRPO) and metrics.jsonl (training reward of the first and last GRPO steps).
+start and after GRPO, with the greedy image-faithful and answer-coherent rates) and
+metrics.jsonl (training reward of the first and last GRPO steps, the judge's accuracy after the
+cold start).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAITHFULNESS = ("image_faithful", "answer_coherent")  # greedy rates against the synthetic truth
+WHEN = (("cold", "cold_start"), ("grpo", "grpo"))
 
 
 def one_run(seed: int, reflection: bool, extra: list[str], root: str) -> dict:
@@ -40,7 +44,11 @@ def one_run(seed: int, reflection: bool, extra: list[str], root: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         grpo = [json.loads(line) for line in f if '"phase": "grpo"' in line]
     k = max(1, len(grpo) // 5)  # first and last fifth of the GRPO steps
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        judge = [json.loads(line) for line in f if '"phase": "judge"' in line]
     return {
+        "judge": judge[-1]["judge_accuracy"] if judge else float("nan"),  # nan: judge check off
+        **{f"{when}_{k}": res[phase][f"greedy_{k}"] for when, phase in WHEN for k in FAITHFULNESS},
         "cold_greedy": res["cold_start"]["greedy_accuracy"],
         "cold_sampled": res["cold_start"]["sampled_accuracy"],
         "grpo_greedy": res["grpo"]["greedy_accuracy"],
@@ -64,7 +72,10 @@ def main() -> None:
             print(
                 f"{'RER ' if reflection else 'no RER'} seed {seed}: held-out greedy {r['cold_greedy']:.3f} -> "
                 f"{r['grpo_greedy']:.3f}, sampled {r['cold_sampled']:.3f} -> {r['grpo_sampled']:.3f}; "
-                f"training reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}",
+                f"training reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}; "
+                f"image-faithful {r['cold_image_faithful']:.3f} -> {r['grpo_image_faithful']:.3f}, "
+                f"answer-coherent {r['cold_answer_coherent']:.3f} -> {r['grpo_answer_coherent']:.3f}; "
+                f"judge {r['judge']:.3f}",
                 flush=True,
             )
     for reflection in (True, False):
@@ -75,7 +86,10 @@ def main() -> None:
         print(
             f"{name}: held-out sampled accuracy {mean('cold_sampled'):.3f}+-{std('cold_sampled'):.3f} (cold start) "
             f"-> {mean('grpo_sampled'):.3f}+-{std('grpo_sampled'):.3f} (GRPO); greedy {mean('cold_greedy'):.3f} -> "
-            f"{mean('grpo_greedy'):.3f}; reward {mean('reward_first'):.3f} -> {mean('reward_last'):.3f}"
+            f"{mean('grpo_greedy'):.3f}; reward {mean('reward_first'):.3f} -> {mean('reward_last'):.3f}; "
+            f"greedy image-faithful {mean('cold_image_faithful'):.3f} -> {mean('grpo_image_faithful'):.3f}"
+            f"+-{std('grpo_image_faithful'):.3f}, answer-coherent {mean('cold_answer_coherent'):.3f} -> "
+            f"{mean('grpo_answer_coherent'):.3f}+-{std('grpo_answer_coherent'):.3f}; judge {mean('judge'):.3f}"
         )
         tag = "rer" if reflection else "plain"
         print(

@@ -74,6 +74,16 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.cold_start.batch_size = 16 if tiny else 64
     c.cold_start.learning_rate = 1e-3 if tiny else 1e-5
     c.cold_start.warmup_steps = 10 if tiny else 0
+    # Share of each cold-start batch's rows that teach the judge the two reflection questions
+    # (emo_r3/reflection_examples.py, from the synthetic truth), the rest SET answers. The tiny
+    # random model must learn to judge (a real Qwen2.5-VL-Instruct already answers such
+    # questions: 0 for 3b/7b). round(share * batch_size) rows replace SET rows, so the cold
+    # start costs the same. Off by default: measured on the tiny job, a share of 0.25 gave a judge
+    # right on 30% of held-out questions (goal 90%) and cost the cold start format and accuracy.
+    c.cold_start.reflection_share = 0.0
+    # After the cold start, the judge answers the reflection questions of this many held-out
+    # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").
+    c.cold_start.judge_records = 32 if tiny else 0
 
     c.rl = ConfigDict()
     c.rl.steps = 30 if tiny else 0  # 0: derive from epochs

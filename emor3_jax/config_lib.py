@@ -146,6 +146,20 @@ def validate(c: ConfigDict) -> None:
         f"--config.data.unfaithful_share={share} must be in [0, 1], and 0 unless data.source is synthetic",
     )
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
+    share = c.cold_start.reflection_share
+    need(
+        0 <= share < 1 and (share == 0 or c.data.source == "synthetic"),
+        f"--config.cold_start.reflection_share={share} must be in [0, 1), and 0 unless data.source is synthetic "
+        "(the reflection examples are written from the synthetic truth)",
+    )
+    judge = c.cold_start.judge_records
+    need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
+    need(
+        judge == 0 or c.reward.reflection_max_tokens <= max(c.sampling.gen_buckets),
+        f"--config.cold_start.judge_records={judge}: the judge answers up to --config.reward.reflection_max_tokens="
+        f"{c.reward.reflection_max_tokens} tokens, past the largest --config.sampling.gen_buckets "
+        f"{tuple(c.sampling.gen_buckets)} (set judge_records=0 or add a bucket)",
+    )
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
     need(
         not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
@@ -283,6 +297,7 @@ RESUMABLE = (
     "data.annotations_train",
     "data.annotations_test",
     "cold_start.steps",
+    "cold_start.judge_records",  # measured after the cold start, not trained on
     "rl.steps",
     "rl.epochs",
     "eval.every",

@@ -15,7 +15,9 @@ Without --out, a run's evaluation goes to <workdir>/eval (a step: <workdir>/eval
 Data sets are `config.eval.datasets.<name>` (configs/qwen_vl.py). Per data set: greedy accuracy
 with the policy's reflective judgements of its greedy answers, and k sampled runs at
 eval.sampled_temperature / sampled_top_p (spec section 8). Writes to --out:
-results.json, results.md, <name>_responses.jsonl, <name>_confusion.png.
+results.json, results.md, <name>_responses.jsonl, <name>_confusion.png. Data sets whose records
+carry a truth (the synthetic set) also report the image-faithful and answer-coherent rates
+(overall and per class) and each response's two flags; others leave them out.
 
 Several processes (launch/README.md): every process runs the same command; each batch is
 sampled on the global mesh and process 0 writes the reports.
@@ -55,12 +57,14 @@ _PLAIN = flags.DEFINE_bool("plain", False, "ask without the SET prompt (the bare
 
 
 def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
-    """One line per record: its greedy row and its k sampled responses."""
+    """One line per record: its greedy row and its k sampled responses (with their faithfulness
+    flags where the record has a truth)."""
     keep = ("response", "prediction", "correct", "format", "length")
     lines = []
     for b, row in enumerate(greedy["responses"]):
         runs = sampled["responses"][b * k : (b + 1) * k]
-        lines.append({**row, "sampled": [{key: r[key] for key in keep} for r in runs]})
+        kept = [{key: r[key] for key in (*keep, *(f for f in eval_report.FAITHFULNESS if f in r))} for r in runs]
+        lines.append({**row, "sampled": kept})
     return lines
 
 

@@ -25,6 +25,7 @@ from emor3_jax.batches import SequenceBatch
 from emor3_jax.data import store
 from emor3_jax.data.encode import sft_batch
 from emor3_jax.emo_r3 import rewards
+from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import heldout
@@ -138,7 +139,7 @@ class Run:
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            batch, loss_mask = self._sft_batch(multihost.gather_records(next(it)))
+            batch, loss_mask = self._sft_batch(multihost.gather_records(next(it)), step)
             with self.rt.ctx():
                 grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
                 self.params, opt, gnorm = learner.apply(self.params, opt, grads)
@@ -152,13 +153,46 @@ class Run:
             self._checkpoint(
                 step % self.c.checkpoint.every == 0 or step == c.steps, {"params": self.params, "opt": opt}
             )
+        if c.judge_records:
+            self.judge_check(self.meta["global_step"])
 
-    def _sft_batch(self, records: list[dict]) -> tuple[SequenceBatch, object]:
-        """The records' SET prompts + reference answers, right-padded, and the loss mask [R, T-1]."""
-        examples = [self.task.sft_example(self.encoder, r) for r in records]
+    def _sft_batch(self, records: list[dict], step: int) -> tuple[SequenceBatch, object]:
+        """The loss mask [R, T-1] and the right-padded rows: the first round(R *
+        cold_start.reflection_share) records as reflection questions with their answers (the
+        task's judge_sft_examples, drawn by step), the others as SET prompts + reference answers."""
+        n_judge = round(len(records) * self.c.cold_start.reflection_share)
+        examples = self.task.judge_sft_examples(self.encoder, records[:n_judge], step) if n_judge else []
+        examples += [self.task.sft_example(self.encoder, r) for r in records[n_judge:]]
         buckets = self.c.sampling.prompt_buckets + (self.c.rl.max_prompt_len + self.c.rl.max_response_len,)
         inputs, loss_mask = sft_batch(examples, self.rt.cfg, self.rt.pad_id, buckets)
         return SequenceBatch.from_inputs(inputs), loss_mask
+
+    def judge_check(self, step: int) -> dict:
+        """The policy as judge: its greedy accuracy on the reflection questions of
+        cold_start.judge_records held-out synthetic records (reflection_examples), logged as
+        phase "judge" and printed."""
+        c = self.c
+        examples = held_out_examples(c.cold_start.judge_records, c.seed, c.data.image_size, c.data.labels)
+        with self.rt.ctx():
+            answers = self.task.judge_answers(
+                self.rt.sampler,
+                self.model(),
+                self.encoder,
+                examples,
+                key=jax.random.fold_in(self.key, 2 * 10**6 + step),
+                stop_ids=self.rt.stop_ids,
+                logit_bias=self.rt.logit_bias,
+            )
+        acc = judge_accuracy(examples, answers)
+        out = {"judge_accuracy": acc["overall"], "judge_text": acc["text"], "judge_image": acc["image"]}
+        out.update({f"judge_{kind}": v for kind, v in acc["per_kind"].items()})
+        self.writer.write("judge", step, out)
+        kinds = ", ".join(f"{kind} {v:.2f}" for kind, v in acc["per_kind"].items())
+        print(
+            f"\njudge after the cold start: {acc['overall']:.3f} of {acc['count']} held-out reflection questions "
+            f"(text {acc['text']:.3f}, image {acc['image']:.3f}; {kinds})"
+        )
+        return out
 
     # ---------------------------------------------------------------- GRPO
     def grpo(self) -> dict:

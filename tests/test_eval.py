@@ -108,6 +108,7 @@ def tiny_run(tmp_path_factory):
     c.eval.num_examples, c.eval.batch_size = 1, 1
     c.data.synthetic_train, c.data.synthetic_test = 4, 4
     c.rl.max_response_len, c.sampling.gen_buckets = 8, (8,)
+    c.cold_start.judge_records = 0  # the judge answers up to 32 tokens, past the 8-token bucket
     c.checkpoint.async_save = False
     trainer.run(c)
     return str(workdir)
@@ -139,7 +140,11 @@ def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):
     assert results["step"] == 1 and results["samples"] == k and results["use_set"] is True
     entry = results["datasets"]["test"]
     assert set(entry) == {"num_examples", "labels", "greedy", "sampled", "per_class", "confusion"}
-    assert set(entry["greedy"]) == {"accuracy", "format_rate", "response_length", "coherence", "consistency"}
+    faithful = {"image_faithful", "answer_coherent"}  # the synthetic test split carries a truth
+    assert set(entry["greedy"]) == {"accuracy", "format_rate", "response_length", "coherence", "consistency"} | faithful
+    assert faithful <= set(entry["sampled"]) and all(
+        faithful <= set(v) for v in entry["per_class"].values() if v["count"]
+    )
     assert len(entry["sampled"]["run_accuracies"]) == k
     lines = [json.loads(x) for x in (out / "test_responses.jsonl").read_text().splitlines()]
     assert len(lines) == entry["num_examples"] == 3
@@ -149,6 +154,10 @@ def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):
         assert {"id", "label", "prediction", "correct", "format", "response", "text_answer", "image_answer"} <= set(x)
         assert len(x["sampled"]) == k
         assert isinstance(x["text_answer"], str) and isinstance(x["image_answer"], str)
+        assert all(isinstance(r[k], bool) for r in [x, *x["sampled"]] for k in faithful)
+    assert entry["greedy"]["image_faithful"] == pytest.approx(np.mean([x["image_faithful"] for x in lines]))
+    assert entry["greedy"]["answer_coherent"] == pytest.approx(np.mean([x["answer_coherent"] for x in lines]))
+    assert "| image-faithful | answer-coherent |" in (out / "results.md").read_text()
     assert sum(map(sum, entry["confusion"]["counts"])) == 3
     sampled_correct = [s["correct"] for x in lines for s in x["sampled"]]
     assert entry["sampled"]["accuracy_mean"] == pytest.approx(np.mean(sampled_correct))

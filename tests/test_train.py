@@ -122,6 +122,15 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
     assert "step_s" in first
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
     assert results["cold_start"]["greedy_accuracy"] >= 0 and "sampled_accuracy" in results["grpo"]
+    # The synthetic test split carries a truth: validation reports the faithfulness rates.
+    for ev in (results["cold_start"], results["grpo"]):
+        for mode in ("greedy", "sampled"):
+            assert 0 <= ev[f"{mode}_image_faithful"] <= 1 and 0 <= ev[f"{mode}_answer_coherent"] <= 1
+    evals = [r for r in rows if r["phase"] == "eval_grpo"]
+    assert "greedy_image_faithful" in evals[-1] and "sampled_answer_coherent" in evals[-1]
+    # The judge was measured once, after the cold start's 3 steps.
+    judge = [r for r in rows if r["phase"] == "judge"]
+    assert [r["step"] for r in judge] == [3] and 0 <= judge[0]["judge_accuracy"] <= 1
     step, params = _params(workdir)
     assert step == 7
     # GRPO moved the parameters away from the cold-start result.

@@ -89,8 +89,16 @@ class Encoder:
         """(ids [T], answer mask [T], pixels, grid) of prompt `text` + the record's reference answer."""
         if not record.get("answer"):
             raise ValueError(f"record {record.get('id')!r}: no reference answer for the cold start")
-        pixels, grid = self.image(record)
-        ids, mask = prompts.encode_for_sft(self.tok, text, record["answer"])
+        return self.sft_pair(text, record["answer"], record)
+
+    def sft_pair(self, text: str, answer: str, image_record=None):
+        """(ids [T], answer mask [T], pixels, grid) of prompt `text` + `answer`; with
+        `image_record` its image fills the prompt's `<image>`, without one pixels and grid are
+        None (a text-only example)."""
+        ids, mask = prompts.encode_for_sft(self.tok, text, answer)
+        if image_record is None:
+            return ids, mask, None, None
+        pixels, grid = self.image(image_record)
         n_before = len(ids)
         ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
         mask = np.concatenate([np.zeros(len(ids) - n_before, bool), mask])  # the image sits in the prompt
@@ -102,7 +110,8 @@ class Encoder:
 
 
 def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, np.ndarray]:
-    """Right-padded batch (prepare_inputs arrays) and the loss mask [R, T-1] over next tokens."""
+    """Right-padded batch (prepare_inputs arrays) and the loss mask [R, T-1] over next tokens.
+    Examples without an image (pixels None) may be mixed with examples with one."""
     t = bucket(max(len(e[0]) for e in examples), buckets, "cold-start example length")
     ids = np.full((len(examples), t), pad_id, np.int64)
     attn = np.zeros((len(examples), t), np.int64)
@@ -111,8 +120,9 @@ def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, n
         ids[i, : len(e_ids)] = e_ids
         attn[i, : len(e_ids)] = 1
         loss[i, : len(e_ids)] = e_mask
-    pixels = np.concatenate([e[2] for e in examples])
-    grids = np.concatenate([e[3] for e in examples])
+    with_img = [e for e in examples if e[3] is not None]
+    pixels = np.concatenate([e[2] for e in with_img]) if with_img else None
+    grids = np.concatenate([e[3] for e in with_img]) if with_img else None
     inputs = prepare_inputs(cfg, ids, attn, pixels, grids)
     inputs.pop("rope_deltas")
     return inputs, loss[:, 1:].astype(np.float32)

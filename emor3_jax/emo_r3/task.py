@@ -12,6 +12,10 @@ The GRPO step (rl/experience.py) and the evaluation reach the method only throug
     reflect(sampler, judge, encoder, ro, key=, stop_ids=, logit_bias=)   fills ro.*_answers
     score(response, label, text_answer, image_answer) -> {name: value}, "overall" included;
         never raises: a row it cannot score gets "error" (a message) and its values
+    faithfulness(response, record) -> {name: bool} | None    ground-truth checks (None: no truth)
+    faithfulness_rates(true_labels, flags) -> dict           their rates, overall and per class
+    judge_sft_examples(encoder, records, seed) -> [example]  reflection questions to teach a judge
+    judge_answers(sampler, judge, encoder, examples, key=, stop_ids=, logit_bias=) -> [str]
 
 A new reward or task is one class with these members; the trainer, eval and metrics log
 whatever components `score` returns.
@@ -25,9 +29,11 @@ import jax
 
 from emor3_jax.batches import Prompt
 from emor3_jax.data import prompts
+from emor3_jax.emo_r3 import faithfulness as faith
+from emor3_jax.emo_r3 import reflection_examples as reflection
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.runtime.multihost import to_host
-from emor3_jax.sampling.methods import SamplingParams
+from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
 JUDGES = ("policy", "reference")
 _PLACEHOLDER = "Answer 'None'"  # fills a reflection slot whose response gave no span (answer ignored)
@@ -157,6 +163,60 @@ class EmoR3:
         if self.reflects:
             return rewards.safe_score(response, label, text_answer, image_answer, self.reward)
         return rewards.safe_score_without_reflection(response, label, self.reward)
+
+    # ---- what no judge is needed for: the data set's truth
+    def faithfulness(self, response: str, record: dict) -> dict[str, bool] | None:
+        """{"image_faithful", "answer_coherent"} of `response` to `record` (emo_r3/faithfulness.py),
+        or None when the record carries no truth (real data sets do not know what is drawn)."""
+        if not record.get("truth"):
+            return None
+        return faith.score(response, faith.parse_truth(record["truth"]), self.labels)
+
+    def faithfulness_rates(self, true_labels, flags) -> dict:
+        """Rates of `faithfulness` results, overall and per true label (faithfulness.aggregate)."""
+        return faith.aggregate(true_labels, flags)
+
+    # ---- teaching and measuring a judge (the synthetic truth writes the answers)
+    def judge_sft_examples(self, encoder, records, seed: int) -> list:
+        """One reflection question per record with its answer, as SFT examples (encoder.sft_pair):
+        record i's question of kind (i + seed) % 4 in reflection_examples' order (text, text
+        with another label's feeling, image matching, image with a wrong detail), so a batch
+        holds the four kinds in turn and, with `seed` the step, each record meets every kind."""
+        examples = reflection.reflection_examples(records, self.labels, seed)
+        per_record = len(examples) // len(records)
+        chosen = [examples[per_record * i + (i + seed) % per_record] for i in range(len(records))]
+        return [encoder.sft_pair(ex.prompt, ex.target, _image_of(ex)) for ex in chosen]
+
+    def judge_answers(self, sampler, judge, encoder, examples, *, key, stop_ids, logit_bias) -> list[str]:
+        """`judge`'s greedy answers to reflection examples (reflection_examples.ReflectionExample)
+        at the reflection length; text and image questions go in separate calls, as in `reflect`."""
+        answers = [""] * len(examples)
+        for k, uses_image in enumerate((False, True)):
+            rows = [i for i, ex in enumerate(examples) if ex.uses_image == uses_image]
+            if not rows:
+                continue
+            ps = []
+            for i in rows:
+                image = _image_of(examples[i])
+                pixels, grid = encoder.image(image) if image else (None, None)
+                ps.append(encoder.prompt(examples[i].prompt, pixels, grid, "judge question"))
+            out = sampler.generate(
+                judge,
+                ps,
+                key=jax.random.fold_in(key, k),
+                max_new_tokens=self.reflection.max_new,
+                params=GREEDY,
+                stop_ids=stop_ids,
+                logit_bias=logit_bias,
+            )
+            for i, text in zip(rows, encoder.decode(to_host(out.tokens), to_host(out.lengths))):
+                answers[i] = text
+        return answers
+
+
+def _image_of(example) -> dict | None:
+    """The record-like image source of a reflection example (None: a text question)."""
+    return {"id": example.record_id, "image": example.image} if example.uses_image else None
 
 
 def _fit(encoder, build, span: str, grid, what: str) -> str:

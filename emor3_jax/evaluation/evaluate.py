@@ -38,13 +38,17 @@ def evaluate(
     {id, label, sample, response, prediction (the task's parsed answer, "None" if none),
     correct and format (bools), length}; when the task reflects, also {text_answer,
     image_answer (None: not asked), the other reward components (coherence, consistency), and
-    score_error if scoring failed}, and those components' means.
+    score_error if scoring failed}, and those components' means. Rows of records that carry a
+    truth also hold the task's faithfulness flags (image_faithful, answer_coherent), and
+    `faithfulness` holds their rates, overall and per class (task.faithfulness_rates); without
+    any truth both are absent.
 
     Batches hold `batch_size` prompts. The last one is padded with repeats of its first
     record (their answers are dropped), so every batch has the same shape and no program is
     compiled twice.
     """
-    rows, judged = [], []  # judged: the reward components beyond accuracy and format, when reflecting
+    rows, faithful = [], []  # faithful: the rows with faithfulness flags (records with a truth)
+    judged = []  # the reward components beyond accuracy and format, when reflecting
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
@@ -86,6 +90,10 @@ def evaluate(
                 "format": s["format"] == 1.0,
                 "length": int(ro.lengths[r]),
             }
+            flags = task.faithfulness(resp, rec)
+            if flags is not None:
+                row.update(flags)
+                faithful.append(row)
             if task.reflects:
                 row["text_answer"], row["image_answer"] = answers
                 judged = [k for k in s if k not in ("overall", "accuracy", "format", "error")]
@@ -101,12 +109,15 @@ def evaluate(
         "responses": rows,
     }
     out.update({k: float(np.mean([r[k] for r in rows])) for k in judged})
+    if faithful:
+        out["faithfulness"] = task.faithfulness_rates([r["label"] for r in faithful], faithful)
     return out
 
 
 def heldout(rt, model, encoder, task, records: list[dict], c, key) -> dict:
     """The trainer's validation: greedy and sampled (eval.sampled_temperature / top_p)
-    accuracy, format rate and mean length over `records` (rt: runtime.setup.Runtime)."""
+    accuracy, format rate and mean length over `records` (rt: runtime.setup.Runtime), and
+    where the records carry a truth the image-faithful and answer-coherent rates."""
     out = {}
     sampled = SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p)
     for name, params in (("greedy", GREEDY), ("sampled", sampled)):
@@ -130,4 +141,7 @@ def heldout(rt, model, encoder, task, records: list[dict], c, key) -> dict:
                 f"{name}_length": res["response_length"],
             }
         )
+        if "faithfulness" in res:
+            rates = res["faithfulness"]
+            out.update({f"{name}_{k}": v for k, v in rates.items() if k not in ("count", "per_class")})
     return out

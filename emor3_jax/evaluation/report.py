@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 UNPARSED = "unparsed"
+FAITHFULNESS = ("image_faithful", "answer_coherent")  # rates of data sets with a truth (emo_r3/faithfulness.py)
 CELL = 48  # heatmap cell side, pixels
 _PAD = 8
 _FONT_SIZE = 14
@@ -50,14 +51,21 @@ def per_class_accuracy(counts: list[list[int]], labels: Sequence[str]) -> dict[s
     return out
 
 
+def _rates(faithfulness: dict) -> dict:
+    """The overall rates of an `evaluate` result's `faithfulness` entry (its count and per-class
+    split left out)."""
+    return {k: v for k, v in faithfulness.items() if k not in ("count", "per_class")}
+
+
 def summarize(labels: Sequence[str], greedy: dict, sampled: dict) -> dict:
     """The results.json entry of one data set from `evaluation.evaluate`'s greedy (n = 1, with
     reflection) and sampled (n = k) results. The sampled accuracy is the mean and the
-    population std (ddof 0) of the k runs' accuracies."""
+    population std (ddof 0) of the k runs' accuracies. Where the records carry a truth, the
+    faithfulness rates join greedy, sampled and (greedy) per_class; else they are absent."""
     rows = greedy["responses"]
     counts = confusion_matrix([r["label"] for r in rows], [r["prediction"] for r in rows], labels)
     runs = sampled["run_accuracies"]
-    return {
+    entry = {
         "num_examples": len(rows),
         "labels": list(labels),
         "greedy": {k: greedy[k] for k in ("accuracy", "format_rate", "response_length", "coherence", "consistency")},
@@ -72,6 +80,13 @@ def summarize(labels: Sequence[str], greedy: dict, sampled: dict) -> dict:
         "per_class": per_class_accuracy(counts, labels),
         "confusion": {"rows": list(labels), "columns": [*labels, UNPARSED], "counts": counts},
     }
+    if "faithfulness" in greedy:
+        entry["greedy"].update(_rates(greedy["faithfulness"]))
+        for label, rates in greedy["faithfulness"]["per_class"].items():
+            entry["per_class"][label].update(_rates(rates))
+    if "faithfulness" in sampled:
+        entry["sampled"].update(_rates(sampled["faithfulness"]))
+    return entry
 
 
 # ---------------------------------------------------------------- Markdown
@@ -79,6 +94,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(rate: float | None) -> str:
+    return "–" if rate is None else f"{rate:.3f}"
 
 
 def summary_table(datasets: dict[str, dict]) -> str:
@@ -93,6 +112,8 @@ def summary_table(datasets: dict[str, dict]) -> str:
         "coherence",
         "consistency",
         "length",
+        "image-faithful",
+        "answer-coherent",
     ]
     rows = []
     for name, d in datasets.items():
@@ -107,6 +128,7 @@ def summary_table(datasets: dict[str, dict]) -> str:
                 f"{g['coherence']:.3f}",
                 f"{g['consistency']:.3f}",
                 f"{g['response_length']:.1f}",
+                *(_cell(g.get(k)) for k in FAITHFULNESS),
             ]
         )
     return _table(header, rows)
@@ -121,19 +143,18 @@ def markdown(results: dict) -> str:
         f"{results['samples']} sampled runs at T={results['sampled_temperature']}, "
         f"top_p={results['sampled_top_p']}; up to {results['max_response_len']} new tokens. "
         "Format, coherence, consistency and length are of the greedy responses; coherence and "
-        "consistency are the policy's own reflective judgements (spec section 4).",
+        "consistency are the policy's own reflective judgements (spec section 4). Image-faithful and "
+        "answer-coherent are checked against the data set's truth, where it has one (– where not).",
         summary_table(results["datasets"]),
     ]
     for name, d in results["datasets"].items():
         per = d["per_class"]
         parts.append(f"## {name}")
+        faithful = [k for k in FAITHFULNESS if k in d["greedy"]]  # data sets with a truth
         parts.append(
             _table(
-                ["label", "n", "greedy acc"],
-                [
-                    [label, v["count"], "–" if v["accuracy"] is None else f"{v['accuracy']:.3f}"]
-                    for label, v in per.items()
-                ],
+                ["label", "n", "greedy acc", *faithful],
+                [[label, v["count"], *(_cell(v.get(k)) for k in ["accuracy", *faithful])] for label, v in per.items()],
             )
         )
         conf = d["confusion"]
@@ -184,4 +205,7 @@ def write_run_results(workdir: str, results: dict) -> None:
         if ev:
             greedy, sampled = ev["greedy_accuracy"], ev["sampled_accuracy"]
             print(f"\nheld-out accuracy, {name}: greedy {greedy:.3f}, sampled {sampled:.3f}", end="")
+            if "greedy_image_faithful" in ev:
+                rates = [f"{k.replace('_', '-')} {ev['greedy_' + k]:.3f}" for k in FAITHFULNESS]
+                print(f"; greedy {', '.join(rates)}", end="")
     print()
