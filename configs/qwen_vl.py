@@ -155,6 +155,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 
+    # The divergence guard (besides a non-finite loss or gradient norm): a step stops the run
+    # before it is saved when it changes the parameters' global norm by more than this factor,
+    # or the response tokens' log-probs fall below min_logprob.
+    c.guard = ConfigDict()
+    c.guard.max_norm_ratio = 2.0
+    c.guard.min_logprob = -1000.0
+
     c.log = ConfigDict()
     c.log.samples_every = 10
     c.log.num_samples = 2

@@ -80,6 +80,8 @@ RANGES = (
     ("eval.sampled_top_p", _unit, "must be in (0, 1]"),
     ("checkpoint.every", _at_least(1), "must be >= 1 (steps between checkpoints)"),
     ("checkpoint.keep", _at_least(1), "must be >= 1 (checkpoints kept)"),
+    ("guard.max_norm_ratio", lambda x: x > 1, "must be > 1 (factor one step may change the parameter norm by)"),
+    ("guard.min_logprob", lambda x: x < 0, "must be < 0 (the lowest response-token log-prob allowed)"),
     ("log.samples_every", _at_least(1), "must be >= 1 (GRPO steps between logged samples)"),
     ("log.num_samples", _at_least(0), "must be >= 0"),
 )
@@ -278,6 +280,7 @@ RESUMABLE = (
     "eval.every",
     "eval.datasets",  # read by `python -m emor3_jax.eval` only
     "checkpoint",
+    "guard",  # bounds of the divergence guard: they stop a run, never change a step
     "log",
     "reward.threads",
 )
