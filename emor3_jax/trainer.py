@@ -138,6 +138,7 @@ class Run:
         """Raises FloatingPointError: `why` (which names the step) and what a rerun does."""
         section = "cold_start" if phase == "cold_start" else "rl"
         flag = f"--config.{section}.learning_rate (now {self.c[section].learning_rate})"
+        self.ckpts.wait()  # the step claimed as kept is on disk in full
         last = self.ckpts.last_step()
         if last is None:
             kept = f"no checkpoint was saved; rerun with a lower {flag}"
