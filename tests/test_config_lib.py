@@ -64,6 +64,8 @@ BAD = {
     "eval.sampled_top_p": 1.01,
     "checkpoint.every": 0,
     "checkpoint.keep": 0,
+    "guard.max_norm_ratio": 1.0,
+    "guard.min_logprob": 0.0,
     "log.samples_every": 0,
     "log.num_samples": -1,
 }
