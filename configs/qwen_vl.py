@@ -62,7 +62,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.synthetic_test = 128
     c.data.image_size = 56  # synthetic images (pixels per side)
     # Synthetic training answers with one wrong detail (a wrong size, or a feeling word of another
-    # label) but the right label, as imperfect distilled cold-start data; real data: 0.
+    # label) but the right label, as imperfect distilled cold-start data (the synthetic source
+    # alone: real data brings its own answers).
     c.data.unfaithful_share = 0.25 if tiny else 0.0
     c.data.min_pixels = 28 * 28 if tiny else 512 * 512
     c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048
@@ -180,6 +181,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.checkpoint.every = 10 if tiny else 5
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
+
+    # The divergence guard (besides a non-finite loss or gradient norm): a step stops the run
+    # before it is saved when it changes the parameters' global norm by more than this factor,
+    # or the response tokens' log-probs fall below min_logprob.
+    c.guard = ConfigDict()
+    c.guard.max_norm_ratio = 2.0
+    c.guard.min_logprob = -1000.0
 
     c.log = ConfigDict()
     c.log.samples_every = 10

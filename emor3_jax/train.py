@@ -50,10 +50,10 @@ def main(argv) -> None:
     from emor3_jax.runtime import multihost
 
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
-    with WorkdirLock(c.workdir):
+    with WorkdirLock(c.workdir) as lock:
         from emor3_jax.trainer import run  # slow to import: only once the workdir is ours
 
-        run(c, accepted=tuple(_ACCEPT_CHANGES.value))
+        run(c, accepted=tuple(_ACCEPT_CHANGES.value), lock=lock)
 
 
 if __name__ == "__main__":

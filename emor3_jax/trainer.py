@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
 from emor3_jax.batches import SequenceBatch
-from emor3_jax.data import store
+from emor3_jax.data import pipeline, store
 from emor3_jax.data.encode import sft_batch
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
@@ -30,12 +30,14 @@ from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import heldout
 from emor3_jax.models.api import create_model, load_hf
+from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, check_finite, make_optimizer
 from emor3_jax.runtime import multihost, setup
 from emor3_jax.runtime.checkpoint import PreemptionFlag
 from emor3_jax.runtime.metrics import CompileTimer, MetricWriter
 from emor3_jax.runtime.run_checkpoints import RunCheckpoints
+from emor3_jax.runtime.workdir_lock import WorkdirLock
 
 PHASES = ["cold_start", "grpo"]
 
@@ -43,37 +45,32 @@ PHASES = ["cold_start", "grpo"]
 class Run:
     """Everything a run holds; phases are methods."""
 
-    def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = ()):
+    def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None):
         config_lib.validate(c)
         self.c, self.accepted = c, accepted
         os.makedirs(c.workdir, exist_ok=True)
         tok = setup.load_tokenizer(c)
+        self.vocab = len(tok)
         special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
         self.rt = setup.build(c, tok, special, cfg, *setup.mesh_and_rules(c))
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
-        dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
-        self.data_dir, bad = store.build(
-            c, lambda r: self.task.prompt_length(self.encoder, r), dropped, is_set_answer=rewards.format_score
+        self.dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
+        self.data_dir, self.bad = store.build(
+            c, lambda r: self.task.prompt_length(self.encoder, r), self.dropped, is_set_answer=rewards.format_score
         )
+        if c.cold_start.steps:
+            self._check_answers()
         self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         if c.hf_path:
             model = load_hf(c.hf_path, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
         else:
             model = create_model(cfg, self.rt.mesh, self.rt.rules, seed=c.seed)
         self.graphdef, self.params = nnx.split(model)
-        self.ckpts = RunCheckpoints(c, cfg.to_hf_dict())
+        self.ckpts = RunCheckpoints(c, cfg.to_hf_dict(), lock)
         self.writer = MetricWriter(c.workdir)
         self.compile = CompileTimer()
-        self.writer.records_skipped(bad)
-        for split, rows in dropped.items():
-            huge = [d["id"] for d in rows if d["too_large_at_min_pixels"]]
-            if rows:
-                print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
-            if huge:
-                print(f"data {split}: images too large even at data.min_pixels: {huge}")
-            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
         self.preempt = PreemptionFlag()
         self.key = jax.random.key(c.seed)
         # rl.steps = rl.epochs = 0: the cold start alone.
@@ -87,6 +84,7 @@ class Run:
             "best_accuracy": -1.0,
             "evals": {},
         }
+        self.resumed = {}  # the restored checkpoint's arrays besides params, for its phase to take
 
     # ---- helpers
     def iterator(self, phase: str, batch_size: int):
@@ -96,16 +94,87 @@ class Run:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
     def save(self, state: dict, best: bool = False) -> None:
-        self.ckpts.save(self.meta, state, self.writer.lines, best)
+        self.ckpts.save(self.meta, state, self.writer.sizes(), best)
+
+    def _report_data(self) -> None:
+        """Logs (at step 0) the records skipped as bad and the prompts dropped as too long."""
+        self.writer.records_skipped(self.bad)
+        for split, rows in self.dropped.items():
+            huge = [d["id"] for d in rows if d["too_large_at_min_pixels"]]
+            if rows:
+                print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
+            if huge:
+                print(f"data {split}: images too large even at data.min_pixels: {huge}")
+            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
+
+    def _check_answers(self) -> None:
+        """The cold start trains on reference answers: a data set without them stops here."""
+        train = pipeline.open_split(self.data_dir, store.NAME, "train")
+        missing = [r["id"] for r in (train[i] for i in range(len(train))) if not r["answer"]]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(train)} training records have no reference answer (e.g. id "
+                f"{missing[0]!r}), which the cold start trains on: pass --config.cold_start.steps=0 or "
+                "--config.data.annotations_train with an 'answer' per record"
+            )
+
+    def _optimizer(self, phase: str):
+        total = self.c.cold_start.steps if phase == "cold_start" else self.rl_steps
+        return make_optimizer(OptimizerSettings.from_config(self.c, phase, total))
+
+    def _abstract_state(self, meta: dict) -> dict:
+        """The tree a checkpoint of `meta`'s phase holds (arrays give shapes and shardings).
+        Raises ValueError first when the config changed in ways a resume does not accept."""
+        config_lib.resume_changes(meta["config"], self.c, self.accepted)
+        state = {
+            "params": self.params,
+            "opt": Learner(self.graphdef, self._optimizer(meta["phase"])[0]).init(self.params),
+        }
+        if meta["phase"] == "grpo":
+            state["ref"] = self.params
+        return state
 
     def resume_meta(self) -> None:
-        """Adopts the latest checkpoint's metadata (phase, steps, data state), if any."""
-        latest = self.ckpts.latest()
-        if latest is not None:
-            self.meta, lines, saved_config = latest
-            for line in config_lib.resume_changes(saved_config, self.c, self.accepted):  # raises on other changes
-                print(line)
-            self.writer.truncate_to(lines)
+        """Adopts the newest intact checkpoint: its metadata (phase, steps, data state) and params
+        now, its other arrays for its phase (self.resumed); the logs are cut back to it. Without
+        a checkpoint the run starts over: the logs of an attempt killed before it saved go."""
+        got = self.ckpts.resume(self._abstract_state)
+        if got is None:
+            self.writer.rewind({})
+            self._report_data()
+            return
+        self.meta, state, log_sizes, saved_config = got
+        for line in config_lib.resume_changes(saved_config, self.c, self.accepted):
+            print(line)
+        self.writer.rewind(log_sizes)
+        self.params = state.pop("params")
+        self.resumed = state
+
+    def _stop(self, phase: str, why: str) -> None:
+        """Raises FloatingPointError: `why` (which names the step) and what a rerun does."""
+        section = "cold_start" if phase == "cold_start" else "rl"
+        flag = f"--config.{section}.learning_rate (now {self.c[section].learning_rate})"
+        self.ckpts.wait()  # the step claimed as kept is on disk in full
+        last = self.ckpts.last_step()
+        if last is None:
+            kept = f"no checkpoint was saved; rerun with a lower {flag}"
+        else:
+            kept = (
+                f"the last checkpoint (step {last} in {self.ckpts.ckpt.directory}) is kept; resume it with a lower "
+                f"{flag} and --accept_changes={section}.learning_rate"
+            )
+        raise FloatingPointError(f"{why}; stopped before saving the step ({kept})")
+
+    def _check_step(self, phase: str, gstep: int, norm_before: float, *reasons) -> float:
+        """Stops at a diverged step (the first of `reasons` that is set, or a parameter norm
+        that moved more than guard.max_norm_ratio); returns the new parameter norm."""
+        norm = float(divergence.param_norm(self.params))
+        why = next((r for r in reasons if r), None) or divergence.norm_ratio(
+            norm_before, norm, self.c.guard.max_norm_ratio
+        )
+        if why:
+            self._stop(phase, f"{phase} step {gstep}: {why} (bounds: --config.guard.*)")
+        return norm
 
     def eval_all(self, label: str, step: int) -> dict:
         """Greedy and sampled held-out accuracy, format and length of the current params."""
@@ -127,12 +196,10 @@ class Run:
         c = self.c.cold_start
         if self.meta["phase"] != "cold_start":
             return
-        tx, lr_fn = make_optimizer(OptimizerSettings.from_config(self.c, "cold_start", c.steps))
+        tx, lr_fn = self._optimizer("cold_start")
         learner = Learner(self.graphdef, tx)
-        opt = learner.init(self.params)
-        if self.meta["global_step"]:
-            state = self.ckpts.restore({"params": self.params, "opt": opt})
-            self.params, opt = state["params"], state["opt"]
+        opt = self.resumed.pop("opt") if self.resumed else learner.init(self.params)
+        norm = float(divergence.param_norm(self.params))
         it = store.train_iterator(
             self.data_dir, "cold_start", c.batch_size, self.c.seed, self.meta["data"].get("cold_start")
         )
@@ -143,7 +210,11 @@ class Run:
             with self.rt.ctx():
                 grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
                 self.params, opt, gnorm = learner.apply(self.params, opt, grads)
-            check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
+            try:
+                check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
+            except FloatingPointError as e:
+                self._stop("cold_start", str(e))
+            norm = self._check_step("cold_start", step, norm)
             self.meta.update(phase_step=step, global_step=step)
             self.meta["data"]["cold_start"] = it.get_state()
             scalars = {"loss": m["loss"], "grad_norm": gnorm, "learning_rate": lr_fn(step), "tokens": m["tokens"]}
@@ -196,7 +267,7 @@ class Run:
 
     # ---------------------------------------------------------------- GRPO
     def grpo(self) -> dict:
-        tx, lr_fn = make_optimizer(OptimizerSettings.from_config(self.c, "grpo", self.rl_steps))
+        tx, lr_fn = self._optimizer("grpo")
         learner = Learner(self.graphdef, tx)
         opt, ref = self._enter_grpo(learner)
         step_fn = GRPOStep(
@@ -214,6 +285,7 @@ class Run:
             self.data_dir, "grpo", self.c.rl.rollout_batch, self.c.seed, self.meta["data"].get("grpo")
         )
         offset, start = self.meta["global_step"] - self.meta["phase_step"], self.meta["phase_step"]
+        norm = float(divergence.param_norm(self.params))
         try:
             for step in range(start + 1, self.rl_steps + 1):
                 gstep, programs = offset + step, self.rt.sampler.compiled_programs()
@@ -221,8 +293,12 @@ class Run:
                 with self.rt.ctx():
                     exp = step_fn.experience(self.params, ref, records, jax.random.fold_in(self.key, gstep))
                     t = time.perf_counter()
-                    self.params, opt, metrics = step_fn.update(self.params, opt, exp, step=gstep)
+                    try:
+                        self.params, opt, metrics = step_fn.update(self.params, opt, exp, step=gstep)
+                    except FloatingPointError as e:
+                        self._stop("grpo", str(e))
                     exp.times["update_s"] = time.perf_counter() - t
+                norm = self._check_step("grpo", gstep, norm, *self._output_problems(exp))
                 self.meta.update(phase_step=step, global_step=gstep)
                 self.meta["data"]["grpo"] = it.get_state()
                 self._log_grpo(step, start, exp, metrics, float(lr_fn(step)), programs)
@@ -234,6 +310,16 @@ class Run:
             step_fn.close()
         return self.meta["evals"]
 
+    def _output_problems(self, exp: Experience) -> list:
+        """What the parameters produced that no healthy model does (None where fine)."""
+        masks, low = [m for _, m in exp.batches], self.c.guard.min_logprob
+        ro = exp.rollouts
+        return [
+            divergence.token_ids(ro.tokens, ro.lengths, self.vocab),
+            divergence.logprobs("old", exp.old_logp, masks, low),
+            divergence.logprobs("reference", exp.ref_logp, masks, low),
+        ]
+
     def _enter_grpo(self, learner: Learner) -> tuple:
         """(optimizer state, reference params): fresh when GRPO starts (the reference is the
         cold-start result, evaluated first), else the checkpoint's."""
@@ -242,9 +328,7 @@ class Run:
             if self.c.cold_start.steps:
                 self.meta["evals"]["cold_start"] = self.eval_all("cold_start", self.meta["global_step"])
             return learner.init(self.params), jax.tree.map(jnp.copy, self.params)
-        state = self.ckpts.restore({"params": self.params, "opt": learner.init(self.params), "ref": self.params})
-        self.params = state["params"]
-        return state["opt"], state["ref"]
+        return self.resumed.pop("opt"), self.resumed.pop("ref")
 
     def _log_grpo(self, step: int, start: int, exp: Experience, metrics: dict, lr: float, programs: int) -> None:
         """metrics.jsonl / TensorBoard scalars of a GRPO step (every reward component the task
@@ -301,10 +385,11 @@ class Run:
         self.preempt.restore_handler()
 
 
-def run(c: ConfigDict, accepted: tuple[str, ...] = ()) -> dict:
-    """Trains as `c` says (resuming from the workdir's latest checkpoint; `accepted`: config
-    fields that may differ from the checkpoint's, see config_lib.resume_changes)."""
-    r = Run(c, accepted)
+def run(c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None) -> dict:
+    """Trains as `c` says (resuming from the workdir's newest intact checkpoint; `accepted`:
+    config fields that may differ from the checkpoint's, see config_lib.resume_changes; `lock`:
+    the workdir lock held, checked before each save)."""
+    r = Run(c, accepted, lock)
     try:
         r.resume_meta()
         if c.cold_start.steps:

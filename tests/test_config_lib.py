@@ -65,13 +65,15 @@ BAD = {
     "eval.sampled_top_p": 1.01,
     "checkpoint.every": 0,
     "checkpoint.keep": 0,
+    "guard.max_norm_ratio": 1.0,
+    "guard.min_logprob": 0.0,
     "log.samples_every": 0,
     "log.num_samples": -1,
 }
 # Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
 CROSS_CHECKED = {
     "data.max_bad_fraction",
-    "data.unfaithful_share",  # in [0, 1], and 0 unless data.source is synthetic
+    "data.unfaithful_share",  # in [0, 1] (the synthetic generator alone reads it)
     "rl.num_generations",
     "rl.rollout_batch",
     "rl.update_batch",

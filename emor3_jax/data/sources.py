@@ -420,7 +420,7 @@ def require_set_answers(records: Iterable[dict], is_set_answer: Callable[[str], 
     (`is_set_answer`, e.g. rewards.format_score); the first one that is not stops the build
     naming the record and the field, so a cold start never trains on bare labels."""
     for record in records:
-        if not is_set_answer(record["answer"]):
+        if record["answer"] and not is_set_answer(record["answer"]):  # none at all: the trainer counts those
             raise ValueError(
                 f"record {record['id']!r}: field {field!r} is not a SET answer (<step1>..</step1><step2>..</step2>"
                 f"<step3>..</step3> then \\boxed{{label}}), got {record['answer'][:80]!r}; the cold start would "

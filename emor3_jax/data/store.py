@@ -40,7 +40,8 @@ def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set
             count=counts[s],
             seed=c.seed,
             image_size=c.data.image_size,
-            unfaithful_share=c.data.unfaithful_share if s == "train" else 0.0,  # imperfect distilled answers
+            # imperfect distilled answers: the synthetic generator's train split only
+            unfaithful_share=c.data.unfaithful_share if s == "train" and synthetic else 0.0,
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])

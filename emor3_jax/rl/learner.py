@@ -245,7 +245,8 @@ class Learner:
 
 
 def check_finite(step: int, phase: str, **values) -> None:
-    """Stops the run at the first NaN/inf loss or gradient norm, naming the step."""
+    """Stops the run at the first NaN/inf loss or gradient norm, naming the step (the trainer
+    adds which checkpoint is kept and what to change)."""
     bad = {k: float(v) for k, v in values.items() if not np.isfinite(np.asarray(v)).all()}
     if bad:
-        raise FloatingPointError(f"{phase} step {step}: non-finite {bad}; stopping (the last checkpoint is kept)")
+        raise FloatingPointError(f"{phase} step {step}: non-finite {bad}")

@@ -40,6 +40,7 @@ class Restored:
     state: object  # the pytree restored as the abstract state describes it
     meta: dict
     skipped: list[tuple[int, str]]  # newer steps found damaged, newest first: (step, one-line reason)
+    moved: dict[int, str]  # where each skipped step's directory was moved aside
 
 
 def error_line(e: BaseException) -> str:
@@ -184,8 +185,8 @@ class Checkpointer:
             if multihost.any_process(why is not None):
                 skipped.append((step, why or "damaged on another process"))
                 continue
-            self._move_aside([s for s, _ in skipped])
-            return Restored(step, state, meta, skipped)
+            moved = self._move_aside([s for s, _ in skipped])
+            return Restored(step, state, meta, skipped, moved)
         if not skipped:
             return None
         causes = "; ".join(f"step {s}: {why}" for s, why in skipped)
@@ -194,17 +195,22 @@ class Checkpointer:
             "start over with a fresh --config.workdir (the damaged steps are left as they are)"
         )
 
-    def _move_aside(self, steps: list[int]) -> None:
+    def _move_aside(self, steps: list[int]) -> dict[int, str]:
+        """{step: where it went}; process 0 moves, the others see the same names."""
+        moved = {}
         if not steps:
-            return
+            return moved
+        for step in steps:
+            target, n = f"{self._step_dir(step)}.corrupt", 1
+            while os.path.exists(target):
+                target, n = f"{self._step_dir(step)}.corrupt{n}", n + 1
+            moved[step] = target
         if multihost.is_main():
-            for step in steps:
-                target, n = f"{self._step_dir(step)}.corrupt", 1
-                while os.path.exists(target):
-                    target, n = f"{self._step_dir(step)}.corrupt{n}", n + 1
+            for step, target in moved.items():
                 os.rename(self._step_dir(step), target)
         multihost.barrier(f"{self.directory}: damaged steps moved aside")
         self._mngr.reload()
+        return moved
 
     def restore_subtree(self, step: int, abstract_part: dict) -> dict:
         """Only the top-level entries of the state named in `abstract_part` (e.g. {"params": ...}).

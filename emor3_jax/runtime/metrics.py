@@ -1,14 +1,18 @@
-"""Run metrics: JSONL and TensorBoard event files in the workdir, a console progress line.
+"""Run metrics: metrics.jsonl, samples.txt and TensorBoard event files in the workdir, a
+console progress line.
 
-Only process 0 writes. On resume, JSONL lines written after the restored checkpoint are
-dropped, so a restarted run's log reads as if it had never stopped (TensorBoard shows the
-replayed steps twice).
+Only process 0 writes. On resume, metrics.jsonl and samples.txt are cut back to their sizes at
+the restored checkpoint (emptied when none was saved), and TensorBoard's event files are
+rebuilt from them, so every step is logged once whenever the run was killed, as if it had
+never stopped. (TensorBoard's own files cannot be cut: tensorboardX writes them from a queue.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 import time
 
@@ -36,34 +40,57 @@ class CompileTimer:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
+LOGS = ("metrics.jsonl", "samples.txt")  # the logs a checkpoint records the sizes of
+_SAMPLE_HEAD = re.compile(r"^=== (\S+) step (\d+) (\S+)$")
+
+
 class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.samples = os.path.join(workdir, "samples.txt")
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = self._open_tb()
         self._t0 = {}
 
-    @property
-    def lines(self) -> int:
-        """JSONL lines written so far (a checkpoint records it to truncate to on resume)."""
-        if not os.path.exists(self.path):
-            return 0
-        with open(self.path) as f:
-            return sum(1 for _ in f)
+    def _open_tb(self):
+        from tensorboardX import SummaryWriter
 
-    def truncate_to(self, lines: int) -> None:
-        """Keeps the first `lines` lines: what was logged after the restored checkpoint goes."""
-        if not self.enabled or not os.path.exists(self.path):
+        return SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+
+    def sizes(self) -> dict:
+        """Bytes of each of LOGS so far (a checkpoint records them to cut back to on resume)."""
+        return {
+            name: os.path.getsize(p) if os.path.exists(p := os.path.join(self.workdir, name)) else 0 for name in LOGS
+        }
+
+    def rewind(self, sizes: dict) -> None:
+        """Cuts each of LOGS back to `sizes` (a checkpoint's; {} for a fresh start: all emptied)
+        and rebuilds TensorBoard from what is left: what was logged after the restored
+        checkpoint goes everywhere."""
+        if not self.enabled:
             return
-        with open(self.path) as f:
-            keep = f.readlines()[:lines]
-        with open(self.path, "w") as f:
-            f.writelines(keep)
+        for name in LOGS:
+            path = os.path.join(self.workdir, name)
+            if os.path.exists(path):
+                os.truncate(path, sizes.get(name, 0))
+        self._tb.close()
+        shutil.rmtree(os.path.join(self.workdir, "tensorboard"))
+        self._tb = self._open_tb()
+        rows = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f]
+        for row in rows:
+            phase, step = row.pop("phase"), row.pop("step")
+            for k, v in row.items():
+                self._tb.add_scalar(f"{phase}/{k}", v, step)
+        for (phase, step, tag), text in _read_samples(self.samples):
+            self._tb.add_text(f"{phase}/{tag}", text, step)
+        self._tb.flush()
 
     def write(self, phase: str, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -86,7 +113,7 @@ class MetricWriter:
     def text(self, phase: str, step: int, tag: str, text: str) -> None:
         if self.enabled:
             self._tb.add_text(f"{phase}/{tag}", text, step)
-            with open(os.path.join(os.path.dirname(self.path), "samples.txt"), "a") as f:
+            with open(self.samples, "a") as f:
                 f.write(f"=== {phase} step {step} {tag}\n{text}\n")
 
     def progress(self, phase: str, step: int, total: int, start_step: int, info: str = "") -> None:
@@ -109,3 +136,18 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _read_samples(path: str) -> list[tuple[tuple[str, int, str], str]]:
+    """((phase, step, tag), text) of each entry `MetricWriter.text` appended to samples.txt."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            head = _SAMPLE_HEAD.match(line.rstrip("\n"))
+            if head:
+                out.append(((head[1], int(head[2]), head[3]), []))
+            elif out:
+                out[-1][1].append(line)
+    return [(key, "".join(lines)[:-1]) for key, lines in out]  # [:-1]: the newline text() adds

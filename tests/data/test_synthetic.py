@@ -219,6 +219,3 @@ def test_config_unfaithful_share(tmp_path):
         c.data.unfaithful_share = bad
         with pytest.raises(ValueError, match=f"data.unfaithful_share={bad} must be in"):
             config_lib.validate(c)
-    c.data.unfaithful_share, c.data.source = 0.25, "folder"
-    with pytest.raises(ValueError, match="0 unless data.source is synthetic"):
-        config_lib.validate(c)

@@ -1,0 +1,140 @@
+"""The fault suite: each case is a `python -m emor3_jax.train` command on the tiny config, a
+fault, and what the run must do. The short cases run in CI (cold start only, a few steps);
+the `slow` ones (not in CI) repeat them in GRPO.
+
+| fault                                   | the run                                                   |
+|-----------------------------------------|-----------------------------------------------------------|
+| kill -9 before the first checkpoint     | restarts from nothing; logs hold each step once, equal    |
+| damaged latest step (_METADATA deleted, | one line names the step, why, where it went; resumes from |
+|   then a truncated array file)          |   the previous step; logs equal the uninterrupted run's   |
+| learning rate 1e6 (cold start, GRPO)    | one line names the step and the flag; nothing diverged    |
+|                                         |   is saved                                                |
+| cold start on a data set w/o answers    | stops at start-up naming the flag                         |
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from test_metrics import tb_events
+from test_train import ROOT, TIMING, _flags, _folder_data
+
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+# Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
+SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}
+
+
+def _cmd(workdir, **extra):
+    return [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **{**SHORT, **extra})]
+
+
+def _train(workdir, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, **extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def _logs(workdir) -> tuple[list[dict], list[tuple]]:
+    """metrics.jsonl without timing fields, and TensorBoard's (tag, step) pairs sorted."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [{k: v for k, v in json.loads(line).items() if not k.endswith(TIMING)} for line in f]
+    return rows, sorted((t, s) for t, s, _ in tb_events(workdir) if not t.endswith(TIMING))
+
+
+def _steps(workdir) -> list[str]:
+    d = os.path.join(workdir, "ckpt")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    done = _train(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _logs(workdir)
+
+
+def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, t0 = workdir / "metrics.jsonl", time.time()
+    while not (metrics.exists() and '"cold_start"' in metrics.read_text()):
+        assert proc.poll() is None and time.time() - t0 < 600, "the run ended before logging a step"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert [s for s in _steps(workdir) if s.isdigit()] == [], "killed too late: a checkpoint exists"
+    done = _train(workdir)  # the same command resumes: here from nothing
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" not in done.stdout
+    assert _logs(workdir) == uninterrupted  # each step once, the same numbers
+
+    # The finished run's latest step (5) loses its tree description: the rerun falls back to 3.
+    os.remove(workdir / "ckpt" / "5" / "state" / "_METADATA")
+    done = _train(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
+    assert line == (
+        f"skipped damaged checkpoint step 5 (state/_METADATA is missing); moved it to {workdir}/ckpt/5.corrupt"
+    )
+    assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in done.stdout
+    assert _steps(workdir) == ["3", "5", "5.corrupt"]  # step 5 saved again, the damaged one kept aside
+    assert _logs(workdir) == uninterrupted
+
+    # Now half of an array file of step 5 is lost: TensorStore's OUT_OF_RANGE, in one line.
+    path = _first_array_file(workdir / "ckpt" / "5")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    done = _train(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
+    assert line.startswith("skipped damaged checkpoint step 5 (") and "OUT_OF_RANGE" in line, line
+    assert line.endswith(f"moved it to {workdir}/ckpt/5.corrupt1")
+    assert _logs(workdir) == uninterrupted
+
+
+def _first_array_file(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if "/d/" in path and os.path.getsize(path) > 64:
+                return path
+    raise AssertionError(f"no array data file under {step_dir}")
+
+
+def test_diverging_cold_start_stops_naming_the_step_and_flag_and_saves_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    done = _train(workdir, **{"cold_start.learning_rate": 1e6, "cold_start.warmup_steps": 0, "checkpoint.every": 1})
+    assert done.returncode == 1
+    (err,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert err.startswith("error: cold_start step 1: the update changed the parameter norm"), err
+    assert "no checkpoint was saved; rerun with a lower --config.cold_start.learning_rate (now 1000000.0)" in err
+    assert "is kept" not in err and "Traceback" not in done.stderr
+    assert [s for s in _steps(workdir) if s.isdigit()] == []
+
+
+def test_cold_start_on_data_without_answers_stops_at_start_up(tmp_path):
+    images, ann = _folder_data(tmp_path / "imgs", corrupt=False)
+    rows = [json.loads(line) for line in open(ann)]
+    with open(ann, "w") as f:
+        f.write("\n".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) for r in rows))
+    folder = {"data.source": "folder", "data.train": images, "data.test": images, "data.unfaithful_share": 0.0}
+    folder.update({"data.annotations_train": ann, "data.annotations_test": ann})
+    done = _train(tmp_path / "run", **folder)
+    assert done.returncode == 1
+    assert "8 of 8 training records have no reference answer" in done.stderr
+    assert "--config.cold_start.steps=0" in done.stderr and "cold_start [" not in done.stdout
+
+
+@pytest.mark.slow
+def test_diverging_grpo_after_a_cold_start_keeps_the_cold_start_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    flags = {"cold_start.steps": 3, "rl.steps": 3, "rl.learning_rate": 1e6, "checkpoint.every": 1}
+    done = _train(workdir, **flags)
+    assert done.returncode == 1
+    (err,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert err.startswith("error: grpo step 4: "), err
+    assert f"the last checkpoint (step 3 in {workdir}/ckpt) is kept" in err
+    assert "--config.rl.learning_rate (now 1000000.0) and --accept_changes=rl.learning_rate" in err
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["1", "2", "3"]
