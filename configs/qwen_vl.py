@@ -57,6 +57,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.test = ""
     c.data.annotations_train = ""  # folder source: JSONL/CSV annotation files
     c.data.annotations_test = ""
+    # Cold-start (SFT) data with SET-formatted answers, the shape of the authors' cold-start set:
+    # a .jsonl or .parquet file (or a dir of .parquet) with image (JSONL: path relative to the
+    # file's folder; parquet: bytes), problem/question, response. Set: the cold start trains on it
+    # instead of data.train (GRPO still reads data.train); "": the cold start trains on data.train.
+    c.data.cold_start = ""
     c.data.labels = EMOSET_LABELS
     c.data.synthetic_train = 512
     c.data.synthetic_test = 128

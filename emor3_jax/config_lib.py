@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 
 from ml_collections import ConfigDict
@@ -100,13 +101,89 @@ def _get(c: ConfigDict, path: str):
     return c
 
 
+# A Hugging Face hub id: owner/name (huggingface_hub's rules for the characters), no more parts.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+# What a snapshot of each flag's repo downloads: the model (config, weights, tokenizer,
+# processor), or the tokenizer alone. Skips other formats (*.bin, *.pt, *.gguf) of the weights.
+HUB_FILES = {
+    "hf_path": ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+    "tokenizer_path": ["*.json", "*.txt", "*.model", "*.jinja"],
+}
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether `value` reads as a Hugging Face hub id (`Qwen/Qwen2.5-VL-3B-Instruct`) and is not
+    a local path that exists."""
+    return bool(_HUB_ID.match(value)) and ".." not in value and not os.path.exists(value)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, or as huggingface_hub read it."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().lower() in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE
+
+
+def hub_snapshot(repo_id: str, flag: str) -> str:
+    """The local directory of hub repo `repo_id` (huggingface_hub's snapshot_download into the
+    HF cache: downloaded once, then read from the cache). Offline (HF_HUB_OFFLINE=1) it reads the
+    cache alone. Raises ValueError in one line naming --config.<flag> when the repo is neither
+    cached nor reachable, or not on the hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = _hub_offline()
+    local = f"give a local checkpoint dir with --config.{flag}=/local/dir"
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES[flag], local_files_only=offline)
+    except GatedRepoError as e:
+        raise ValueError(
+            f"--config.{flag}={repo_id!r}: the hub repo is gated; accept its terms and log in (hf auth login, or "
+            f"HF_TOKEN), or {local}"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"--config.{flag}={repo_id!r}: no such repo on the Hugging Face hub; {local}") from e
+    except (LocalEntryNotFoundError, ConnectionError, OSError) as e:
+        why = "HF_HUB_OFFLINE=1 is set" if offline else "the hub cannot be reached (no network?)"
+        raise ValueError(
+            f"--config.{flag}={repo_id!r} is a Hugging Face hub id that is not in the local cache and {why}; "
+            f"{local} (or download it once where the hub can be reached)"
+        ) from e
+
+
+def resolve_hub_ids(c: ConfigDict) -> None:
+    """Replaces a hub id in c.hf_path / c.tokenizer_path by its local snapshot directory
+    (hub_snapshot), so everything after reads a local directory as before; a local directory
+    (or a URI) is left as it is. The one place hub ids are resolved: `validate` calls it first."""
+    for flag in ("hf_path", "tokenizer_path"):
+        value = c[flag]
+        if value and not os.path.isdir(value) and "://" not in value and is_hub_id(value):
+            c[flag] = hub_snapshot(value, flag)
+
+
+def _model_path_problem(flag: str, value: str) -> str | None:
+    """Why `value` of --config.<flag> (after resolve_hub_ids) is unusable, or None."""
+    if os.path.isdir(value):
+        if flag == "hf_path" and not os.path.isfile(os.path.join(value, "config.json")):
+            return f"--config.hf_path={value!r} has no config.json (expected a Hugging Face checkpoint dir)"
+        return None
+    return (
+        f"--config.{flag}={value!r} is neither a local directory nor a Hugging Face hub id (owner/name, e.g. "
+        f"Qwen/Qwen2.5-VL-3B-Instruct); give a local path with --config.{flag}=/local/dir"
+    )
+
+
 def _listing(what: str, errors: list[str]) -> str:
     """One line for one problem, one line each for several."""
     return f"{what}: {errors[0]}" if len(errors) == 1 else f"{what}:\n  " + "\n  ".join(errors)
 
 
 def validate(c: ConfigDict) -> None:
-    """Raises ValueError listing every bad or missing value of `c`."""
+    """Raises ValueError listing every bad or missing value of `c`. A hub id in hf_path or
+    tokenizer_path is first replaced by its local snapshot (resolve_hub_ids; offline and not
+    cached it raises then, in one line)."""
+    resolve_hub_ids(c)
     errors = []
 
     def need(cond: bool, message: str):
@@ -115,14 +192,15 @@ def validate(c: ConfigDict) -> None:
 
     need(bool(c.workdir), "set --config.workdir (where checkpoints and logs go)")
     if c.variant != "tiny":
-        need(bool(c.hf_path), f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir>")
-    if c.hf_path:
         need(
-            os.path.isfile(os.path.join(c.hf_path, "config.json")),
-            f"--config.hf_path={c.hf_path!r} has no config.json (expected a local HF checkpoint dir)",
+            bool(c.hf_path),
+            f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir or hub id, e.g. "
+            "Qwen/Qwen2.5-VL-3B-Instruct>",
         )
-    if c.tokenizer_path:
-        need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
+    for flag in ("hf_path", "tokenizer_path"):
+        if c[flag]:
+            problem = _model_path_problem(flag, c[flag])
+            need(problem is None, problem or "")
     need(c.data.source in SOURCES, f"--config.data.source={c.data.source!r} must be one of {SOURCES}")
     if c.data.source != "synthetic":
         for split in ("train", "test"):
@@ -137,6 +215,17 @@ def validate(c: ConfigDict) -> None:
                     bool(ann) and os.path.isfile(ann),
                     f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
                 )
+    if c.data.cold_start:
+        path = c.data.cold_start
+        need(
+            os.path.isdir(path) or (os.path.isfile(path) and path.endswith((".jsonl", ".parquet"))),
+            f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of .parquet) "
+            "with image, problem and response per record",
+        )
+        need(
+            c.cold_start.steps > 0,
+            f"--config.data.cold_start={path!r} is set but --config.cold_start.steps=0: set the steps to train on it",
+        )
     need(
         len(c.data.labels) >= 2 and len(set(c.data.labels)) == len(c.data.labels),
         f"--config.data.labels={list(c.data.labels)} must be at least two distinct labels",
@@ -147,9 +236,9 @@ def validate(c: ConfigDict) -> None:
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
     share = c.cold_start.reflection_share
     need(
-        0 <= share < 1 and (share == 0 or c.data.source == "synthetic"),
+        0 <= share < 1 and (share == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
         f"--config.cold_start.reflection_share={share} must be in [0, 1), and 0 unless data.source is synthetic "
-        "(the reflection examples are written from the synthetic truth)",
+        "and data.cold_start is unset (the reflection examples are written from the synthetic truth)",
     )
     judge = c.cold_start.judge_records
     need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
@@ -231,7 +320,9 @@ def validate(c: ConfigDict) -> None:
 
 def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
     """Raises ValueError listing every bad value an evaluation of data sets `names` with
-    `samples` sampled runs would use."""
+    `samples` sampled runs would use. A hub id in tokenizer_path is resolved first
+    (resolve_hub_ids)."""
+    resolve_hub_ids(c)
     errors = []
 
     def need(cond: bool, message: str):
@@ -280,7 +371,8 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
         f"--config.reward.compat={c.reward.compat!r} must be one of {rewards.COMPATS}",
     )
     if c.tokenizer_path:
-        need(os.path.isdir(c.tokenizer_path), f"--config.tokenizer_path={c.tokenizer_path!r} is not a directory")
+        problem = _model_path_problem("tokenizer_path", c.tokenizer_path)
+        need(problem is None, problem or "")
     if errors:
         raise ValueError(_listing("bad evaluation settings", errors))
 

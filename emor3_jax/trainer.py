@@ -109,13 +109,14 @@ class Run:
 
     def _check_answers(self) -> None:
         """The cold start trains on reference answers: a data set without them stops here."""
-        train = pipeline.open_split(self.data_dir, store.NAME, "train")
+        train = pipeline.open_split(self.data_dir, store.NAME, store.cold_start_split(self.c))
         missing = [r["id"] for r in (train[i] for i in range(len(train))) if not r["answer"]]
         if missing:
             raise ValueError(
                 f"{len(missing)} of {len(train)} training records have no reference answer (e.g. id "
-                f"{missing[0]!r}), which the cold start trains on: pass --config.cold_start.steps=0 or "
-                "--config.data.annotations_train with an 'answer' per record"
+                f"{missing[0]!r}), which the cold start trains on: pass --config.cold_start.steps=0, "
+                "--config.data.cold_start with SET responses, or --config.data.annotations_train with an "
+                "'answer' per record"
             )
 
     def _optimizer(self, phase: str):
@@ -201,7 +202,12 @@ class Run:
         opt = self.resumed.pop("opt") if self.resumed else learner.init(self.params)
         norm = float(divergence.param_norm(self.params))
         it = store.train_iterator(
-            self.data_dir, "cold_start", c.batch_size, self.c.seed, self.meta["data"].get("cold_start")
+            self.data_dir,
+            "cold_start",
+            c.batch_size,
+            self.c.seed,
+            self.meta["data"].get("cold_start"),
+            split=store.cold_start_split(self.c),  # data.cold_start's records when set
         )
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):

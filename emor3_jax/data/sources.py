@@ -15,6 +15,8 @@ Readers:
   read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
   read_folder(root, annotations_file, labels)     images under root + JSONL/CSV
   read_emoset118k(root, split, labels)            the official EmoSet-118K release
+  read_cold_start(path, labels)                   SET-answer SFT data (JSONL or parquet):
+                                                  image, problem/question, response
 
 Each reader checks the top level (files present, columns present) when called
 and raises ValueError / FileNotFoundError then. Each record is read and checked
@@ -320,6 +322,131 @@ def read_emoset118k(root, split: str, labels: Sequence[str]) -> Iterator[dict]:
     def thunks():
         for index, item in enumerate(items):
             yield lambda i=index, it=item: item_record(i, it)
+
+    return _Records(thunks())
+
+
+# ---------------------------------------------------------------------------
+# Cold-start data: SET-formatted answers (the shape of the authors' cold-start set).
+
+COLD_START_SUFFIXES = (".jsonl", ".parquet")
+_BOXED = "\\boxed{"
+
+
+def _last_boxed(text: str) -> str:
+    """The content of the last `\\boxed{...}` of `text` (nested braces counted), "" if none."""
+    start = text.rfind(_BOXED)
+    if start == -1:
+        return ""
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return ""
+
+
+def _cold_start_image(value, root_real: str | None, where: str) -> bytes:
+    """The image of one cold-start row: a path relative to the data file's folder (JSONL, or a
+    parquet string), encoded bytes, a {"bytes", "path"} struct (HF `datasets`), or a list
+    holding exactly one of those (the `images` column)."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise BadRecord(f"{where}: expected exactly one image, got {len(value)}")
+        value = value[0]
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return _check_image(value, where)
+    if isinstance(value, str) and root_real is not None:
+        return _read_image_file(root_real, value, where)
+    raise BadRecord(
+        f"{where}: expected an image path relative to the data file's folder or image bytes, got {value!r:.80}"
+    )
+
+
+def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
+    """Records of cold-start (SFT) data: one .jsonl file, one .parquet file, or a directory of
+    .parquet files (sorted), each row an image, its question and a SET-formatted response.
+
+    Fields: `image` (or `images`, a list of one): in JSONL a path relative to the file's
+    folder; in parquet encoded bytes, an HF {"bytes", "path"} struct (a path relative to the
+    file's folder) or such a path string. `problem` (or `question`): the question ("" for the
+    default question). `response`: the SET answer trained on, the record's `answer`. The label
+    is the `label` field if present, else the response's last \\boxed{...}; it must be one of
+    `labels`. `id`: the `id` field, else "<file stem>-<row index>".
+
+    A row without a non-empty string `response` raises ValueError (not BadRecord: it is
+    never skipped) naming the field and the record, so a cold start never trains on bare
+    labels; whether the response is SET-formatted is checked by `require_set_answers`.
+    """
+    labels = _norm_labels(labels)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = _parquet_files(path)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"cold-start data {path} does not exist")
+    elif not path.endswith(COLD_START_SUFFIXES):
+        raise ValueError(f"cold-start data {path} must be a .jsonl or .parquet file (or a directory of .parquet)")
+    else:
+        files = [path]
+    for file in files:
+        if file.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(file).schema_arrow.names
+            if "response" not in names:
+                raise ValueError(
+                    f"{file}: cold-start data has no field 'response' (the SET-formatted answer the cold start "
+                    f"trains on; columns {names}); use data with SET responses, or unset --config.data.cold_start"
+                )
+            if "image" not in names and "images" not in names:
+                raise ValueError(f"{file}: cold-start data has no field 'image' (or 'images'); columns {names}")
+
+    def row_record(file: str, index: int, where: str, row) -> dict:
+        if isinstance(row, BadRecord):
+            raise row
+        if not isinstance(row, dict):
+            raise BadRecord(f"{where}: expected an object with `image`, `problem` and `response`, got {row!r:.80}")
+        rid = row.get("id")
+        rid = str(rid) if rid not in (None, "") else f"{os.path.splitext(os.path.basename(file))[0]}-{index}"
+        where = f"{where} (id {rid})"
+        response = row.get("response")
+        if not isinstance(response, str) or not response.strip():
+            raise ValueError(
+                f"{where}: cold-start record {rid!r} has no field 'response' (the SET-formatted answer the cold "
+                f"start trains on), got {response!r:.80}; use data with SET responses, or unset "
+                "--config.data.cold_start"
+            )
+        image = row.get("image") if row.get("image") is not None else row.get("images")
+        if image is None:
+            raise BadRecord(f"{where}: missing required field 'image' (or 'images')")
+        label = row.get("label") or _last_boxed(response)
+        if not label:
+            raise BadRecord(f"{where}: no `label` field and no \\boxed{{label}} in its response {response[-80:]!r}")
+        problem = row.get("problem") if row.get("problem") is not None else row.get("question")
+        return {
+            "id": rid,
+            "image": _cold_start_image(image, os.path.realpath(os.path.dirname(os.path.abspath(file))), where),
+            "label": _check_label(label, labels, where),
+            "problem": _text(problem, "problem", where),
+            "answer": response,
+            "truth": "",
+        }
+
+    def rows(file: str) -> Iterator[tuple[str, object]]:
+        if file.endswith(".jsonl"):
+            yield from _annotation_rows(file)
+            return
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(r for b in pq.ParquetFile(file).iter_batches(batch_size=64) for r in b.to_pylist()):
+            yield f"{file} row {i}", row
+
+    def thunks():
+        for file in files:
+            for index, (where, row) in enumerate(rows(file)):
+                yield lambda f=file, i=index, w=where, r=row: row_record(f, i, w, r)
 
     return _Records(thunks())
 

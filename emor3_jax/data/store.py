@@ -16,6 +16,12 @@ from emor3_jax.runtime import multihost
 NAME = "emotions"
 
 
+def cold_start_split(c: ConfigDict) -> str:
+    """The split the cold start trains on: "cold_start" (data.cold_start's records) when
+    data.cold_start is set, else "train"."""
+    return "cold_start" if c.data.cold_start else "train"
+
+
 def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set_answer=None) -> tuple[str, dict]:
     """ArrayRecord files of both splits (built once per workdir): their directory, and the
     records seen / skipped as bad per split while building.
@@ -24,7 +30,11 @@ def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set
     e.g. EmoR3.prompt_length) records whose prompt exceeds rl.max_prompt_len are dropped and
     listed per split in `dropped` ({split: [sources.drop_overlong entries]}). With
     `is_set_answer` (answer -> truthy, e.g. rewards.format_score) and cold_start.steps > 0, a
-    training record whose `answer` is not a SET answer stops the build naming the field."""
+    cold-start record whose `answer` is not a SET answer stops the build naming the field.
+
+    With data.cold_start set (sources.read_cold_start: JSONL/parquet of image, problem,
+    response) its records are a third split, "cold_start", which the cold start trains on
+    (COLD_START_SPLIT); the "train" split is then GRPO's alone and may hold bare labels."""
     labels = list(c.data.labels)
     synthetic = c.data.source == "synthetic"
     counter = {} if synthetic else {"train": {}, "test": {}}  # generated records cannot be bad
@@ -45,11 +55,23 @@ def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])
-        if is_set_answer is not None and c.cold_start.steps and s == "train":
+        if is_set_answer is not None and c.cold_start.steps and s == "train" and not c.data.cold_start:
             records = sources.require_set_answers(records, is_set_answer, "answer")
-        if prompt_length is not None:
-            records = sources.drop_overlong(records, prompt_length, c.rl.max_prompt_len, dropped.setdefault(s, []))
         splits[s] = records
+    if c.data.cold_start:
+        counter["cold_start"] = {}
+        records = sources.checked(
+            sources.read_cold_start(c.data.cold_start, labels),
+            c.data.skip_bad,
+            c.data.max_bad_fraction,
+            counter["cold_start"],
+        )
+        if is_set_answer is not None:
+            records = sources.require_set_answers(records, is_set_answer, "response")
+        splits["cold_start"] = records
+    if prompt_length is not None:
+        for s, records in list(splits.items()):
+            splits[s] = sources.drop_overlong(records, prompt_length, c.rl.max_prompt_len, dropped.setdefault(s, []))
     out = os.path.join(c.workdir, "data")
     if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks
         tfds_builder.build(splits, out, NAME)
@@ -61,8 +83,8 @@ def train_size(directory: str) -> int:
     return len(pipeline.open_split(directory, NAME, "train"))
 
 
-def train_iterator(directory: str, what: str, batch_size: int, seed: int, state=None):
-    """This process's block of each global batch of `batch_size` shuffled training records,
+def train_iterator(directory: str, what: str, batch_size: int, seed: int, state=None, split: str = "train"):
+    """This process's block of each global batch of `batch_size` shuffled records of `split`,
     repeating forever (`multihost.gather_records` gathers the blocks); `state` resumes it. Its
     saved state is the batch index, the same on every process."""
     if batch_size % jax.process_count():
@@ -70,7 +92,7 @@ def train_iterator(directory: str, what: str, batch_size: int, seed: int, state=
     it = pipeline.make_iterator(
         directory,
         NAME,
-        "train",
+        split,
         batch_size=batch_size // jax.process_count(),
         seed=seed,
         shuffle=True,
