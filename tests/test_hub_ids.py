@@ -1,0 +1,85 @@
+"""hf_path / tokenizer_path accept a Hugging Face hub id, resolved once by config_lib.validate
+into the HF cache; offline and not cached the error is one line naming the flag for a local
+path; a local directory is kept as it is; any other value is refused naming the flag. No test
+here reaches the network: HF_HUB_OFFLINE=1 throughout."""
+
+import json
+
+import pytest
+from huggingface_hub import constants
+
+from configs.qwen_vl import get_config
+from emor3_jax import config_lib
+
+REPO = "emor3-test/Qwen2.5-VL-never-downloaded"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))  # an empty cache of our own
+
+
+def _config(tmp_path, **paths):
+    c = get_config("tiny")
+    c.workdir = str(tmp_path / "run")
+    for flag, value in paths.items():
+        c[flag] = value
+    return c
+
+
+@pytest.mark.parametrize("flag", ["hf_path", "tokenizer_path"])
+def test_an_uncached_hub_id_offline_is_one_line_naming_the_flag_for_a_local_path(tmp_path, flag):
+    c = _config(tmp_path, **{flag: REPO})
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(c)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"--config.{flag}='{REPO}' is a Hugging Face hub id" in message
+    assert "HF_HUB_OFFLINE=1" in message and f"--config.{flag}=/local/dir" in message
+
+
+def test_a_cached_hub_id_resolves_offline_to_its_snapshot(tmp_path):
+    snapshot = tmp_path / "hf_cache" / "models--emor3-test--Qwen2.5-VL-never-downloaded" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    assert config_lib.hub_snapshot(REPO, "hf_path") == str(snapshot)
+
+
+def test_a_local_dir_is_kept_as_it_is(tmp_path):
+    hf = tmp_path / "Qwen2.5-VL-3B-Instruct"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    c = _config(tmp_path, hf_path=str(hf), tokenizer_path=str(hf))
+    config_lib.resolve_hub_ids(c)
+    assert (c.hf_path, c.tokenizer_path) == (str(hf), str(hf))
+    # A relative local dir that reads like a hub id stays local too.
+    (tmp_path / "Qwen").mkdir()
+    (tmp_path / "Qwen" / "local").mkdir()
+    rel = _config(tmp_path, tokenizer_path="Qwen/local")
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(tmp_path)
+        config_lib.resolve_hub_ids(rel)
+        assert rel.tokenizer_path == "Qwen/local" and not config_lib.is_hub_id("Qwen/local")
+
+
+@pytest.mark.parametrize("value", ["/no/such/checkpoint", "a/b/c", "Qwen/../x", "-bad/name", "no_slash_at_all"])
+@pytest.mark.parametrize("flag", ["hf_path", "tokenizer_path"])
+def test_a_value_neither_a_dir_nor_a_hub_id_is_refused_naming_the_flag(tmp_path, flag, value):
+    c = _config(tmp_path, **{flag: value})
+    with pytest.raises(ValueError, match=f"--config.{flag}='{value}' is neither a local directory nor a Hugging Face"):
+        config_lib.validate(c)
+
+
+def test_a_dir_without_config_json_is_refused_for_hf_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        config_lib.validate(_config(tmp_path, hf_path=str(tmp_path / "empty")))
+
+
+def test_validate_eval_resolves_the_tokenizer_hub_id_too(tmp_path):
+    c = _config(tmp_path, tokenizer_path=REPO)
+    with pytest.raises(ValueError, match=r"--config.tokenizer_path=/local/dir"):
+        config_lib.validate_eval(c, ["test"], 1)
