@@ -280,3 +280,27 @@ def test_cold_start_alone(tmp_path):
     assert results["grpo"] is None and 0 <= results["cold_start"]["greedy_accuracy"] <= 1
     rows = _metrics(tmp_path / "sft")
     assert {r["phase"] for r in rows} == {"cold_start", "eval_cold_start"}
+
+
+def test_cold_start_trains_on_data_cold_start(tmp_path):
+    """With data.cold_start set, the cold start reads its SET responses (the "cold_start" split)."""
+    from emor3_jax.data.synthetic import SyntheticEmotions
+
+    (tmp_path / "cold").mkdir()
+    lines = []
+    for i, ex in enumerate(SyntheticEmotions(4, seed=1)):
+        ex["image"].save(tmp_path / "cold" / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "problem": "", "response": ex["answer"]}))
+    (tmp_path / "cold" / "cold.jsonl").write_text("\n".join(lines))
+    cold = str(tmp_path / "cold" / "cold.jsonl")
+    c = small_config(tmp_path / "run", **{"rl.steps": 0, "rl.epochs": 0, "cold_start.steps": 2})
+    c.data.cold_start = cold
+    run = trainer.Run(c)
+    assert store.cold_start_split(c) == "cold_start"
+    from emor3_jax.data import pipeline
+
+    cold_split = pipeline.open_split(run.data_dir, store.NAME, "cold_start")
+    assert sorted(cold_split[i]["id"] for i in range(len(cold_split))) == [f"cold-{i}" for i in range(4)]
+    run.cold_start()
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if r["phase"] == "cold_start"] == [1, 2]
