@@ -72,6 +72,8 @@ BAD = {
 }
 # Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
 CROSS_CHECKED = {
+    "cold_start.judge_records",  # >= 0, and the judge's answers fit sampling.gen_buckets
+    "cold_start.reflection_share",  # in [0, 1), 0 unless synthetic without data.cold_start
     "data.max_bad_fraction",
     "data.unfaithful_share",  # in [0, 1] (the synthetic generator alone reads it)
     "rl.num_generations",
