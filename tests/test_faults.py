@@ -14,25 +14,60 @@ the `slow` ones (not in CI) repeat them in GRPO.
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_metrics import tb_events
-from test_train import ROOT, TIMING, _flags, _folder_data
+from test_train import ROOT, TIMING, _flags, _folder_data, _params
+
+from emor3_jax.runtime.workdir_lock import LOCK_NAME
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
 SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}
 
 
-def _cmd(workdir, **extra):
-    return [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **{**SHORT, **extra})]
+def _cmd(workdir, *args, **extra):
+    return [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **{**SHORT, **extra}), *args]
 
 
-def _train(workdir, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, **extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+def _train(workdir, *args, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, *args, **extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def _error(done: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a refused run prints (and no traceback)."""
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def _wait(ready, proc, what, timeout=600):
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
+def _saving(workdir, step) -> bool:
+    """Orbax is writing `step`: its temporary directory exists (renamed to `step` once complete)."""
+    d = os.path.join(workdir, "ckpt")
+    return os.path.isdir(d) and any(n.startswith(f"{step}.orbax-checkpoint-tmp") for n in os.listdir(d))
+
+
+def _lock_pid(workdir):
+    try:
+        with open(os.path.join(workdir, LOCK_NAME)) as f:
+            return json.load(f)["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _logs(workdir) -> tuple[list[dict], list[tuple]]:
@@ -48,11 +83,17 @@ def _steps(workdir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_dir(tmp_path_factory):
+    """The workdir of one uninterrupted run (read only: copy it to change it)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     done = _train(workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    return _logs(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir):
+    return _logs(uninterrupted_dir)
 
 
 def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupted, tmp_path):
@@ -92,6 +133,80 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     assert line.startswith("skipped damaged checkpoint step 5 (") and "OUT_OF_RANGE" in line, line
     assert line.endswith(f"moved it to {workdir}/ckpt/5.corrupt1")
     assert _logs(workdir) == uninterrupted
+
+    # Then step 5's metadata file is emptied (truncated to 0 bytes).
+    (workdir / "ckpt" / "5" / "meta" / "metadata").write_bytes(b"")
+    done = _train(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
+    assert line == (
+        "skipped damaged checkpoint step 5 (metadata unreadable (JSONDecodeError: Expecting value: line 1 column 1 "
+        f"(char 0))); moved it to {workdir}/ckpt/5.corrupt2"
+    )
+    assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in done.stdout
+    assert _steps(workdir) == ["3", "5", "5.corrupt", "5.corrupt1", "5.corrupt2"]
+    assert _logs(workdir) == uninterrupted
+
+
+def test_kill_during_a_save_then_a_second_run_is_refused_while_the_resume_finishes(
+    uninterrupted_dir, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "run"
+    # kill -9 while step 5 (the last) is being written asynchronously: step 3 is complete.
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: _saving(workdir, 5), proc, "a save of step 5")
+    proc.kill()
+    proc.wait()
+    assert _steps(workdir)[0] == "3" and "5" not in _steps(workdir), _steps(workdir)  # step 5 half-written
+    assert _lock_pid(workdir) == proc.pid  # the killed run's lock is left behind
+
+    # The same command resumes (taking over the dead run's lock); a second run started meanwhile
+    # stops at once naming it, and changes nothing.
+    out = tmp_path / "resume.out"
+    with open(out, "w") as f:
+        first = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True)
+    _wait(lambda: _lock_pid(workdir) == first.pid, first, "the resumed run locked the workdir")
+    t0 = time.time()
+    second = _train(workdir)
+    took = time.time() - t0
+    err = _error(second)
+    assert first.poll() is None, "the first run ended before the second was refused: nothing was tested"
+    assert err.startswith(f"error: {workdir} is in use by another run: host {socket.gethostname()}, pid {first.pid}, ")
+    assert err.endswith("wait for it to end, stop it, or pass another --config.workdir (--debug for the traceback)")
+    assert took < 60 and "cold_start [" not in second.stdout, took  # at start-up: nothing built
+    assert first.wait(timeout=900) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    assert f"taking over the stale lock of host {socket.gethostname()}, pid {proc.pid}" in text
+    assert f"process {proc.pid} is gone" in text
+    assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in text
+    assert not (workdir / LOCK_NAME).exists()
+    # Nothing saved was lost, and the result is the uninterrupted run's.
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3", "5"]
+    assert _logs(workdir) == uninterrupted
+    for step in (3, 5):
+        (_, got), (_, ref) = _params(workdir, step), _params(uninterrupted_dir, step)
+        assert got.keys() == ref.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"step {step} {k}")
+
+
+def test_a_changed_setting_on_resume_stops_naming_the_field_until_accepted(uninterrupted_dir, uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, workdir)
+    before = (workdir / "metrics.jsonl").read_bytes(), _steps(workdir), (workdir / "results.json").read_bytes()
+    err = _error(_train(workdir, **{"rl.learning_rate": 1e-4}))
+    assert err == (
+        "error: the config differs from the one the checkpoint was saved with: rl.learning_rate: 5e-05 -> 0.0001. "
+        "Resume with them anyway: --accept_changes=rl.learning_rate; or start over with a fresh --config.workdir "
+        "(--debug for the traceback)"
+    )
+    after = (workdir / "metrics.jsonl").read_bytes(), _steps(workdir), (workdir / "results.json").read_bytes()
+    assert after == before  # refused before anything was written
+    done = _train(workdir, "--accept_changes=rl.learning_rate", **{"rl.learning_rate": 1e-4})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rl.learning_rate: 5e-05 -> 0.0001 (accepted by --accept_changes)" in done.stdout
+    assert f"resuming from {workdir}/ckpt/5: phase cold_start step 5" in done.stdout
+    assert _steps(workdir) == before[1] and _logs(workdir) == uninterrupted
 
 
 def _first_array_file(step_dir):
