@@ -253,3 +253,27 @@ def test_diverging_grpo_after_a_cold_start_keeps_the_cold_start_checkpoint(tmp_p
     assert f"the last checkpoint (step 3 in {workdir}/ckpt) is kept" in err
     assert "--config.rl.learning_rate (now 1000000.0) and --accept_changes=rl.learning_rate" in err
     assert [s for s in _steps(workdir) if s.isdigit()] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_kill_during_a_grpo_save_then_resume_reaches_the_uninterrupted_params(tmp_path):
+    grpo = {"cold_start.steps": 3, "rl.steps": 3, "eval.every": 3}  # saves at 3 (cold start end) and 6
+    ref = tmp_path / "ref"
+    done = _train(ref, **grpo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(workdir, **grpo), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait(lambda: _saving(workdir, 6), proc, "a save of step 6")
+    proc.kill()
+    proc.wait()
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3"], _steps(workdir)
+    done = _train(workdir, **grpo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {workdir}/ckpt/3: phase " in done.stdout
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3", "6"]
+    assert _logs(workdir) == _logs(ref)
+    (_, got), (_, want) = _params(workdir), _params(ref)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
