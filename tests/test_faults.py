@@ -1,12 +1,22 @@
 """The fault suite: each case is a `python -m emor3_jax.train` command on the tiny config, a
 fault, and what the run must do. The short cases run in CI (cold start only, a few steps);
-the `slow` ones (not in CI) repeat them in GRPO.
+the `slow` ones (not in CI) repeat them in GRPO. SIGTERM mid-GRPO is
+tests/test_train.py::test_sigterm_then_sigkill_then_resume_reaches_the_same_params; every
+out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused_naming_its_flag.
 
 | fault                                   | the run                                                   |
 |-----------------------------------------|-----------------------------------------------------------|
 | kill -9 before the first checkpoint     | restarts from nothing; logs hold each step once, equal    |
+| kill -9 while the last step is written  | resumes from the previous step; params and logs equal     |
+|   (cold start; GRPO: slow)              |                                                           |
+| a second run into a busy workdir        | exits 1 at start-up naming host and pid; the first ends   |
+|                                         |   with the uninterrupted params and logs                  |
+| a killed run's lock                     | taken over, naming the dead pid                           |
 | damaged latest step (_METADATA deleted, | one line names the step, why, where it went; resumes from |
-|   then a truncated array file)          |   the previous step; logs equal the uninterrupted run's   |
+|   an array file truncated, the metadata |   the previous step; logs equal the uninterrupted run's   |
+|   file emptied)                         |                                                           |
+| a changed setting on resume             | exits 1 naming the field, old -> new, --accept_changes;   |
+|                                         |   nothing written; with the flag it resumes               |
 | learning rate 1e6 (cold start, GRPO)    | one line names the step and the flag; nothing diverged    |
 |                                         |   is saved                                                |
 | cold start on a data set w/o answers    | stops at start-up naming the flag                         |
