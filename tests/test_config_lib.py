@@ -125,6 +125,9 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         ({"sampling.gen_buckets": (0, 48)}, "--config.sampling.gen_buckets=(0, 48) must be increasing positive"),
         ({"mesh": (("data", 0), ("fsdp", -1), ("tensor", 1))}, "--config.mesh=(('data', 0), ('fsdp', -1), ('tens"),
         ({"mesh": (("data", -1), ("fsdp", -1), ("tensor", 1))}, "at most one -1"),
+        ({"cold_start.reflection_share": 1.0}, "--config.cold_start.reflection_share=1.0 must be in [0, 1)"),
+        ({"cold_start.reflection_share": -0.5}, "--config.cold_start.reflection_share=-0.5 must be in [0, 1)"),
+        ({"cold_start.judge_records": -1}, "--config.cold_start.judge_records=-1 must be >= 0"),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
             "no reward to learn from",

@@ -1,12 +1,22 @@
 """The fault suite: each case is a `python -m emor3_jax.train` command on the tiny config, a
 fault, and what the run must do. The short cases run in CI (cold start only, a few steps);
-the `slow` ones (not in CI) repeat them in GRPO.
+the `slow` ones (not in CI) repeat them in GRPO. SIGTERM mid-GRPO is
+tests/test_train.py::test_sigterm_then_sigkill_then_resume_reaches_the_same_params; every
+out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused_naming_its_flag.
 
 | fault                                   | the run                                                   |
 |-----------------------------------------|-----------------------------------------------------------|
 | kill -9 before the first checkpoint     | restarts from nothing; logs hold each step once, equal    |
+| kill -9 while the last step is written  | resumes from the previous step; params and logs equal     |
+|   (cold start; GRPO: slow)              |                                                           |
+| a second run into a busy workdir        | exits 1 at start-up naming host and pid; the first ends   |
+|                                         |   with the uninterrupted params and logs                  |
+| a killed run's lock                     | taken over, naming the dead pid                           |
 | damaged latest step (_METADATA deleted, | one line names the step, why, where it went; resumes from |
-|   then a truncated array file)          |   the previous step; logs equal the uninterrupted run's   |
+|   an array file truncated, the metadata |   the previous step; logs equal the uninterrupted run's   |
+|   file emptied)                         |                                                           |
+| a changed setting on resume             | exits 1 naming the field, old -> new, --accept_changes;   |
+|                                         |   nothing written; with the flag it resumes               |
 | learning rate 1e6 (cold start, GRPO)    | one line names the step and the flag; nothing diverged    |
 |                                         |   is saved                                                |
 | cold start on a data set w/o answers    | stops at start-up naming the flag                         |
@@ -14,25 +24,60 @@ the `slow` ones (not in CI) repeat them in GRPO.
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_metrics import tb_events
-from test_train import ROOT, TIMING, _flags, _folder_data
+from test_train import ROOT, TIMING, _flags, _folder_data, _params
+
+from emor3_jax.runtime.workdir_lock import LOCK_NAME
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
 SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}
 
 
-def _cmd(workdir, **extra):
-    return [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **{**SHORT, **extra})]
+def _cmd(workdir, *args, **extra):
+    return [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **{**SHORT, **extra}), *args]
 
 
-def _train(workdir, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, **extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+def _train(workdir, *args, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(workdir, *args, **extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+def _error(done: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a refused run prints (and no traceback)."""
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def _wait(ready, proc, what, timeout=600):
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
+def _saving(workdir, step) -> bool:
+    """Orbax is writing `step`: its temporary directory exists (renamed to `step` once complete)."""
+    d = os.path.join(workdir, "ckpt")
+    return os.path.isdir(d) and any(n.startswith(f"{step}.orbax-checkpoint-tmp") for n in os.listdir(d))
+
+
+def _lock_pid(workdir):
+    try:
+        with open(os.path.join(workdir, LOCK_NAME)) as f:
+            return json.load(f)["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _logs(workdir) -> tuple[list[dict], list[tuple]]:
@@ -48,11 +93,17 @@ def _steps(workdir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_dir(tmp_path_factory):
+    """The workdir of one uninterrupted run (read only: copy it to change it)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     done = _train(workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    return _logs(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir):
+    return _logs(uninterrupted_dir)
 
 
 def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupted, tmp_path):
@@ -92,6 +143,80 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     assert line.startswith("skipped damaged checkpoint step 5 (") and "OUT_OF_RANGE" in line, line
     assert line.endswith(f"moved it to {workdir}/ckpt/5.corrupt1")
     assert _logs(workdir) == uninterrupted
+
+    # Then step 5's metadata file is emptied (truncated to 0 bytes).
+    (workdir / "ckpt" / "5" / "meta" / "metadata").write_bytes(b"")
+    done = _train(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
+    assert line == (
+        "skipped damaged checkpoint step 5 (metadata unreadable (JSONDecodeError: Expecting value: line 1 column 1 "
+        f"(char 0))); moved it to {workdir}/ckpt/5.corrupt2"
+    )
+    assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in done.stdout
+    assert _steps(workdir) == ["3", "5", "5.corrupt", "5.corrupt1", "5.corrupt2"]
+    assert _logs(workdir) == uninterrupted
+
+
+def test_kill_during_a_save_then_a_second_run_is_refused_while_the_resume_finishes(
+    uninterrupted_dir, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "run"
+    # kill -9 while step 5 (the last) is being written asynchronously: step 3 is complete.
+    proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: _saving(workdir, 5), proc, "a save of step 5")
+    proc.kill()
+    proc.wait()
+    assert _steps(workdir)[0] == "3" and "5" not in _steps(workdir), _steps(workdir)  # step 5 half-written
+    assert _lock_pid(workdir) == proc.pid  # the killed run's lock is left behind
+
+    # The same command resumes (taking over the dead run's lock); a second run started meanwhile
+    # stops at once naming it, and changes nothing.
+    out = tmp_path / "resume.out"
+    with open(out, "w") as f:
+        first = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True)
+    _wait(lambda: _lock_pid(workdir) == first.pid, first, "the resumed run locked the workdir")
+    t0 = time.time()
+    second = _train(workdir)
+    took = time.time() - t0
+    err = _error(second)
+    assert first.poll() is None, "the first run ended before the second was refused: nothing was tested"
+    assert err.startswith(f"error: {workdir} is in use by another run: host {socket.gethostname()}, pid {first.pid}, ")
+    assert err.endswith("wait for it to end, stop it, or pass another --config.workdir (--debug for the traceback)")
+    assert took < 60 and "cold_start [" not in second.stdout, took  # at start-up: nothing built
+    assert first.wait(timeout=900) == 0, out.read_text()[-3000:]
+    text = out.read_text()
+    assert f"taking over the stale lock of host {socket.gethostname()}, pid {proc.pid}" in text
+    assert f"process {proc.pid} is gone" in text
+    assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in text
+    assert not (workdir / LOCK_NAME).exists()
+    # Nothing saved was lost, and the result is the uninterrupted run's.
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3", "5"]
+    assert _logs(workdir) == uninterrupted
+    for step in (3, 5):
+        (_, got), (_, ref) = _params(workdir, step), _params(uninterrupted_dir, step)
+        assert got.keys() == ref.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"step {step} {k}")
+
+
+def test_a_changed_setting_on_resume_stops_naming_the_field_until_accepted(uninterrupted_dir, uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, workdir)
+    before = (workdir / "metrics.jsonl").read_bytes(), _steps(workdir), (workdir / "results.json").read_bytes()
+    err = _error(_train(workdir, **{"rl.learning_rate": 1e-4}))
+    assert err == (
+        "error: the config differs from the one the checkpoint was saved with: rl.learning_rate: 5e-05 -> 0.0001. "
+        "Resume with them anyway: --accept_changes=rl.learning_rate; or start over with a fresh --config.workdir "
+        "(--debug for the traceback)"
+    )
+    after = (workdir / "metrics.jsonl").read_bytes(), _steps(workdir), (workdir / "results.json").read_bytes()
+    assert after == before  # refused before anything was written
+    done = _train(workdir, "--accept_changes=rl.learning_rate", **{"rl.learning_rate": 1e-4})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rl.learning_rate: 5e-05 -> 0.0001 (accepted by --accept_changes)" in done.stdout
+    assert f"resuming from {workdir}/ckpt/5: phase cold_start step 5" in done.stdout
+    assert _steps(workdir) == before[1] and _logs(workdir) == uninterrupted
 
 
 def _first_array_file(step_dir):
@@ -138,3 +263,27 @@ def test_diverging_grpo_after_a_cold_start_keeps_the_cold_start_checkpoint(tmp_p
     assert f"the last checkpoint (step 3 in {workdir}/ckpt) is kept" in err
     assert "--config.rl.learning_rate (now 1000000.0) and --accept_changes=rl.learning_rate" in err
     assert [s for s in _steps(workdir) if s.isdigit()] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_kill_during_a_grpo_save_then_resume_reaches_the_uninterrupted_params(tmp_path):
+    grpo = {"cold_start.steps": 3, "rl.steps": 3, "eval.every": 3}  # saves at 3 (cold start end) and 6
+    ref = tmp_path / "ref"
+    done = _train(ref, **grpo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(workdir, **grpo), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait(lambda: _saving(workdir, 6), proc, "a save of step 6")
+    proc.kill()
+    proc.wait()
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3"], _steps(workdir)
+    done = _train(workdir, **grpo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {workdir}/ckpt/3: phase " in done.stdout
+    assert [s for s in _steps(workdir) if s.isdigit()] == ["3", "6"]
+    assert _logs(workdir) == _logs(ref)
+    (_, got), (_, want) = _params(workdir), _params(ref)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
