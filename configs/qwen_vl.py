@@ -89,7 +89,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.cold_start.reflection_share = 0.0
     # After the cold start, the judge answers the reflection questions of this many held-out
     # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").
-    c.cold_start.judge_records = 32 if tiny else 0
+    c.cold_start.judge_records = 0  # e.g. 32 on the tiny job (with reflection_share) to measure the judge
 
     c.rl = ConfigDict()
     c.rl.steps = 30 if tiny else 0  # 0: derive from epochs

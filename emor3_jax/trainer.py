@@ -105,7 +105,8 @@ class Run:
                 print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
             if huge:
                 print(f"data {split}: images too large even at data.min_pixels: {huge}")
-            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
+            if rows:
+                self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
 
     def _check_answers(self) -> None:
         """The cold start trains on reference answers: a data set without them stops here."""
