@@ -481,7 +481,8 @@ def checked(records: Iterable[dict], skip_bad: bool, max_bad_fraction: float, co
     def fail(last: BadRecord):
         raise RuntimeError(
             f"too many bad records: {counter['bad']} of {counter['seen']} seen "
-            f"({counter['bad'] / counter['seen']:.1%}) exceeds max_bad_fraction={max_bad_fraction}; last: {last}"
+            f"({counter['bad'] / counter['seen']:.1%}) exceeds max_bad_fraction={max_bad_fraction}; last: {last}. "
+            "Fix or remove those records, or allow more with --config.data.max_bad_fraction"
         )
 
     it = iter(records)
