@@ -128,9 +128,9 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
             assert 0 <= ev[f"{mode}_image_faithful"] <= 1 and 0 <= ev[f"{mode}_answer_coherent"] <= 1
     evals = [r for r in rows if r["phase"] == "eval_grpo"]
     assert "greedy_image_faithful" in evals[-1] and "sampled_answer_coherent" in evals[-1]
-    # The judge was measured once, after the cold start's 3 steps.
-    judge = [r for r in rows if r["phase"] == "judge"]
-    assert [r["step"] for r in judge] == [3] and 0 <= judge[0]["judge_accuracy"] <= 1
+    # The judge check is opt-in (cold_start.judge_records, 0 by default): no judge phase here;
+    # tests/test_judge_cold_start.py measures and logs it.
+    assert not [r for r in rows if r["phase"] == "judge"]
     step, params = _params(workdir)
     assert step == 7
     # GRPO moved the parameters away from the cold-start result.
