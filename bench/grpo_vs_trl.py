@@ -144,18 +144,7 @@ class Ours:
         self.graphdef, self.params = nnx.split(model)
         self.ref = jax.tree.map(lambda x: x.copy(), self.params)
         task = TRLTask(EmoR3.from_config(c), ref_script.boxed_reward, reflection)  # the spec's reflection settings
-        tx, _ = make_optimizer(
-            OptimizerSettings(
-                schedule="constant",
-                learning_rate=2e-6,
-                warmup_steps=0,
-                total_steps=1,
-                weight_decay=0.0,
-                b1=0.9,
-                b2=0.999,
-                grad_clip=1.0,
-            )
-        )
+        tx, _ = make_optimizer(OptimizerSettings.constant(2e-6))
         self.learner = Learner(self.graphdef, tx)
         self.opt = self.learner.init(self.params)
         rows = PROMPTS_PER_STEP * N_GEN

@@ -176,16 +176,7 @@ def test_the_trainers_state_falls_back_past_a_damaged_step(tmp_path, ours_fp32):
     from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 
     graphdef, params = nnx.split(ours_fp32)
-    settings = OptimizerSettings(
-        schedule="constant",
-        learning_rate=1e-3,
-        warmup_steps=0,
-        total_steps=10,
-        weight_decay=0.01,
-        b1=0.9,
-        b2=0.999,
-        grad_clip=1.0,
-    )
+    settings = OptimizerSettings.constant(1e-3, weight_decay=0.01)
     learner = Learner(graphdef, make_optimizer(settings)[0])
     opt = learner.init(params)
     d = str(tmp_path / "ckpt")

@@ -78,6 +78,21 @@ class OptimizerSettings:
     grad_clip: float
 
     @classmethod
+    def constant(cls, learning_rate: float, *, weight_decay: float = 0.0) -> OptimizerSettings:
+        """A constant learning rate with the configs' AdamW moments (0.9, 0.999) and clipping
+        at 1.0: the benches' and tests' optimizer."""
+        return cls(
+            schedule="constant",
+            learning_rate=learning_rate,
+            warmup_steps=0,
+            total_steps=1,
+            weight_decay=weight_decay,
+            b1=0.9,
+            b2=0.999,
+            grad_clip=1.0,
+        )
+
+    @classmethod
     def from_config(cls, c, phase: str, total_steps: int) -> OptimizerSettings:
         """Phase "grpo" reads rl.*; "cold_start" reads its learning rate and warmup from
         cold_start.* (constant after warmup) and the AdamW moments and clipping from rl.*."""

@@ -153,18 +153,7 @@ def test_a_non_finite_gradient_skips_the_step_then_stops_the_run_past_the_limit(
     """NaN advantages make the loss and every gradient NaN: the update skips the optimizer
     step (params and AdamW's counter unchanged, skipped_steps = 1); a finite update resets the
     count; with max_skipped_steps = 1 the second skip in a row stops the run naming the step."""
-    tx, _ = make_optimizer(
-        OptimizerSettings(
-            schedule="constant",
-            learning_rate=1e-3,
-            warmup_steps=0,
-            total_steps=4,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.999,
-            grad_clip=1.0,
-        )
-    )
+    tx, _ = make_optimizer(OptimizerSettings.constant(1e-3))
     mesh, learner, params, step, records = _setup(2, "token", tx, max_skipped_steps=1)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         good = step.experience(params, params, records, jax.random.key(0))
@@ -189,18 +178,7 @@ def _adam_count(opt) -> int:
 
 
 def test_optimizer_state_is_threaded_through_not_smuggled():
-    tx, _ = make_optimizer(
-        OptimizerSettings(
-            schedule="constant",
-            learning_rate=1e-3,
-            warmup_steps=0,
-            total_steps=2,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.999,
-            grad_clip=1.0,
-        )
-    )
+    tx, _ = make_optimizer(OptimizerSettings.constant(1e-3))
     mesh, learner, params, step, records = _setup(2, "token", tx)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         opt = learner.init(params)

@@ -21,18 +21,7 @@ def test_init_places_all_state_on_the_mesh_and_apply_compiles_once(devices):
 
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:devices])
     graphdef, params = nnx.split(_Two(mesh))
-    tx, _ = make_optimizer(
-        OptimizerSettings(
-            schedule="constant",
-            learning_rate=1e-3,
-            warmup_steps=0,
-            total_steps=1,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.999,
-            grad_clip=1.0,
-        )
-    )
+    tx, _ = make_optimizer(OptimizerSettings.constant(1e-3))
     learner = Learner(graphdef, tx)
     opt = learner.init(params)
     for leaf in jax.tree.leaves(opt):
