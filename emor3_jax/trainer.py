@@ -87,8 +87,10 @@ class Run:
         self.resumed = {}  # the restored checkpoint's arrays besides params, for its phase to take
 
     # ---- helpers
-    def iterator(self, phase: str, batch_size: int):
-        return store.train_iterator(self.data_dir, phase, batch_size, self.c.seed, self.meta["data"].get(phase))
+    def iterator(self, phase: str, batch_size: int, split: str = "train"):
+        """`phase`'s training records in global batches, resumed from the checkpoint's state."""
+        state = self.meta["data"].get(phase)
+        return store.train_iterator(self.data_dir, phase, batch_size, self.c.seed, state, split=split)
 
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params)
@@ -100,13 +102,13 @@ class Run:
         """Logs (at step 0) the records skipped as bad and the prompts dropped as too long."""
         self.writer.records_skipped(self.bad)
         for split, rows in self.dropped.items():
+            if not rows:
+                continue
             huge = [d["id"] for d in rows if d["too_large_at_min_pixels"]]
-            if rows:
-                print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
+            print(f"data {split}: dropped {len(rows)} prompts over rl.max_prompt_len: {[d['id'] for d in rows]}")
             if huge:
                 print(f"data {split}: images too large even at data.min_pixels: {huge}")
-            if rows:
-                self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
+            self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
 
     def _check_answers(self) -> None:
         """The cold start trains on reference answers: a data set without them stops here."""
@@ -202,14 +204,8 @@ class Run:
         learner = Learner(self.graphdef, tx)
         opt = self.resumed.pop("opt") if self.resumed else learner.init(self.params)
         norm = float(divergence.param_norm(self.params))
-        it = store.train_iterator(
-            self.data_dir,
-            "cold_start",
-            c.batch_size,
-            self.c.seed,
-            self.meta["data"].get("cold_start"),
-            split=store.cold_start_split(self.c),  # data.cold_start's records when set
-        )
+        # data.cold_start's records when set
+        it = self.iterator("cold_start", c.batch_size, split=store.cold_start_split(self.c))
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
@@ -288,9 +284,7 @@ class Run:
             logit_bias=self.rt.logit_bias,
             threads=self.c.reward.threads,
         )
-        it = store.train_iterator(
-            self.data_dir, "grpo", self.c.rl.rollout_batch, self.c.seed, self.meta["data"].get("grpo")
-        )
+        it = self.iterator("grpo", self.c.rl.rollout_batch)
         offset, start = self.meta["global_step"] - self.meta["phase_step"], self.meta["phase_step"]
         norm = float(divergence.param_norm(self.params))
         try:
