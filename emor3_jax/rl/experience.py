@@ -266,9 +266,8 @@ class GRPOStep:
             if self.skipped_in_row > s.max_skipped_steps:
                 raise FloatingPointError(
                     f"grpo step {step}: non-finite loss {loss} or gradient norm {gnorm}, "
-                    f"{self.skipped_in_row} optimizer steps in a row (rl.max_skipped_steps={s.max_skipped_steps}); "
-                    "stopping (the last checkpoint is kept)"
-                )
+                    f"{self.skipped_in_row} optimizer steps in a row (rl.max_skipped_steps={s.max_skipped_steps})"
+                )  # the caller says what is kept: there may be no checkpoint yet
         return params, opt, {**{k: v / count for k, v in sums.items()}, "skipped_steps": float(skipped)}
 
 
