@@ -1,12 +1,23 @@
 """Test session setup: 8 fake CPU devices (set before jax is imported anywhere), offline HF,
 and the shared tiny transformers model."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The end-to-end tests start `python -m emor3_jax.train` a few dozen times with the same tiny
+# programs: one persistent compilation cache for the session and its subprocesses compiles
+# each program once (about half of such a run's time on 2 cores).
+_XLA_CACHE = tempfile.mkdtemp(prefix="emor3-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
