@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from emor3_jax.batches import PackedBatch
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
-from emor3_jax.batches import PackedBatch
 from emor3_jax.rl.rollout import Rollouts, packed_rows, sample_rollouts, score_async, training_rows
 from emor3_jax.runtime import multihost, sharding
 from emor3_jax.sampling.methods import SamplingParams
