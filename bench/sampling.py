@@ -39,30 +39,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import numpy as np  # noqa: E402
+from common import prompts_for, realistic_lengths  # noqa: E402
 
-PROMPT_TEXT = 62  # text tokens around the image: prompt = 62 + 64 image + 2 = 128 tokens
 HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
-
-
-def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, int, int], rng):
-    from emor3_jax.batches import Prompt
-
-    image, vstart, vend = vocab_image
-    n_img = grid[1] * grid[2] // 4
-    out = []
-    for _ in range(count):
-        ids = np.concatenate(
-            [
-                rng.integers(1, image - 10, PROMPT_TEXT // 2),
-                [vstart],
-                [image] * n_img,
-                [vend],
-                rng.integers(1, image - 10, PROMPT_TEXT - PROMPT_TEXT // 2),
-            ]
-        )
-        pixels = rng.standard_normal((grid[1] * grid[2], 3 * 2 * 14 * 14)).astype(np.float32)
-        out.append(Prompt(ids, pixels, np.array([grid])))
-    return out
 
 
 def run_ours(path: str, args) -> dict:
@@ -135,14 +114,6 @@ def run_transformers(path: str, args) -> dict:
     return dict(
         seconds=wall, tokens=int(new.numel()), max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )
-
-
-def realistic_lengths(rows: int, limit: int, rng) -> np.ndarray:
-    """Response lengths [rows]: log-normal with the median at limit / 6 and 1% of rows at or past
-    the limit (sigma = ln 6 / z_0.99), rounded and clipped to 1..limit."""
-    sigma = np.log(6.0) / 2.3263478740408408  # z_0.99
-    drawn = np.exp(np.log(limit / 6) + sigma * rng.standard_normal(rows))
-    return np.clip(np.round(drawn), 1, limit).astype(np.int32)
 
 
 def lengths_main(args) -> None:

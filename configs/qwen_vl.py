@@ -126,6 +126,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
     # many in a row are tolerated, one more stops the run (0: the first one stops it).
     c.rl.max_skipped_steps = 3
+    # Log-prob and gradient passes over rows packed into sequences of pack_length tokens (segment
+    # ids keep each row's attention, positions and images its own) instead of each row padded
+    # to a prompt bucket + a generation bucket; must hold max_prompt_len + max_response_len.
+    c.rl.packing = True
+    c.rl.pack_length = 384 if tiny else 4096
 
     c.reward = ConfigDict()
     # emo_r3_code (3b/7b): the official reward code and reflection length (rl.max_response_len);

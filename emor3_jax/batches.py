@@ -4,6 +4,8 @@ Letters: R rows, T tokens per row, L patch rows, C patch row width.
 
 - `Prompt`: one tokenized prompt with its images' patch rows (what the sampler continues).
 - `SequenceBatch`: model inputs of whole rows (prompt + response) for log-probs and gradients.
+- `PackedBatch`: rows of different lengths packed into fixed-length sequences (segment ids),
+  with the index that unpacks per-token values back to [rows, response].
 - `bucket`: the padded length of a variable length, from a few configured sizes.
 """
 
@@ -35,6 +37,9 @@ class SequenceBatch:
     positions: jax.Array  # [3, R, T]
     pixels: jax.Array | None = None  # [L, C] in the model's vision order
     layout: Any = None  # the model family's vision layout (models.api.prepare_inputs makes it)
+    # [R, T] packed rows: 1, 2, ... per row in a sequence, 0 on padding; attention stays inside
+    # a segment. None: one row per sequence.
+    segment_ids: jax.Array | None = None
 
     @classmethod
     def from_inputs(cls, inputs: dict) -> SequenceBatch:
@@ -46,6 +51,20 @@ class SequenceBatch:
             inputs.get("pixels"),
             inputs.get("layout"),
         )
+
+
+@struct.dataclass
+class PackedBatch:
+    """Rows packed into P sequences of L tokens (rl/packing.py plans them).
+
+    batch: the packs as a SequenceBatch [P, L] with segment ids; each row keeps its own
+    positions and its images' features. index [R, G]: for response token j of row r, the flat
+    position p * L + t of the token before it in the packs (its predictor); 0 past the row's
+    response (masked out by the response mask).
+    """
+
+    batch: SequenceBatch
+    index: jax.Array
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:

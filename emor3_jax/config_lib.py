@@ -287,6 +287,11 @@ def validate(c: ConfigDict) -> None:
         f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
     )
     need(
+        not rl.packing or rl.pack_length >= rl.max_prompt_len + rl.max_response_len,
+        f"--config.rl.pack_length={rl.pack_length} must hold the longest row, rl.max_prompt_len + "
+        f"rl.max_response_len = {rl.max_prompt_len + rl.max_response_len} (or set --config.rl.packing=False)",
+    )
+    need(
         c.sampling.max_rows == 0 or c.sampling.max_rows >= rl.num_generations,
         f"--config.sampling.max_rows={c.sampling.max_rows} (decode slots) must be 0 (one per row) "
         "or >= rl.num_generations",

@@ -81,6 +81,7 @@ CROSS_CHECKED = {
     "rl.update_batch",
     "rl.micro_batch",
     "sampling.max_rows",
+    "rl.pack_length",  # with rl.packing: holds rl.max_prompt_len + rl.max_response_len
     "sampling.prompt_buckets",
     "sampling.gen_buckets",
     "model.vision_buckets",  # must hold one image at data.max_pixels; ModelConfig checks the steps
@@ -128,6 +129,7 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         ({"cold_start.reflection_share": 1.0}, "--config.cold_start.reflection_share=1.0 must be in [0, 1)"),
         ({"cold_start.reflection_share": -0.5}, "--config.cold_start.reflection_share=-0.5 must be in [0, 1)"),
         ({"cold_start.judge_records": -1}, "--config.cold_start.judge_records=-1 must be >= 0"),
+        ({"rl.pack_length": 360}, "--config.rl.pack_length=360 must hold the longest row, rl.max_prompt_len + "),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
             "no reward to learn from",

@@ -3,7 +3,7 @@
 A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D width, V vocab)
 
     embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
-    hidden_states(x, positions [3, B, T], attention_mask [B, T]) -> h [B, T, D]
+    hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None) -> h [B, T, D]
     decode(x, positions, attn [B, 1, T, S], cache, index) -> (h [B, T, D], cache)
     logits(h [..., D]) -> [..., V] fp32
 
@@ -47,7 +47,9 @@ class Model(Protocol):
 
     def embed(self, input_ids: jax.Array, pixels=None, layout=None) -> jax.Array: ...
 
-    def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array: ...
+    def hidden_states(
+        self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
+    ) -> jax.Array: ...
 
     def decode(self, x: jax.Array, positions: jax.Array, attn: jax.Array, cache: Cache, index) -> tuple: ...
 

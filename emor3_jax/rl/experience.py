@@ -7,6 +7,10 @@ benches call these; none rebuilds a piece.
 
 Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket.
 
+With `packing`, each micro-batch's rows are packed into sequences of `pack_length` tokens
+(rollout.packed_rows) for the reference / old log-probs and the gradients; the log-probs come
+back in the same [m, G] layout, so the loss and its weighting are those of padded rows.
+
 Rows b*n .. b*n+n-1 answer record b. The task (emo_r3/task.py) says what is asked and how a
 response is scored; the step logs whatever named components its `score` returns.
 """
@@ -22,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from emor3_jax.batches import PackedBatch
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
-from emor3_jax.rl.rollout import Rollouts, sample_rollouts, score_async, training_rows
-from emor3_jax.runtime import multihost
+from emor3_jax.rl.rollout import Rollouts, packed_rows, sample_rollouts, score_async, training_rows
+from emor3_jax.runtime import multihost, sharding
 from emor3_jax.sampling.methods import SamplingParams
 
 # The registry the config validation reads (rl.micro_batch_weighting):
@@ -55,6 +60,10 @@ class StepSettings:
     # Optimizer steps with a non-finite gradient norm skipped in a row before the run stops
     # (0: the first one stops it).
     max_skipped_steps: int = 0
+    # Rows packed into sequences of pack_length tokens (rollout.packed_rows) instead of padded
+    # to prompt + response buckets.
+    packing: bool = False
+    pack_length: int = 0
 
     def __post_init__(self):
         if self.advantage not in ESTIMATORS:
@@ -65,6 +74,8 @@ class StepSettings:
             )
         if self.max_skipped_steps < 0:
             raise ValueError(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if self.packing and self.pack_length < 1:
+            raise ValueError(f"packing needs pack_length >= 1, got {self.pack_length}")
         rows = self.update_batch * self.num_generations
         if self.micro_batch < 1 or rows % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
@@ -84,6 +95,8 @@ class StepSettings:
             loss=GRPOSettings.from_config(c),
             micro_batch_weighting=rl.micro_batch_weighting,
             max_skipped_steps=rl.max_skipped_steps,
+            packing=rl.packing,
+            pack_length=rl.pack_length,
         )
 
 
@@ -97,8 +110,8 @@ class Experience:
     errors: int  # rows whose scoring failed, all processes
     advantages: np.ndarray  # [R]
     micro: list[np.ndarray]  # row indices of each micro-batch
-    batches: list[tuple]  # per micro-batch: (SequenceBatch, response mask [m, G])
-    p_len: int
+    batches: list[tuple]  # per micro-batch: (SequenceBatch or PackedBatch, response mask [m, G])
+    p_len: int  # padded rows: the prompt bucket (packed: 0)
     g_len: int
     old_logp: list[jax.Array]  # per micro-batch [m, G]
     ref_logp: list[jax.Array]
@@ -187,10 +200,15 @@ class GRPOStep:
         # While the host scores: the rows, their reference (and old) log-probs on device.
         rows = np.arange(len(ro.responses))
         micro = [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
-        built = [training_rows(ro, self.encoder.cfg, self.pad_id, s.prompt_buckets, m) for m in micro]
-        p_len, g_len = built[0][2], built[0][3]
-        batches = [(b[0], b[1]) for b in built]
-        logprobs = lambda p: [self.learner.logprobs(p, b, p_len - 1, g_len) for b, _ in batches]
+        cfg, g_len = self.encoder.cfg, ro.tokens.shape[1]
+        if s.packing:
+            shards = sharding.axis_shards("batch")
+            batches = [packed_rows(ro, cfg, self.pad_id, s.pack_length, shards, m) for m in micro]
+            p_len = 0
+        else:
+            built = [training_rows(ro, cfg, self.pad_id, s.prompt_buckets, m) for m in micro]
+            p_len, batches = built[0][2], [(b[0], b[1]) for b in built]
+        logprobs = lambda p: [self._logprobs(p, b, p_len, g_len) for b, _ in batches]
         ref_lp = logprobs(ref)
         old_lp = logprobs(params) if s.recompute_old_logprobs else [ro.old_logp[m] for m in micro]
         jax.block_until_ready((ref_lp, old_lp))
@@ -238,18 +256,11 @@ class GRPOStep:
             grads, loss = None, 0.0
             for i, size in zip(group, sizes):
                 batch, mask = exp.batches[i]
-                g, m = learner.grpo_grads(
-                    params,
-                    batch,
-                    exp.p_len - 1,
-                    exp.g_len,
-                    exp.old_logp[i],
-                    exp.ref_logp[i],
-                    exp.advantages[exp.micro[i]],
-                    mask,
-                    size / total,
-                    s.loss,
-                )
+                args = (exp.old_logp[i], exp.ref_logp[i], exp.advantages[exp.micro[i]], mask, size / total, s.loss)
+                if isinstance(batch, PackedBatch):
+                    g, m = learner.packed_grpo_grads(params, batch, *args)
+                else:
+                    g, m = learner.grpo_grads(params, batch, exp.p_len - 1, exp.g_len, *args)
                 grads = learner.accumulate(grads, g)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -269,6 +280,12 @@ class GRPOStep:
                     f"{self.skipped_in_row} optimizer steps in a row (rl.max_skipped_steps={s.max_skipped_steps})"
                 )  # the caller says what is kept: there may be no checkpoint yet
         return params, opt, {**{k: v / count for k, v in sums.items()}, "skipped_steps": float(skipped)}
+
+    def _logprobs(self, params, batch, p_len: int, g_len: int) -> jax.Array:
+        """Log-probs [m, G] of one micro-batch's response tokens, padded or packed."""
+        if isinstance(batch, PackedBatch):
+            return self.learner.packed_logprobs(params, batch)
+        return self.learner.logprobs(params, batch, p_len - 1, g_len)
 
 
 # The norm `Learner.apply` clips by, taken before it: a skipped step must not reach the

@@ -6,6 +6,8 @@ A row is a prompt followed by its response. `SequenceBatch` carries what the mod
 `response_logprobs` runs it and scores the tokens at positions start+1 .. start+length from
 the hidden states before them, computing the vocabulary projection chunk by chunk (under
 `jax.checkpoint`, so the backward pass never holds [R, T, V] logits either).
+`packed_logprobs` does the same for rows packed into fixed-length sequences (`PackedBatch`,
+rl/packing.py) and returns the same [R, G] layout, so the loss never sees the packing.
 
 Gradients are accumulated over micro-batches with weights that make the sum equal the
 loss over the whole mini-batch (token-mean: each micro-batch's tokens over all tokens).
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from emor3_jax.batches import SequenceBatch
+from emor3_jax.batches import PackedBatch, SequenceBatch
 from emor3_jax.rl import grpo
 
 
@@ -30,7 +32,25 @@ def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chun
     """Log-probs and entropies [R, length] of tokens start+1 .. start+length (static ints)."""
     x = model.embed(batch.input_ids, batch.pixels, batch.layout)
     h = model.hidden_states(x, batch.positions, batch.attention_mask)[:, start : start + length]  # [R, length, D]
-    targets = batch.input_ids[:, start + 1 : start + 1 + length]
+    return _token_scores(model, h, batch.input_ids[:, start + 1 : start + 1 + length], chunk)
+
+
+def packed_logprobs(model, packed: PackedBatch, chunk: int = 256):
+    """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked: every pack
+    position scores the next token of its pack, and `packed.index` picks each response
+    token's predictor (the positions past a row's response hold garbage the mask drops)."""
+    b = packed.batch
+    x = model.embed(b.input_ids, b.pixels, b.layout)
+    h = model.hidden_states(x, b.positions, b.attention_mask, b.segment_ids)  # [P, L, D]
+    targets = jnp.pad(b.input_ids[:, 1:], ((0, 0), (0, 1)))  # [P, L]: the next token in the pack
+    logp, ent = _token_scores(model, h, targets, chunk)  # [P, L]
+    return logp.reshape(-1)[packed.index], ent.reshape(-1)[packed.index]
+
+
+def _token_scores(model, h, targets, chunk: int):
+    """Log-probs of targets [R, T] and entropies, both [R, T], from hidden states h [R, T, D],
+    the logits formed C positions at a time (rematerialised in the backward pass)."""
+    length = h.shape[1]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -160,6 +180,7 @@ class Learner:
         self.graphdef, self.tx, self.chunk = graphdef, tx, chunk
         self._grad = {}
         self._logprobs = jax.jit(self._logprobs_impl, static_argnums=(2, 3))
+        self._packed_logprobs = jax.jit(self._packed_logprobs_impl)
         self._apply = jax.jit(self._apply_impl, donate_argnums=(0, 1))
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
@@ -174,6 +195,13 @@ class Learner:
 
     def logprobs(self, params, batch: SequenceBatch, start: int, length: int) -> jax.Array:
         return self._logprobs(params, batch, start, length)
+
+    def _packed_logprobs_impl(self, params, packed):
+        return packed_logprobs(nnx.merge(self.graphdef, params), packed, self.chunk)[0]
+
+    def packed_logprobs(self, params, packed: PackedBatch) -> jax.Array:
+        """Log-probs [R, G] of packed rows (one program per pack count)."""
+        return self._packed_logprobs(params, packed)
 
     # ---- gradients ----
     def sft_grads(self, params, batch: SequenceBatch, loss_mask, weight):
@@ -205,13 +233,25 @@ class Learner:
         settings: GRPOSettings,
     ):
         """Gradient of weight * GRPO loss on one micro-batch; metrics alongside."""
-        key = ("grpo", start, length, settings)
+        score = lambda model, b: response_logprobs(model, b, start, length, self.chunk)
+        fn = self._grpo_grad_fn(("grpo", start, length, settings), score, settings)
+        return fn(params, batch, old_logp, ref_logp, advantages, mask, weight)
+
+    def packed_grpo_grads(
+        self, params, packed: PackedBatch, old_logp, ref_logp, advantages, mask, weight, settings: GRPOSettings
+    ):
+        """`grpo_grads` of a micro-batch of packed rows (the same loss on the same [R, G] layout)."""
+        score = lambda model, b: packed_logprobs(model, b, self.chunk)
+        fn = self._grpo_grad_fn(("grpo_packed", settings), score, settings)
+        return fn(params, packed, old_logp, ref_logp, advantages, mask, weight)
+
+    def _grpo_grad_fn(self, key, score, settings: GRPOSettings):
+        """The jitted gradient of weight * GRPO loss, the log-probs [R, G] from score(model, batch)."""
         fn = self._grad.get(key)
         if fn is None:
 
             def loss_fn(p, batch, old_logp, ref_logp, advantages, mask, weight):
-                model = nnx.merge(self.graphdef, p)
-                logp, ent = response_logprobs(model, batch, start, length, self.chunk)
+                logp, ent = score(nnx.merge(self.graphdef, p), batch)
                 loss, metrics = grpo.grpo_loss(
                     logp,
                     old_logp,
@@ -229,7 +269,7 @@ class Learner:
                 return weight * loss, metrics
 
             fn = self._grad[key] = jax.jit(jax.grad(loss_fn, has_aux=True))
-        return fn(params, batch, old_logp, ref_logp, advantages, mask, weight)
+        return fn
 
     def accumulate(self, total, grads):
         return grads if total is None else self._add(total, grads)

@@ -1,6 +1,7 @@
 """Rollouts and the rows GRPO trains on: the host-side pieces of one step's experience.
 
-Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket.
+Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket,
+L pack length.
 
 Rewards are scored on the host in a thread pool while the device computes log-probs
 (`score_async`). Nothing here imports the data readers or transformers.
@@ -15,8 +16,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
-from emor3_jax.batches import Prompt, SequenceBatch, bucket
+from emor3_jax.batches import PackedBatch, Prompt, SequenceBatch, bucket
 from emor3_jax.models.api import prepare_inputs
+from emor3_jax.rl import packing
 from emor3_jax.runtime.multihost import to_host
 from emor3_jax.sampling.methods import SamplingParams
 
@@ -90,12 +92,66 @@ def training_rows(
         attn[i, p_len - len(src.ids) : p_len] = 1
         ids[i, p_len:] = ro.tokens[row]
         attn[i, p_len:] = resp_mask[i]
+    return SequenceBatch.from_inputs(_inputs(cfg, ids, attn, srcs)), resp_mask, p_len, g_len
+
+
+def _inputs(cfg, ids, attn, srcs: list[Prompt]) -> dict:
+    """prepare_inputs of rows ids [m, T] whose prompts are `srcs`, their images in row order."""
     with_img = [p for p in srcs if p.image_grid_thw is not None]
-    inputs = prepare_inputs(
+    return prepare_inputs(
         cfg,
         ids,
         attn,
         np.concatenate([p.pixel_values for p in with_img]) if with_img else None,
         np.concatenate([p.image_grid_thw for p in with_img]) if with_img else None,
     )
-    return SequenceBatch.from_inputs(inputs), resp_mask, p_len, g_len
+
+
+def packed_rows(
+    ro: Rollouts, cfg, pad_id: int, pack_length: int, shards: int, rows: np.ndarray
+) -> tuple[PackedBatch, np.ndarray]:
+    """Rows `rows` as prompt + response (its `lengths` tokens, no bucket padding) packed into
+    sequences of `pack_length` tokens, balanced over `shards` data-parallel shards
+    (packing.plan), and the response mask [len(rows), G].
+
+    Each row keeps the positions and image features it has on its own: the rows are first laid
+    out one per line in pack order, so `prepare_inputs` computes every row's M-RoPE positions
+    and puts the images in the order the packs read them, then each line is copied into its
+    pack as one segment.
+    """
+    g_len = ro.tokens.shape[1]
+    srcs = [ro.prompts[row // ro.n] for row in rows]
+    resp = [int(ro.lengths[row]) for row in rows]
+    lens = [len(src.ids) + n for src, n in zip(srcs, resp)]
+    if max(lens) > pack_length:
+        raise ValueError(
+            f"a row of {max(lens)} tokens (prompt + response) does not fit --config.rl.pack_length={pack_length}; "
+            "it must be >= rl.max_prompt_len + rl.max_response_len"
+        )
+    packs = packing.plan(lens, pack_length, shards)
+    order = [i for pack in packs for i in pack]
+    ids = np.full((len(rows), max(lens)), pad_id, np.int64)
+    attn = np.zeros_like(ids)
+    for line, i in enumerate(order):
+        ids[line, : lens[i]] = np.concatenate([srcs[i].ids, ro.tokens[rows[i], : resp[i]]])
+        attn[line, : lens[i]] = 1
+    lines = _inputs(cfg, ids, attn, [srcs[i] for i in order])
+    shape = (len(packs), pack_length)
+    p_ids, seg, pos = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros((3, *shape), np.int32)
+    index = np.zeros((len(rows), g_len), np.int32)
+    line = 0
+    for p, pack in enumerate(packs):
+        start = 0
+        for s, i in enumerate(pack, 1):
+            n, end = lens[i], start + lens[i]
+            p_ids[p, start:end] = lines["input_ids"][line, :n]
+            pos[:, p, start:end] = lines["positions"][:, line, :n]
+            seg[p, start:end] = s
+            # response token j sits at start + len(prompt) + j, predicted from the token before
+            index[i, : resp[i]] = p * pack_length + start + len(srcs[i].ids) - 1 + np.arange(resp[i])
+            start, line = end, line + 1
+    batch = SequenceBatch(
+        p_ids, (seg > 0).astype(np.int32), pos, lines.get("pixels"), lines.get("layout"), segment_ids=seg
+    )
+    resp_mask = (np.arange(g_len)[None, :] < np.asarray(resp)[:, None]).astype(np.float32)
+    return PackedBatch(batch, index), resp_mask

@@ -146,6 +146,16 @@ def axis_rules(rules: Rules):
         _RULES.reset(token)
 
 
+def axis_shards(name: str) -> int:
+    """How many ways logical axis `name` is split under the current mesh and rules (1 outside
+    `use_mesh`): e.g. the data-parallel shards of "batch"."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in _mesh_axes_for(name, rules))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical axes, under the current mesh and rules.
 

@@ -65,11 +65,11 @@ class ScriptedTask:
         return {"overall": n / 10, "brevity": float(n <= 2)}
 
 
-def _setup(micro_batch, loss_mode, tx=None, **settings_fields):
+def _setup(micro_batch, loss_mode, tx=None, devices=1, **settings_fields):
     from emor3_jax.models.api import preset
 
     cfg = preset("tiny", vocab_size=64, param_dtype="float32", compute_dtype="float32")
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:devices])
     graphdef, params = nnx.split(create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0))
     settings = StepSettings(
         num_generations=N,
@@ -119,6 +119,30 @@ def test_micro_batches_accumulate_to_the_gradient_of_one_big_batch(loss_mode):
     assert max(float(np.abs(a).max()) for a in flat_big) > 1e-6  # the gradient is not zero
     for a, b in zip(flat_big, flat_small):
         # atol: two float32 ulps of a parameter of magnitude ~1 (the move is new - old params)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2.5e-7)
+
+
+def test_packed_rows_give_the_update_and_log_probs_of_padded_rows():
+    """rl.packing through the whole step on 8 devices: each micro-batch's 4 rows (3 to 11
+    tokens) spread over the 8 data-parallel shards (4 of them left with an empty pack of 16
+    tokens) give the padded rows' reference and old log-probs and move the params as they do
+    (SGD at lr 1: the move is the gradient)."""
+    moved, logp = {}, {}
+    for packing in (False, True):
+        mesh, learner, params, step, records = _setup(4, "token", devices=8, packing=packing, pack_length=16)
+        ref = jax.tree.map(lambda x: x + 0.01, params)
+        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+            exp = step.experience(params, ref, records, jax.random.key(0))
+            assert all(type(b).__name__ == ("PackedBatch" if packing else "SequenceBatch") for b, _ in exp.batches)
+            logp[packing] = [np.asarray(x) * m for x, (_, m) in zip(exp.ref_logp + exp.old_logp, exp.batches * 2)]
+            before = jax.tree.map(np.asarray, params)
+            new, _, _ = step.update(params, learner.init(params), exp, step=1)
+        moved[packing] = jax.tree.map(lambda a, b: np.asarray(a) - b, new, before)
+        step.close()
+    for a, b in zip(logp[False], logp[True]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(a).max()) for a in jax.tree.leaves(moved[False])) > 1e-6
+    for a, b in zip(jax.tree.leaves(moved[False]), jax.tree.leaves(moved[True])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2.5e-7)
 
 

@@ -62,12 +62,21 @@ class Qwen25VL(nnx.Module):
                 x = _scatter_features(x, input_ids == token_id, merged[order])
         return x
 
-    def hidden_states(self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D]."""
+    def hidden_states(
+        self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D].
+
+        A token attends causally to the tokens attention_mask [B, T] marks; with segment_ids
+        [B, T] (packed rows) only to those of its own segment: a block-diagonal causal mask,
+        which every attention impl takes as it is (a dense [B, 1, T, S] mask).
+        """
         seq = x.shape[1]
         causal = jnp.tril(jnp.ones((seq, seq), bool))
-        mask = (causal[None] & attention_mask[:, None, :].astype(bool))[:, None]  # [B, 1, T, S]
-        return self.decode(x, positions, mask)[0]
+        mask = causal[None] & attention_mask[:, None, :].astype(bool)  # [B, T, S]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return self.decode(x, positions, mask[:, None])[0]
 
     def decode(
         self,
