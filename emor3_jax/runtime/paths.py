@@ -18,7 +18,13 @@ import shutil
 import tempfile
 import weakref
 
+import fsspec
 from etils import epath
+
+# gcsfs keeps directory listings forever by default, so files that another process or host
+# wrote later (a lock, a checkpoint, the data store) would stay unseen: list afresh each time.
+for _protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_uri(path) -> bool:
@@ -46,6 +52,11 @@ def size(path) -> int:
     """Bytes in file `path`; 0 when it does not exist."""
     p = epath.Path(path)
     return p.stat().length if p.exists() else 0
+
+
+def mtime(path) -> float:
+    """When file `path` was last modified (seconds since the epoch; whole seconds for a URI)."""
+    return os.stat(path).st_mtime if not is_uri(path) else float(epath.Path(path).stat().mtime)
 
 
 def append(path, text: str) -> None:
@@ -80,8 +91,6 @@ def create_exclusive(path, data: bytes) -> bool:
             f.flush()
             os.fsync(f.fileno())
         return True
-    import fsspec
-
     if epath.Path(path).exists():  # also for stores (and emulators) that ignore the precondition
         return False
     try:

@@ -33,9 +33,9 @@ LOCK_NAME = "run.lock"
 
 @dataclasses.dataclass(frozen=True)
 class Version:
-    """What identifies one lock file: its modification time (whole seconds) and its bytes."""
+    """What identifies one lock file: its modification time and its bytes."""
 
-    mtime: int
+    mtime: float
     data: bytes
 
 
@@ -73,7 +73,7 @@ class WorkdirLock:
         """(owner, version) of the current lock file; owner None when it is not (yet) readable
         JSON (another run may be between creating and writing it). FileNotFoundError when absent."""
         p = epath.Path(self.path)
-        mtime, data = p.stat().mtime, p.read_bytes()
+        mtime, data = paths.mtime(self.path), p.read_bytes()
         try:
             return json.loads(data.decode("utf-8")), Version(mtime, data)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -110,7 +110,7 @@ class WorkdirLock:
             epath.Path(self.path).rename(aside)
         except FileNotFoundError:
             return  # already gone
-        moved = Version(aside.stat().mtime, aside.read_bytes())
+        moved = Version(paths.mtime(aside), aside.read_bytes())
         if moved != st:
             paths.create_exclusive(self.path, moved.data)
         aside.unlink()
