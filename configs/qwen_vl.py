@@ -30,9 +30,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     tiny = arg == "tiny"
     c = ConfigDict()
     c.variant = arg
-    c.workdir = "workdir/tiny" if tiny else ""
+    c.workdir = "workdir/tiny" if tiny else ""  # local or gs://bucket/run (every path may be a URI)
+    # Local copies of what libraries read or write as local files only when paths are URIs (the
+    # ArrayRecord data, an hf_path on gs://): a fresh directory under it per process, removed at
+    # the end of the run. "" = tempfile.gettempdir().
+    c.scratch_dir = ""
     c.seed = 0
-    c.hf_path = ""  # local HF checkpoint dir (3b/7b); tiny starts from random weights
+    c.hf_path = ""  # HF checkpoint dir (local or gs://) or hub id (3b/7b); tiny starts from random weights
     c.tokenizer_path = ""  # "" = the HF checkpoint's tokenizer; tiny builds the test BPE into the workdir
 
     c.model = ConfigDict()

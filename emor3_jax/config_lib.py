@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from emor3_jax.data.splits import SOURCES
@@ -164,13 +165,14 @@ def resolve_hub_ids(c: ConfigDict) -> None:
 
 def _model_path_problem(flag: str, value: str) -> str | None:
     """Why `value` of --config.<flag> (after resolve_hub_ids) is unusable, or None."""
-    if os.path.isdir(value):
-        if flag == "hf_path" and not os.path.isfile(os.path.join(value, "config.json")):
+    if epath.Path(value).is_dir():  # local or a URI (gs://...)
+        if flag == "hf_path" and not epath.Path(value, "config.json").is_file():
             return f"--config.hf_path={value!r} has no config.json (expected a Hugging Face checkpoint dir)"
         return None
     return (
         f"--config.{flag}={value!r} is neither a local directory nor a Hugging Face hub id (owner/name, e.g. "
-        f"Qwen/Qwen2.5-VL-3B-Instruct); give a local path with --config.{flag}=/local/dir"
+        f"Qwen/Qwen2.5-VL-3B-Instruct) nor an existing gs:// directory; give a local path with "
+        f"--config.{flag}=/local/dir"
     )
 
 
@@ -206,19 +208,19 @@ def validate(c: ConfigDict) -> None:
         for split in ("train", "test"):
             path = c.data[split]
             need(
-                bool(path) and os.path.exists(path),
+                bool(path) and epath.Path(path).exists(),
                 f"--config.data.{split}={path!r} does not exist (the {c.data.source} data for the {split} split)",
             )
             if c.data.source == "folder":
                 ann = c.data[f"annotations_{split}"]
                 need(
-                    bool(ann) and os.path.isfile(ann),
+                    bool(ann) and epath.Path(ann).is_file(),
                     f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
                 )
     if c.data.cold_start:
         path = c.data.cold_start
         need(
-            os.path.isdir(path) or (os.path.isfile(path) and path.endswith((".jsonl", ".parquet"))),
+            epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith((".jsonl", ".parquet"))),
             f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of .parquet) "
             "with image, problem and response per record",
         )
@@ -345,10 +347,10 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
             need(ds.split in ("train", "test"), f"{flag}.split={ds.split!r} must be train or test (synthetic)")
             need(ds.num_examples > 0, f"{flag}.num_examples={ds.num_examples}: synthetic needs how many to draw")
         elif ds.source in SOURCES:
-            need(bool(ds.path) and os.path.exists(ds.path), f"{flag}.path={ds.path!r} does not exist")
+            need(bool(ds.path) and epath.Path(ds.path).exists(), f"{flag}.path={ds.path!r} does not exist")
         if ds.source == "folder":
             need(
-                bool(ds.annotations) and os.path.isfile(ds.annotations),
+                bool(ds.annotations) and epath.Path(ds.annotations).is_file(),
                 f"{flag}.annotations={ds.annotations!r}: the JSONL/CSV annotation file is missing",
             )
         if ds.source == "emoset118k":
@@ -386,6 +388,7 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
 # evaluates and saves, not what a step computes. A name covers every field under it.
 RESUMABLE = (
     "workdir",
+    "scratch_dir",
     "hf_path",
     "tokenizer_path",
     "data.train",

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import zlib
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import ConfigDict, config_flags
 
 from emor3_jax import config_lib
@@ -42,7 +42,7 @@ from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import evaluate
-from emor3_jax.runtime import cli, multihost, setup
+from emor3_jax.runtime import cli, multihost, paths, setup
 from emor3_jax.runtime.load import load_policy, locate
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
@@ -125,10 +125,14 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
     (process 0) and returns results.json's content."""
     config_lib.validate_eval(c, names, k)
     mesh, rules = setup.mesh_and_rules(c)
-    policy = load_policy(checkpoint, c, mesh, rules)
+    scratch = paths.Scratch(c.scratch_dir)
+    try:
+        policy = load_policy(checkpoint, c, mesh, rules, scratch)
+    finally:
+        scratch.close()
     rt = setup.build(c, policy.tokenizer, policy.special, policy.cfg, mesh, rules)
     results = {
-        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint": paths.absolute(checkpoint),
         "step": policy.step,
         "use_set": use_set,
         "samples": k,
@@ -140,26 +144,26 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
         "prompts_dropped": {},  # per data set: ids of the prompts over rl.max_prompt_len, left out
     }
     write = multihost.is_main()  # every process samples its part of each batch; one writes
+    out_dir = epath.Path(out)  # local or a URI
     if write:
-        os.makedirs(out, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         summary, lines, dropped = evaluate_dataset(name, c, policy, rt, k, use_set)
         results["datasets"][name] = summary
         results["prompts_dropped"][name] = dropped
         if write:
-            with open(os.path.join(out, f"{name}_responses.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            (out_dir / f"{name}_responses.jsonl").write_text(text, encoding="utf-8")
             conf = summary["confusion"]["counts"]
             title = f"{name}: label (rows) vs greedy prediction (columns), n={summary['num_examples']}"
-            eval_report.confusion_image(conf, summary["labels"], title).save(os.path.join(out, f"{name}_confusion.png"))
+            with (out_dir / f"{name}_confusion.png").open("wb") as f:
+                eval_report.confusion_image(conf, summary["labels"], title).save(f, format="PNG")
     if write:
-        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, ensure_ascii=False)
-        with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:
-            f.write(eval_report.markdown(results))
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        (out_dir / "results.md").write_text(eval_report.markdown(results), encoding="utf-8")
     if write:
         print("\n" + eval_report.summary_table(results["datasets"]))
-        print(f"\nwrote {os.path.abspath(out)}")
+        print(f"\nwrote {paths.absolute(out)}")
     return results
 
 
@@ -168,8 +172,8 @@ def default_out(checkpoint: str) -> str:
     where, step = locate(checkpoint)
     if where == "hf":
         raise ValueError(f"--checkpoint={checkpoint!r} is a Hugging Face checkpoint: pass --out=<directory>")
-    workdir = os.path.dirname(os.path.normpath(where))
-    return os.path.join(workdir, "eval" if step is None else f"eval-{os.path.basename(where)}-{step}")
+    workdir = paths.parent(where)
+    return paths.join(workdir, "eval" if step is None else f"eval-{epath.Path(where).name}-{step}")
 
 
 def main(argv) -> None:

@@ -2,6 +2,8 @@
 
     python -m emor3_jax.export --workdir=workdir/tiny --out=/tmp/emor3-hf [--step=N | --best]
 
+--workdir and --out may be URIs (gs://bucket/run, gs://bucket/export).
+
 The architecture and run config come from the checkpoint's metadata; tokenizer, processor
 and chat-template files come from the run's HF source checkpoint (or, for the tiny model,
 the tokenizer the run built and an image processor config for the run's data.min_pixels and
@@ -10,14 +12,12 @@ max_pixels), so `AutoProcessor.from_pretrained(out)` loads.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax
 from absl import app, flags, logging
+from etils import epath
 
 from emor3_jax.models.api import save_hf
-from emor3_jax.runtime import cli, sharding
+from emor3_jax.runtime import cli, paths, sharding
 from emor3_jax.runtime.load import load_step
 
 FLAGS = (
@@ -30,8 +30,8 @@ FLAGS = (
 
 
 def export(workdir: str, out: str, step: int | None = None, best: bool = False, dtype: str | None = None) -> str:
-    directory = os.path.join(workdir, "best" if best else "ckpt")
-    if not os.path.isdir(directory):
+    directory = paths.join(workdir, "best" if best else "ckpt")
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints (is --workdir a training run's workdir?)")
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
     model, _, config, _ = load_step(directory, step, mesh, sharding.DEFAULT_RULES, compute_dtype="float32")
@@ -39,9 +39,7 @@ def export(workdir: str, out: str, step: int | None = None, best: bool = False, 
     pixels = (config["data"]["min_pixels"], config["data"]["max_pixels"])
     save_hf(model, out, like=like, dtype=dtype, image_pixels=pixels)
     if like is None and jax.process_index() == 0:
-        tok_dir = config["tokenizer_path"] or os.path.join(workdir, "tokenizer")
-        for name in os.listdir(tok_dir):
-            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out, name))
+        paths.copy_tree(config["tokenizer_path"] or paths.join(workdir, "tokenizer"), out)
     return out
 
 

@@ -11,12 +11,12 @@ would have done.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -33,7 +33,7 @@ from emor3_jax.models.api import create_model, load_hf
 from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, check_finite, make_optimizer
-from emor3_jax.runtime import multihost, setup
+from emor3_jax.runtime import multihost, paths, setup
 from emor3_jax.runtime.checkpoint import PreemptionFlag
 from emor3_jax.runtime.metrics import CompileTimer, MetricWriter
 from emor3_jax.runtime.run_checkpoints import RunCheckpoints
@@ -48,8 +48,9 @@ class Run:
     def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None):
         config_lib.validate(c)
         self.c, self.accepted = c, accepted
-        os.makedirs(c.workdir, exist_ok=True)
-        tok = setup.load_tokenizer(c)
+        self.scratch = paths.Scratch(c.scratch_dir)  # local copies of URI files; removed by close()
+        epath.Path(c.workdir).mkdir(parents=True, exist_ok=True)
+        tok = setup.load_tokenizer(c, self.scratch)
         self.vocab = len(tok)
         special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
@@ -58,13 +59,18 @@ class Run:
         self.task = EmoR3.from_config(c)
         self.dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
         self.data_dir, self.bad = store.build(
-            c, lambda r: self.task.prompt_length(self.encoder, r), self.dropped, is_set_answer=rewards.format_score
+            c,
+            lambda r: self.task.prompt_length(self.encoder, r),
+            self.dropped,
+            is_set_answer=rewards.format_score,
+            scratch=self.scratch,
         )
         if c.cold_start.steps:
             self._check_answers()
         self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
         if c.hf_path:
-            model = load_hf(c.hf_path, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
+            hf = self.scratch.local(c.hf_path, "hf")  # safetensors are memory-mapped: a local copy
+            model = load_hf(hf, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
         else:
             model = create_model(cfg, self.rt.mesh, self.rt.rules, seed=c.seed)
         self.graphdef, self.params = nnx.split(model)
@@ -384,6 +390,7 @@ class Run:
         self.ckpts.close()
         self.writer.close()
         self.preempt.restore_handler()
+        self.scratch.close()
 
 
 def run(c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None) -> dict:
@@ -403,7 +410,7 @@ def run(c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None 
         results = {
             "cold_start": evals.get("cold_start"),
             "grpo": evals.get("grpo"),
-            "workdir": os.path.abspath(c.workdir),
+            "workdir": paths.absolute(c.workdir),
         }
         if multihost.is_main():
             eval_report.write_run_results(c.workdir, results)

@@ -26,18 +26,22 @@ records and go on:
 
   records = checked(read_folder(root, "ann.jsonl", LABELS), skip_bad=True,
                     max_bad_fraction=0.01, counter={})
+
+Every path may be local or a URI (gs://...): files are read through epath (runtime/paths).
 """
 
 import csv
 import io
 import json
 import logging
-import os
 import re
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from etils import epath
 from PIL import Image
+
+from emor3_jax.runtime import paths
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +116,12 @@ def _read_image_file(root_real: str, rel_path, where: str) -> bytes:
     """Reads `rel_path` under the data root; refuses paths that leave the root."""
     if not isinstance(rel_path, str) or not rel_path:
         raise BadRecord(f"{where}: expected a non-empty image path, got {rel_path!r}")
-    full = os.path.realpath(os.path.join(root_real, rel_path))  # resolves `..` and symlinks
-    if os.path.commonpath([root_real, full]) != root_real:
+    full, inside = paths.resolve(root_real, rel_path)  # `..` and (local) symlinks resolved
+    if not inside:
         raise BadRecord(f"{where}: image path {rel_path!r} resolves to {full}, outside the data root {root_real}")
-    if not os.path.isfile(full):
+    if not epath.Path(full).is_file():
         raise BadRecord(f"{where}: image file {full} does not exist")
-    with open(full, "rb") as f:
-        return _check_image(f.read(), f"{where} ({full})")
+    return _check_image(epath.Path(full).read_bytes(), f"{where} ({full})")
 
 
 def _text(value, field: str, where: str) -> str:
@@ -130,8 +133,8 @@ def _text(value, field: str, where: str) -> str:
 
 
 def _root(root) -> str:
-    root_real = os.path.realpath(os.fspath(root))
-    if not os.path.isdir(root_real):
+    root_real, _ = paths.resolve(root)  # a local root with its symlinks resolved
+    if not epath.Path(root_real).is_dir():
         raise FileNotFoundError(f"data root {root} is not a directory")
     return root_real
 
@@ -149,15 +152,31 @@ def label_from_answer(answer: str) -> str:
 
 
 def _parquet_files(path_or_dir) -> list[str]:
-    path = os.fspath(path_or_dir)
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
+    path = epath.Path(path_or_dir)
+    if path.is_dir():
+        files = [f for f in paths.files(path) if f.endswith(".parquet")]
         if not files:
             raise FileNotFoundError(f"no .parquet files under {path}")
         return files
-    if not os.path.isfile(path):
+    if not path.is_file():
         raise FileNotFoundError(f"parquet file {path} does not exist")
-    return [path]
+    return [str(path)]
+
+
+def _parquet_columns(file: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with epath.Path(file).open("rb") as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def _parquet_rows(file: str, columns: list[str] | None = None) -> Iterator[dict]:
+    """The rows of parquet `file` (local or a URI), read 64 at a time."""
+    import pyarrow.parquet as pq
+
+    with epath.Path(file).open("rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
+            yield from batch.to_pylist()
 
 
 def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
@@ -168,19 +187,17 @@ def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
     label is `label_from_answer(answer)`. Other columns (`course_grained`) are
     ignored. `id` is "<file stem>-<row index within the file>".
     """
-    import pyarrow.parquet as pq
-
     labels = _norm_labels(labels)
     files = _parquet_files(path_or_dir)
     columns = ["images", "problem", "answer"]
     for file in files:
-        names = pq.ParquetFile(file).schema_arrow.names
+        names = _parquet_columns(file)
         missing = [c for c in columns if c not in names]
         if missing:
             raise ValueError(f"{file}: missing parquet columns {missing} (has {names})")
 
     def row_record(file: str, row_index: int, row: dict) -> dict:
-        rid = f"{os.path.splitext(os.path.basename(file))[0]}-{row_index}"
+        rid = f"{epath.Path(file).stem}-{row_index}"
         where = f"{file} row {row_index} (id {rid})"
         images = row["images"]
         if not isinstance(images, list) or len(images) != 1:
@@ -201,11 +218,8 @@ def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
 
     def thunks():
         for file in files:
-            row_index = 0
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=columns):
-                for row in batch.to_pylist():
-                    yield lambda f=file, i=row_index, r=row: row_record(f, i, r)
-                    row_index += 1
+            for row_index, row in enumerate(_parquet_rows(file, columns)):
+                yield lambda f=file, i=row_index, r=row: row_record(f, i, r)
 
     return _Records(thunks())
 
@@ -216,20 +230,19 @@ def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
 
 def _annotation_rows(path: str) -> Iterator[tuple[str, object]]:
     """Yields (where, row): row is the parsed line/row, or a BadRecord for a line that is not JSON."""
+    text = io.StringIO(epath.Path(path).read_bytes().decode("utf-8"), newline="")  # lines end as stored
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_no}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, BadRecord(f"{where}: expected one JSON object per line ({e})")
+        for line_no, line in enumerate(text, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, BadRecord(f"{where}: expected one JSON object per line ({e})")
     else:  # .csv (read_folder checked the suffix)
-        with open(path, encoding="utf-8", newline="") as f:
-            for row_no, row in enumerate(csv.DictReader(f), 1):
-                yield f"{path} row {row_no}", row
+        for row_no, row in enumerate(csv.DictReader(text), 1):
+            yield f"{path} row {row_no}", row
 
 
 def read_folder(root, annotations_file, labels: Sequence[str]) -> Iterator[dict]:
@@ -241,13 +254,13 @@ def read_folder(root, annotations_file, labels: Sequence[str]) -> Iterator[dict]
     """
     labels = _norm_labels(labels)
     root_real = _root(root)
-    path = os.fspath(annotations_file)
-    if not os.path.isfile(path):
+    path = str(annotations_file)
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"annotations file {path} does not exist")
     if not path.endswith((".jsonl", ".csv")):
         raise ValueError(f"annotations file {path} must end in .jsonl (one JSON object per line) or .csv")
     if path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with epath.Path(path).open("r") as f:
             header = next(csv.reader(f), [])
         missing = [c for c in ("image", "label") if c not in header]
         if missing:
@@ -296,11 +309,10 @@ def read_emoset118k(root, split: str, labels: Sequence[str]) -> Iterator[dict]:
         raise ValueError(f"EmoSet-118K split must be one of {EMOSET118K_SPLITS}, got {split!r}")
     labels = _norm_labels(labels)
     root_real = _root(root)
-    path = os.path.join(root_real, f"{split}.json")
-    if not os.path.isfile(path):
+    path = paths.join(root_real, f"{split}.json")
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"EmoSet-118K split list {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
+    items = json.loads(epath.Path(path).read_text(encoding="utf-8"))
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of [emotion, image_id, image_path, annotation_path]")
 
@@ -381,10 +393,10 @@ def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
     labels; whether the response is SET-formatted is checked by `require_set_answers`.
     """
     labels = _norm_labels(labels)
-    path = os.fspath(path)
-    if os.path.isdir(path):
+    path = str(path)
+    if epath.Path(path).is_dir():
         files = _parquet_files(path)
-    elif not os.path.isfile(path):
+    elif not epath.Path(path).is_file():
         raise FileNotFoundError(f"cold-start data {path} does not exist")
     elif not path.endswith(COLD_START_SUFFIXES):
         raise ValueError(f"cold-start data {path} must be a .jsonl or .parquet file (or a directory of .parquet)")
@@ -392,9 +404,7 @@ def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
         files = [path]
     for file in files:
         if file.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            names = pq.ParquetFile(file).schema_arrow.names
+            names = _parquet_columns(file)
             if "response" not in names:
                 raise ValueError(
                     f"{file}: cold-start data has no field 'response' (the SET-formatted answer the cold start "
@@ -409,7 +419,7 @@ def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
         if not isinstance(row, dict):
             raise BadRecord(f"{where}: expected an object with `image`, `problem` and `response`, got {row!r:.80}")
         rid = row.get("id")
-        rid = str(rid) if rid not in (None, "") else f"{os.path.splitext(os.path.basename(file))[0]}-{index}"
+        rid = str(rid) if rid not in (None, "") else f"{epath.Path(file).stem}-{index}"
         where = f"{where} (id {rid})"
         response = row.get("response")
         if not isinstance(response, str) or not response.strip():
@@ -427,7 +437,7 @@ def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
         problem = row.get("problem") if row.get("problem") is not None else row.get("question")
         return {
             "id": rid,
-            "image": _cold_start_image(image, os.path.realpath(os.path.dirname(os.path.abspath(file))), where),
+            "image": _cold_start_image(image, paths.resolve(paths.parent(paths.absolute(file)))[0], where),
             "label": _check_label(label, labels, where),
             "problem": _text(problem, "problem", where),
             "answer": response,
@@ -438,9 +448,7 @@ def read_cold_start(path, labels: Sequence[str]) -> Iterator[dict]:
         if file.endswith(".jsonl"):
             yield from _annotation_rows(file)
             return
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(r for b in pq.ParquetFile(file).iter_batches(batch_size=64) for r in b.to_pylist()):
+        for i, row in enumerate(_parquet_rows(file)):
             yield f"{file} row {i}", row
 
     def thunks():

@@ -1,17 +1,21 @@
 """The run's data store: both splits written once to ArrayRecord files in the workdir (a
 tensorflow-datasets builder), read back with grain, each process its block of every global
-batch (the blocks in process order are what one process reads)."""
+batch (the blocks in process order are what one process reads).
+
+ArrayRecord reads and writes local files only: with the workdir at a URI (gs://...) process 0
+builds the store in its scratch directory (--config.scratch_dir) and uploads it to
+workdir/data, and every process reads a copy in its own scratch directory (the whole data set
+on each host's local disk)."""
 
 from __future__ import annotations
 
-import os
-
 import jax
+from etils import epath
 from ml_collections import ConfigDict
 
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.splits import read_split
-from emor3_jax.runtime import multihost
+from emor3_jax.runtime import multihost, paths
 
 NAME = "emotions"
 
@@ -22,9 +26,16 @@ def cold_start_split(c: ConfigDict) -> str:
     return "cold_start" if c.data.cold_start else "train"
 
 
-def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set_answer=None) -> tuple[str, dict]:
-    """ArrayRecord files of both splits (built once per workdir): their directory, and the
-    records seen / skipped as bad per split while building.
+def build(
+    c: ConfigDict,
+    prompt_length=None,
+    dropped: dict | None = None,
+    is_set_answer=None,
+    scratch: paths.Scratch | None = None,
+) -> tuple[str, dict]:
+    """ArrayRecord files of both splits (built once per workdir): their local directory (the
+    workdir's, or its copy in `scratch`, required then, for a URI workdir), and the records
+    seen / skipped as bad per split while building.
 
     With `prompt_length` (record -> (prompt tokens, image tokens, image tokens at min_pixels),
     e.g. EmoR3.prompt_length) records whose prompt exceeds rl.max_prompt_len are dropped and
@@ -72,11 +83,22 @@ def build(c: ConfigDict, prompt_length=None, dropped: dict | None = None, is_set
     if prompt_length is not None:
         for s, records in list(splits.items()):
             splits[s] = sources.drop_overlong(records, prompt_length, c.rl.max_prompt_len, dropped.setdefault(s, []))
-    out = os.path.join(c.workdir, "data")
+    out = paths.join(c.workdir, "data")
+    if paths.is_uri(out) and scratch is None:
+        raise ValueError(f"{out}: a data store at a URI is read through a local copy; pass `scratch`")
+    local = scratch.path("data") if paths.is_uri(out) else out
+    stored = tfds_builder.dataset_path(out, NAME)
     if multihost.is_main():  # the workdir is shared: one process writes, all read their blocks
-        tfds_builder.build(splits, out, NAME)
+        built_before = local != out and epath.Path(stored, "dataset_info.json").exists()
+        if built_before:  # tfds_builder.build compares its fingerprints with the records given
+            paths.copy_tree(stored, tfds_builder.dataset_path(local, NAME))
+        tfds_builder.build(splits, local, NAME)
+        if local != out and not built_before:
+            paths.copy_tree(tfds_builder.dataset_path(local, NAME), stored)
     multihost.barrier("data built")
-    return out, counter
+    if not multihost.is_main() and local != out:
+        paths.copy_tree(stored, tfds_builder.dataset_path(local, NAME))
+    return local, counter
 
 
 def train_size(directory: str) -> int:

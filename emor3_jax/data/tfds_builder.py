@@ -2,6 +2,7 @@
 
   path = build({"train": train_records, "test": test_records}, "/data/tfds", "emoset2k")
   # -> /data/tfds/emoset2k/1.0.0, read with pipeline.open_split("/data/tfds", "emoset2k", "train")
+  # out_dir is local: ArrayRecord writes local files (store.build uploads a URI workdir's copy)
 
 Features: `id`, `label`, `problem`, `answer`, `truth` are Text; `image` is a scalar
 bytes Tensor holding the encoded file unchanged (an `Image` feature would
@@ -193,7 +194,13 @@ def build(splits: Mapping[str, Iterable[dict]], out_dir, name: str, *, overwrite
             log.info("%s already holds these records; skipping the build", path)
             return path
 
-    builder = _make_builder_class(name, splits)(data_dir=os.fspath(out_dir), file_format="array_record")
-    with tempfile.TemporaryDirectory() as download_dir:  # keeps tfds's empty downloads/ out of out_dir
-        builder.download_and_prepare(download_dir=download_dir)
+    # tfds's empty downloads/ goes to a temporary directory, not out_dir; so does the one it makes
+    # (tempfile.mkdtemp, never removed) for published metadata a new builder looks for.
+    with tempfile.TemporaryDirectory() as tmp:
+        previous, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            builder = _make_builder_class(name, splits)(data_dir=os.fspath(out_dir), file_format="array_record")
+            builder.download_and_prepare(download_dir=tmp)
+        finally:
+            tempfile.tempdir = previous
     return path

@@ -9,10 +9,10 @@ boxed answer that is none of the labels).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 UNPARSED = "unparsed"
@@ -199,8 +199,7 @@ def confusion_image(counts: list[list[int]], labels: Sequence[str], title: str) 
 
 def write_run_results(workdir: str, results: dict) -> None:
     """A training run's results.json, and its held-out accuracies printed."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    epath.Path(workdir, "results.json").write_text(json.dumps(results, indent=2))
     for name, ev in (("cold start", results["cold_start"]), ("GRPO", results["grpo"])):
         if ev:
             greedy, sampled = ev["greedy_accuracy"], ev["sampled_accuracy"]

@@ -10,21 +10,25 @@ A step can still be damaged after it was finalised (a full disk, a copy cut shor
 file). `restore_newest_intact` reads the newest step in full and falls back to older ones,
 saying which step it skipped and why in one line; the skipped steps are moved aside (never
 deleted) so the resumed run can save those step numbers again.
+
+The directory may be a URI (gs://...): Orbax writes it through epath and TensorStore, and marks
+a finished step with a commit file there (object stores have no atomic rename); a damaged step
+is moved aside by copying it (runtime/paths).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import signal
 import threading
 from collections.abc import Callable
 
 import orbax.checkpoint as ocp
+from etils import epath
 
-from emor3_jax.runtime import multihost
+from emor3_jax.runtime import multihost, paths
 
 # TensorStore reports damaged bytes as an absl status ("OUT_OF_RANGE: Error reading ...").
 _STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
@@ -72,7 +76,7 @@ def _is_damage(e: BaseException) -> bool:
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory).rstrip("/")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -80,7 +84,7 @@ class Checkpointer:
             # Orbax names its cross-process barriers by step: two managers saving the same step
             # (ckpt/ and best/) would share them and fail; a prefix per directory keeps them apart.
             multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix=os.path.basename(self.directory.rstrip("/"))
+                barrier_sync_key_prefix=epath.Path(self.directory).name
             ),
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -106,7 +110,7 @@ class Checkpointer:
             raise
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return paths.join(self.directory, str(step))
 
     def _check_model(self, step: int, meta: dict, expect_model: dict) -> None:
         if meta.get("model") != expect_model:
@@ -202,12 +206,12 @@ class Checkpointer:
             return moved
         for step in steps:
             target, n = f"{self._step_dir(step)}.corrupt", 1
-            while os.path.exists(target):
+            while epath.Path(target).exists():
                 target, n = f"{self._step_dir(step)}.corrupt{n}", n + 1
             moved[step] = target
         if multihost.is_main():
             for step, target in moved.items():
-                os.rename(self._step_dir(step), target)
+                epath.Path(self._step_dir(step)).rename(target)
         multihost.barrier(f"{self.directory}: damaged steps moved aside")
         self._mngr.reload()
         return moved

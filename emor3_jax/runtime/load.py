@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
+from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
 from emor3_jax.models.api import Model, ModelConfig, abstract_model, load_hf
-from emor3_jax.runtime import sharding
+from emor3_jax.runtime import paths, sharding
 from emor3_jax.runtime.checkpoint import Checkpointer
 from emor3_jax.runtime.setup import check_tokenizer
 
@@ -38,7 +38,7 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
     The architecture and param_dtype are the run's; `runtime` sets ModelConfig's other
     run-time fields (compute_dtype, attention_impl, remat).
     """
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints")
     ckpt = Checkpointer(directory, keep=1, async_save=False)
     try:
@@ -59,25 +59,26 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
 def locate(path: str) -> tuple[str, int | None]:
     """("hf", None), or (Orbax checkpoint directory, step or None for the latest) for `path`;
     raises naming what was expected when `path` is neither."""
-    if not os.path.exists(path):
+    p = epath.Path(path)  # local or a URI
+    if not p.exists():
         raise FileNotFoundError(f"--checkpoint={path!r} does not exist")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if (p / "config.json").is_file():
         return "hf", None
-    if os.path.isdir(os.path.join(path, "ckpt")):
-        return os.path.join(path, "ckpt"), None
-    name = os.path.basename(os.path.normpath(path))
-    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
-        return os.path.dirname(os.path.normpath(path)), int(name)
+    if (p / "ckpt").is_dir():
+        return paths.join(path, "ckpt"), None
+    if p.name.isdigit() and (p / "meta").is_dir():
+        return paths.parent(path), int(p.name)
     raise ValueError(
         f"--checkpoint={path!r} is neither a Hugging Face checkpoint dir (config.json + *.safetensors) "
         "nor a training workdir (with ckpt/) nor an Orbax step dir (workdir/ckpt/N or workdir/best/N)"
     )
 
 
-def load_policy(path: str, c: ConfigDict, mesh, rules) -> Policy:
+def load_policy(path: str, c: ConfigDict, mesh, rules, scratch: paths.Scratch | None = None) -> Policy:
     """The policy at `path` on `mesh`, computing in c.model.compute_dtype. The tokenizer is
     c.tokenizer_path if set, else the checkpoint's (HF dir; an Orbax run's tokenizer_path or
-    hf_path, or the test tokenizer it built in its workdir)."""
+    hf_path, or the test tokenizer it built in its workdir). An HF checkpoint or tokenizer at a
+    URI is read from its copy in `scratch` (a fresh one, removed when collected, if None)."""
     from transformers import AutoTokenizer
 
     runtime = dict(
@@ -86,16 +87,17 @@ def load_policy(path: str, c: ConfigDict, mesh, rules) -> Policy:
         remat=False,
         vision_buckets=tuple(c.model.vision_buckets),  # any image size, a bounded number of programs
     )
+    scratch = scratch or paths.Scratch()
     where, step = locate(path)
     if where == "hf":
-        model = load_hf(path, mesh, rules, param_dtype=c.model.param_dtype, **runtime)
+        model = load_hf(scratch.local(path, "hf"), mesh, rules, param_dtype=c.model.param_dtype, **runtime)
         tok_dir = c.tokenizer_path or path
     else:
         model, _, run, step = load_step(where, step, mesh, rules, **runtime)
-        workdir = os.path.dirname(where)
-        tok_dir = c.tokenizer_path or run["tokenizer_path"] or run["hf_path"] or os.path.join(workdir, "tokenizer")
-    if not os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
+        workdir = paths.parent(where)
+        tok_dir = c.tokenizer_path or run["tokenizer_path"] or run["hf_path"] or paths.join(workdir, "tokenizer")
+    if not epath.Path(tok_dir, "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{tok_dir}: no tokenizer (tokenizer_config.json); set --config.tokenizer_path")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(scratch.local(tok_dir, "tokenizer", skip=(".safetensors",)))
     special = check_tokenizer(tok, f"{tok_dir} (for {path})", model.cfg)
     return Policy(model, model.cfg, tok, special, step)

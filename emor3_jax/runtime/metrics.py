@@ -5,18 +5,24 @@ Only process 0 writes. On resume, metrics.jsonl and samples.txt are cut back to 
 the restored checkpoint (emptied when none was saved), and TensorBoard's event files are
 rebuilt from them, so every step is logged once whenever the run was killed, as if it had
 never stopped. (TensorBoard's own files cannot be cut: tensorboardX writes them from a queue.)
+
+The workdir may be a URI (gs://...): every file goes through runtime/paths, TensorBoard's event
+files too (`_EpathEventFile`, registered with tensorboardX for gs:// and s3://).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import shutil
 import sys
 import time
 
 import jax
+from etils import epath
+from tensorboardX import record_writer
+
+from emor3_jax.runtime import paths
 
 
 class CompileTimer:
@@ -40,6 +46,38 @@ class CompileTimer:
         jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
+class _EpathEventFile:
+    """A TensorBoard event file at a URI: the bytes written so far, the whole object rewritten
+    on each flush (an object cannot be appended to)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        epath.Path(self.path).write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathEventFiles:
+    """tensorboardX's writer factory for URIs (its own for gs:// needs google-cloud-storage's
+    client and credentials of its own; this one shares epath's)."""
+
+    def open(self, path: str) -> _EpathEventFile:
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+for _scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(_scheme, _EpathEventFiles())
+
+
 LOGS = ("metrics.jsonl", "samples.txt")  # the logs a checkpoint records the sizes of
 _SAMPLE_HEAD = re.compile(r"^=== (\S+) step (\d+) (\S+)$")
 
@@ -48,24 +86,22 @@ class MetricWriter:
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
         self.workdir = workdir
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.samples = os.path.join(workdir, "samples.txt")
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self.samples = paths.join(workdir, "samples.txt")
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = self._open_tb()
         self._t0 = {}
 
     def _open_tb(self):
         from tensorboardX import SummaryWriter
 
-        return SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+        return SummaryWriter(paths.join(self.workdir, "tensorboard"))
 
     def sizes(self) -> dict:
         """Bytes of each of LOGS so far (a checkpoint records them to cut back to on resume)."""
-        return {
-            name: os.path.getsize(p) if os.path.exists(p := os.path.join(self.workdir, name)) else 0 for name in LOGS
-        }
+        return {name: paths.size(paths.join(self.workdir, name)) for name in LOGS}
 
     def rewind(self, sizes: dict) -> None:
         """Cuts each of LOGS back to `sizes` (a checkpoint's; {} for a fresh start: all emptied)
@@ -74,16 +110,15 @@ class MetricWriter:
         if not self.enabled:
             return
         for name in LOGS:
-            path = os.path.join(self.workdir, name)
-            if os.path.exists(path):
-                os.truncate(path, sizes.get(name, 0))
+            path = paths.join(self.workdir, name)
+            if epath.Path(path).exists():
+                paths.truncate(path, sizes.get(name, 0))
         self._tb.close()
-        shutil.rmtree(os.path.join(self.workdir, "tensorboard"))
+        epath.Path(self.workdir, "tensorboard").rmtree(missing_ok=True)
         self._tb = self._open_tb()
         rows = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                rows = [json.loads(line) for line in f]
+        if epath.Path(self.path).exists():
+            rows = [json.loads(line) for line in epath.Path(self.path).read_text().splitlines()]
         for row in rows:
             phase, step = row.pop("phase"), row.pop("step")
             for k, v in row.items():
@@ -96,8 +131,7 @@ class MetricWriter:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"phase": phase, "step": step, **clean}) + "\n")
+        paths.append(self.path, json.dumps({"phase": phase, "step": step, **clean}) + "\n")
         for k, v in clean.items():
             self._tb.add_scalar(f"{phase}/{k}", v, step)
         self._tb.flush()
@@ -113,8 +147,7 @@ class MetricWriter:
     def text(self, phase: str, step: int, tag: str, text: str) -> None:
         if self.enabled:
             self._tb.add_text(f"{phase}/{tag}", text, step)
-            with open(self.samples, "a") as f:
-                f.write(f"=== {phase} step {step} {tag}\n{text}\n")
+            paths.append(self.samples, f"=== {phase} step {step} {tag}\n{text}\n")
 
     def progress(self, phase: str, step: int, total: int, start_step: int, info: str = "") -> None:
         """A one-line progress bar with ETA from the steps done since (re)start."""
@@ -140,14 +173,13 @@ class MetricWriter:
 
 def _read_samples(path: str) -> list[tuple[tuple[str, int, str], str]]:
     """((phase, step, tag), text) of each entry `MetricWriter.text` appended to samples.txt."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            head = _SAMPLE_HEAD.match(line.rstrip("\n"))
-            if head:
-                out.append(((head[1], int(head[2]), head[3]), []))
-            elif out:
-                out[-1][1].append(line)
+    for line in io.StringIO(epath.Path(path).read_text(encoding="utf-8")):  # lines end at "\n" only
+        head = _SAMPLE_HEAD.match(line.rstrip("\n"))
+        if head:
+            out.append(((head[1], int(head[2]), head[3]), []))
+        elif out:
+            out[-1][1].append(line)
     return [(key, "".join(lines)[:-1]) for key, lines in out]  # [:-1]: the newline text() adds

@@ -6,11 +6,11 @@ samples.txt), which a resumed run cuts its logs back to."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from ml_collections import ConfigDict
 
+from emor3_jax.runtime import paths
 from emor3_jax.runtime.checkpoint import Checkpointer
 from emor3_jax.runtime.workdir_lock import WorkdirLock
 
@@ -21,8 +21,8 @@ class RunCheckpoints:
     def __init__(self, c: ConfigDict, model: dict, lock: WorkdirLock | None = None):
         """`model`: the architecture (ModelConfig.to_hf_dict) that every restore is checked against;
         `lock`: the workdir lock this run holds, checked before each save (None: no lock held)."""
-        self.ckpt = Checkpointer(os.path.join(c.workdir, "ckpt"), c.checkpoint.keep, c.checkpoint.async_save)
-        self.best = Checkpointer(os.path.join(c.workdir, "best"), 1, c.checkpoint.async_save)
+        self.ckpt = Checkpointer(paths.join(c.workdir, "ckpt"), c.checkpoint.keep, c.checkpoint.async_save)
+        self.best = Checkpointer(paths.join(c.workdir, "best"), 1, c.checkpoint.async_save)
         self.model, self.config, self.lock = model, c.to_json(), lock
 
     def save(self, meta: dict, state: dict, log_sizes: dict, best: bool = False) -> None:

@@ -5,7 +5,6 @@ processor and encoder, the sampler, the stop ids and pad-token bias."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from ml_collections import ConfigDict
 
@@ -13,7 +12,7 @@ from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
 from emor3_jax.models.api import ModelConfig
-from emor3_jax.runtime import multihost, sharding
+from emor3_jax.runtime import multihost, paths, sharding
 from emor3_jax.sampling.sampler import Sampler
 
 
@@ -22,19 +21,27 @@ def mesh_and_rules(c: ConfigDict):
     return sharding.make_mesh([tuple(x) for x in c.mesh]), [tuple(r) for r in c.logical_axis_rules]
 
 
-def load_tokenizer(c: ConfigDict):
+def load_tokenizer(c: ConfigDict, scratch: paths.Scratch):
     """tokenizer_path, else hf_path's tokenizer, else (tiny) the test tokenizer built into the
-    workdir by process 0."""
+    workdir by process 0. transformers reads local files: a URI's tokenizer is read from its
+    copy in `scratch` (hf_path's weights are left for load_hf to copy)."""
     from transformers import AutoTokenizer
 
-    if c.tokenizer_path or c.hf_path:
-        return AutoTokenizer.from_pretrained(c.tokenizer_path or c.hf_path)
+    if c.tokenizer_path:
+        return AutoTokenizer.from_pretrained(scratch.local(c.tokenizer_path, "tokenizer"))
+    if c.hf_path:
+        return AutoTokenizer.from_pretrained(scratch.local(c.hf_path, "hf_tokenizer", skip=(".safetensors",)))
     from emor3_jax.data.tokenizers import build_test_tokenizer
 
-    path = os.path.join(c.workdir, "tokenizer")
-    tok = build_test_tokenizer(path) if multihost.is_main() else None
+    path = paths.join(c.workdir, "tokenizer")
+    local = scratch.path("tokenizer") if paths.is_uri(path) else path
+    tok = None
+    if multihost.is_main():
+        tok = build_test_tokenizer(local)
+        if local != path:
+            paths.copy_tree(local, path)
     multihost.barrier("test tokenizer written")  # the workdir is shared: one process writes it
-    return tok or AutoTokenizer.from_pretrained(path)
+    return tok or AutoTokenizer.from_pretrained(scratch.local(path, "tokenizer"))
 
 
 def check_tokenizer(tok, where: str, cfg: ModelConfig | None = None) -> dict[str, int]:

@@ -3,8 +3,9 @@
     with WorkdirLock(workdir):   # raises WorkdirBusy naming the other run's host, pid and start
         train()
 
-`<workdir>/run.lock` is created with O_CREAT | O_EXCL (atomic on local disks and NFS) and holds
-the owner's host, pid, start time and a random id. A thread touches it every `heartbeat_s`
+`<workdir>/run.lock` is created exclusively (paths.create_exclusive: O_EXCL on local disks and
+NFS, a create-if-absent precondition on GCS) and holds the owner's host, pid, start time and a
+random id. A thread touches it every `heartbeat_s`
 while the run lives; leaving the `with` block removes it. A lock left by a killed run is stale
 when its process is gone (same host) or its heartbeat is older than `stale_after_s` (any
 host: another host's pids cannot be checked); it is taken over with a message.
@@ -14,6 +15,7 @@ Only process 0 of a multi-process run holds the lock; every process learns wheth
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -22,9 +24,19 @@ import threading
 import time
 import uuid
 
-from emor3_jax.runtime import multihost
+from etils import epath
+
+from emor3_jax.runtime import multihost, paths
 
 LOCK_NAME = "run.lock"
+
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+    """What identifies one lock file: its modification time and its bytes."""
+
+    mtime: float
+    data: bytes
 
 
 class WorkdirBusy(RuntimeError):
@@ -49,7 +61,7 @@ class WorkdirLock:
     def __init__(self, workdir: str, heartbeat_s: float = 30.0, stale_after_s: float = 600.0):
         if stale_after_s <= 2 * heartbeat_s:
             raise ValueError(f"stale_after_s={stale_after_s} must exceed two heartbeats ({2 * heartbeat_s} s)")
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = paths.join(workdir, LOCK_NAME)
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "id": uuid.uuid4().hex}
         self._stop = threading.Event()
@@ -57,29 +69,21 @@ class WorkdirLock:
         self._lost = None  # set by the heartbeat when the file no longer names this run: why
 
     # ---- the lock file
-    def _read(self) -> tuple[dict | None, os.stat_result]:
-        """(owner, stat) of the current lock file; owner None when it is not (yet) readable JSON
-        (another run may be between creating and writing it). FileNotFoundError when absent."""
-        st = os.stat(self.path)
+    def _read(self) -> tuple[dict | None, Version]:
+        """(owner, version) of the current lock file; owner None when it is not (yet) readable
+        JSON (another run may be between creating and writing it). FileNotFoundError when absent."""
+        p = epath.Path(self.path)
+        mtime, data = paths.mtime(self.path), p.read_bytes()
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f), st
+            return json.loads(data.decode("utf-8")), Version(mtime, data)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return None, st
+            return None, Version(mtime, data)
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.owner, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        return paths.create_exclusive(self.path, json.dumps(self.owner).encode("utf-8"))
 
-    def _stale_reason(self, other: dict | None, st: os.stat_result) -> str | None:
-        age = time.time() - st.st_mtime
+    def _stale_reason(self, other: dict | None, st: Version) -> str | None:
+        age = time.time() - st.mtime
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f} s (stale after {self.stale_after_s:.0f} s)"
         if other and other.get("host") == self.owner["host"] and not _pid_alive(int(other.get("pid", -1))):
@@ -87,31 +91,29 @@ class WorkdirLock:
         return None
 
     @staticmethod
-    def describe(other: dict | None, st: os.stat_result) -> str:
+    def describe(other: dict | None, st: Version) -> str:
         if other is None:
-            return f"an unreadable lock file (being written?), last touched {_when(st.st_mtime)}"
-        beat = time.time() - st.st_mtime
+            return f"an unreadable lock file (being written?), last touched {_when(st.mtime)}"
+        beat = time.time() - st.mtime
         return (
             f"host {other.get('host')}, pid {other.get('pid')}, since {_when(other.get('started', 0))} "
             f"(heartbeat {beat:.0f} s ago)"
         )
 
-    def _take_over(self, st: os.stat_result) -> None:
-        """Removes the stale file judged by `st`. Renaming first is atomic: when two runs take
+    def _take_over(self, st: Version) -> None:
+        """Removes the stale file judged by `st`. It is moved aside first: when two runs take
         over at once, the slower one may move the faster one's new lock, sees that it is not
-        the file it judged, and puts it back."""
-        aside = f"{self.path}.stale-{self.owner['id']}"
+        the file it judged, and puts it back (unless a third run holds the lock by then; the
+        moved run's heartbeat notices)."""
+        aside = epath.Path(f"{self.path}.stale-{self.owner['id']}")
         try:
-            os.rename(self.path, aside)
+            epath.Path(self.path).rename(aside)
         except FileNotFoundError:
             return  # already gone
-        moved = os.stat(aside)
-        if (moved.st_ino, moved.st_mtime_ns) != (st.st_ino, st.st_mtime_ns):
-            try:
-                os.link(aside, self.path)
-            except FileExistsError:  # a third run holds it now; the moved run's heartbeat notices
-                pass
-        os.unlink(aside)
+        moved = Version(paths.mtime(aside), aside.read_bytes())
+        if moved != st:
+            paths.create_exclusive(self.path, moved.data)
+        aside.unlink()
 
     def _try_acquire(self) -> str | None:
         """None when this run now holds the lock, else why not (one line)."""
@@ -127,7 +129,7 @@ class WorkdirLock:
             why = self._stale_reason(other, st)
             if why is None:
                 return (
-                    f"{os.path.dirname(self.path)} is in use by another run: {self.describe(other, st)}; "
+                    f"{paths.parent(self.path)} is in use by another run: {self.describe(other, st)}; "
                     "wait for it to end, stop it, or pass another --config.workdir"
                 )
             print(f"{self.path}: taking over the stale lock of {self.describe(other, st)}: {why}", flush=True)
@@ -145,7 +147,7 @@ class WorkdirLock:
             if other is None or other.get("id") != self.owner["id"]:
                 self._lost = f"was taken over by {self.describe(other, st)}"
                 return
-            os.utime(self.path)
+            paths.touch(self.path)
 
     def check(self) -> None:
         """Raises WorkdirBusy when the lock file no longer names this run (it was removed, or a
@@ -158,7 +160,7 @@ class WorkdirLock:
         """Takes the lock or raises WorkdirBusy naming the run that holds it."""
         why = None
         if multihost.is_main():
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            epath.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             why = self._try_acquire()
         if multihost.any_process(why is not None):
             raise WorkdirBusy(why or "process 0 could not lock the workdir (its log says why)")
@@ -177,7 +179,7 @@ class WorkdirLock:
         except FileNotFoundError:
             return
         if other is not None and other.get("id") == self.owner["id"]:  # never remove another run's lock
-            os.unlink(self.path)
+            epath.Path(self.path).unlink()
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()

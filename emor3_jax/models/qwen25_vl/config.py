@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from etils import epath
 
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -162,11 +163,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dir(cls, path: str, **runtime) -> ModelConfig:
-        f = os.path.join(path, "config.json")
-        if not os.path.isfile(f):
+        f = epath.Path(path, "config.json")  # local or a URI
+        if not f.is_file():
             raise FileNotFoundError(f"{f}: no config.json (expected a Hugging Face checkpoint directory)")
-        with open(f) as fh:
-            return cls.from_hf_dict(json.load(fh), **runtime)
+        return cls.from_hf_dict(json.loads(f.read_text()), **runtime)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The nested (transformers v5) config.json form; transformers reads it back."""

@@ -13,19 +13,19 @@ import glob
 import json
 import logging
 import os
-import shutil
 from contextlib import ExitStack
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
-from emor3_jax.runtime import sharding
+from emor3_jax.runtime import paths, sharding
 from emor3_jax.runtime.multihost import to_host
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def _weight_files(path: str) -> list[str]:
 
 
 def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
-    """Loads a local HF Qwen2.5-VL checkpoint directly into its shardings on `mesh`.
+    """Loads a local HF Qwen2.5-VL checkpoint directly into its shardings on `mesh` (safetensors
+    are memory-mapped: a checkpoint at a URI is read from its copy, paths.Scratch.local).
 
     `runtime` sets ModelConfig's run-time fields (param_dtype, compute_dtype, attention_impl).
     Raises, naming them, on unmapped keys, missing keys and shape mismatches.
@@ -237,7 +238,8 @@ def save_hf(
     """Writes `model` as a HF checkpoint: sharded safetensors with hub key names, config.json,
     and (from `like`, a source checkpoint dir) its tokenizer/processor/chat-template files.
     `image_pixels` = (min_pixels, max_pixels) the run resized images to: a
-    preprocessor_config.json for them is written when `like` brings none.
+    preprocessor_config.json for them is written when `like` brings none. `out_dir` and `like`
+    may be URIs (gs://...).
 
     Every process takes part (gathers); only process 0 writes.
     """
@@ -262,8 +264,9 @@ def save_hf(
         shards[-1].append(e)
         size += nbytes
     writer = jax.process_index() == 0
+    out = epath.Path(out_dir)  # local or a URI
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     names = (
         ["model.safetensors"]
         if len(shards) == 1
@@ -277,30 +280,29 @@ def save_hf(
             tensors[e.hf_key] = arr
             weight_map[e.hf_key] = name
             total += arr.nbytes
-        if writer:
+        if writer and paths.is_uri(out_dir):  # objects are written whole: the shard's bytes in memory
+            (out / name).write_bytes(save(tensors, metadata={"format": "pt"}))
+        elif writer:
             save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
     if not writer:
         return
     if len(shards) > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     if like is not None:
         for name in AUX_FILES:
-            src = os.path.join(like, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out_dir, name))
-    processor = os.path.join(out_dir, "preprocessor_config.json")
-    if image_pixels is not None and not os.path.isfile(processor):
-        with open(processor, "w") as f:
-            json.dump(processor_config(cfg, *image_pixels), f, indent=2)
+            src = epath.Path(like, name)
+            if src.is_file():
+                src.copy(out / name, overwrite=True)
+    processor = out / "preprocessor_config.json"
+    if image_pixels is not None and not processor.is_file():
+        processor.write_text(json.dumps(processor_config(cfg, *image_pixels), indent=2))
 
 
 def _config_like(like: str, cfg: ModelConfig) -> dict:
     """The source checkpoint's config.json, after checking it describes the same architecture."""
-    with open(os.path.join(like, "config.json")) as f:
-        src = json.load(f)
+    src = json.loads(epath.Path(like, "config.json").read_text())
     src_cfg = ModelConfig.from_hf_dict(
         src, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype, attention_impl=cfg.attention_impl
     )
