@@ -125,6 +125,7 @@ def _config(tmp_path, cold_start: str):
     c.workdir = str(tmp_path / "run")
     c.data.synthetic_train, c.data.synthetic_test = 8, 4
     c.data.cold_start = cold_start
+    c.cold_start.judge_batch_size = 0  # the judge's questions need the synthetic truth, not in data.cold_start
     return c
 
 
@@ -150,8 +151,8 @@ def test_the_cold_start_split_is_built_from_data_cold_start_and_train_stays_grpo
         ({"data.cold_start": "/no/such/cold.jsonl"}, "--config.data.cold_start='/no/such/cold.jsonl' must be"),
         ({"data.cold_start": "{dir}/c.jsonl", "cold_start.steps": 0}, "but --config.cold_start.steps=0"),
         (
-            {"data.cold_start": "{dir}/c.jsonl", "cold_start.reflection_share": 0.25},
-            "--config.cold_start.reflection_share=0.25 must be",
+            {"data.cold_start": "{dir}/c.jsonl", "cold_start.judge_batch_size": 4},
+            "--config.cold_start.judge_batch_size=4 must be",
         ),
     ],
 )
