@@ -270,7 +270,7 @@ class Run:
             )
         acc = judge_accuracy(examples, answers)
         out = {"judge_accuracy": acc["overall"], "judge_text": acc["text"], "judge_image": acc["image"]}
-        out.update({f"judge_{kind}": v for kind, v in acc["per_kind"].items()})
+        out.update({f"judge_kind_{kind}": v for kind, v in acc["per_kind"].items()})  # kind "text" is not "judge_text"
         self.writer.write("judge", step, out)
         kinds = ", ".join(f"{kind} {v:.2f}" for kind, v in acc["per_kind"].items())
         print(

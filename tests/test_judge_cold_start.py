@@ -97,6 +97,8 @@ def test_judge_accuracy_is_measured_and_logged(run):
     assert 0 <= out["judge_accuracy"] <= 1 and 0 <= out["judge_text"] <= 1 and 0 <= out["judge_image"] <= 1
     # 2 records -> 8 questions: 4 text, 4 image; overall is their mean.
     assert out["judge_accuracy"] == pytest.approx((out["judge_text"] + out["judge_image"]) / 2)
+    # Per kind (2 questions each); the kind "text" does not overwrite the text questions' share.
+    assert out["judge_text"] == pytest.approx((out["judge_kind_text"] + out["judge_kind_text_feeling"]) / 2)
     with open(os.path.join(run.c.workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f if '"phase": "judge"' in line]
     assert logged[-1]["step"] == 7 and logged[-1]["judge_accuracy"] == pytest.approx(out["judge_accuracy"])
