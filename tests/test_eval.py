@@ -104,7 +104,6 @@ def tiny_run(tmp_path_factory):
     c = get_config("tiny")
     c.workdir = str(workdir)
     c.cold_start.steps, c.cold_start.batch_size, c.cold_start.warmup_steps = 1, 2, 0
-    c.cold_start.judge_batch_size = 0
     c.rl.steps = c.rl.epochs = 0
     c.eval.num_examples, c.eval.batch_size = 1, 1
     c.data.synthetic_train, c.data.synthetic_test = 4, 4
