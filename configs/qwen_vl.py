@@ -84,16 +84,16 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.cold_start.batch_size = 16 if tiny else 64
     c.cold_start.learning_rate = 1e-3 if tiny else 1e-5
     c.cold_start.warmup_steps = 10 if tiny else 0
-    # Share of each cold-start batch's rows that teach the judge the two reflection questions
-    # (emo_r3/reflection_examples.py, from the synthetic truth), the rest SET answers. The tiny
-    # random model must learn to judge (a real Qwen2.5-VL-Instruct already answers such
-    # questions: 0 for 3b/7b). round(share * batch_size) rows replace SET rows, so the cold
-    # start costs the same. Off by default: measured on the tiny job, a share of 0.25 gave a judge
-    # right on 30% of held-out questions (goal 90%) and cost the cold start format and accuracy.
-    c.cold_start.reflection_share = 0.0
+    # Reflection questions per cold-start step (emo_r3/reflection_examples.py, written from the
+    # synthetic truth of the step's records), in a batch of their own whose mean loss is added
+    # to the SET answers': the tiny random model must learn to judge (a real Qwen2.5-VL-Instruct
+    # already answers such questions: 0 for 3b/7b, and for data without a synthetic truth). Off on
+    # tiny too: measured with 16 (README "The tiny judge"), the text judge is right on 91% of held-out
+    # questions but the image judge on 52% (chance), and the cold start's accuracy drops.
+    c.cold_start.judge_batch_size = 0
     # After the cold start, the judge answers the reflection questions of this many held-out
     # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").
-    c.cold_start.judge_records = 0  # e.g. 32 on the tiny job (with reflection_share) to measure the judge
+    c.cold_start.judge_records = 0  # e.g. 32 on the tiny job with judge_batch_size 16
 
     c.rl = ConfigDict()
     c.rl.steps = 30 if tiny else 0  # 0: derive from epochs
@@ -145,6 +145,10 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # Reflections that run: both | text | image | none; one that does not scores 1, as the
     # official reward scores a missing side (none: coherence = consistency = 1).
     c.reward.reflection = "both"
+    # Robust mode: a response without a step-1/step-2 span leaves its judge nothing to ask; that
+    # reflection scores "zero" (no reasoning to check) or "neutral" (0.5). README "A response
+    # without spans" has the measurement.
+    c.reward.no_span = "zero"
     c.reward.w_accuracy = 0.8
     c.reward.w_coherence = 0.1
     c.reward.w_consistency = 0.1

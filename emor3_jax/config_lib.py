@@ -236,11 +236,11 @@ def validate(c: ConfigDict) -> None:
     share = c.data.unfaithful_share
     need(0 <= share <= 1, f"--config.data.unfaithful_share={share} must be in [0, 1]")
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
-    share = c.cold_start.reflection_share
+    rows = c.cold_start.judge_batch_size
     need(
-        0 <= share < 1 and (share == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
-        f"--config.cold_start.reflection_share={share} must be in [0, 1), and 0 unless data.source is synthetic "
-        "and data.cold_start is unset (the reflection examples are written from the synthetic truth)",
+        rows >= 0 and (rows == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
+        f"--config.cold_start.judge_batch_size={rows} must be >= 0, and 0 unless data.source is synthetic and "
+        "data.cold_start is unset (the reflection questions are written from the synthetic truth)",
     )
     judge = c.cold_start.judge_records
     need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
@@ -276,6 +276,7 @@ def validate(c: ConfigDict) -> None:
         ("reward.compat", c.reward.compat, rewards.COMPATS),
         ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
         ("reward.reflection", c.reward.reflection, rewards.REFLECTIONS),
+        ("reward.no_span", c.reward.no_span, rewards.NO_SPAN),
         ("reward.judge", c.reward.judge, JUDGES),
         ("eval.best_by", c.eval.best_by, BEST_BY),
     ):

@@ -215,9 +215,13 @@ class Run:
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            batch, loss_mask = self._sft_batch(multihost.gather_records(next(it)), step)
+            records = multihost.gather_records(next(it))
+            batch, loss_mask = self._sft_batch(records)
             with self.rt.ctx():
                 grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
+                if c.judge_batch_size:  # the judge's own batch: its mean loss is added
+                    judge_grads, judge = learner.sft_grads(self.params, *self._judge_batch(records, step), 1.0)
+                    grads = jax.tree.map(jnp.add, grads, judge_grads)
                 self.params, opt, gnorm = learner.apply(self.params, opt, grads)
             try:
                 check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
@@ -227,6 +231,8 @@ class Run:
             self.meta.update(phase_step=step, global_step=step)
             self.meta["data"]["cold_start"] = it.get_state()
             scalars = {"loss": m["loss"], "grad_norm": gnorm, "learning_rate": lr_fn(step), "tokens": m["tokens"]}
+            if c.judge_batch_size:
+                scalars["judge_loss"] = judge["loss"]
             scalars.update(step_s=time.perf_counter() - t0, compile_s=self.compile.take())
             self.writer.write("cold_start", step, scalars)
             self.writer.progress("cold_start", step, c.steps, start, f"loss {float(m['loss']):.3f}")
@@ -236,13 +242,18 @@ class Run:
         if c.judge_records:
             self.judge_check(self.meta["global_step"])
 
-    def _sft_batch(self, records: list[dict], step: int) -> tuple[SequenceBatch, object]:
-        """The loss mask [R, T-1] and the right-padded rows: the first round(R *
-        cold_start.reflection_share) records as reflection questions with their answers (the
-        task's judge_sft_examples, drawn by step), the others as SET prompts + reference answers."""
-        n_judge = round(len(records) * self.c.cold_start.reflection_share)
-        examples = self.task.judge_sft_examples(self.encoder, records[:n_judge], step) if n_judge else []
-        examples += [self.task.sft_example(self.encoder, r) for r in records[n_judge:]]
+    def _sft_batch(self, records: list[dict]) -> tuple[SequenceBatch, object]:
+        """The right-padded rows of SET prompts + reference answers and their loss mask [R, T-1]."""
+        return self._padded([self.task.sft_example(self.encoder, r) for r in records])
+
+    def _judge_batch(self, records: list[dict], step: int) -> tuple[SequenceBatch, object]:
+        """cold_start.judge_batch_size reflection questions about the step's records with their
+        answers (the task's judge_sft_examples, drawn by step), in a batch of their own: their
+        one- or two-token answers would weigh next to nothing in the SET rows' token mean."""
+        count = self.c.cold_start.judge_batch_size
+        return self._padded(self.task.judge_sft_examples(self.encoder, records, step, count))
+
+    def _padded(self, examples: list) -> tuple[SequenceBatch, object]:
         buckets = self.c.sampling.prompt_buckets + (self.c.rl.max_prompt_len + self.c.rl.max_response_len,)
         inputs, loss_mask = sft_batch(examples, self.rt.cfg, self.rt.pad_id, buckets)
         return SequenceBatch.from_inputs(inputs), loss_mask
@@ -265,7 +276,7 @@ class Run:
             )
         acc = judge_accuracy(examples, answers)
         out = {"judge_accuracy": acc["overall"], "judge_text": acc["text"], "judge_image": acc["image"]}
-        out.update({f"judge_{kind}": v for kind, v in acc["per_kind"].items()})
+        out.update({f"judge_kind_{kind}": v for kind, v in acc["per_kind"].items()})  # kind "text" is not "judge_text"
         self.writer.write("judge", step, out)
         kinds = ", ".join(f"{kind} {v:.2f}" for kind, v in acc["per_kind"].items())
         print(

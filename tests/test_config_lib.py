@@ -73,7 +73,7 @@ BAD = {
 # Numeric fields checked together with others in `validate` (or by validate_eval), not in RANGES.
 CROSS_CHECKED = {
     "cold_start.judge_records",  # >= 0, and the judge's answers fit sampling.gen_buckets
-    "cold_start.reflection_share",  # in [0, 1), 0 unless synthetic without data.cold_start
+    "cold_start.judge_batch_size",  # >= 0, 0 unless synthetic without data.cold_start
     "data.max_bad_fraction",
     "data.unfaithful_share",  # in [0, 1] (the synthetic generator alone reads it)
     "rl.num_generations",
@@ -126,8 +126,9 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         ({"sampling.gen_buckets": (0, 48)}, "--config.sampling.gen_buckets=(0, 48) must be increasing positive"),
         ({"mesh": (("data", 0), ("fsdp", -1), ("tensor", 1))}, "--config.mesh=(('data', 0), ('fsdp', -1), ('tens"),
         ({"mesh": (("data", -1), ("fsdp", -1), ("tensor", 1))}, "at most one -1"),
-        ({"cold_start.reflection_share": 1.0}, "--config.cold_start.reflection_share=1.0 must be in [0, 1)"),
-        ({"cold_start.reflection_share": -0.5}, "--config.cold_start.reflection_share=-0.5 must be in [0, 1)"),
+        ({"cold_start.judge_batch_size": -1}, "--config.cold_start.judge_batch_size=-1 must be >= 0"),
+        ({"data.source": "folder", "cold_start.judge_batch_size": 4}, "0 unless data.source is synthetic"),
+        ({"reward.no_span": "half"}, "--config.reward.no_span='half' must be one of ('neutral', 'zero')"),
         ({"cold_start.judge_records": -1}, "--config.cold_start.judge_records=-1 must be >= 0"),
         ({"rl.pack_length": 360}, "--config.rl.pack_length=360 must hold the longest row, rl.max_prompt_len + "),
         (

@@ -1,6 +1,7 @@
-"""Teaching the tiny judge: the cold-start batch holds reflection questions in the configured
-share (text ones without pixels, image ones with), each answered with its target, and the rest
-SET answers; the judge's held-out accuracy is measured and logged after the cold start."""
+"""Teaching the tiny judge: each cold-start step adds a batch of its own of reflection questions
+(text ones without pixels, image ones with), each answered with its target, about the step's
+records; the SET batch stays whole; the judge's held-out accuracy is measured and logged after
+the cold start."""
 
 import json
 import os
@@ -19,48 +20,74 @@ IMAGE_Q = "Can the following text describe the image?"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    c = small_config(
-        tmp_path_factory.mktemp("judge"), **{"cold_start.batch_size": 8, "cold_start.reflection_share": 0.5}
-    )
+    c = small_config(tmp_path_factory.mktemp("judge"), **{"cold_start.batch_size": 4, "cold_start.judge_batch_size": 8})
     r = trainer.Run(c)
     yield r
     r.close()
 
 
-def _rows(r, step):
-    records = multihost.gather_records(next(store.train_iterator(r.data_dir, "cold_start", 8, 0)))
-    batch, loss_mask = r._sft_batch(records, step)
+def _decoded(r, batch, loss_mask):
+    """(prompt, answer) of every row: the whole row, and the tokens the loss is taken on."""
     ids, mask = np.asarray(batch.input_ids), np.asarray(loss_mask) > 0
     tok = r.encoder.tok
-    rows = []
-    for row, m in zip(ids, mask):
-        prompt = tok.decode(row.tolist(), skip_special_tokens=True)
-        answer = tok.decode(row[1:][m].tolist(), skip_special_tokens=True).strip()
-        rows.append((prompt, answer))
-    return records, batch, rows
+    return [
+        (tok.decode(row.tolist(), skip_special_tokens=True), tok.decode(row[1:][m].tolist(), skip_special_tokens=True))
+        for row, m in zip(ids, mask)
+    ]
 
 
-def test_batch_holds_the_reflection_share_then_set_answers(run):
-    records, batch, rows = _rows(run, step=1)
-    # share 0.5 of 8 rows: records 0-3 as reflection questions, of kinds (i + step) % 4 =
-    # 1 text_feeling, 2 image_true, 3 image wrong, 0 text; records 4-7 as SET answers.
-    kinds = [TEXT_Q, IMAGE_Q, IMAGE_Q, TEXT_Q]
-    for (prompt, answer), q in zip(rows[:4], kinds):
-        assert q in prompt and "<step1>" in prompt and "\\boxed" not in answer
-    assert rows[1][1] == "yes" and rows[2][1] == "no"
-    assert rows[3][1] == records[3]["label"]  # the text's feeling is the record's own label
+def _records(r):
+    return multihost.gather_records(next(store.train_iterator(r.data_dir, "cold_start", 4, 0)))
+
+
+def test_the_set_batch_holds_every_record_as_a_set_answer(run):
+    records = _records(run)
+    rows = _decoded(run, *run._sft_batch(records))
+    assert len(rows) == 4
+    for (prompt, answer), rec in zip(rows, records):
+        assert TEXT_Q not in prompt and IMAGE_Q not in prompt and answer.strip() == rec["answer"].strip()
+
+
+def test_the_judge_batch_asks_each_record_every_kind_in_turn(run):
+    records = _records(run)
+    batch, loss_mask = run._judge_batch(records, step=1)
+    rows = _decoded(run, batch, loss_mask)
+    assert len(rows) == 8  # cold_start.judge_batch_size, two questions per record of the 4
+    # Question j: record j % 4, kind (j // 4 + j + step) % 4 (0 text, 1 text with another label's
+    # feeling, 2 image matching, 3 image with a wrong detail).
     labels = run.c.data.labels
-    assert rows[0][1] in labels and rows[0][1] != records[0]["label"]  # another label's feeling
-    for (prompt, answer), rec in zip(rows[4:], records[4:]):
-        assert TEXT_Q not in prompt and IMAGE_Q not in prompt and answer == rec["answer"].strip()
-    # Image tokens in the 2 image questions and the 4 SET prompts, none in the text questions.
+    for j, (prompt, answer) in enumerate(rows):
+        rec, kind = records[j % 4], (j // 4 + j + 1) % 4
+        answer = answer.strip()
+        assert (TEXT_Q in prompt) == (kind < 2) and (IMAGE_Q in prompt) == (kind >= 2) and "<step1>" in prompt
+        if kind == 0:
+            assert answer == rec["label"]  # the text's feeling is the record's own label
+        elif kind == 1:
+            assert answer in labels and answer != rec["label"]  # another label's feeling
+        else:
+            assert answer == ("yes" if kind == 2 else "no")
+    # Each record is asked two different kinds; image tokens in the image questions alone.
+    assert {(j % 4, (j // 4 + j + 1) % 4) for j in range(8)} == {
+        (r, k) for r in range(4) for k in ((r + 1) % 4, (r + 2) % 4)
+    }
     has_image = (np.asarray(batch.input_ids) == run.rt.cfg.image_token_id).any(axis=1)
-    assert has_image.tolist() == [False, True, True, False, True, True, True, True]
+    assert has_image.tolist() == [(j // 4 + j + 1) % 4 >= 2 for j in range(8)]
 
 
 def test_the_kinds_rotate_with_the_step(run):
-    _, _, rows = _rows(run, step=2)
+    rows = _decoded(run, *run._judge_batch(_records(run), step=2))
     assert [TEXT_Q in p for p, _ in rows[:4]] == [False, False, True, True]  # kinds 2, 3, 0, 1
+
+
+def test_a_cold_start_step_adds_the_judge_loss_and_logs_it(run):
+    run.c.unlock()
+    run.c.cold_start.steps = 1
+    before = run.params
+    run.cold_start()
+    with open(os.path.join(run.c.workdir, "metrics.jsonl")) as f:
+        step = [json.loads(line) for line in f if '"phase": "cold_start"' in line][-1]
+    assert step["step"] == 1 and np.isfinite(step["judge_loss"]) and step["judge_loss"] > 0 and step["loss"] > 0
+    assert run.params is not before
 
 
 def test_judge_accuracy_is_measured_and_logged(run):
@@ -70,6 +97,8 @@ def test_judge_accuracy_is_measured_and_logged(run):
     assert 0 <= out["judge_accuracy"] <= 1 and 0 <= out["judge_text"] <= 1 and 0 <= out["judge_image"] <= 1
     # 2 records -> 8 questions: 4 text, 4 image; overall is their mean.
     assert out["judge_accuracy"] == pytest.approx((out["judge_text"] + out["judge_image"]) / 2)
+    # Per kind (2 questions each); the kind "text" does not overwrite the text questions' share.
+    assert out["judge_text"] == pytest.approx((out["judge_kind_text"] + out["judge_kind_text_feeling"]) / 2)
     with open(os.path.join(run.c.workdir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f if '"phase": "judge"' in line]
     assert logged[-1]["step"] == 7 and logged[-1]["judge_accuracy"] == pytest.approx(out["judge_accuracy"])

@@ -21,7 +21,8 @@ Two compat modes:
 - "robust" (default): coherence strips, lower-cases, drops surrounding punctuation and
   accepts the target as one word of a short answer (at most SHORT_ANSWER_WORDS words);
   consistency takes the first whole word "yes" or "no"; an empty span is not sent to the
-  judge (its prompt is None) and that reflection scores 0.5.
+  judge (its prompt is None) and that reflection scores NO_SPAN[no_span] (0.5 by default; the
+  run config chooses).
 
 `reflection` (REFLECTIONS) says which reflections run: "both", "text", "image" or "none". In
 both modes a side that does not run scores 1, as the official reward scores a missing answer
@@ -38,6 +39,9 @@ from collections.abc import Sequence
 COMPATS = ("robust", "emo_r3_code")
 COHERENCE_TARGETS = ("label", "own_answer")
 REFLECTIONS = ("both", "text", "image", "none")  # the reflections that run
+# Robust mode: what a reflection scores when the response has no span for it (nothing to ask the
+# judge): "neutral" 0.5, or "zero" (no reasoning to check). README "A response without spans".
+NO_SPAN = {"neutral": 0.5, "zero": 0.0}
 NOT_RUN = 1.0  # score of a reflection that does not run (the official code's missing answer)
 # Robust coherence accepts the target as one word of an answer of at most this many
 # words ("The emotion is awe." has 4); longer answers must equal the target.
@@ -64,6 +68,7 @@ class RewardConfig:
     compat: str = "robust"  # "robust" | "emo_r3_code" (bit-for-bit the official scoring)
     coherence_target: str = "label"  # "label" (official code) | "own_answer" (paper figure)
     reflection: str = "both"  # REFLECTIONS: the reflections that run; the others score NOT_RUN
+    no_span: str = "neutral"  # NO_SPAN: robust mode's score of a reflection without a span to ask about
     w_accuracy: float = 0.8
     w_coherence: float = 0.1
     w_consistency: float = 0.1
@@ -75,6 +80,8 @@ class RewardConfig:
             raise ValueError(f"coherence_target must be one of {COHERENCE_TARGETS}, got {self.coherence_target!r}")
         if self.reflection not in REFLECTIONS:
             raise ValueError(f"reflection must be one of {REFLECTIONS}, got {self.reflection!r}")
+        if self.no_span not in NO_SPAN:
+            raise ValueError(f"no_span must be one of {tuple(NO_SPAN)}, got {self.no_span!r}")
         for name in ("w_accuracy", "w_coherence", "w_consistency", "w_format"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -288,26 +295,28 @@ def score(
 
     text_answer / image_answer: the judge's decoded answers; None where the reflection does
     not run (cfg.reflection), which scores NOT_RUN, or where the robust prompt was None
-    (empty span), which scores 0.5. Coherence is scored against `label` or, with
+    (empty span), which scores NO_SPAN[cfg.no_span]. Coherence is scored against `label` or, with
     coherence_target="own_answer", against the response's own boxed answer.
     Raises ValueError when an answer is given for a question that was not asked, or missing
     for one that was (robust mode; the official code has no such check).
     """
-    sides = {}
+    target = label if cfg.coherence_target == "label" else extract_boxed(response)
+    values = {}
     for side, answer in (("text", text_answer), ("image", image_answer)):
         run = runs(cfg.reflection, side)
+        span = True  # emo_r3_code asks the judge about an empty span too
         if cfg.compat == "robust":
-            span = text_span(response) if side == "text" else image_span(response)
-            _check_asked(answer, run and bool(span), side)
-        sides[side] = run
-    target = label if cfg.coherence_target == "label" else extract_boxed(response)
-    return _combine(
-        accuracy_score(response, label),
-        format_score(response),
-        coherence_score(text_answer, target, cfg.compat) if sides["text"] else NOT_RUN,
-        consistency_score(image_answer, cfg.compat) if sides["image"] else NOT_RUN,
-        cfg,
-    )
+            span = bool(text_span(response) if side == "text" else image_span(response))
+            _check_asked(answer, run and span, side)
+        if not run:
+            values[side] = NOT_RUN
+        elif not span:
+            values[side] = NO_SPAN[cfg.no_span]
+        elif side == "text":
+            values[side] = coherence_score(answer, target, cfg.compat)
+        else:
+            values[side] = consistency_score(answer, cfg.compat)
+    return _combine(accuracy_score(response, label), format_score(response), values["text"], values["image"], cfg)
 
 
 def score_without_reflection(response: str, label: str, cfg: RewardConfig) -> dict[str, float]:

@@ -14,7 +14,7 @@ The GRPO step (rl/experience.py) and the evaluation reach the method only throug
         never raises: a row it cannot score gets "error" (a message) and its values
     faithfulness(response, record) -> {name: bool} | None    ground-truth checks (None: no truth)
     faithfulness_rates(true_labels, flags) -> dict           their rates, overall and per class
-    judge_sft_examples(encoder, records, seed) -> [example]  reflection questions to teach a judge
+    judge_sft_examples(encoder, records, seed, count) -> [example]  reflection questions to teach a judge
     judge_answers(sampler, judge, encoder, examples, key=, stop_ids=, logit_bias=) -> [str]
 
 A new reward or task is one class with these members; the trainer, eval and metrics log
@@ -74,6 +74,7 @@ class EmoR3:
                 compat=rc.compat,
                 coherence_target=rc.coherence_target,
                 reflection=rc.reflection,
+                no_span=rc.no_span,
                 w_accuracy=rc.w_accuracy,
                 w_coherence=rc.w_coherence,
                 w_consistency=rc.w_consistency,
@@ -177,14 +178,15 @@ class EmoR3:
         return faith.aggregate(true_labels, flags)
 
     # ---- teaching and measuring a judge (the synthetic truth writes the answers)
-    def judge_sft_examples(self, encoder, records, seed: int) -> list:
-        """One reflection question per record with its answer, as SFT examples (encoder.sft_pair):
-        record i's question of kind (i + seed) % 4 in reflection_examples' order (text, text
-        with another label's feeling, image matching, image with a wrong detail), so a batch
-        holds the four kinds in turn and, with `seed` the step, each record meets every kind."""
+    def judge_sft_examples(self, encoder, records, seed: int, count: int) -> list:
+        """`count` reflection questions with their answers, as SFT examples (encoder.sft_pair):
+        question j asks about record j % R (R = len(records)) the kind (j // R + j + seed) % 4
+        in reflection_examples' order (text, text with another label's feeling, image matching,
+        image with a wrong detail), so the kinds come in turn, a record asked several times meets
+        several kinds, and, with `seed` the step, each record meets every kind over the steps."""
         examples = reflection.reflection_examples(records, self.labels, seed)
-        per_record = len(examples) // len(records)
-        chosen = [examples[per_record * i + (i + seed) % per_record] for i in range(len(records))]
+        per_record, n = len(examples) // len(records), len(records)
+        chosen = [examples[per_record * (j % n) + (j // n + j + seed) % per_record] for j in range(count)]
         return [encoder.sft_pair(ex.prompt, ex.target, _image_of(ex)) for ex in chosen]
 
     def judge_answers(self, sampler, judge, encoder, examples, *, key, stop_ids, logit_bias) -> list[str]:

@@ -150,8 +150,8 @@ def test_the_cold_start_split_is_built_from_data_cold_start_and_train_stays_grpo
         ({"data.cold_start": "/no/such/cold.jsonl"}, "--config.data.cold_start='/no/such/cold.jsonl' must be"),
         ({"data.cold_start": "{dir}/c.jsonl", "cold_start.steps": 0}, "but --config.cold_start.steps=0"),
         (
-            {"data.cold_start": "{dir}/c.jsonl", "cold_start.reflection_share": 0.25},
-            "--config.cold_start.reflection_share=0.25 must be",
+            {"data.cold_start": "{dir}/c.jsonl", "cold_start.judge_batch_size": 4},
+            "--config.cold_start.judge_batch_size=4 must be",
         ),
     ],
 )

@@ -293,9 +293,31 @@ def test_failed_extraction():
     # official: the judge is asked "Answer 'None'" and says "None": coherence 0.5, consistency 0
     off = R.score(bad, "awe", "None", "None", RewardConfig(compat=OFFICIAL))
     assert off == pytest.approx(dict(overall=0.85, accuracy=1.0, format=0.0, coherence=0.5, consistency=0.0))
-    # robust: not asked, 0.5 on both: 0.8 + 0.05 + 0.05 = 0.9
+    # robust: not asked; "neutral" (RewardConfig's default) 0.5 on both: 0.8 + 0.05 + 0.05 = 0.9
     rob = R.score(bad, "awe", None, None, RewardConfig())
     assert rob == pytest.approx(dict(overall=0.9, accuracy=1.0, format=0.0, coherence=0.5, consistency=0.5))
+    # "zero": no reasoning to check: 0.8
+    rob = R.score(bad, "awe", None, None, RewardConfig(no_span="zero"))
+    assert rob == pytest.approx(dict(overall=0.8, accuracy=1.0, format=0.0, coherence=0.0, consistency=0.0))
+
+
+@pytest.mark.parametrize("no_span, value", [("neutral", 0.5), ("zero", 0.0)])
+def test_robust_no_span_scores_only_the_side_without_a_span(no_span, value):
+    # Step 2 never closed: an image span (step 1), no text span (steps 1-2).
+    half = "<step1> a pink ball </step1><step2> fun \\boxed{amusement}"
+    s = R.score(half, "amusement", None, "yes", RewardConfig(no_span=no_span))
+    assert s["coherence"] == value and s["consistency"] == 1.0
+    # A side that does not run scores NOT_RUN whatever no_span says.
+    s = R.score("\\boxed{awe}", "awe", None, None, RewardConfig(no_span=no_span, reflection="image"))
+    assert s["coherence"] == R.NOT_RUN and s["consistency"] == value
+    # emo_r3_code asks the judge about an empty span: no_span does not apply.
+    s = R.score("\\boxed{awe}", "awe", "None", "None", RewardConfig(compat=OFFICIAL, no_span=no_span))
+    assert s["coherence"] == 0.5 and s["consistency"] == 0.0
+
+
+def test_no_span_must_be_known():
+    with pytest.raises(ValueError, match="no_span must be one of"):
+        RewardConfig(no_span="half")
 
 
 def test_robust_score_rejects_answers_that_do_not_match_the_questions():
