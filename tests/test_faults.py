@@ -14,7 +14,7 @@ out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused
 | a killed run's lock                     | taken over, naming the dead pid                           |
 | damaged latest step (_METADATA deleted, | one line names the step, why, where it went; resumes from |
 |   an array file truncated, the metadata |   the previous step; logs equal the uninterrupted run's   |
-|   file emptied)                         |                                                           |
+|   file emptied; the last two: slow)     |                                                           |
 | a changed setting on resume             | exits 1 naming the field, old -> new, --accept_changes;   |
 |                                         |   nothing written; with the flag it resumes               |
 | learning rate 1e6 (cold start, GRPO)    | one line names the step and the flag; nothing diverged    |
@@ -106,7 +106,7 @@ def uninterrupted(uninterrupted_dir):
     return _logs(uninterrupted_dir)
 
 
-def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupted, tmp_path):
+def test_kill_before_the_first_checkpoint_restarts_from_nothing(uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics, t0 = workdir / "metrics.jsonl", time.time()
@@ -121,6 +121,10 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     assert "resuming from" not in done.stdout
     assert _logs(workdir) == uninterrupted  # each step once, the same numbers
 
+
+def test_damaged_latest_step_falls_back_to_the_previous_one(uninterrupted_dir, uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, workdir)
     # The finished run's latest step (5) loses its tree description: the rerun falls back to 3.
     os.remove(workdir / "ckpt" / "5" / "state" / "_METADATA")
     done = _train(workdir)
@@ -133,7 +137,13 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     assert _steps(workdir) == ["3", "5", "5.corrupt"]  # step 5 saved again, the damaged one kept aside
     assert _logs(workdir) == uninterrupted
 
-    # Now the second half of step 5's array files is lost: TensorStore's OUT_OF_RANGE, in one
+
+@pytest.mark.slow
+def test_truncated_then_emptied_latest_step_falls_back_to_the_previous_one(uninterrupted_dir, uninterrupted, tmp_path):
+    """Two more damages end to end (each is also tests/test_checkpoint.py's, in-process, in CI)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_dir, workdir)
+    # The second half of step 5's array files is lost: TensorStore's OUT_OF_RANGE, in one
     # line. (Every data file: which one holds the arrays read first is Orbax's business.)
     for path in _array_files(workdir / "ckpt" / "5"):
         with open(path, "r+b") as f:
@@ -142,7 +152,7 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
     assert line.startswith("skipped damaged checkpoint step 5 (") and "OUT_OF_RANGE" in line, line
-    assert line.endswith(f"moved it to {workdir}/ckpt/5.corrupt1")
+    assert line.endswith(f"moved it to {workdir}/ckpt/5.corrupt")
     assert _logs(workdir) == uninterrupted
 
     # Then step 5's metadata file is emptied (truncated to 0 bytes).
@@ -152,10 +162,10 @@ def test_kill_before_the_first_checkpoint_then_damaged_latest_steps(uninterrupte
     (line,) = [line for line in done.stdout.splitlines() if "skipped damaged checkpoint" in line]
     assert line == (
         "skipped damaged checkpoint step 5 (metadata unreadable (JSONDecodeError: Expecting value: line 1 column 1 "
-        f"(char 0))); moved it to {workdir}/ckpt/5.corrupt2"
+        f"(char 0))); moved it to {workdir}/ckpt/5.corrupt1"
     )
     assert f"resuming from {workdir}/ckpt/3: phase cold_start step 3" in done.stdout
-    assert _steps(workdir) == ["3", "5", "5.corrupt", "5.corrupt1", "5.corrupt2"]
+    assert _steps(workdir) == ["3", "5", "5.corrupt", "5.corrupt1"]
     assert _logs(workdir) == uninterrupted
 
 

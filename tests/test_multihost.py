@@ -73,12 +73,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_and_evaluate_like_one(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train = ["emor3_jax.train"]
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The tiny run as 1 process with 8 devices."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    _run(["emor3_jax.train", *_flags(tmp_path / "run", **STEPS)], tmp_path, "train_one", 1)
+    return tmp_path / "run"
+
+
+def test_two_processes_train_like_one(one, tmp_path):
+    two = tmp_path / "two"
     # The two runs one after the other: on 2 cores, side by side they would only slow each other.
-    _run(train + _flags(one, **STEPS), tmp_path, "train_one", 1)
-    outs = _run(train + _flags(two, **STEPS), tmp_path, "train_two", 2)
+    outs = _run(["emor3_jax.train", *_flags(two, **STEPS)], tmp_path, "train_two", 2)
     assert "multi-process (explicit): 2 processes, 8 devices (4 per process)" in outs[0]
     assert "held-out accuracy" in outs[0] and "held-out accuracy" not in outs[1]  # process 0 reports
 
@@ -106,7 +112,11 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
     for key in ("greedy_accuracy", "sampled_accuracy", "greedy_format", "greedy_length"):
         assert res_two["cold_start"][key] == res_one["cold_start"][key], key  # evaluated after step 2
 
-    # The evaluation CLI on the 1-process run's checkpoint, as 1 process and as 2.
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(one, tmp_path):
+    """The evaluation CLI on the 1-process run's checkpoint, as 1 process and as 2 (slow: the
+    trainer's validation above already evaluates on 2 processes, in CI)."""
     ev = ["emor3_jax.eval", f"--config={ROOT}/configs/qwen_vl.py", f"--checkpoint={one}", "--samples=2"]
     ev += ["--config.eval.num_examples=4", "--config.eval.batch_size=4", "--config.rl.max_response_len=16"]
     ev += [f"--config.workdir={one}", "--config.data.synthetic_test=8"]
