@@ -18,28 +18,6 @@ import time
 
 import jax
 
-
-class CompileTimer:
-    """Seconds XLA spent compiling (jax's backend-compile events) since the last `take()`."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self._total = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            self._total += duration
-
-    def take(self) -> float:
-        total, self._total = self._total, 0.0
-        return total
-
-    def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
 LOGS = ("metrics.jsonl", "samples.txt")  # the logs a checkpoint records the sizes of
 _SAMPLE_HEAD = re.compile(r"^=== (\S+) step (\d+) (\S+)$")
 

