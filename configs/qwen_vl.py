@@ -225,8 +225,9 @@ def _rehearsal() -> ConfigDict:
     (sides 200-2,000 pixels, 1:3 to 3:1) at the paper's min/max pixels through the 3b vision
     buckets, the paper's reward (emo_r3_code, reflections up to the response limit), recomputed
     old log-probs, decode slots fewer than rows (continuous batching), two optimizer steps per
-    GRPO step. Shorter than the paper: prompts (1,024 tokens: larger images are dropped and
-    counted), responses (64), batches. The run ends with its profile table."""
+    GRPO step; no cold start, as the 3b job (it starts from a cold-started checkpoint). Shorter
+    than the paper: prompts (1,024 tokens: larger images are dropped and counted), responses
+    (64), batches. The run ends with its profile table."""
     c = get_config("3b")
     c.unlock()
     c.variant = "rehearsal"
@@ -236,21 +237,19 @@ def _rehearsal() -> ConfigDict:
     c.data.image_sides = (200, 2000)
     c.data.synthetic_train = 48
     c.data.synthetic_test = 8
-    c.cold_start.steps = 2
-    c.cold_start.batch_size = 4
     c.rl.steps = 10
-    c.rl.rollout_batch = 4
-    c.rl.update_batch = 2
+    c.rl.rollout_batch = 2
+    c.rl.update_batch = 1
     c.rl.num_generations = 4
     c.rl.micro_batch = 4
     c.rl.max_prompt_len = 1024
     c.rl.max_response_len = 64
     c.sampling.prompt_buckets = (256, 512, 1024)
     c.sampling.gen_buckets = (32, 64)
-    c.sampling.max_rows = 8  # 16 rows through 8 decode slots
+    c.sampling.max_rows = 4  # 8 rows through 4 decode slots
     c.eval.every = 5
-    c.eval.num_examples = 8
-    c.eval.batch_size = 8
+    c.eval.num_examples = 4
+    c.eval.batch_size = 4
     c.checkpoint.every = 5
     c.reward.threads = 2
     c.lock()

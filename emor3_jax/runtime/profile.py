@@ -25,6 +25,11 @@ EVENT = "/jax/core/compile/backend_compile_duration"
 OTHER = "other"  # compiles outside every marked phase
 
 
+def peak_host_memory_gb() -> float:
+    """This process's peak resident memory so far (ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class Profile:
     """Compiles (time, seconds, program name), phase windows and step windows of one run."""
 
@@ -32,6 +37,7 @@ class Profile:
         self.start = time.perf_counter()
         self.compiles: list[tuple[float, float, str]] = []
         self.phases: list[tuple[str, float, float]] = []  # (name, start, end), disjoint
+        self.peaks: dict[str, float] = {}  # phase -> peak host memory (GB) at the end of its windows
         self.steps: list[tuple[str, float, float]] = []  # (label, start, end)
         self._taken = 0  # compiles already reported by take_compile_s
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
@@ -48,12 +54,15 @@ class Profile:
             yield
         finally:
             self.phases.append((name, start, time.perf_counter()))
+            self.peaks[name] = peak_host_memory_gb()
 
     def windows(self, start: float, seconds: dict[str, float]) -> None:
         """Consecutive phases timed elsewhere: {name_s: seconds} in the order they ran from
         `start` (e.g. Experience.times); each name loses its "_s"."""
+        peak = peak_host_memory_gb()  # the peak by the end of the last: a bound for each
         for key, s in seconds.items():
             self.phases.append((key.removesuffix("_s"), start, start + s))
+            self.peaks[key.removesuffix("_s")] = peak
             start += s
 
     def step(self, label: str, start: float) -> None:
@@ -79,6 +88,7 @@ class Profile:
         for name, start, end in self.phases:
             p = phases.setdefault(name, {"seconds": 0.0, "programs": 0, "compile_s": 0.0})
             p["seconds"] += end - start
+            p["peak_gb"] = self.peaks.get(name, 0.0)
         for t, d, _ in self.compiles:
             p = phases.setdefault(self._phase_of(t), {"seconds": 0.0, "programs": 0, "compile_s": 0.0})
             p["programs"] += 1
@@ -89,16 +99,18 @@ class Profile:
         steps = []
         for label, start, end in self.steps:
             by_phase: dict[str, int] = {}
-            for t, _, _ in self.compiles:
+            names = []  # phase/program of each compile, to see what a late one was
+            for t, _, fun in self.compiles:
                 if start <= t <= end:
                     name = self._phase_of(t)
                     by_phase[name] = by_phase.get(name, 0) + 1
-            steps.append({"step": label, "programs": sum(by_phase.values()), "by_phase": by_phase})
+                    names.append(f"{name}/{fun}")
+            steps.append({"step": label, "programs": len(names), "by_phase": by_phase, "names": names})
         return {
             "wall_s": wall,
             "programs": len(self.compiles),
             "compile_s": sum(d for _, d, _ in self.compiles),
-            "peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+            "peak_host_memory_gb": peak_host_memory_gb(),
             "prompts_dropped": dict(dropped),
             "phases": phases,
             "steps": steps,
@@ -113,10 +125,11 @@ def table(s: dict) -> str:
     lines = [
         f"profile: wall {s['wall_s']:.1f} s, {s['programs']} programs compiled in {s['compile_s']:.1f} s, "
         f"peak host memory {s['peak_host_memory_gb']:.2f} GB (ru_maxrss)",
-        f"{'phase':<16}{'seconds':>10}{'programs':>10}{'compile_s':>11}",
+        f"{'phase':<16}{'seconds':>10}{'programs':>10}{'compile_s':>11}{'peak_GB':>9}",
     ]
     for name, p in s["phases"].items():
-        lines.append(f"{name:<16}{p['seconds']:>10.1f}{p['programs']:>10d}{p['compile_s']:>11.1f}")
+        peak = f"{p['peak_gb']:>9.2f}" if "peak_gb" in p else ""
+        lines.append(f"{name:<16}{p['seconds']:>10.1f}{p['programs']:>10d}{p['compile_s']:>11.1f}{peak}")
     lines.append("programs compiled per step (by phase):")
     for st in s["steps"]:
         detail = ", ".join(f"{k} {v}" for k, v in st["by_phase"].items())
