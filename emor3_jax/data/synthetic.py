@@ -147,8 +147,9 @@ def image_shape(index: int, seed: int, split: str, sides: tuple[int, int]) -> tu
     ratio = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
     ratio = min(max(ratio, low / high), high / low)  # a narrow range cannot hold 1:3
     stretch = max(ratio, 1 / ratio)
-    # floor and ceil keep both sides in range and the ratio within `stretch`
-    long_side = math.floor(math.exp(rng.uniform(math.log(low * stretch), math.log(high))))
+    # floor and ceil keep both sides in range and the ratio within `stretch` (max: exp(log(low))
+    # may fall a hair below low)
+    long_side = max(low, math.floor(math.exp(rng.uniform(math.log(low * stretch), math.log(high)))))
     short_side = max(low, math.ceil(long_side / stretch))
     return (long_side, short_side) if ratio >= 1 else (short_side, long_side)
 
