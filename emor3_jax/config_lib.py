@@ -26,6 +26,10 @@ from emor3_jax.rl.learner import SCHEDULES
 # greedy or sampled (eval.sampled_temperature / top_p) held-out accuracy, or the sampled
 # validation's mean reward without reflection (the official run's validation score).
 BEST_BY = ("greedy_accuracy", "sampled_accuracy", "sampled_reward")
+# model.preset: the architecture without hf_path (models.api.preset); builtin_tokenizer: the
+# tokenizer built into the workdir without tokenizer_path / hf_path (runtime/setup.load_tokenizer).
+PRESETS = ("tiny", "3b", "7b")
+BUILTIN_TOKENIZERS = ("test", "qwen")
 
 
 def _positive(x) -> bool:
@@ -193,12 +197,18 @@ def validate(c: ConfigDict) -> None:
             errors.append(message)
 
     need(bool(c.workdir), "set --config.workdir (where checkpoints and logs go)")
-    if c.variant != "tiny":
+    need(c.model.preset in PRESETS, f"--config.model.preset={c.model.preset!r} must be one of {PRESETS}")
+    if c.model.preset != "tiny":
         need(
-            bool(c.hf_path),
+            bool(c.hf_path) or c.model.init_random,
             f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir or hub id, e.g. "
-            "Qwen/Qwen2.5-VL-3B-Instruct>",
+            "Qwen/Qwen2.5-VL-3B-Instruct> (or --config.model.init_random=True: random weights at the "
+            f"{c.model.preset} preset's shapes)",
         )
+    need(
+        c.builtin_tokenizer in BUILTIN_TOKENIZERS,
+        f"--config.builtin_tokenizer={c.builtin_tokenizer!r} must be one of {BUILTIN_TOKENIZERS}",
+    )
     for flag in ("hf_path", "tokenizer_path"):
         if c[flag]:
             problem = _model_path_problem(flag, c[flag])
@@ -236,6 +246,11 @@ def validate(c: ConfigDict) -> None:
     share = c.data.unfaithful_share
     need(0 <= share <= 1, f"--config.data.unfaithful_share={share} must be in [0, 1]")
     need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
+    sides = tuple(c.data.image_sides)
+    need(
+        sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),
+        f"--config.data.image_sides={sides} must be () or (min, max) pixels with 28 <= min <= max",
+    )
     rows = c.cold_start.judge_batch_size
     need(
         rows >= 0 and (rows == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
@@ -486,8 +501,8 @@ def runtime_fields(c: ConfigDict) -> dict:
 
 
 def model_config(c: ConfigDict, vocab_size: int, special_ids: dict[str, int]) -> ModelConfig:
-    """The architecture: from the HF checkpoint, or the tiny preset sized to the tokenizer."""
+    """The architecture: from the HF checkpoint, or model.preset (tiny: sized to the tokenizer)."""
     runtime = runtime_fields(c)
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
-    return preset("tiny", vocab_size=vocab_size, special_ids=special_ids, **runtime)
+    return preset(c.model.preset, vocab_size=vocab_size, special_ids=special_ids, **runtime)

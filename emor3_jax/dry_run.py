@@ -60,12 +60,12 @@ def model_config(c: ConfigDict) -> ModelConfig:
     runtime = config_lib.runtime_fields(c)
     if c.hf_path:
         return ModelConfig.from_hf_dir(c.hf_path, **runtime)
-    if c.variant == "tiny":
+    if c.model.preset == "tiny":
         raise ValueError(
             "--dry_run needs --config=configs/qwen_vl.py:3b or :7b (or --config.hf_path); the tiny model's "
             "vocabulary comes from a tokenizer built at run time"
         )
-    return preset(c.variant, **runtime)
+    return preset(c.model.preset, **runtime)
 
 
 def make_mesh(c: ConfigDict) -> Mesh:

@@ -34,8 +34,9 @@ from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, check_finite, make_optimizer
 from emor3_jax.runtime import multihost, paths, setup
+from emor3_jax.runtime import profile as run_profile
 from emor3_jax.runtime.checkpoint import PreemptionFlag
-from emor3_jax.runtime.metrics import CompileTimer, MetricWriter
+from emor3_jax.runtime.metrics import MetricWriter
 from emor3_jax.runtime.run_checkpoints import RunCheckpoints
 from emor3_jax.runtime.workdir_lock import WorkdirLock
 
@@ -48,35 +49,39 @@ class Run:
     def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None):
         config_lib.validate(c)
         self.c, self.accepted = c, accepted
+        self.prof = run_profile.Profile()  # programs compiled and seconds per phase and step
         self.scratch = paths.Scratch(c.scratch_dir)  # local copies of URI files; removed by close()
         epath.Path(c.workdir).mkdir(parents=True, exist_ok=True)
         tok = setup.load_tokenizer(c, self.scratch)
         self.vocab = len(tok)
-        special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or "the test tokenizer")
+        special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or f"the {c.builtin_tokenizer} tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
         self.rt = setup.build(c, tok, special, cfg, *setup.mesh_and_rules(c))
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
         self.dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
-        self.data_dir, self.bad = store.build(
-            c,
-            lambda r: self.task.prompt_length(self.encoder, r),
-            self.dropped,
-            is_set_answer=rewards.format_score,
-            scratch=self.scratch,
-        )
-        if c.cold_start.steps:
-            self._check_answers()
-        self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
-        if c.hf_path:
-            hf = self.scratch.local(c.hf_path, "hf")  # safetensors are memory-mapped: a local copy
-            model = load_hf(hf, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
-        else:
-            model = create_model(cfg, self.rt.mesh, self.rt.rules, seed=c.seed)
+        with self.prof.phase("data_build"):
+            self.data_dir, self.bad = store.build(
+                c,
+                lambda r: self.task.prompt_length(self.encoder, r),
+                self.dropped,
+                is_set_answer=rewards.format_score,
+                scratch=self.scratch,
+            )
+            if c.cold_start.steps:
+                self._check_answers()
+            self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
+        with self.prof.phase("model_init"):
+            if c.hf_path and not c.model.init_random:
+                hf = self.scratch.local(c.hf_path, "hf")  # safetensors are memory-mapped: a local copy
+                model = load_hf(hf, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
+            else:
+                shapes = f"{c.hf_path}'s config.json" if c.hf_path else f"the {c.model.preset} preset"
+                print(f"model: RANDOM weights (seed {c.seed}) at the shapes of {shapes}; no checkpoint weights read")
+                model = create_model(cfg, self.rt.mesh, self.rt.rules, seed=c.seed)
         self.graphdef, self.params = nnx.split(model)
         self.ckpts = RunCheckpoints(c, cfg.to_hf_dict(), lock)
         self.writer = MetricWriter(c.workdir)
-        self.compile = CompileTimer()
         self.preempt = PreemptionFlag()
         self.key = jax.random.key(c.seed)
         # rl.steps = rl.epochs = 0: the cold start alone.
@@ -188,7 +193,7 @@ class Run:
 
     def eval_all(self, label: str, step: int) -> dict:
         """Greedy and sampled held-out accuracy, format and length of the current params."""
-        with self.rt.ctx():
+        with self.rt.ctx(), self.prof.phase("eval"):
             out = heldout(
                 self.rt,
                 self.model(),
@@ -215,30 +220,32 @@ class Run:
         start = self.meta["phase_step"]
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            records = multihost.gather_records(next(it))
-            batch, loss_mask = self._sft_batch(records)
-            with self.rt.ctx():
-                grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
-                if c.judge_batch_size:  # the judge's own batch: its mean loss is added
-                    judge_grads, judge = learner.sft_grads(self.params, *self._judge_batch(records, step), 1.0)
-                    grads = jax.tree.map(jnp.add, grads, judge_grads)
-                self.params, opt, gnorm = learner.apply(self.params, opt, grads)
-            try:
-                check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
-            except FloatingPointError as e:
-                self._stop("cold_start", str(e))
-            norm = self._check_step("cold_start", step, norm)
+            with self.prof.phase("cold_start"):
+                records = multihost.gather_records(next(it))
+                batch, loss_mask = self._sft_batch(records)
+                with self.rt.ctx():
+                    grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
+                    if c.judge_batch_size:  # the judge's own batch: its mean loss is added
+                        judge_grads, judge = learner.sft_grads(self.params, *self._judge_batch(records, step), 1.0)
+                        grads = jax.tree.map(jnp.add, grads, judge_grads)
+                    self.params, opt, gnorm = learner.apply(self.params, opt, grads)
+                try:
+                    check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
+                except FloatingPointError as e:
+                    self._stop("cold_start", str(e))
+                norm = self._check_step("cold_start", step, norm)
             self.meta.update(phase_step=step, global_step=step)
             self.meta["data"]["cold_start"] = it.get_state()
             scalars = {"loss": m["loss"], "grad_norm": gnorm, "learning_rate": lr_fn(step), "tokens": m["tokens"]}
             if c.judge_batch_size:
                 scalars["judge_loss"] = judge["loss"]
-            scalars.update(step_s=time.perf_counter() - t0, compile_s=self.compile.take())
+            scalars.update(step_s=time.perf_counter() - t0, compile_s=self.prof.take_compile_s())
             self.writer.write("cold_start", step, scalars)
             self.writer.progress("cold_start", step, c.steps, start, f"loss {float(m['loss']):.3f}")
             self._checkpoint(
                 step % self.c.checkpoint.every == 0 or step == c.steps, {"params": self.params, "opt": opt}
             )
+            self.prof.step(f"cold_start {step}", t0)
         if c.judge_records:
             self.judge_check(self.meta["global_step"])
 
@@ -264,7 +271,7 @@ class Run:
         phase "judge" and printed."""
         c = self.c
         examples = held_out_examples(c.cold_start.judge_records, c.seed, c.data.image_size, c.data.labels)
-        with self.rt.ctx():
+        with self.rt.ctx(), self.prof.phase("judge"):
             answers = self.task.judge_answers(
                 self.rt.sampler,
                 self.model(),
@@ -307,12 +314,17 @@ class Run:
         try:
             for step in range(start + 1, self.rl_steps + 1):
                 gstep, programs = offset + step, self.rt.sampler.compiled_programs()
-                records = multihost.gather_records(next(it))
+                t0 = time.perf_counter()
+                with self.prof.phase("grpo_data"):
+                    records = multihost.gather_records(next(it))
                 with self.rt.ctx():
+                    t = time.perf_counter()
                     exp = step_fn.experience(self.params, ref, records, jax.random.fold_in(self.key, gstep))
+                    self.prof.windows(t, exp.times)  # rollout, reflection, logprobs, scoring_wait
                     t = time.perf_counter()
                     try:
-                        self.params, opt, metrics = step_fn.update(self.params, opt, exp, step=gstep)
+                        with self.prof.phase("update"):
+                            self.params, opt, metrics = step_fn.update(self.params, opt, exp, step=gstep)
                     except FloatingPointError as e:
                         self._stop("grpo", str(e))
                     exp.times["update_s"] = time.perf_counter() - t
@@ -324,6 +336,7 @@ class Run:
                 if step % self.c.eval.every == 0 or step == self.rl_steps:
                     self._validate(state, gstep)
                 self._checkpoint(step % self.c.checkpoint.every == 0 or step == self.rl_steps, state)
+                self.prof.step(f"grpo {gstep}", t0)
         finally:
             step_fn.close()
         return self.meta["evals"]
@@ -362,7 +375,7 @@ class Run:
             learning_rate=lr,
             tokens_per_s=float(ro.lengths.sum()) / sum(exp.times.values()),
             new_programs=self.rt.sampler.compiled_programs() - programs,
-            compile_s=self.compile.take(),
+            compile_s=self.prof.take_compile_s(),
         )
         self.writer.write("grpo", gstep, log)
         if step % self.c.log.samples_every == 0 or step == 1:
@@ -390,14 +403,24 @@ class Run:
         """Saves when due or when any process got SIGTERM; after a SIGTERM every process exits."""
         stop = multihost.any_process(self.preempt.requested)  # every process saves, then stops
         if due or stop:
-            self.save(state)
+            with self.prof.phase("checkpoint"):
+                self.save(state)
         if stop:
             self.ckpts.wait()
             print(f"\nSIGTERM: saved step {self.meta['global_step']} to {self.ckpts.ckpt.directory}; exiting")
             raise SystemExit(0)
 
+    def report_profile(self) -> dict:
+        """The profile table printed and written to the workdir (profile.txt); its numbers."""
+        summary = self.prof.summary({split: len(rows) for split, rows in self.dropped.items()})
+        text = run_profile.table(summary)
+        if multihost.is_main():
+            print("\n" + text)
+            epath.Path(self.c.workdir, "profile.txt").write_text(text + "\n")
+        return summary
+
     def close(self) -> None:
-        self.compile.close()
+        self.prof.close()
         self.ckpts.close()
         self.writer.close()
         self.preempt.restore_handler()
@@ -410,19 +433,22 @@ def run(c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None 
     the workdir lock held, checked before each save)."""
     r = Run(c, accepted, lock)
     try:
-        r.resume_meta()
+        with r.prof.phase("resume"):
+            r.resume_meta()
         if c.cold_start.steps:
             r.cold_start()
         if r.rl_steps:
             evals = r.grpo()
         else:
             evals = {"cold_start": r.eval_all("cold_start", r.meta["global_step"])}
-        r.ckpts.wait()
+        with r.prof.phase("checkpoint"):
+            r.ckpts.wait()
         results = {
             "cold_start": evals.get("cold_start"),
             "grpo": evals.get("grpo"),
             "workdir": paths.absolute(c.workdir),
         }
+        results["profile"] = r.report_profile()
         if multihost.is_main():
             eval_report.write_run_results(c.workdir, results)
         return results

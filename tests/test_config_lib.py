@@ -7,6 +7,7 @@ import pytest
 
 from configs.qwen_vl import get_config
 from emor3_jax import config_lib
+from emor3_jax.data.tokenizers import QWEN_SPECIAL_TOKENS
 
 
 def _config(**overrides):
@@ -234,4 +235,21 @@ def test_a_choice_outside_its_registry_is_refused_naming_the_flag(field, value):
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(ValueError, match=f"--config.{field}='{value}' must be one of"):
+        config_lib.validate(c)
+
+
+def test_random_weights_at_real_shapes_need_the_switch_and_the_real_tokenizer():
+    c = get_config("3b")
+    c.workdir, c.data.source = "/tmp/unused", "synthetic"
+    with pytest.raises(ValueError, match=r"needs --config.hf_path=.*or --config.model.init_random=True"):
+        config_lib.validate(c)
+    c.model.init_random = True
+    config_lib.validate(c)
+    assert c.builtin_tokenizer == "qwen"  # the 151,665-id tokenizer the 3b preset's ids belong to
+    special = {t: 151643 + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
+    cfg = config_lib.model_config(c, 151665, special)
+    assert (cfg.text.hidden_size, cfg.text.num_layers, cfg.text.vocab_size) == (2048, 36, 151936)
+    assert cfg.image_token_id == special["<|image_pad|>"]
+    c.builtin_tokenizer = "gpt2"
+    with pytest.raises(ValueError, match=r"--config.builtin_tokenizer='gpt2' must be one of \('test', 'qwen'\)"):
         config_lib.validate(c)

@@ -33,12 +33,14 @@ def read_split(
     count: int,
     seed: int,
     image_size: int,
+    image_sides: Sequence[int] = (),
     unfaithful_share: float = 0.0,
 ) -> Iterator[dict]:
     """RECORDS of one split of `source`.
 
     synthetic: `count` generated examples of `split` (train | test) for `seed`, images
-    `image_size` pixels a side, encoded as PNG, their truth as JSON; a share
+    `image_size` pixels a side (with `image_sides` = (min, max): web-photo sizes, see
+    synthetic.image_shape), encoded as PNG, their truth as JSON; a share
     `unfaithful_share` of the answers carries a wrong detail (synthetic.make_example);
     `path`, `annotations` unused. Other sources: `unfaithful_share` must be 0.
     emoset_parquet: the parquet file/dir `path`. folder: images under `path` listed in the
@@ -49,7 +51,7 @@ def read_split(
     if source == "synthetic":
         if split not in SYNTHETIC_SPLITS:
             raise ValueError(f"synthetic split must be one of {SYNTHETIC_SPLITS}, got {split!r}")
-        return _synthetic(count, seed, image_size, split, labels, unfaithful_share)
+        return _synthetic(count, seed, image_size, image_sides, split, labels, unfaithful_share)
     if unfaithful_share:
         raise ValueError(f"unfaithful_share={unfaithful_share}: only synthetic answers can be made unfaithful")
     if source == "emoset_parquet":
@@ -62,11 +64,19 @@ def read_split(
 
 
 def _synthetic(
-    count: int, seed: int, image_size: int, split: str, labels: Sequence[str], unfaithful_share: float
+    count: int,
+    seed: int,
+    image_size: int,
+    image_sides: Sequence[int],
+    split: str,
+    labels: Sequence[str],
+    unfaithful_share: float,
 ) -> Iterator[dict]:
     from emor3_jax.data.synthetic import SyntheticEmotions, to_record
 
-    for ex in SyntheticEmotions(count, seed, size=image_size, split=split, unfaithful_share=unfaithful_share):
+    for ex in SyntheticEmotions(
+        count, seed, size=image_size, split=split, unfaithful_share=unfaithful_share, sides=tuple(image_sides) or None
+    ):
         if ex["label"] not in labels:
             raise ValueError(f"synthetic record {ex['id']}: label {ex['label']!r} is not one of {list(labels)}")
         yield to_record(ex)
@@ -76,7 +86,8 @@ def load_eval_records(ds: ConfigDict, c: ConfigDict, counter: dict) -> list[dict
     """The first `ds.num_examples` records (0: all) of evaluation data set `ds`.
 
     Bad records are skipped and counted in `counter` as `c.data.skip_bad` and
-    `c.data.max_bad_fraction` say; synthetic records use `c.seed` and `c.data.image_size`.
+    `c.data.max_bad_fraction` say; synthetic records use `c.seed`, `c.data.image_size` and
+    `c.data.image_sides`.
     """
     records = read_split(
         ds.source,
@@ -87,6 +98,7 @@ def load_eval_records(ds: ConfigDict, c: ConfigDict, counter: dict) -> list[dict
         count=ds.num_examples,
         seed=c.seed,
         image_size=c.data.image_size,
+        image_sides=tuple(c.data.image_sides),
     )
     if ds.source != "synthetic":  # generated records cannot be bad
         records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter)

@@ -61,6 +61,7 @@ def build(
             count=counts[s],
             seed=c.seed,
             image_size=c.data.image_size,
+            image_sides=tuple(c.data.image_sides),
             # imperfect distilled answers: the synthetic generator's train split only
             unfaithful_share=c.data.unfaithful_share if s == "train" and synthetic else 0.0,
         )

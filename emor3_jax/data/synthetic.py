@@ -37,7 +37,9 @@ from emor3_jax.data.prompts import EMOSET_LABELS, VALENCE_AROUSAL, question
 
 SPLITS = {"train": 0, "test": 1}
 # Independent random streams: adding the unfaithful draws leaves labels and images unchanged.
-_LABEL_STREAM, _IMAGE_STREAM, _UNFAITHFUL_STREAM, _SHARE_OFFSET_STREAM, _SHARE_ORDER_STREAM = 0, 1, 2, 3, 4
+_LABEL_STREAM, _IMAGE_STREAM, _UNFAITHFUL_STREAM, _SHARE_OFFSET_STREAM, _SHARE_ORDER_STREAM, _SIDES_STREAM = range(6)
+# Web-photo shapes (`sides`): width / height between 1:3 and 3:1.
+MAX_ASPECT = 3.0
 
 # label -> (background RGB, figure RGB, figure kind drawn by _draw)
 _LOOK = {
@@ -134,32 +136,60 @@ def is_unfaithful(index: int, seed: int, split: str, share: float) -> bool:
     return math.floor((v + 1) * share + offset) > math.floor(v * share + offset)
 
 
-def make_example(index: int, seed: int, size: int = 56, split: str = "train", unfaithful_share: float = 0.0) -> dict:
-    """Example `index` of the (seed, split) stream: id, image (RGB, size x size), label,
-    problem, answer, valence, arousal, truth (a dict, see `_truth`). With `unfaithful_share`
-    > 0 the answers of the examples `is_unfaithful` picks carry one wrong detail; the image,
-    the label and every other answer stay as they are without it."""
+def image_shape(index: int, seed: int, split: str, sides: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of example `index` with web-photo sizes: both sides in [sides[0],
+    sides[1]], the aspect ratio log-uniform in [1/MAX_ASPECT, MAX_ASPECT], the long side
+    log-uniform over what that ratio allows. Its own stream: labels and figures do not move."""
+    low, high = sides
+    if not 28 <= low <= high:
+        raise ValueError(f"synthetic: sides={tuple(sides)} must be (min, max) with 28 <= min <= max")
+    rng = _rng(seed, split, _SIDES_STREAM, index)
+    ratio = math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT)))
+    ratio = min(max(ratio, low / high), high / low)  # a narrow range cannot hold 1:3
+    stretch = max(ratio, 1 / ratio)
+    # floor and ceil keep both sides in range and the ratio within `stretch` (max: exp(log(low))
+    # may fall a hair below low)
+    long_side = max(low, math.floor(math.exp(rng.uniform(math.log(low * stretch), math.log(high)))))
+    short_side = max(low, math.ceil(long_side / stretch))
+    return (long_side, short_side) if ratio >= 1 else (short_side, long_side)
+
+
+def make_example(
+    index: int,
+    seed: int,
+    size: int = 56,
+    split: str = "train",
+    unfaithful_share: float = 0.0,
+    sides: tuple[int, int] | None = None,
+) -> dict:
+    """Example `index` of the (seed, split) stream: id, image (RGB, size x size; with `sides`
+    = (min, max), web-photo sizes: `image_shape`), label, problem, answer, valence, arousal,
+    truth (a dict, see `_truth`). With `unfaithful_share` > 0 the answers of the examples
+    `is_unfaithful` picks carry one wrong detail; the image, the label and every other answer
+    stay as they are without it. `sides` changes the canvas only: label, figure, size class
+    and answer are those of the square image."""
     if size < 28:
         raise ValueError(f"make_example: size={size} is below the 28-pixel minimum")
+    width, height = image_shape(index, seed, split, sides) if sides else (size, size)
     label = label_of(index, seed, split)
     rng = _rng(seed, split, _IMAGE_STREAM, index)
     background, figure, kind = _LOOK[label]
 
     # Background: jittered shade, a mild vertical gradient, noise added at the end.
     shade = np.array(background, np.float64) + rng.uniform(-18, 18, 3) + rng.uniform(-10, 10)
-    ramp = np.linspace(-1, 1, size)[:, None, None] * rng.uniform(-12, 12)
-    canvas = np.broadcast_to(shade + ramp, (size, size, 3))
+    ramp = np.linspace(-1, 1, height)[:, None, None] * rng.uniform(-12, 12)
+    canvas = np.broadcast_to(shade + ramp, (height, width, 3))
     image = PIL.Image.fromarray(_to_uint8(canvas))
 
     fraction = rng.uniform(*_RADIUS)
     size_class = min(2, int(3 * (fraction - _RADIUS[0]) / (_RADIUS[1] - _RADIUS[0])))
-    radius = fraction * size
+    radius = fraction * min(width, height)
     margin = radius + 2
-    cx, cy = rng.uniform(margin, size - margin, 2)
+    cx, cy = rng.uniform((margin, margin), (width - margin, height - margin))
     colour = tuple(int(c) for c in np.clip(np.array(figure) + rng.uniform(-15, 15, 3), 0, 255))
     _draw(PIL.ImageDraw.Draw(image), kind, cx, cy, radius, colour, rng)
 
-    pixels = np.asarray(image, np.float64) + rng.normal(0, 6, (size, size, 3))
+    pixels = np.asarray(image, np.float64) + rng.normal(0, 6, (height, width, 3))
     feeling = FEELINGS[label][int(rng.integers(len(FEELINGS[label])))]
 
     wrong, said_size, said_feeling = "", size_class, feeling
@@ -210,12 +240,19 @@ def to_record(example: dict) -> dict:
 
 
 class SyntheticEmotions(Sequence):
-    """`num_examples` examples of `make_example` for one (seed, split); train and test draw
+    """`num_examples` examples of `make_example` for one (seed, split) (`size` x `size` images,
+    or web-photo sizes with `sides`); train and test draw
     from different streams. Labels are balanced (exactly, when num_examples is a multiple
     of 8); so is the unfaithful share (floor or ceil of unfaithful_share * num_examples)."""
 
     def __init__(
-        self, num_examples: int, seed: int, size: int = 56, split: str = "train", unfaithful_share: float = 0.0
+        self,
+        num_examples: int,
+        seed: int,
+        size: int = 56,
+        split: str = "train",
+        unfaithful_share: float = 0.0,
+        sides: tuple[int, int] | None = None,
     ):
         if num_examples < 0:
             raise ValueError(f"SyntheticEmotions: num_examples={num_examples} is negative")
@@ -227,6 +264,7 @@ class SyntheticEmotions(Sequence):
         self.size = size
         self.split = split
         self.unfaithful_share = unfaithful_share
+        self.sides = tuple(sides) if sides else None
 
     def __len__(self) -> int:
         return self.num_examples
@@ -238,7 +276,7 @@ class SyntheticEmotions(Sequence):
             index += self.num_examples
         if not 0 <= index < self.num_examples:
             raise IndexError(f"SyntheticEmotions: index {index} out of range for {self.num_examples} examples")
-        return make_example(int(index), self.seed, self.size, self.split, self.unfaithful_share)
+        return make_example(int(index), self.seed, self.size, self.split, self.unfaithful_share, self.sides)
 
 
 def _check_split(split: str) -> None:

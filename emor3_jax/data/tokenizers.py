@@ -247,6 +247,9 @@ def _wrap_and_save(tok: Tokenizer, path: str) -> Qwen2Tokenizer:
     tok.add_tokens(
         [AddedToken(t, special=i < _NUM_SPECIAL, normalized=False) for i, t in enumerate(QWEN_SPECIAL_TOKENS)]
     )
+    # Before the tokenizer: for a vocab over 100k transformers looks for `path`/config.json (a
+    # Mistral regex check) and, offline, takes a missing `path` for a hub id and raises.
+    os.makedirs(path, exist_ok=True)
     tokenizer = Qwen2Tokenizer(
         tokenizer_object=tok,
         name_or_path=path,  # as if loaded with from_pretrained(path)
@@ -257,6 +260,5 @@ def _wrap_and_save(tok: Tokenizer, path: str) -> Qwen2Tokenizer:
         chat_template=QWEN_CHAT_TEMPLATE,
         model_max_length=131072,  # Qwen2.5-VL's tokenizer_config value
     )
-    os.makedirs(path, exist_ok=True)
     tokenizer.save_pretrained(path)
     return tokenizer

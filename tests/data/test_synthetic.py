@@ -219,3 +219,50 @@ def test_config_unfaithful_share(tmp_path):
         c.data.unfaithful_share = bad
         with pytest.raises(ValueError, match=f"data.unfaithful_share={bad} must be in"):
             config_lib.validate(c)
+
+
+def test_web_photo_sizes_cover_the_range_within_the_aspect_bounds():
+    shapes = np.array([synthetic.image_shape(i, 0, "train", (200, 2000)) for i in range(400)])
+    assert shapes.min() >= 200 and shapes.max() <= 2000
+    ratio = shapes[:, 0] / shapes[:, 1]
+    assert ratio.min() >= 1 / 3 and ratio.max() <= 3
+    # the whole range is drawn: small and large sides, tall and wide images
+    assert shapes.min() < 250 and shapes.max() > 1800 and ratio.min() < 0.4 and ratio.max() > 2.5
+    assert synthetic.image_shape(7, 0, "train", (300, 300)) == (300, 300)  # a narrow range holds what it can
+    with pytest.raises(ValueError, match=r"sides=\(20, 100\)"):
+        synthetic.image_shape(0, 0, "train", (20, 100))
+
+
+def test_web_photo_sizes_change_the_canvas_only():
+    square = synthetic.make_example(5, seed=0, unfaithful_share=0.5)
+    web = synthetic.make_example(5, seed=0, unfaithful_share=0.5, sides=(200, 2000))
+    assert web["image"].size == synthetic.image_shape(5, 0, "train", (200, 2000)) != square["image"].size
+    assert {k: v for k, v in web.items() if k != "image"} == {k: v for k, v in square.items() if k != "image"}
+    # the label's background colour still dominates the picture
+    pixels = np.asarray(web["image"], np.float64).reshape(-1, 3).mean(0)
+    background = np.array(synthetic._LOOK[web["label"]][0], np.float64)
+    assert np.abs(pixels - background).max() < 40
+
+
+def test_config_image_sides_reach_the_records():
+    c = get_config("tiny")
+    c.data.image_sides = (100, 300)
+    records = list(
+        read_split(
+            "synthetic",
+            "",
+            "",
+            "train",
+            prompts.EMOSET_LABELS,
+            count=3,
+            seed=0,
+            image_size=56,
+            image_sides=c.data.image_sides,
+        )
+    )
+    sizes = [PIL.Image.open(io.BytesIO(r["image"])).size for r in records]
+    assert sizes == [synthetic.image_shape(i, 0, "train", (100, 300)) for i in range(3)]
+    c.data.image_sides = (10, 300)
+    c.workdir = "/tmp/unused"
+    with pytest.raises(ValueError, match=r"data.image_sides=\(10, 300\) must be \(\) or \(min, max\)"):
+        config_lib.validate(c)

@@ -38,7 +38,8 @@ def small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return tokenizers.build_qwen_tokenizer(str(tmp_path_factory.mktemp("qwen")))
+    # a folder that does not exist yet, as a run's workdir/tokenizer (offline: not taken for a hub id)
+    return tokenizers.build_qwen_tokenizer(str(tmp_path_factory.mktemp("qwen") / "tokenizer"))
 
 
 @pytest.mark.parametrize("text", TEXTS)
