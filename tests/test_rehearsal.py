@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from configs.qwen_vl import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +49,7 @@ def test_the_rehearsal_settings_are_the_papers():
     assert 0 < c.sampling.max_rows < c.rl.rollout_batch * c.rl.num_generations and c.rl.steps >= 10
 
 
+@pytest.mark.slow  # ~3-7 minutes on 2 cores (151,665-id logits, ~100 programs): over CI's budget
 def test_the_rehearsal_compiles_nothing_new_after_its_first_step_and_prints_its_table(tmp_path):
     cmd = [sys.executable, "-m", "emor3_jax.train", f"--config={ROOT}/configs/qwen_vl.py:rehearsal"]
     cmd += [f"--config.workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
