@@ -7,6 +7,7 @@ same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores
     RER, reference judge  reward.reflection=both, reward.judge=reference (the frozen cold-start model does)
 
     python bench/learning.py [--seeds 0 1 2 3 4] [--out DIR] [--extra --config.rl.steps=60 ...]
+    python bench/learning.py --out DIR --seeds 0 1 --report_only   # the table of finished runs
 
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
@@ -70,21 +71,25 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def cold_start(seed: int, extra: list[str], root: str) -> str:
+def cold_start(seed: int, extra: list[str], root: str) -> None:
     """Runs seed's cold start alone (the overrides come last: they win over `extra`)."""
     workdir = os.path.join(root, f"seed{seed}", "cold_start")
     train(workdir, seed, [*extra, "--config.rl.steps=0", "--config.rl.epochs=0"])
-    return workdir
 
 
 def arm_run(seed: int, arm: str, cold: str, extra: list[str], root: str) -> dict:
     """GRPO of `arm` from a copy of the cold start's workdir: held-out figures after the cold
     start ("cold_*") and after GRPO ("grpo_*"), the judge's accuracy, the curves."""
-    workdir = os.path.join(root, f"seed{seed}", arm.replace(" ", "_").replace(",", ""))
+    workdir = arm_dir(root, seed, arm)
     shutil.copytree(cold, workdir, ignore=shutil.ignore_patterns("run.lock"))
     # The judge is measured once, after the cold start (the resume cuts the copied log back to
     # the checkpoint, so its line is read from the cold start's own log).
     train(workdir, seed, [*extra, *ARMS[arm], "--config.cold_start.judge_records=0", ACCEPT])
+    return read_arm(workdir, cold)
+
+
+def read_arm(workdir: str, cold: str) -> dict:
+    """An arm's figures from its workdir and its cold start's (see arm_run)."""
     with open(os.path.join(workdir, "results.json")) as f:
         res = json.load(f)
     metrics = read_metrics(workdir)
@@ -151,39 +156,56 @@ def plot(runs: dict, seeds: list[int], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def arm_dir(root: str, seed: int, arm: str) -> str:
+    return os.path.join(root, f"seed{seed}", arm.replace(" ", "_").replace(",", ""))
+
+
+def report(runs: dict, seeds: list[int], extra: list[str], root: str) -> None:
+    """Prints the table and the ratio lines; writes root/learning.md and root/learning.png."""
+    md = table(runs, seeds)
+    print(md)
+    plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in seeds])[0]
+    for arm in ARMS:
+        grpo = lambda k, a=arm: mean_std([runs[a][s][f"grpo_{k}"] for s in seeds])[0]
+        cold = mean_std([runs[arm][s]["cold_sampled_accuracy"] for s in seeds])[0]
+        tag = arm.replace(" ", "_").replace(",", "").lower()
+        print(f"ratio grpo_vs_cold_start_sampled_accuracy_{tag}: {grpo('sampled_accuracy') / max(cold, 1e-9):.3f}")
+        if arm != "no RER":
+            for k in ("greedy_image_faithful", "greedy_answer_coherent"):
+                print(f"ratio {tag}_vs_no_rer_{k}: {grpo(k) / max(plain(k), 1e-9):.3f}")
+    with open(os.path.join(root, "learning.md"), "w") as f:
+        f.write(f"Seeds {seeds}, extra flags {extra or 'none'}; mean ± std (ddof 1) over seeds.\n\n{md}\n")
+    plot(runs, seeds, os.path.join(root, "learning.png"))
+    print(f"wrote {root}/learning.md and {root}/learning.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", default="", help="where the runs, learning.md and learning.png go (default: a temp dir)")
+    ap.add_argument("--report_only", action="store_true", help="only read the finished runs under --out")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more --config.* flags for every run")
     args = ap.parse_args()
+    if args.report_only and not args.out:
+        ap.error("--report_only reads the runs under --out: pass --out")
     root = args.out or tempfile.mkdtemp(prefix="emor3-learning-")
     runs = {arm: {} for arm in ARMS}
     for seed in args.seeds:
-        cold = cold_start(seed, args.extra, root)
+        cold = os.path.join(root, f"seed{seed}", "cold_start")
+        if not args.report_only:
+            cold_start(seed, args.extra, root)
         for arm in ARMS:
-            r = runs[arm][seed] = arm_run(seed, arm, cold, args.extra, root)
+            if args.report_only:
+                r = runs[arm][seed] = read_arm(arm_dir(root, seed, arm), cold)
+            else:
+                r = runs[arm][seed] = arm_run(seed, arm, cold, args.extra, root)
             print(
                 f"seed {seed} {arm}: "
                 + ", ".join(f"{HELD_OUT[k]} {r[f'cold_{k}']:.3f} -> {r[f'grpo_{k}']:.3f}" for k in HELD_OUT)
                 + f"; judge text {r['judge_text']:.3f} image {r['judge_image']:.3f}",
                 flush=True,
             )
-    md = table(runs, args.seeds)
-    print(md)
-    for arm in ARMS:
-        grpo = lambda k, a=arm: mean_std([runs[a][s][f"grpo_{k}"] for s in args.seeds])[0]
-        cold = mean_std([runs[arm][s]["cold_sampled_accuracy"] for s in args.seeds])[0]
-        tag = arm.replace(" ", "_").replace(",", "").lower()
-        print(f"ratio grpo_vs_cold_start_sampled_accuracy_{tag}: {grpo('sampled_accuracy') / max(cold, 1e-9):.3f}")
-        if arm != "no RER":
-            plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in args.seeds])[0]
-            for k in ("greedy_image_faithful", "greedy_answer_coherent"):
-                print(f"ratio {tag}_vs_no_rer_{k}: {grpo(k) / max(plain(k), 1e-9):.3f}")
-    with open(os.path.join(root, "learning.md"), "w") as f:
-        f.write(f"Seeds {args.seeds}, extra flags {args.extra or 'none'}; mean ± std (ddof 1) over seeds.\n\n{md}\n")
-    plot(runs, args.seeds, os.path.join(root, "learning.png"))
-    print(f"wrote {root}/learning.md and {root}/learning.png")
+    report(runs, args.seeds, args.extra, root)
 
 
 if __name__ == "__main__":
