@@ -1,13 +1,22 @@
-"""Does GRPO improve on its cold start? The tiny default on the synthetic emotion set, over
-seeds, with and without the reflective reward (not a test: ~4 minutes per run on 2 cores).
+"""Does GRPO improve on its cold start, and does the reflective reward keep the reasoning
+faithful? The tiny default on the synthetic emotion set, over seeds, in three arms from the
+same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores):
 
-    python bench/learning.py [--seeds 0 1 2] [--extra --config.rl.steps=60 ...]
+    no RER              GRPO with reward.reflection=none
+    RER, policy judge   reward.reflection=both, reward.judge=policy (the policy answers its reflections)
+    RER, reference judge  reward.reflection=both, reward.judge=reference (the frozen cold-start model does)
 
-Each run is the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`)
-with another seed; the script reads each run's results.json (held-out accuracy after the cold
-start and after GRPO, with the greedy image-faithful and answer-coherent rates) and
-metrics.jsonl (training reward of the first and last GRPO steps, the judge's accuracy after the
-cold start).
+    python bench/learning.py [--seeds 0 1 2 3 4] [--out DIR] [--extra --config.rl.steps=60 ...]
+    python bench/learning.py --out DIR --seeds 0 1 --report_only   # the table of finished runs
+
+Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
+its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
+its reward settings (--accept_changes) and runs GRPO. The script reads each arm's results.json
+(held-out accuracy, format and the greedy faithfulness rates against the synthetic truth)
+and metrics.jsonl (training reward components per GRPO step, validation every eval.every
+steps, the judge's accuracy after the cold start when cold_start.judge_records is set), prints
+mean +- std over seeds (std with ddof 1) and writes DIR/learning.md (the table) and
+DIR/learning.png (the curves; needs the `bench` extra: matplotlib).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,12 +32,28 @@ import tempfile
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAITHFULNESS = ("image_faithful", "answer_coherent")  # greedy rates against the synthetic truth
-WHEN = (("cold", "cold_start"), ("grpo", "grpo"))
+ARMS = {  # arm -> its reward flags; the cold start runs with the config's defaults
+    "no RER": ["--config.reward.reflection=none"],
+    "RER, policy judge": ["--config.reward.reflection=both", "--config.reward.judge=policy"],
+    "RER, reference judge": ["--config.reward.reflection=both", "--config.reward.judge=reference"],
+}
+ACCEPT = "--accept_changes=reward.reflection,reward.judge"
+# Held-out figures of results.json (greedy and sampled decoding): the table's columns.
+HELD_OUT = {
+    "greedy_accuracy": "greedy acc",
+    "sampled_accuracy": "sampled acc",
+    "greedy_format": "greedy format",
+    "sampled_format": "sampled format",
+    "greedy_image_faithful": "image-faithful",
+    "greedy_answer_coherent": "answer-coherent",
+}
+# Curves: training reward components per GRPO step (without RER coherence = consistency = 1)
+# and validation rates every eval.every steps (step 0: the cold start).
+TRAIN_CURVES = ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "reward_consistency")
+EVAL_CURVES = ("greedy_accuracy", "greedy_format", "greedy_image_faithful", "greedy_answer_coherent")
 
 
-def one_run(seed: int, reflection: bool, extra: list[str], root: str) -> dict:
-    workdir = os.path.join(root, f"seed{seed}_{'rer' if reflection else 'plain'}")
+def train(workdir: str, seed: int, flags: list[str]) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -35,67 +61,151 @@ def one_run(seed: int, reflection: bool, extra: list[str], root: str) -> dict:
         f"--config={ROOT}/configs/qwen_vl.py",
         f"--config.workdir={workdir}",
         f"--config.seed={seed}",
-        f"--config.reward.reflection={'both' if reflection else 'none'}",
-        *extra,
+        *flags,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def cold_start(seed: int, extra: list[str], root: str) -> None:
+    """Runs seed's cold start alone (the overrides come last: they win over `extra`)."""
+    workdir = os.path.join(root, f"seed{seed}", "cold_start")
+    train(workdir, seed, [*extra, "--config.rl.steps=0", "--config.rl.epochs=0"])
+
+
+def arm_run(seed: int, arm: str, cold: str, extra: list[str], root: str) -> dict:
+    """GRPO of `arm` from a copy of the cold start's workdir: held-out figures after the cold
+    start ("cold_*") and after GRPO ("grpo_*"), the judge's accuracy, the curves."""
+    workdir = arm_dir(root, seed, arm)
+    shutil.copytree(cold, workdir, ignore=shutil.ignore_patterns("run.lock"))
+    # The judge is measured once, after the cold start (the resume cuts the copied log back to
+    # the checkpoint, so its line is read from the cold start's own log).
+    train(workdir, seed, [*extra, *ARMS[arm], "--config.cold_start.judge_records=0", ACCEPT])
+    return read_arm(workdir, cold)
+
+
+def read_arm(workdir: str, cold: str) -> dict:
+    """An arm's figures from its workdir and its cold start's (see arm_run)."""
     with open(os.path.join(workdir, "results.json")) as f:
         res = json.load(f)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        grpo = [json.loads(line) for line in f if '"phase": "grpo"' in line]
-    k = max(1, len(grpo) // 5)  # first and last fifth of the GRPO steps
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        judge = [json.loads(line) for line in f if '"phase": "judge"' in line]
+    metrics = read_metrics(workdir)
+    judge = [m for m in read_metrics(cold) if m["phase"] == "judge"]
+    offset = [m for m in metrics if m["phase"] == "eval_cold_start"][-1]["step"]  # the cold start's last step
+    evals = [m for m in metrics if m["phase"] in ("eval_cold_start", "eval_grpo")]
     return {
-        "judge": judge[-1]["judge_accuracy"] if judge else float("nan"),  # nan: judge check off
-        **{f"{when}_{k}": res[phase][f"greedy_{k}"] for when, phase in WHEN for k in FAITHFULNESS},
-        "cold_greedy": res["cold_start"]["greedy_accuracy"],
-        "cold_sampled": res["cold_start"]["sampled_accuracy"],
-        "grpo_greedy": res["grpo"]["greedy_accuracy"],
-        "grpo_sampled": res["grpo"]["sampled_accuracy"],
-        "reward_first": float(np.mean([r["reward_overall"] for r in grpo[:k]])),
-        "reward_last": float(np.mean([r["reward_overall"] for r in grpo[-k:]])),
+        **{f"cold_{k}": res["cold_start"][k] for k in HELD_OUT},
+        **{f"grpo_{k}": res["grpo"][k] for k in HELD_OUT},
+        **{f"judge_{k}": judge[-1][f"judge_{k}"] if judge else float("nan") for k in ("text", "image")},
+        "train": {k: [(m["step"] - offset, m[k]) for m in metrics if m["phase"] == "grpo"] for k in TRAIN_CURVES},
+        "eval": {k: [(m["step"] - offset, m[k]) for m in evals] for k in EVAL_CURVES},
     }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def table(runs: dict, seeds: list[int]) -> str:
+    """Markdown: the cold start (the same for every arm) and each arm after GRPO, mean +- std."""
+    cell = lambda values: "{:.3f} ± {:.3f}".format(*mean_std(values))
+    head = ["", *HELD_OUT.values(), "judge text / image"]
+    first = runs[next(iter(ARMS))]
+    judge = [f"{mean_std([first[s][f'judge_{k}'] for s in seeds])[0]:.3f}" for k in ("text", "image")]
+    rows = [["cold start", *(cell([first[s][f"cold_{k}"] for s in seeds]) for k in HELD_OUT), " / ".join(judge)]]
+    for arm in ARMS:
+        rows.append([f"GRPO, {arm}", *(cell([runs[arm][s][f"grpo_{k}"] for s in seeds]) for k in HELD_OUT), ""])
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+
+
+def curve(runs: dict, seeds: list[int], part: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, std) over seeds of one curve (every seed logs the same steps)."""
+    points = [runs[seed][part][key] for seed in seeds]
+    steps = np.array([s for s, _ in points[0]])
+    values = np.array([[v for _, v in p] for p in points])
+    return steps, values.mean(0), values.std(0, ddof=1) if len(seeds) > 1 else np.zeros(len(steps))
+
+
+def plot(runs: dict, seeds: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("train", k) for k in TRAIN_CURVES] + [("eval", k) for k in EVAL_CURVES]
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10), sharex=True)
+    for ax, (part, key) in zip(axes.flat, panels):
+        for arm in ARMS:
+            steps, mean, std = curve(runs[arm], seeds, part, key)
+            ax.plot(steps, mean, marker="." if part == "eval" else None, label=arm)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_title(f"{key} ({'training rollouts' if part == 'train' else 'held-out'})", fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("GRPO step")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"tiny EMO-R3 on the synthetic set, mean ± std over seeds {seeds}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def arm_dir(root: str, seed: int, arm: str) -> str:
+    return os.path.join(root, f"seed{seed}", arm.replace(" ", "_").replace(",", ""))
+
+
+def report(runs: dict, seeds: list[int], extra: list[str], root: str) -> None:
+    """Prints the table and the ratio lines; writes root/learning.md and root/learning.png."""
+    md = table(runs, seeds)
+    print(md)
+    plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in seeds])[0]
+    for arm in ARMS:
+        grpo = lambda k, a=arm: mean_std([runs[a][s][f"grpo_{k}"] for s in seeds])[0]
+        cold = mean_std([runs[arm][s]["cold_sampled_accuracy"] for s in seeds])[0]
+        tag = arm.replace(" ", "_").replace(",", "").lower()
+        print(f"ratio grpo_vs_cold_start_sampled_accuracy_{tag}: {grpo('sampled_accuracy') / max(cold, 1e-9):.3f}")
+        if arm != "no RER":
+            for k in ("greedy_image_faithful", "greedy_answer_coherent"):
+                print(f"ratio {tag}_vs_no_rer_{k}: {grpo(k) / max(plain(k), 1e-9):.3f}")
+    with open(os.path.join(root, "learning.md"), "w") as f:
+        f.write(f"Seeds {seeds}, extra flags {extra or 'none'}; mean ± std (ddof 1) over seeds.\n\n{md}\n")
+    plot(runs, seeds, os.path.join(root, "learning.png"))
+    print(f"wrote {root}/learning.md and {root}/learning.png")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--out", default="", help="where the runs, learning.md and learning.png go (default: a temp dir)")
+    ap.add_argument("--report_only", action="store_true", help="only read the finished runs under --out")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more --config.* flags for every run")
     args = ap.parse_args()
-    root = tempfile.mkdtemp(prefix="emor3-learning-")
-    rows = {}
-    for reflection in (True, False):
-        for seed in args.seeds:
-            r = one_run(seed, reflection, args.extra, root)
-            rows[(reflection, seed)] = r
+    if args.report_only and not args.out:
+        ap.error("--report_only reads the runs under --out: pass --out")
+    root = args.out or tempfile.mkdtemp(prefix="emor3-learning-")
+    runs = {arm: {} for arm in ARMS}
+    for seed in args.seeds:
+        cold = os.path.join(root, f"seed{seed}", "cold_start")
+        if not args.report_only:
+            cold_start(seed, args.extra, root)
+        for arm in ARMS:
+            if args.report_only:
+                r = runs[arm][seed] = read_arm(arm_dir(root, seed, arm), cold)
+            else:
+                r = runs[arm][seed] = arm_run(seed, arm, cold, args.extra, root)
             print(
-                f"{'RER ' if reflection else 'no RER'} seed {seed}: held-out greedy {r['cold_greedy']:.3f} -> "
-                f"{r['grpo_greedy']:.3f}, sampled {r['cold_sampled']:.3f} -> {r['grpo_sampled']:.3f}; "
-                f"training reward {r['reward_first']:.3f} -> {r['reward_last']:.3f}; "
-                f"image-faithful {r['cold_image_faithful']:.3f} -> {r['grpo_image_faithful']:.3f}, "
-                f"answer-coherent {r['cold_answer_coherent']:.3f} -> {r['grpo_answer_coherent']:.3f}; "
-                f"judge {r['judge']:.3f}",
+                f"seed {seed} {arm}: "
+                + ", ".join(f"{HELD_OUT[k]} {r[f'cold_{k}']:.3f} -> {r[f'grpo_{k}']:.3f}" for k in HELD_OUT)
+                + f"; judge text {r['judge_text']:.3f} image {r['judge_image']:.3f}",
                 flush=True,
             )
-    for reflection in (True, False):
-        rs = [rows[(reflection, s)] for s in args.seeds]
-        mean = lambda k: float(np.mean([r[k] for r in rs]))
-        std = lambda k: float(np.std([r[k] for r in rs]))
-        name = "with RER" if reflection else "without RER"
-        print(
-            f"{name}: held-out sampled accuracy {mean('cold_sampled'):.3f}+-{std('cold_sampled'):.3f} (cold start) "
-            f"-> {mean('grpo_sampled'):.3f}+-{std('grpo_sampled'):.3f} (GRPO); greedy {mean('cold_greedy'):.3f} -> "
-            f"{mean('grpo_greedy'):.3f}; reward {mean('reward_first'):.3f} -> {mean('reward_last'):.3f}; "
-            f"greedy image-faithful {mean('cold_image_faithful'):.3f} -> {mean('grpo_image_faithful'):.3f}"
-            f"+-{std('grpo_image_faithful'):.3f}, answer-coherent {mean('cold_answer_coherent'):.3f} -> "
-            f"{mean('grpo_answer_coherent'):.3f}+-{std('grpo_answer_coherent'):.3f}; judge {mean('judge'):.3f}"
-        )
-        tag = "rer" if reflection else "plain"
-        print(
-            f"ratio grpo_vs_cold_start_sampled_accuracy_{tag}: "
-            f"{mean('grpo_sampled') / max(mean('cold_sampled'), 1e-9):.3f}"
-        )
+    report(runs, args.seeds, args.extra, root)
 
 
 if __name__ == "__main__":

@@ -106,8 +106,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # synthetic truth of the step's records), in a batch of their own whose mean loss is added
     # to the SET answers': the tiny random model must learn to judge (a real Qwen2.5-VL-Instruct
     # already answers such questions: 0 for 3b/7b, and for data without a synthetic truth). Off on
-    # tiny too: measured with 16 (README "The tiny judge"), the text judge is right on 91% of held-out
-    # questions but the image judge on 52% (chance), and the cold start's accuracy drops.
+    # tiny too: measured with 16 (README "The tiny judge"), the text judge is right on 97% of held-out
+    # questions but the image judge on 55% (chance, even with visible sizes), and the cold start's
+    # accuracy drops (greedy 0.79 -> 0.67); with 8 neither judge learns and accuracy drops further.
     c.cold_start.judge_batch_size = 0
     # After the cold start, the judge answers the reflection questions of this many held-out
     # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").

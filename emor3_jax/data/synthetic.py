@@ -2,10 +2,11 @@
 
 Each of the 8 EmoSet labels has its own background colour and its own figure (shape and
 colour): amusement a pink ball on yellow, anger a dark X on red, awe a white mountain
-on navy, contentment a warm sun on green, disgust brown dots on olive, excitement a red
-star on orange, fear pale eyes on near-black, sadness dark rain on grey-blue. Shades,
-figure size and position are jittered and mild noise is added, so examples differ but the
-label stays a simple function of the pixels (the mean colour alone separates the classes).
+on navy, contentment a warm sun on green, disgust dark brown dots on olive, excitement a
+red star on orange, fear pale eyes on near-black, sadness dark rain on grey-blue. Shades,
+figure size (within its size class, SIZE_RADII) and position are jittered and mild noise is
+added, so examples differ but the label stays a simple function of the pixels (the mean
+colour alone separates the classes).
 
 The reference answers follow the SET format in a few words each, short enough for the
 ~1000-token test tokenizer (under 40 tokens): step 1 names the figure with its size class
@@ -47,7 +48,7 @@ _LOOK = {
     "anger": ((200, 35, 35), (25, 20, 20), "cross"),
     "awe": ((40, 50, 140), (245, 245, 250), "mountain"),
     "contentment": ((75, 165, 80), (250, 235, 140), "sun"),
-    "disgust": ((130, 120, 40), (85, 50, 20), "dots"),
+    "disgust": ((130, 120, 40), (65, 35, 10), "dots"),
     "excitement": ((245, 135, 25), (190, 20, 60), "star"),
     "fear": ((28, 22, 40), (225, 225, 200), "eyes"),
     "sadness": ((115, 130, 150), (30, 40, 100), "rain"),
@@ -88,8 +89,11 @@ FEELINGS = {
     "sadness": ("grief", "sorrow", "alone"),
 }
 UNFAITHFUL_KINDS = ("size", "feeling")
-# Figure radius as a fraction of the image side; thirds of the range are small/medium/large.
-_RADIUS = (0.14, 0.30)
+# Size class -> range of the figure radius as a fraction of the image side. The gaps between
+# the ranges keep the classes apart in pixels (the figure's area grows with radius^2: a
+# pixel count names the class of nearly every image, tests/data/test_synthetic.py); contiguous
+# ranges left 15% of the 56-pixel images ambiguous, so no judge could learn to read the size.
+SIZE_RADII = ((0.10, 0.13), (0.18, 0.22), (0.27, 0.31))
 
 
 def describe(colour: str, noun: str, size_class: int) -> str:
@@ -181,8 +185,8 @@ def make_example(
     canvas = np.broadcast_to(shade + ramp, (height, width, 3))
     image = PIL.Image.fromarray(_to_uint8(canvas))
 
-    fraction = rng.uniform(*_RADIUS)
-    size_class = min(2, int(3 * (fraction - _RADIUS[0]) / (_RADIUS[1] - _RADIUS[0])))
+    size_class = int(rng.integers(len(SIZE_RADII)))
+    fraction = rng.uniform(*SIZE_RADII[size_class])
     radius = fraction * min(width, height)
     margin = radius + 2
     cx, cy = rng.uniform((margin, margin), (width - margin, height - margin))
@@ -316,10 +320,13 @@ def _draw(draw: PIL.ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: flo
                 width=2,
             )
     elif kind == "dots":
-        for _ in range(int(rng.integers(5, 10))):
-            x, y = rng.uniform(-r, r, 2) * 0.8
-            d = r / 4
-            draw.ellipse((cx + x - d, cy + y - d, cx + x + d, cy + y + d), fill=colour)
+        # One dot in the middle, six around it, turned at random: they never overlap, so the
+        # drawn area follows r (random scattered dots overlapped by chance and hid the size).
+        turn, d = rng.uniform(0, math.pi / 3), r / 4
+        for k in range(7):
+            a, rho = turn + k * math.pi / 3, (0.0 if k == 6 else 0.65 * r)
+            x, y = cx + rho * math.cos(a), cy + rho * math.sin(a)
+            draw.ellipse((x - d, y - d, x + d, y + d), fill=colour)
     elif kind == "star":
         points = []
         for k in range(10):
@@ -333,8 +340,11 @@ def _draw(draw: PIL.ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: flo
             draw.ellipse((ex - w, cy - h, ex + w, cy + h), fill=colour)
             draw.ellipse((ex - h / 2, cy - h / 2, ex + h / 2, cy + h / 2), fill=(0, 0, 0))
     elif kind == "rain":
-        for _ in range(int(rng.integers(6, 11))):
-            x, y = rng.uniform(-r, r * 0.7, 2)
-            draw.line((cx + x, cy + y - 0.3 * r, cx + x + 0.2 * r, cy + y + 0.3 * r), fill=colour, width=2)
+        # Eight streaks on a 4 x 2 grid, jittered, as wide as r allows: the area follows r^2.
+        width = max(1, round(r / 5))
+        for k in range(8):
+            x = (-0.8 + 0.5 * (k % 4)) * r + rng.uniform(-0.1, 0.1) * r
+            y = (-0.4 + 0.8 * (k // 4)) * r + rng.uniform(-0.1, 0.1) * r
+            draw.line((cx + x, cy + y - 0.3 * r, cx + x + 0.2 * r, cy + y + 0.3 * r), fill=colour, width=width)
     else:
         raise ValueError(f"synthetic: unknown figure kind {kind!r}")
