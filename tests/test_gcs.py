@@ -14,6 +14,7 @@ import gcs_emulator
 import numpy as np
 import pytest
 from etils import epath
+from test_train import _flags, small_config
 
 from emor3_jax.runtime import paths
 
@@ -155,22 +156,8 @@ def test_run_writers_on_gs(gcs):
     assert epath.Path(got.moved[2]).is_dir() and not epath.Path(run, "ckpt", "2").exists()
 
 
-FLAGS = {
-    "cold_start.steps": 2,
-    "cold_start.batch_size": 4,
-    "rl.steps": 2,
-    "rl.rollout_batch": 2,
-    "rl.update_batch": 1,
-    "rl.num_generations": 2,
-    "rl.micro_batch": 2,
-    "eval.every": 2,
-    "eval.num_examples": 4,
-    "eval.batch_size": 4,
-    "data.synthetic_train": 16,
-    "data.synthetic_test": 8,
-    "checkpoint.every": 1,
-    "log.samples_every": 1,
-}
+# test_train's tiny run (OVERRIDES), shorter: 2 cold-start and 2 GRPO steps on 16 records.
+SHORTER = {"cold_start.steps": 2, "rl.steps": 2, "data.synthetic_train": 16, "log.samples_every": 1}
 
 
 def _tree(d) -> list[str]:
@@ -188,7 +175,6 @@ def test_tiny_job_on_gs_resumes_and_exports_leaving_nothing_outside(gcs, tmp_pat
     """In this process (two runs' compiles: minutes on 2 cores): the tiny run on gs://, then the
     same run extended by a GRPO step resumes from its gs:// checkpoint, then the export to gs://.
     Nothing appears in the working directory or the scratch base, and no folder named gs: anywhere."""
-    from configs.qwen_vl import get_config
     from emor3_jax import trainer
     from emor3_jax.export import export
 
@@ -196,11 +182,8 @@ def test_tiny_job_on_gs_resumes_and_exports_leaving_nothing_outside(gcs, tmp_pat
     cwd, scratch = tmp_path / "cwd", tmp_path / "scratch"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    c = get_config("tiny")
-    for key, value in {**FLAGS, "cold_start.steps": 1, "rl.steps": 1, "eval.every": 1}.items():
-        section, field = key.split(".")
-        c[section][field] = value
-    c.workdir, c.scratch_dir = workdir, str(scratch)
+    c = small_config(workdir, **{**SHORTER, "cold_start.steps": 1, "rl.steps": 1, "eval.every": 1})
+    c.scratch_dir = str(scratch)
     trainer.run(c)
     c.rl.steps = 2  # may change on resume
     results = trainer.run(c)
@@ -224,14 +207,7 @@ def test_tiny_job_on_gs_stops_resumes_and_exports_leaving_nothing_outside(gcs, t
     for d in (cwd, home, tmp):
         d.mkdir()
     env = dict(os.environ, **gcs, PYTHONPATH=ROOT, HOME=str(home), TMPDIR=str(tmp))
-    cmd = [
-        sys.executable,
-        "-m",
-        "emor3_jax.train",
-        f"--config={ROOT}/configs/qwen_vl.py",
-        f"--config.workdir={workdir}",
-    ]
-    cmd += [f"--config.{k}={v}" for k, v in FLAGS.items()]
+    cmd = [sys.executable, "-m", "emor3_jax.train", *_flags(workdir, **SHORTER)]
 
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
