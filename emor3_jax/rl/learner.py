@@ -36,21 +36,23 @@ def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chun
 
 
 def packed_logprobs(model, packed: PackedBatch, chunk: int = 256):
-    """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked: every pack
-    position scores the next token of its pack, and `packed.index` picks each response
-    token's predictor (the positions past a row's response hold garbage the mask drops)."""
+    """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked:
+    `packed.index` picks each response token's predictor among the pack positions, and only
+    those hidden states reach the vocabulary projection (the prompts' positions never do;
+    positions past a row's response pick position 0, which the mask drops)."""
     b = packed.batch
     x = model.embed(b.input_ids, b.pixels, b.layout)
     h = model.hidden_states(x, b.positions, b.attention_mask, b.segment_ids)  # [P, L, D]
-    targets = jnp.pad(b.input_ids[:, 1:], ((0, 0), (0, 1)))  # [P, L]: the next token in the pack
-    logp, ent = _token_scores(model, h, targets, chunk)  # [P, L]
-    return logp.reshape(-1)[packed.index], ent.reshape(-1)[packed.index]
+    h = h.reshape(-1, h.shape[-1])[packed.index]  # [R, G, D]
+    targets = b.input_ids.reshape(-1)[packed.index + 1]  # [R, G]: the token each one predicts
+    return _token_scores(model, h, targets, chunk)
 
 
 def _token_scores(model, h, targets, chunk: int):
     """Log-probs of targets [R, T] and entropies, both [R, T], from hidden states h [R, T, D],
     the logits formed C positions at a time (rematerialised in the backward pass)."""
     length = h.shape[1]
+    chunk = min(chunk, length)  # a short response is one chunk, not padded to C
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
