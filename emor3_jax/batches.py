@@ -6,6 +6,7 @@ Letters: R rows, T tokens per row, L patch rows, C patch row width.
 - `SequenceBatch`: model inputs of whole rows (prompt + response) for log-probs and gradients.
 - `PackedBatch`: rows of different lengths packed into fixed-length sequences (segment ids),
   with the index that unpacks per-token values back to [rows, response].
+- `prompt_images`: the images of a batch of prompts, each distinct one once.
 - `bucket`: the padded length of a variable length, from a few configured sizes.
 """
 
@@ -65,6 +66,31 @@ class PackedBatch:
 
     batch: SequenceBatch
     index: jax.Array
+
+
+def prompt_images(prompts: Sequence[Prompt]) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """The images of `prompts` for `models.api.prepare_inputs`, each distinct image once.
+
+    Prompts whose `pixel_values` is the same array hold the same images: the n rows of one
+    prompt's samples, the reflections about it. Returns the distinct images' pixel rows [L, C]
+    and grids [I, 3], and image_index [K]: the distinct image behind each of the K images the
+    prompts show in reading order; (None, None, None) when no prompt has an image. The vision
+    tower then encodes each image once however many rows show it.
+    """
+    first: dict[int, int] = {}  # id(pixel_values) -> index of its first image among the distinct ones
+    pixels, grids, index = [], [], []
+    for p in prompts:
+        if p.image_grid_thw is None:
+            continue
+        grid = np.asarray(p.image_grid_thw).reshape(-1, 3)
+        if id(p.pixel_values) not in first:
+            first[id(p.pixel_values)] = sum(len(g) for g in grids)
+            pixels.append(p.pixel_values)
+            grids.append(grid)
+        index.extend(range(first[id(p.pixel_values)], first[id(p.pixel_values)] + len(grid)))
+    if not grids:
+        return None, None, None
+    return np.concatenate(pixels), np.concatenate(grids), np.asarray(index, np.int64)
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:

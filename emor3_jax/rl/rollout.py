@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
-from emor3_jax.batches import PackedBatch, Prompt, SequenceBatch, bucket
+from emor3_jax.batches import PackedBatch, Prompt, SequenceBatch, bucket, prompt_images
 from emor3_jax.models.api import prepare_inputs
 from emor3_jax.rl import packing
 from emor3_jax.runtime.multihost import to_host
@@ -96,15 +96,10 @@ def training_rows(
 
 
 def _inputs(cfg, ids, attn, srcs: list[Prompt]) -> dict:
-    """prepare_inputs of rows ids [m, T] whose prompts are `srcs`, their images in row order."""
-    with_img = [p for p in srcs if p.image_grid_thw is not None]
-    return prepare_inputs(
-        cfg,
-        ids,
-        attn,
-        np.concatenate([p.pixel_values for p in with_img]) if with_img else None,
-        np.concatenate([p.image_grid_thw for p in with_img]) if with_img else None,
-    )
+    """prepare_inputs of rows ids [m, T] whose prompts are `srcs`, their images in row order
+    (each prompt's images encoded once for all its rows)."""
+    pixels, grids, image_index = prompt_images(srcs)
+    return prepare_inputs(cfg, ids, attn, pixels, grids, image_index=image_index)
 
 
 def packed_rows(

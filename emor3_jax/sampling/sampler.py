@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from emor3_jax.batches import Prompt, bucket
+from emor3_jax.batches import Prompt, bucket, prompt_images
 from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, Cache, Model, prepare_inputs
 from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import SamplingParams, select
@@ -68,10 +68,8 @@ def left_padded_batch(cfg, prompts: Sequence[Prompt], length: int, pad_id: int) 
         n = len(p.ids)
         ids[i, length - n :] = p.ids
         mask[i, length - n :] = 1
-    with_img = [p for p in prompts if p.image_grid_thw is not None]
-    pixels = np.concatenate([p.pixel_values for p in with_img]) if with_img else None
-    grids = np.concatenate([np.asarray(p.image_grid_thw).reshape(-1, 3) for p in with_img]) if with_img else None
-    out = prepare_inputs(cfg, ids, mask, pixels, grids)
+    pixels, grids, image_index = prompt_images(prompts)
+    out = prepare_inputs(cfg, ids, mask, pixels, grids, image_index=image_index)
     deltas = out.pop("rope_deltas")
     out["next_pos"] = (mask.sum(1) + deltas).astype(np.int32)  # first position after the prompt
     return out

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 from qwen_fixtures import make_batch
 
+from emor3_jax.batches import Prompt, prompt_images
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 
@@ -67,6 +68,41 @@ def test_padded_logits_match_transformers_unpadded(hf_tiny, ours_fp32, name):
     ref = _hf_logits(hf_tiny, batch)
     real = batch["attention_mask"].astype(bool)
     assert np.abs(ours - ref)[real].max() <= 1e-4
+
+
+def test_an_image_shown_by_several_rows_is_encoded_once_with_the_same_logits(hf_tiny, ours_fp32):
+    """Rows that show the same image (a prompt's samples, its reflections) pass it once, with
+    image_index naming the image behind each one shown: transformers' logits on the batch that
+    repeats the pixels, from a vision batch of the distinct images only."""
+    a, b = ("image", 6, 10), ("image", 4, 4)
+    batch = make_batch([[3, a, 2], [3, a, 4], [1, b, 2, a], [5]], np.random.default_rng(3), "left")
+    pa, pb = batch["pixel_values"][:60], batch["pixel_values"][120:136]
+    index = np.array([0, 0, 1, 0])
+    batch["pixel_values"] = np.concatenate([pa, pa, pb, pa])  # what transformers is given
+    distinct = dict(batch, pixel_values=np.concatenate([pa, pb]), image_grid_thw=np.array([[1, 6, 10], [1, 4, 4]]))
+    inputs = prepare_inputs(ours_fp32.cfg.replace(vision_buckets=BUCKETS), **distinct, image_index=index)
+    inputs.pop("rope_deltas")
+    assert inputs["pixels"].shape[0] == 80  # 76 distinct patches; the repeated batch needs 320
+    ours = np.asarray(_forward(ours_fp32, inputs))
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(ours - _hf_logits(hf_tiny, batch))[real].max() <= 1e-4
+
+
+def test_prompt_images_passes_each_array_once():
+    img = lambda n: (np.full((n, 4), float(n), np.float32), np.array([[1, 2, n // 2]]))
+    (pa, ga), (pb, gb) = img(4), img(8)
+    two = (np.concatenate([pa, pb]), np.concatenate([ga, gb]))
+    prompts = [
+        Prompt(np.arange(3), pa, ga),
+        Prompt(np.arange(2)),
+        Prompt(np.arange(5), *two),
+        Prompt(np.arange(3), pa, ga),
+    ]
+    pixels, grids, index = prompt_images(prompts)
+    np.testing.assert_array_equal(pixels, np.concatenate([pa, pa, pb]))  # `two` is another array: kept
+    np.testing.assert_array_equal(grids, [[1, 2, 2], [1, 2, 2], [1, 2, 4]])
+    np.testing.assert_array_equal(index, [0, 1, 2, 0])
+    assert prompt_images([Prompt(np.arange(3))]) == (None, None, None)
 
 
 def test_rows_past_the_minimum_take_the_packing_bound(hf_tiny, ours_fp32):

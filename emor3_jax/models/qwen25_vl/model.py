@@ -146,17 +146,25 @@ def prepare_inputs(
     pixel_values_videos=None,
     video_grid_thw=None,
     second_per_grid_ts=None,
+    image_index=None,
 ) -> dict:
     """Host batch -> keyword arguments of `Qwen25VL.__call__` (numpy), plus `rope_deltas` [B].
 
     pixel_values / pixel_values_videos are the processor's rows [n, C] for all images / videos
-    of the batch in order. Checks that pad-token counts match the grids. With
-    `cfg.vision_buckets`, `pixels` [L, C] and the layout are padded to the smallest bucket L
-    >= n (raises past the largest).
+    of the batch in order. image_index [K] (optional): the batch shows K images in reading
+    order, the k-th being image image_index[k] of pixel_values / image_grid_thw, so an image
+    shown by several rows is given (and encoded) once. Checks that pad-token counts match the
+    grids. With `cfg.vision_buckets`, `pixels` [L, C] and the layout are padded to the
+    smallest bucket L >= n (raises past the largest).
     """
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    positions, deltas = get_rope_index(input_ids, cfg, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+    shown = image_grid_thw
+    if image_index is not None:
+        if image_grid_thw is None:
+            raise ValueError("image_index needs image_grid_thw")
+        shown = np.asarray(image_grid_thw).reshape(-1, 3)[np.asarray(image_index)]
+    positions, deltas = get_rope_index(input_ids, cfg, mask, shown, video_grid_thw, second_per_grid_ts)
     out = dict(
         input_ids=input_ids.astype(np.int32),
         positions=positions.astype(np.int32),
@@ -170,14 +178,14 @@ def prepare_inputs(
         return out
     vc = cfg.vision
     for name, token_id, grid in (
-        ("image", cfg.image_token_id, image_grid_thw),
+        ("image", cfg.image_token_id, shown),
         ("video", cfg.video_token_id, video_grid_thw),
     ):
         need = 0 if grid is None else int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum()) // vc.merge_unit
         have = int((input_ids[mask.astype(bool)] == token_id).sum())
         if need != have:
             raise ValueError(f"{have} {name} pad tokens in input_ids but the {name} grids give {need} features")
-    layout = vision_layout(image_grid_thw, video_grid_thw, vc, cfg.vision_buckets)
+    layout = vision_layout(image_grid_thw, video_grid_thw, vc, cfg.vision_buckets, image_index)
     rows = [np.asarray(p).reshape(-1, vc.patch_dim) for p in (pixel_values, pixel_values_videos) if p is not None]
     out["pixels"] = order_pixels(np.concatenate(rows), layout).astype(np.float32)
     out["layout"] = layout

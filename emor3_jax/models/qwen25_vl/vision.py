@@ -143,11 +143,16 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     )
 
 
-def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Sequence[int] = ()) -> VisionLayout:
+def vision_layout(
+    image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Sequence[int] = (), image_index=None
+) -> VisionLayout:
     """Index arrays for images (first) and videos (after) fed through the tower together.
 
     `buckets` (increasing patch counts; empty: no padding): the patches are padded to the
     smallest bucket holding them, frame rows to the smallest holding the largest frame.
+    image_index [K] (optional): the images the tokens show in reading order, as indices into
+    image_grid_thw (an image may be shown several times); `merged_image` then repeats an
+    image's merged tokens each time it is shown, padded to a bucket of its own.
     """
     image_grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
     video_grid = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
@@ -175,10 +180,15 @@ def vision_layout(image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Se
         frame_width = _bucket(frame_width, buckets)  # <= total: a frame is part of the batch
     pad = total - n
     reverse = np.argsort(unit_order).astype(np.int32)  # reading-order merged token -> window order
-    n_img = int((image_grid[:, 0] * image_grid[:, 1] * image_grid[:, 2]).sum()) // mu
+    counts = image_grid.prod(axis=1) // mu  # merged tokens per image
+    n_img = int(counts.sum())
     merged = [reverse[:n_img], reverse[n_img:]]
+    if image_index is not None:
+        starts = np.cumsum(counts) - counts
+        merged[0] = np.concatenate([reverse[starts[i] : starts[i] + counts[i]] for i in image_index])
     if buckets:  # a fixed length per bucket; the filler is never read
-        merged = [np.pad(a, (0, total // mu - a.size)) if a.size else a for a in merged]
+        lengths = [max(total, _bucket(a.size * mu, buckets)) // mu for a in merged]
+        merged = [np.pad(a, (0, n - a.size)) if a.size else a for a, n in zip(merged, lengths)]
     return VisionLayout(
         patch_order=np.pad(patch_order, (0, pad), constant_values=-1).astype(np.int32),
         pos_hw=np.pad(np.concatenate(pos_hw)[patch_order], ((0, pad), (0, 0))).astype(np.int32),
