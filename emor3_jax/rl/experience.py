@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from emor3_jax.batches import PackedBatch
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
@@ -243,7 +242,7 @@ class GRPOStep:
         the mini-batches skipped in this update)."""
         s, learner = self.s, self.learner
         per_step = s.update_batch * s.num_generations // s.micro_batch  # micro-batches per optimizer step
-        sums, count, skipped = {}, 0, 0
+        sums, count, norms, losses = {}, 0, [], []
         for first in range(0, len(exp.batches), per_step):
             group = range(first, first + per_step)
             if s.micro_batch_weighting == "equal":
@@ -262,15 +261,20 @@ class GRPOStep:
                 else:
                     g, m = learner.grpo_grads(params, batch, exp.p_len - 1, exp.g_len, *args)
                 grads = learner.accumulate(grads, g)
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                loss += float(m["loss"])
+                for k, v in m.items():  # device values: nothing waits for the host until the end
+                    sums[k] = sums.get(k, 0.0) + v
+                loss = loss + m["loss"]
                 count += 1
-            gnorm = float(_global_norm(grads))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + gnorm * per_step
+            params, opt, gnorm = learner.apply(params, opt, grads, loss)  # skipped on the device if not finite
+            norms.append(gnorm)
+            losses.append(loss)
+        metrics = {k: float(v) / count for k, v in sums.items()}
+        norms, losses = np.asarray(jax.device_get(norms)), np.asarray(jax.device_get(losses))
+        metrics["grad_norm"] = float(norms.mean())
+        skipped = 0
+        for gnorm, loss in zip(norms, losses):
             if np.isfinite(gnorm) and np.isfinite(loss):
                 self.skipped_in_row = 0
-                params, opt, _ = learner.apply(params, opt, grads)
                 continue
             skipped += 1
             self.skipped_in_row += 1
@@ -279,15 +283,10 @@ class GRPOStep:
                     f"grpo step {step}: non-finite loss {loss} or gradient norm {gnorm}, "
                     f"{self.skipped_in_row} optimizer steps in a row (rl.max_skipped_steps={s.max_skipped_steps})"
                 )  # the caller says what is kept: there may be no checkpoint yet
-        return params, opt, {**{k: v / count for k, v in sums.items()}, "skipped_steps": float(skipped)}
+        return params, opt, {**metrics, "skipped_steps": float(skipped)}
 
     def _logprobs(self, params, batch, p_len: int, g_len: int) -> jax.Array:
         """Log-probs [m, G] of one micro-batch's response tokens, padded or packed."""
         if isinstance(batch, PackedBatch):
             return self.learner.packed_logprobs(params, batch)
         return self.learner.logprobs(params, batch, p_len - 1, g_len)
-
-
-# The norm `Learner.apply` clips by, taken before it: a skipped step must not reach the
-# optimizer, whose inputs `apply` donates.
-_global_norm = jax.jit(optax.tree.norm)

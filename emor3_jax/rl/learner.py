@@ -290,15 +290,20 @@ class Learner:
             lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), opt
         )
 
-    def _apply_impl(self, params, opt_state, grads):
+    def _apply_impl(self, params, opt_state, grads, loss):
         norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, norm
+        updates, new_opt = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves params and moments as they were (the official
+        # run skips such a step); decided on the device, so no step waits for the host.
+        ok = jnp.isfinite(norm) & jnp.isfinite(loss)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        return keep(new_params, params), keep(new_opt, opt_state), norm
 
-    def apply(self, params, opt_state, grads):
-        """One optimizer step; returns (params, opt_state, grad_norm before clipping)."""
-        return self._apply(params, opt_state, grads)
+    def apply(self, params, opt_state, grads, loss=0.0):
+        """One optimizer step, or none when `loss` or the gradient norm is not finite; returns
+        (params, opt_state, grad_norm before clipping)."""
+        return self._apply(params, opt_state, grads, jnp.asarray(loss, jnp.float32))
 
 
 def check_finite(step: int, phase: str, **values) -> None:
