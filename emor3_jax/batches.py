@@ -59,12 +59,14 @@ class PackedBatch:
     """Rows packed into P sequences of L tokens (rl/packing.py plans them).
 
     batch: the packs as a SequenceBatch [P, L] with segment ids; each row keeps its own
-    positions and its images' features. index [R, G]: for response token j of row r, the flat
-    position p * L + t of the token before it in the packs (its predictor); 0 past the row's
-    response (masked out by the response mask).
+    positions and its images' features. scored [P, N]: the positions in each pack whose next
+    token is a response token (the only ones whose logits are formed), 0 as filler. index
+    [R, G]: for response token j of row r, its place p * N + k in the flattened scored list;
+    0 past the row's response (masked out by the response mask).
     """
 
     batch: SequenceBatch
+    scored: jax.Array
     index: jax.Array
 
 

@@ -36,16 +36,16 @@ def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chun
 
 
 def packed_logprobs(model, packed: PackedBatch, chunk: int = 256):
-    """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked:
-    `packed.index` picks each response token's predictor among the pack positions, and only
-    those hidden states reach the vocabulary projection (the prompts' positions never do;
-    positions past a row's response pick position 0, which the mask drops)."""
+    """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked: only the
+    hidden states at `packed.scored` [P, N] reach the vocabulary projection (never a prompt
+    position or a row's padding to G), and `packed.index` puts each score in its row."""
     b = packed.batch
     x = model.embed(b.input_ids, b.pixels, b.layout)
     h = model.hidden_states(x, b.positions, b.attention_mask, b.segment_ids)  # [P, L, D]
-    h = h.reshape(-1, h.shape[-1])[packed.index]  # [R, G, D]
-    targets = b.input_ids.reshape(-1)[packed.index + 1]  # [R, G]: the token each one predicts
-    return _token_scores(model, h, targets, chunk)
+    h = jnp.take_along_axis(h, packed.scored[..., None], axis=1)  # [P, N, D], within each pack
+    targets = jnp.take_along_axis(b.input_ids, packed.scored + 1, axis=1)  # [P, N]: the tokens they predict
+    logp, ent = _token_scores(model, h, targets, chunk)
+    return logp.reshape(-1)[packed.index], ent.reshape(-1)[packed.index]
 
 
 def _token_scores(model, h, targets, chunk: int):

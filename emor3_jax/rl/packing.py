@@ -7,7 +7,8 @@ sequences of L tokens instead of padding each row to a prompt bucket plus a gene
 `plan` first spreads the rows over the data-parallel shards so each shard holds about the same
 number of tokens (`balance`), then packs each shard's rows (`first_fit`), and gives every shard
 the same number of packs, rounded up to a few fixed counts (`pack_count`), so a run compiles a
-few shapes whatever the lengths.
+few shapes whatever the lengths. Only response tokens are scored: `score_width` sizes the list
+of positions per pack whose hidden states reach the vocabulary projection.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def pack_count(n: int) -> int:
         raise ValueError(f"pack count must be >= 1, got {n}")
     p = 1 << (n - 1).bit_length()  # the power of two >= n
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
+def score_width(n: int, pack_length: int, unit: int = 64) -> int:
+    """Positions scored per pack when the most response tokens any pack holds is n: unit times
+    a `pack_count` (at most a third is filler, a few widths in all), at most pack_length."""
+    return min(unit * pack_count(max(1, -(-n // unit))), pack_length)
 
 
 def plan(lengths: Sequence[int], capacity: int, shards: int) -> list[list[int]]:

@@ -133,20 +133,23 @@ def packed_rows(
     lines = _inputs(cfg, ids, attn, [srcs[i] for i in order])
     shape = (len(packs), pack_length)
     p_ids, seg, pos = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros((3, *shape), np.int32)
+    width = packing.score_width(max(sum(resp[i] for i in pack) for pack in packs), pack_length)
+    scored = np.zeros((len(packs), width), np.int32)
     index = np.zeros((len(rows), g_len), np.int32)
     line = 0
     for p, pack in enumerate(packs):
-        start = 0
+        start, k = 0, 0
         for s, i in enumerate(pack, 1):
             n, end = lens[i], start + lens[i]
             p_ids[p, start:end] = lines["input_ids"][line, :n]
             pos[:, p, start:end] = lines["positions"][:, line, :n]
             seg[p, start:end] = s
             # response token j sits at start + len(prompt) + j, predicted from the token before
-            index[i, : resp[i]] = p * pack_length + start + len(srcs[i].ids) - 1 + np.arange(resp[i])
-            start, line = end, line + 1
+            scored[p, k : k + resp[i]] = start + len(srcs[i].ids) - 1 + np.arange(resp[i])
+            index[i, : resp[i]] = p * width + k + np.arange(resp[i])
+            start, k, line = end, k + resp[i], line + 1
     batch = SequenceBatch(
         p_ids, (seg > 0).astype(np.int32), pos, lines.get("pixels"), lines.get("layout"), segment_ids=seg
     )
     resp_mask = (np.arange(g_len)[None, :] < np.asarray(resp)[:, None]).astype(np.float32)
-    return PackedBatch(batch, index), resp_mask
+    return PackedBatch(batch, scored, index), resp_mask

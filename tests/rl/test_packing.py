@@ -88,6 +88,8 @@ def test_packed_logprobs_and_gradients_equal_the_padded_rows(ours_fp32):
     seg = np.asarray(packed.batch.segment_ids)
     assert seg.max(axis=1).tolist() == [2, 1, 2, 1]  # per shard: a pack of two rows, a pack of one
     assert int((seg > 0).sum()) == sum(len(ro.prompts[r // 2].ids) for r in rows) + LENGTHS.sum()
+    # logits only at response tokens: per pack the 13 at most any pack holds, as a width of 64
+    assert packed.scored.shape == (4, 64) and (packed.scored > 0).sum() == LENGTHS.sum()
 
     want = np.asarray(learner.logprobs(params, padded, p_len - 1, g_len))
     got = np.asarray(learner.packed_logprobs(params, packed))
@@ -109,6 +111,20 @@ def test_packed_logprobs_and_gradients_equal_the_padded_rows(ours_fp32):
     for a, b in zip(leaves_pad, leaves_pack):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()) + 1e-9)
+
+
+def test_score_width_rounds_to_a_few_widths_within_the_pack():
+    assert [packing.score_width(n, 4096) for n in (0, 1, 64, 65, 129, 200, 300, 1000)] == [
+        64,
+        64,
+        64,
+        128,
+        192,
+        256,
+        384,
+        1024,
+    ]
+    assert packing.score_width(5000, 4096) == 4096 and packing.score_width(100, 96) == 96
 
 
 def test_a_row_longer_than_the_pack_length_is_refused(ours_fp32):
