@@ -3,7 +3,7 @@
     # tiny default: random tiny Qwen2.5-VL on the synthetic emotion set, CPU, a few minutes
     python -m emor3_jax.train --config=configs/qwen_vl.py
 
-    # a rehearsal of the 3b job on CPU (~15 min on 2 cores): the real tokenizer, web-photo image
+    # a rehearsal of the 3b job on CPU (~8 min on 2 cores): the real tokenizer, web-photo image
     # sizes at the paper's pixels, the paper's reward; ends with a table of programs compiled,
     # seconds per phase, prompts dropped and peak memory
     python -m emor3_jax.train --config=configs/qwen_vl.py:rehearsal
@@ -234,7 +234,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
 
 
 def _rehearsal() -> ConfigDict:
-    """The 3b job's code path at a size a 2-core CPU runs in ~15 minutes: the real Qwen2.5
+    """The 3b job's code path at a size a 2-core CPU runs in ~8 minutes: the real Qwen2.5
     tokenizer (151,665 ids) under the tiny preset's widths, synthetic images of web-photo sizes
     (sides 200-2,000 pixels, 1:3 to 3:1) at the paper's min/max pixels through the 3b vision
     buckets, the paper's reward (emo_r3_code, reflections up to the response limit), recomputed
