@@ -14,6 +14,10 @@ from test_train import ROOT, _flags, _params
 
 from emor3_jax.runtime.multihost import launch_mode
 
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's 1-process run, built once.
+pytestmark = pytest.mark.xdist_group("test_multihost")
+
 STEPS = {"cold_start.steps": 2, "rl.steps": 2, "eval.every": 2}
 
 
