@@ -18,7 +18,17 @@ from emor3_jax.runtime.multihost import launch_mode
 # module's 1-process run, built once.
 pytestmark = pytest.mark.xdist_group("test_multihost")
 
-STEPS = {"cold_start.steps": 2, "rl.steps": 2, "eval.every": 2}
+# Both runs take the same flags: responses of at most 32 tokens in one generation bucket, so the
+# rollouts and validation decode 32 steps instead of 48 (the reflections already stop at 32), a
+# third less of the decode loops that two processes run in lockstep. What is compared (params,
+# rewards, validation of 1 vs 2 processes) does not depend on the length.
+STEPS = {
+    "cold_start.steps": 2,
+    "rl.steps": 2,
+    "eval.every": 2,
+    "rl.max_response_len": 32,
+    "sampling.gen_buckets": "(32,)",
+}
 
 
 def test_launch_mode():
