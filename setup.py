@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist==3.8.0",  # -n 2: the suite on both cores (README's test command)
             "torch==2.13.0",
             "ruff==0.14.14",
             "gcp-storage-emulator==2026.7.19",  # tests/gcs_emulator.py: a local gs:// for the tests

@@ -12,10 +12,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The end-to-end tests start `python -m emor3_jax.train` a few dozen times with the same tiny
 # programs: one persistent compilation cache for the session and its subprocesses compiles
-# each program once (about half of such a run's time on 2 cores).
-_XLA_CACHE = tempfile.mkdtemp(prefix="emor3-test-xla-cache-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# each program once (about half of such a run's time on 2 cores). pytest-xdist's workers
+# inherit the controller's environment, so they find the variable set and share its folder;
+# only the process that made the folder removes it. Two processes writing one entry at once
+# are harmless: JAX reads a half-written entry as a miss (a warning) and compiles it again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="emor3-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

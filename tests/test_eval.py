@@ -16,6 +16,10 @@ from emor3_jax.evaluation import report as eval_report
 from emor3_jax.runtime import sharding
 from emor3_jax.runtime.load import load_policy, locate
 
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's tiny_run, built once.
+pytestmark = pytest.mark.xdist_group("test_eval")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ("awe", "fear", "joy")
 # 6 greedy answers: awe right, awe->fear (case differs), fear right, joy unboxed, joy right,

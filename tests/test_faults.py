@@ -37,6 +37,10 @@ from test_train import ROOT, TIMING, _flags, _folder_data, _params
 
 from emor3_jax.runtime.workdir_lock import LOCK_NAME
 
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's uninterrupted run, built once.
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
 SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}

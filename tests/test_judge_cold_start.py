@@ -14,6 +14,10 @@ from emor3_jax import trainer
 from emor3_jax.data import store
 from emor3_jax.runtime import multihost
 
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's run, built once.
+pytestmark = pytest.mark.xdist_group("test_judge_cold_start")
+
 TEXT_Q = "Which emotion best describes the text above?"
 IMAGE_Q = "Can the following text describe the image?"
 

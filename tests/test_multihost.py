@@ -14,7 +14,21 @@ from test_train import ROOT, _flags, _params
 
 from emor3_jax.runtime.multihost import launch_mode
 
-STEPS = {"cold_start.steps": 2, "rl.steps": 2, "eval.every": 2}
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's 1-process run, built once.
+pytestmark = pytest.mark.xdist_group("test_multihost")
+
+# Both runs take the same flags: responses of at most 32 tokens in one generation bucket, so the
+# rollouts and validation decode 32 steps instead of 48 (the reflections already stop at 32), a
+# third less of the decode loops that two processes run in lockstep. What is compared (params,
+# rewards, validation of 1 vs 2 processes) does not depend on the length.
+STEPS = {
+    "cold_start.steps": 2,
+    "rl.steps": 2,
+    "eval.every": 2,
+    "rl.max_response_len": 32,
+    "sampling.gen_buckets": "(32,)",
+}
 
 
 def test_launch_mode():

@@ -17,6 +17,10 @@ from emor3_jax import trainer
 from emor3_jax.data import store
 from emor3_jax.runtime.checkpoint import Checkpointer
 
+# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# module's reference_run, built once.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
     "cold_start.steps": 3,
