@@ -191,14 +191,12 @@ def test_kill_during_a_save_then_a_second_run_is_refused_while_the_resume_finish
     with open(out, "w") as f:
         first = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True)
     _wait(lambda: _lock_pid(workdir) == first.pid, first, "the resumed run locked the workdir")
-    t0 = time.time()
     second = _train(workdir)
-    took = time.time() - t0
     err = _error(second)
     assert first.poll() is None, "the first run ended before the second was refused: nothing was tested"
     assert err.startswith(f"error: {workdir} is in use by another run: host {socket.gethostname()}, pid {first.pid}, ")
     assert err.endswith("wait for it to end, stop it, or pass another --config.workdir (--debug for the traceback)")
-    assert took < 60 and "cold_start [" not in second.stdout, took  # at start-up: nothing built
+    assert "cold_start [" not in second.stdout  # refused at start-up: nothing trained
     assert first.wait(timeout=900) == 0, out.read_text()[-3000:]
     text = out.read_text()
     assert f"taking over the stale lock of host {socket.gethostname()}, pid {proc.pid}" in text
