@@ -80,16 +80,17 @@ def prompt_images(prompts: Sequence[Prompt]) -> tuple[np.ndarray | None, np.ndar
     tower then encodes each image once however many rows show it.
     """
     first: dict[int, int] = {}  # id(pixel_values) -> index of its first image among the distinct ones
-    pixels, grids, index = [], [], []
+    pixels, grids, index, distinct = [], [], [], 0
     for p in prompts:
         if p.image_grid_thw is None:
             continue
         grid = np.asarray(p.image_grid_thw).reshape(-1, 3)
         if id(p.pixel_values) not in first:
-            first[id(p.pixel_values)] = sum(len(g) for g in grids)
+            first[id(p.pixel_values)], distinct = distinct, distinct + len(grid)
             pixels.append(p.pixel_values)
             grids.append(grid)
-        index.extend(range(first[id(p.pixel_values)], first[id(p.pixel_values)] + len(grid)))
+        start = first[id(p.pixel_values)]
+        index.extend(range(start, start + len(grid)))
     if not grids:
         return None, None, None
     return np.concatenate(pixels), np.concatenate(grids), np.asarray(index, np.int64)

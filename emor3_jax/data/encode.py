@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from emor3_jax.batches import Prompt, bucket
+from emor3_jax.batches import Prompt, bucket, prompt_images
 from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.models.api import ModelConfig, prepare_inputs
@@ -120,9 +120,7 @@ def sft_batch(examples, cfg: ModelConfig, pad_id: int, buckets) -> tuple[dict, n
         ids[i, : len(e_ids)] = e_ids
         attn[i, : len(e_ids)] = 1
         loss[i, : len(e_ids)] = e_mask
-    with_img = [e for e in examples if e[3] is not None]
-    pixels = np.concatenate([e[2] for e in with_img]) if with_img else None
-    grids = np.concatenate([e[3] for e in with_img]) if with_img else None
-    inputs = prepare_inputs(cfg, ids, attn, pixels, grids)
+    pixels, grids, image_index = prompt_images([Prompt(e[0], e[2], e[3]) for e in examples])
+    inputs = prepare_inputs(cfg, ids, attn, pixels, grids, image_index=image_index)
     inputs.pop("rope_deltas")
     return inputs, loss[:, 1:].astype(np.float32)
