@@ -14,6 +14,7 @@ from etils import epath
 from ml_collections import ConfigDict
 
 from emor3_jax.data.splits import SOURCES
+from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES
 from emor3_jax.models.api import ModelConfig, preset
@@ -255,10 +256,17 @@ def validate(c: ConfigDict) -> None:
     need(
         rows >= 0 and (rows == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
         f"--config.cold_start.judge_batch_size={rows} must be >= 0, and 0 unless data.source is synthetic and "
-        "data.cold_start is unset (the reflection questions are written from the synthetic truth)",
+        "data.cold_start is unset (the reflection questions are written from the synthetic truth; the tiny "
+        "config teaches its judge by default: pass --config.cold_start.judge_batch_size=0 for other data)",
     )
     judge = c.cold_start.judge_records
     need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
+    unknown = sorted(set(c.data.labels) - set(FEELINGS))
+    need(
+        judge == 0 or not unknown,
+        f"--config.cold_start.judge_records={judge}: the judge check asks about synthetic images, whose "
+        f"vocabulary has no words for the labels {unknown} of --config.data.labels (set judge_records=0)",
+    )
     need(
         judge == 0 or c.reward.reflection_max_tokens <= max(c.sampling.gen_buckets),
         f"--config.cold_start.judge_records={judge}: the judge answers up to --config.reward.reflection_max_tokens="

@@ -131,6 +131,10 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         ({"data.source": "folder", "cold_start.judge_batch_size": 4}, "0 unless data.source is synthetic"),
         ({"reward.no_span": "half"}, "--config.reward.no_span='half' must be one of ('neutral', 'zero')"),
         ({"cold_start.judge_records": -1}, "--config.cold_start.judge_records=-1 must be >= 0"),
+        (
+            {"data.labels": ("anger", "disgust", "fear", "joy", "sadness", "surprise")},
+            "synthetic images, whose vocabulary has no words for the labels ['joy', 'surprise']",
+        ),
         ({"rl.pack_length": 360}, "--config.rl.pack_length=360 must hold the longest row, rl.max_prompt_len + "),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},

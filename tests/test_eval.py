@@ -113,6 +113,7 @@ def tiny_run(tmp_path_factory):
     c.data.synthetic_train, c.data.synthetic_test = 4, 4
     c.rl.max_response_len, c.sampling.gen_buckets = 8, (8,)
     c.cold_start.judge_records = 0  # the judge answers up to 32 tokens, past the 8-token bucket
+    c.cold_start.judge_batch_size = 0  # judge teaching: tests/test_judge_cold_start.py
     c.checkpoint.async_save = False
     trainer.run(c)
     return str(workdir)

@@ -25,6 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
     "cold_start.steps": 3,
     "cold_start.batch_size": 4,
+    # The tiny job teaches and measures its judge; tests/test_judge_cold_start.py covers both.
+    "cold_start.judge_batch_size": 0,
+    "cold_start.judge_records": 0,
     "rl.steps": 4,
     "rl.rollout_batch": 2,
     "rl.update_batch": 1,
@@ -132,7 +135,7 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
             assert 0 <= ev[f"{mode}_image_faithful"] <= 1 and 0 <= ev[f"{mode}_answer_coherent"] <= 1
     evals = [r for r in rows if r["phase"] == "eval_grpo"]
     assert "greedy_image_faithful" in evals[-1] and "sampled_answer_coherent" in evals[-1]
-    # The judge check is opt-in (cold_start.judge_records, 0 by default): no judge phase here;
+    # No judge check with cold_start.judge_records=0 (OVERRIDES): no judge phase here;
     # tests/test_judge_cold_start.py measures and logs it.
     assert not [r for r in rows if r["phase"] == "judge"]
     step, params = _params(workdir)

@@ -125,6 +125,7 @@ def _config(tmp_path, cold_start: str):
     c.workdir = str(tmp_path / "run")
     c.data.synthetic_train, c.data.synthetic_test = 8, 4
     c.data.cold_start = cold_start
+    c.cold_start.judge_batch_size = 0  # the reflection questions need the synthetic truth
     return c
 
 
