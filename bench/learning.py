@@ -12,9 +12,10 @@ same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
 its reward settings (--accept_changes) and runs GRPO. The script reads each arm's results.json
-(held-out accuracy, format and the greedy faithfulness rates against the synthetic truth)
-and metrics.jsonl (training reward components per GRPO step, validation every eval.every
-steps, the judge's accuracy after the cold start when cold_start.judge_records is set), prints
+(held-out accuracy, format and the faithfulness rates against the synthetic truth, greedy
+and sampled: greedy decoding hides what the policy still samples) and metrics.jsonl (training
+reward components per GRPO step, validation every eval.every steps, the judge's accuracy after
+the cold start, which the tiny job measures: cold_start.judge_records), prints
 mean +- std over seeds (std with ddof 1) and writes DIR/learning.md (the table) and
 DIR/learning.png (the curves; needs the `bench` extra: matplotlib).
 """
@@ -36,8 +37,15 @@ ARMS = {  # arm -> its reward flags; the cold start runs with the config's defau
     "no RER": ["--config.reward.reflection=none"],
     "RER, policy judge": ["--config.reward.reflection=both", "--config.reward.judge=policy"],
     "RER, reference judge": ["--config.reward.reflection=both", "--config.reward.judge=reference"],
+    # Not run by default (--arms): reward.no_span's other setting, against the default "zero"
+    "RER, policy judge, no_span neutral": [
+        "--config.reward.reflection=both",
+        "--config.reward.judge=policy",
+        "--config.reward.no_span=neutral",
+    ],
 }
-ACCEPT = "--accept_changes=reward.reflection,reward.judge"
+DEFAULT_ARMS = ("no RER", "RER, policy judge", "RER, reference judge")
+ACCEPT = "--accept_changes=reward.reflection,reward.judge,reward.no_span"
 # Held-out figures of results.json (greedy and sampled decoding): the table's columns.
 HELD_OUT = {
     "greedy_accuracy": "greedy acc",
@@ -46,11 +54,21 @@ HELD_OUT = {
     "sampled_format": "sampled format",
     "greedy_image_faithful": "image-faithful",
     "greedy_answer_coherent": "answer-coherent",
+    "sampled_image_faithful": "sampled image-faithful",
+    "sampled_answer_coherent": "sampled answer-coherent",
 }
+FAITHFUL = ("greedy_image_faithful", "greedy_answer_coherent", "sampled_image_faithful", "sampled_answer_coherent")
 # Curves: training reward components per GRPO step (without RER coherence = consistency = 1)
 # and validation rates every eval.every steps (step 0: the cold start).
 TRAIN_CURVES = ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "reward_consistency")
-EVAL_CURVES = ("greedy_accuracy", "greedy_format", "greedy_image_faithful", "greedy_answer_coherent")
+EVAL_CURVES = (
+    "greedy_accuracy",
+    "greedy_format",
+    "greedy_image_faithful",
+    "greedy_answer_coherent",
+    "sampled_image_faithful",
+    "sampled_answer_coherent",
+)
 
 
 def train(workdir: str, seed: int, flags: list[str]) -> None:
@@ -71,20 +89,33 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def finished(workdir: str, phase: str) -> bool:
+    """Whether workdir's run wrote its results after `phase` (a rerun of the bench reuses it)."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)[phase] is not None
+
+
 def cold_start(seed: int, extra: list[str], root: str) -> None:
-    """Runs seed's cold start alone (the overrides come last: they win over `extra`)."""
+    """Runs seed's cold start alone (the overrides come last: they win over `extra`); a
+    finished one is kept, an interrupted one resumes."""
     workdir = os.path.join(root, f"seed{seed}", "cold_start")
-    train(workdir, seed, [*extra, "--config.rl.steps=0", "--config.rl.epochs=0"])
+    if not finished(workdir, "cold_start"):
+        train(workdir, seed, [*extra, "--config.rl.steps=0", "--config.rl.epochs=0"])
 
 
 def arm_run(seed: int, arm: str, cold: str, extra: list[str], root: str) -> dict:
     """GRPO of `arm` from a copy of the cold start's workdir: held-out figures after the cold
     start ("cold_*") and after GRPO ("grpo_*"), the judge's accuracy, the curves."""
     workdir = arm_dir(root, seed, arm)
-    shutil.copytree(cold, workdir, ignore=shutil.ignore_patterns("run.lock"))
-    # The judge is measured once, after the cold start (the resume cuts the copied log back to
-    # the checkpoint, so its line is read from the cold start's own log).
-    train(workdir, seed, [*extra, *ARMS[arm], "--config.cold_start.judge_records=0", ACCEPT])
+    if not finished(workdir, "grpo"):  # a finished arm is kept, an interrupted one resumes
+        if not os.path.exists(workdir):
+            shutil.copytree(cold, workdir, ignore=shutil.ignore_patterns("run.lock"))
+        # The judge is measured once, after the cold start (the resume cuts the copied log back
+        # to the checkpoint, so its line is read from the cold start's own log).
+        train(workdir, seed, [*extra, *ARMS[arm], "--config.cold_start.judge_records=0", ACCEPT])
     return read_arm(workdir, cold)
 
 
@@ -114,10 +145,10 @@ def table(runs: dict, seeds: list[int]) -> str:
     """Markdown: the cold start (the same for every arm) and each arm after GRPO, mean +- std."""
     cell = lambda values: "{:.3f} ± {:.3f}".format(*mean_std(values))
     head = ["", *HELD_OUT.values(), "judge text / image"]
-    first = runs[next(iter(ARMS))]
+    first = runs[next(iter(runs))]
     judge = [f"{mean_std([first[s][f'judge_{k}'] for s in seeds])[0]:.3f}" for k in ("text", "image")]
     rows = [["cold start", *(cell([first[s][f"cold_{k}"] for s in seeds]) for k in HELD_OUT), " / ".join(judge)]]
-    for arm in ARMS:
+    for arm in runs:
         rows.append([f"GRPO, {arm}", *(cell([runs[arm][s][f"grpo_{k}"] for s in seeds]) for k in HELD_OUT), ""])
     line = lambda cells: "| " + " | ".join(cells) + " |"
     return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
@@ -138,9 +169,9 @@ def plot(runs: dict, seeds: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("train", k) for k in TRAIN_CURVES] + [("eval", k) for k in EVAL_CURVES]
-    fig, axes = plt.subplots(3, 3, figsize=(13, 10), sharex=True)
+    fig, axes = plt.subplots(4, 3, figsize=(13, 13), sharex=True)
     for ax, (part, key) in zip(axes.flat, panels):
-        for arm in ARMS:
+        for arm in runs:
             steps, mean, std = curve(runs[arm], seeds, part, key)
             ax.plot(steps, mean, marker="." if part == "eval" else None, label=arm)
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
@@ -165,13 +196,13 @@ def report(runs: dict, seeds: list[int], extra: list[str], root: str) -> None:
     md = table(runs, seeds)
     print(md)
     plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in seeds])[0]
-    for arm in ARMS:
+    for arm in runs:
         grpo = lambda k, a=arm: mean_std([runs[a][s][f"grpo_{k}"] for s in seeds])[0]
         cold = mean_std([runs[arm][s]["cold_sampled_accuracy"] for s in seeds])[0]
         tag = arm.replace(" ", "_").replace(",", "").lower()
         print(f"ratio grpo_vs_cold_start_sampled_accuracy_{tag}: {grpo('sampled_accuracy') / max(cold, 1e-9):.3f}")
         if arm != "no RER":
-            for k in ("greedy_image_faithful", "greedy_answer_coherent"):
+            for k in FAITHFUL:
                 print(f"ratio {tag}_vs_no_rer_{k}: {grpo(k) / max(plain(k), 1e-9):.3f}")
     with open(os.path.join(root, "learning.md"), "w") as f:
         f.write(f"Seeds {seeds}, extra flags {extra or 'none'}; mean ± std (ddof 1) over seeds.\n\n{md}\n")
@@ -184,17 +215,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", default="", help="where the runs, learning.md and learning.png go (default: a temp dir)")
     ap.add_argument("--report_only", action="store_true", help="only read the finished runs under --out")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(DEFAULT_ARMS), help="the GRPO arms")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more --config.* flags for every run")
     args = ap.parse_args()
     if args.report_only and not args.out:
         ap.error("--report_only reads the runs under --out: pass --out")
     root = args.out or tempfile.mkdtemp(prefix="emor3-learning-")
-    runs = {arm: {} for arm in ARMS}
+    if "no RER" not in args.arms:
+        ap.error("--arms must include 'no RER': every other arm is compared with it")
+    runs = {arm: {} for arm in args.arms}
     for seed in args.seeds:
         cold = os.path.join(root, f"seed{seed}", "cold_start")
         if not args.report_only:
             cold_start(seed, args.extra, root)
-        for arm in ARMS:
+        for arm in args.arms:
             if args.report_only:
                 r = runs[arm][seed] = read_arm(arm_dir(root, seed, arm), cold)
             else:
