@@ -180,7 +180,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.reward.threads = 4
 
     c.sampling = ConfigDict()
-    c.sampling.prompt_buckets = (96, 192, 320) if tiny else (256, 512, 1024, 2048)
+    # tiny: a SET example (~120 tokens with its answer) and a text reflection question (~110) fit
+    # 128; the cold start pads its SET and judge batches to these buckets too.
+    c.sampling.prompt_buckets = (96, 128, 192, 320) if tiny else (256, 512, 1024, 2048)
     c.sampling.gen_buckets = (32, 48) if tiny else (32, 512, 2048)
     # Decode slots (0: one per row): the rows in the KV cache at once, refilled as rows stop
     # (continuous batching); bounds the rollout KV cache, see launch/README.md.
