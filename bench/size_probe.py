@@ -129,10 +129,13 @@ def main() -> None:
     model, _, config, step = load_step(
         paths.join(args.checkpoint, "ckpt"), None, mesh, DEFAULT_RULES, compute_dtype="float32", attention_impl="xla"
     )
-    seed, size = config["seed"], config["data"]["image_size"]
     data = config["data"]
     if data["source"] != "synthetic" or tuple(data["image_sides"]):
-        raise ValueError(f"{args.checkpoint}: needs a run on the square synthetic images, got {data['source']}")
+        raise ValueError(
+            f"{args.checkpoint}: needs a run on the square synthetic images (data.source=synthetic, "
+            f"data.image_sides=()), got source {data['source']!r}, image_sides {tuple(data['image_sides'])}"
+        )
+    seed, size = config["seed"], data["image_size"]
     train = [make_example(i, seed, size, "train") for i in range(args.train)]
     test = [make_example(i, seed, size, "test") for i in range(args.test)]
     y_train = np.array([ex["truth"]["size_class"] for ex in train])
