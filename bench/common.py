@@ -65,7 +65,7 @@ def timeit(fn, iters: int) -> tuple[float, float]:
 def prompts_for(count: int, grid: tuple[int, int, int], vocab_image: tuple[int, int, int], rng):
     """`count` prompts: PROMPT_TEXT random text tokens around one image of `grid` (random pixels);
     vocab_image = (image pad, vision start, vision end) ids."""
-    from emor3_jax.batches import Prompt
+    from emor3_jax.core.batches import Prompt
 
     image, vstart, vend = vocab_image
     n_img = grid[1] * grid[2] // 4

@@ -31,8 +31,8 @@ from common import IMAGE, VEND, VSTART, hf_config, timeit  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from emor3_jax.core import sharding  # noqa: E402
 from emor3_jax.models.api import load_hf, prepare_inputs  # noqa: E402
-from emor3_jax.runtime import sharding  # noqa: E402
 
 
 def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:

@@ -84,7 +84,7 @@ def log(msg: str) -> None:
 
 def make_prompts(cfg, count: int, text_len: int, image: int, rng) -> list:
     """`count` prompts: text_len random text tokens around one image of image x image pixels."""
-    from emor3_jax.batches import Prompt
+    from emor3_jax.core.batches import Prompt
 
     side = image // cfg.vision.patch_size
     grid = np.array([[1, side, side]])
@@ -205,10 +205,10 @@ def run(args) -> Report:
     from flax import nnx
 
     from configs.qwen_vl import get_config
+    from emor3_jax.core import sharding
     from emor3_jax.models.api import create_model, preset
     from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
     from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
-    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 

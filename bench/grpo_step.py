@@ -117,11 +117,11 @@ def lengths_main(args) -> None:
     from flax import nnx
 
     from configs.qwen_vl import get_config
-    from emor3_jax.batches import PackedBatch
+    from emor3_jax.core import sharding
+    from emor3_jax.core.batches import PackedBatch
     from emor3_jax.models.api import create_model, preset
     from emor3_jax.rl.experience import GRPOStep, StepSettings
     from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
-    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Samples
 

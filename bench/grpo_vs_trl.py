@@ -124,11 +124,12 @@ class Ours:
         from transformers import AutoTokenizer
 
         from configs.qwen_vl import EMOSET_LABELS, get_config
+        from emor3_jax import factory
+        from emor3_jax.core import sharding
         from emor3_jax.emo_r3.task import EmoR3
         from emor3_jax.models.api import load_hf
         from emor3_jax.rl.experience import GRPOStep, StepSettings
         from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
-        from emor3_jax.runtime import setup, sharding
         from emor3_jax.sampling.methods import SamplingParams
 
         c = get_config("tiny")
@@ -140,7 +141,7 @@ class Ours:
         mesh = sharding.make_mesh(mesh)
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = load_hf(model_dir, mesh, rules, param_dtype="float32", compute_dtype="float32")
-        self.rt = setup.build(c, tok, setup.check_tokenizer(tok, model_dir), model.cfg, mesh, rules)
+        self.rt = factory.build(c, tok, factory.check_tokenizer(tok, model_dir), model.cfg, mesh, rules)
         self.graphdef, self.params = nnx.split(model)
         self.ref = jax.tree.map(lambda x: x.copy(), self.params)
         task = TRLTask(EmoR3.from_config(c), ref_script.boxed_reward, reflection)  # the spec's reflection settings

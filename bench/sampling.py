@@ -48,8 +48,8 @@ def run_ours(path: str, args) -> dict:
     import jax
     from common import IMAGE, VEND, VSTART
 
+    from emor3_jax.core import sharding
     from emor3_jax.models.api import load_hf
-    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
@@ -119,8 +119,8 @@ def run_transformers(path: str, args) -> dict:
 def lengths_main(args) -> None:
     import jax
 
+    from emor3_jax.core import sharding
     from emor3_jax.models.api import create_model, preset
-    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
@@ -237,8 +237,8 @@ def gpu_main(args) -> None:
     import jax
     import jax.numpy as jnp
 
+    from emor3_jax.core import sharding
     from emor3_jax.models.api import create_model, preset
-    from emor3_jax.runtime import sharding
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 

@@ -34,14 +34,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from emor3_jax.core import paths  # noqa: E402
+from emor3_jax.core.sharding import DEFAULT_RULES  # noqa: E402
 from emor3_jax.data.processing import ImageProcessor  # noqa: E402
 from emor3_jax.data.synthetic import _LOOK, SIZE_WORDS, make_example  # noqa: E402
 from emor3_jax.emo_r3.faithfulness import figures_named  # noqa: E402
 from emor3_jax.emo_r3.rewards import image_span  # noqa: E402
+from emor3_jax.load import load_step  # noqa: E402
 from emor3_jax.models.qwen25_vl.vision import order_pixels, vision_layout  # noqa: E402
-from emor3_jax.runtime import paths  # noqa: E402
-from emor3_jax.runtime.load import load_step  # noqa: E402
-from emor3_jax.runtime.sharding import DEFAULT_RULES  # noqa: E402
 
 
 def mean_colour_share(example: dict) -> float:

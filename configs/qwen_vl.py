@@ -23,7 +23,7 @@ fields raise.
 
 from ml_collections import ConfigDict
 
-from emor3_jax.runtime.sharding import DEFAULT_RULES
+from emor3_jax.core.sharding import DEFAULT_RULES
 
 EMOSET_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
 EMOTION6_LABELS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")

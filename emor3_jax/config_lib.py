@@ -28,7 +28,7 @@ from emor3_jax.rl.learner import SCHEDULES
 # validation's mean reward without reflection (the official run's validation score).
 BEST_BY = ("greedy_accuracy", "sampled_accuracy", "sampled_reward")
 # model.preset: the architecture without hf_path (models.api.preset); builtin_tokenizer: the
-# tokenizer built into the workdir without tokenizer_path / hf_path (runtime/setup.load_tokenizer).
+# tokenizer built into the workdir without tokenizer_path / hf_path (factory.load_tokenizer).
 PRESETS = ("tiny", "3b", "7b")
 BUILTIN_TOKENIZERS = ("test", "qwen")
 

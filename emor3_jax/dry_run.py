@@ -31,9 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
+from emor3_jax.core import sharding
 from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, ModelConfig, abstract_model, preset
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
-from emor3_jax.runtime import sharding
 from emor3_jax.sampling.sampler import bucket
 
 CATEGORIES = ("params", "optimizer", "reference", "gradients", "kv_cache")

@@ -36,14 +36,14 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import ConfigDict, config_flags
 
-from emor3_jax import config_lib
+from emor3_jax import cli, config_lib, factory
+from emor3_jax.core import multihost, paths
 from emor3_jax.data import sources
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import evaluate
-from emor3_jax.runtime import cli, multihost, paths, setup
-from emor3_jax.runtime.load import load_policy, locate
+from emor3_jax.load import load_policy, locate
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
@@ -68,7 +68,7 @@ def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
     return lines
 
 
-def evaluate_dataset(name: str, c: ConfigDict, policy, rt: setup.Runtime, k: int, use_set: bool):
+def evaluate_dataset(name: str, c: ConfigDict, policy, rt: factory.Runtime, k: int, use_set: bool):
     """(results.json entry, responses.jsonl lines, ids of the prompts dropped as too long) of
     data set `name`."""
     ds = c.eval.datasets[name]
@@ -124,13 +124,13 @@ def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int,
     """Evaluates the policy at `checkpoint` on data sets `names`; writes the reports to `out`
     (process 0) and returns results.json's content."""
     config_lib.validate_eval(c, names, k)
-    mesh, rules = setup.mesh_and_rules(c)
+    mesh, rules = factory.mesh_and_rules(c)
     scratch = paths.Scratch(c.scratch_dir)
     try:
         policy = load_policy(checkpoint, c, mesh, rules, scratch)
     finally:
         scratch.close()
-    rt = setup.build(c, policy.tokenizer, policy.special, policy.cfg, mesh, rules)
+    rt = factory.build(c, policy.tokenizer, policy.special, policy.cfg, mesh, rules)
     results = {
         "checkpoint": paths.absolute(checkpoint),
         "step": policy.step,

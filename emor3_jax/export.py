@@ -16,9 +16,10 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 
+from emor3_jax import cli
+from emor3_jax.core import paths, sharding
+from emor3_jax.load import load_step
 from emor3_jax.models.api import save_hf
-from emor3_jax.runtime import cli, paths, sharding
-from emor3_jax.runtime.load import load_step
 
 FLAGS = (
     flags.DEFINE_string("workdir", None, "the training run's workdir"),

@@ -20,9 +20,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emor3_jax import config_lib
-from emor3_jax.runtime import cli
-from emor3_jax.runtime.workdir_lock import WorkdirLock
+from emor3_jax import cli, config_lib
+from emor3_jax.core.workdir_lock import WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
 _DRY_RUN = flags.DEFINE_integer(
@@ -47,7 +46,7 @@ def main(argv) -> None:
     config_lib.validate(c)  # before a device or a file is touched
     config_lib.check_accepted(_ACCEPT_CHANGES.value, c)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    from emor3_jax.runtime import multihost
+    from emor3_jax.core import multihost
 
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
     with WorkdirLock(c.workdir) as lock:

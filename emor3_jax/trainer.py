@@ -1,6 +1,6 @@
 """The training run: config -> data -> model -> cold start -> GRPO -> evaluation -> export-ready
 checkpoints. The loop reads as the algorithm: records -> experience -> update -> log, evaluate,
-checkpoint; the step itself is rl/experience.py, the run-time objects runtime/setup.py.
+checkpoint; the step itself is rl/experience.py, the run-time objects factory.py.
 
 Steps are numbered globally (cold start 1..S, then GRPO S+1..S+G) for checkpoints and logs;
 each checkpoint records the phase, the data iterators' states and the step, and every random
@@ -20,8 +20,13 @@ from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib
-from emor3_jax.batches import SequenceBatch
+from emor3_jax import config_lib, factory
+from emor3_jax.core import multihost, paths
+from emor3_jax.core import profile as run_profile
+from emor3_jax.core.batches import SequenceBatch
+from emor3_jax.core.checkpoint import PreemptionFlag
+from emor3_jax.core.metrics import MetricWriter
+from emor3_jax.core.workdir_lock import WorkdirLock
 from emor3_jax.data import pipeline, store
 from emor3_jax.data.encode import sft_batch
 from emor3_jax.emo_r3 import rewards
@@ -33,12 +38,7 @@ from emor3_jax.models.api import create_model, load_hf
 from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, check_finite, make_optimizer
-from emor3_jax.runtime import multihost, paths, setup
-from emor3_jax.runtime import profile as run_profile
-from emor3_jax.runtime.checkpoint import PreemptionFlag
-from emor3_jax.runtime.metrics import MetricWriter
-from emor3_jax.runtime.run_checkpoints import RunCheckpoints
-from emor3_jax.runtime.workdir_lock import WorkdirLock
+from emor3_jax.run_checkpoints import RunCheckpoints
 
 PHASES = ["cold_start", "grpo"]
 
@@ -52,11 +52,11 @@ class Run:
         self.prof = run_profile.Profile()  # programs compiled and seconds per phase and step
         self.scratch = paths.Scratch(c.scratch_dir)  # local copies of URI files; removed by close()
         epath.Path(c.workdir).mkdir(parents=True, exist_ok=True)
-        tok = setup.load_tokenizer(c, self.scratch)
+        tok = factory.load_tokenizer(c, self.scratch)
         self.vocab = len(tok)
-        special = setup.check_tokenizer(tok, c.tokenizer_path or c.hf_path or f"the {c.builtin_tokenizer} tokenizer")
+        special = factory.check_tokenizer(tok, c.tokenizer_path or c.hf_path or f"the {c.builtin_tokenizer} tokenizer")
         cfg = config_lib.model_config(c, len(tok), special)
-        self.rt = setup.build(c, tok, special, cfg, *setup.mesh_and_rules(c))
+        self.rt = factory.build(c, tok, special, cfg, *factory.mesh_and_rules(c))
         self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
         self.task = EmoR3.from_config(c)
         self.dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)

@@ -8,7 +8,7 @@
 # number of GPUs (all processes together).
 #   PROCESSES=1 (default, recommended): one process owns every GPU; nothing to coordinate.
 #   PROCESSES=N: N processes, each owning GPUS/N GPUs (CUDA_VISIBLE_DEVICES), joined through
-#     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (emor3_jax.runtime.multihost).
+#     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (emor3_jax.core.multihost).
 #     The same layout as a multi-node run, on one box: a way to test it.
 # Settings (environment):
 #   PROCESSES     processes to start                          (1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice: create it (or reuse it), put this checkout on every worker,
 # run the same train command on all workers at once. jax.distributed finds the other
-# workers itself (emor3_jax.runtime.multihost, TPU auto-detection).
+# workers itself (emor3_jax.core.multihost, TPU auto-detection).
 #
 #   TPU_NAME=emor3-7b ACCELERATOR=v5p-64 ZONE=us-east5-a launch/tpu_vm.sh \
 #       --config=configs/qwen_vl.py:7b --config.mesh="[('data',1),('fsdp',8),('tensor',4)]" \

@@ -47,7 +47,7 @@ def hf_tiny_dir(hf_tiny, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mesh1():
-    from emor3_jax.runtime import sharding
+    from emor3_jax.core import sharding
 
     return sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
 
@@ -55,8 +55,8 @@ def mesh1():
 @pytest.fixture(scope="session")
 def ours_fp32(hf_tiny_dir, mesh1):
     """`hf_tiny` loaded into our model on one device, fp32 compute."""
+    from emor3_jax.core import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
-    from emor3_jax.runtime import sharding
 
     return load_hf(
         hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32", attention_impl="xla"

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emor3_jax.runtime.checkpoint import Checkpointer, CheckpointError, error_line
+from emor3_jax.core.checkpoint import Checkpointer, CheckpointError, error_line
 
 MODEL = {"hidden_size": 8}
 

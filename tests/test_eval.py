@@ -12,9 +12,9 @@ from PIL import Image
 
 from configs.qwen_vl import get_config
 from emor3_jax import config_lib, trainer
+from emor3_jax.core import sharding
 from emor3_jax.evaluation import report as eval_report
-from emor3_jax.runtime import sharding
-from emor3_jax.runtime.load import load_policy, locate
+from emor3_jax.load import load_policy, locate
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's tiny_run, built once.

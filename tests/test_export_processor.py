@@ -11,12 +11,12 @@ from PIL import Image
 
 from configs.qwen_vl import get_config
 from emor3_jax import config_lib
+from emor3_jax.core import sharding
+from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.tokenizers import build_test_tokenizer, special_token_ids
 from emor3_jax.export import export
 from emor3_jax.models.qwen25_vl.model import create_model
-from emor3_jax.runtime import sharding
-from emor3_jax.runtime.checkpoint import Checkpointer
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 2, 56 * 84  # not the defaults: the file must carry the run's
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core.batches import Prompt
 from emor3_jax.data.synthetic import set_answer
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, Reflection

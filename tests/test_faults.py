@@ -35,7 +35,7 @@ import pytest
 from test_metrics import tb_events
 from test_train import ROOT, TIMING, _flags, _folder_data, _params
 
-from emor3_jax.runtime.workdir_lock import LOCK_NAME
+from emor3_jax.core.workdir_lock import LOCK_NAME
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's uninterrupted run, built once.

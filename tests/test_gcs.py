@@ -1,4 +1,4 @@
-"""Storage anywhere: the path layer (runtime/paths) on local files and on gs:// served by a local
+"""Storage anywhere: the path layer (core/paths) on local files and on gs:// served by a local
 GCS emulator (tests/gcs_emulator.py, no network), the run's writers on gs://, and the tiny
 training job with its workdir on gs://bucket/run: stopped by SIGTERM, resumed, exported to
 gs://bucket/export, with no file of the run landing outside the bucket."""
@@ -16,7 +16,7 @@ import pytest
 from etils import epath
 from test_train import _flags, small_config
 
-from emor3_jax.runtime import paths
+from emor3_jax.core import paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = f"gs://{gcs_emulator.BUCKET}"
@@ -121,9 +121,9 @@ def test_run_writers_on_gs(gcs):
     a damaged checkpoint moved aside, all on gs://."""
     import jax.numpy as jnp
 
-    from emor3_jax.runtime.checkpoint import Checkpointer
-    from emor3_jax.runtime.metrics import MetricWriter
-    from emor3_jax.runtime.workdir_lock import WorkdirBusy, WorkdirLock
+    from emor3_jax.core.checkpoint import Checkpointer
+    from emor3_jax.core.metrics import MetricWriter
+    from emor3_jax.core.workdir_lock import WorkdirBusy, WorkdirLock
 
     run = f"{B}/writers-{time.time_ns()}"
     w = MetricWriter(run)

@@ -11,8 +11,8 @@ import pytest
 from test_train import small_config
 
 from emor3_jax import trainer
+from emor3_jax.core import multihost
 from emor3_jax.data import store
-from emor3_jax.runtime import multihost
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's run, built once.

@@ -5,7 +5,7 @@ import json
 import os
 import struct
 
-from emor3_jax.runtime.metrics import MetricWriter
+from emor3_jax.core.metrics import MetricWriter
 
 
 def tb_events(workdir) -> list[tuple[str, int, object]]:

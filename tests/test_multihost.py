@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import ROOT, _flags, _params
 
-from emor3_jax.runtime.multihost import launch_mode
+from emor3_jax.core.multihost import launch_mode
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's 1-process run, built once.

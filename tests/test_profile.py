@@ -1,4 +1,4 @@
-"""runtime/profile.py: compiles counted from JAX's monitoring events, attributed to the phase
+"""core/profile.py: compiles counted from JAX's monitoring events, attributed to the phase
 and step they happen in; the table shows them."""
 
 import time
@@ -6,7 +6,7 @@ import time
 import jax
 import numpy as np
 
-from emor3_jax.runtime import profile
+from emor3_jax.core import profile
 
 
 def test_counts_each_new_program_in_its_phase_and_step():

@@ -8,9 +8,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from qwen_fixtures import CASES, make_batch
 
+from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl.convert import load_hf
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
-from emor3_jax.runtime import sharding
 
 RULES = sharding.DEFAULT_RULES
 FP32 = dict(param_dtype="float32", compute_dtype="float32")

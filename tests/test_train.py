@@ -14,8 +14,8 @@ import pytest
 
 from configs.qwen_vl import get_config
 from emor3_jax import trainer
+from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.data import store
-from emor3_jax.runtime.checkpoint import Checkpointer
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's reference_run, built once.

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from emor3_jax.runtime.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
+from emor3_jax.core.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
 import sys
-from emor3_jax.runtime.workdir_lock import WorkdirLock
+from emor3_jax.core.workdir_lock import WorkdirLock
 with WorkdirLock(sys.argv[1], heartbeat_s=0.1, stale_after_s=5):
     print("locked", flush=True)
     sys.stdin.readline()

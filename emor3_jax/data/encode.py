@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from emor3_jax.batches import Prompt, bucket, prompt_images
+from emor3_jax.core.batches import Prompt, bucket, prompt_images
 from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.models.api import ModelConfig, prepare_inputs

@@ -27,7 +27,7 @@ records and go on:
   records = checked(read_folder(root, "ann.jsonl", LABELS), skip_bad=True,
                     max_bad_fraction=0.01, counter={})
 
-Every path may be local or a URI (gs://...): files are read through epath (runtime/paths).
+Every path may be local or a URI (gs://...): files are read through epath (core/paths).
 """
 
 import csv
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from etils import epath
 from PIL import Image
 
-from emor3_jax.runtime import paths
+from emor3_jax.core import paths
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import jax
 from etils import epath
 from ml_collections import ConfigDict
 
+from emor3_jax.core import multihost, paths
 from emor3_jax.data import pipeline, sources, tfds_builder
 from emor3_jax.data.splits import read_split
-from emor3_jax.runtime import multihost, paths
 
 NAME = "emotions"
 

@@ -27,12 +27,12 @@ import dataclasses
 
 import jax
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core.batches import Prompt
+from emor3_jax.core.multihost import to_host
 from emor3_jax.data import prompts
 from emor3_jax.emo_r3 import faithfulness as faith
 from emor3_jax.emo_r3 import reflection_examples as reflection
 from emor3_jax.emo_r3 import rewards
-from emor3_jax.runtime.multihost import to_host
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
 JUDGES = ("policy", "reference")

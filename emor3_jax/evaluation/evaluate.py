@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from emor3_jax.rl.rollout import sample_rollouts
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
+from emor3_jax.sampling.rollout import sample_rollouts
 
 
 def evaluate(
@@ -116,7 +116,7 @@ def evaluate(
 
 def heldout(rt, model, encoder, task, records: list[dict], c, key) -> dict:
     """The trainer's validation: greedy and sampled (eval.sampled_temperature / top_p)
-    accuracy, format rate and mean length over `records` (rt: runtime.setup.Runtime), and
+    accuracy, format rate and mean length over `records` (rt: factory.Runtime), and
     where the records carry a truth the image-faithful and answer-coherent rates."""
     out = {}
     sampled = SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p)

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emor3_jax.batches import PackedBatch
+from emor3_jax.core import multihost, sharding
+from emor3_jax.core.batches import PackedBatch
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
-from emor3_jax.rl.rollout import Rollouts, packed_rows, sample_rollouts, score_async, training_rows
-from emor3_jax.runtime import multihost, sharding
+from emor3_jax.rl.rows import packed_rows, score_async, training_rows
 from emor3_jax.sampling.methods import SamplingParams
+from emor3_jax.sampling.rollout import Rollouts, sample_rollouts
 
 # The registry the config validation reads (rl.micro_batch_weighting):
 # - "by_share": each micro-batch's gradient weighs its share of the mini-batch's loss (its

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from emor3_jax.batches import PackedBatch, SequenceBatch
+from emor3_jax.core.batches import PackedBatch, SequenceBatch
 from emor3_jax.rl import grpo
 
 

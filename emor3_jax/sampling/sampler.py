@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from emor3_jax.batches import Prompt, bucket, prompt_images
+from emor3_jax.core import sharding
+from emor3_jax.core.batches import Prompt, bucket, prompt_images
 from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, Cache, Model, prepare_inputs
-from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import SamplingParams, select
 
 

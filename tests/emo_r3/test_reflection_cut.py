@@ -3,7 +3,7 @@ run, spec section 5); robust shortens the quoted reasoning and keeps the questio
 
 import pytest
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core.batches import Prompt
 from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.tokenizers import build_test_tokenizer, special_token_ids

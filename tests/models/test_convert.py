@@ -11,8 +11,8 @@ from qwen_fixtures import CASES, make_batch
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf, weight_table
-from emor3_jax.runtime import sharding
 
 RULES = sharding.DEFAULT_RULES
 FP32 = dict(param_dtype="float32", compute_dtype="float32")

@@ -111,8 +111,8 @@ def test_logits_match_transformers(hf_tiny, ours_fp32, name):
 
 
 def test_einsum_attention_path_matches_transformers(hf_tiny, hf_tiny_dir, mesh1):
+    from emor3_jax.core import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
-    from emor3_jax.runtime import sharding
 
     model = load_hf(
         hf_tiny_dir,
@@ -255,8 +255,8 @@ def test_remat_gives_the_same_gradients(ours_fp32):
 
 def test_bf16_compute_stays_close_to_fp32(hf_tiny_dir, mesh1, ours_fp32):
     """bf16 compute (fp32 params): logits within 0.05 of fp32, on logits of magnitude ~1-4."""
+    from emor3_jax.core import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf
-    from emor3_jax.runtime import sharding
 
     bf16 = load_hf(hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="bfloat16")
     batch = _batch("mixed_batch")

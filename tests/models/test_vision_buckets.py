@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 from qwen_fixtures import make_batch
 
-from emor3_jax.batches import Prompt, prompt_images
+from emor3_jax.core.batches import Prompt, prompt_images
 from emor3_jax.models.qwen25_vl.model import prepare_inputs
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 
@@ -208,7 +208,7 @@ def test_the_sampler_pads_through_prepare_inputs_unchanged(ours_fp32):
     """The sampler (a caller of prepare_inputs) with a bucketed config: 12 image sizes, two
     prompts per call, compile at most the buckets' prefill programs plus one decode, and
     give the greedy tokens of an unbucketed sampler."""
-    from emor3_jax.batches import Prompt
+    from emor3_jax.core.batches import Prompt
     from emor3_jax.sampling.methods import GREEDY
     from emor3_jax.sampling.sampler import Sampler
 

@@ -14,11 +14,11 @@ import optax
 import pytest
 from flax import nnx
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core import sharding
+from emor3_jax.core.batches import Prompt
 from emor3_jax.models.api import create_model
 from emor3_jax.rl.experience import GRPOStep, StepSettings
 from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
-from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import SamplingParams
 from emor3_jax.sampling.sampler import Samples
 

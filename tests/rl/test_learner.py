@@ -17,7 +17,7 @@ class _Two(nnx.Module):
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_init_places_all_state_on_the_mesh_and_apply_compiles_once(devices):
-    from emor3_jax.runtime import sharding
+    from emor3_jax.core import sharding
 
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:devices])
     graphdef, params = nnx.split(_Two(mesh))

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 from qwen_fixtures import IMAGE, make_batch
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core.batches import Prompt
 from emor3_jax.rl import packing
 from emor3_jax.rl.learner import GRPOSettings, Learner
-from emor3_jax.rl.rollout import Rollouts, packed_rows, training_rows
+from emor3_jax.rl.rows import packed_rows, training_rows
+from emor3_jax.sampling.rollout import Rollouts
 
 
 def test_first_fit_decreasing_by_hand():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from qwen_fixtures import IMAGE, PATCH_DIM, VEND, VSTART
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core.batches import Prompt
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 

@@ -13,9 +13,9 @@ import torch
 from qwen_fixtures import IMAGE, PATCH_DIM, VEND, VSTART, hf_model
 from scipy import stats
 
-from emor3_jax.batches import Prompt
+from emor3_jax.core import sharding
+from emor3_jax.core.batches import Prompt
 from emor3_jax.models.qwen25_vl.convert import load_hf
-from emor3_jax.runtime import sharding
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Sampler
 

@@ -23,10 +23,10 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save, save_file
 
+from emor3_jax.core import paths, sharding
+from emor3_jax.core.multihost import to_host
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
-from emor3_jax.runtime import paths, sharding
-from emor3_jax.runtime.multihost import to_host
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Einsum letters: B batch, T query length, S key length, N query heads, K kv heads,
 G query heads per kv head (N = K * G), H head dim, D model dim, F mlp dim.
 
-Every parameter carries `axes` metadata (logical axis names); `emor3_jax.runtime.sharding` maps
+Every parameter carries `axes` metadata (logical axis names); `emor3_jax.core.sharding` maps
 them to the mesh.
 """
 

@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
-from emor3_jax.runtime import sharding
 
 Cache = tuple[KV, ...]
 

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
-from emor3_jax.runtime import sharding
 
 # One layer's cache: keys [B, K, H, S] and values [B, K, S, H]. In these layouts both decode
 # dots reduce over a non-minor axis and stream the cache once (on CPU, 7x faster than

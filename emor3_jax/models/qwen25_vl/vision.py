@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import VisionConfig
 from emor3_jax.models.qwen25_vl.rope import vision_cos_sin
-from emor3_jax.runtime import sharding
 
 
 @struct.dataclass

@@ -15,10 +15,10 @@ from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
+from emor3_jax.core import paths, sharding
+from emor3_jax.core.checkpoint import Checkpointer
+from emor3_jax.factory import check_tokenizer
 from emor3_jax.models.api import Model, ModelConfig, abstract_model, load_hf
-from emor3_jax.runtime import paths, sharding
-from emor3_jax.runtime.checkpoint import Checkpointer
-from emor3_jax.runtime.setup import check_tokenizer
 
 
 @dataclasses.dataclass

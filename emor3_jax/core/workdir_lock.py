@@ -26,7 +26,7 @@ import uuid
 
 from etils import epath
 
-from emor3_jax.runtime import multihost, paths
+from emor3_jax.core import multihost, paths
 
 LOCK_NAME = "run.lock"
 

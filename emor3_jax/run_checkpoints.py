@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 from ml_collections import ConfigDict
 
-from emor3_jax.runtime import paths
-from emor3_jax.runtime.checkpoint import Checkpointer
-from emor3_jax.runtime.workdir_lock import WorkdirLock
+from emor3_jax.core import paths
+from emor3_jax.core.checkpoint import Checkpointer
+from emor3_jax.core.workdir_lock import WorkdirLock
 
 _STORED = ("model", "config", "log_sizes")  # written here, not part of the trainer's meta
 

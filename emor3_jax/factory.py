@@ -8,11 +8,11 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from emor3_jax.core import multihost, paths, sharding
 from emor3_jax.data.encode import Encoder
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.tokenizers import special_token_ids, stop_ids_and_bias
 from emor3_jax.models.api import ModelConfig
-from emor3_jax.runtime import multihost, paths, sharding
 from emor3_jax.sampling.sampler import Sampler
 
 

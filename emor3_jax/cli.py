@@ -11,8 +11,8 @@ import sys
 
 from absl import app, flags
 
-from emor3_jax.runtime.checkpoint import CheckpointError
-from emor3_jax.runtime.workdir_lock import WorkdirBusy
+from emor3_jax.core.checkpoint import CheckpointError
+from emor3_jax.core.workdir_lock import WorkdirBusy
 
 _DEBUG = flags.DEFINE_bool("debug", False, "on an error, print the full traceback instead of one message")
 

@@ -7,8 +7,9 @@ import pytest
 
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, Reflection
-from emor3_jax.rl.rollout import Rollouts, score_async
+from emor3_jax.rl.rows import score_async
 from emor3_jax.sampling.methods import GREEDY
+from emor3_jax.sampling.rollout import Rollouts
 
 
 def _task(cfg: rewards.RewardConfig, reflection: bool) -> EmoR3:

@@ -6,7 +6,7 @@ the restored checkpoint (emptied when none was saved), and TensorBoard's event f
 rebuilt from them, so every step is logged once whenever the run was killed, as if it had
 never stopped. (TensorBoard's own files cannot be cut: tensorboardX writes them from a queue.)
 
-The workdir may be a URI (gs://...): every file goes through runtime/paths, TensorBoard's event
+The workdir may be a URI (gs://...): every file goes through core/paths, TensorBoard's event
 files too (`_EpathEventFile`, registered with tensorboardX for gs:// and s3://).
 """
 
@@ -22,7 +22,7 @@ import jax
 from etils import epath
 from tensorboardX import record_writer
 
-from emor3_jax.runtime import paths
+from emor3_jax.core import paths
 
 
 class _EpathEventFile:

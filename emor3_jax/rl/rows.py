@@ -1,66 +1,22 @@
-"""Rollouts and the rows GRPO trains on: the host-side pieces of one step's experience.
+"""The rows GRPO trains on, built from one step's rollouts on the host: prompt + response as
+model inputs (bucketed or packed), and the rewards scored in a thread pool while the device
+computes log-probs (`score_async`). Nothing here imports the data readers or transformers.
 
 Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket,
 L pack length.
-
-Rewards are scored on the host in a thread pool while the device computes log-probs
-(`score_async`). Nothing here imports the data readers or transformers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import jax
 import numpy as np
 
-from emor3_jax.batches import PackedBatch, Prompt, SequenceBatch, bucket, prompt_images
+from emor3_jax.core.batches import PackedBatch, Prompt, SequenceBatch, bucket, prompt_images
 from emor3_jax.models.api import prepare_inputs
 from emor3_jax.rl import packing
-from emor3_jax.runtime.multihost import to_host
-from emor3_jax.sampling.methods import SamplingParams
-
-
-@dataclasses.dataclass
-class Rollouts:
-    records: list[dict]  # B
-    prompts: list[Prompt]  # B
-    n: int
-    tokens: np.ndarray  # [R, G]
-    lengths: np.ndarray  # [R]
-    old_logp: jax.Array  # [R, G] the sampling policy's log-probs (device)
-    responses: list[str]  # R, decoded, special tokens skipped
-    text_answers: list[str | None] | None = None  # R; None where the judge was not asked
-    image_answers: list[str | None] | None = None
-
-    @property
-    def labels(self) -> list[str]:
-        return [r["label"] for r in self.records for _ in range(self.n)]
-
-
-def sample_rollouts(
-    sampler,
-    policy,
-    encoder,
-    task,
-    records: list[dict],
-    *,
-    n: int,
-    key,
-    max_new: int,
-    params: SamplingParams,
-    stop_ids,
-    logit_bias,
-) -> Rollouts:
-    """n responses to each record's `task.prompt`, decoded on the host."""
-    prompts = [task.prompt(encoder, r) for r in records]
-    out = sampler.generate(
-        policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params, stop_ids=stop_ids, logit_bias=logit_bias
-    )
-    tokens, lengths = to_host(out.tokens), to_host(out.lengths)
-    return Rollouts(records, prompts, n, tokens, lengths, out.logprobs, encoder.decode(tokens, lengths))
+from emor3_jax.sampling.rollout import Rollouts
 
 
 def score_async(

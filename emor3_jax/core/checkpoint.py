@@ -13,7 +13,7 @@ deleted) so the resumed run can save those step numbers again.
 
 The directory may be a URI (gs://...): Orbax writes it through epath and TensorStore, and marks
 a finished step with a commit file there (object stores have no atomic rename); a damaged step
-is moved aside by copying it (runtime/paths).
+is moved aside by copying it (core/paths).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import orbax.checkpoint as ocp
 from etils import epath
 
-from emor3_jax.runtime import multihost, paths
+from emor3_jax.core import multihost, paths
 
 # TensorStore reports damaged bytes as an absl status ("OUT_OF_RANGE: Error reading ...").
 _STATUS = re.compile(r"^[A-Z][A-Z_]+: ")
