@@ -147,7 +147,7 @@ def peak_hbm() -> float | None:
 
 def training_batches(cfg, prompts, n: int, tokens: np.ndarray, micro: int) -> list:
     """Prompt + sampled response for every row, as device SequenceBatches of `micro` rows, built
-    by the GRPO step's own row builder (rl/rollout.training_rows)."""
+    by the GRPO step's own row builder (rl/rows.training_rows)."""
     import jax
 
     from emor3_jax.rl.rollout import Rollouts, training_rows

@@ -2,7 +2,7 @@
 
 The image reflection asks whether step 1 ("huge pink ball") describes the image; the taught
 tiny judge gets the figure and the colour right but answers "yes" to nearly every wrong size
-(README "The tiny judge"). This script tells where the size is lost, on the synthetic set
+(docs/results.md "The tiny judge"). This script tells where the size is lost, on the synthetic set
 of a run (its seed, image size and labels):
 
   mean colour   per label, the image's mean colour projected on (figure - background) colour,

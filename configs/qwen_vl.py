@@ -98,9 +98,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.max_bad_fraction = 0.01
 
     c.cold_start = ConfigDict()
-    # tiny: 150 steps; with the judge's batch below, 90 left the SET answers underfit (README
-    # "The tiny judge": held-out greedy / sampled accuracy 0.81 / 0.56, a feeling word of the
-    # wrong label in nearly every greedy answer).
+    # tiny: 150 steps; with the judge's batch below, 90 left the SET answers underfit
+    # (docs/results.md "The tiny judge": held-out greedy / sampled accuracy 0.81 / 0.56, a
+    # feeling word of the wrong label in nearly every greedy answer).
     c.cold_start.steps = 150 if tiny else 0
     c.cold_start.batch_size = 16 if tiny else 64
     c.cold_start.learning_rate = 1e-3 if tiny else 1e-5
@@ -110,7 +110,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # to the SET answers': the tiny random model must learn to judge (a real Qwen2.5-VL-Instruct
     # already answers such questions: 0 for 3b/7b, and for data without a synthetic truth).
     # tiny: 64 (about doubles a cold-start step's tokens); 16 taught the text question but left
-    # the image question at chance (README "The tiny judge").
+    # the image question at chance (docs/results.md "The tiny judge").
     c.cold_start.judge_batch_size = 64 if tiny else 0
     # After the cold start, the judge answers the reflection questions of this many held-out
     # synthetic records (4 questions each); its accuracy goes to metrics.jsonl (phase "judge").
@@ -159,7 +159,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
 
     c.reward = ConfigDict()
     # emo_r3_code (3b/7b): the official reward code and reflection length (rl.max_response_len);
-    # robust (tiny): quirks fixed, short reflections (README "Which variant reproduces the paper").
+    # robust (tiny): quirks fixed, short reflections (docs/training.md "Which variant reproduces the paper").
     c.reward.compat = "robust" if tiny else "emo_r3_code"
     c.reward.coherence_target = "label"  # label | own_answer
     c.reward.judge = "policy"  # policy | reference
@@ -167,8 +167,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # official reward scores a missing side (none: coherence = consistency = 1).
     c.reward.reflection = "both"
     # Robust mode: a response without a step-1/step-2 span leaves its judge nothing to ask; that
-    # reflection scores "zero" (no reasoning to check) or "neutral" (0.5). README "A response
-    # without spans" has the measurement.
+    # reflection scores "zero" (no reasoning to check) or "neutral" (0.5). docs/results.md "A
+    # response without spans" has the measurement.
     c.reward.no_span = "zero"
     c.reward.w_accuracy = 0.8
     c.reward.w_coherence = 0.1

@@ -40,7 +40,7 @@ COMPATS = ("robust", "emo_r3_code")
 COHERENCE_TARGETS = ("label", "own_answer")
 REFLECTIONS = ("both", "text", "image", "none")  # the reflections that run
 # Robust mode: what a reflection scores when the response has no span for it (nothing to ask the
-# judge): "neutral" 0.5, or "zero" (no reasoning to check). README "A response without spans".
+# judge): "neutral" 0.5, or "zero" (no reasoning to check). docs/results.md "A response without spans".
 NO_SPAN = {"neutral": 0.5, "zero": 0.0}
 NOT_RUN = 1.0  # score of a reflection that does not run (the official code's missing answer)
 # Robust coherence accepts the target as one word of an answer of at most this many

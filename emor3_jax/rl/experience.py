@@ -8,7 +8,7 @@ benches call these; none rebuilds a piece.
 Letters: B prompts, n samples per prompt, R = B * n rows, P prompt bucket, G response bucket.
 
 With `packing`, each micro-batch's rows are packed into sequences of `pack_length` tokens
-(rollout.packed_rows) for the reference / old log-probs and the gradients; the log-probs come
+(rows.packed_rows) for the reference / old log-probs and the gradients; the log-probs come
 back in the same [m, G] layout, so the loss and its weighting are those of padded rows.
 
 Rows b*n .. b*n+n-1 answer record b. The task (emo_r3/task.py) says what is asked and how a
@@ -60,7 +60,7 @@ class StepSettings:
     # Optimizer steps with a non-finite gradient norm skipped in a row before the run stops
     # (0: the first one stops it).
     max_skipped_steps: int = 0
-    # Rows packed into sequences of pack_length tokens (rollout.packed_rows) instead of padded
+    # Rows packed into sequences of pack_length tokens (rows.packed_rows) instead of padded
     # to prompt + response buckets.
     packing: bool = False
     pack_length: int = 0
