@@ -12,7 +12,8 @@ source's reference answer ("" if none); `truth` is what the source knows of the 
 beyond its label, as JSON: the synthetic set's drawn figure and what its answer says
 (synthetic.make_example), "" for every real data set.
 
-Modules (each named after its --config.data.source value, so a flag leads to its file):
+Modules (each named after the --config.data.source value, or the data.cold_start flag, that
+picks it, so a flag leads to its file):
   synthetic       read_synthetic(split, labels, ...)              generated in code
   emoset_parquet  read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
   folder          read_folder(root, annotations_file, labels)     images under root + JSONL/CSV
