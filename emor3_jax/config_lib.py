@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from etils import epath
 from ml_collections import ConfigDict
 
-from emor3_jax.data.splits import SOURCES
+from emor3_jax.data.sources import SOURCES
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES

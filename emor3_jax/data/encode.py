@@ -1,6 +1,6 @@
 """Records -> model inputs on the host: prompts for the sampler, padded SFT batches.
 
-A record is {"id", "image" (encoded bytes), "label", "problem", "answer"} (see sources.py).
+A record is {"id", "image" (encoded bytes), "label", "problem", "answer"} (see data/sources).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from ml_collections import ConfigDict
 
 from emor3_jax.core import multihost, paths
 from emor3_jax.data import pipeline, sources, tfds_builder
-from emor3_jax.data.splits import read_split
 
 NAME = "emotions"
 
@@ -52,7 +51,7 @@ def build(
     counts = {"train": c.data.synthetic_train, "test": c.data.synthetic_test}
     splits = {}
     for s in ("train", "test"):
-        records = read_split(
+        records = sources.read_split(
             c.data.source,
             c.data[s],
             c.data[f"annotations_{s}"],

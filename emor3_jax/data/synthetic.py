@@ -236,7 +236,7 @@ def _truth(label: str, size_class: int, fraction: float, said_size: int, said_fe
 
 
 def to_record(example: dict) -> dict:
-    """A RECORD (see sources.py) of `example`: the image as PNG bytes, the truth as JSON."""
+    """A RECORD (see data/sources) of `example`: the image as PNG bytes, the truth as JSON."""
     buf = io.BytesIO()
     example["image"].save(buf, format="PNG")
     record = {k: example[k] for k in ("id", "label", "problem", "answer")}

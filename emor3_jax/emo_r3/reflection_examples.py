@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from emor3_jax.data.splits import read_split
+from emor3_jax.data.sources import read_split
 from emor3_jax.data.synthetic import FEELINGS, FIGURES, SIZE_WORDS, describe, set_answer
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.faithfulness import parse_truth

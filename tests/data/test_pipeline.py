@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from emor3_jax.data import pipeline, splits, synthetic, tfds_builder
+from emor3_jax.data import pipeline, sources, synthetic, tfds_builder
 from emor3_jax.data.sources import BadRecord
 
 LABELS = ["amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness"]
@@ -69,7 +69,7 @@ def test_round_trip_exact(data_dir):
 
 def test_synthetic_truth_travels_with_the_records(tmp_path):
     kw = dict(count=8, seed=3, image_size=56, unfaithful_share=0.5)
-    train = splits.read_split("synthetic", "", "", "train", LABELS, **kw)
+    train = sources.read_split("synthetic", "", "", "train", LABELS, **kw)
     tfds_builder.build({"train": train}, tmp_path, "syn")
     got = {r["id"]: r for r in pipeline.open_split(tmp_path, "syn", "train")}
     assert len(got) == 8
@@ -80,12 +80,12 @@ def test_synthetic_truth_travels_with_the_records(tmp_path):
         assert record["answer"] == ex["answer"] and record["label"] == ex["label"]
     assert sum(json.loads(r["truth"])["unfaithful"] != "" for r in got.values()) == 4
     # The truth is a field of the records: changing it changes the data set.
-    changed = list(splits.read_split("synthetic", "", "", "train", LABELS, **kw))
+    changed = list(sources.read_split("synthetic", "", "", "train", LABELS, **kw))
     changed[0]["truth"] = ""
     with pytest.raises(ValueError, match="holds a different data set"):
         tfds_builder.build({"train": changed}, tmp_path, "syn")
     with pytest.raises(ValueError, match="only synthetic answers can be made unfaithful"):
-        splits.read_split("folder", str(tmp_path), "a.jsonl", "test", LABELS, **kw)
+        sources.read_split("folder", str(tmp_path), "a.jsonl", "test", LABELS, **kw)
 
 
 def test_data_set_without_truth_is_refused(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from configs.qwen_vl import get_config
 from emor3_jax import config_lib
 from emor3_jax.data import prompts, synthetic
 from emor3_jax.data.processing import ImageProcessor
-from emor3_jax.data.splits import read_split
+from emor3_jax.data.sources import read_split
 from emor3_jax.data.tokenizers import build_test_tokenizer
 
 # Spec section 4: the official format reward.

@@ -8,7 +8,7 @@ import pytest
 
 from emor3_jax.data import synthetic
 from emor3_jax.data.prompts import EMOSET_LABELS
-from emor3_jax.data.splits import read_split
+from emor3_jax.data.sources import read_split
 from emor3_jax.emo_r3 import faithfulness, reflection_examples, rewards
 from emor3_jax.emo_r3.reflection_examples import ReflectionExample
 
