@@ -1,6 +1,9 @@
 """Checks a run config at start-up and turns it into the objects the run needs.
 
-Every problem is reported before anything is built, naming the flag to set.
+Every problem is reported before anything is built, naming the flag to set: `validate` runs one
+function per config section (SECTION_CHECKS) and lists all their messages at once. A hub id in
+hf_path / tokenizer_path is downloaded by `resolve_hub_ids`, which the entry points call before
+they validate; validation itself downloads nothing.
 """
 
 from __future__ import annotations
@@ -162,9 +165,8 @@ def hub_snapshot(repo_id: str, flag: str) -> str:
 def resolve_hub_ids(c: ConfigDict) -> None:
     """Replaces a hub id in c.hf_path / c.tokenizer_path by its local snapshot directory
     (hub_snapshot), so everything after reads a local directory as before; a local directory
-    (or a URI) is left as it is. The one place hub ids are resolved, and the only network I/O of
-    the start-up: the entry points (train.main, trainer.Run.checked, eval.run_eval) call it
-    before they validate."""
+    (or a URI) is left as it is. The one place hub ids are resolved (downloaded): the entry
+    points (train.main, trainer.Run.checked, eval.run_eval) call it before they validate."""
     for flag in ("hf_path", "tokenizer_path"):
         value = c[flag]
         if value and not os.path.isdir(value) and "://" not in value and is_hub_id(value):
