@@ -1,6 +1,9 @@
 """Checks a run config at start-up and turns it into the objects the run needs.
 
-Every problem is reported before anything is built, naming the flag to set.
+Every problem is reported before anything is built, naming the flag to set: `validate` runs one
+function per config section (SECTION_CHECKS) and lists all their messages at once. A hub id in
+hf_path / tokenizer_path is downloaded by `resolve_hub_ids`, which the entry points call before
+they validate; validation itself downloads nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ def _unit(x) -> bool:
     return 0 < x <= 1
 
 
-# (field, test, rule): the range of each numeric field of configs/qwen_vl.py on its own; `validate`
-# checks the fields that constrain each other (batch sizes, pixels, buckets) separately.
+# (field, test, rule): the range of each numeric field of configs/qwen_vl.py on its own; each
+# section's function in SECTION_CHECKS checks the fields that constrain each other (batch sizes,
+# pixels, buckets) separately.
 RANGES = (
     ("seed", _at_least(0), "must be >= 0"),
     ("data.synthetic_train", _at_least(1), "must be >= 1 (records of the synthetic train split)"),
@@ -161,7 +165,8 @@ def hub_snapshot(repo_id: str, flag: str) -> str:
 def resolve_hub_ids(c: ConfigDict) -> None:
     """Replaces a hub id in c.hf_path / c.tokenizer_path by its local snapshot directory
     (hub_snapshot), so everything after reads a local directory as before; a local directory
-    (or a URI) is left as it is. The one place hub ids are resolved: `validate` calls it first."""
+    (or a URI) is left as it is. The one place hub ids are resolved (downloaded): the entry
+    points (train.main, trainer.Run.checked, eval.run_eval) call it before they validate."""
     for flag in ("hf_path", "tokenizer_path"):
         value = c[flag]
         if value and not os.path.isdir(value) and "://" not in value and is_hub_id(value):
@@ -174,6 +179,11 @@ def _model_path_problem(flag: str, value: str) -> str | None:
         if flag == "hf_path" and not epath.Path(value, "config.json").is_file():
             return f"--config.hf_path={value!r} has no config.json (expected a Hugging Face checkpoint dir)"
         return None
+    if "://" not in value and is_hub_id(value):  # only a caller that skipped resolve_hub_ids gets here
+        return (
+            f"--config.{flag}={value!r} is a Hugging Face hub id not yet resolved to a local snapshot "
+            f"(config_lib.resolve_hub_ids, run before validation); or give a local path with --config.{flag}=/local/dir"
+        )
     return (
         f"--config.{flag}={value!r} is neither a local directory nor a Hugging Face hub id (owner/name, e.g. "
         f"Qwen/Qwen2.5-VL-3B-Instruct) nor an existing gs:// directory; give a local path with "
@@ -186,174 +196,278 @@ def _listing(what: str, errors: list[str]) -> str:
     return f"{what}: {errors[0]}" if len(errors) == 1 else f"{what}:\n  " + "\n  ".join(errors)
 
 
-def validate(c: ConfigDict) -> None:
-    """Raises ValueError listing every bad or missing value of `c`. A hub id in hf_path or
-    tokenizer_path is first replaced by its local snapshot (resolve_hub_ids; offline and not
-    cached it raises then, in one line)."""
-    resolve_hub_ids(c)
-    errors = []
+def _failed(*checks: tuple[bool, str]) -> list[str]:
+    """The message of each (condition, message) whose condition is False."""
+    return [message for ok, message in checks if not ok]
 
-    def need(cond: bool, message: str):
-        if not cond:
-            errors.append(message)
 
-    need(bool(c.workdir), "set --config.workdir (where checkpoints and logs go)")
-    need(c.model.preset in PRESETS, f"--config.model.preset={c.model.preset!r} must be one of {PRESETS}")
-    if c.model.preset != "tiny":
-        need(
-            bool(c.hf_path) or c.model.init_random,
+def _choices(c: ConfigDict, flags: Sequence[tuple[str, Sequence]]) -> list[str]:
+    """A message for each (flag, registry) whose value in `c` is not one of the registry's names."""
+    return [
+        f"--config.{flag}={_get(c, flag)!r} must be one of {tuple(registry)}"
+        for flag, registry in flags
+        if _get(c, flag) not in registry
+    ]
+
+
+def _section(path: str) -> str:
+    """The section a field is in: "rl" for rl.steps, "" for a top-level field (seed)."""
+    return path.split(".")[0] if "." in path else ""
+
+
+def _out_of_range(c: ConfigDict, section: str) -> list[str]:
+    """A message for each RANGES field of `section` whose value in `c` breaks its rule."""
+    return [
+        f"--config.{path}={_get(c, path)!r} {rule}"
+        for path, ok, rule in RANGES
+        if _section(path) == section and not ok(_get(c, path))
+    ]
+
+
+def _top_level(c: ConfigDict) -> list[str]:
+    """The run as a whole: its workdir, tokenizer and checkpoint paths, mesh, and something to train."""
+    errors = _failed((bool(c.workdir), "set --config.workdir (where checkpoints and logs go)"))
+    errors += _choices(c, [("builtin_tokenizer", BUILTIN_TOKENIZERS)])
+    for flag in ("hf_path", "tokenizer_path"):
+        problem = _model_path_problem(flag, c[flag]) if c[flag] else None
+        errors += [problem] if problem else []
+    sizes = [size for _, size in c.mesh]
+    return errors + _failed(
+        (
+            all(x >= 1 or x == -1 for x in sizes) and sizes.count(-1) <= 1,
+            f"--config.mesh={tuple(tuple(a) for a in c.mesh)}: sizes must be >= 1, and at most one -1 (the rest)",
+        ),
+        (
+            c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
+            "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
+        ),
+    )
+
+
+def _model(c: ConfigDict) -> list[str]:
+    """model: the preset, the weights a real variant starts from, vision buckets that hold an image."""
+    image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
+    return _choices(c, [("model.preset", PRESETS)]) + _failed(
+        (
+            c.model.preset == "tiny" or bool(c.hf_path) or c.model.init_random,
             f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir or hub id, e.g. "
             "Qwen/Qwen2.5-VL-3B-Instruct> (or --config.model.init_random=True: random weights at the "
             f"{c.model.preset} preset's shapes)",
-        )
-    need(
-        c.builtin_tokenizer in BUILTIN_TOKENIZERS,
-        f"--config.builtin_tokenizer={c.builtin_tokenizer!r} must be one of {BUILTIN_TOKENIZERS}",
+        ),
+        (
+            not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
+            f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at "
+            f"data.max_pixels ({image_patches} patches)",
+        ),
     )
-    for flag in ("hf_path", "tokenizer_path"):
-        if c[flag]:
-            problem = _model_path_problem(flag, c[flag])
-            need(problem is None, problem or "")
-    need(c.data.source in SOURCES, f"--config.data.source={c.data.source!r} must be one of {SOURCES}")
-    if c.data.source != "synthetic":
+
+
+def _data_files(c: ConfigDict) -> list[str]:
+    """data: the files the source reads (train, test, annotations) and the cold start's records."""
+    errors, d = [], c.data
+    if d.source != "synthetic":
         for split in ("train", "test"):
-            path = c.data[split]
-            need(
-                bool(path) and epath.Path(path).exists(),
-                f"--config.data.{split}={path!r} does not exist (the {c.data.source} data for the {split} split)",
-            )
-            if c.data.source == "folder":
-                ann = c.data[f"annotations_{split}"]
-                need(
-                    bool(ann) and epath.Path(ann).is_file(),
-                    f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
+            path, ann = d[split], d[f"annotations_{split}"]
+            errors += _failed(
+                (
+                    bool(path) and epath.Path(path).exists(),
+                    f"--config.data.{split}={path!r} does not exist (the {d.source} data for the {split} split)",
                 )
-    if c.data.cold_start:
-        path = c.data.cold_start
-        need(
-            epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith((".jsonl", ".parquet"))),
-            f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of .parquet) "
-            "with image, problem and response per record",
+            )
+            if d.source == "folder":
+                errors += _failed(
+                    (
+                        bool(ann) and epath.Path(ann).is_file(),
+                        f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
+                    )
+                )
+    if d.cold_start:
+        path = d.cold_start
+        errors += _failed(
+            (
+                epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith((".jsonl", ".parquet"))),
+                f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of "
+                ".parquet) with image, problem and response per record",
+            ),
+            (
+                c.cold_start.steps > 0,
+                f"--config.data.cold_start={path!r} is set but --config.cold_start.steps=0: set the steps to train "
+                "on it",
+            ),
         )
-        need(
-            c.cold_start.steps > 0,
-            f"--config.data.cold_start={path!r} is set but --config.cold_start.steps=0: set the steps to train on it",
+    return errors
+
+
+def _data(c: ConfigDict) -> list[str]:
+    """data: the source and its files, the labels, bad-record tolerance, image sizes."""
+    d, sides = c.data, tuple(c.data.image_sides)
+    return (
+        _choices(c, [("data.source", SOURCES)])
+        + _data_files(c)
+        + _failed(
+            (
+                len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
+                f"--config.data.labels={list(d.labels)} must be at least two distinct labels",
+            ),
+            (0 <= d.max_bad_fraction < 1, f"--config.data.max_bad_fraction={d.max_bad_fraction} not in [0, 1)"),
+            (0 <= d.unfaithful_share <= 1, f"--config.data.unfaithful_share={d.unfaithful_share} must be in [0, 1]"),
+            (d.min_pixels <= d.max_pixels, "--config.data.min_pixels must be <= max_pixels"),
+            (
+                sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),
+                f"--config.data.image_sides={sides} must be () or (min, max) pixels with 28 <= min <= max",
+            ),
         )
-    need(
-        len(c.data.labels) >= 2 and len(set(c.data.labels)) == len(c.data.labels),
-        f"--config.data.labels={list(c.data.labels)} must be at least two distinct labels",
     )
-    need(0 <= c.data.max_bad_fraction < 1, f"--config.data.max_bad_fraction={c.data.max_bad_fraction} not in [0, 1)")
-    share = c.data.unfaithful_share
-    need(0 <= share <= 1, f"--config.data.unfaithful_share={share} must be in [0, 1]")
-    need(c.data.min_pixels <= c.data.max_pixels, "--config.data.min_pixels must be <= max_pixels")
-    sides = tuple(c.data.image_sides)
-    need(
-        sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),
-        f"--config.data.image_sides={sides} must be () or (min, max) pixels with 28 <= min <= max",
-    )
-    rows = c.cold_start.judge_batch_size
-    need(
-        rows >= 0 and (rows == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
-        f"--config.cold_start.judge_batch_size={rows} must be >= 0, and 0 unless data.source is synthetic and "
-        "data.cold_start is unset (the reflection questions are written from the synthetic truth; the tiny "
-        "config teaches its judge by default: pass --config.cold_start.judge_batch_size=0 for other data)",
-    )
-    judge = c.cold_start.judge_records
-    need(judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)")
+
+
+def _cold_start(c: ConfigDict) -> list[str]:
+    """cold_start: the judge's teaching batch and the judge check after the cold start."""
+    rows, judge = c.cold_start.judge_batch_size, c.cold_start.judge_records
     unknown = sorted(set(c.data.labels) - set(FEELINGS))
-    need(
-        judge == 0 or not unknown,
-        f"--config.cold_start.judge_records={judge}: the judge check asks about synthetic images, whose "
-        f"vocabulary has no words for the labels {unknown} of --config.data.labels (set judge_records=0)",
+    return _failed(
+        (
+            rows >= 0 and (rows == 0 or (c.data.source == "synthetic" and not c.data.cold_start)),
+            f"--config.cold_start.judge_batch_size={rows} must be >= 0, and 0 unless data.source is synthetic and "
+            "data.cold_start is unset (the reflection questions are written from the synthetic truth; the tiny "
+            "config teaches its judge by default: pass --config.cold_start.judge_batch_size=0 for other data)",
+        ),
+        (judge >= 0, f"--config.cold_start.judge_records={judge} must be >= 0 (0: no judge check)"),
+        (
+            judge == 0 or not unknown,
+            f"--config.cold_start.judge_records={judge}: the judge check asks about synthetic images, whose "
+            f"vocabulary has no words for the labels {unknown} of --config.data.labels (set judge_records=0)",
+        ),
+        (
+            judge == 0 or c.reward.reflection_max_tokens <= max(c.sampling.gen_buckets),
+            f"--config.cold_start.judge_records={judge}: the judge answers up to "
+            f"--config.reward.reflection_max_tokens={c.reward.reflection_max_tokens} tokens, past the largest "
+            f"--config.sampling.gen_buckets {tuple(c.sampling.gen_buckets)} (set judge_records=0 or add a bucket)",
+        ),
     )
-    need(
-        judge == 0 or c.reward.reflection_max_tokens <= max(c.sampling.gen_buckets),
-        f"--config.cold_start.judge_records={judge}: the judge answers up to --config.reward.reflection_max_tokens="
-        f"{c.reward.reflection_max_tokens} tokens, past the largest --config.sampling.gen_buckets "
-        f"{tuple(c.sampling.gen_buckets)} (set judge_records=0 or add a bucket)",
-    )
-    image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
-    need(
-        not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
-        f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at data.max_pixels "
-        f"({image_patches} patches)",
-    )
+
+
+def _rl(c: ConfigDict) -> list[str]:
+    """rl: the group and batch sizes that divide each other, the packed row length, the registries."""
     rl = c.rl
-    need(rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt")
-    need(
-        rl.rollout_batch >= 1 and rl.update_batch >= 1 and rl.rollout_batch % rl.update_batch == 0,
-        f"--config.rl.rollout_batch={rl.rollout_batch} must be a multiple of update_batch={rl.update_batch}",
-    )
     rows = rl.update_batch * rl.num_generations
-    need(
-        rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
-        f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
+    return _failed(
+        (rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt"),
+        (
+            rl.rollout_batch >= 1 and rl.update_batch >= 1 and rl.rollout_batch % rl.update_batch == 0,
+            f"--config.rl.rollout_batch={rl.rollout_batch} must be a multiple of update_batch={rl.update_batch}",
+        ),
+        (
+            rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
+            f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
+        ),
+        (
+            not rl.packing or rl.pack_length >= rl.max_prompt_len + rl.max_response_len,
+            f"--config.rl.pack_length={rl.pack_length} must hold the longest row, rl.max_prompt_len + "
+            f"rl.max_response_len = {rl.max_prompt_len + rl.max_response_len} (or set --config.rl.packing=False)",
+        ),
+    ) + _choices(
+        c,
+        [
+            ("rl.schedule", SCHEDULES),
+            ("rl.advantage", ESTIMATORS),
+            ("rl.loss_mode", grpo.MODES),
+            ("rl.kl_kind", grpo.KL_KINDS),
+            ("rl.micro_batch_weighting", MICRO_BATCH_WEIGHTINGS),
+        ],
     )
-    for flag, value, registry in (
-        ("rl.schedule", rl.schedule, SCHEDULES),
-        ("rl.advantage", rl.advantage, ESTIMATORS),
-        ("rl.loss_mode", rl.loss_mode, grpo.MODES),
-        ("rl.kl_kind", rl.kl_kind, grpo.KL_KINDS),
-        ("rl.micro_batch_weighting", rl.micro_batch_weighting, MICRO_BATCH_WEIGHTINGS),
-        ("reward.compat", c.reward.compat, rewards.COMPATS),
-        ("reward.coherence_target", c.reward.coherence_target, rewards.COHERENCE_TARGETS),
-        ("reward.reflection", c.reward.reflection, rewards.REFLECTIONS),
-        ("reward.no_span", c.reward.no_span, rewards.NO_SPAN),
-        ("reward.judge", c.reward.judge, JUDGES),
-        ("eval.best_by", c.eval.best_by, BEST_BY),
-    ):
-        need(value in registry, f"--config.{flag}={value!r} must be one of {tuple(registry)}")
-    need(
-        max(c.sampling.prompt_buckets, default=0) >= rl.max_prompt_len,
-        f"--config.sampling.prompt_buckets={tuple(c.sampling.prompt_buckets)} must reach rl.max_prompt_len",
-    )
-    need(
-        max(c.sampling.gen_buckets, default=0) >= rl.max_response_len,
-        f"--config.sampling.gen_buckets={tuple(c.sampling.gen_buckets)} must reach rl.max_response_len",
-    )
-    need(
-        not rl.packing or rl.pack_length >= rl.max_prompt_len + rl.max_response_len,
-        f"--config.rl.pack_length={rl.pack_length} must hold the longest row, rl.max_prompt_len + "
-        f"rl.max_response_len = {rl.max_prompt_len + rl.max_response_len} (or set --config.rl.packing=False)",
-    )
-    need(
-        c.sampling.max_rows == 0 or c.sampling.max_rows >= rl.num_generations,
-        f"--config.sampling.max_rows={c.sampling.max_rows} (decode slots) must be 0 (one per row) "
-        "or >= rl.num_generations",
-    )
-    need(
-        c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
-        "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
-    )
+
+
+def _reward(c: ConfigDict) -> list[str]:
+    """reward: the registries, and a weight to learn from."""
     r = c.reward
-    for path, ok, rule in RANGES:
-        value = _get(c, path)
-        need(ok(value), f"--config.{path}={value!r} {rule}")
-    for name in ("prompt_buckets", "gen_buckets"):
-        b = tuple(c.sampling[name])
-        need(
-            len(b) >= 1 and all(x >= 1 for x in b) and list(b) == sorted(set(b)),
-            f"--config.sampling.{name}={b} must be increasing positive lengths",
+    return _choices(
+        c,
+        [
+            ("reward.compat", rewards.COMPATS),
+            ("reward.coherence_target", rewards.COHERENCE_TARGETS),
+            ("reward.reflection", rewards.REFLECTIONS),
+            ("reward.no_span", rewards.NO_SPAN),
+            ("reward.judge", JUDGES),
+        ],
+    ) + _failed(
+        (
+            r.w_accuracy + r.w_coherence + r.w_consistency + r.w_format > 0,
+            "--config.reward.w_accuracy/w_coherence/w_consistency/w_format are all 0: no reward to learn from",
         )
-    sizes = [size for _, size in c.mesh]
-    need(
-        all(x >= 1 or x == -1 for x in sizes) and sizes.count(-1) <= 1,
-        f"--config.mesh={tuple(tuple(a) for a in c.mesh)}: sizes must be >= 1, and at most one -1 (the rest)",
     )
-    need(
-        r.w_accuracy + r.w_coherence + r.w_consistency + r.w_format > 0,
-        "--config.reward.w_accuracy/w_coherence/w_consistency/w_format are all 0: no reward to learn from",
+
+
+def _sampling(c: ConfigDict) -> list[str]:
+    """sampling: buckets that increase and reach the longest prompt and response; decode slots."""
+    s, rl = c.sampling, c.rl
+    errors = _failed(
+        (
+            max(s.prompt_buckets, default=0) >= rl.max_prompt_len,
+            f"--config.sampling.prompt_buckets={tuple(s.prompt_buckets)} must reach rl.max_prompt_len",
+        ),
+        (
+            max(s.gen_buckets, default=0) >= rl.max_response_len,
+            f"--config.sampling.gen_buckets={tuple(s.gen_buckets)} must reach rl.max_response_len",
+        ),
+        (
+            s.max_rows == 0 or s.max_rows >= rl.num_generations,
+            f"--config.sampling.max_rows={s.max_rows} (decode slots) must be 0 (one per row) or >= rl.num_generations",
+        ),
     )
+    for name in ("prompt_buckets", "gen_buckets"):
+        b = tuple(s[name])
+        errors += _failed(
+            (
+                len(b) >= 1 and all(x >= 1 for x in b) and list(b) == sorted(set(b)),
+                f"--config.sampling.{name}={b} must be increasing positive lengths",
+            )
+        )
+    return errors
+
+
+def _eval(c: ConfigDict) -> list[str]:
+    """eval: the validation value that picks the best checkpoint."""
+    return _choices(c, [("eval.best_by", BEST_BY)])
+
+
+# Each section's checks besides its RANGES fields (choices from a registry, fields that
+# constrain each other); "" is the top level, None a section with ranges only. `validate` runs
+# them in this order.
+SECTION_CHECKS = {
+    "": _top_level,
+    "model": _model,
+    "data": _data,
+    "cold_start": _cold_start,
+    "rl": _rl,
+    "reward": _reward,
+    "sampling": _sampling,
+    "eval": _eval,
+    "checkpoint": None,
+    "guard": None,
+    "log": None,
+}
+
+
+def _section_errors(c: ConfigDict, section: str) -> list[str]:
+    """Every problem in `section` of `c`, one message each naming its --config flag: the
+    section's own checks (SECTION_CHECKS), then its RANGES fields out of range."""
+    check = SECTION_CHECKS[section]
+    return (check(c) if check else []) + _out_of_range(c, section)
+
+
+def validate(c: ConfigDict) -> None:
+    """Raises ValueError listing every bad or missing value of `c`, of every section at once.
+    Downloads nothing: a hub id in hf_path or tokenizer_path must have been resolved to its
+    local snapshot first (resolve_hub_ids; the entry points call it before this)."""
+    errors = [message for section in SECTION_CHECKS for message in _section_errors(c, section)]
     if errors:
         raise ValueError(_listing("bad config", errors))
 
 
 def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
     """Raises ValueError listing every bad value an evaluation of data sets `names` with
-    `samples` sampled runs would use. A hub id in tokenizer_path is resolved first
-    (resolve_hub_ids)."""
-    resolve_hub_ids(c)
+    `samples` sampled runs would use. Downloads nothing: a hub id in tokenizer_path must have
+    been resolved first (resolve_hub_ids; eval.run_eval calls it before this)."""
     errors = []
 
     def need(cond: bool, message: str):

@@ -43,16 +43,17 @@ def main(argv) -> None:
         dry_run.main(_CONFIG.value, _DRY_RUN.value)
         return
     c = _CONFIG.value
-    config_lib.validate(c)  # before a device or a file is touched
+    config_lib.resolve_hub_ids(c)  # a hub id -> its local snapshot: the start-up's one download
+    config_lib.validate(c)  # once per run, before a device or a file is touched
     config_lib.check_accepted(_ACCEPT_CHANGES.value, c)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     from emor3_jax.core import multihost
 
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
     with WorkdirLock(c.workdir) as lock:
-        from emor3_jax.trainer import run  # slow to import: only once the workdir is ours
+        from emor3_jax.trainer import Run, run_phases  # slow to import: only once the workdir is ours
 
-        run(c, accepted=tuple(_ACCEPT_CHANGES.value), lock=lock)
+        run_phases(Run(c, tuple(_ACCEPT_CHANGES.value), lock))  # c resolved and validated above
 
 
 if __name__ == "__main__":

@@ -44,10 +44,18 @@ PHASES = ["cold_start", "grpo"]
 
 
 class Run:
-    """Everything a run holds; phases are methods."""
+    """Everything a run holds; phases are methods. Built from a config whose hub ids are resolved
+    and that is validated: by train.main before it takes the workdir lock, else by Run.checked."""
+
+    @classmethod
+    def checked(cls, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None) -> Run:
+        """The run of a config built in code (tests, benches): resolves its hub ids and validates
+        it as train.main does (config_lib; every bad value in one ValueError), then builds it."""
+        config_lib.resolve_hub_ids(c)
+        config_lib.validate(c)
+        return cls(c, accepted, lock)
 
     def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None):
-        config_lib.validate(c)
         self.c, self.accepted = c, accepted
         self.prof = run_profile.Profile()  # programs compiled and seconds per phase and step
         self.scratch = paths.Scratch(c.scratch_dir)  # local copies of URI files; removed by close()
@@ -430,8 +438,13 @@ class Run:
 def run(c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None) -> dict:
     """Trains as `c` says (resuming from the workdir's newest intact checkpoint; `accepted`:
     config fields that may differ from the checkpoint's, see config_lib.resume_changes; `lock`:
-    the workdir lock held, checked before each save)."""
-    r = Run(c, accepted, lock)
+    the workdir lock held, checked before each save): Run.checked, then run_phases."""
+    return run_phases(Run.checked(c, accepted, lock))
+
+
+def run_phases(r: Run) -> dict:
+    """Runs the phases of `r` (resume, cold start, GRPO), writes results.json, closes `r`."""
+    c = r.c
     try:
         with r.prof.phase("resume"):
             r.resume_meta()

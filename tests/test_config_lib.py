@@ -148,6 +148,36 @@ def test_fields_that_constrain_each_other(overrides, message):
     assert message in str(err.value)
 
 
+def test_every_section_with_a_range_is_checked():
+    """validate runs the sections of SECTION_CHECKS: a RANGES field of another section would
+    never be checked."""
+    sections = {path.split(".")[0] if "." in path else "" for path, _, _ in config_lib.RANGES}
+    assert sections - set(config_lib.SECTION_CHECKS) == set()
+
+
+def test_errors_of_several_sections_come_in_one_exception_one_line_each():
+    c = _config(
+        **{
+            "workdir": "",
+            "data.labels": ("anger",),
+            "rl.kl_kind": "k9",
+            "eval.best_by": "loss",
+            "log.num_samples": -1,
+        }
+    )
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(c)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "bad config:" and len(lines) == 6, lines  # not stopped at the first section's error
+    assert lines[1:] == [
+        "  set --config.workdir (where checkpoints and logs go)",
+        "  --config.data.labels=['anger'] must be at least two distinct labels",
+        "  --config.rl.kl_kind='k9' must be one of ('k1', 'k2', 'k3', 'low_var_kl')",
+        f"  --config.eval.best_by='loss' must be one of {config_lib.BEST_BY}",
+        "  --config.log.num_samples=-1 must be >= 0",
+    ]
+
+
 def test_negative_cold_start_steps_get_a_precise_message():
     with pytest.raises(ValueError) as err:
         config_lib.validate(_config(**{"cold_start.steps": -3}))

@@ -1,7 +1,8 @@
-"""hf_path / tokenizer_path accept a Hugging Face hub id, resolved once by config_lib.validate
-into the HF cache; offline and not cached the error is one line naming the flag for a local
-path; a local directory is kept as it is; any other value is refused naming the flag. No test
-here reaches the network: HF_HUB_OFFLINE=1 throughout."""
+"""hf_path / tokenizer_path accept a Hugging Face hub id, resolved once by
+config_lib.resolve_hub_ids (which the entry points call before they validate) into the HF
+cache; offline and not cached the error is one line naming the flag for a local path; a local
+directory is kept as it is; any other value is refused naming the flag. No test here reaches
+the network: HF_HUB_OFFLINE=1 throughout."""
 
 import json
 
@@ -32,7 +33,7 @@ def _config(tmp_path, **paths):
 def test_an_uncached_hub_id_offline_is_one_line_naming_the_flag_for_a_local_path(tmp_path, flag):
     c = _config(tmp_path, **{flag: REPO})
     with pytest.raises(ValueError) as err:
-        config_lib.validate(c)
+        config_lib.resolve_hub_ids(c)
     message = str(err.value)
     assert "\n" not in message
     assert f"--config.{flag}='{REPO}' is a Hugging Face hub id" in message
@@ -79,7 +80,35 @@ def test_a_dir_without_config_json_is_refused_for_hf_path(tmp_path):
         config_lib.validate(_config(tmp_path, hf_path=str(tmp_path / "empty")))
 
 
-def test_validate_eval_resolves_the_tokenizer_hub_id_too(tmp_path):
+def test_eval_resolves_the_tokenizer_hub_id_too(tmp_path):
+    from emor3_jax.eval import run_eval
+
     c = _config(tmp_path, tokenizer_path=REPO)
     with pytest.raises(ValueError, match=r"--config.tokenizer_path=/local/dir"):
-        config_lib.validate_eval(c, ["test"], 1)
+        run_eval(c, str(tmp_path / "no_checkpoint"), ["test"], str(tmp_path / "out"), 1, True)
+
+
+@pytest.mark.parametrize("flag", ["hf_path", "tokenizer_path"])
+def test_validation_downloads_nothing_the_entry_points_resolver_does(tmp_path, monkeypatch, flag):
+    """validate leaves a hub id as it is, says it was not resolved, and never calls the hub;
+    the resolver the entry points call (here through trainer.Run.checked) is what reaches it."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(repo_id)
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    c = _config(tmp_path, **{flag: REPO})
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(c)
+    assert calls == [] and c[flag] == REPO
+    assert f"--config.{flag}='{REPO}' is a Hugging Face hub id not yet resolved" in str(err.value)
+    from emor3_jax import trainer
+
+    with pytest.raises(ValueError, match=f"--config.{flag}='{REPO}' is a Hugging Face hub id that is not in the local"):
+        trainer.Run.checked(c)
+    assert calls == [REPO]

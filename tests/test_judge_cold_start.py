@@ -25,7 +25,7 @@ IMAGE_Q = "Can the following text describe the image?"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     c = small_config(tmp_path_factory.mktemp("judge"), **{"cold_start.batch_size": 4, "cold_start.judge_batch_size": 8})
-    r = trainer.Run(c)
+    r = trainer.Run.checked(c)
     yield r
     r.close()
 

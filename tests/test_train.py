@@ -227,14 +227,14 @@ def test_export_of_a_run_reloads_in_transformers(reference_run, tmp_path):
 )
 def test_bad_config_values_are_refused_naming_the_flag(tmp_path, override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        trainer.Run(small_config(tmp_path, **override))
+        trainer.Run.checked(small_config(tmp_path, **override))
 
 
 def test_real_variant_without_paths_says_which_flag_to_set(tmp_path):
     c = get_config("3b")
     c.workdir = str(tmp_path)
     with pytest.raises(ValueError) as err:
-        trainer.Run(c)
+        trainer.Run.checked(c)
     assert "--config.hf_path" in str(err.value) and "--config.data.train" in str(err.value)
 
 
@@ -302,7 +302,7 @@ def test_cold_start_trains_on_data_cold_start(tmp_path):
     cold = str(tmp_path / "cold" / "cold.jsonl")
     c = small_config(tmp_path / "run", **{"rl.steps": 0, "rl.epochs": 0, "cold_start.steps": 2})
     c.data.cold_start = cold
-    run = trainer.Run(c)
+    run = trainer.Run.checked(c)
     assert store.cold_start_split(c) == "cold_start"
     from emor3_jax.data import pipeline
 
