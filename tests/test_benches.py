@@ -254,6 +254,8 @@ def test_size_probe_on_a_crafted_checkpoint(tmp_path, capsys, monkeypatch):
         rows.append({"id": f"test-{i}", "response": f"<step1>a {size} {colour} {noun}</step1><step2>x</step2>"})
     write_jsonl(tmp_path / "test_responses.jsonl", rows)
     argv = ["--checkpoint", str(tmp_path / "run"), "--responses", str(tmp_path / "test_responses.jsonl")]
+    # 24 training images leave some label x size cells empty: numpy warns on their medians (the
+    # mean-colour figure means nothing at this size; the smoke run checks that every part runs).
     out = run_main("bench.size_probe", [*argv, "--train", "24", "--test", "12"], capsys, monkeypatch)
     assert "step 1: size class of 12 test images" in out, out
     assert re.search(r"^vision probe: MLP \d\.\d{3}, linear \d\.\d{3}$", out, re.M), out
