@@ -38,6 +38,7 @@ setup(
             "torch==2.13.0",
             "ruff==0.14.14",
             "gcp-storage-emulator==2026.7.19",  # tests/gcs_emulator.py: a local gs:// for the tests
+            "matplotlib==3.11.2",  # tests/test_benches.py runs bench/learning.py's report, curves included
         ],
         "bench": ["matplotlib==3.11.2"],  # bench/learning.py draws its curves
         "gpu": ["jax[cuda13]==0.10.2"],

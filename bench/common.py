@@ -1,5 +1,7 @@
-"""Shared by the CPU benchmarks: the mid-size random Qwen2.5-VL, prompts with an image, the
-realistic response lengths, and a timer."""
+"""Shared by the benchmarks: the one-device mesh, the mid-size random Qwen2.5-VL (and a small one
+for smoke runs), the tiny preset, prompts with an image, the realistic response lengths, and a
+timer. Imports of jax, torch and the package are inside the functions: the TRL-side scripts and
+the JAX-only benches import this module without them."""
 
 from __future__ import annotations
 
@@ -15,31 +17,51 @@ VOCAB, IMAGE, VSTART, VEND = 48000, 47990, 47992, 47993
 PROMPT_TEXT = 62  # text tokens around the image: prompt = 62 + 64 image + 2 = 128 tokens (16x16 grid)
 
 
+# The mid-size architecture (~100M parameters with VOCAB) and a small one for smoke runs (--small:
+# the same code paths in seconds; its figures measure nothing).
+MID_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, mrope=[8, 12, 12])
+MID_VISION = dict(depth=4, hidden_size=512, intermediate_size=1368, num_heads=8, fullatt_block_indexes=[3])
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, mrope=[2, 3, 3])
+SMALL_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[1])
+
+
+def make_mesh(devices: int | None = 1):
+    """The benches' mesh: data 1, fsdp over the first `devices` devices (None: all), tensor 1."""
+    import jax
+
+    from emor3_jax.core import sharding
+
+    chosen = jax.devices()[:devices] if devices else None
+    return sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], chosen)
+
+
 def hf_config(
-    vocab: int = VOCAB, image: int = IMAGE, vstart: int = VSTART, vend: int = VEND, eos: int = 0
+    vocab: int = VOCAB, image: int = IMAGE, vstart: int = VSTART, vend: int = VEND, eos: int = 0, small: bool = False
 ) -> Qwen2_5_VLConfig:
-    """The mid-size architecture; token ids default to the ones bench/forward.py uses."""
+    """The mid-size architecture (`small`: the smoke one); token ids default to the ones
+    bench/forward.py uses."""
     from transformers import Qwen2_5_VLConfig  # here: the JAX-only benches never import torch
 
+    text, vision = (SMALL_TEXT, SMALL_VISION) if small else (MID_TEXT, MID_VISION)
     text = dict(
         vocab_size=vocab,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"],
+        num_attention_heads=text["num_attention_heads"],
         num_key_value_heads=2,
         rms_norm_eps=1e-6,
         bos_token_id=None,
         eos_token_id=eos,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": text["mrope"]},
     )
     vision = dict(
-        depth=4,
-        hidden_size=512,
-        intermediate_size=1368,
-        num_heads=8,
-        out_hidden_size=512,
-        fullatt_block_indexes=[3],
+        depth=vision["depth"],
+        hidden_size=vision["hidden_size"],
+        intermediate_size=vision["intermediate_size"],
+        num_heads=vision["num_heads"],
+        out_hidden_size=text["hidden_size"],
+        fullatt_block_indexes=vision["fullatt_block_indexes"],
         window_size=112,
     )
     return Qwen2_5_VLConfig(
@@ -50,6 +72,39 @@ def hf_config(
         vision_start_token_id=vstart,
         vision_end_token_id=vend,
     )
+
+
+def random_hf(cfg: Qwen2_5_VLConfig, seed: int = 0):
+    """transformers' Qwen2.5-VL with random weights drawn after torch.manual_seed(seed)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def save_random_hf(path: str, cfg: Qwen2_5_VLConfig, seed: int = 0) -> int:
+    """Saves random_hf(cfg, seed) to `path` (save_pretrained); returns its parameter count."""
+    model = random_hf(cfg, seed)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_fp32(path: str, mesh):
+    """Our model from the HF checkpoint at `path`, fp32 parameters and compute, on `mesh`."""
+    from emor3_jax.core import sharding
+    from emor3_jax.models.api import load_hf
+
+    return load_hf(path, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+
+
+def tiny_fp32(mesh):
+    """The tiny preset (vocabulary 8192) with random weights (seed 0), fp32, on `mesh`."""
+    from emor3_jax.core import sharding
+    from emor3_jax.models.api import create_model, preset
+
+    cfg = preset("tiny", vocab_size=8192, param_dtype="float32", compute_dtype="float32")
+    return create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0)
 
 
 def timeit(fn, iters: int) -> tuple[float, float]:

@@ -5,7 +5,9 @@ one script so both see the same machine state. Mid-size model (~100M parameters)
 layers of width 512, a 4-block vision tower; batch 4 rows of one 224x224 image + 512 text
 tokens.
 
-    python bench/forward.py [--iters 5] [--batch 4] [--text 512]
+    python -m bench.forward [--iters 5] [--batch 4] [--text 512] [--small]
+
+(--small: a 2-layer model of width 64 and a small peak matmul, for the smoke test: measures nothing.)
 
 Prints tokens/s for each side, `ratio <name>: <x>` (ours over transformers, higher is
 better), compile time apart, and achieved FLOP/s as a fraction of a fp32 matmul peak
@@ -16,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import IMAGE, VEND, VSTART, hf_config, timeit  # noqa: E402
 from flax import nnx  # noqa: E402
-from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from emor3_jax.core import sharding  # noqa: E402
-from emor3_jax.models.api import load_hf, prepare_inputs  # noqa: E402
+from bench.common import IMAGE, VEND, VSTART, hf_config, load_fp32, make_mesh, random_hf, timeit  # noqa: E402
+from emor3_jax.models.api import prepare_inputs  # noqa: E402
 
 
 def make_batch(batch: int, text: int, rng: np.random.Generator) -> dict:
@@ -86,14 +84,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text", type=int, default=512)
+    ap.add_argument("--small", action="store_true", help="the smoke architecture and a 256^3 peak matmul (CI)")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
+    hf = random_hf(hf_config(small=args.small)).eval()
     n_params = sum(p.numel() for p in hf.parameters())
     tmp = tempfile.mkdtemp()
     hf.save_pretrained(tmp)
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
-    ours = load_hf(tmp, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    ours = load_fp32(tmp, make_mesh())
     batch = make_batch(args.batch, args.text, np.random.default_rng(0))
     inputs = prepare_inputs(ours.cfg, **batch)
     inputs.pop("rope_deltas")
@@ -122,7 +119,8 @@ def main() -> None:
         hf.zero_grad(set_to_none=True)
         logprob_sum_torch(hf(**t_kw).logits, t_ids).backward()
 
-    peak = matmul_peak()  # before torch runs anything (see below)
+    peak_n = 256 if args.small else 2048
+    peak = matmul_peak(peak_n)  # before torch runs anything (see below)
     graphdef, state = nnx.split(ours)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(**x))
     grad = jax.jit(jax.grad(lambda s, x: logprob_sum_jax(nnx.merge(graphdef, s)(**x), x["input_ids"])))
@@ -149,7 +147,7 @@ def main() -> None:
             f"cpu/wall {ref_cpu:.2f}) | XLA flops {flops / 1e9:.1f} GFLOP"
         )
 
-    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s (2048^3, best of numpy and XLA)")
+    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s ({peak_n}^3, best of numpy and XLA)")
     for name, (ours_t, ref_t, flops) in results.items():
         print(
             f"{name}: ours {flops / ours_t / 1e9:.0f} GFLOP/s = {flops / ours_t / peak:.0%} of peak; "

@@ -7,8 +7,8 @@ samples exactly 512 new tokens (no stop token, T=1.0), the prefill runs once per
 forked 8 ways. Training rows are prompt + response, T = 1088 tokens, in micro-batches of
 `--micro` rows (gradients accumulated, one AdamW step over all 256 rows).
 
-    python bench/gpu_grpo.py [--out gpu_grpo.json]     # GPU: ~5-7 min including compilation
-    python bench/gpu_grpo.py --smoke                   # tiny shapes on CPU (CI keeps it working)
+    python -m bench.gpu_grpo [--out gpu_grpo.json]     # GPU: ~5-7 min including compilation
+    python -m bench.gpu_grpo --smoke                   # tiny shapes on CPU (CI keeps it working)
 
 Phases, in this order (the update before the log-probs: it carries the MFU figure), each
 timed on a second call so compilation is reported apart (compile_s = first call - later call):
@@ -63,14 +63,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.93")  # the default 0.75 caps an H100 at ~58 GiB
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import numpy as np  # noqa: E402
+
+from bench.common import make_mesh  # noqa: E402
 
 EASYR1 = {"tokens_per_gpu": 1800.0, "mfu": 0.08}  # Qwen2.5-VL-3B GRPO, 8xH100, published figures
 GRACE = 90.0  # seconds past --budget that an already compiled phase may still take for its timed call
@@ -150,7 +149,8 @@ def training_batches(cfg, prompts, n: int, tokens: np.ndarray, micro: int) -> li
     by the GRPO step's own row builder (rl/rows.training_rows)."""
     import jax
 
-    from emor3_jax.rl.rollout import Rollouts, training_rows
+    from emor3_jax.rl.rows import training_rows
+    from emor3_jax.sampling.rollout import Rollouts
 
     special = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
     tokens = np.where(np.isin(tokens, special), 1, tokens)  # random weights sample them too
@@ -222,7 +222,7 @@ def run(args) -> Report:
         device=kind, jax=jax.__version__, smoke=args.smoke, prompts=args.prompts, n=args.n, new=new,
         image=args.image, param_dtype=args.param_dtype, attention=args.attention, peak_flops=peak,
     )  # fmt: skip
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    mesh = make_mesh()
     rules = sharding.DEFAULT_RULES
     t = time.perf_counter()
     model = create_model(cfg, mesh, rules)

@@ -5,7 +5,9 @@ with the 1000-token test tokenizer, 224x224 synthetic images, 4 prompts x 8 roll
 reflective reward on. Runs the real trainer (`emor3_jax.trainer.run`) for a few GRPO steps
 and reads the per-phase times it logs; the first step (compilation) is reported apart.
 
-    python bench/grpo_step.py [--steps 4] [--response 64]
+    python -m bench.grpo_step [--steps 4] [--response 64] [--small]
+
+(--small: a 2-layer model of width 64, for the smoke test: measures nothing.)
 
 Realistic lengths: the learner's half of a GRPO step (GRPOStep.experience's reference and
 old log-probs, then GRPOStep.update) on the same rows, padded to prompt + generation buckets
@@ -16,7 +18,7 @@ limit / 6, 1% at the limit 512); a scripted sampler and task hand the step these
 two sides differ only in the packing. Prints the padding fraction of each side, the update's
 tokens/s (real prompt + response tokens over the update's time) and `ratio packed_vs_padded`.
 
-    python bench/grpo_step.py --lengths realistic [--prompts 8] [--n 8] [--new 512] [--micro 16] [--pack 640]
+    python -m bench.grpo_step --lengths realistic [--prompts 8] [--n 8] [--new 512] [--micro 16] [--pack 640]
 """
 
 from __future__ import annotations
@@ -24,13 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import numpy as np  # noqa: E402
 
@@ -42,6 +41,7 @@ def main() -> None:
     ap.add_argument("--lengths", choices=("forced", "realistic"), default="forced")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--response", type=int, default=64)
+    ap.add_argument("--small", action="store_true", help="--lengths forced: the smoke architecture (CI)")
     ap.add_argument("--prompts", type=int, default=8, help="--lengths realistic")
     ap.add_argument("--n", type=int, default=8, help="--lengths realistic")
     ap.add_argument("--new", type=int, default=512, help="--lengths realistic: the response limit")
@@ -56,10 +56,7 @@ def main() -> None:
 
 
 def trainer_main(args) -> None:
-    import torch
-    from common import hf_config
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from bench.common import hf_config, save_random_hf
     from configs.qwen_vl import get_config
     from emor3_jax import trainer
     from emor3_jax.data.tokenizers import build_test_tokenizer, special_token_ids
@@ -67,14 +64,11 @@ def trainer_main(args) -> None:
     root = tempfile.mkdtemp()
     tok = build_test_tokenizer(os.path.join(root, "tokenizer"))
     ids = special_token_ids(tok)
-    cfg = hf_config(len(tok), ids["<|image_pad|>"], ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|im_end|>"])
+    special = (ids["<|image_pad|>"], ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|im_end|>"])
+    cfg = hf_config(len(tok), *special, small=args.small)
     assert cfg.video_token_id == ids["<|video_pad|>"]  # Qwen's order: <|video_pad|> follows <|image_pad|>
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
     model_dir = os.path.join(root, "model")
-    model.save_pretrained(model_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
+    n_params = save_random_hf(model_dir, cfg)
 
     c = get_config("tiny")
     c.workdir = os.path.join(root, "run")
@@ -86,8 +80,11 @@ def trainer_main(args) -> None:
     c.sampling.gen_buckets = (32, args.response)
     c.data.image_size = 224
     c.data.min_pixels = c.data.max_pixels = 224 * 224
+    # The tiny config's buckets end at 4096 patches; the reflections send 32 rows of 256 patches.
+    c.model.vision_buckets = tuple(16 * 2**k for k in range(10))
     c.sampling.prompt_buckets = (128, 384)
     c.rl.max_prompt_len = 384
+    c.rl.pack_length = c.rl.max_prompt_len + args.response  # rl.packing (on) must hold the longest row
     c.eval.every, c.eval.num_examples, c.eval.batch_size = 1000, 4, 4
     c.checkpoint.every = 1000
     c.data.synthetic_train, c.data.synthetic_test = 64, 8
@@ -113,21 +110,21 @@ def lengths_main(args) -> None:
 
     import jax
     import jax.numpy as jnp
-    from common import prompts_for, realistic_lengths
     from flax import nnx
 
+    from bench.common import make_mesh, prompts_for, realistic_lengths, tiny_fp32
     from configs.qwen_vl import get_config
     from emor3_jax.core import sharding
     from emor3_jax.core.batches import PackedBatch
-    from emor3_jax.models.api import create_model, preset
     from emor3_jax.rl.experience import GRPOStep, StepSettings
     from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Samples
 
-    cfg = preset("tiny", vocab_size=8192, param_dtype="float32", compute_dtype="float32")
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
-    graphdef, params = nnx.split(create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0))
+    mesh = make_mesh()
+    model = tiny_fp32(mesh)
+    cfg = model.cfg
+    graphdef, params = nnx.split(model)
     ids = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     prompts = prompts_for(args.prompts, (1, 16, 16), ids, np.random.default_rng(0))
     p_len, rows = len(prompts[0].ids), args.prompts * args.n

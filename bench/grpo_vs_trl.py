@@ -1,7 +1,8 @@
 """One GRPO step, ours against TRL's GRPOTrainer, on the same tiny Qwen2.5-VL (CPU, fp32).
 
-    python bench/grpo_vs_trl.py [--steps 8] [--trl-python .venv-trl/bin/python]
+    python -m bench.grpo_vs_trl [--steps 8] [--trl-python .venv-trl/bin/python]
         [--trl-script ../shared/bench/trl_grpo_cpu.py] [--workdir /tmp/grpo_vs_trl]
+    python -m bench.grpo_vs_trl --ours-only --steps 2   # our side alone, no TRL venv (smoke test)
 
 1. TRL: runs the reference script with TRL's own venv. It builds the model (text 128x4, 4
    heads, 2 kv heads, mrope [4,6,6]; vision 64x2), a 1,000-token BPE with Qwen's special
@@ -22,6 +23,9 @@
 
 Prints per-phase medians (first step, with compilation, left out), steps/s, and
 `ratio grpo_step_vs_trl: <x>` (TRL's seconds per step over ours).
+
+--ours-only: steps 2 and 3 without TRL: the reference script's `build_and_save` (run in this
+venv, at its default sizes) makes the checkpoint, and our medians print without a ratio.
 """
 
 from __future__ import annotations
@@ -38,9 +42,7 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
@@ -123,11 +125,11 @@ class Ours:
         from flax import nnx
         from transformers import AutoTokenizer
 
+        from bench.common import load_fp32, make_mesh
         from configs.qwen_vl import EMOSET_LABELS, get_config
         from emor3_jax import factory
         from emor3_jax.core import sharding
         from emor3_jax.emo_r3.task import EmoR3
-        from emor3_jax.models.api import load_hf
         from emor3_jax.rl.experience import GRPOStep, StepSettings
         from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
         from emor3_jax.sampling.methods import SamplingParams
@@ -137,10 +139,9 @@ class Ours:
         # The reference script's processor: min 56*56, max 28*28*1280 pixels (224x224 -> 16x16 patches).
         c.data.min_pixels, c.data.max_pixels = 56 * 56, 28 * 28 * 1280
         self.jax = jax
-        mesh, rules = [("data", 1), ("fsdp", -1), ("tensor", 1)], sharding.DEFAULT_RULES
-        mesh = sharding.make_mesh(mesh)
+        mesh, rules = make_mesh(None), sharding.DEFAULT_RULES
         tok = AutoTokenizer.from_pretrained(model_dir)
-        model = load_hf(model_dir, mesh, rules, param_dtype="float32", compute_dtype="float32")
+        model = load_fp32(model_dir, mesh)
         self.rt = factory.build(c, tok, factory.check_tokenizer(tok, model_dir), model.cfg, mesh, rules)
         self.graphdef, self.params = nnx.split(model)
         self.ref = jax.tree.map(lambda x: x.copy(), self.params)
@@ -250,26 +251,15 @@ def median_phases(steps: list[dict]) -> dict:
     return {k: statistics.median(s.get(k, 0.0) for s in timed) for k in steps[0]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-trl", "bin", "python"))
-    ap.add_argument("--trl-script", default=os.path.join(ROOT, "..", "shared", "bench", "trl_grpo_cpu.py"))
-    ap.add_argument("--workdir", default="/tmp/grpo_vs_trl")
-    ap.add_argument("--reuse-trl", action="store_true", help="use the TRL result already in --workdir")
-    args = ap.parse_args()
-    if not os.path.exists(args.trl_python):
-        print(VENV_HELP.format(python=args.trl_python), file=sys.stderr)
-        raise SystemExit(2)
-    if not os.path.exists(args.trl_script):
-        print(f"no reference script at {args.trl_script} (--trl-script)", file=sys.stderr)
-        raise SystemExit(2)
-    os.makedirs(args.workdir, exist_ok=True)
+# The reference script's default model sizes (its argparse), for --ours-only's build_and_save.
+REF_DEFAULTS = dict(
+    seed=0, vocab=1000, hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, mrope_section=[4, 6, 6],
+    v_depth=2, v_hidden=64, v_intermediate=128, v_heads=2, text_only=False,
+)  # fmt: skip
 
-    trl = run_trl(args, args.workdir)
-    model_dir = trl["model_dir"]
-    ref_script = load_module(args.trl_script, "trl_grpo_cpu")
 
+def run_ours(args, model_dir: str, ref_script) -> tuple[dict, dict]:
+    """Our steps without and with RER: ({name: median phases}, our side of the same-batch check)."""
     results = {}
     for name, reflection in (("ours", False), ("ours_rer", True)):
         ours = Ours(model_dir, ref_script, reflection)
@@ -280,12 +270,29 @@ def main() -> None:
             steps.append(ours.step(s))
             print(f"{name} step {s}: {steps[-1]['step_total']:.3f} s", flush=True)
         results[name] = median_phases(steps)
+    return results, check
 
+
+def ours_only(args, ref_script) -> None:
+    """--ours-only: the reference script's checkpoint built here, then our side alone."""
+    model_dir = os.path.join(args.workdir, "tiny_qwen25vl")
+    ref_script.build_and_save(model_dir, argparse.Namespace(**REF_DEFAULTS))
+    results, check = run_ours(args, model_dir, ref_script)
+    print(f"\nmedian seconds per GRPO step, ours only (steps 2..{args.steps}; 2 prompts x 8 completions x 64 tokens)")
+    print(f"{'phase':<16}{'ours':>10}{'ours+RER':>10}")
+    for key in ("generate", "reward", "reference", "update", "reflection", "step_total"):
+        print(f"{key:<16}{results['ours'][key]:>10.3f}{results['ours_rer'][key]:>10.3f}")
+    print(f"same batch, ours: loss {check['loss_before']:.6g} -> {check['loss_after']:.6g}")
+
+
+def trl_same_batch(args, model_dir: str) -> dict:
+    """TRL's side of the same-batch check (bench/trl_same_batch.py in TRL's venv)."""
     trl_out = os.path.join(args.workdir, "trl_batch.json")
     subprocess.run(
         [
             args.trl_python,
-            os.path.join(HERE, "trl_same_batch.py"),
+            "-m",
+            "bench.trl_same_batch",
             "--batch",
             os.path.join(args.workdir, "batch.npz"),
             "--model-dir",
@@ -296,10 +303,14 @@ def main() -> None:
             trl_out,
         ],
         check=True,
+        cwd=ROOT,
     )
     with open(trl_out) as f:
-        trl_check = json.load(f)
+        return json.load(f)
 
+
+def report(args, trl: dict, results: dict, check: dict, trl_check: dict) -> None:
+    """Prints the phase table, the same-batch check and the ratio lines; writes result.json."""
     trl_ph = trl_phases(trl)
     trl_step = trl["median_step_s_excl_first"]
     print(f"\nmedian seconds per GRPO step (steps 2..{args.steps}; 2 prompts x 8 completions x 64 tokens)")
@@ -338,6 +349,36 @@ def main() -> None:
         json.dump({"trl": trl_ph, "trl_step": trl_step, **results, "same_batch_agrees": bool(same)}, f, indent=1)
     if not same:
         raise SystemExit(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--trl-python", default=os.path.join(ROOT, ".venv-trl", "bin", "python"))
+    ap.add_argument("--trl-script", default=os.path.join(ROOT, "..", "shared", "bench", "trl_grpo_cpu.py"))
+    ap.add_argument("--workdir", default="/tmp/grpo_vs_trl")
+    ap.add_argument("--reuse-trl", action="store_true", help="use the TRL result already in --workdir")
+    ap.add_argument("--ours-only", action="store_true", help="our side alone, without TRL's venv (see the docstring)")
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: at least 2 (the first step compiles and is left out of the medians)")
+    if not args.ours_only and not os.path.exists(args.trl_python):
+        print(VENV_HELP.format(python=args.trl_python), file=sys.stderr)
+        raise SystemExit(2)
+    if not os.path.exists(args.trl_script):
+        print(f"no reference script at {args.trl_script} (--trl-script)", file=sys.stderr)
+        raise SystemExit(2)
+    os.makedirs(args.workdir, exist_ok=True)
+    if args.ours_only:
+        ours_only(args, load_module(args.trl_script, "trl_grpo_cpu"))
+        return
+
+    trl = run_trl(args, args.workdir)
+    model_dir = trl["model_dir"]
+    ref_script = load_module(args.trl_script, "trl_grpo_cpu")
+    results, check = run_ours(args, model_dir, ref_script)
+    trl_check = trl_same_batch(args, model_dir)
+    report(args, trl, results, check, trl_check)
 
 
 if __name__ == "__main__":

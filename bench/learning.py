@@ -6,8 +6,8 @@ same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores
     RER, policy judge   reward.reflection=both, reward.judge=policy (the policy answers its reflections)
     RER, reference judge  reward.reflection=both, reward.judge=reference (the frozen cold-start model does)
 
-    python bench/learning.py [--seeds 0 1 2 3 4] [--out DIR] [--extra --config.rl.steps=60 ...]
-    python bench/learning.py --out DIR --seeds 0 1 --report_only   # the table of finished runs
+    python -m bench.learning [--seeds 0 1 2 3 4] [--out DIR] [--extra --config.rl.steps=60 ...]
+    python -m bench.learning --out DIR --seeds 0 1 --report_only   # the table of finished runs
 
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with

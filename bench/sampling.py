@@ -6,7 +6,9 @@ fp32. Each side runs in its own subprocess, back to back, on the same saved weig
 peak memory (max RSS) is each side's own and torch's spinning threads cannot slow XLA.
 Also times our sampler with prefill once + fork against prefilling every copy.
 
-    python bench/sampling.py [--prompts 16] [--n 8] [--new 128]
+    python -m bench.sampling [--prompts 16] [--n 8] [--new 128] [--small]
+
+(--small: a 2-layer model of width 64, for the smoke test: measures nothing.)
 
 Realistic lengths (CPU): the tiny preset with random weights, 64 prompts x n=8 with a 224x224 image,
 limit 256; each row stops at a length drawn from a log-normal (median 256 / 6, 1% of rows at
@@ -14,13 +16,13 @@ the limit; the same lengths for both sides, as per-row limits). Continuous batch
 the static path (chunks of max_rows rows, each decoded until its longest row stops), both with
 the same 32 decode slots, i.e. the same KV cache:
 
-    python bench/sampling.py --lengths realistic [--prompts 64] [--n 8] [--new 256] [--slots 32]
+    python -m bench.sampling --lengths realistic [--prompts 64] [--n 8] [--new 256] [--slots 32]
 
 GPU mode: Qwen2.5-VL-3B shapes with random bf16 weights, 32 prompts x 8 samples (256 rows)
 with a 448x448 image, 512 new tokens; tokens/s and the fraction of HBM bandwidth the decode
 steps use (bytes of weights + KV cache read per step over the step time).
 
-    python bench/sampling.py --gpu
+    python -m bench.sampling --gpu
 """
 
 from __future__ import annotations
@@ -35,26 +37,23 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import numpy as np  # noqa: E402
-from common import prompts_for, realistic_lengths  # noqa: E402
+
+from bench.common import IMAGE, VEND, VSTART, load_fp32, make_mesh, prompts_for, realistic_lengths  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
 
 
 def run_ours(path: str, args) -> dict:
     import jax
-    from common import IMAGE, VEND, VSTART
 
-    from emor3_jax.core import sharding
-    from emor3_jax.models.api import load_hf
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
-    model = load_hf(path, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    model = load_fp32(path, make_mesh())
     prompts = prompts_for(args.prompts, (1, 16, 16), (IMAGE, VSTART, VEND), np.random.default_rng(0))
     params = SamplingParams(temperature=1.0)
     res = {}
@@ -82,7 +81,6 @@ def run_ours(path: str, args) -> dict:
 
 def run_transformers(path: str, args) -> dict:
     import torch
-    from common import IMAGE, VEND, VSTART
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
@@ -119,16 +117,14 @@ def run_transformers(path: str, args) -> dict:
 def lengths_main(args) -> None:
     import jax
 
-    from emor3_jax.core import sharding
-    from emor3_jax.models.api import create_model, preset
+    from bench.common import tiny_fp32
     from emor3_jax.sampling.methods import SamplingParams
     from emor3_jax.sampling.sampler import Sampler
 
     # The tiny preset (random weights): a decode step is cheap, so the comparison measures the
     # scheduling, not the matmuls.
-    cfg = preset("tiny", vocab_size=8192, param_dtype="float32", compute_dtype="float32")
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
-    model = create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=0)
+    model = tiny_fp32(make_mesh())
+    cfg = model.cfg
     ids = (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
     prompts = prompts_for(args.prompts, (1, 16, 16), ids, np.random.default_rng(0))
     rows = args.prompts * args.n
@@ -179,21 +175,16 @@ def lengths_main(args) -> None:
 
 
 def cpu_main(args) -> None:
-    import torch
-    from common import hf_config
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from bench.common import hf_config, save_random_hf
 
     path = tempfile.mkdtemp()
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config())
-    model.save_pretrained(path)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
+    n_params = save_random_hf(path, hf_config(small=args.small))
     results = {}
     for side in ("ours", "transformers"):
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "bench.sampling",
             "--side",
             side,
             "--path",
@@ -207,7 +198,7 @@ def cpu_main(args) -> None:
             "--iters",
             str(args.iters),
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         results[side] = json.loads(out.strip().splitlines()[-1])
     ours, ref = results["ours"], results["transformers"]
     fork, each = ours["fork"], ours["prefill_each"]
@@ -245,7 +236,7 @@ def gpu_main(args) -> None:
     runtime = dict(param_dtype="bfloat16", compute_dtype="bfloat16", attention_impl=args.attention)
     # --smoke: the tiny preset (with the 3B vocabulary), to check this path on a CPU
     cfg = preset("tiny", vocab_size=preset("3b").text.vocab_size, **runtime) if args.smoke else preset("3b", **runtime)
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
+    mesh = make_mesh(None)
     t0 = time.perf_counter()
     model = create_model(cfg, mesh, sharding.DEFAULT_RULES)
     print(
@@ -321,6 +312,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--attention", default="xla", help="GPU mode: xla | cudnn | einsum")
     ap.add_argument("--smoke", action="store_true", help="GPU mode with tiny shapes (runs on CPU)")
+    ap.add_argument("--small", action="store_true", help="CPU mode: the smoke architecture (CI)")
     ap.add_argument("--side", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()

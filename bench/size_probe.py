@@ -13,7 +13,7 @@ of a run (its seed, image size and labels):
   policy        with --responses (eval's test_responses.jsonl of the same run): how often the
                 greedy step 1 names the drawn size, and its size words per drawn class
 
-    python bench/size_probe.py --checkpoint workdir/tiny [--responses DIR/test_responses.jsonl]
+    python -m bench.size_probe --checkpoint workdir/tiny [--responses DIR/test_responses.jsonl]
 
 Prints the accuracies (chance 1/3) and `ratio policy_vs_vision_probe: x` (the policy's size
 accuracy over the MLP probe's: 1 when the LM uses what the vision tower gives it).
@@ -24,24 +24,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from emor3_jax.core import paths  # noqa: E402
-from emor3_jax.core.sharding import DEFAULT_RULES  # noqa: E402
-from emor3_jax.data.processing import ImageProcessor  # noqa: E402
-from emor3_jax.data.synthetic import _LOOK, SIZE_WORDS, make_example  # noqa: E402
-from emor3_jax.emo_r3.faithfulness import figures_named  # noqa: E402
-from emor3_jax.emo_r3.rewards import image_span  # noqa: E402
-from emor3_jax.load import load_step  # noqa: E402
-from emor3_jax.models.qwen25_vl.vision import order_pixels, vision_layout  # noqa: E402
+from bench.common import make_mesh
+from emor3_jax.core import paths
+from emor3_jax.core.sharding import DEFAULT_RULES
+from emor3_jax.data.processing import ImageProcessor
+from emor3_jax.data.synthetic import _LOOK, SIZE_WORDS, make_example
+from emor3_jax.emo_r3.faithfulness import figures_named
+from emor3_jax.emo_r3.rewards import image_span
+from emor3_jax.load import load_step
+from emor3_jax.models.qwen25_vl.vision import order_pixels, vision_layout
 
 
 def mean_colour_share(example: dict) -> float:
@@ -125,9 +122,13 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=512, help="synthetic training images for the probes")
     ap.add_argument("--test", type=int, default=256, help="synthetic test images")
     args = ap.parse_args()
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     model, _, config, step = load_step(
-        paths.join(args.checkpoint, "ckpt"), None, mesh, DEFAULT_RULES, compute_dtype="float32", attention_impl="xla"
+        paths.join(args.checkpoint, "ckpt"),
+        None,
+        make_mesh(),
+        DEFAULT_RULES,
+        compute_dtype="float32",
+        attention_impl="xla",
     )
     data = config["data"]
     if data["source"] != "synthetic" or tuple(data["image_sides"]):

@@ -6,7 +6,7 @@ checkpoint, and with TRL's own code computes: the advantages from the rewards, t
 log-probs, the loss (`GRPOTrainer._compute_loss`), one AdamW step after clipping, and the loss
 again on the same batch (old log-probs = before the step). Writes them as JSON.
 
-    .venv-trl/bin/python bench/trl_same_batch.py --batch batch.npz --model-dir DIR \\
+    .venv-trl/bin/python -m bench.trl_same_batch --batch batch.npz --model-dir DIR \\
         --trl-script ../shared/bench/trl_grpo_cpu.py --out trl_batch.json
 """
 

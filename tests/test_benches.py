@@ -1,0 +1,263 @@
+"""Every bench still runs: each one's own side at its smallest settings through its entry point
+(the `main` that `python -m bench.X` calls, in this process unless the bench itself starts
+processes), checked on the lines it prints. A side that needs what this machine lacks (TRL's
+venv .venv-trl, the reference script in shared/, a GPU) is skipped with a reason naming it.
+bench/learning.py and bench/size_probe.py read trained runs, which take minutes: their smoke
+runs read a crafted run (metrics and results files; a random tiny model's checkpoint) instead.
+Also: bench/gpu_grpo.py's FLOPs formula reproduces EasyR1's (verl's) count for the 3B model."""
+
+import importlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRL_PYTHON = os.path.join(ROOT, ".venv-trl", "bin", "python")
+TRL_SCRIPT = os.path.join(ROOT, "..", "shared", "bench", "trl_grpo_cpu.py")
+RATIO = r"^ratio {}: \d+\.\d+$"
+
+
+def run_main(module: str, argv: list[str], capsys, monkeypatch) -> str:
+    """`python -m module *argv`, in this process; what it printed."""
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    importlib.import_module(module).main()
+    return capsys.readouterr().out
+
+
+def assert_ratios(out: str, *names: str) -> None:
+    for name in names:
+        assert re.search(RATIO.format(name), out, re.M), f"no `ratio {name}` line:\n{out}"
+
+
+def test_forward_small(capsys, monkeypatch):
+    out = run_main("bench.forward", ["--small", "--batch", "1", "--text", "16", "--iters", "1"], capsys, monkeypatch)
+    assert "batch 1 x 82 tokens" in out, out  # 16 text + 64 image + 2 vision start/end tokens
+    assert_ratios(out, "forward_vs_transformers", "forward_backward_vs_transformers")
+
+
+def test_sampling_small(capsys, monkeypatch):
+    """Both sides, each in its own process (python -m bench.sampling --side ...), as the bench runs them."""
+    argv = ["--small", "--prompts", "1", "--n", "2", "--new", "4"]
+    out = run_main("bench.sampling", argv, capsys, monkeypatch)
+    assert "ours (prefill once + fork)" in out and "for 8 tokens" in out, out  # 1 prompt x n=2 x 4 tokens
+    assert_ratios(out, "sampling_vs_transformers", "fork_vs_prefill_each")
+
+
+def test_sampling_realistic_lengths(capsys, monkeypatch):
+    argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "8", "--slots", "4"]
+    out = run_main("bench.sampling", argv, capsys, monkeypatch)
+    assert "2 prompts (224x224 image, 128-token prompt) x n=2 = 4 rows" in out, out
+    assert_ratios(out, "continuous_vs_static")
+
+
+def test_sampling_gpu_path_on_cpu(capsys, monkeypatch):
+    out = run_main("bench.sampling", ["--smoke", "--n", "2", "--new", "4"], capsys, monkeypatch)
+    assert "4 rows x 4 new tokens" in out and "decode step" in out, out  # --smoke: 2 prompts
+
+
+def test_grpo_step_small(capsys, monkeypatch):
+    """The real trainer for two GRPO steps on the small model; the phase table from its metrics."""
+    out = run_main("bench.grpo_step", ["--small", "--steps", "2", "--response", "40"], capsys, monkeypatch)
+    for phase in ("rollout_s", "reflection_s", "logprobs_s", "scoring_wait_s", "update_s", "total"):
+        assert re.search(rf"^{phase} +\d+\.\d\d s +\d+\.\d\d s$", out, re.M), f"no row for {phase}:\n{out}"
+    assert re.search(r"^tokens/s \(rollout tokens over step time\): \d+$", out, re.M), out
+
+
+def test_grpo_step_realistic_lengths(capsys, monkeypatch):
+    argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "16", "--micro", "4", "--iters", "1"]
+    out = run_main("bench.grpo_step", argv, capsys, monkeypatch)
+    for side in ("padded", "packed"):
+        assert re.search(rf"^{side} +padding", out, re.M), out
+    assert_ratios(out, "packed_vs_padded", "packed_vs_padded_logprobs")
+
+
+def needs_reference_script():
+    if not os.path.exists(TRL_SCRIPT):
+        pytest.skip(f"no TRL reference script at {os.path.normpath(TRL_SCRIPT)} (shared/ beside the repo)")
+
+
+def one_device_env() -> dict:
+    """The environment without this session's 8 fake CPU devices: a bench whose mesh takes every
+    device runs as on a real CPU machine (one device)."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def test_grpo_vs_trl_ours_only(tmp_path):
+    """Our GRPO step on the reference script's checkpoint (built here), with and without RER."""
+    needs_reference_script()
+    cmd = [sys.executable, "-m", "bench.grpo_vs_trl", "--ours-only", "--steps", "2", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=one_device_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("generate", "reward", "reference", "update", "reflection", "step_total"):
+        assert re.search(rf"^{row} +\d+\.\d{{3}} +\d+\.\d{{3}}$", out, re.M), f"no row for {row}:\n{out}"
+    assert re.search(r"^same batch, ours: loss \S+ -> \S+$", out, re.M), out
+    assert (tmp_path / "batch.npz").exists()  # what TRL's side of the same-batch check reads
+
+
+def test_grpo_vs_trl_against_trl(tmp_path):
+    """The whole bench at its smallest length (2 steps: the first compiles) against TRL."""
+    needs_reference_script()
+    if not os.path.exists(TRL_PYTHON):
+        pytest.skip(f"TRL's venv is missing ({TRL_PYTHON}); bench/grpo_vs_trl.py's VENV_HELP says how to make it")
+    cmd = [sys.executable, "-m", "bench.grpo_vs_trl", "--steps", "2", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=one_device_env(), timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "moves the same way: yes" in proc.stdout, proc.stdout
+    assert_ratios(proc.stdout, "grpo_step_vs_trl", "grpo_step_rer_vs_trl")
+
+
+def test_gpu_grpo_smoke(tmp_path):
+    out = tmp_path / "gpu_grpo.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_grpo", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.split()[:3] == ["phase", "compile", "s"] for line in lines), proc.stdout
+    for phase in ("sampling", "update", "ref_logprobs", "grpo_step"):
+        row = [line for line in lines if line.startswith(phase + " ")]
+        assert row and "skipped" not in row[-1], f"no table row for {phase}:\n{proc.stdout}"
+    assert re.search(r"^ratio tokens_per_gpu_vs_easyr1: \d+\.\d\d$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^ratio mfu_vs_easyr1: n/a$", proc.stdout, re.M), proc.stdout  # CPU: no peak FLOP/s
+    data = json.loads(out.read_text())
+    assert set(data["phases"]) == {"sampling", "update", "ref_logprobs", "grpo_step"}
+    assert data["phases"]["sampling"]["tokens"] == 2 * 8 * 8  # 2 prompts x n=8 x 8 new tokens, none cut short
+    assert data["phases"]["update"]["tokens"] == 16 * (40 + 8)  # 16 rows of prompt 40 + response 8
+
+
+def test_gpu_benches_on_a_gpu(tmp_path):
+    """bench/gpu_grpo.py and bench/sampling.py --gpu at tiny shapes on the GPU itself."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no GPU here (nvidia-smi not found): bench/gpu_grpo.py and bench/sampling.py --gpu need one")
+    env = dict(os.environ, JAX_PLATFORMS="cuda")
+    for argv in (["bench.gpu_grpo", "--smoke"], ["bench.sampling", "--gpu", "--smoke"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert re.search(r"(H100|H200|A100|GPU|NVIDIA).*: random tiny model", proc.stdout), proc.stdout
+
+
+def test_text_flops_matches_easyr1_formula():
+    mod = importlib.import_module("bench.gpu_grpo")
+    from emor3_jax.models.qwen25_vl.config import preset
+
+    cfg = preset("3b")
+    # Worked by hand for Qwen2.5-VL-3B (D 2048, F 11008, L 36, 16 heads, 2 kv heads of 128, V 151936):
+    # per layer 3*2048*11008 + 2048*128*(16+2+2+16) = 77,070,336; N = 36 * that + 2*151936*2048
+    n = 3_396_861_952
+    attn = 12 * 1088**2 * 128 * 16 * 36  # one row of 1088 tokens
+    assert mod.text_flops(cfg, [1088], train=True) == 6 * n * 1088 + attn
+    assert mod.text_flops(cfg, [1088, 1088], train=False) == 2 * (6 * n * 1088 + attn) / 3
+    # Counting k/v at the full 16 heads (ignoring GQA) would give N = 3,661,103,104 instead.
+
+
+# ---------------------------------------------------------------- bench/learning.py on a crafted run
+
+# Per arm: sampled accuracy (cold start -> after GRPO) and the faithfulness rates after GRPO.
+CRAFTED = {
+    "no RER": dict(cold=0.5, grpo=0.6, faithful=0.4),
+    "RER, policy judge": dict(cold=0.5, grpo=0.75, faithful=0.8),
+}
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def craft_learning_runs(root, seeds):
+    """What bench/learning.py reads of each finished run: results.json, metrics.jsonl."""
+    learning = importlib.import_module("bench.learning")
+    for seed in seeds:
+        cold_dir = root / f"seed{seed}" / "cold_start"
+        write_jsonl(cold_dir / "metrics.jsonl", [{"phase": "judge", "step": 10, "judge_text": 0.9, "judge_image": 0.7}])
+        for arm, v in CRAFTED.items():
+            held = lambda acc, faithful: {k: faithful if k in learning.FAITHFUL else acc for k in learning.HELD_OUT}
+            workdir = pathlib.Path(learning.arm_dir(str(root), seed, arm))
+            workdir.mkdir(parents=True)
+            res = {"cold_start": held(v["cold"], 0.3), "grpo": held(v["grpo"], v["faithful"])}
+            (workdir / "results.json").write_text(json.dumps(res))
+            evals = [{k: 0.5 for k in learning.EVAL_CURVES}, {k: 0.6 for k in learning.EVAL_CURVES}]
+            train = {k: 0.5 for k in learning.TRAIN_CURVES}
+            write_jsonl(
+                workdir / "metrics.jsonl",
+                [
+                    {"phase": "eval_cold_start", "step": 10, **evals[0]},
+                    {"phase": "grpo", "step": 11, **train},
+                    {"phase": "grpo", "step": 12, **train},
+                    {"phase": "eval_grpo", "step": 12, **evals[1]},
+                ],
+            )
+
+
+def test_learning_report_of_crafted_runs(tmp_path, capsys, monkeypatch):
+    seeds = ["0", "1"]
+    craft_learning_runs(tmp_path, seeds)
+    argv = ["--out", str(tmp_path), "--seeds", *seeds, "--report_only", "--arms", *CRAFTED]
+    out = run_main("bench.learning", argv, capsys, monkeypatch)
+    # 0.6 / 0.5 and 0.75 / 0.5; faithfulness 0.8 / 0.4 (the same in every seed: std 0)
+    assert re.search(r"^ratio grpo_vs_cold_start_sampled_accuracy_no_rer: 1\.200$", out, re.M), out
+    assert re.search(r"^ratio grpo_vs_cold_start_sampled_accuracy_rer_policy_judge: 1\.500$", out, re.M), out
+    assert re.search(r"^ratio rer_policy_judge_vs_no_rer_greedy_image_faithful: 2\.000$", out, re.M), out
+    assert "| GRPO, RER, policy judge | 0.750 ± 0.000 |" in out, out
+    assert (tmp_path / "learning.md").read_text().count("| GRPO,") == 2
+    assert (tmp_path / "learning.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- bench/size_probe.py on a crafted run
+
+
+def craft_checkpoint(workdir):
+    """A random tiny model saved as a run's checkpoint (step 1) with the tiny config."""
+    from flax import nnx
+
+    from bench.common import make_mesh
+    from configs.qwen_vl import get_config
+    from emor3_jax.core import sharding
+    from emor3_jax.models.api import create_model, preset
+    from emor3_jax.run_checkpoints import RunCheckpoints
+
+    c = get_config("tiny")
+    c.workdir = str(workdir)
+    cfg = preset("tiny", vocab_size=1024, param_dtype=c.model.param_dtype)
+    _, params = nnx.split(create_model(cfg, make_mesh(), sharding.DEFAULT_RULES))
+    ckpts = RunCheckpoints(c, cfg.to_hf_dict())
+    ckpts.save({"global_step": 1}, {"params": params}, {})
+    ckpts.wait()
+    ckpts.close()
+    return c
+
+
+def test_size_probe_on_a_crafted_checkpoint(tmp_path, capsys, monkeypatch):
+    from emor3_jax.data.synthetic import FIGURES, SIZE_WORDS, make_example
+
+    c = craft_checkpoint(tmp_path / "run")
+    rows = []
+    for i in range(12):  # greedy responses naming each test image's drawn size: the policy's share is 1
+        ex = make_example(i, c.seed, c.data.image_size, "test")
+        colour, noun = FIGURES[ex["label"]]
+        size = SIZE_WORDS[ex["truth"]["size_class"]]
+        rows.append({"id": f"test-{i}", "response": f"<step1>a {size} {colour} {noun}</step1><step2>x</step2>"})
+    write_jsonl(tmp_path / "test_responses.jsonl", rows)
+    argv = ["--checkpoint", str(tmp_path / "run"), "--responses", str(tmp_path / "test_responses.jsonl")]
+    # 24 training images leave some label x size cells empty: numpy warns on their medians (the
+    # mean-colour figure means nothing at this size; the smoke run checks that every part runs).
+    out = run_main("bench.size_probe", [*argv, "--train", "24", "--test", "12"], capsys, monkeypatch)
+    assert "step 1: size class of 12 test images" in out, out
+    assert re.search(r"^vision probe: MLP \d\.\d{3}, linear \d\.\d{3}$", out, re.M), out
+    assert "policy (greedy step 1 names the drawn size): 1.000" in out, out
+    assert re.search(r"^ratio policy_vs_vision_probe: \d+\.\d{3}$", out, re.M), out
