@@ -86,7 +86,7 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, rt: factory.Runtime, k: i
         print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
     if dropped:
         print(f"{name}: dropped {len(dropped)} prompts over rl.max_prompt_len: {[d['id'] for d in dropped]}")
-    common = dict(max_new=c.rl.max_response_len, stop_ids=rt.stop_ids, logit_bias=rt.logit_bias)
+    common = dict(max_new=c.rl.max_response_len)
     key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
     t = time.perf_counter()
     print(f"{name}: {len(records)} records, labels {', '.join(labels)}")

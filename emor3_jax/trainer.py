@@ -278,8 +278,6 @@ class Run:
                 self.encoder,
                 examples,
                 key=jax.random.fold_in(self.key, 2 * 10**6 + step),
-                stop_ids=self.rt.stop_ids,
-                logit_bias=self.rt.logit_bias,
             )
         acc = judge_accuracy(examples, answers)
         out = {"judge_accuracy": acc["overall"], "judge_text": acc["text"], "judge_image": acc["image"]}
@@ -304,8 +302,6 @@ class Run:
             task=self.task,
             settings=StepSettings.from_config(self.c),
             pad_id=self.rt.pad_id,
-            stop_ids=self.rt.stop_ids,
-            logit_bias=self.rt.logit_bias,
             threads=self.c.reward.threads,
         )
         it = self.iterator("grpo", self.c.rl.rollout_batch)

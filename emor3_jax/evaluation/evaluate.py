@@ -26,8 +26,6 @@ def evaluate(
     key,
     max_new: int,
     params: SamplingParams = GREEDY,
-    stop_ids=(),
-    logit_bias=None,
     n: int = 1,
 ) -> dict:
     """accuracy, format rate and mean response length over `n` responses to each of
@@ -63,8 +61,6 @@ def evaluate(
             key=batch_key,
             max_new=max_new,
             params=params,
-            stop_ids=stop_ids,
-            logit_bias=logit_bias,
         )
         if task.reflects:
             task.reflect(
@@ -73,8 +69,6 @@ def evaluate(
                 encoder,
                 ro,
                 key=jax.random.fold_in(batch_key, 1),
-                stop_ids=stop_ids,
-                logit_bias=logit_bias,
             )
         for r in range(len(chunk) * n):
             rec, resp = chunk[r // n], ro.responses[r]
@@ -131,8 +125,6 @@ def heldout(rt, model, encoder, task, records: list[dict], c, key) -> dict:
             key=key,
             max_new=c.rl.max_response_len,
             params=params,
-            stop_ids=rt.stop_ids,
-            logit_bias=rt.logit_bias,
         )
         out.update(
             {
