@@ -289,8 +289,7 @@ def run(args) -> Report:
                 settings, num_generations=args.n, micro_batch=micro, update_batch=args.prompts, max_response_len=new
             )
             step = GRPOStep(
-                learner=learner, sampler=None, encoder=None, task=None, settings=settings, pad_id=0, stop_ids=(),
-                logit_bias=None, threads=1,
+                learner=learner, sampler=None, encoder=None, task=None, settings=settings, pad_id=0, threads=1,
             )  # fmt: skip
             exp = Experience(
                 rollouts=None, rewards={}, scores=[], errors=0, advantages=adv, micro=parts,

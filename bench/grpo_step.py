@@ -139,7 +139,7 @@ def lengths_main(args) -> None:
         def __init__(self, model_cfg):
             self.cfg = model_cfg
 
-        def generate(self, model, prompts, *, key, max_new_tokens, n, params, stop_ids, logit_bias):
+        def generate(self, model, prompts, *, key, max_new_tokens, n, params):
             zeros = jnp.zeros((rows, args.new))
             return Samples(jnp.asarray(tokens), zeros, jnp.asarray(lengths), jnp.ones((rows,), bool))
 
@@ -178,8 +178,6 @@ def lengths_main(args) -> None:
             task=s,
             settings=dataclasses.replace(base, packing=packing),
             pad_id=0,
-            stop_ids=(),
-            logit_bias=None,
             threads=1,
         )
     res = {name: dict(logprobs_s=[], update_s=[], update_cpu_s=[]) for name in steps}

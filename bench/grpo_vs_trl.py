@@ -165,13 +165,11 @@ class Ours:
         )
         self.step_fn = GRPOStep(
             learner=self.learner,
-            sampler=self.rt.sampler,
+            sampler=self.rt.sampler.with_stops(()),  # TRL forces LENGTH tokens (min_new_tokens): no stop
             encoder=self.rt.encoder(EMOSET_LABELS, max_prompt_len=512),
             task=task,
             settings=settings,
             pad_id=self.rt.pad_id,
-            stop_ids=(),  # TRL forces LENGTH tokens (min_new_tokens): no stop
-            logit_bias=self.rt.logit_bias,
             threads=1,
         )
         self.key = jax.random.key(0)

@@ -25,7 +25,6 @@ sampled on the global mesh and process 0 writes the reports.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import zlib
@@ -42,9 +41,8 @@ from emor3_jax.data import sources
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
-from emor3_jax.evaluation.evaluate import evaluate
+from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, response_lines
 from emor3_jax.load import load_policy, locate
-from emor3_jax.sampling.methods import GREEDY, SamplingParams
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:variant]", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "workdir, workdir/{ckpt,best}/N, or a local HF checkpoint dir")
@@ -54,18 +52,6 @@ _OUT = flags.DEFINE_string(
 )
 _SAMPLES = flags.DEFINE_integer("samples", 4, "k: sampled runs per data set (mean and std reported)")
 _PLAIN = flags.DEFINE_bool("plain", False, "ask without the SET prompt (the bare question)")
-
-
-def _responses(greedy: dict, sampled: dict, k: int) -> list[dict]:
-    """One line per record: its greedy row and its k sampled responses (with their faithfulness
-    flags where the record has a truth)."""
-    keep = ("response", "prediction", "correct", "format", "length")
-    lines = []
-    for b, row in enumerate(greedy["responses"]):
-        runs = sampled["responses"][b * k : (b + 1) * k]
-        kept = [{key: r[key] for key in (*keep, *(f for f in eval_report.FAITHFULNESS if f in r))} for r in runs]
-        lines.append({**row, "sampled": kept})
-    return lines
 
 
 def evaluate_dataset(name: str, c: ConfigDict, policy, rt: factory.Runtime, k: int, use_set: bool):
@@ -86,38 +72,32 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, rt: factory.Runtime, k: i
         print(f"{name}: skipped {counter['bad']} bad of {counter['seen']} records")
     if dropped:
         print(f"{name}: dropped {len(dropped)} prompts over rl.max_prompt_len: {[d['id'] for d in dropped]}")
-    common = dict(max_new=c.rl.max_response_len, stop_ids=rt.stop_ids, logit_bias=rt.logit_bias)
     key = jax.random.fold_in(jax.random.key(c.seed), zlib.crc32(name.encode()))
     t = time.perf_counter()
     print(f"{name}: {len(records)} records, labels {', '.join(labels)}")
+
+    def progress(setting: str, res: dict) -> None:
+        runs = res["run_accuracies"]
+        acc = f"{res['accuracy']:.3f}" if setting == "greedy" else f"{np.mean(runs):.3f} ± {np.std(runs):.3f}"
+        print(f"{name}: {setting} accuracy {acc} ({time.perf_counter() - t:.0f} s)")
+
+    settings = HeldOutSettings.from_config(c, samples=k, judge_greedy=True)  # the policy judges its greedy answers
     with rt.ctx():
-        greedy = evaluate(  # the policy also judges its greedy answers
+        greedy, sampled = heldout(
             rt.sampler,
             policy.model,
             encoder,
-            dataclasses.replace(task, reflects=True),
+            task,
             records,
-            batch_size=c.eval.batch_size,
-            key=jax.random.fold_in(key, 0),
-            params=GREEDY,
-            **common,
+            settings,
+            (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)),
+            progress,
         )
-        print(f"{name}: greedy accuracy {greedy['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
-        sampled = evaluate(
-            rt.sampler,
-            policy.model,
-            encoder,
-            dataclasses.replace(task, reflects=False),
-            records,
-            batch_size=max(1, c.eval.batch_size // k),  # about eval.batch_size rows per batch
-            key=jax.random.fold_in(key, 1),
-            params=SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p),
-            n=k,
-            **common,
-        )
-    runs = sampled["run_accuracies"]
-    print(f"{name}: sampled accuracy {np.mean(runs):.3f} ± {np.std(runs):.3f} ({time.perf_counter() - t:.0f} s)")
-    return eval_report.summarize(labels, greedy, sampled), _responses(greedy, sampled, k), [d["id"] for d in dropped]
+    return (
+        eval_report.summarize(labels, greedy, sampled),
+        response_lines(greedy, sampled, k),
+        [d["id"] for d in dropped],
+    )
 
 
 def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int, use_set: bool) -> dict:

@@ -1,6 +1,6 @@
 """What a run needs besides parameters, built in one place for the trainer, `eval` and the
 benches: the mesh and its rules, the tokenizer (checked for Qwen's special tokens), the image
-processor and encoder, the sampler, the stop ids and pad-token bias."""
+processor and encoder, the sampler (which holds the stop ids and pad-token bias)."""
 
 from __future__ import annotations
 
@@ -71,8 +71,6 @@ class Runtime:
     cfg: ModelConfig
     processor: ImageProcessor
     sampler: Sampler
-    stop_ids: tuple[int, ...]
-    logit_bias: dict[int, float]
 
     @property
     def pad_id(self) -> int:
@@ -94,8 +92,10 @@ def build(c: ConfigDict, tokenizer, special: dict[str, int], cfg: ModelConfig, m
         prompt_buckets=c.sampling.prompt_buckets,
         gen_buckets=c.sampling.gen_buckets,
         pad_id=special["<|endoftext|>"],
+        stop_ids=stop_ids,
+        logit_bias=bias,
         rules=rules,
         max_rows=c.sampling.max_rows,
     )
     processor = ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
-    return Runtime(mesh, rules, tokenizer, special, cfg, processor, sampler, stop_ids, bias)
+    return Runtime(mesh, rules, tokenizer, special, cfg, processor, sampler)

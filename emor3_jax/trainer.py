@@ -10,7 +10,6 @@ would have done.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -33,7 +32,7 @@ from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
-from emor3_jax.evaluation.evaluate import heldout
+from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, heldout_metrics
 from emor3_jax.models.api import create_model, load_hf
 from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
@@ -202,15 +201,17 @@ class Run:
     def eval_all(self, label: str, step: int) -> dict:
         """Greedy and sampled held-out accuracy, format and length of the current params."""
         with self.rt.ctx(), self.prof.phase("eval"):
-            out = heldout(
-                self.rt,
+            key = jax.random.fold_in(self.key, 10**6 + step)  # greedy and sampled alike
+            greedy, sampled = heldout(
+                self.rt.sampler,
                 self.model(),
                 self.encoder,
-                dataclasses.replace(self.task, reflects=False),
+                self.task,
                 self.test_records,
-                self.c,
-                jax.random.fold_in(self.key, 10**6 + step),
+                HeldOutSettings.from_config(self.c),
+                (key, key),
             )
+        out = heldout_metrics(greedy, sampled)
         self.writer.write(f"eval_{label}", step, out)
         return out
 
@@ -286,8 +287,6 @@ class Run:
                 self.encoder,
                 examples,
                 key=jax.random.fold_in(self.key, 2 * 10**6 + step),
-                stop_ids=self.rt.stop_ids,
-                logit_bias=self.rt.logit_bias,
             )
         acc = judge_accuracy(examples, answers)
         out = {"judge_accuracy": acc["overall"], "judge_text": acc["text"], "judge_image": acc["image"]}
@@ -312,8 +311,6 @@ class Run:
             task=self.task,
             settings=StepSettings.from_config(self.c),
             pad_id=self.rt.pad_id,
-            stop_ids=self.rt.stop_ids,
-            logit_bias=self.rt.logit_bias,
             threads=self.c.reward.threads,
         )
         it = self.iterator("grpo", self.c.rl.rollout_batch)

@@ -55,7 +55,7 @@ class ScriptedEncoder:
 
 
 class ScriptedSampler:
-    def generate(self, model, prompts, *, key, max_new_tokens, n, params, stop_ids, logit_bias):
+    def generate(self, model, prompts, *, key, max_new_tokens, n, params):
         ids = np.repeat([p.ids[0] for p in prompts], n)[:, None]
         rows = len(ids)
         return Samples(

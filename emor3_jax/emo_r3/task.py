@@ -9,13 +9,13 @@ The GRPO step (rl/experience.py) and the evaluation reach the method only throug
     reflects                                     whether `reflect` must run before `score`
     prompt_length(encoder, record) -> (tokens, image tokens, image tokens at min_pixels)
     judge                                        "policy" | "reference": who answers reflections
-    reflect(sampler, judge, encoder, ro, key=, stop_ids=, logit_bias=)   fills ro.*_answers
+    reflect(sampler, judge, encoder, ro, key=)   fills ro.*_answers
     score(response, label, text_answer, image_answer) -> {name: value}, "overall" included;
         never raises: a row it cannot score gets "error" (a message) and its values
     faithfulness(response, record) -> {name: bool} | None    ground-truth checks (None: no truth)
     faithfulness_rates(true_labels, flags) -> dict           their rates, overall and per class
     judge_sft_examples(encoder, records, seed, count) -> [example]  reflection questions to teach a judge
-    judge_answers(sampler, judge, encoder, examples, key=, stop_ids=, logit_bias=) -> [str]
+    judge_answers(sampler, judge, encoder, examples, key=) -> [str]
 
 A new reward or task is one class with these members; the trainer, eval and metrics log
 whatever components `score` returns.
@@ -110,7 +110,7 @@ class EmoR3:
         return rewards.extract_boxed(response)
 
     # ---- how it judges itself
-    def reflect(self, sampler, judge, encoder, ro, *, key, stop_ids, logit_bias) -> None:
+    def reflect(self, sampler, judge, encoder, ro, *, key) -> None:
         """Asks `judge` the reflection questions reward.reflection runs about every response
         (fills ro.text_answers and ro.image_answers; None where a question is not asked). Each
         is sampled in batches of exactly R prompts (a response without a span gets a placeholder
@@ -128,9 +128,7 @@ class EmoR3:
                 q, p = self._reflection_prompt(encoder, side, response, ro.prompts[row // ro.n])
                 qs.append(q)
                 ps.append(p)
-            out = sampler.generate(
-                judge, ps, key=k, max_new_tokens=r.max_new, params=r.params, stop_ids=stop_ids, logit_bias=logit_bias
-            )
+            out = sampler.generate(judge, ps, key=k, max_new_tokens=r.max_new, params=r.params)
             texts = encoder.decode(to_host(out.tokens), to_host(out.lengths))
             answers[side] = [t if q is not None else None for t, q in zip(texts, qs)]
         ro.text_answers, ro.image_answers = answers["text"], answers["image"]
@@ -189,7 +187,7 @@ class EmoR3:
         chosen = [examples[per_record * (j % n) + (j // n + j + seed) % per_record] for j in range(count)]
         return [encoder.sft_pair(ex.prompt, ex.target, _image_of(ex)) for ex in chosen]
 
-    def judge_answers(self, sampler, judge, encoder, examples, *, key, stop_ids, logit_bias) -> list[str]:
+    def judge_answers(self, sampler, judge, encoder, examples, *, key) -> list[str]:
         """`judge`'s greedy answers to reflection examples (reflection_examples.ReflectionExample)
         at the reflection length; text and image questions go in separate calls, as in `reflect`."""
         answers = [""] * len(examples)
@@ -208,8 +206,6 @@ class EmoR3:
                 key=jax.random.fold_in(key, k),
                 max_new_tokens=self.reflection.max_new,
                 params=GREEDY,
-                stop_ids=stop_ids,
-                logit_bias=logit_bias,
             )
             for i, text in zip(rows, encoder.decode(to_host(out.tokens), to_host(out.lengths))):
                 answers[i] = text

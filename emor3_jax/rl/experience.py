@@ -152,12 +152,10 @@ class GRPOStep:
         task,
         settings: StepSettings,
         pad_id: int,
-        stop_ids,
-        logit_bias,
         threads: int = 4,
     ):
         self.learner, self.sampler, self.encoder, self.task = learner, sampler, encoder, task
-        self.s, self.pad_id, self.stop_ids, self.logit_bias = settings, pad_id, stop_ids, logit_bias
+        self.s, self.pad_id = settings, pad_id
         self.pool = ThreadPoolExecutor(threads)
         self.skipped_in_row = 0  # optimizer steps skipped in a row (non-finite gradient), across updates
 
@@ -180,21 +178,11 @@ class GRPOStep:
             key=key,
             max_new=s.max_response_len,
             params=s.rollout,
-            stop_ids=self.stop_ids,
-            logit_bias=self.logit_bias,
         )
         times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
         if self.task.reflects:
             judge = policy if self.task.judge == "policy" else self.learner.model(ref)
-            self.task.reflect(
-                self.sampler,
-                judge,
-                self.encoder,
-                ro,
-                key=jax.random.fold_in(key, 1),
-                stop_ids=self.stop_ids,
-                logit_bias=self.logit_bias,
-            )
+            self.task.reflect(self.sampler, judge, self.encoder, ro, key=jax.random.fold_in(key, 1))
         times["reflection_s"], t = time.perf_counter() - t, time.perf_counter()
         futures = score_async(self.pool, ro, self.task.score, multihost.local_rows(len(ro.responses)))
         # While the host scores: the rows, their reference (and old) log-probs on device.

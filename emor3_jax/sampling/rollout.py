@@ -44,13 +44,9 @@ def sample_rollouts(
     key,
     max_new: int,
     params: SamplingParams,
-    stop_ids,
-    logit_bias,
 ) -> Rollouts:
     """n responses to each record's `task.prompt`, decoded on the host."""
     prompts = [task.prompt(encoder, r) for r in records]
-    out = sampler.generate(
-        policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params, stop_ids=stop_ids, logit_bias=logit_bias
-    )
+    out = sampler.generate(policy, prompts, key=key, max_new_tokens=max_new, n=n, params=params)
     tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     return Rollouts(records, prompts, n, tokens, lengths, out.logprobs, encoder.decode(tokens, lengths))

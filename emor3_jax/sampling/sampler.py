@@ -30,6 +30,8 @@ of programs (`Sampler.compiled_programs`).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -85,6 +87,44 @@ class Schedule:
     steps: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one `generate` call runs: prompt bucket P (p_len), generation bucket G (g_len), Q
+    prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows."""
+
+    p_len: int
+    g_len: int
+    group_prompts: int
+    groups: int
+    slots: int
+    out_rows: int
+
+
+def _row_limits(rows: int, max_new_tokens: int, row_max_new: Sequence[int] | None) -> np.ndarray:
+    """The new-token limit of each row [R]: row_max_new checked, else all max_new_tokens."""
+    if row_max_new is None:
+        return np.full((rows,), max_new_tokens, np.int32)
+    limits = np.asarray(row_max_new, np.int32)
+    if limits.shape != (rows,) or limits.min() < 1 or limits.max() > max_new_tokens:
+        raise ValueError(
+            f"row_max_new must hold {rows} limits in 1..{max_new_tokens}, got shape {limits.shape} "
+            f"with values {limits.min()}..{limits.max()}"
+        )
+    return limits
+
+
+def _first_rows(carry: dict, rows: int) -> tuple[Samples, Schedule]:
+    """The outputs of the first `rows` rows of the decode carry (the rest is padding)."""
+    schedule = Schedule(slot=carry["row_slot"][:rows], start=carry["row_start"][:rows], steps=carry["step"])
+    samples = Samples(
+        tokens=carry["tokens"][:rows],
+        logprobs=carry["logprobs"][:rows],
+        lengths=carry["lengths"][:rows],
+        done=carry["done"][:rows],
+    )
+    return samples, schedule
+
+
 class Sampler:
     """Samples continuations of prompts with a model's current parameters.
 
@@ -95,6 +135,9 @@ class Sampler:
     next waiting row (the rollout cache decides whether a model fits; see dry_run.py).
     continuous: False refills slots only once all of them are free, i.e. decodes in chunks
     that each run until their longest row stops (the reference bench/sampling.py compares).
+    stop_ids: a row stops after sampling one of them; logit_bias: {token id: value} added to
+    the logits before each draw (-inf: never sampled). The run-time factory sets both for every
+    generation of a run; `with_stops` gives a sampler that stops elsewhere.
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     After each `generate`, `last_schedule` says which slot ran each row and when.
     """
@@ -106,6 +149,8 @@ class Sampler:
         prompt_buckets: Sequence[int],
         gen_buckets: Sequence[int],
         pad_id: int,
+        stop_ids: Sequence[int] = (),
+        logit_bias: dict[int, float] | None = None,
         rules=sharding.DEFAULT_RULES,
         max_rows: int = 0,
         continuous: bool = True,
@@ -115,12 +160,13 @@ class Sampler:
         self.cfg, self.max_rows, self.continuous = cfg, max_rows, continuous
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules = pad_id, rules
+        self.stop_ids, self.logit_bias = tuple(stop_ids), dict(logit_bias or {})
         self.last_schedule: Schedule | None = None
-        self._traces = 0
+        traces = self._traces = [0]  # a list: `with_stops` copies count into the same one
 
         def traced(fn):  # every trace is one compiled program
             def run(*args):
-                self._traces += 1
+                traces[0] += 1
                 return fn(*args)
 
             return run
@@ -132,7 +178,19 @@ class Sampler:
 
     def compiled_programs(self) -> int:
         """Prefill + decode programs compiled so far (one per shape / setting)."""
-        return self._traces
+        return self._traces[0]
+
+    def with_stops(self, stop_ids: Sequence[int] | None = None, logit_bias: dict[int, float] | None = None) -> Sampler:
+        """This sampler with other stop ids and/or logit bias (None: keep this one's; `()` / `{}`
+        clear them), for a caller that must not stop where the run's generations do (a bench
+        that forces a fixed length, tests). The copy shares the compiled programs, their count
+        and the cache buffers; its `last_schedule` is its own."""
+        other = copy.copy(self)
+        if stop_ids is not None:
+            other.stop_ids = tuple(stop_ids)
+        if logit_bias is not None:
+            other.logit_bias = dict(logit_bias)
+        return other
 
     def generate(
         self,
@@ -143,11 +201,10 @@ class Sampler:
         max_new_tokens: int,
         n: int = 1,
         params: SamplingParams = SamplingParams(),
-        stop_ids: Sequence[int] = (),
-        logit_bias: dict[int, float] | None = None,
         row_max_new: Sequence[int] | None = None,
     ) -> Samples:
-        """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b].
+        """n samples for each prompt; rows b*n .. b*n+n-1 continue prompts[b]. Rows stop at
+        `stop_ids` and draw with `logit_bias` added (the sampler's own; see `with_stops`).
 
         row_max_new [R]: optional per-row limits in 1..max_new_tokens (default: all
         max_new_tokens). Row r draws its j-th token with key fold_in(fold_in(key, r), j),
@@ -159,37 +216,26 @@ class Sampler:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         rows = len(prompts) * n
-        limits = np.full((rows,), max_new_tokens, np.int32)
-        if row_max_new is not None:
-            limits = np.asarray(row_max_new, np.int32)
-            if limits.shape != (rows,) or limits.min() < 1 or limits.max() > max_new_tokens:
-                raise ValueError(
-                    f"row_max_new must hold {rows} limits in 1..{max_new_tokens}, got shape {limits.shape} "
-                    f"with values {limits.min()}..{limits.max()}"
-                )
-        p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
-        g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
-        q = min(len(prompts), max(1, self.max_rows // n)) if self.max_rows else len(prompts)
-        groups = -(-len(prompts) // q)
-        slots = min(self.max_rows, rows) if self.max_rows else rows
-        out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
+        limits = _row_limits(rows, max_new_tokens, row_max_new)
+        lay = self._layout(prompts, n, max_new_tokens)
         bias = np.zeros((self.cfg.text.vocab_size,), np.float32)
-        for tok, value in (logit_bias or {}).items():
+        for tok, value in self.logit_bias.items():
             bias[tok] = value
-        stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        stops = jnp.asarray(list(self.stop_ids) or [-1], jnp.int32)
         graphdef, state = nnx.split(model)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
+        q = lay.group_prompts
         with sharding.use_mesh(mesh, self.rules):
-            carry = self._fresh(slots, out_rows, p_len, g_len, self.cfg.text.vocab_size, self.pad_id)
+            carry = self._fresh(lay.slots, lay.out_rows, lay.p_len, lay.g_len, self.cfg.text.vocab_size, self.pad_id)
             cache = None
-            for g in range(groups):
+            for g in range(lay.groups):
                 chunk = list(prompts[g * q : (g + 1) * q])
-                batch = left_padded_batch(self.cfg, chunk + [chunk[0]] * (q - len(chunk)), p_len, self.pad_id)
+                batch = left_padded_batch(self.cfg, chunk + [chunk[0]] * (q - len(chunk)), lay.p_len, self.pad_id)
                 logits, prompt_cache = self._prefill(graphdef, state, batch)
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:
-                    cache = self._buffer(slots, p_len + g_len, prompt_cache[0][0].dtype)
+                    cache = self._buffer(lay.slots, lay.p_len + lay.g_len, prompt_cache[0][0].dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
@@ -208,22 +254,26 @@ class Sampler:
                     group_limits,
                     np.int32(g * q * n),
                     np.int32(valid),
-                    np.bool_(g == groups - 1),
+                    np.bool_(g == lay.groups - 1),
                     stops,
                     jnp.asarray(bias),
                     key,
                     jnp.asarray(self.pad_id, jnp.int32),
                 )
-        self._buffers[(slots, p_len + g_len, cache[0][0].dtype.name)] = cache
-        self.last_schedule = Schedule(
-            slot=carry["row_slot"][:rows], start=carry["row_start"][:rows], steps=carry["step"]
-        )
-        return Samples(
-            tokens=carry["tokens"][:rows],
-            logprobs=carry["logprobs"][:rows],
-            lengths=carry["lengths"][:rows],
-            done=carry["done"][:rows],
-        )
+        self._buffers[(lay.slots, lay.p_len + lay.g_len, cache[0][0].dtype.name)] = cache
+        samples, self.last_schedule = _first_rows(carry, rows)
+        return samples
+
+    def _layout(self, prompts: Sequence[Prompt], n: int, max_new_tokens: int) -> _Layout:
+        """The buckets, prefill groups and slots of one `generate` call."""
+        p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
+        g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
+        rows = len(prompts) * n
+        q = min(len(prompts), max(1, self.max_rows // n)) if self.max_rows else len(prompts)
+        groups = -(-len(prompts) // q)
+        slots = min(self.max_rows, rows) if self.max_rows else rows
+        out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
+        return _Layout(p_len, g_len, q, groups, slots, out_rows)
 
     def _buffer(self, rows: int, slots: int, dtype) -> Cache:
         """The decode cache for this shape: allocated once (under the caller's mesh), donated to

@@ -29,7 +29,7 @@ LENGTHS = np.array([1, 6, 3, 5, 2, 6, 4, 1])  # [R]: different lengths, so token
 class ScriptedSampler:
     """Returns the same tokens for every call: row r is r+10, r+11, ... cut at LENGTHS[r]."""
 
-    def generate(self, model, prompts, *, key, max_new_tokens, n, params, stop_ids, logit_bias):
+    def generate(self, model, prompts, *, key, max_new_tokens, n, params):
         rows = len(prompts) * n
         tokens = np.full((rows, G), PAD, np.int32)
         for r in range(rows):
@@ -91,8 +91,6 @@ def _setup(micro_batch, loss_mode, tx=None, devices=1, **settings_fields):
         task=ScriptedTask(),
         settings=settings,
         pad_id=PAD,
-        stop_ids=(),
-        logit_bias=None,
         threads=1,
     )
     records = [{"id": str(b), "label": "x", "ids": list(range(1, 3 + b))} for b in range(B)]

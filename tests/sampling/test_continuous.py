@@ -34,8 +34,16 @@ def _prompt(rng, segments):
     return Prompt(np.array(ids), np.concatenate(pixels), np.array(grids))
 
 
-def _sampler(cfg, max_rows=0, continuous=True):
-    return Sampler(cfg, prompt_buckets=(64,), gen_buckets=(NEW,), pad_id=PAD, max_rows=max_rows, continuous=continuous)
+def _sampler(cfg, max_rows=0, continuous=True, stop_ids=()):
+    return Sampler(
+        cfg,
+        prompt_buckets=(64,),
+        gen_buckets=(NEW,),
+        pad_id=PAD,
+        stop_ids=stop_ids,
+        max_rows=max_rows,
+        continuous=continuous,
+    )
 
 
 def _host(out):
@@ -44,8 +52,8 @@ def _host(out):
 
 @pytest.fixture(scope="module")
 def case(ours_fp32):
-    """Prompts, a stop token that ends some rows early, per-row limits, and the one-slot-per-row
-    greedy result for them."""
+    """Prompts, generate's arguments (per-row limits among them), the one-slot-per-row greedy
+    result for them, and the stop ids (a stop token that ends some rows early)."""
     prompts = [_prompt(np.random.default_rng(21), segs) for segs in SEGMENTS]
     whole = _sampler(ours_fp32.cfg)
     free_run = np.asarray(
@@ -53,13 +61,13 @@ def case(ours_fp32):
     )
     stop = next(int(t) for t in free_run[0, 1:5] if sum(t in row for row in free_run) < len(free_run))
     limits = np.array([NEW, 3, 5, NEW, 1, 7, NEW, 2, 4, 6])
-    kw = dict(key=jax.random.key(0), max_new_tokens=NEW, n=N, params=GREEDY, stop_ids=(stop,), row_max_new=limits)
-    ref = _host(whole.generate(ours_fp32, prompts, **kw))
-    return prompts, kw, ref
+    kw = dict(key=jax.random.key(0), max_new_tokens=NEW, n=N, params=GREEDY, row_max_new=limits)
+    ref = _host(whole.with_stops((stop,)).generate(ours_fp32, prompts, **kw))
+    return prompts, kw, ref, (stop,)
 
 
 def test_reference_rows_stop_at_both_stop_token_and_limits(case):
-    _, kw, ref = case
+    _, kw, ref, _ = case
     assert ref["done"].any() and not ref["done"].all()  # some rows end on the stop token, some not
     cut = ~ref["done"]
     np.testing.assert_array_equal(ref["lengths"][cut], kw["row_max_new"][cut])  # the others at their limit
@@ -72,8 +80,8 @@ def test_reference_rows_stop_at_both_stop_token_and_limits(case):
 def test_few_slots_give_the_same_greedy_rows(ours_fp32, case, max_rows, continuous):
     """3 slots (groups of 1 prompt), 4 slots chunked (groups of 2 prompts, the last one padded)
     and 7 slots (groups of 3 prompts: 6 rows, not a multiple of the slots)."""
-    prompts, kw, ref = case
-    s = _sampler(ours_fp32.cfg, max_rows, continuous)
+    prompts, kw, ref, stops = case
+    s = _sampler(ours_fp32.cfg, max_rows, continuous, stops)
     out = _host(s.generate(ours_fp32, prompts, **kw))
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])
     np.testing.assert_array_equal(out["lengths"], ref["lengths"])
@@ -93,8 +101,8 @@ def _slot_runs(sampler, lengths):
 
 
 def test_a_slot_takes_the_next_row_as_soon_as_one_stops(ours_fp32, case):
-    prompts, kw, ref = case
-    s = _sampler(ours_fp32.cfg, max_rows=3)
+    prompts, kw, ref, stops = case
+    s = _sampler(ours_fp32.cfg, max_rows=3, stop_ids=stops)
     s.generate(ours_fp32, prompts, **kw)
     runs, steps = _slot_runs(s, ref["lengths"])
     assert set(runs) == {0, 1, 2}
@@ -109,7 +117,7 @@ def test_a_slot_takes_the_next_row_as_soon_as_one_stops(ours_fp32, case):
     order = sorted((t0, row) for r in runs.values() for t0, _, row in r)
     assert [row for _, row in order] == sorted(row for _, row in order)
 
-    chunked = _sampler(ours_fp32.cfg, max_rows=4, continuous=False)
+    chunked = _sampler(ours_fp32.cfg, max_rows=4, continuous=False, stop_ids=stops)
     chunked.generate(ours_fp32, prompts, **kw)
     chunk_runs, chunk_steps = _slot_runs(chunked, ref["lengths"])
     # Chunks of 4 rows, each until its longest row stops: more steps than 3 slots need.
@@ -119,8 +127,8 @@ def test_a_slot_takes_the_next_row_as_soon_as_one_stops(ours_fp32, case):
 
 def test_sampled_rows_do_not_depend_on_the_slots(ours_fp32, case):
     """Each row draws with its own keys, so temperature sampling also gives the same rows."""
-    prompts, kw, _ = case
-    kw = dict(kw, params=SamplingParams(temperature=1.0), stop_ids=())
+    prompts, kw, _, _ = case
+    kw = dict(kw, params=SamplingParams(temperature=1.0))  # the samplers stop nowhere
     a = _host(_sampler(ours_fp32.cfg).generate(ours_fp32, prompts, **kw))
     b = _host(_sampler(ours_fp32.cfg, max_rows=3).generate(ours_fp32, prompts, **kw))
     np.testing.assert_array_equal(a["tokens"], b["tokens"])

@@ -100,8 +100,8 @@ def test_greedy_equals_transformers_generate(hf_tiny, ours_fp32, sampler, name):
                 break
         assert stop_ids, "no usable stop token in the reference output"
         ref, _ = _hf_generate(hf_tiny, prompts, max_new, stop_ids)
-    out = sampler.generate(
-        ours_fp32, prompts, key=jax.random.key(0), max_new_tokens=max_new, params=GREEDY, stop_ids=stop_ids
+    out = sampler.with_stops(stop_ids).generate(
+        ours_fp32, prompts, key=jax.random.key(0), max_new_tokens=max_new, params=GREEDY
     )
     tokens = np.asarray(out.tokens)[:, :max_new]
     np.testing.assert_array_equal(tokens, ref)
@@ -128,8 +128,8 @@ def test_sampled_logprobs_are_the_unmodified_policy(hf_tiny, ours_fp32, sampler)
     rng = np.random.default_rng(7)
     prompt = _prompt(rng, [5, (8, 8), 4])
     params = SamplingParams(temperature=0.6, top_p=0.95)
-    out = sampler.generate(
-        ours_fp32, [prompt], key=jax.random.key(3), max_new_tokens=6, params=params, logit_bias={7: 2.0}
+    out = sampler.with_stops(logit_bias={7: 2.0}).generate(
+        ours_fp32, [prompt], key=jax.random.key(3), max_new_tokens=6, params=params
     )
     gen = np.asarray(out.tokens)[0, :6]
     ids = torch.tensor(np.concatenate([prompt.ids, gen]))[None]
@@ -200,10 +200,8 @@ def _chi2_pvalue(counts, probs):
 
 
 def _first_tokens(model, prompt, params, draws=3000, seed=0, bias=None):
-    s = Sampler(model.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD)
-    out = s.generate(
-        model, [prompt], key=jax.random.key(seed), max_new_tokens=1, n=draws, params=params, logit_bias=bias
-    )
+    s = Sampler(model.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD, logit_bias=bias)
+    out = s.generate(model, [prompt], key=jax.random.key(seed), max_new_tokens=1, n=draws, params=params)
     tokens = np.asarray(out.tokens)[:, 0]
     return np.bincount(tokens, minlength=model.cfg.text.vocab_size)
 
@@ -334,3 +332,19 @@ def test_max_rows_samples_in_chunks(ours_fp32):
     assert {rows for rows, _, _ in chunked._buffers} == {4}
     with pytest.raises(ValueError, match="max_rows must be >= 0"):
         Sampler(ours_fp32.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD, max_rows=-1)
+
+
+def test_with_stops_shares_the_programs_and_changes_only_the_stops(ours_fp32):
+    s = Sampler(ours_fp32.cfg, prompt_buckets=(32,), gen_buckets=(8,), pad_id=PAD, stop_ids=(-5,))
+    prompt = _prompt(np.random.default_rng(14), [7])
+    kw = dict(key=jax.random.key(0), max_new_tokens=8, params=GREEDY)
+    free = np.asarray(s.generate(ours_fp32, [prompt], **kw).tokens)[0]
+    stopped = s.with_stops((int(free[2]),))
+    out = stopped.generate(ours_fp32, [prompt], **kw)
+    first = list(free).index(free[2])  # the first time that token comes
+    assert int(out.lengths[0]) == first + 1 and bool(out.done[0])
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0, : first + 1], free[: first + 1])
+    # One stop id either way: the same programs, counted once for both samplers.
+    assert s.compiled_programs() == stopped.compiled_programs() == 2
+    assert s.stop_ids == (-5,) and stopped.stop_ids == (int(free[2]),)
+    assert stopped.with_stops(logit_bias={3: 1.0}).stop_ids == stopped.stop_ids  # None keeps the stops
