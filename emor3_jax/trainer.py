@@ -1,6 +1,7 @@
 """The training run: config -> data -> model -> cold start -> GRPO -> evaluation -> export-ready
 checkpoints. The loop reads as the algorithm: records -> experience -> update -> log, evaluate,
-checkpoint; the step itself is rl/experience.py, the run-time objects factory.py.
+checkpoint; the steps themselves are rl/sft.py (cold start) and rl/experience.py (GRPO), the
+run's set-up run_setup.py.
 
 Steps are numbered globally (cold start 1..S, then GRPO S+1..S+G) for checkpoints and logs;
 each checkpoint records the phase, the data iterators' states and the step, and every random
@@ -19,25 +20,18 @@ from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib, factory
+from emor3_jax import config_lib, run_setup
 from emor3_jax.core import multihost, paths
 from emor3_jax.core import profile as run_profile
-from emor3_jax.core.batches import SequenceBatch
-from emor3_jax.core.checkpoint import PreemptionFlag
-from emor3_jax.core.metrics import MetricWriter
 from emor3_jax.core.workdir_lock import WorkdirLock
-from emor3_jax.data import pipeline, store
-from emor3_jax.data.encode import sft_batch
-from emor3_jax.emo_r3 import rewards
+from emor3_jax.data import store
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
-from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, heldout_metrics
-from emor3_jax.models.api import create_model, load_hf
 from emor3_jax.rl import divergence
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
-from emor3_jax.rl.learner import Learner, OptimizerSettings, check_finite, make_optimizer
-from emor3_jax.run_checkpoints import RunCheckpoints
+from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
+from emor3_jax.rl.sft import SFTSettings, SFTStep
 
 PHASES = ["cold_start", "grpo"]
 
@@ -56,44 +50,12 @@ class Run:
 
     def __init__(self, c: ConfigDict, accepted: tuple[str, ...] = (), lock: WorkdirLock | None = None):
         self.c, self.accepted = c, accepted
-        self.prof = run_profile.Profile()  # programs compiled and seconds per phase and step
-        self.scratch = paths.Scratch(c.scratch_dir)  # local copies of URI files; removed by close()
-        epath.Path(c.workdir).mkdir(parents=True, exist_ok=True)
-        tok = factory.load_tokenizer(c, self.scratch)
-        self.vocab = len(tok)
-        special = factory.check_tokenizer(tok, c.tokenizer_path or c.hf_path or f"the {c.builtin_tokenizer} tokenizer")
-        cfg = config_lib.model_config(c, len(tok), special)
-        self.rt = factory.build(c, tok, special, cfg, *factory.mesh_and_rules(c))
-        self.encoder = self.rt.encoder(c.data.labels, c.rl.max_prompt_len)
-        self.task = EmoR3.from_config(c)
-        self.dropped = {}  # prompts over rl.max_prompt_len, dropped per split (not raised mid-run)
-        with self.prof.phase("data_build"):
-            self.data_dir, self.bad = store.build(
-                c,
-                lambda r: self.task.prompt_length(self.encoder, r),
-                self.dropped,
-                is_set_answer=rewards.format_score,
-                scratch=self.scratch,
-            )
-            if c.cold_start.steps:
-                self._check_answers()
-            self.test_records = store.test_records(self.data_dir, c.eval.num_examples)
-        with self.prof.phase("model_init"):
-            if c.hf_path and not c.model.init_random:
-                hf = self.scratch.local(c.hf_path, "hf")  # safetensors are memory-mapped: a local copy
-                model = load_hf(hf, self.rt.mesh, self.rt.rules, **config_lib.runtime_fields(c))
-            else:
-                shapes = f"{c.hf_path}'s config.json" if c.hf_path else f"the {c.model.preset} preset"
-                print(f"model: RANDOM weights (seed {c.seed}) at the shapes of {shapes}; no checkpoint weights read")
-                model = create_model(cfg, self.rt.mesh, self.rt.rules, seed=c.seed)
-        self.graphdef, self.params = nnx.split(model)
-        self.ckpts = RunCheckpoints(c, cfg.to_hf_dict(), lock)
-        self.writer = MetricWriter(c.workdir)
-        self.preempt = PreemptionFlag()
-        self.key = jax.random.key(c.seed)
-        # rl.steps = rl.epochs = 0: the cold start alone.
-        epochs = c.rl.epochs * store.train_size(self.data_dir) // c.rl.rollout_batch
-        self.rl_steps = c.rl.steps or (max(1, epochs) if c.rl.epochs else 0)
+        s = run_setup.set_up(c, lock)
+        self.prof, self.scratch, self.vocab, self.rt = s.prof, s.scratch, s.vocab, s.rt
+        self.encoder, self.task = s.encoder, s.task
+        self.data_dir, self.bad, self.dropped, self.test_records = s.data_dir, s.bad, s.dropped, s.test_records
+        self.graphdef, self.params, self.rl_steps = s.graphdef, s.params, s.rl_steps
+        self.ckpts, self.writer, self.preempt, self.key = s.ckpts, s.writer, s.preempt, s.key
         self.meta = {
             "phase": PHASES[0],
             "phase_step": 0,
@@ -127,18 +89,6 @@ class Run:
             if huge:
                 print(f"data {split}: images too large even at data.min_pixels: {huge}")
             self.writer.write(f"data_{split}", 0, {"prompts_dropped": len(rows), "images_too_large": len(huge)})
-
-    def _check_answers(self) -> None:
-        """The cold start trains on reference answers: a data set without them stops here."""
-        train = pipeline.open_split(self.data_dir, store.NAME, store.cold_start_split(self.c))
-        missing = [r["id"] for r in (train[i] for i in range(len(train))) if not r["answer"]]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of {len(train)} training records have no reference answer (e.g. id "
-                f"{missing[0]!r}), which the cold start trains on: pass --config.cold_start.steps=0, "
-                "--config.data.cold_start with SET responses, or --config.data.annotations_train with an "
-                "'answer' per record"
-            )
 
     def _optimizer(self, phase: str):
         total = self.c.cold_start.steps if phase == "cold_start" else self.rl_steps
@@ -221,8 +171,14 @@ class Run:
         if self.meta["phase"] != "cold_start":
             return
         tx, lr_fn = self._optimizer("cold_start")
-        learner = Learner(self.graphdef, tx)
-        opt = self.resumed.pop("opt") if self.resumed else learner.init(self.params)
+        step_fn = SFTStep(
+            learner=Learner(self.graphdef, tx),
+            encoder=self.encoder,
+            task=self.task,
+            settings=SFTSettings.from_config(self.c),
+            pad_id=self.rt.pad_id,
+        )
+        opt = self.resumed.pop("opt") if self.resumed else step_fn.learner.init(self.params)
         norm = float(divergence.param_norm(self.params))
         # data.cold_start's records when set
         it = self.iterator("cold_start", c.batch_size, split=store.cold_start_split(self.c))
@@ -231,26 +187,15 @@ class Run:
             t0 = time.perf_counter()
             with self.prof.phase("cold_start"):
                 records = multihost.gather_records(next(it))
-                batch, loss_mask = self._sft_batch(records)
-                with self.rt.ctx():
-                    grads, m = learner.sft_grads(self.params, batch, loss_mask, 1.0)
-                    if c.judge_batch_size:  # the judge's own batch: its mean loss is added
-                        judge_grads, judge = learner.sft_grads(self.params, *self._judge_batch(records, step), 1.0)
-                        grads = jax.tree.map(jnp.add, grads, judge_grads)
-                    self.params, opt, gnorm = learner.apply(self.params, opt, grads)
                 try:
-                    check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)
+                    with self.rt.ctx():
+                        self.params, opt, metrics = step_fn.update(self.params, opt, records, step=step)
                 except FloatingPointError as e:
                     self._stop("cold_start", str(e))
                 norm = self._check_step("cold_start", step, norm)
             self.meta.update(phase_step=step, global_step=step)
             self.meta["data"]["cold_start"] = it.get_state()
-            scalars = {"loss": m["loss"], "grad_norm": gnorm, "learning_rate": lr_fn(step), "tokens": m["tokens"]}
-            if c.judge_batch_size:
-                scalars["judge_loss"] = judge["loss"]
-            scalars.update(step_s=time.perf_counter() - t0, compile_s=self.prof.take_compile_s())
-            self.writer.write("cold_start", step, scalars)
-            self.writer.progress("cold_start", step, c.steps, start, f"loss {float(m['loss']):.3f}")
+            self._log_cold_start(step, start, metrics, lr_fn(step), t0)
             self._checkpoint(
                 step % self.c.checkpoint.every == 0 or step == c.steps, {"params": self.params, "opt": opt}
             )
@@ -258,21 +203,13 @@ class Run:
         if c.judge_records:
             self.judge_check(self.meta["global_step"])
 
-    def _sft_batch(self, records: list[dict]) -> tuple[SequenceBatch, object]:
-        """The right-padded rows of SET prompts + reference answers and their loss mask [R, T-1]."""
-        return self._padded([self.task.sft_example(self.encoder, r) for r in records])
-
-    def _judge_batch(self, records: list[dict], step: int) -> tuple[SequenceBatch, object]:
-        """cold_start.judge_batch_size reflection questions about the step's records with their
-        answers (the task's judge_sft_examples, drawn by step), in a batch of their own: their
-        one- or two-token answers would weigh next to nothing in the SET rows' token mean."""
-        count = self.c.cold_start.judge_batch_size
-        return self._padded(self.task.judge_sft_examples(self.encoder, records, step, count))
-
-    def _padded(self, examples: list) -> tuple[SequenceBatch, object]:
-        buckets = self.c.sampling.prompt_buckets + (self.c.rl.max_prompt_len + self.c.rl.max_response_len,)
-        inputs, loss_mask = sft_batch(examples, self.rt.cfg, self.rt.pad_id, buckets)
-        return SequenceBatch.from_inputs(inputs), loss_mask
+    def _log_cold_start(self, step: int, start: int, metrics: dict, lr, t0: float) -> None:
+        """metrics.jsonl / TensorBoard scalars of a cold-start step and the progress line."""
+        # learning_rate after grad_norm: the column order metrics.jsonl has always had
+        scalars = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "learning_rate": lr, **metrics}
+        scalars.update(step_s=time.perf_counter() - t0, compile_s=self.prof.take_compile_s())
+        self.writer.write("cold_start", step, scalars)
+        self.writer.progress("cold_start", step, self.c.cold_start.steps, start, f"loss {metrics['loss']:.3f}")
 
     def judge_check(self, step: int) -> dict:
         """The policy as judge: its greedy accuracy on the reflection questions of

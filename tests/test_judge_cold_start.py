@@ -7,12 +7,15 @@ import json
 import os
 
 import numpy as np
+import optax
 import pytest
 from test_train import small_config
 
 from emor3_jax import trainer
 from emor3_jax.core import multihost
 from emor3_jax.data import store
+from emor3_jax.rl.learner import Learner
+from emor3_jax.rl.sft import SFTSettings, SFTStep
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's run, built once.
@@ -28,6 +31,18 @@ def run(tmp_path_factory):
     r = trainer.Run.checked(c)
     yield r
     r.close()
+
+
+def _step(r) -> SFTStep:
+    """The run's cold-start step (its batches; the optimizer is never used here)."""
+    settings = SFTSettings.from_config(r.c)
+    return SFTStep(
+        learner=Learner(r.graphdef, optax.sgd(0.0)),
+        encoder=r.encoder,
+        task=r.task,
+        settings=settings,
+        pad_id=r.rt.pad_id,
+    )
 
 
 def _decoded(r, batch, loss_mask):
@@ -46,7 +61,7 @@ def _records(r):
 
 def test_the_set_batch_holds_every_record_as_a_set_answer(run):
     records = _records(run)
-    rows = _decoded(run, *run._sft_batch(records))
+    rows = _decoded(run, *_step(run).set_batch(records))
     assert len(rows) == 4
     for (prompt, answer), rec in zip(rows, records):
         assert TEXT_Q not in prompt and IMAGE_Q not in prompt and answer.strip() == rec["answer"].strip()
@@ -54,7 +69,7 @@ def test_the_set_batch_holds_every_record_as_a_set_answer(run):
 
 def test_the_judge_batch_asks_each_record_every_kind_in_turn(run):
     records = _records(run)
-    batch, loss_mask = run._judge_batch(records, step=1)
+    batch, loss_mask = _step(run).judge_batch(records, step=1)
     rows = _decoded(run, batch, loss_mask)
     assert len(rows) == 8  # cold_start.judge_batch_size, two questions per record of the 4
     # Question j: record j % 4, kind (j // 4 + j + step) % 4 (0 text, 1 text with another label's
@@ -79,7 +94,7 @@ def test_the_judge_batch_asks_each_record_every_kind_in_turn(run):
 
 
 def test_the_kinds_rotate_with_the_step(run):
-    rows = _decoded(run, *run._judge_batch(_records(run), step=2))
+    rows = _decoded(run, *_step(run).judge_batch(_records(run), step=2))
     assert [TEXT_Q in p for p, _ in rows[:4]] == [False, False, True, True]  # kinds 2, 3, 0, 1
 
 

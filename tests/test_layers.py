@@ -7,10 +7,10 @@ The order, bottom to top (written here and in docs/design.md):
     data        sources, records, the tokenizer and the encoder
     sampling    the on-device sampler and rollouts
     emo_r3      the task: prompts, reflections, the reward
-    rl          advantages, the GRPO loss, the learner, one step's experience
+    rl          advantages, the GRPO loss, the learner, the steps (GRPO's, the cold start's)
     evaluation  held-out evaluation and its reports
     (top)       the modules directly under emor3_jax/: config, the run-time factory, loading,
-                the trainer and the entry points (train, eval, export, dry_run)
+                the run's set-up, the trainer and the entry points (train, eval, export, dry_run)
 
 Every import is read from the source (function-level ones too), so a lazy import that crosses
 a layer upward fails here as well.

@@ -239,14 +239,14 @@ def test_a_task_component_lands_in_the_trainers_metrics(tmp_path, monkeypatch):
     through the EMO-R3 task's score) needs no change to the trainer."""
     from test_train import small_config
 
-    from emor3_jax import trainer
+    from emor3_jax import run_setup, trainer
     from emor3_jax.emo_r3.task import EmoR3
 
     class WithLength(EmoR3):
         def score(self, response, label, text_answer, image_answer):
             return {**super().score(response, label, text_answer, image_answer), "chars": float(len(response))}
 
-    monkeypatch.setattr(trainer, "EmoR3", WithLength)
+    monkeypatch.setattr(run_setup, "EmoR3", WithLength)
     trainer.run(small_config(tmp_path, **{"cold_start.steps": 0, "rl.steps": 1, "eval.num_examples": 2}))
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         grpo = [json.loads(line) for line in f if '"phase": "grpo"' in line]
