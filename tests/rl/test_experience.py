@@ -65,7 +65,10 @@ class ScriptedTask:
         return {"overall": n / 10, "brevity": float(n <= 2)}
 
 
-def _setup(micro_batch, loss_mode, tx=None, devices=1, **settings_fields):
+def _setup(micro_batch, loss_mode, tx=None, devices=1, sampler=None, stop_ids=(), **settings_fields):
+    """(mesh, learner, params, step, records) of a tiny random model (vocab 64) on `devices`,
+    plain SGD at lr 1 unless `tx`, the scripted sampler unless `sampler` (built from the model
+    config: a real one); settings_fields override StepSettings (recompute_old_logprobs=True)."""
     from emor3_jax.models.api import preset
 
     cfg = preset("tiny", vocab_size=64, param_dtype="float32", compute_dtype="float32")
@@ -78,20 +81,19 @@ def _setup(micro_batch, loss_mode, tx=None, devices=1, **settings_fields):
         rollout=SamplingParams(temperature=1.0),
         micro_batch=micro_batch,
         update_batch=B,
-        recompute_old_logprobs=True,
         prompt_buckets=(8,),
         loss=GRPOSettings(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode=loss_mode),
-        **settings_fields,
+        **{"recompute_old_logprobs": True, **settings_fields},
     )
     learner = Learner(graphdef, tx or optax.sgd(1.0))
     step = GRPOStep(
         learner=learner,
-        sampler=ScriptedSampler(),
+        sampler=sampler(cfg) if sampler else ScriptedSampler(),
         encoder=ScriptedEncoder(cfg),
         task=ScriptedTask(),
         settings=settings,
         pad_id=PAD,
-        stop_ids=(),
+        stop_ids=stop_ids,
         logit_bias=None,
         threads=1,
     )
@@ -254,3 +256,36 @@ def test_a_task_component_lands_in_the_trainers_metrics(tmp_path, monkeypatch):
         grpo = [json.loads(line) for line in f if '"phase": "grpo"' in line]
     assert len(grpo) == 1 and grpo[0]["reward_chars"] > 0
     assert {"reward_overall", "reward_accuracy", "reward_format"} <= set(grpo[0])
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_first_update_has_ratio_one_and_nothing_clipped(recompute):
+    """Responses sampled by the real sampler, then the first update from the same params: the
+    policy that trains is the policy that sampled, so every token's ratio is 1 and nothing is
+    clipped, whether the old log-probs come from the sampler (the tiny config) or are
+    recomputed by the learner (the real variants, rl.recompute_old_logprobs). A learner that
+    scores other tokens than the sampler drew (a shifted position, a prompt token dropped,
+    another policy's log-probs) moves ratio_mean and approx_kl and, with advantages of +-0.7,
+    clips. The sampler's log-probs also equal the learner's token by token."""
+    from emor3_jax.sampling.sampler import Sampler
+
+    real = lambda cfg: Sampler(cfg, prompt_buckets=(8,), gen_buckets=(G,), pad_id=PAD)
+    # Half the vocabulary stops a row: lengths of 1 to 6 tokens, so the rewards (length / 10)
+    # and the advantages differ from 0.
+    stops = tuple(range(32, 64))
+    mesh, learner, params, step, records = _setup(
+        B * N, "token", sampler=real, stop_ids=stops, recompute_old_logprobs=recompute
+    )
+    ref = jax.tree.map(lambda x: x + 0.01, params)  # another policy: its log-probs are not the old ones
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        exp = step.experience(params, ref, records, jax.random.key(3))
+        (batch, mask), lengths = exp.batches[0], np.asarray(exp.rollouts.lengths)
+        assert len(set(lengths.tolist())) > 2 and np.abs(exp.advantages).max() > 0.5, (lengths, exp.advantages)
+        learner_logp = np.asarray(learner.logprobs(params, batch, exp.p_len - 1, exp.g_len))
+        sampler_logp = np.asarray(exp.rollouts.old_logp)
+        np.testing.assert_allclose(sampler_logp * mask, learner_logp * mask, atol=1e-4)
+        _, _, metrics = step.update(params, learner.init(params), exp, step=1)
+    step.close()
+    assert metrics["clipfrac"] == 0.0 and metrics["clipfrac_dual"] == 0.0, metrics
+    assert abs(metrics["ratio_mean"] - 1.0) < 1e-5, metrics
+    assert abs(metrics["approx_kl"]) < 1e-5, metrics
