@@ -310,7 +310,7 @@ def test_grpo_steps_raise_the_reward():
     from emor3_jax.sampling.sampler import Sampler
 
     real = lambda cfg: Sampler(cfg, prompt_buckets=(8,), gen_buckets=(G,), pad_id=PAD)
-    tx, _ = make_optimizer(OptimizerSettings.constant(1e-2))
+    tx, _ = make_optimizer(OptimizerSettings.constant(3e-2))
     mesh, learner, params, step, records = _setup(
         B * N,
         "token",
