@@ -111,7 +111,8 @@ def test_two_processes_train_like_one(one, tmp_path):
     # GRPO step 3 samples from those params: the same rollouts and rewards, scored half on each
     # process and gathered. A random model's rewards are all equal, so the advantages are 0 and
     # the GRPO gradient is rounding noise (~1e-6) that Adam scales to +-lr per parameter: from
-    # step 4 on the runs may sample differently, and the params agree to 2 * lr * steps.
+    # step 4 on the runs may sample differently, and the params agree to 2 * lr * steps. (So
+    # this cannot catch a wrong GRPO gradient: test_two_processes_take_the_grpo_step_of_one does.)
     metrics = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     keys = ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "response_length")
     first = lambda rows: [[r[k] for k in keys] for r in rows if r["phase"] == "grpo" and r["step"] == 3]
