@@ -90,8 +90,8 @@ def test_a_cold_start_step_adds_the_judge_loss_and_logs_it(run, monkeypatch):
     # The module's run is shared: the step trains a copy of its params and meta, in a config
     # changed for this test only (monkeypatch puts all three back). No warmup: the tiny
     # config's first step has learning rate 0 and would leave the params as they were.
-    monkeypatch.setattr(run.c.cold_start, "steps", 1)
-    monkeypatch.setattr(run.c.cold_start, "warmup_steps", 0)
+    monkeypatch.setitem(run.c.cold_start, "steps", 1)
+    monkeypatch.setitem(run.c.cold_start, "warmup_steps", 0)
     monkeypatch.setattr(run, "params", jax.tree.map(jnp.copy, run.params))  # the step donates them
     monkeypatch.setattr(run, "meta", copy.deepcopy(run.meta))
     before = jax.tree.map(np.asarray, run.params)
@@ -108,7 +108,7 @@ def test_a_cold_start_step_adds_the_judge_loss_and_logs_it(run, monkeypatch):
 
 
 def test_judge_accuracy_is_measured_and_logged(run, monkeypatch):
-    monkeypatch.setattr(run.c.cold_start, "judge_records", 2)  # this test only
+    monkeypatch.setitem(run.c.cold_start, "judge_records", 2)  # this test only
     out = run.judge_check(step=7)
     assert 0 <= out["judge_accuracy"] <= 1 and 0 <= out["judge_text"] <= 1 and 0 <= out["judge_image"] <= 1
     # 2 records -> 8 questions: 4 text, 4 image; overall is their mean.
