@@ -1,7 +1,7 @@
 """The fault suite: each case is a `python -m emor3_jax.train` command on the tiny config, a
 fault, and what the run must do. The short cases run in CI (cold start only, a few steps);
-the `slow` ones (not in CI) repeat them in GRPO. SIGTERM mid-GRPO is
-tests/test_train.py::test_sigterm_then_sigkill_then_resume_reaches_the_same_params; every
+the `slow` ones (not in CI) repeat them in GRPO. SIGTERM in the cold start and in GRPO, and
+SIGKILL in GRPO, are tests/test_train.py::test_sigterm_then_sigkill_then_resume_reaches_the_same_params; every
 out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused_naming_its_flag.
 
 | fault                                   | the run                                                   |

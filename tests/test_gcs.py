@@ -236,7 +236,8 @@ def test_tiny_job_on_gs_stops_resumes_and_exports_leaving_nothing_outside(gcs, t
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir)
-    assert AutoTokenizer.from_pretrained(hf_dir) is not None
+    # The exported tokenizer's image placeholder is the model config's image token.
+    assert AutoTokenizer.from_pretrained(hf_dir).convert_tokens_to_ids("<|image_pad|>") == hf.config.image_token_id
     emb = hf.model.language_model.embed_tokens.weight.detach().numpy()
     assert np.isfinite(emb).all() and emb.std() > 0
 

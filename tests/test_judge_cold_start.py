@@ -3,9 +3,12 @@
 records; the SET batch stays whole; the judge's held-out accuracy is measured and logged after
 the cold start."""
 
+import copy
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -98,20 +101,29 @@ def test_the_kinds_rotate_with_the_step(run):
     assert [TEXT_Q in p for p, _ in rows[:4]] == [False, False, True, True]  # kinds 2, 3, 0, 1
 
 
-def test_a_cold_start_step_adds_the_judge_loss_and_logs_it(run):
-    run.c.unlock()
-    run.c.cold_start.steps = 1
-    before = run.params
+def test_a_cold_start_step_adds_the_judge_loss_and_logs_it(run, monkeypatch):
+    # The module's run is shared: the step trains a copy of its params and meta, in a config
+    # changed for this test only (monkeypatch puts all three back). No warmup: the tiny
+    # config's first step has learning rate 0 and would leave the params as they were.
+    monkeypatch.setitem(run.c.cold_start, "steps", 1)
+    monkeypatch.setitem(run.c.cold_start, "warmup_steps", 0)
+    monkeypatch.setattr(run, "params", jax.tree.map(jnp.copy, run.params))  # the step donates them
+    monkeypatch.setattr(run, "meta", copy.deepcopy(run.meta))
+    before = jax.tree.map(np.asarray, run.params)
     run.cold_start()
     with open(os.path.join(run.c.workdir, "metrics.jsonl")) as f:
         step = [json.loads(line) for line in f if '"phase": "cold_start"' in line][-1]
     assert step["step"] == 1 and np.isfinite(step["judge_loss"]) and step["judge_loss"] > 0 and step["loss"] > 0
     assert run.params is not before
+    # One AdamW step moves a parameter with a gradient by about the learning rate (1e-3).
+    moved = max(
+        float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(before))
+    )
+    assert moved > 5e-4, moved
 
 
-def test_judge_accuracy_is_measured_and_logged(run):
-    run.c.unlock()
-    run.c.cold_start.judge_records = 2
+def test_judge_accuracy_is_measured_and_logged(run, monkeypatch):
+    monkeypatch.setitem(run.c.cold_start, "judge_records", 2)  # this test only
     out = run.judge_check(step=7)
     assert 0 <= out["judge_accuracy"] <= 1 and 0 <= out["judge_text"] <= 1 and 0 <= out["judge_image"] <= 1
     # 2 records -> 8 questions: 4 text, 4 image; overall is their mean.

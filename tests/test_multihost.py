@@ -111,7 +111,8 @@ def test_two_processes_train_like_one(one, tmp_path):
     # GRPO step 3 samples from those params: the same rollouts and rewards, scored half on each
     # process and gathered. A random model's rewards are all equal, so the advantages are 0 and
     # the GRPO gradient is rounding noise (~1e-6) that Adam scales to +-lr per parameter: from
-    # step 4 on the runs may sample differently, and the params agree to 2 * lr * steps.
+    # step 4 on the runs may sample differently, and the params agree to 2 * lr * steps. (So
+    # this cannot catch a wrong GRPO gradient: test_two_processes_take_the_grpo_step_of_one does.)
     metrics = lambda w: [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
     keys = ("reward_overall", "reward_accuracy", "reward_format", "reward_coherence", "response_length")
     first = lambda rows: [[r[k] for k in keys] for r in rows if r["phase"] == "grpo" and r["step"] == 3]
@@ -144,3 +145,30 @@ def test_two_processes_evaluate_like_one(one, tmp_path):
     assert ev_two["sampled"] == ev_one["sampled"] and ev_two["confusion"] == ev_one["confusion"]
     greedy = lambda d: [json.loads(x)["response"] for x in (d / "test_responses.jsonl").read_text().splitlines()]
     assert greedy(tmp_path / "eval_two") == greedy(tmp_path / "eval_one")
+
+
+def _same_update(got: dict, want: dict) -> None:
+    """Two GRPO updates (params after - before, SGD at lr 1: minus the gradient) agree to float
+    rounding: 1e-4 relative plus 2.5e-7 absolute (two float32 ulps of a parameter near 1), far
+    below the update's own size (checked > 1e-3 below)."""
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2.5e-7, err_msg=name)
+
+
+def test_two_processes_take_the_grpo_step_of_one(tmp_path):
+    """One GRPO update with non-zero advantages (tests/multihost_grpo_step.py) as 1 process and
+    as 2: the same gradient to float rounding. The 2-process run also takes the step with
+    process 1's advantages negated (a gradient wrong on half the rows), and the same comparison
+    must refuse it: this is what the check can catch."""
+    _run(["tests.multihost_grpo_step", str(tmp_path / "one.npz")], tmp_path, "step_one", 1)
+    _run(["tests.multihost_grpo_step", str(tmp_path / "two.npz")], tmp_path, "step_two", 2)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    part = lambda f, kind: {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(kind + "/")}
+    want = part(one, "update")
+    assert max(float(np.abs(v).max()) for v in want.values()) > 1e-3  # a real step, not rounding noise
+    _same_update(part(two, "update"), want)
+    # On 1 process nothing was broken; on 2, half the rows pull the other way.
+    _same_update(part(one, "broken"), want)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        _same_update(part(two, "broken"), want)

@@ -1,9 +1,11 @@
 """The trainer end to end on a very small config: it trains, logs, checkpoints, resumes
-exactly after SIGTERM and SIGKILL, stops on NaN keeping its last checkpoint, and exports a
-checkpoint transformers loads."""
+exactly after SIGTERM (in the cold start and in GRPO) and SIGKILL (in GRPO), stops on NaN
+keeping its last checkpoint, keeps its best validation step, and exports a checkpoint (the
+latest, the best or step N) transformers loads."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,9 +65,10 @@ def _flags(workdir, **extra):
     return out
 
 
-def _params(workdir, step=None):
-    """(step, {path: array}) of the latest (or the given) checkpoint's params."""
-    ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
+def _params(workdir, step=None, tree="params", folder="ckpt"):
+    """(step, {path: array}) of the latest (or the given) checkpoint's params (or its `tree` of
+    the same shape: "ref", GRPO's reference policy) in workdir/`folder` (ckpt or best)."""
+    ck = Checkpointer(os.path.join(workdir, folder), keep=10, async_save=False)
     try:
         step = ck.latest_step() if step is None else step
         import jax
@@ -82,7 +85,7 @@ def _params(workdir, step=None):
             ),
             nnx.state(abstract_model(cfg)),
         )
-        flat = ck.restore_subtree(step, {"params": abstract})["params"]
+        flat = ck.restore_subtree(step, {tree: abstract})[tree]
         return step, {"/".join(map(str, p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(flat)}
     finally:
         ck.close()
@@ -129,6 +132,11 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
     assert "step_s" in first
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
     assert results["cold_start"]["greedy_accuracy"] >= 0 and "sampled_accuracy" in results["grpo"]
+    # The results report what validation measured: the cold start's (step 3) and the last GRPO one's.
+    (cold,) = [r for r in rows if r["phase"] == "eval_cold_start"]
+    assert cold["step"] == 3 and {k: results["cold_start"][k] for k in cold if k not in ("phase", "step")} == {
+        k: v for k, v in cold.items() if k not in ("phase", "step")
+    }
     # The synthetic test split carries a truth: validation reports the faithfulness rates.
     for ev in (results["cold_start"], results["grpo"]):
         for mode in ("greedy", "sampled"):
@@ -144,6 +152,12 @@ def test_tiny_run_trains_logs_and_reports(reference_run):
     ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
     assert ck.read_meta(7)["phase"] == "grpo"
     ck.close()
+    # ...by value: the reference policy saved with step 7 is the cold-start result; 4 AdamW
+    # steps moved every parameter (each by about lr = 5e-5 per step, the smallest by > 1e-6).
+    _, cold_start = _params(workdir, 7, tree="ref")
+    assert cold_start.keys() == params.keys()
+    moved = {k: float(np.abs(params[k] - cold_start[k]).max()) for k in params}
+    assert min(moved.values()) > 1e-6, min(moved.items(), key=lambda kv: kv[1])
 
 
 def _wait_for_step(workdir, step, proc, timeout=400):
@@ -175,6 +189,18 @@ def test_sigterm_then_sigkill_then_resume_reaches_the_same_params(reference_run,
     _wait_for_step(workdir, 5, proc)
     proc.kill()
     proc.wait()
+    # SIGTERM in GRPO, after a step newer than the resumed one finished (the handler is
+    # installed by then): the step in progress ends, is saved, and the run exits 0.
+    resumed = max(int(n) for n in os.listdir(workdir / "ckpt") if n.isdigit())
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(workdir, resumed + 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    (saved,) = [int(x) for x in re.findall(r"SIGTERM: saved step (\d+)", out)]
+    ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
+    assert saved > resumed and ck.read_meta(saved)["phase"] == "grpo", (resumed, saved)
+    ck.close()
     # Resume to the end with the same command.
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -185,6 +211,38 @@ def test_sigterm_then_sigkill_then_resume_reaches_the_same_params(reference_run,
     for k in params:
         np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
     assert _metrics(workdir) == _metrics(ref_dir)
+
+
+def test_the_best_validation_step_is_kept_and_exported_by_step_or_best(reference_run, tmp_path):
+    """best/ holds the step whose eval.best_by (greedy_accuracy here) first reached the highest
+    value (a tie keeps the earlier step); `export --best` writes that step's parameters and
+    `export --step=N` step N's. The sampled reward validation reports is the mean reward of
+    responses without reflection: w_accuracy * accuracy + w_coherence + w_consistency +
+    w_format * format (coherence and consistency count 1), 0.8 * acc + 0.2 + 0.1 * fmt."""
+    from safetensors.numpy import load_file
+
+    from emor3_jax.export import export
+
+    workdir, results = reference_run
+    evals = [r for r in _metrics(workdir) if r["phase"] == "eval_grpo"]
+    assert [r["step"] for r in evals] == [5, 7]  # eval.every=2 of GRPO steps 4..7
+    best_value = max(r["greedy_accuracy"] for r in evals)
+    best_step = next(r["step"] for r in evals if r["greedy_accuracy"] == best_value)
+    ck = Checkpointer(os.path.join(workdir, "best"), keep=10, async_save=False)
+    assert ck.all_steps() == [best_step]
+    assert ck.read_meta(best_step)["best_accuracy"] == best_value
+    ck.close()
+    last = results["grpo"]
+    assert last["sampled_reward"] == pytest.approx(0.8 * last["sampled_accuracy"] + 0.2 + 0.1 * last["sampled_format"])
+
+    def embedding(out):
+        (weights,) = [v for k, v in load_file(os.path.join(out, "model.safetensors")).items() if "embed_tokens" in k]
+        return weights
+
+    emb = lambda step: next(v for k, v in _params(workdir, step)[1].items() if "embed_tokens" in k)
+    assert float(np.abs(emb(6) - emb(best_step)).max()) > 1e-6  # the steps differ: a wrong one is caught
+    np.testing.assert_array_equal(embedding(export(str(workdir), str(tmp_path / "best"), best=True)), emb(best_step))
+    np.testing.assert_array_equal(embedding(export(str(workdir), str(tmp_path / "six"), step=6)), emb(6))
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):

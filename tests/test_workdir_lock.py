@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
 import sys
 from emor3_jax.core.workdir_lock import WorkdirLock
-with WorkdirLock(sys.argv[1], heartbeat_s=0.1, stale_after_s=5):
+with WorkdirLock(sys.argv[1], heartbeat_s=0.1, stale_after_s=5, on_beat=lambda: print("beat", flush=True)):
     print("locked", flush=True)
     sys.stdin.readline()
     raise SystemExit(3)  # leaving the block by an exception releases the lock too
@@ -54,9 +54,11 @@ def test_a_second_run_stops_naming_the_first_then_takes_over_after_a_kill(tmp_pa
         msg = str(err.value)
         assert f"host {socket.gethostname()}, pid {proc.pid}, since " in msg and "UTC" in msg
         assert "\n" not in msg and "--config.workdir" in msg
-        # The holder's heartbeat moves the file's time forward.
+        # The holder's heartbeat moves the file's time forward: read after the beat it reports.
         before = os.stat(tmp_path / LOCK_NAME).st_mtime_ns
-        time.sleep(0.5)
+        while (line := proc.stdout.readline()) == "beat\n" and os.stat(tmp_path / LOCK_NAME).st_mtime_ns == before:
+            pass  # a beat in the same clock tick as `before` leaves the time as it was: wait for the next
+        assert line == "beat\n", line + proc.stdout.read()
         assert os.stat(tmp_path / LOCK_NAME).st_mtime_ns > before
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -111,7 +113,9 @@ def test_a_run_whose_lock_was_taken_over_is_told_at_its_next_check(tmp_path):
     try:
         lock.check()
         _write_lock(tmp_path, "elsewhere", 4242, age_s=0)
-        time.sleep(0.3)
+        # The heartbeat thread ends at its first beat after the take-over, having noted why.
+        lock._thread.join(timeout=60)
+        assert not lock._thread.is_alive()
         with pytest.raises(WorkdirBusy, match="was taken over by host elsewhere, pid 4242"):
             lock.check()
     finally:

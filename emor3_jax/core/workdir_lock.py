@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from etils import epath
 
@@ -58,7 +59,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str, heartbeat_s: float = 30.0, stale_after_s: float = 600.0):
+    def __init__(
+        self,
+        workdir: str,
+        heartbeat_s: float = 30.0,
+        stale_after_s: float = 600.0,
+        on_beat: Callable[[], None] | None = None,
+    ):
+        """`on_beat`: called by the heartbeat thread after each touch of the lock file (tests wait
+        on it instead of sleeping)."""
         if stale_after_s <= 2 * heartbeat_s:
             raise ValueError(f"stale_after_s={stale_after_s} must exceed two heartbeats ({2 * heartbeat_s} s)")
         self.path = paths.join(workdir, LOCK_NAME)
@@ -67,6 +76,7 @@ class WorkdirLock:
         self._stop = threading.Event()
         self._thread = None
         self._lost = None  # set by the heartbeat when the file no longer names this run: why
+        self._on_beat = on_beat
 
     # ---- the lock file
     def _read(self) -> tuple[dict | None, Version]:
@@ -148,6 +158,8 @@ class WorkdirLock:
                 self._lost = f"was taken over by {self.describe(other, st)}"
                 return
             paths.touch(self.path)
+            if self._on_beat is not None:
+                self._on_beat()
 
     def check(self) -> None:
         """Raises WorkdirBusy when the lock file no longer names this run (it was removed, or a
