@@ -22,10 +22,13 @@ out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused
 | cold start on a data set w/o answers    | stops at start-up naming the flag                         |
 """
 
+import ctypes
 import json
 import os
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -63,17 +66,66 @@ def _error(done: subprocess.CompletedProcess) -> str:
 
 
 def _wait(ready, proc, what, timeout=600):
+    """Polls for a state that stays once reached (a lock file's pid, a directory): a slow look
+    only waits longer. A state that passes (a save under way) is waited on with _kill_when_saving."""
     t0 = time.time()
     while not ready():
         assert proc.poll() is None, f"the run ended before {what}"
         assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
-        time.sleep(0.005)
+        time.sleep(0.05)
 
 
-def _saving(workdir, step) -> bool:
-    """Orbax is writing `step`: its temporary directory exists (renamed to `step` once complete)."""
-    d = os.path.join(workdir, "ckpt")
-    return os.path.isdir(d) and any(n.startswith(f"{step}.orbax-checkpoint-tmp") for n in os.listdir(d))
+class _Created:
+    """The names created in (or moved into) one directory, as Linux's inotify reports them: the
+    kernel queues every event, so a directory that exists for a millisecond is still seen."""
+
+    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+
+    def __init__(self, directory):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC)
+        wd = libc.inotify_add_watch(self.fd, os.fsencode(directory), self.IN_CREATE | self.IN_MOVED_TO)
+        assert self.fd >= 0 and wd >= 0, f"inotify on {directory}: errno {ctypes.get_errno()}"
+
+    def names(self, timeout: float) -> list[str]:
+        """The names reported within `timeout` seconds ([] if none)."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        buf, out = os.read(self.fd, 65536), []
+        while buf:  # struct inotify_event: wd, mask, cookie, len, then len bytes of name
+            n = struct.unpack_from("iIII", buf)[3]
+            out.append(buf[16 : 16 + n].rstrip(b"\0").decode())
+            buf = buf[16 + n :]
+        return out
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _kill_when_saving(workdir, step, proc, timeout=600):
+    """kill -9 `proc` as soon as Orbax starts writing `step` (it creates a temporary directory in
+    ckpt/ and renames it to `step` once complete): on the kernel's event, which a fast save
+    cannot slip past as it could slip between two looks of a poll."""
+    ckpt = os.path.join(workdir, "ckpt")
+    _wait(lambda: os.path.isdir(ckpt), proc, "the checkpoint directory")
+    created, t0 = _Created(ckpt), time.time()
+    try:
+        while not any(n.startswith(f"{step}.orbax-checkpoint-tmp") for n in created.names(1.0)):
+            assert proc.poll() is None, f"the run ended before a save of step {step}"
+            assert time.time() - t0 < timeout, f"no save of step {step} after {timeout} s"
+        proc.kill()
+    finally:
+        created.close()
+    proc.wait()
+
+
+def test_the_event_wait_sees_a_directory_that_exists_for_an_instant(tmp_path):
+    created = _Created(tmp_path)
+    os.mkdir(tmp_path / "5.orbax-checkpoint-tmp-1")
+    os.rename(tmp_path / "5.orbax-checkpoint-tmp-1", tmp_path / "5")  # gone before anyone looks
+    assert created.names(1.0) == ["5.orbax-checkpoint-tmp-1", "5"]
+    assert created.names(0.01) == []
+    created.close()
 
 
 def _lock_pid(workdir):
@@ -179,9 +231,7 @@ def test_kill_during_a_save_then_a_second_run_is_refused_while_the_resume_finish
     workdir = tmp_path / "run"
     # kill -9 while step 5 (the last) is being written asynchronously: step 3 is complete.
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: _saving(workdir, 5), proc, "a save of step 5")
-    proc.kill()
-    proc.wait()
+    _kill_when_saving(workdir, 5, proc)
     assert _steps(workdir)[0] == "3" and "5" not in _steps(workdir), _steps(workdir)  # step 5 half-written
     assert _lock_pid(workdir) == proc.pid  # the killed run's lock is left behind
 
@@ -291,9 +341,7 @@ def test_kill_during_a_grpo_save_then_resume_reaches_the_uninterrupted_params(tm
     proc = subprocess.Popen(
         _cmd(workdir, **grpo), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    _wait(lambda: _saving(workdir, 6), proc, "a save of step 6")
-    proc.kill()
-    proc.wait()
+    _kill_when_saving(workdir, 6, proc)
     assert [s for s in _steps(workdir) if s.isdigit()] == ["3"], _steps(workdir)
     done = _train(workdir, **grpo)
     assert done.returncode == 0, done.stderr[-3000:]
