@@ -5,6 +5,10 @@ directory is kept as it is; any other value is refused naming the flag. No test 
 the network: HF_HUB_OFFLINE=1 throughout."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import constants
@@ -81,11 +85,19 @@ def test_a_dir_without_config_json_is_refused_for_hf_path(tmp_path):
 
 
 def test_eval_resolves_the_tokenizer_hub_id_too(tmp_path):
-    from emor3_jax.eval import run_eval
-
-    c = _config(tmp_path, tokenizer_path=REPO)
-    with pytest.raises(ValueError, match=r"--config.tokenizer_path=/local/dir"):
-        run_eval(c, str(tmp_path / "no_checkpoint"), ["test"], str(tmp_path / "out"), 1, True)
+    """`python -m emor3_jax.eval` resolves the hub id before anything else (a process of its own:
+    eval and export define flags of the same names, so both cannot be imported in one)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf_cache"), PYTHONPATH=str(root))
+    cmd = [
+        *(sys.executable, "-m", "emor3_jax.eval", "--config=configs/qwen_vl.py", f"--config.tokenizer_path={REPO}"),
+        *(f"--config.workdir={tmp_path / 'run'}", f"--checkpoint={tmp_path / 'no_checkpoint'}", "--datasets=test"),
+        f"--out={tmp_path / 'out'}",
+    ]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert f"--config.tokenizer_path='{REPO}' is a Hugging Face hub id" in line and "/local/dir" in line, line
 
 
 @pytest.mark.parametrize("flag", ["hf_path", "tokenizer_path"])
