@@ -38,6 +38,9 @@ setup(
             "torch==2.13.0",
             "ruff==0.14.14",
             "gcp-storage-emulator==2026.7.19",  # tests/gcs_emulator.py: a local gs:// for the tests
+            # libtpu: tests/test_compile_for.py compiles for a TPU slice on the CPU; the suite's
+            # JAX stays on the CPU (conftest sets JAX_PLATFORMS=cpu)
+            "jax[tpu]==0.10.2",
         ],
         "bench": ["matplotlib==3.11.2"],  # bench/learning.py draws its curves
         "gpu": ["jax[cuda13]==0.10.2"],
