@@ -204,24 +204,26 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
 
 
 # ---------------------------------------------------------------- abstract inputs
-def _image_side(t: Target, images: int) -> int:
+def _image_side(t: Target, shown: int) -> int:
     """Side (in patches, even) of the square image each prompt shows: the largest that fits
     data.max_pixels and a prompt of rl.max_prompt_len (two tokens for the vision markers), and
-    with `images` of them in one batch, the largest vision bucket."""
+    with `shown` images in one batch (an image shown by several rows counts for each, as
+    `vision_layout` pads its features), the largest vision bucket."""
     c, v = t.c, t.cfg.vision
     patches = min(c.data.max_pixels // v.patch_size**2, v.merge_unit * (c.rl.max_prompt_len - 2))
-    largest = t.cfg.vision_buckets[-1] if t.cfg.vision_buckets else patches * images
+    largest = t.cfg.vision_buckets[-1] if t.cfg.vision_buckets else patches * shown
     side = 2 * int(math.isqrt(patches) // 2)
-    if images * side * side > largest:
-        capped = 2 * int(math.isqrt(largest // images) // 2)
-        t.notes.append(
-            f"{images} images of {side}x{side} patches ({images * side * side}) exceed the largest vision bucket "
-            f"{largest}: the run stops at such a batch; compiled at {capped}x{capped} per image"
+    if shown * side * side > largest:
+        capped = 2 * int(math.isqrt(largest // shown) // 2)
+        note = (
+            f"{shown} images of {side}x{side} patches ({shown * side * side}) in one batch exceed the largest vision "
+            f"bucket {largest}: the run stops at such a batch; compiled at {capped}x{capped} patches per image"
         )
+        t.notes += [note] if note not in t.notes else []
         side = capped
     if side < 2:
         raise ValueError(
-            f"{images} images do not fit the largest vision bucket {largest} (--config.model.vision_buckets)"
+            f"{shown} images do not fit the largest vision bucket {largest} (--config.model.vision_buckets)"
         )
     return side
 
@@ -230,7 +232,7 @@ def _vision(t: Target, shown: list[int]) -> dict:
     """Abstract pixels [L, C] and the layout of images shown in reading order (`shown[k]`: the
     distinct image behind the k-th), each image the worst-case size (`_image_side`)."""
     distinct = max(shown) + 1
-    side = _image_side(t, distinct)
+    side = _image_side(t, len(shown))
     layout = vision_layout(
         np.tile([1, side, side], (distinct, 1)), None, t.cfg.vision, t.cfg.vision_buckets, np.asarray(shown)
     )
@@ -268,7 +270,7 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 def _cache(t: Target, slots: int, entries: int) -> tuple:
     """The sampler's decode cache [W, S] per layer, sharded as `Sampler._buffer` constrains it."""
-    tc, dtype = t.cfg.text, np.dtype(t.cfg.compute_dtype)
+    tc, dtype = t.cfg.text, jax.numpy.dtype(t.cfg.compute_dtype)
     kv = []
     for axes, shape in (
         (K_CACHE_AXES, (slots, tc.num_kv_heads, tc.head_dim, entries)),
@@ -411,10 +413,9 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     others = tuple(k for k in caches if k != own)
     state = ("optimizer", "reference")
     batch = _prompt_batch(t, sh["q"], sh["p_len"], g.shares)
-    prefill = Program(f"{g.name}_prefill", sampler._prefill, (t.graphdef, t.params, batch), 0, (), g.phase, "sampler")
-    logits, prompt_cache = s.run(
-        dataclasses.replace(prefill, runs=g.calls * sh["groups"], beside=state + tuple(caches))
-    )
+    args, runs = (t.graphdef, t.params, batch), g.calls * sh["groups"]
+    prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state + tuple(caches), g.phase, "sampler")
+    logits, prompt_cache = s.run(prefill)
     vocab = t.cfg.text.vocab_size
     slots_args = (sh["slots"], sh["out_rows"], sh["p_len"], sh["g_len"], vocab, t.rt.pad_id)
     carry = s.run(
