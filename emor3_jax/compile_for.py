@@ -70,6 +70,14 @@ class Chip:
     hbm_bytes_per_s: float
     source: str
 
+    def per_device(self, cores: int) -> Chip:
+        """The figures per JAX device when the topology shows each of a chip's `cores`
+        TensorCores as a device (libtpu's v4 topologies do)."""
+        if cores == 1:
+            return self
+        share = f"; per device, 1/{cores} of a chip (one TensorCore)"
+        return Chip(self.hbm_bytes // cores, self.bf16_flops / cores, self.hbm_bytes_per_s / cores, self.source + share)
+
 
 # Google Cloud TPU documentation, "key specifications" of each version (HBM read as GiB: the
 # compiler's own limit on a v5e is 15.75 GiB of 16).
@@ -318,7 +326,8 @@ class Session:
             result["_out"] = compiled.out_info
         self.seen[key] = result
         self.results.append(result)
-        print(f"compiled {p.name} in {time.perf_counter() - start:.1f} s", flush=True)  # 3b/7b: minutes each
+        done = f"does not compile: {result['error']}" if "error" in result else "compiled"
+        print(f"{p.name}: {done} ({time.perf_counter() - start:.1f} s)", flush=True)  # 3b/7b: minutes each
         return result["_out"]
 
 
@@ -571,7 +580,7 @@ def summary(s: Session, topology: str) -> dict:
         programs.append(r)
     out = dict(
         topology=topology,
-        chips=t.mesh.size,
+        devices=t.mesh.size,
         chip=dataclasses.asdict(chip),
         mesh=dict(t.mesh.shape),
         variant=t.c.hf_path or t.c.variant,
@@ -595,7 +604,7 @@ def _step(t: Target, programs: list[dict], chip: Chip) -> dict:
     c = t.c
     rows = c.rl.rollout_batch * c.rl.num_generations
     step_s, rollout_s = seconds("grpo"), seconds("grpo", "rollout_")
-    per_chip = lambda tokens, s: tokens / s / t.mesh.size if s else None
+    per_chip = lambda tokens, s: tokens / s / t.mesh.size if s else None  # per device (v4: per TensorCore)
     return dict(
         step_roofline_s=step_s,
         rollout_roofline_s=rollout_s,
@@ -636,7 +645,7 @@ def report(out: dict) -> str:
     chip, gib = out["chip"], lambda b: f"{b / GiB:9.2f}" if b is not None else f"{'-':>9}"
     mesh = " x ".join(f"{k}={v}" for k, v in out["mesh"].items())
     lines = [
-        f"compile_for {out['topology']}: {out['variant']} on {out['chips']} chips, mesh {mesh}; per chip "
+        f"compile_for {out['topology']}: {out['variant']} on {out['devices']} devices, mesh {mesh}; per chip "
         f"{chip['hbm_bytes'] / GiB:.0f} GiB HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
         f"{chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s ({chip['source']})",
         f"{'program':34}{'runs':>9}{'compile_s':>10}{'arg GiB':>9}{'out GiB':>9}{'temp GiB':>9}{'code MiB':>9}"
@@ -683,10 +692,13 @@ def main(c: ConfigDict, topology: str, slices: int = 1) -> int:
     """`--compile_for=<topology>`: compile, print the table, write the JSON; 0 when it fits, else 1."""
     if not jax.config.jax_platforms:  # libtpu installed without chips: the host needs no TPU backend
         jax.config.update("jax_platforms", "cpu")
-    chip = chip_of(topology)
+    chip, devices = chip_of(topology), topology_devices(topology, slices)
+    cores = 1 + max(getattr(d, "core_on_chip", 0) for d in devices)
     scratch = paths.Scratch(c.scratch_dir)
     try:
-        s = Session(target(c, topology_devices(topology, slices), scratch), chip)
+        s = Session(target(c, devices, scratch), chip.per_device(cores))
+        if cores > 1:
+            s.t.notes.append(f"each chip is {cores} devices (TensorCores): figures are per device")
         compile_all(s)
     finally:
         scratch.close()

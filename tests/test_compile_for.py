@@ -67,7 +67,7 @@ def test_every_program_compiles_and_fits(compiled):
     names = [p["name"] for p in out["programs"]]
     assert set(EXPECTED) <= set(names), names
     assert status == 0 and out["fits"] is True
-    assert out["chips"] == 4 and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert out["devices"] == 4 and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     for p in out["programs"]:
         assert {"name", "peak_bytes_per_chip", "flops", "bytes_accessed", "roofline_s"} <= set(p)
         assert "error" not in p, p
@@ -129,3 +129,13 @@ def test_jax_still_runs_on_the_cpu():
     """libtpu installed beside the CPU suite: the backend stays the CPU's (conftest's JAX_PLATFORMS)."""
     assert jax.default_backend() == "cpu"
     assert float(np.asarray(jax.numpy.ones(2).sum())) == 2.0
+
+
+def test_several_slices_and_v4_cores():
+    """Two v5e:2x2 slices are 8 devices; libtpu's v4 topology shows each chip's two TensorCores
+    as two devices, so a device gets half a chip's HBM, flops and bandwidth."""
+    assert len(compile_for.topology_devices("v5e:2x2", slices=2)) == 8
+    v4 = compile_for.topology_devices("v4:2x2x1")
+    assert len(v4) == 8 and {d.core_on_chip for d in v4} == {0, 1}
+    half = compile_for.CHIPS["v4"].per_device(2)
+    assert half.hbm_bytes == 16 * 2**30 and half.bf16_flops == 137.5e12 and half.hbm_bytes_per_s == 600e9
