@@ -595,12 +595,16 @@ def summary(s: Session, topology: str) -> dict:
 
 
 def _step(t: Target, programs: list[dict], chip: Chip) -> dict:
-    """Roofline seconds per GRPO step and per evaluation, and the PROJECTED tokens per second
-    per chip they allow (every row at its prompt and response limits)."""
-    ok = [p for p in programs if p["roofline_s"] is not None]
-    seconds = lambda phase, prefix="": sum(
-        p["roofline_s"] * p["runs"] for p in ok if p["phase"] == phase and p["name"].startswith(prefix)
-    )
+    """Roofline seconds per GRPO step, its rollout, an evaluation and a cold-start step (None
+    where a program of it did not compile, or there is none), and the PROJECTED tokens per
+    second per chip they allow (every row at its prompt and response limits)."""
+
+    def seconds(phase: str, prefix: str = ""):
+        ps = [p for p in programs if p["phase"] == phase and p["name"].startswith(prefix)]
+        if not ps or any(p["roofline_s"] is None for p in ps):
+            return None
+        return sum(p["roofline_s"] * p["runs"] for p in ps)
+
     c = t.c
     rows = c.rl.rollout_batch * c.rl.num_generations
     step_s, rollout_s = seconds("grpo"), seconds("grpo", "rollout_")
@@ -613,7 +617,6 @@ def _step(t: Target, programs: list[dict], chip: Chip) -> dict:
         projected_rollout_tokens_per_s_per_chip=per_chip(rows * c.rl.max_response_len, rollout_s),
         projected_step_tokens_per_s_per_chip=per_chip(rows * (c.rl.max_prompt_len + c.rl.max_response_len), step_s),
         easyr1_tokens_per_s_per_gpu=EASYR1_TOKENS_PER_S_PER_GPU,
-        incomplete=len(ok) < len(programs),
     )
 
 
@@ -626,9 +629,8 @@ def _verdict(programs: list[dict], chip: Chip, topology: str) -> dict:
     peak = worst["peak_bytes_per_chip"] if worst else None
     if failed:
         p = failed[0]
-        line = (
-            f"fits: no: {p['name']} does not compile for {topology}: {p['error']}; shrink it with {SHRINK[p['kind']]}"
-        )
+        why = p["error"].rstrip(".")
+        line = f"fits: no: {p['name']} does not compile for {topology}: {why}; shrink it with {SHRINK[p['kind']]}"
     elif peak > chip.hbm_bytes:
         over = (peak - chip.hbm_bytes) / GiB
         line = (
@@ -665,14 +667,13 @@ def report(out: dict) -> str:
     lines += [
         f"resident per chip (GiB): {held}",
         f"peak HBM per chip: {gib(out['peak_bytes_per_chip']).strip()} GiB of {chip['hbm_bytes'] / GiB:.0f} GiB",
-        f"roofline (a lower bound) per GRPO step: {out['step_roofline_s']:.3g} s "
-        f"(rollout {out['rollout_roofline_s']:.3g} s); "
-        f"per evaluation {out['eval_roofline_s']:.3g} s; per cold-start step {out['cold_start_step_roofline_s']:.3g} s"
-        + (" (programs that did not compile are left out)" if out["incomplete"] else ""),
+        f"roofline (a lower bound; -: a program of it did not compile) per GRPO step {_secs(out['step_roofline_s'])} "
+        f"(rollout {_secs(out['rollout_roofline_s'])}), per evaluation {_secs(out['eval_roofline_s'])}, "
+        f"per cold-start step {_secs(out['cold_start_step_roofline_s'])}",
         "PROJECTED at the roofline (an upper bound, not a measurement): "
-        f"{_rate(out['projected_rollout_tokens_per_s_per_chip'])} "
-        f"rollout tokens/s/chip, {_rate(out['projected_step_tokens_per_s_per_chip'])} step tokens/s/chip "
-        f"(prompt + response); EasyR1 measured {out['easyr1_tokens_per_s_per_gpu']:,} tokens/s/GPU (8 x H100)",
+        f"{_rate(out['projected_rollout_tokens_per_s_per_chip'])} rollout tokens/s/chip, "
+        f"{_rate(out['projected_step_tokens_per_s_per_chip'])} step tokens/s/chip (prompt + response); "
+        f"EasyR1 measured {out['easyr1_tokens_per_s_per_gpu']:,} tokens/s/GPU (8 x H100)",
     ]
     lines += [f"note: {n}" for n in out["notes"]]
     return "\n".join(lines + [out["verdict"]])
@@ -680,6 +681,10 @@ def report(out: dict) -> str:
 
 def _rate(x) -> str:
     return f"{x:,.0f}" if x is not None else "-"
+
+
+def _secs(x) -> str:
+    return f"{x:.3g} s" if x is not None else "-"
 
 
 def output_path(c: ConfigDict, topology: str, slices: int) -> str:
