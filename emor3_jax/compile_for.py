@@ -708,9 +708,9 @@ def main(c: ConfigDict, topology: str, slices: int = 1) -> int:
     finally:
         scratch.close()
     out = summary(s, topology)
-    print(report(out), flush=True)
     path = output_path(c, topology, slices)
     epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     epath.Path(path).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
+    print(report(out), flush=True)  # its last line: the verdict
     return 0 if out["fits"] else 1
