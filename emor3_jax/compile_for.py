@@ -380,16 +380,18 @@ class Generate:
     shares: int
 
     def shapes(self, sampler, max_prompt_len: int) -> dict:
-        """The shapes `Sampler.generate` derives: prompt bucket P, generation bucket G, prompts
-        per prefill group Q, groups, decode slots W, output rows (its own arithmetic)."""
-        p_len = bucket(max_prompt_len, sampler.prompt_buckets, "rl.max_prompt_len")
-        g_len = bucket(self.max_new, sampler.gen_buckets, f"{self.name} max_new_tokens")
-        rows = self.prompts * self.n
-        q = min(self.prompts, max(1, sampler.max_rows // self.n)) if sampler.max_rows else self.prompts
-        groups = -(-self.prompts // q)
-        slots = min(sampler.max_rows, rows) if sampler.max_rows else rows
-        out_rows = q * self.n * (1 << (groups - 1).bit_length())
-        return dict(p_len=p_len, g_len=g_len, rows=rows, q=q, groups=groups, slots=slots, out_rows=out_rows)
+        """The shapes `Sampler.generate` runs this call at (`Sampler.layout`): prompt bucket P,
+        generation bucket G, prompts per prefill group Q, groups, decode slots W, output rows."""
+        lay = sampler.layout(self.prompts, max_prompt_len, self.n, self.max_new)
+        return dict(
+            p_len=lay.p_len,
+            g_len=lay.g_len,
+            rows=self.prompts * self.n,
+            q=lay.group_prompts,
+            groups=lay.groups,
+            slots=lay.slots,
+            out_rows=lay.out_rows,
+        )
 
 
 def generates(t: Target) -> list[Generate]:
@@ -443,7 +445,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     args = (
         *(t.graphdef, g.n, g.params, sampler.continuous, t.params, caches[own], carry, logits, prompt_cache),
         *(i32(q, sh["p_len"]), i32(q), i32(q * g.n), i32(), i32(), _replicated(t.mesh, (), np.bool_)),
-        *(i32(len(t.rt.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32()),
+        *(i32(len(sampler.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32()),
     )
     steps = g.calls * -(-sh["rows"] // sh["slots"]) * g.max_new
     s.run(Program(f"{g.name}_decode", sampler._decode, args, steps, state + others, g.phase, "sampler"))
