@@ -80,18 +80,23 @@ def make_mesh(c: ConfigDict) -> Mesh:
         ) from None
 
 
-def _sharded(tree, mesh: Mesh, rules) -> list[jax.ShapeDtypeStruct]:
-    """Leaves of an abstract tree with their run-time sharding: variables with logical `axes`
-    by the rules, anything else (step counters) replicated."""
+def abstract_state(tree, mesh: Mesh, rules):
+    """An abstract tree (params, optimizer state) with its run-time shardings: variables with
+    logical `axes` by the rules, anything else (step counters) replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(x):
         if isinstance(x, nnx.Variable):
             s = sharding.named_sharding(x.get_metadata()["axes"], x.shape, mesh, rules)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
 
-    return [one(x) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _sharded(tree, mesh: Mesh, rules) -> list[jax.ShapeDtypeStruct]:
+    """Leaves of an abstract tree with their run-time sharding (`abstract_state`)."""
+    return jax.tree.leaves(abstract_state(tree, mesh, rules))
 
 
 def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:

@@ -10,12 +10,18 @@ crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run
 logic lives in emor3_jax.trainer; this file parses flags and checks them before anything is
 built.
 
+    # every program of a step compiled for a TPU slice on this machine's CPU (libtpu):
+    # per-chip memory, roofline seconds, and whether it fits (exit 1 if not)
+    python -m emor3_jax.train --config=configs/qwen_vl.py:3b --compile_for=v5p:2x2x1
+
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
         --config.mesh="[('data',1),('fsdp',16),('tensor',4)]"
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,6 +33,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/qwen_vl.py[:v
 _DRY_RUN = flags.DEFINE_integer(
     "dry_run", 0, "N > 0: fake N CPU devices (the target's global count), print per-device memory, train nothing"
 )
+_COMPILE_FOR = flags.DEFINE_string(
+    "compile_for",
+    "",
+    "a TPU topology (e.g. v5p:2x2x1): compile every program of a step for it on this CPU, print per-chip "
+    "memory and roofline, write <workdir>/compile/<topology>.json, exit 1 if it does not fit; train nothing",
+)
+_COMPILE_SLICES = flags.DEFINE_integer("compile_slices", 1, "with --compile_for: slices of that topology")
 _ACCEPT_CHANGES = flags.DEFINE_list(
     "accept_changes",
     [],
@@ -42,6 +55,10 @@ def main(argv) -> None:
 
         dry_run.main(_CONFIG.value, _DRY_RUN.value)
         return
+    if _COMPILE_FOR.value:
+        from emor3_jax import compile_for
+
+        sys.exit(compile_for.main(_CONFIG.value, _COMPILE_FOR.value, _COMPILE_SLICES.value))
     c = _CONFIG.value
     config_lib.resolve_hub_ids(c)  # a hub id -> its local snapshot: the start-up's one download
     config_lib.validate(c)  # once per run, before a device or a file is touched

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from emor3_jax.core import sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch
 from emor3_jax.rl import grpo
 
@@ -175,6 +176,20 @@ class GRPOSettings:
         )
 
 
+def _grads_like_params(grad_fn):
+    """grad_fn(params, ...) -> (grads, aux) with each gradient constrained to its parameter's
+    logical axes under the rules in use: left to itself, XLA returns the gradient of an
+    fsdp-sharded parameter whole on every chip (issue 21: 3B's fp32 gradients, 14 GiB, on each
+    chip of a v5p slice; tests/test_compile_for.py checks the share per chip)."""
+
+    def run(params, *args):
+        grads, aux = grad_fn(params, *args)
+        like = lambda v: v.replace(sharding.constrain(v.get_value(), v.get_metadata()["axes"]))
+        return jax.tree.map(like, grads, is_leaf=lambda x: isinstance(x, nnx.Variable)), aux
+
+    return run
+
+
 class Learner:
     """Owns the jitted gradient / update functions for one model graph and optimizer."""
 
@@ -208,6 +223,10 @@ class Learner:
     # ---- gradients ----
     def sft_grads(self, params, batch: SequenceBatch, loss_mask, weight):
         """Gradient of weight * (masked mean NLL of the tokens loss_mask [R, T-1] marks)."""
+        return self.sft_grad_fn()(params, batch, loss_mask, weight)
+
+    def sft_grad_fn(self):
+        """The jitted function `sft_grads` calls (compile_for lowers it)."""
         fn = self._grad.get("sft")
         if fn is None:
 
@@ -218,8 +237,8 @@ class Learner:
                 nll = -(logp * loss_mask).sum() / jnp.maximum(loss_mask.sum(), 1)
                 return weight * nll, {"loss": nll, "tokens": loss_mask.sum()}
 
-            fn = self._grad["sft"] = jax.jit(jax.grad(loss_fn, has_aux=True))
-        return fn(params, batch, loss_mask, weight)
+            fn = self._grad["sft"] = jax.jit(_grads_like_params(jax.grad(loss_fn, has_aux=True)))
+        return fn
 
     def grpo_grads(
         self,
@@ -235,17 +254,23 @@ class Learner:
         settings: GRPOSettings,
     ):
         """Gradient of weight * GRPO loss on one micro-batch; metrics alongside."""
+        return self.grpo_grad_fn(start, length, settings)(params, batch, old_logp, ref_logp, advantages, mask, weight)
+
+    def grpo_grad_fn(self, start: int, length: int, settings: GRPOSettings):
+        """The jitted function `grpo_grads` calls (compile_for lowers it)."""
         score = lambda model, b: response_logprobs(model, b, start, length, self.chunk)
-        fn = self._grpo_grad_fn(("grpo", start, length, settings), score, settings)
-        return fn(params, batch, old_logp, ref_logp, advantages, mask, weight)
+        return self._grpo_grad_fn(("grpo", start, length, settings), score, settings)
 
     def packed_grpo_grads(
         self, params, packed: PackedBatch, old_logp, ref_logp, advantages, mask, weight, settings: GRPOSettings
     ):
         """`grpo_grads` of a micro-batch of packed rows (the same loss on the same [R, G] layout)."""
+        return self.packed_grpo_grad_fn(settings)(params, packed, old_logp, ref_logp, advantages, mask, weight)
+
+    def packed_grpo_grad_fn(self, settings: GRPOSettings):
+        """The jitted function `packed_grpo_grads` calls (compile_for lowers it)."""
         score = lambda model, b: packed_logprobs(model, b, self.chunk)
-        fn = self._grpo_grad_fn(("grpo_packed", settings), score, settings)
-        return fn(params, packed, old_logp, ref_logp, advantages, mask, weight)
+        return self._grpo_grad_fn(("grpo_packed", settings), score, settings)
 
     def _grpo_grad_fn(self, key, score, settings: GRPOSettings):
         """The jitted gradient of weight * GRPO loss, the log-probs [R, G] from score(model, batch)."""
@@ -270,7 +295,7 @@ class Learner:
                 metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
                 return weight * loss, metrics
 
-            fn = self._grad[key] = jax.jit(jax.grad(loss_fn, has_aux=True))
+            fn = self._grad[key] = jax.jit(_grads_like_params(jax.grad(loss_fn, has_aux=True)))
         return fn
 
     def accumulate(self, total, grads):

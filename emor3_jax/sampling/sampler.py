@@ -88,7 +88,7 @@ class Schedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class Layout:
     """How one `generate` call runs: prompt bucket P (p_len), generation bucket G (g_len), Q
     prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows."""
 
@@ -264,16 +264,21 @@ class Sampler:
         samples, self.last_schedule = _first_rows(carry, rows)
         return samples
 
-    def _layout(self, prompts: Sequence[Prompt], n: int, max_new_tokens: int) -> _Layout:
+    def _layout(self, prompts: Sequence[Prompt], n: int, max_new_tokens: int) -> Layout:
         """The buckets, prefill groups and slots of one `generate` call."""
-        p_len = bucket(max(len(p.ids) for p in prompts), self.prompt_buckets, "prompt length")
+        return self.layout(len(prompts), max(len(p.ids) for p in prompts), n, max_new_tokens)
+
+    def layout(self, num_prompts: int, prompt_len: int, n: int, max_new_tokens: int) -> Layout:
+        """How `generate` runs `num_prompts` prompts of up to `prompt_len` tokens, n samples each
+        (also what compile_for compiles at a config's shapes)."""
+        p_len = bucket(prompt_len, self.prompt_buckets, "prompt length")
         g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
-        rows = len(prompts) * n
-        q = min(len(prompts), max(1, self.max_rows // n)) if self.max_rows else len(prompts)
-        groups = -(-len(prompts) // q)
+        rows = num_prompts * n
+        q = min(num_prompts, max(1, self.max_rows // n)) if self.max_rows else num_prompts
+        groups = -(-num_prompts // q)
         slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
-        return _Layout(p_len, g_len, q, groups, slots, out_rows)
+        return Layout(p_len, g_len, q, groups, slots, out_rows)
 
     def _buffer(self, rows: int, slots: int, dtype) -> Cache:
         """The decode cache for this shape: allocated once (under the caller's mesh), donated to

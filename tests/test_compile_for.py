@@ -1,0 +1,141 @@
+"""compile_for: the tiny preset's programs compiled for a TPU slice (v5e:2x2, four chips) by
+libtpu on this CPU, at shrunk shapes so the compiles take seconds each.
+
+One compile session is shared by the module (in this process: the topology's compile-only
+devices do not touch the CPU backend conftest set up).
+"""
+
+import contextlib
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs.qwen_vl import get_config
+from emor3_jax import compile_for
+
+pytest.importorskip("libtpu", reason="compile_for needs libtpu (the test extra installs it)")
+pytestmark = pytest.mark.xdist_group("compile_for")
+TOPOLOGY = "v5e:2x2"
+
+
+def small_tiny(workdir) -> object:
+    """The tiny preset at small shapes: every kind of program, each quick to compile."""
+    c = get_config("tiny")
+    c.workdir = str(workdir)
+    c.rl.rollout_batch, c.rl.num_generations, c.rl.update_batch, c.rl.micro_batch = 2, 2, 1, 1
+    c.rl.max_prompt_len, c.rl.max_response_len, c.rl.pack_length = 96, 32, 128
+    c.sampling.prompt_buckets, c.sampling.gen_buckets = (96,), (32,)
+    c.eval.batch_size, c.eval.num_examples = 2, 2
+    c.cold_start.steps, c.cold_start.batch_size, c.cold_start.judge_batch_size = 1, 2, 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(config, exit status, printed text, JSON) of `compile_for.main` on the small tiny config."""
+    c = small_tiny(tmp_path_factory.mktemp("compile_for"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = compile_for.main(c, TOPOLOGY)
+    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
+        return c, status, out.getvalue(), json.load(f)
+
+
+EXPECTED = [
+    "rollout_prefill",
+    "rollout_slots",
+    "rollout_decode",
+    "text_reflection_prefill",
+    "image_reflection_prefill",
+    "eval_greedy_decode",
+    "eval_sampled_decode",
+    "logprobs",
+    "gradient",
+    "accumulate",
+    "optimizer_step",
+    "cold_start_gradient",
+    "cold_start_judge_gradient",
+    "cold_start_optimizer_step",
+]
+
+
+def test_every_program_compiles_and_fits(compiled):
+    _, status, text, out = compiled
+    names = [p["name"] for p in out["programs"]]
+    assert set(EXPECTED) <= set(names), names
+    assert status == 0 and out["fits"] is True
+    assert out["devices"] == 4 and out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    for p in out["programs"]:
+        assert {"name", "peak_bytes_per_chip", "flops", "bytes_accessed", "roofline_s"} <= set(p)
+        assert "error" not in p, p
+        assert 0 < p["peak_bytes_per_chip"] < 16 * 2**30
+        # the peak holds the program's own bytes and what the run keeps beside it
+        assert p["peak_bytes_per_chip"] >= p["argument_bytes"] + p["temp_bytes"]
+    assert out["step_roofline_s"] > out["rollout_roofline_s"] > 0
+    assert out["projected_step_tokens_per_s_per_chip"] > 0
+    for name in EXPECTED:
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    assert "PROJECTED" in text and "1,200 tokens/s/GPU" in text
+    assert text.rstrip().splitlines()[-1].startswith("fits: yes")
+
+
+def test_the_gradient_is_sharded_like_the_params(compiled):
+    """Under fsdp over four chips, the gradient program returns each gradient in its
+    parameter's sharding: a quarter per chip, not the whole on every chip."""
+    _, _, _, out = compiled
+    params = out["resident_bytes_per_chip"]["params"]  # the params' share per chip
+    assert params * 3 < out["params_bytes"]  # they are sharded: about a quarter of all
+    # the compiler's output shardings give the gradients exactly the params' share
+    assert out["resident_bytes_per_chip"]["gradients"] == params
+    # its output bytes (TPU layouts pad small arrays to tiles; plus scalar metrics) stay near
+    # that share; a whole gradient per chip would be about four times as much
+    for name in ("gradient", "cold_start_gradient"):
+        grad = next(p for p in out["programs"] if p["name"] == name)
+        assert params <= grad["output_bytes"] < 1.25 * params, (name, grad["output_bytes"], params)
+
+
+def test_the_verdict_names_the_program_that_does_not_fit(compiled):
+    """The same compiled programs against a chip made too small for them: exit status 1 and
+    one line naming the program with the largest peak, by how much, and what shrinks it."""
+    _, _, _, out = compiled
+    worst = max(out["programs"], key=lambda p: p["peak_bytes_per_chip"])
+    hbm = worst["peak_bytes_per_chip"] - 2**20  # 1 MiB short of the largest peak
+    small = compile_for.Chip(hbm, 197e12, 819e9, "a test chip")
+    verdict = compile_for._verdict(out["programs"], small, TOPOLOGY)
+    assert verdict["fits"] is False
+    line = verdict["verdict"]
+    assert line.startswith(f"fits: no: {worst['name']} needs ") and "more than the chip's" in line
+    assert "shrink it with" in line
+
+
+def test_a_program_that_does_not_compile_fails_the_verdict():
+    programs = [dict(name="gradient", kind="learner", error="RESOURCE_EXHAUSTED: over HBM", peak_bytes_per_chip=None)]
+    v = compile_for._verdict(programs, compile_for.CHIPS["v5e"], TOPOLOGY)
+    assert v["fits"] is False and v["verdict"].startswith("fits: no: gradient does not compile for v5e:2x2")
+    assert "rl.micro_batch" in v["verdict"]
+
+
+def test_unknown_topology_is_a_clear_error():
+    with pytest.raises(ValueError, match="--compile_for=v5p:3x3x3x3"):
+        compile_for.topology_devices("v5p:3x3x3x3")
+    with pytest.raises(ValueError, match="no chip table for 'v9'"):
+        compile_for.chip_of("v9:2x2")
+
+
+def test_jax_still_runs_on_the_cpu():
+    """libtpu installed beside the CPU suite: the backend stays the CPU's (conftest's JAX_PLATFORMS)."""
+    assert jax.default_backend() == "cpu"
+    assert float(np.asarray(jax.numpy.ones(2).sum())) == 2.0
+
+
+def test_several_slices_and_v4_cores():
+    """Two v5e:2x2 slices are 8 devices; libtpu's v4 topology shows each chip's two TensorCores
+    as two devices, so a device gets half a chip's HBM, flops and bandwidth."""
+    assert len(compile_for.topology_devices("v5e:2x2", slices=2)) == 8
+    v4 = compile_for.topology_devices("v4:2x2x1")
+    assert len(v4) == 8 and {d.core_on_chip for d in v4} == {0, 1}
+    half = compile_for.CHIPS["v4"].per_device(2)
+    assert half.hbm_bytes == 16 * 2**30 and half.bf16_flops == 137.5e12 and half.hbm_bytes_per_s == 600e9
