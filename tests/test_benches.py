@@ -4,6 +4,8 @@ processes), checked on the lines it prints. A side that needs what this machine 
 venv .venv-trl, the reference script in shared/, a GPU) is skipped with a reason naming it.
 bench/learning.py and bench/size_probe.py read trained runs, which take minutes: their smoke
 runs read a crafted run (metrics and results files; a random tiny model's checkpoint) instead.
+The second modes of sampling (realistic lengths, the GPU path on the CPU) and grpo_step
+(realistic lengths) are slow-marked: CI runs each bench once, tests/README.md lists them.
 Also: bench/gpu_grpo.py's FLOPs formula reproduces EasyR1's (verl's) count for the 3B model."""
 
 import importlib
@@ -49,6 +51,7 @@ def test_sampling_small(capsys, monkeypatch):
     assert_ratios(out, "sampling_vs_transformers", "fork_vs_prefill_each")
 
 
+@pytest.mark.slow  # a second mode of a bench CI already runs; about a minute on 2 cores
 def test_sampling_realistic_lengths(capsys, monkeypatch):
     argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "8", "--slots", "4"]
     out = run_main("bench.sampling", argv, capsys, monkeypatch)
@@ -56,6 +59,7 @@ def test_sampling_realistic_lengths(capsys, monkeypatch):
     assert_ratios(out, "continuous_vs_static")
 
 
+@pytest.mark.slow  # a second mode of a bench CI already runs; about a minute on 2 cores
 def test_sampling_gpu_path_on_cpu(capsys, monkeypatch):
     out = run_main("bench.sampling", ["--smoke", "--n", "2", "--new", "4"], capsys, monkeypatch)
     assert "4 rows x 4 new tokens" in out and "decode step" in out, out  # --smoke: 2 prompts
@@ -69,6 +73,7 @@ def test_grpo_step_small(capsys, monkeypatch):
     assert re.search(r"^tokens/s \(rollout tokens over step time\): \d+$", out, re.M), out
 
 
+@pytest.mark.slow  # a second mode of a bench CI already runs; about a minute on 2 cores
 def test_grpo_step_realistic_lengths(capsys, monkeypatch):
     argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "16", "--micro", "4", "--iters", "1"]
     out = run_main("bench.grpo_step", argv, capsys, monkeypatch)
