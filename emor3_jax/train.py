@@ -17,6 +17,8 @@ built.
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
         --config.mesh="[('data',1),('fsdp',16),('tensor',4)]"
+
+Both check the config's shapes first (config_lib.validate_shapes): no data paths or weights needed.
 """
 
 from __future__ import annotations

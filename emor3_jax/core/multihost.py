@@ -118,7 +118,9 @@ def gather_records(local: list) -> list:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """A device array as numpy on this process, whole even when other processes hold parts of it."""
+    """A device array as numpy on this process, whole even when other processes hold parts of it
+    (numpy passes through). The one way device outputs reach the host: np.asarray or
+    jax.device_get on an array sharded across processes raises."""
     if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils
