@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from etils import epath
 from ml_collections import ConfigDict
 
+from emor3_jax.core import paths
+from emor3_jax.core.sharding import MESH_AXES
 from emor3_jax.data.sources import SOURCES
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
@@ -57,6 +59,7 @@ def _unit(x) -> bool:
 # pixels, buckets) separately.
 RANGES = (
     ("seed", _at_least(0), "must be >= 0"),
+    ("gpu_memory_fraction", _unit, "must be in (0, 1] (the share of each GPU's memory XLA preallocates)"),
     ("data.synthetic_train", _at_least(1), "must be >= 1 (records of the synthetic train split)"),
     ("data.synthetic_test", _at_least(1), "must be >= 1 (records of the synthetic test split)"),
     ("data.image_size", _at_least(28), "must be >= 28 (one merged 2x2 patch of 14 pixels)"),
@@ -225,35 +228,55 @@ def _out_of_range(c: ConfigDict, section: str) -> list[str]:
 
 
 def _top_level(c: ConfigDict) -> list[str]:
-    """The run as a whole: its workdir, tokenizer and checkpoint paths, mesh, and something to train."""
+    """The run's files: its workdir, tokenizer, weights and data paths, and something to train."""
     errors = _failed((bool(c.workdir), "set --config.workdir (where checkpoints and logs go)"))
     errors += _choices(c, [("builtin_tokenizer", BUILTIN_TOKENIZERS)])
     for flag in ("hf_path", "tokenizer_path"):
         problem = _model_path_problem(flag, c[flag]) if c[flag] else None
         errors += [problem] if problem else []
-    sizes = [size for _, size in c.mesh]
-    return errors + _failed(
+    return (
+        errors
+        + _failed(
+            (
+                c.model.preset == "tiny" or bool(c.hf_path) or c.model.init_random,
+                f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir or hub id, e.g. "
+                "Qwen/Qwen2.5-VL-3B-Instruct> (or --config.model.init_random=True: random weights at the "
+                f"{c.model.preset} preset's shapes)",
+            ),
+            (
+                c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
+                "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
+            ),
+        )
+        + _data_files(c)
+    )
+
+
+def _rule_axes(rule) -> tuple:
+    """The mesh axes a logical_axis_rules entry [logical, None | axis | (axes...)] maps to."""
+    target = rule[1]
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _mesh(c: ConfigDict) -> list[str]:
+    """mesh and logical_axis_rules: the axes in order, their sizes, rules that name mesh axes."""
+    mesh = tuple(tuple(a) for a in c.mesh)
+    names, sizes = tuple(name for name, _ in mesh), [size for _, size in mesh]
+    bad_rules = [list(rule) for rule in c.logical_axis_rules if set(_rule_axes(rule)) - set(MESH_AXES)]
+    return _failed(
+        (names == MESH_AXES, f"--config.mesh={mesh}: the axes must be {MESH_AXES}, in that order"),
         (
             all(x >= 1 or x == -1 for x in sizes) and sizes.count(-1) <= 1,
-            f"--config.mesh={tuple(tuple(a) for a in c.mesh)}: sizes must be >= 1, and at most one -1 (the rest)",
+            f"--config.mesh={mesh}: sizes must be >= 1, and at most one -1 (the rest)",
         ),
-        (
-            c.rl.steps > 0 or c.rl.epochs > 0 or c.cold_start.steps > 0,
-            "nothing to train: set --config.cold_start.steps, --config.rl.steps or --config.rl.epochs",
-        ),
+        (not bad_rules, f"--config.logical_axis_rules: {bad_rules} name axes outside the mesh's {MESH_AXES}"),
     )
 
 
 def _model(c: ConfigDict) -> list[str]:
-    """model: the preset, the weights a real variant starts from, vision buckets that hold an image."""
+    """model: the preset, vision buckets that hold an image (the weights: _top_level)."""
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
     return _choices(c, [("model.preset", PRESETS)]) + _failed(
-        (
-            c.model.preset == "tiny" or bool(c.hf_path) or c.model.init_random,
-            f"variant {c.variant!r} needs --config.hf_path=<local Hugging Face checkpoint dir or hub id, e.g. "
-            "Qwen/Qwen2.5-VL-3B-Instruct> (or --config.model.init_random=True: random weights at the "
-            f"{c.model.preset} preset's shapes)",
-        ),
         (
             not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
             f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at "
@@ -299,24 +322,20 @@ def _data_files(c: ConfigDict) -> list[str]:
 
 
 def _data(c: ConfigDict) -> list[str]:
-    """data: the source and its files, the labels, bad-record tolerance, image sizes."""
+    """data: the source, the labels, bad-record tolerance, image sizes (its files: _top_level)."""
     d, sides = c.data, tuple(c.data.image_sides)
-    return (
-        _choices(c, [("data.source", SOURCES)])
-        + _data_files(c)
-        + _failed(
-            (
-                len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
-                f"--config.data.labels={list(d.labels)} must be at least two distinct labels",
-            ),
-            (0 <= d.max_bad_fraction < 1, f"--config.data.max_bad_fraction={d.max_bad_fraction} not in [0, 1)"),
-            (0 <= d.unfaithful_share <= 1, f"--config.data.unfaithful_share={d.unfaithful_share} must be in [0, 1]"),
-            (d.min_pixels <= d.max_pixels, "--config.data.min_pixels must be <= max_pixels"),
-            (
-                sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),
-                f"--config.data.image_sides={sides} must be () or (min, max) pixels with 28 <= min <= max",
-            ),
-        )
+    return _choices(c, [("data.source", SOURCES)]) + _failed(
+        (
+            len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
+            f"--config.data.labels={list(d.labels)} must be at least two distinct labels",
+        ),
+        (0 <= d.max_bad_fraction < 1, f"--config.data.max_bad_fraction={d.max_bad_fraction} not in [0, 1)"),
+        (0 <= d.unfaithful_share <= 1, f"--config.data.unfaithful_share={d.unfaithful_share} must be in [0, 1]"),
+        (d.min_pixels <= d.max_pixels, "--config.data.min_pixels must be <= max_pixels"),
+        (
+            sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),
+            f"--config.data.image_sides={sides} must be () or (min, max) pixels with 28 <= min <= max",
+        ),
     )
 
 
@@ -431,10 +450,11 @@ def _eval(c: ConfigDict) -> list[str]:
 
 
 # Each section's checks besides its RANGES fields (choices from a registry, fields that
-# constrain each other); "" is the top level, None a section with ranges only. `validate` runs
-# them in this order.
+# constrain each other); "" is the top level (every path the run reads or writes), None a
+# section with ranges only. `validate` runs them in this order.
 SECTION_CHECKS = {
     "": _top_level,
+    "mesh": _mesh,
     "model": _model,
     "data": _data,
     "cold_start": _cold_start,
@@ -453,6 +473,21 @@ def _section_errors(c: ConfigDict, section: str) -> list[str]:
     section's own checks (SECTION_CHECKS), then its RANGES fields out of range."""
     check = SECTION_CHECKS[section]
     return (check(c) if check else []) + _out_of_range(c, section)
+
+
+# The sections that fix a run's shapes and programs: what --compile_for and --dry_run build
+# (they read no data or weights and write no checkpoint). data: its pixel limits size the
+# vision program; reward: which reflections run, and how long.
+SHAPE_SECTIONS = ("mesh", "model", "data", "cold_start", "rl", "reward", "sampling", "eval")
+
+
+def validate_shapes(c: ConfigDict) -> None:
+    """Raises ValueError listing every bad value of `c` in SHAPE_SECTIONS at once, each naming
+    its flag: `validate` without the top level (paths, weights, outputs), so a 3b config
+    without workdir, hf_path or data passes."""
+    errors = [message for section in SHAPE_SECTIONS for message in _section_errors(c, section)]
+    if errors:
+        raise ValueError(_listing("bad config", errors))
 
 
 def validate(c: ConfigDict) -> None:
@@ -543,6 +578,8 @@ RESUMABLE = (
     "guard",  # bounds of the divergence guard: they stop a run, never change a step
     "log",
     "reward.threads",
+    "compile_cache_dir",  # where compiled programs persist, not what they compute
+    "gpu_memory_fraction",
 )
 
 
@@ -608,6 +645,15 @@ def check_accepted(accepted: Sequence[str], c: ConfigDict) -> None:
     unknown = [name for name in accepted if name not in fields]
     if unknown:
         raise ValueError(f"--accept_changes={','.join(accepted)}: no config field {unknown} (e.g. rl.learning_rate)")
+
+
+def compile_cache_dir(c: ConfigDict) -> str | None:
+    """Where compiled programs persist (core.accelerator): compile_cache_dir, "" for
+    <workdir>/compile_cache (a run resumed in its workdir finds its programs), None when "off"
+    or there is no workdir."""
+    if c.compile_cache_dir == "off" or not (c.compile_cache_dir or c.workdir):
+        return None
+    return c.compile_cache_dir or paths.join(c.workdir, "compile_cache")
 
 
 def runtime_fields(c: ConfigDict) -> dict:

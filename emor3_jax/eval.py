@@ -36,7 +36,7 @@ from etils import epath
 from ml_collections import ConfigDict, config_flags
 
 from emor3_jax import cli, config_lib, factory
-from emor3_jax.core import multihost, paths
+from emor3_jax.core import accelerator, multihost, paths
 from emor3_jax.data import sources
 from emor3_jax.data.splits import load_eval_records
 from emor3_jax.emo_r3.task import EmoR3
@@ -164,8 +164,12 @@ def main(argv) -> None:
         raise app.UsageError("--checkpoint is required")
     out = _OUT.value or default_out(_CHECKPOINT.value)
     logging.set_verbosity(logging.WARNING)
+    c = _CONFIG.value
+    settings = accelerator.setup(config_lib.compile_cache_dir(c), c.gpu_memory_fraction)  # before a backend starts
     multihost.initialize()
-    run_eval(_CONFIG.value, _CHECKPOINT.value, _DATASETS.value, out, _SAMPLES.value, not _PLAIN.value)
+    if multihost.is_main():
+        print(settings, flush=True)
+    run_eval(c, _CHECKPOINT.value, _DATASETS.value, out, _SAMPLES.value, not _PLAIN.value)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ built.
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
         --config.mesh="[('data',1),('fsdp',16),('tensor',4)]"
+
+Both check the config's shapes first (config_lib.validate_shapes): no data paths or weights needed.
 """
 
 from __future__ import annotations
@@ -50,24 +52,29 @@ _ACCEPT_CHANGES = flags.DEFINE_list(
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = _CONFIG.value
+    if _DRY_RUN.value or _COMPILE_FOR.value:
+        config_lib.validate_shapes(c)  # what they build; they read no data and write no checkpoint
     if _DRY_RUN.value:
         from emor3_jax import dry_run
 
-        dry_run.main(_CONFIG.value, _DRY_RUN.value)
+        dry_run.main(c, _DRY_RUN.value)
         return
     if _COMPILE_FOR.value:
         from emor3_jax import compile_for
 
-        sys.exit(compile_for.main(_CONFIG.value, _COMPILE_FOR.value, _COMPILE_SLICES.value))
-    c = _CONFIG.value
+        sys.exit(compile_for.main(c, _COMPILE_FOR.value, _COMPILE_SLICES.value))
     config_lib.resolve_hub_ids(c)  # a hub id -> its local snapshot: the start-up's one download
     config_lib.validate(c)  # once per run, before a device or a file is touched
     config_lib.check_accepted(_ACCEPT_CHANGES.value, c)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    from emor3_jax.core import multihost
+    from emor3_jax.core import accelerator, multihost
 
+    settings = accelerator.setup(config_lib.compile_cache_dir(c), c.gpu_memory_fraction)  # before a backend starts
     multihost.initialize()  # one process of several (TPU slice, SLURM, explicit env): join them first
     with WorkdirLock(c.workdir) as lock:
+        if multihost.is_main():  # starts the backend: only once the workdir is ours
+            print(settings, flush=True)
         from emor3_jax.trainer import Run, run_phases  # slow to import: only once the workdir is ours
 
         run_phases(Run(c, tuple(_ACCEPT_CHANGES.value), lock))  # c resolved and validated above

@@ -41,6 +41,16 @@ def test_train_refuses_a_bad_value_in_one_line(tmp_path, flag, message):
     assert not os.listdir(tmp_path)  # nothing written
 
 
+@pytest.mark.parametrize("mode", ["--compile_for=v5p:2x2x1", "--dry_run=8"])
+def test_a_bad_shape_is_refused_before_compile_or_dry_run(tmp_path, mode):
+    """The shape checks run first: a micro-batch of 0 never reaches the compiler or the fake
+    devices (each would fail later, and obscurely); the 3b config needs no data paths here."""
+    bad = "--config.rl.micro_batch=0"
+    done = _run("-m", "emor3_jax.train", f"{CONFIG}:3b", mode, f"--config.workdir={tmp_path}", bad)
+    _one_error(done, "error: bad config: --config.rl.micro_batch=0 must divide update_batch * num_generations")
+    assert "devices" not in done.stdout and not os.listdir(tmp_path)  # no table printed, nothing written
+
+
 def test_debug_shows_the_traceback(tmp_path):
     done = _run("-m", "emor3_jax.train", CONFIG, f"--config.workdir={tmp_path}", "--config.rl.epochs=-2", "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr

@@ -139,3 +139,39 @@ def test_several_slices_and_v4_cores():
     assert len(v4) == 8 and {d.core_on_chip for d in v4} == {0, 1}
     half = compile_for.CHIPS["v4"].per_device(2)
     assert half.hbm_bytes == 16 * 2**30 and half.bf16_flops == 137.5e12 and half.hbm_bytes_per_s == 600e9
+
+
+def _hops(grid: np.ndarray) -> int:
+    """The longest step, in chip-to-chip links, between neighbours along any mesh axis."""
+    steps = [
+        sum(abs(p - q) for p, q in zip(a.coords, b.coords))
+        for axis in range(grid.ndim)
+        for row in np.moveaxis(grid, axis, -1).reshape(-1, grid.shape[axis])
+        for a, b in zip(row[:-1], row[1:])
+    ]
+    return max(steps)
+
+
+def test_the_mesh_follows_the_chips():
+    """On a v5e 4x4 slice, an fsdp x tensor = 4 x 4 mesh steps one link at a time along each
+    axis; the devices in id order would put chips 4 links apart side by side."""
+    from emor3_jax.core import sharding
+
+    devices = compile_for.topology_devices("v5e:4x4")
+    shape = [("data", 1), ("fsdp", 4), ("tensor", 4)]
+    assert _hops(np.asarray(devices).reshape(1, 4, 4)) == 4
+    mesh = sharding.make_mesh(shape, devices)
+    assert _hops(mesh.devices) == 1 and sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    v4 = compile_for.topology_devices("v4:2x2x1")  # two TensorCores per chip: the devices' order
+    assert [d.id for d in sharding.make_mesh(shape[:2] + [("tensor", 2)], v4).devices.flat] == [d.id for d in v4]
+
+
+def test_several_slices_put_the_data_axis_across_slices():
+    from emor3_jax.core import sharding
+
+    devices = compile_for.topology_devices("v5e:2x2", slices=2)
+    mesh = sharding.make_mesh([("data", 4), ("fsdp", 2), ("tensor", 1)], devices)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slice_of == np.array([0, 0, 1, 1])[:, None, None]).all()  # fsdp and tensor within a slice
+    with pytest.raises(ValueError, match=r"data=1 over 2 slices: .*multiple of 2 \(e.g. --config.mesh="):
+        sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], devices)

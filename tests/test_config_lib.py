@@ -25,6 +25,7 @@ def _config(**overrides):
 # One out-of-range value per field of config_lib.RANGES.
 BAD = {
     "seed": -1,
+    "gpu_memory_fraction": 1.5,
     "data.synthetic_train": 0,
     "data.synthetic_test": 0,
     "data.image_size": 27,
@@ -130,6 +131,8 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         ({"sampling.gen_buckets": (0, 48)}, "--config.sampling.gen_buckets=(0, 48) must be increasing positive"),
         ({"mesh": (("data", 0), ("fsdp", -1), ("tensor", 1))}, "--config.mesh=(('data', 0), ('fsdp', -1), ('tens"),
         ({"mesh": (("data", -1), ("fsdp", -1), ("tensor", 1))}, "at most one -1"),
+        ({"mesh": (("fsdp", -1), ("data", 1), ("tensor", 1))}, "the axes must be ('data', 'fsdp', 'tensor'), in that"),
+        ({"logical_axis_rules": [["embed", "model"]]}, "--config.logical_axis_rules: [['embed', 'model']] name axes"),
         ({"cold_start.judge_batch_size": -1}, "--config.cold_start.judge_batch_size=-1 must be >= 0"),
         ({"data.source": "folder", "cold_start.judge_batch_size": 4}, "0 unless data.source is synthetic"),
         ({"reward.no_span": "half"}, "--config.reward.no_span='half' must be one of ('neutral', 'zero')"),
@@ -179,6 +182,41 @@ def test_errors_of_several_sections_come_in_one_exception_one_line_each():
         f"  --config.eval.best_by='loss' must be one of {config_lib.BEST_BY}",
         "  --config.log.num_samples=-1 must be >= 0",
     ]
+
+
+def test_shape_only_validation_passes_a_3b_config_without_paths():
+    """--compile_for and --dry_run read no data, weights or workdir: the 3b and 7b configs as
+    they come (no workdir, hf_path or data.train) pass the shape checks, not the full ones."""
+    for variant in ("3b", "7b"):
+        c = get_config(variant)
+        config_lib.validate_shapes(c)
+        with pytest.raises(ValueError, match="set --config.workdir"):
+            config_lib.validate(c)
+
+
+def test_shape_only_validation_refuses_every_bad_shape_at_once_naming_the_flags():
+    c = get_config("3b")
+    c.rl.micro_batch, c.sampling.gen_buckets, c.model.preset = 0, (2048, 32), "13b"
+    c.mesh = (("data", 0), ("fsdp", -1), ("tensor", 1))
+    with pytest.raises(ValueError) as err:
+        config_lib.validate_shapes(c)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "bad config:" and len(lines) == 5, lines
+    for flag in ("mesh", "model.preset", "rl.micro_batch", "sampling.gen_buckets"):
+        assert sum(f"--config.{flag}=" in line for line in lines) == 1, (flag, lines)
+    c = get_config("3b")
+    c.gpu_memory_fraction = 0.0  # a run-time setting, not a shape: the full check's business
+    config_lib.validate_shapes(c)
+
+
+def test_the_compile_cache_defaults_to_the_workdir():
+    c = _config()
+    assert config_lib.compile_cache_dir(c) == "/tmp/unused/compile_cache"
+    c.compile_cache_dir = "gs://bucket/cache"
+    assert config_lib.compile_cache_dir(c) == "gs://bucket/cache"
+    c.compile_cache_dir = "off"
+    assert config_lib.compile_cache_dir(c) is None
+    assert config_lib.compile_cache_dir(get_config("3b")) is None  # no workdir, nothing named
 
 
 def test_negative_cold_start_steps_get_a_precise_message():

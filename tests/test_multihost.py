@@ -4,15 +4,17 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from test_train import ROOT, _flags, _params
 
-from emor3_jax.core.multihost import launch_mode
+from emor3_jax.core.multihost import initialize, launch_mode
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
 # module's 1-process run, built once.
@@ -31,16 +33,82 @@ STEPS = {
 }
 
 
-def test_launch_mode():
-    assert launch_mode({}) == "single"
+# What jax's cluster detection and our explicit mode read: cleared so the machine running the
+# tests (a SLURM job, a Kubernetes pod) cannot decide a case.
+LAUNCH_ENV = re.compile(
+    r"^(JAX_(COORDINATOR_ADDRESS|NUM_PROCESSES|PROCESS_ID)"
+    r"|SLURM_|OMPI_|TPU_|MEGASCALE_|KUBERNETES_)"
+)
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    """A clean launch environment; `on_tpu_vm(metadata)` makes jax's Cloud TPU detection see a
+    TPU VM whose metadata server answers with `metadata` (no real TPU or server here)."""
+    from jax._src.clusters import cloud_tpu_cluster
+
+    for key in [k for k in os.environ if LAUNCH_ENV.match(k)]:
+        monkeypatch.delenv(key)
+
+    def on_tpu_vm(metadata: dict | None = None):
+        monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+        answer = lambda key: (metadata[key], 200) if metadata and key in metadata else ("", 404)
+        monkeypatch.setattr(cloud_tpu_cluster, "get_metadata", answer)
+
+    return monkeypatch, on_tpu_vm
+
+
+def test_launch_mode_explicit_and_single(launch_env):
+    env, _ = launch_env
+    assert launch_mode() == "single"
     explicit = {"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}
-    assert launch_mode(explicit) == "explicit"
+    for k, v in explicit.items():
+        env.setenv(k, v)
+    assert launch_mode() == "explicit"
+    env.delenv("JAX_PROCESS_ID")
     with pytest.raises(ValueError, match=r"\['JAX_PROCESS_ID'\] missing"):
-        launch_mode({k: v for k, v in explicit.items() if k != "JAX_PROCESS_ID"})
-    assert launch_mode({"TPU_WORKER_HOSTNAMES": "w0"}) == "single"  # a one-worker TPU VM
-    assert launch_mode({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
-    assert launch_mode({"SLURM_NTASKS": "1"}) == "single"
-    assert launch_mode({"SLURM_NTASKS": "2"}) == "slurm"
+        launch_mode()
+
+
+def test_launch_mode_follows_jax_cluster_detection(launch_env):
+    env, on_tpu_vm = launch_env
+    slurm = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node[1-2]", SLURM_PROCID="1", SLURM_LOCALID="0")
+    for k, v in slurm.items():
+        env.setenv(k, v)
+    env.setenv("SLURM_NTASKS", "1")
+    assert launch_mode() == "single"  # a one-task step: nothing to join
+    env.setenv("SLURM_NTASKS", "2")
+    assert launch_mode() == "SlurmCluster"
+    for k in [*slurm, "SLURM_NTASKS"]:
+        env.delenv(k)
+    # A GKE TPU slice: its workers in the environment (only on a TPU VM does jax look).
+    env.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
+    env.setenv("TPU_WORKER_ID", "1")
+    assert launch_mode() == "single"  # not on a TPU VM
+    on_tpu_vm()
+    assert launch_mode() == "GkeTpuCluster"
+    env.setenv("TPU_WORKER_HOSTNAMES", "w0")
+    assert launch_mode() == "single"  # a one-host slice
+    env.setenv("MEGASCALE_NUM_SLICES", "2")
+    assert launch_mode() == "GkeTpuCluster"  # two one-host slices: two processes
+    env.delenv("MEGASCALE_NUM_SLICES")
+    env.delenv("TPU_WORKER_HOSTNAMES")
+    # A GCE TPU VM slice: no environment variable at all, the metadata server names the workers.
+    on_tpu_vm({"agent-worker-number": "2", "worker-network-endpoints": "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4"})
+    assert launch_mode() == "GceTpuCluster"
+    on_tpu_vm({"agent-worker-number": "0", "worker-network-endpoints": "10.0.0.1"})
+    assert launch_mode() == "single"
+
+
+def test_initialize_lets_jax_find_the_cluster_and_skips_a_single_process(launch_env):
+    env, on_tpu_vm = launch_env
+    calls = []
+    env.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    env.setattr(jax.config, "update", lambda name, value: calls.append((name, value)))
+    assert initialize() == "single" and calls == []
+    on_tpu_vm({"agent-worker-number": "1", "worker-network-endpoints": "10.0.0.1,10.0.0.2"})
+    assert initialize() == "GceTpuCluster"
+    assert calls == [("jax_cpu_collectives_implementation", "gloo"), ((), {})]  # no arguments: jax detects
 
 
 def _env(devices: int, **extra) -> dict:

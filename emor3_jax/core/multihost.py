@@ -1,12 +1,15 @@
 """Several processes, one run: start-up, and moving host data between processes.
 
 The same command runs on every host. `initialize` joins the processes into one JAX runtime
-when the environment says this is one process of several:
+when this is one process of several:
   - explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID;
-  - a TPU VM slice with several workers (TPU_WORKER_HOSTNAMES lists more than one);
-  - a SLURM job step with more than one task (SLURM_NTASKS or SLURM_STEP_NUM_TASKS > 1);
-jax.distributed then finds the coordinator itself in the last two cases. One host: nothing
-happens. CPU devices need gloo for cross-process collectives, which `initialize` selects.
+  - else any cluster jax.distributed detects by itself (jax._src.clusters, in its order):
+    Open MPI, SLURM, a Cloud TPU VM slice on GKE (TPU_WORKER_HOSTNAMES) or GCE (the VM's
+    metadata server: no environment variable needed), Kubernetes jobs; several TPU slices
+    (MEGASCALE_NUM_SLICES) count every slice's workers. jax then finds the coordinator, the
+    process count and this process's id itself.
+A cluster of one process (one TPU VM host, a one-task SLURM step) and no cluster at all:
+nothing happens. CPU devices need gloo for cross-process collectives, which `initialize` selects.
 
 Data flow of a step: each process reads only its block of the global batch (see
 data/pipeline.py), `gather_records` hands every process the whole global batch (encoded
@@ -27,37 +30,45 @@ import numpy as np
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def launch_mode(env=None) -> str:
-    """'explicit', 'tpu', 'slurm' or 'single': how this process was started."""
-    env = os.environ if env is None else env
-    given = [k for k in _ENV if env.get(k)]
+def detected_cluster():
+    """The cluster environment jax.distributed.initialize() would use without arguments (a
+    jax._src.clusters.ClusterEnv subclass: its detection, in its order, skipping the opt-in
+    ones such as mpi4py), or None. jax has no public API for this question."""
+    from jax._src.clusters import ClusterEnv
+
+    return next((e for e in ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()), None)
+
+
+def launch_mode() -> str:
+    """'explicit', the cluster jax detects when it has more than one process (its class name:
+    'GceTpuCluster', 'GkeTpuCluster', 'SlurmCluster', 'OmpiCluster', 'K8sCluster'), or 'single':
+    how this process was started."""
+    given = [k for k in _ENV if os.environ.get(k)]
     if given:
         if len(given) != len(_ENV):
             missing = sorted(set(_ENV) - set(given))
             raise ValueError(f"multi-process launch: {given} set but {missing} missing; set all three or none")
         return "explicit"
-    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
-        return "tpu"
-    if int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1) > 1:
-        return "slurm"
+    cluster = detected_cluster()
+    if cluster is not None and cluster.get_process_count() > 1:
+        return cluster.__name__
     return "single"
 
 
-def initialize(env=None) -> str:
+def initialize() -> str:
     """Joins the other processes of this run (if any); call before anything touches devices."""
-    env = os.environ if env is None else env
-    mode = launch_mode(env)
+    mode = launch_mode()
     if mode == "single":
         return mode
     # CPU devices talk across processes only through gloo; the setting leaves GPUs and TPUs alone.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if mode == "explicit":
-        n, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        n, pid = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
         if not 0 <= pid < n:
             raise ValueError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={n})")
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=pid)
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=pid)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # detects the same cluster again (K8sCluster has no name to pass)
     if jax.process_index() == 0:
         print(
             f"multi-process ({mode}): {jax.process_count()} processes, {jax.device_count()} devices "
@@ -107,7 +118,9 @@ def gather_records(local: list) -> list:
 
 
 def to_host(x: jax.Array) -> np.ndarray:
-    """A device array as numpy on this process, whole even when other processes hold parts of it."""
+    """A device array as numpy on this process, whole even when other processes hold parts of it
+    (numpy passes through). The one way device outputs reach the host: np.asarray or
+    jax.device_get on an array sharded across processes raises."""
     if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
         return np.asarray(x)
     from jax.experimental import multihost_utils

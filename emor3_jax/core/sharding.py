@@ -57,8 +57,35 @@ def make_mesh(shape: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | 
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, names, axis_types=(AxisType.Auto,) * len(names))
+    return Mesh(device_grid(sizes, devices), names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def device_grid(sizes: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """`devices` as an array of shape `sizes` (data, fsdp, tensor) laid over the hardware.
+
+    TPU and GPU: jax's mesh_utils orders the devices so that each axis runs over physical
+    neighbours (ICI rings), e.g. a tensor axis of 4 on a v5e 4x4 is a row of chips, not four
+    chips in device-id order. Several TPU slices: the data axis goes across slices (DCN, the
+    slow link; gradients cross it once a step), fsdp and tensor stay within each slice. CPU,
+    and libtpu's compile-only v4 topologies that show each chip's two TensorCores as two
+    devices (mesh_utils lays out one device per chip): the devices' own order, a chip's cores
+    adjacent. (jax.make_mesh wraps the same call but splits physical axes only on v5e and
+    refuses several slices.)"""
+    from jax.experimental import mesh_utils
+
+    one_per_chip = all(getattr(d, "core_on_chip", 0) == 0 for d in devices)
+    if devices[0].platform == "cpu" or not one_per_chip:
+        return np.asarray(devices).reshape(sizes)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    if sizes[0] % slices:
+        raise ValueError(
+            f"mesh data={sizes[0]} over {slices} slices: the data axis runs across slices, so it must be a "
+            f"multiple of {slices} (e.g. --config.mesh=\"(('data',{slices}),('fsdp',-1),('tensor',1))\")"
+        )
+    within = (sizes[0] // slices, *sizes[1:])
+    return mesh_utils.create_hybrid_device_mesh(within, (slices, 1, 1), devices, allow_split_physical_axes=True)
 
 
 def _mesh_axes_for(name: str | None, rules: Rules) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emor3_jax.core.multihost import to_host
+
 
 @jax.jit
 def param_norm(params) -> jax.Array:
@@ -35,7 +37,8 @@ def norm_ratio(before: float, after: float, max_ratio: float) -> str | None:
 def logprobs(name: str, values: list, masks: list, min_logprob: float) -> str | None:
     """Log-probs [m, G] of the response tokens (where `masks` [m, G] is set) are non-finite or
     below `min_logprob` (a probability no sane model gives a token it or a sibling sampled)."""
-    vals = np.concatenate([np.asarray(v, np.float32)[np.asarray(m, bool)] for v, m in zip(values, masks)])
+    # The learner's log-probs are sharded over the batch, across processes on a pod.
+    vals = np.concatenate([to_host(v).astype(np.float32)[np.asarray(m, bool)] for v, m in zip(values, masks)])
     if vals.size == 0:
         return None
     if not np.isfinite(vals).all():

@@ -205,7 +205,7 @@ class GRPOStep:
         names, local = reward_table(scores)
         table = multihost.gather_rows(local)
         times["scoring_wait_s"] = time.perf_counter() - t
-        adv = np.asarray(compute_advantages(jnp.asarray(table[:, 0]), s.num_generations, s.advantage))
+        adv = multihost.to_host(compute_advantages(jnp.asarray(table[:, 0]), s.num_generations, s.advantage))
         return Experience(
             rollouts=ro,
             rewards={k: table[:, j] for j, k in enumerate(names)},
@@ -258,7 +258,7 @@ class GRPOStep:
             norms.append(gnorm)
             losses.append(loss)
         metrics = {k: float(v) / count for k, v in sums.items()}
-        norms, losses = np.asarray(jax.device_get(norms)), np.asarray(jax.device_get(losses))
+        norms, losses = (np.array([multihost.to_host(x) for x in xs]) for xs in (norms, losses))
         metrics["grad_norm"] = float(norms.mean())
         skipped = 0
         for gnorm, loss in zip(norms, losses):

@@ -26,6 +26,7 @@ from flax import nnx
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch
+from emor3_jax.core.multihost import to_host
 from emor3_jax.rl import grpo
 
 
@@ -334,6 +335,6 @@ class Learner:
 def check_finite(step: int, phase: str, **values) -> None:
     """Stops the run at the first NaN/inf loss or gradient norm, naming the step (the trainer
     adds which checkpoint is kept and what to change)."""
-    bad = {k: float(v) for k, v in values.items() if not np.isfinite(np.asarray(v)).all()}
+    bad = {k: float(v) for k, v in values.items() if not np.isfinite(to_host(v)).all()}
     if bad:
         raise FloatingPointError(f"{phase} step {step}: non-finite {bad}")
