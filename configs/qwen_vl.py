@@ -72,7 +72,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # compiled programs for any image sizes; () = no padding (new programs for every new size).
     # Doubling steps: at most 2x padded patches. tiny: from one 56x56 image (16 patches) to 256
     # of them; 3b/7b: from under one min_pixels image (512*512 -> ~1,340 patches) to ~100
-    # max_pixels images (2048*2048 -> ~21,400 patches each).
+    # max_pixels images (2048*2048 -> ~21,400 patches each). A batch past the largest is encoded
+    # in chunks of it (one chunk's memory); the largest must hold one image at data.max_pixels.
     c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(12))
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists

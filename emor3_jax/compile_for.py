@@ -12,8 +12,9 @@ parameters, optimizer state and reference are abstract arrays with the run's sha
 (the Sampler's prefill, slots and decode programs, the Learner's log-probs, gradients,
 accumulation and optimizer step) are lowered and compiled at the config's shapes, taken at
 the worst case the config admits: prompts at rl.max_prompt_len's bucket, each with the
-largest image that fits it and data.max_pixels (a batch's images capped at the largest
-vision bucket), responses of rl.max_response_len, micro-batches of full-length rows.
+largest image that fits it and data.max_pixels (a batch's images past the largest vision
+bucket in chunks of it, as the run lays them out), responses of rl.max_response_len,
+micro-batches of full-length rows.
 
 Per program, per chip: compile seconds; XLA's memory analysis (argument, output, temporary
 and code bytes); its peak (argument + output - aliased + temporary + code) plus what the run
@@ -212,38 +213,32 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
 
 
 # ---------------------------------------------------------------- abstract inputs
-def _image_side(t: Target, shown: int) -> int:
+def _image_side(t: Target) -> int:
     """Side (in patches, even) of the square image each prompt shows: the largest that fits
-    data.max_pixels and a prompt of rl.max_prompt_len (two tokens for the vision markers), and
-    with `shown` images in one batch (an image shown by several rows counts for each, as
-    `vision_layout` pads its features), the largest vision bucket."""
+    data.max_pixels and a prompt of rl.max_prompt_len (two tokens for the vision markers).
+    Validation holds one such image within the largest vision bucket."""
     c, v = t.c, t.cfg.vision
     patches = min(c.data.max_pixels // v.patch_size**2, v.merge_unit * (c.rl.max_prompt_len - 2))
-    largest = t.cfg.vision_buckets[-1] if t.cfg.vision_buckets else patches * shown
-    side = 2 * int(math.isqrt(patches) // 2)
-    if shown * side * side > largest:
-        capped = 2 * int(math.isqrt(largest // shown) // 2)
-        note = (
-            f"{shown} images of {side}x{side} patches ({shown * side * side}) in one batch exceed the largest vision "
-            f"bucket {largest}: the run stops at such a batch; compiled at {capped}x{capped} patches per image"
-        )
-        t.notes += [note] if note not in t.notes else []
-        side = capped
-    if side < 2:
-        raise ValueError(
-            f"{shown} images do not fit the largest vision bucket {largest} (--config.model.vision_buckets)"
-        )
-    return side
+    return 2 * int(math.isqrt(patches) // 2)
 
 
 def _vision(t: Target, shown: list[int]) -> dict:
     """Abstract pixels [L, C] and the layout of images shown in reading order (`shown[k]`: the
-    distinct image behind the k-th), each image the worst-case size (`_image_side`)."""
+    distinct image behind the k-th), each image the worst-case size (`_image_side`). Past the
+    largest vision bucket the layout is chunked as the run's is (`vision_layout`), and a note
+    says so: the tower's loop runs one chunk of the largest bucket at a time."""
     distinct = max(shown) + 1
-    side = _image_side(t, len(shown))
+    side = _image_side(t)
     layout = vision_layout(
         np.tile([1, side, side], (distinct, 1)), None, t.cfg.vision, t.cfg.vision_buckets, np.asarray(shown)
     )
+    if layout.windows.index.ndim == 3:
+        chunks, largest = layout.windows.index.shape[0], t.cfg.vision_buckets[-1]
+        note = (
+            f"{distinct} images of {side}x{side} patches in one batch exceed the largest vision bucket {largest}: "
+            f"encoded in {chunks} chunks of {largest} patches"
+        )
+        t.notes += [note] if note not in t.notes else []
     pixels = _replicated(t.mesh, (layout.patch_order.shape[0], t.cfg.vision.patch_dim), np.float32)
     return {"pixels": pixels, "layout": _host(t.mesh, layout)}
 

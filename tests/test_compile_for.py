@@ -175,3 +175,33 @@ def test_several_slices_put_the_data_axis_across_slices():
     assert (slice_of == np.array([0, 0, 1, 1])[:, None, None]).all()  # fsdp and tensor within a slice
     with pytest.raises(ValueError, match=r"data=1 over 2 slices: .*multiple of 2 \(e.g. --config.mesh="):
         sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], devices)
+
+
+def test_a_batch_of_images_past_the_largest_bucket_is_compiled_in_chunks(tmp_path):
+    """A rollout group of two prompts (two samples each) at a largest bucket of one image: the
+    abstract vision inputs are laid out as the run lays them, in two chunks of that bucket, a
+    note says so, and the tower's program at those shapes compiles."""
+    from types import SimpleNamespace
+
+    from flax import nnx
+
+    from emor3_jax.core import sharding
+    from emor3_jax.models.api import abstract_model
+    from emor3_jax.models.qwen25_vl.config import preset
+
+    c = small_tiny(tmp_path)
+    c.model.vision_buckets = (16,)  # one 4x4-patch image (data.max_pixels = 56 * 56)
+    cfg = preset("tiny", vocab_size=512, vision_buckets=(16,))
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    t = SimpleNamespace(c=c, cfg=cfg, mesh=mesh, notes=[])
+    inputs = compile_for._vision(t, [0, 0, 1, 1])
+    assert inputs["pixels"].shape == (2 * 16, cfg.vision.patch_dim)
+    assert inputs["layout"].windows.index.shape[0] == 2
+    assert t.notes == [
+        "2 images of 4x4 patches in one batch exceed the largest vision bucket 16: encoded in 2 chunks of 16 patches"
+    ]
+    graphdef, state = nnx.split(abstract_model(cfg))
+    tower = jax.jit(lambda s, pixels, layout: nnx.merge(graphdef, s).visual(pixels, layout))
+    merged = tower.eval_shape(state, inputs["pixels"], inputs["layout"])
+    assert merged.shape == (2 * 16 // 4, cfg.vision.out_hidden_size)
+    assert tower.lower(state, inputs["pixels"], inputs["layout"]).compile().memory_analysis() is not None

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -369,3 +370,42 @@ def test_cold_start_trains_on_data_cold_start(tmp_path):
     run.cold_start()
     rows = _metrics(tmp_path / "run")
     assert [r["step"] for r in rows if r["phase"] == "cold_start"] == [1, 2]
+
+
+def test_batches_of_images_past_the_largest_vision_bucket_train_and_evaluate(tmp_path, monkeypatch):
+    """Issue 21's stop, made small: a largest vision bucket of one image (16 patches at
+    data.max_pixels) passes validation; the cold start's batch, the rollout's prefill group and
+    reflections, the log-prob and update micro-batches and an eval batch each hold several
+    images, laid out in chunks of that bucket, and the run trains and evaluates instead of
+    stopping at the first such batch."""
+    from emor3_jax.models.qwen25_vl import model
+
+    chunked: set[str] = set()  # the callers that laid out a batch past the largest bucket
+    vision_layout = model.vision_layout
+
+    def spy(*args, **kwargs):
+        layout = vision_layout(*args, **kwargs)
+        if layout.windows.index.ndim == 3:
+            chunked.update(
+                f.filename.split("emor3_jax/")[-1] for f in traceback.extract_stack() if "emor3_jax/" in f.filename
+            )
+        return layout
+
+    monkeypatch.setattr(model, "vision_layout", spy)
+    extra = {
+        "cold_start.steps": 1,
+        "rl.steps": 1,
+        "rl.update_batch": 2,
+        "rl.micro_batch": 4,
+        "eval.every": 1,
+        "checkpoint.async_save": False,
+    }
+    c = small_config(tmp_path, **extra)
+    c.model.vision_buckets = (16,)
+    results = trainer.run(c)
+    # the cold start's batch, the rollout's prefill and reflections, the packed log-prob and
+    # update micro-batches, the eval batch
+    sites = {"rl/sft.py", "sampling/sampler.py", "emo_r3/task.py", "rl/rows.py", "evaluation/evaluate.py"}
+    assert sites <= chunked, sorted(chunked)
+    assert 0 <= results["grpo"]["greedy_accuracy"] <= 1
+    assert [r["phase"] for r in _metrics(tmp_path)] == ["cold_start", "eval_cold_start", "grpo", "eval_grpo"]

@@ -146,14 +146,61 @@ def test_padding_patches_have_blocks_of_their_own(ours_fp32):
         np.testing.assert_array_equal(index.reshape(-1)[blocks.unblock], np.arange(total))
 
 
-def test_a_batch_over_the_largest_bucket_names_the_flag(ours_fp32):
-    batch = make_batch([[2, ("image", 16, 16), ("image", 10, 8), 1]], np.random.default_rng(5))  # 336 patches
+# Five images (60, 24, 16, 48, 36 patches; 184) past the largest bucket 80: three chunks
+# of at most 80 patches, first fit from the largest (60+16, 48+24, 36), and a fourth of
+# padding (a power-of-two count).
+PAST_LARGEST = [
+    [2, ("image", 6, 10), 3, ("image", 12, 2), ("image", 4, 4), 1],
+    [4, ("image", 8, 6), 3],
+    [("image", 6, 6), 2],
+]
+
+
+def test_a_batch_past_the_largest_bucket_is_encoded_in_chunks_with_the_same_logits(hf_tiny, ours_fp32):
+    batch = make_batch(PAST_LARGEST, np.random.default_rng(5), "left")
+    inputs = _padded_inputs(ours_fp32.cfg, batch, (48, 80))
+    layout = inputs["layout"]
+    assert inputs["pixels"].shape[0] == 4 * 80 and layout.windows.index.shape[0] == layout.frames.index.shape[0] == 4
+    chunk_of = np.asarray(layout.patch_order).reshape(4, 80)
+    assert [int((c >= 0).sum()) for c in chunk_of] == [76, 72, 36, 0]  # no image split, none dropped
+    ours = np.asarray(_forward(ours_fp32, inputs))
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(ours - _hf_logits(hf_tiny, batch))[real].max() <= 1e-4
+
+
+def test_chunked_gradients_equal_the_unpadded_ones(ours_fp32):
+    """The loop over chunks passes gradients to the tower's parameters as one batch does, with
+    the blocks rematerialised or not."""
+    batch = make_batch(PAST_LARGEST, np.random.default_rng(6), "left")
+    real = batch["attention_mask"].astype(bool)
+    loss = lambda model, inputs: (model(**inputs)[real] ** 2).mean()
+    grad = nnx.jit(nnx.grad(loss))
+    unpadded, chunked = _padded_inputs(ours_fp32.cfg, batch, ()), _padded_inputs(ours_fp32.cfg, batch, (48, 80))
+    model = nnx.clone(ours_fp32)
+    for remat in (False, True):
+        model.visual.remat = remat
+        want, got = nnx.state(grad(model, unpadded), nnx.Param), nnx.state(grad(model, chunked), nnx.Param)
+        assert all(float(np.abs(w).max()) > 0 for w in jax.tree.leaves(want["visual"]))
+        for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
+
+
+def test_images_shown_past_the_largest_bucket_take_a_chunk_count_of_features(ours_fp32):
+    """One 6x10 image shown by eight rows (a rollout group): 60 distinct patches fit the bucket
+    80, the 480 shown features are padded to 8 x 80 patches' worth, not refused."""
+    layout = vision_layout(np.array([[1, 6, 10]]), None, ours_fp32.cfg.vision, (48, 80), np.zeros(8, int))
+    assert layout.patch_order.shape == (80,) and layout.merged_image.shape == (8 * 80 // 4,)
+    np.testing.assert_array_equal(layout.merged_image[:120], np.tile(layout.merged_image[:15], 8))
+
+
+def test_an_image_over_the_largest_bucket_names_the_flag(ours_fp32):
+    batch = make_batch([[2, ("image", 16, 16), ("image", 10, 8), 1]], np.random.default_rng(5))  # 256 + 80 patches
     with pytest.raises(
         ValueError,
-        match=r"a batch of 336 patches exceeds the largest vision bucket 320: .*"
+        match=r"an image \(or video\) of 256 patches exceeds the largest vision bucket 160: .*"
         r"--config.model.vision_buckets",
     ):
-        _padded_inputs(ours_fp32.cfg, batch)
+        _padded_inputs(ours_fp32.cfg, batch, (48, 80, 160))
 
 
 def _signature(inputs) -> tuple:

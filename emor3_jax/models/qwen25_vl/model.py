@@ -155,7 +155,8 @@ def prepare_inputs(
     order, the k-th being image image_index[k] of pixel_values / image_grid_thw, so an image
     shown by several rows is given (and encoded) once. Checks that pad-token counts match the
     grids. With `cfg.vision_buckets`, `pixels` [L, C] and the layout are padded to the
-    smallest bucket L >= n (raises past the largest).
+    smallest bucket L >= n; past the largest, to a power-of-two count of largest buckets,
+    encoded chunk by chunk (`vision_layout`; raises only for an image past the largest).
     """
     input_ids = np.asarray(input_ids)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)

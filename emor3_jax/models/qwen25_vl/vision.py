@@ -20,6 +20,7 @@ tokens are never read, so real outputs are those of the unpadded batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,30 +138,56 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
         if n <= b:
             return b
     raise ValueError(
-        f"a batch of {n} patches exceeds the largest vision bucket {buckets[-1]}: add a larger bucket to "
-        "--config.model.vision_buckets (ModelConfig.vision_buckets), or send fewer or smaller images per "
-        "batch (sampling.max_rows, rl.micro_batch, eval.batch_size, data.max_pixels)"
+        f"an image (or video) of {n} patches exceeds the largest vision bucket {buckets[-1]}: add a larger bucket to "
+        "--config.model.vision_buckets (ModelConfig.vision_buckets) or lower data.max_pixels"
     )
 
 
-def vision_layout(
-    image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Sequence[int] = (), image_index=None
-) -> VisionLayout:
-    """Index arrays for images (first) and videos (after) fed through the tower together.
+def _extent(n: int, buckets: Sequence[int]) -> int:
+    """Patches a batch of n is padded to: the smallest bucket holding n, past the largest a
+    power-of-two count of largest buckets (a bounded number of shapes for any batch)."""
+    if n <= buckets[-1]:
+        return _bucket(n, buckets)
+    return buckets[-1] << (-(-n // buckets[-1]) - 1).bit_length()
 
-    `buckets` (increasing patch counts; empty: no padding): the patches are padded to the
-    smallest bucket holding them, frame rows to the smallest holding the largest frame.
-    image_index [K] (optional): the images the tokens show in reading order, as indices into
-    image_grid_thw (an image may be shown several times); `merged_image` then repeats an
-    image's merged tokens each time it is shown, padded to a bucket of its own.
-    """
-    image_grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
-    video_grid = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
-    grids = np.concatenate([image_grid, video_grid]).astype(np.int64)
-    if not grids.size:
-        raise ValueError("vision_layout: no image or video grids")
+
+def _ranges(starts, lengths) -> np.ndarray:
+    """The integers [s, s + n) for each (s, n), one run after another."""
+    return np.concatenate([np.zeros(0, np.int64)] + [np.arange(s, s + n) for s, n in zip(starts, lengths)])
+
+
+def _chunks(sizes: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Grids (of `sizes` patches) into chunks of at most `capacity` patches, first fit from the
+    largest: each chunk's grid indices, increasing. A grid is never split (none exceeds `capacity`)."""
+    fill: list[int] = []
+    members: list[list[int]] = []
+    for i in np.argsort(-sizes, kind="stable"):
+        k = next((k for k, f in enumerate(fill) if f + sizes[i] <= capacity), len(fill))
+        if k == len(fill):
+            fill.append(0)
+            members.append([])
+        fill[k] += int(sizes[i])
+        members[k].append(int(i))
+    return [np.sort(np.asarray(m, np.int64)) for m in members]
+
+
+class _Part(NamedTuple):
+    """One tower batch of grids: patch_order [L] into their pixel rows, pos_hw [L, 2], the
+    window and frame Blocks, and reverse [n / merge_unit]: the window-ordered merged token
+    behind each reading-order one."""
+
+    patch_order: np.ndarray
+    pos_hw: np.ndarray
+    windows: Blocks
+    frames: Blocks
+    reverse: np.ndarray
+
+
+def _part(grids: np.ndarray, cfg: VisionConfig, total: int, frame_width: int, bucketed: bool) -> _Part:
+    """Window layout of `grids` [I, 3] (none: all padding), padded to `total` patches, frame
+    rows `frame_width` wide (0: as wide as the largest frame)."""
     mu, m = cfg.merge_unit, cfg.spatial_merge_size
-    unit_order, window_sizes, frame_sizes, pos_hw = [], [], [], []
+    unit_order, window_sizes, frame_sizes, pos_hw = [np.zeros(0, np.int64)], [], [], [np.zeros((0, 2), np.int64)]
     unit_base = 0
     for t, h, w in grids.tolist():
         if h % m or w % m:
@@ -173,30 +200,91 @@ def vision_layout(
         unit_base += t * (h // m) * (w // m)
     unit_order = np.concatenate(unit_order)
     patch_order = (unit_order[:, None] * mu + np.arange(mu)).reshape(-1)
-    n = patch_order.size
-    total, frame_width = n, max(frame_sizes)
-    if buckets:
-        total = _bucket(n, buckets)
-        frame_width = _bucket(frame_width, buckets)  # <= total: a frame is part of the batch
-    pad = total - n
-    reverse = np.argsort(unit_order).astype(np.int32)  # reading-order merged token -> window order
-    counts = image_grid.prod(axis=1) // mu  # merged tokens per image
-    n_img = int(counts.sum())
-    merged = [reverse[:n_img], reverse[n_img:]]
-    if image_index is not None:
-        starts = np.cumsum(counts) - counts
-        merged[0] = np.concatenate([reverse[starts[i] : starts[i] + counts[i]] for i in image_index])
-    if buckets:  # a fixed length per bucket; the filler is never read
-        lengths = [max(total, _bucket(a.size * mu, buckets)) // mu for a in merged]
-        merged = [np.pad(a, (0, n - a.size)) if a.size else a for a, n in zip(merged, lengths)]
-    return VisionLayout(
+    pad = total - patch_order.size
+    return _Part(
         patch_order=np.pad(patch_order, (0, pad), constant_values=-1).astype(np.int32),
         pos_hw=np.pad(np.concatenate(pos_hw)[patch_order], ((0, pad), (0, 0))).astype(np.int32),
-        windows=_pack(window_sizes, total, cfg.window_merge_units**2 * mu, bool(buckets)),
-        frames=_pack(frame_sizes, total, frame_width, bool(buckets)),
-        merged_image=merged[0],
-        merged_video=merged[1],
+        windows=_pack(window_sizes, total, cfg.window_merge_units**2 * mu, bucketed),
+        frames=_pack(frame_sizes, total, frame_width or max(frame_sizes), bucketed),
+        reverse=np.argsort(unit_order).astype(np.int32),
     )
+
+
+def _stack(blocks: list[Blocks], total: int) -> Blocks:
+    """Chunks' Blocks [R_k, S] -> [K, R, S], each padded with empty rows to the most rows."""
+    rows = max(b.index.shape[0] for b in blocks)
+    grow = lambda a, fill: np.pad(a, ((0, rows - a.shape[0]), (0, 0)), constant_values=fill)
+    return Blocks(
+        index=np.stack([grow(b.index, total) for b in blocks]),
+        segment=np.stack([grow(b.segment, -1) for b in blocks]),
+        unblock=np.stack([b.unblock for b in blocks]),
+    )
+
+
+def _chunked(grids: np.ndarray, cfg: VisionConfig, buckets: Sequence[int]) -> _Part:
+    """The grids in chunks of the largest bucket B (none split), a power-of-two count of them:
+    patch_order [K * B] into the batch's pixel rows, Blocks [K, R, S] of chunk-local patches,
+    reverse into the chunks' merged tokens laid end to end."""
+    mu, width = cfg.merge_unit, buckets[-1]
+    sizes = grids.prod(axis=1)
+    _bucket(int(sizes.max()), buckets)  # raises for an image no chunk holds
+    members = _chunks(sizes, width)
+    members += [np.zeros(0, np.int64)] * (_extent(int(sizes.sum()), buckets) // width - len(members))
+    frame_width = _bucket(int((grids[:, 1] * grids[:, 2]).max()), buckets)
+    starts = np.cumsum(sizes) - sizes  # first pixel row of each grid
+    parts, patch_order, reverse = [], [], np.zeros(int(sizes.sum()) // mu, np.int32)
+    for k, grid_ids in enumerate(members):
+        part = _part(grids[grid_ids], cfg, width, frame_width, True)
+        rows = _ranges(starts[grid_ids], sizes[grid_ids])  # the chunk's pixel rows in the batch's
+        patch_order.append(np.append(rows, -1)[part.patch_order])  # -1 (padding) stays -1
+        reverse[_ranges(starts[grid_ids] // mu, sizes[grid_ids] // mu)] = part.reverse + k * width // mu
+        parts.append(part)
+    return _Part(
+        patch_order=np.concatenate(patch_order).astype(np.int32),
+        pos_hw=np.concatenate([p.pos_hw for p in parts]),
+        windows=_stack([p.windows for p in parts], width),
+        frames=_stack([p.frames for p in parts], width),
+        reverse=reverse,
+    )
+
+
+def vision_layout(
+    image_grid_thw, video_grid_thw, cfg: VisionConfig, buckets: Sequence[int] = (), image_index=None
+) -> VisionLayout:
+    """Index arrays for images (first) and videos (after) fed through the tower together.
+
+    `buckets` (increasing patch counts; empty: no padding): the patches are padded to the
+    smallest bucket holding them, frame rows to the smallest holding the largest frame. A batch
+    past the largest bucket is laid out in chunks of it (`_chunked`), which the tower encodes
+    one after another; only an image (or video) larger than the largest bucket raises.
+    image_index [K] (optional): the images the tokens show in reading order, as indices into
+    image_grid_thw (an image may be shown several times); `merged_image` then repeats an
+    image's merged tokens each time it is shown, padded to a bucket of its own.
+    """
+    image_grid = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    video_grid = np.zeros((0, 3), np.int64) if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
+    grids = np.concatenate([image_grid, video_grid]).astype(np.int64)
+    if not grids.size:
+        raise ValueError("vision_layout: no image or video grids")
+    mu, n = cfg.merge_unit, int(grids.prod(axis=1).sum())
+    if buckets and n > buckets[-1]:
+        part = _chunked(grids, cfg, buckets)
+    elif buckets:
+        frame_width = _bucket(int((grids[:, 1] * grids[:, 2]).max()), buckets)  # <= total: a frame is in the batch
+        part = _part(grids, cfg, _bucket(n, buckets), frame_width, True)
+    else:
+        part = _part(grids, cfg, n, 0, False)
+    total = part.patch_order.size
+    counts = image_grid.prod(axis=1) // mu  # merged tokens per image
+    n_img = int(counts.sum())
+    merged = [part.reverse[:n_img], part.reverse[n_img:]]
+    if image_index is not None:
+        starts = np.cumsum(counts) - counts
+        merged[0] = np.concatenate([part.reverse[starts[i] : starts[i] + counts[i]] for i in image_index])
+    if buckets:  # a fixed length per bucket; the filler is never read
+        lengths = [max(total, _extent(a.size * mu, buckets)) // mu for a in merged]
+        merged = [np.pad(a, (0, n - a.size)) if a.size else a for a, n in zip(merged, lengths)]
+    return VisionLayout(part.patch_order, part.pos_hw, part.windows, part.frames, merged[0], merged[1])
 
 
 class VisionAttention(nnx.Module):
@@ -273,16 +361,29 @@ class VisionTower(nnx.Module):
     def __call__(self, pixels: jax.Array, layout: VisionLayout, return_blocks: bool = False):
         """pixels [L, C] in window order -> merged tokens [M, D] in window order.
 
-        With `return_blocks`, also the hidden states [L, E] after each block.
+        With `return_blocks`, also the hidden states [L, E] after each block. A chunked layout
+        (Blocks [K, R, S]: the batch past the largest bucket, `vision_layout`) is encoded one
+        chunk of L / K patches after another in a loop inside the program, so its memory is
+        that of one chunk; the chunks' outputs come back laid end to end.
         """
-        cos, sin = vision_cos_sin(layout.pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
+        if layout.windows.index.ndim == 2:
+            return self._encode(pixels, layout.pos_hw, layout.windows, layout.frames, return_blocks)
+        k = layout.windows.index.shape[0]
+        chunks = (pixels.reshape(k, -1, pixels.shape[-1]), layout.pos_hw.reshape(k, -1, 2))
+        graphdef, state = nnx.split(self)  # merged inside the loop: its Variables live in the loop's trace (remat)
+        encode = lambda a: nnx.merge(graphdef, state, copy=True)._encode(*a, return_blocks)
+        out = jax.lax.map(encode, (*chunks, layout.windows, layout.frames))
+        return jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), out)
+
+    def _encode(self, pixels, pos_hw, windows: Blocks, frames: Blocks, return_blocks: bool):
+        """One tower batch: pixels [L, C], pos_hw [L, 2], Blocks [R, S] -> merged [M, D] (and hidden)."""
+        cos, sin = vision_cos_sin(pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixels)
         x = sharding.constrain(x, ("seq", "vision_embed"))
         hidden = []
         for i, block in enumerate(self.blocks):
             run = _remat_block if self.remat and not return_blocks else VisionBlock.__call__
-            blocks = layout.frames if i in self.cfg.fullatt_block_indexes else layout.windows
-            x = run(block, x, cos, sin, blocks)
+            x = run(block, x, cos, sin, frames if i in self.cfg.fullatt_block_indexes else windows)
             hidden.append(x)
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged
