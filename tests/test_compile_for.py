@@ -17,6 +17,8 @@ from configs.qwen_vl import get_config
 from emor3_jax import compile_for
 
 pytest.importorskip("libtpu", reason="compile_for needs libtpu (the test extra installs it)")
+# One worker runs the module; the compile is session-scoped (the worker may run other modules'
+# tests between this module's, which would tear a module-scoped fixture down and compile again).
 pytestmark = pytest.mark.xdist_group("compile_for")
 TOPOLOGY = "v5e:2x2"
 
@@ -33,7 +35,7 @@ def small_tiny(workdir) -> object:
     return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
     """(config, exit status, printed text, JSON) of `compile_for.main` on the small tiny config."""
     c = small_tiny(tmp_path_factory.mktemp("compile_for"))

@@ -17,7 +17,8 @@ from emor3_jax.evaluation import report as eval_report
 from emor3_jax.load import load_policy, locate
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's tiny_run, built once.
+# module's tiny_run, built once (session-scoped: the worker may run other modules' tests
+# between this module's, which would tear a module-scoped fixture down and build it again).
 pytestmark = pytest.mark.xdist_group("test_eval")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +102,7 @@ def test_confusion_png_is_a_readable_heatmap(tmp_path):
     assert full.sum() < 200 and empty.sum() == 3 * 255
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A workdir trained for one cold-start step on a few synthetic images."""
     workdir = tmp_path_factory.mktemp("run")

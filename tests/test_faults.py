@@ -41,7 +41,8 @@ from test_train import ROOT, TIMING, _flags, _folder_data, _params
 from emor3_jax.core.workdir_lock import LOCK_NAME
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's uninterrupted run, built once.
+# module's uninterrupted run, built once (session-scoped: the worker may run other modules' tests
+# between this module's, which would tear a module-scoped fixture down and build it again).
 pytestmark = pytest.mark.xdist_group("test_faults")
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -148,7 +149,7 @@ def _steps(workdir) -> list[str]:
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted_dir(tmp_path_factory):
     """The workdir of one uninterrupted run (read only: copy it to change it)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -157,7 +158,7 @@ def uninterrupted_dir(tmp_path_factory):
     return workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(uninterrupted_dir):
     return _logs(uninterrupted_dir)
 

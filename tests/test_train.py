@@ -21,7 +21,8 @@ from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.data import store
 
 # One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's reference_run, built once.
+# module's reference_run, built once (session-scoped: the worker may run other modules' tests
+# between this module's, which would tear a module-scoped fixture down and build it again).
 pytestmark = pytest.mark.xdist_group("test_train")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,7 @@ def _metrics(workdir):
     return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """One uninterrupted run; the other tests compare against it."""
     workdir = tmp_path_factory.mktemp("reference")
