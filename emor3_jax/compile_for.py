@@ -48,7 +48,7 @@ from emor3_jax.core import paths, sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
-from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, abstract_model
+from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing
 from emor3_jax.rl.experience import StepSettings
@@ -277,15 +277,13 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 
 def _cache(t: Target, slots: int, entries: int) -> tuple:
-    """The sampler's decode cache [W, S] per layer, sharded as `Sampler._buffer` constrains it."""
-    tc, dtype = t.cfg.text, jax.numpy.dtype(t.cfg.compute_dtype)
-    kv = []
-    for axes, shape in (
-        (K_CACHE_AXES, (slots, tc.num_kv_heads, tc.head_dim, entries)),
-        (V_CACHE_AXES, (slots, tc.num_kv_heads, entries, tc.head_dim)),
-    ):
-        kv.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules)))
-    return tuple(tuple(kv) for _ in range(tc.num_layers))
+    """The sampler's decode cache (keys and values, every layer stacked: [Y, W, .., S]),
+    sharded as `Sampler._buffer` constrains it."""
+    dtype = jax.numpy.dtype(t.cfg.compute_dtype)
+    return tuple(
+        jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
+        for axes, shape in cache_shapes(t.cfg.text, slots, entries)
+    )
 
 
 def chip_bytes(tree) -> int:

@@ -20,13 +20,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emor3_jax.core import sharding
-from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
-Cache = tuple[KV, ...]
+Cache = KV  # every layer's keys [Y, B, K, H, S] and values [Y, B, K, S, H]
 
 
 class Qwen25VL(nnx.Module):
@@ -37,7 +37,8 @@ class Qwen25VL(nnx.Module):
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
         self.visual = VisionTower(cfg.vision, cfg.attention_impl, remat=cfg.remat, **kw)
         self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
+        make = lambda r: DecoderLayer(t, cfg.attention_impl, param_dtype=pd, compute_dtype=cd, rngs=r)
+        self.layers = stack.stacked(make, t.num_layers, rngs)  # one module, parameters [Y, ...]
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
         self.lm_head = (
             None
@@ -86,22 +87,26 @@ class Qwen25VL(nnx.Module):
         cache: Cache | None = None,
         index: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
-        """Decoder with an optional KV cache (one (k, v) pair [B, S, K, H] per layer).
+        """Decoder with an optional KV cache (`Cache`: every layer's keys and values, stacked).
 
         x [B, T, D], positions [3, B, T], mask [B, 1, T, S] -> (hidden [B, T, D], cache); with
-        a cache the T new tokens are written at slots index..index+T-1.
+        a cache the T new tokens are written at slots index..index+T-1. The layers run as one
+        scanned body (remat'd with `cfg.remat` when there is no cache: training).
         """
         t = self.cfg.text
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            if cache is None and self.cfg.remat:
-                x, kv = _remat_layer(layer, x, cos, sin, mask), None
-            else:
-                x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
-            new_cache.append(kv)
-        return self.norm(x), None if cache is None else tuple(new_cache)
+        if cache is None:
+            body = lambda layer, h, _: (layer(h, cos, sin, mask)[0], None)
+            x, _ = stack.scan(self.layers, body, x, remat=self.cfg.remat)
+            return self.norm(x), None
+
+        def body(layer, carry, i):
+            h, kv = carry
+            return layer(h, cos, sin, mask, kv, index, i), None
+
+        (x, cache), _ = stack.scan(self.layers, body, (x, cache), jnp.arange(t.num_layers))
+        return self.norm(x), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""
@@ -122,11 +127,6 @@ class Qwen25VL(nnx.Module):
         """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32)."""
         x = self.embed(input_ids, pixels, layout)
         return self.logits(self.hidden_states(x, positions, attention_mask))
-
-
-@nnx.remat
-def _remat_layer(layer: DecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
