@@ -148,7 +148,7 @@ def memory(c: ConfigDict) -> dict:
     for name, leaves in parts.items():
         per_device[name], global_[name] = _bytes(leaves)
     per_device["total"], global_["total"] = sum(per_device.values()), sum(global_.values())
-    k_shape = cache[0].shape
+    k_shape = cache[0].shape  # [Y, W, K, H, S]
     return {
         "variant": c.variant if not c.hf_path else c.hf_path,
         "devices": mesh.size,
@@ -156,8 +156,8 @@ def memory(c: ConfigDict) -> dict:
         "num_params": int(sum(np.prod(x.shape) for x in param_leaves)),
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
-        "kv_rows": k_shape[0],
-        "kv_slots": k_shape[3],
+        "kv_rows": k_shape[1],
+        "kv_slots": k_shape[4],
         "per_device": per_device,
         "global": global_,
         "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,

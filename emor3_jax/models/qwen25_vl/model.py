@@ -28,6 +28,17 @@ from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_p
 
 Cache = KV  # every layer's keys [Y, B, K, H, S] and values [Y, B, K, S, H]
 
+# The parameter tree's layout, recorded with the architecture in every Orbax checkpoint: a
+# checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as
+# another model before Orbax is asked to restore a tree it does not have.
+PARAM_LAYOUT = "stacked_layers"
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    """What a run's checkpoints record of the model and every restore checks: the HF config
+    dict and PARAM_LAYOUT."""
+    return dict(cfg.to_hf_dict(), param_layout=PARAM_LAYOUT)
+
 
 class Qwen25VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
