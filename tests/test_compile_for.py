@@ -139,3 +139,37 @@ def test_several_slices_and_v4_cores():
     assert len(v4) == 8 and {d.core_on_chip for d in v4} == {0, 1}
     half = compile_for.CHIPS["v4"].per_device(2)
     assert half.hbm_bytes == 16 * 2**30 and half.bf16_flops == 137.5e12 and half.hbm_bytes_per_s == 600e9
+
+
+def test_program_names_lists_what_compile_all_compiles(compiled):
+    from emor3_jax.core import paths
+
+    c, _, _, out = compiled
+    scratch = paths.Scratch(c.scratch_dir)
+    try:
+        t = compile_for.target(c, compile_for.topology_devices(TOPOLOGY), scratch)
+    finally:
+        scratch.close()
+    assert compile_for.program_names(t) == [p["name"] for p in out["programs"]]
+
+
+def test_compile_programs_compiles_only_the_named_ones(tmp_path):
+    """--compile_programs: the named programs compile, the others are listed as not compiled
+    (traced for their shapes only); no verdict on the whole step. An unknown name is refused
+    before anything compiles, listing the config's programs."""
+    c = small_tiny(tmp_path)
+    unknown = r"no program named \['gradiant'\] in this config; its programs: \[.*'gradient'"
+    with pytest.raises(ValueError, match=unknown):
+        compile_for.main(c, TOPOLOGY, only=frozenset({"gradiant"}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = compile_for.main(c, TOPOLOGY, only=frozenset({"optimizer_step"}))
+    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
+        got = json.load(f)
+    assert status == 0
+    assert [p["name"] for p in got["programs"] if "skipped" not in p] == ["optimizer_step"]
+    assert len(got["programs"]) > 1 and got["step_roofline_s"] is None
+    text = out.getvalue()
+    assert "rollout_decode" in text and "not compiled (--compile_programs)" in text
+    last = text.rstrip().splitlines()[-1]
+    assert last == "compiled only ['optimizer_step'] (--compile_programs): no verdict on the whole step"
