@@ -212,19 +212,54 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
     """Random-init model, each parameter drawn directly in its sharding.
 
     One small jitted program per distinct (initializer, shape, dtype, sharding), so a 3B
-    model compiles a dozen tiny programs instead of one with hundreds of RNG kernels.
+    model compiles a dozen tiny programs instead of one with hundreds of RNG kernels. Each
+    layer of a stacked parameter is drawn with the key it had when every layer was its own
+    module, so a seed gives the same model as before the layers were stacked.
     """
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     base = jax.random.key(seed)
+    flat = nnx.to_flat_state(abs_state)
+    number = _per_layer_numbers([p for p, _ in flat], {p: v.shape[0] for p, v in flat if _stack_of(p)})
     leaves = []
-    for i, (path, v) in enumerate(nnx.to_flat_state(abs_state)):
+    for path, v in flat:
         meta = v.get_metadata()
         target = sharding.named_sharding(meta["axes"], v.shape, mesh, rules)
-        value = _init_program(meta["init"], tuple(v.shape), jnp.dtype(v.dtype), target)(jax.random.fold_in(base, i))
+        shape, dtype = tuple(v.shape), jnp.dtype(v.dtype)
+        if _stack_of(path):
+            keys = jnp.stack([jax.random.fold_in(base, n) for n in number[path]])
+            value = _init_stacked_program(meta["init"], shape, dtype, target)(keys)
+        else:
+            value = _init_program(meta["init"], shape, dtype, target)(jax.random.fold_in(base, number[path][0]))
         leaves.append((path, v.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+STACKS = (("layers",), ("visual", "blocks"))  # where the stacked modules sit in the parameter tree
+
+
+def _stack_of(path: tuple) -> tuple | None:
+    return next((s for s in STACKS if path[: len(s)] == s), None)
+
+
+def _per_layer_numbers(paths: list[tuple], depths: dict[tuple, int]) -> dict[tuple, list[int]]:
+    """Each parameter's position(s) in the per-layer tree (`layers/0/...`, one per layer of a
+    stacked one), in nnx's sorted flat order: the numbers its layers' keys are folded with."""
+    expanded = {}
+    for p in paths:
+        s = _stack_of(p)
+        per = [p] if s is None else [p[: len(s)] + (i,) + p[len(s) :] for i in range(depths[p])]
+        expanded[p] = per
+    order = {q: i for i, q in enumerate(sorted(q for per in expanded.values() for q in per))}
+    return {p: [order[q] for q in per] for p, per in expanded.items()}
 
 
 @functools.cache
 def _init_program(init: str, shape: tuple[int, ...], dtype, target):
     return jax.jit(lambda key: layers.INITS[init](key, shape, dtype), out_shardings=target)
+
+
+@functools.cache
+def _init_stacked_program(init: str, shape: tuple[int, ...], dtype, target):
+    """Keys [Y] -> a stacked parameter [Y, ...], layer i drawn with key i alone."""
+    draw = lambda key: layers.INITS[init](key, shape[1:], dtype)
+    return jax.jit(jax.vmap(draw), out_shardings=target)
