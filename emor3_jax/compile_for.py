@@ -49,7 +49,7 @@ from emor3_jax.core import paths, sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
-from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, abstract_model
+from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing
 from emor3_jax.rl.experience import StepSettings
@@ -272,15 +272,13 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 
 def _cache(t: Target, slots: int, entries: int) -> tuple:
-    """The sampler's decode cache [W, S] per layer, sharded as `Sampler._buffer` constrains it."""
-    tc, dtype = t.cfg.text, jax.numpy.dtype(t.cfg.compute_dtype)
-    kv = []
-    for axes, shape in (
-        (K_CACHE_AXES, (slots, tc.num_kv_heads, tc.head_dim, entries)),
-        (V_CACHE_AXES, (slots, tc.num_kv_heads, entries, tc.head_dim)),
-    ):
-        kv.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules)))
-    return tuple(tuple(kv) for _ in range(tc.num_layers))
+    """The sampler's decode cache (keys and values, every layer stacked: [Y, W, .., S]),
+    sharded as `Sampler._buffer` constrains it."""
+    dtype = jax.numpy.dtype(t.cfg.compute_dtype)
+    return tuple(
+        jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
+        for axes, shape in cache_shapes(t.cfg.text, slots, entries)
+    )
 
 
 def chip_bytes(tree) -> int:
@@ -299,10 +297,15 @@ class Session:
     results: list[dict] = dataclasses.field(default_factory=list)
     seen: dict = dataclasses.field(default_factory=dict)  # (function, lowered text) -> result: one program
     grads: object = None  # the GRPO gradient's abstract outputs (compile_all sets them)
+    only: frozenset[str] = frozenset()  # --compile_programs: compile these only (empty: all)
 
     def run(self, p: Program):
         """Compiles `p` and records its figures; returns its outputs as abstract arrays with the
-        shardings the compiler chose (a program that does not compile: as lowered, replicated)."""
+        shardings the compiler chose (a program that does not compile: as lowered, replicated;
+        one left out by `only`: traced for its output shapes, replicated)."""
+        if self.only and p.name not in self.only:
+            self.results.append(dict(name=p.name, phase=p.phase, kind=p.kind, runs=p.runs, skipped=True))
+            return jax.tree.map(lambda x: _replicated(self.t.mesh, x.shape, x.dtype), p.fn.eval_shape(*p.args))
         lowered = p.fn.lower(*p.args)
         key = (id(p.fn), lowered.as_text())
         if key in self.seen:  # the run's jit cache reuses this program too
@@ -542,6 +545,26 @@ def _cold_start_programs(s: Session) -> None:
     )
 
 
+def program_names(t: Target) -> list[str]:
+    """The names of the programs `compile_all` compiles for `t`'s config, in its order."""
+    names = [f"{g.name}_{part}" for g in generates(t) for part in ("prefill", "slots", "decode")]
+    st = t.settings
+    accumulates = st.update_batch * st.num_generations > st.micro_batch  # as _update_programs' per_step > 1
+    names += ["logprobs", "gradient", *(["accumulate"] if accumulates else []), "optimizer_step"]
+    if t.c.cold_start.steps:
+        judge = ["cold_start_judge_gradient"] if t.c.cold_start.judge_batch_size else []
+        names += ["cold_start_gradient", *judge, "cold_start_optimizer_step"]
+    return names
+
+
+def check_programs(t: Target, only: frozenset[str]) -> None:
+    """Raises, listing the known names, when --compile_programs names a program the config has not."""
+    known = program_names(t)
+    unknown = sorted(only - set(known))
+    if unknown:
+        raise ValueError(f"--compile_programs: no program named {unknown} in this config; its programs: {known}")
+
+
 # ---------------------------------------------------------------- the step
 def compile_all(s: Session) -> None:
     """Every program of the run's config, under its mesh and rules."""
@@ -569,7 +592,7 @@ def summary(s: Session, topology: str) -> dict:
     programs = []
     for r in s.results:
         r = {k: v for k, v in r.items() if k != "_out"}
-        if "error" in r:
+        if "error" in r or "skipped" in r:
             r.update(peak_bytes_per_chip=None, flops=None, bytes_accessed=None, roofline_s=None)
         else:
             r["beside_bytes"] = sum(held[k] for k in r["beside"])
@@ -621,6 +644,8 @@ def _verdict(programs: list[dict], chip: Chip, topology: str) -> dict:
     """fits, the peak, and one line: `fits: yes`, or the program that does not fit, by how much,
     and the settings that shrink it."""
     failed = [p for p in programs if "error" in p]
+    if any("skipped" in p for p in programs):  # a partial compile: no verdict on the whole
+        return dict(fits=not failed, peak_bytes_per_chip=None, verdict=_partial_verdict(programs, failed, topology))
     peaks = [p for p in programs if p["peak_bytes_per_chip"] is not None]
     worst = max(peaks, key=lambda p: p["peak_bytes_per_chip"]) if peaks else None
     peak = worst["peak_bytes_per_chip"] if worst else None
@@ -639,6 +664,13 @@ def _verdict(programs: list[dict], chip: Chip, topology: str) -> dict:
     return dict(fits=not failed and peak <= chip.hbm_bytes, peak_bytes_per_chip=peak, verdict=line)
 
 
+def _partial_verdict(programs: list[dict], failed: list[dict], topology: str) -> str:
+    done = [p["name"] for p in programs if "skipped" not in p]
+    if failed:
+        return f"compiled only {done} (--compile_programs): {failed[0]['name']} does not compile for {topology}"
+    return f"compiled only {done} (--compile_programs): no verdict on the whole step"
+
+
 def report(out: dict) -> str:
     """The table `main` prints: per program, per chip, then the step and the verdict."""
     chip, gib = out["chip"], lambda b: f"{b / GiB:9.2f}" if b is not None else f"{'-':>9}"
@@ -653,6 +685,9 @@ def report(out: dict) -> str:
     for p in out["programs"]:
         if "error" in p:
             lines.append(f"{p['name']:34}{p['runs']:>9}  does not compile: {p['error']}")
+            continue
+        if "skipped" in p:
+            lines.append(f"{p['name']:34}{p['runs']:>9}  not compiled (--compile_programs)")
             continue
         same = f"  (= {p['same_as']})" if "same_as" in p else ""
         lines.append(
@@ -690,15 +725,20 @@ def output_path(c: ConfigDict, topology: str, slices: int) -> str:
     return paths.join(c.workdir, "compile", f"{name}.json")
 
 
-def main(c: ConfigDict, topology: str, slices: int = 1) -> int:
-    """`--compile_for=<topology>`: compile, print the table, write the JSON; 0 when it fits, else 1."""
+def main(c: ConfigDict, topology: str, slices: int = 1, only: frozenset[str] = frozenset()) -> int:
+    """`--compile_for=<topology>`: compile, print the table, write the JSON; 0 when it fits, else 1.
+
+    `only` (--compile_programs): compile those programs only, the others traced for their
+    shapes; exit 0 when those compile (the step then has no roofline and no verdict)."""
     if not jax.config.jax_platforms:  # libtpu installed without chips: the host needs no TPU backend
         jax.config.update("jax_platforms", "cpu")
     chip, devices = chip_of(topology), topology_devices(topology, slices)
     cores = 1 + max(getattr(d, "core_on_chip", 0) for d in devices)
     scratch = paths.Scratch(c.scratch_dir)
     try:
-        s = Session(target(c, devices, scratch), chip.per_device(cores))
+        t = target(c, devices, scratch)
+        check_programs(t, only)
+        s = Session(t, chip.per_device(cores), only=only)
         if cores > 1:
             s.t.notes.append(f"each chip is {cores} devices (TensorCores): figures are per device")
         compile_all(s)

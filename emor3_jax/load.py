@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from emor3_jax.core import paths, sharding
 from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.factory import check_tokenizer
-from emor3_jax.models.api import Model, ModelConfig, abstract_model, load_hf
+from emor3_jax.models.api import PARAM_LAYOUT, Model, ModelConfig, abstract_model, load_hf
 
 
 @dataclasses.dataclass
@@ -46,6 +46,12 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
         if step is None:
             raise FileNotFoundError(f"{directory}: no finished checkpoint")
         meta = ckpt.read_meta(step)
+        if meta["model"].get("param_layout") != PARAM_LAYOUT:  # saved with another parameter tree
+            raise ValueError(
+                f"{directory}/{step}: checkpoint of another model (differs in ['param_layout']: "
+                f"{meta['model'].get('param_layout')!r}, this code reads {PARAM_LAYOUT!r}; None: saved before the "
+                "layers were stacked); export it with the emor3_jax it was trained with"
+            )
         config = json.loads(meta["config"])
         cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype=config["model"]["param_dtype"], **runtime)
         graphdef, abstract = nnx.split(abstract_model(cfg))

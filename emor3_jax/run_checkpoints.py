@@ -19,7 +19,7 @@ _STORED = ("model", "config", "log_sizes")  # written here, not part of the trai
 
 class RunCheckpoints:
     def __init__(self, c: ConfigDict, model: dict, lock: WorkdirLock | None = None):
-        """`model`: the architecture (ModelConfig.to_hf_dict) that every restore is checked against;
+        """`model`: the architecture (models.api.architecture) that every restore is checked against;
         `lock`: the workdir lock this run holds, checked before each save (None: no lock held)."""
         self.ckpt = Checkpointer(paths.join(c.workdir, "ckpt"), c.checkpoint.keep, c.checkpoint.async_save)
         self.best = Checkpointer(paths.join(c.workdir, "best"), 1, c.checkpoint.async_save)

@@ -26,7 +26,7 @@ from emor3_jax.data import pipeline, store
 from emor3_jax.data.encode import Encoder
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
-from emor3_jax.models.api import create_model, load_hf
+from emor3_jax.models.api import architecture, create_model, load_hf
 from emor3_jax.run_checkpoints import RunCheckpoints
 
 
@@ -95,7 +95,7 @@ def set_up(c: ConfigDict, lock: WorkdirLock | None = None) -> RunSetup:
         test_records=test_records,
         graphdef=graphdef,
         params=params,
-        ckpts=RunCheckpoints(c, cfg.to_hf_dict(), lock),
+        ckpts=RunCheckpoints(c, architecture(cfg), lock),
         writer=MetricWriter(c.workdir),
         preempt=PreemptionFlag(),
         key=jax.random.key(c.seed),

@@ -42,6 +42,12 @@ _COMPILE_FOR = flags.DEFINE_string(
     "memory and roofline, write <workdir>/compile/<topology>.json, exit 1 if it does not fit; train nothing",
 )
 _COMPILE_SLICES = flags.DEFINE_integer("compile_slices", 1, "with --compile_for: slices of that topology")
+_COMPILE_PROGRAMS = flags.DEFINE_list(
+    "compile_programs",
+    [],
+    "with --compile_for: compile only these programs (e.g. gradient,rollout_decode); the others are traced for "
+    "their shapes only; an unknown name is an error that lists the config's programs",
+)
 _ACCEPT_CHANGES = flags.DEFINE_list(
     "accept_changes",
     [],
@@ -52,6 +58,8 @@ _ACCEPT_CHANGES = flags.DEFINE_list(
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _COMPILE_PROGRAMS.value and not _COMPILE_FOR.value:
+        raise app.UsageError("--compile_programs needs --compile_for")
     c = _CONFIG.value
     if _DRY_RUN.value or _COMPILE_FOR.value:
         config_lib.validate_shapes(c)  # what they build; they read no data and write no checkpoint
@@ -63,7 +71,8 @@ def main(argv) -> None:
     if _COMPILE_FOR.value:
         from emor3_jax import compile_for
 
-        sys.exit(compile_for.main(c, _COMPILE_FOR.value, _COMPILE_SLICES.value))
+        only = frozenset(_COMPILE_PROGRAMS.value)
+        sys.exit(compile_for.main(c, _COMPILE_FOR.value, _COMPILE_SLICES.value, only))
     config_lib.resolve_hub_ids(c)  # a hub id -> its local snapshot: the start-up's one download
     config_lib.validate(c)  # once per run, before a device or a file is touched
     config_lib.check_accepted(_ACCEPT_CHANGES.value, c)

@@ -234,14 +234,14 @@ def craft_checkpoint(workdir):
     from bench.common import make_mesh
     from configs.qwen_vl import get_config
     from emor3_jax.core import sharding
-    from emor3_jax.models.api import create_model, preset
+    from emor3_jax.models.api import architecture, create_model, preset
     from emor3_jax.run_checkpoints import RunCheckpoints
 
     c = get_config("tiny")
     c.workdir = str(workdir)
     cfg = preset("tiny", vocab_size=1024, param_dtype=c.model.param_dtype)
     _, params = nnx.split(create_model(cfg, make_mesh(), sharding.DEFAULT_RULES))
-    ckpts = RunCheckpoints(c, cfg.to_hf_dict())
+    ckpts = RunCheckpoints(c, architecture(cfg))
     ckpts.save({"global_step": 1}, {"params": params}, {})
     ckpts.wait()
     ckpts.close()

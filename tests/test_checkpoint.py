@@ -199,3 +199,49 @@ def test_the_trainers_state_falls_back_past_a_damaged_step(tmp_path, ours_fp32):
     got = ck.restore_newest_intact(abstract_for, MODEL)
     ck.close()
     assert got.step == 1 and set(got.state) == {"params", "opt"} and "OUT_OF_RANGE" in got.skipped[0][1]
+
+
+def _per_layer_tree(model) -> dict:
+    """The model's parameters as the earlier layout saved them: one subtree per layer
+    (`layers/0/...`, `visual/blocks/0/...`) instead of stacked arrays."""
+    from flax import nnx
+
+    tree: dict = {}
+    for path, v in nnx.to_flat_state(nnx.state(model)):
+        arr = np.asarray(v[...])
+        cut = 1 if path[0] == "layers" else 2 if path[:2] == ("visual", "blocks") else None
+        pieces = [(path, arr)] if cut is None else [(path[:cut] + (str(i),) + path[cut:], a) for i, a in enumerate(arr)]
+        for p, a in pieces:
+            node = tree
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = a
+    return tree
+
+
+def test_a_checkpoint_of_the_per_layer_layout_is_refused_as_another_model(tmp_path, ours_fp32, mesh1):
+    """A run's step saved before the layers were stacked (its architecture without
+    `param_layout`): export/eval (load_step) and resume both refuse it in one line, before
+    Orbax meets the other tree; a step of the current layout loads."""
+    import json
+
+    from flax import nnx
+
+    from emor3_jax.core import sharding
+    from emor3_jax.load import load_step
+    from emor3_jax.models.api import architecture
+
+    cfg, config = ours_fp32.cfg, json.dumps({"model": {"param_dtype": "float32"}})
+    d = str(tmp_path / "ckpt")
+    ck = Checkpointer(d, keep=5, async_save=False)
+    ck.save(1, {"params": _per_layer_tree(ours_fp32)}, {"phase": "grpo", "model": cfg.to_hf_dict(), "config": config})
+    with pytest.raises(ValueError, match=r"1: checkpoint of another model \(differs in \['param_layout'\]"):
+        load_step(d, 1, mesh1, sharding.DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"checkpoint of another model \(differs in \['param_layout'\]\)"):
+        ck.restore_newest_intact(lambda meta: {"params": nnx.state(ours_fp32)}, architecture(cfg))
+    ck.save(2, {"params": nnx.state(ours_fp32)}, {"phase": "grpo", "model": architecture(cfg), "config": config})
+    ck.close()
+    model, _, _, step = load_step(d, 2, mesh1, sharding.DEFAULT_RULES)
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(ours_fp32))):
+        np.testing.assert_array_equal(a, b)

@@ -207,3 +207,37 @@ def test_a_batch_of_images_past_the_largest_bucket_is_compiled_in_chunks(tmp_pat
     merged = tower.eval_shape(state, inputs["pixels"], inputs["layout"])
     assert merged.shape == (2 * 16 // 4, cfg.vision.out_hidden_size)
     assert tower.lower(state, inputs["pixels"], inputs["layout"]).compile().memory_analysis() is not None
+
+
+def test_program_names_lists_what_compile_all_compiles(compiled):
+    from emor3_jax.core import paths
+
+    c, _, _, out = compiled
+    scratch = paths.Scratch(c.scratch_dir)
+    try:
+        t = compile_for.target(c, compile_for.topology_devices(TOPOLOGY), scratch)
+    finally:
+        scratch.close()
+    assert compile_for.program_names(t) == [p["name"] for p in out["programs"]]
+
+
+def test_compile_programs_compiles_only_the_named_ones(tmp_path):
+    """--compile_programs: the named programs compile, the others are listed as not compiled
+    (traced for their shapes only); no verdict on the whole step. An unknown name is refused
+    before anything compiles, listing the config's programs."""
+    c = small_tiny(tmp_path)
+    unknown = r"no program named \['gradiant'\] in this config; its programs: \[.*'gradient'"
+    with pytest.raises(ValueError, match=unknown):
+        compile_for.main(c, TOPOLOGY, only=frozenset({"gradiant"}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = compile_for.main(c, TOPOLOGY, only=frozenset({"optimizer_step"}))
+    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
+        got = json.load(f)
+    assert status == 0
+    assert [p["name"] for p in got["programs"] if "skipped" not in p] == ["optimizer_step"]
+    assert len(got["programs"]) > 1 and got["step_roofline_s"] is None
+    text = out.getvalue()
+    assert "rollout_decode" in text and "not compiled (--compile_programs)" in text
+    last = text.rstrip().splitlines()[-1]
+    assert last == "compiled only ['optimizer_step'] (--compile_programs): no verdict on the whole step"

@@ -90,7 +90,7 @@ def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float) -> None:
 def test_7b_on_64_devices_fsdp16_tensor4():
     m, report = _memory("7b", 64, (("data", 1), ("fsdp", 16), ("tensor", 4)))
     assert m["num_params"] == 8_292_166_656  # Qwen2.5-VL-7B-Instruct's published count
-    # K and V per layer: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 4096 slots x 2 bytes, 28 layers.
+    # K and V, 28 layers stacked: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 4096 slots x 2 bytes.
     _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 4096 * 2 / GiB)
     assert m["per_device"]["params"] < m["global"]["params"] / 64 * 1.02  # all but 1% of it split 64 ways
     assert "activations" in report and "not included" in report

@@ -16,7 +16,7 @@ from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.data.tokenizers import build_test_tokenizer, special_token_ids
 from emor3_jax.export import export
-from emor3_jax.models.qwen25_vl.model import create_model
+from emor3_jax.models.qwen25_vl.model import architecture, create_model
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 2, 56 * 84  # not the defaults: the file must carry the run's
 
@@ -32,7 +32,7 @@ def exported(tmp_path_factory, mesh1):
     cfg = config_lib.model_config(c, len(tok), special_token_ids(tok))
     _, params = nnx.split(create_model(cfg, mesh1, sharding.DEFAULT_RULES, seed=0))
     ck = Checkpointer(str(workdir / "ckpt"), keep=1, async_save=False)
-    ck.save(1, {"params": params}, {"model": cfg.to_hf_dict(), "config": c.to_json()})
+    ck.save(1, {"params": params}, {"model": architecture(cfg), "config": c.to_json()})
     ck.close()
     return export(str(workdir), str(tmp_path_factory.mktemp("hf")))
 

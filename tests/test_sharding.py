@@ -27,17 +27,18 @@ def _logits(model, mesh, batch):
         return np.asarray(nnx.jit(lambda m, x: m(**x))(model, inputs))
 
 
-# Hand-written expectations: param path -> spec for (fsdp=4, tensor=2) and (fsdp=8).
+# Hand-written expectations: param path -> spec for (fsdp=4, tensor=2) and (fsdp=8). The
+# decoder layers and vision blocks are stacked: their leading layer axis stays whole.
 EXPECTED = {
     ("embed_tokens",): (P("tensor", "fsdp"), P(None, "fsdp")),  # [vocab 400, embed 64]
-    ("layers", 0, "self_attn", "q_proj", "kernel"): (P("fsdp", "tensor"), P("fsdp", None)),  # [64, 64]
-    ("layers", 0, "self_attn", "k_proj", "bias"): (P("tensor"), P(None)),  # [32]
-    ("layers", 1, "self_attn", "o_proj", "kernel"): (P("tensor", "fsdp"), P(None, "fsdp")),
-    ("layers", 1, "mlp", "down_proj", "kernel"): (P("tensor", "fsdp"), P(None, "fsdp")),  # [88, 64]
-    ("layers", 0, "input_layernorm", "weight"): (P(None), P(None)),
+    ("layers", "self_attn", "q_proj", "kernel"): (P(None, "fsdp", "tensor"), P(None, "fsdp", None)),  # [2, 64, 64]
+    ("layers", "self_attn", "k_proj", "bias"): (P(None, "tensor"), P(None, None)),  # [2, 32]
+    ("layers", "self_attn", "o_proj", "kernel"): (P(None, "tensor", "fsdp"), P(None, None, "fsdp")),
+    ("layers", "mlp", "down_proj", "kernel"): (P(None, "tensor", "fsdp"), P(None, None, "fsdp")),  # [2, 88, 64]
+    ("layers", "input_layernorm", "weight"): (P(None, None), P(None, None)),
     ("lm_head", "kernel"): (P("fsdp", "tensor"), P("fsdp", None)),  # [64, 400]
     ("visual", "patch_embed", "kernel"): (P(None, "fsdp"), P(None, "fsdp")),  # [1176, 40]
-    ("visual", "blocks", 0, "attn", "qkv", "kernel"): (P("fsdp", "tensor"), P("fsdp", None)),  # [40, 120]
+    ("visual", "blocks", "attn", "qkv", "kernel"): (P(None, "fsdp", "tensor"), P(None, "fsdp", None)),  # [3, 40, 120]
     # [160, 64]: vision_embed and embed both map to fsdp; an axis shards one dim only.
     ("visual", "merger", "fc2", "kernel"): (P("fsdp", None), P("fsdp", None)),
 }

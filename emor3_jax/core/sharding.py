@@ -21,7 +21,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 # Parameters over fsdp (and tensor for heads/mlp/vocab when that axis is > 1); activations'
-# batch over data x fsdp.
+# batch over data x fsdp. The stacked layers' leading axis stays whole on every chip: each
+# step of the scan over layers reads its own layer's shard.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -36,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("seq", None),
     ("norm", None),
     ("head_dim", None),
+    ("layers", None),
 )
 
 _RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_axis_rules", default=None)

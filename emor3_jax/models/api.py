@@ -9,9 +9,10 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
-layout (`Cache`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration (`ModelConfig`, named
-`preset`s), and construction and checkpoint IO (`create_model`, `abstract_model`, `load_hf`,
-`save_hf`). Qwen2.5-VL is the family implemented; another one plugs in here.
+layout (`Cache`, `cache_shapes`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration
+(`ModelConfig`, named `preset`s), and construction and checkpoint IO (`create_model`, `abstract_model`, `load_hf`,
+`save_hf`; `architecture`: what a run's checkpoints record and restores check, with
+`PARAM_LAYOUT`). Qwen2.5-VL is the family implemented; another one plugs in here.
 """
 
 from __future__ import annotations
@@ -22,16 +23,26 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
-from emor3_jax.models.qwen25_vl.model import Cache, abstract_model, create_model, prepare_inputs
-from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES
+from emor3_jax.models.qwen25_vl.model import (
+    PARAM_LAYOUT,
+    Cache,
+    abstract_model,
+    architecture,
+    create_model,
+    prepare_inputs,
+)
+from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES, cache_shapes
 
 __all__ = [
+    "PARAM_LAYOUT",
     "K_CACHE_AXES",
     "V_CACHE_AXES",
     "Cache",
     "Model",
     "ModelConfig",
     "abstract_model",
+    "architecture",
+    "cache_shapes",
     "create_model",
     "load_hf",
     "prepare_inputs",

@@ -41,7 +41,7 @@ from flax import nnx, struct
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
-from emor3_jax.models.api import K_CACHE_AXES, V_CACHE_AXES, Cache, Model, prepare_inputs
+from emor3_jax.models.api import Cache, Model, cache_shapes, prepare_inputs
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -235,7 +235,7 @@ class Sampler:
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:
-                    cache = self._buffer(lay.slots, lay.p_len + lay.g_len, prompt_cache[0][0].dtype)
+                    cache = self._buffer(lay.slots, lay.p_len + lay.g_len, prompt_cache[0].dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
@@ -260,7 +260,7 @@ class Sampler:
                     key,
                     jnp.asarray(self.pad_id, jnp.int32),
                 )
-        self._buffers[(lay.slots, lay.p_len + lay.g_len, cache[0][0].dtype.name)] = cache
+        self._buffers[(lay.slots, lay.p_len + lay.g_len, cache[0].dtype.name)] = cache
         samples, self.last_schedule = _first_rows(carry, rows)
         return samples
 
@@ -287,12 +287,7 @@ class Sampler:
         if key not in self._buffers:
             t = self.cfg.text
 
-            def alloc():
-                k = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, t.head_dim, slots), dtype), K_CACHE_AXES)
-                v = sharding.constrain(jnp.zeros((rows, t.num_kv_heads, slots, t.head_dim), dtype), V_CACHE_AXES)
-                return tuple((k, v) for _ in range(t.num_layers))
-
-            self._buffers[key] = jax.jit(alloc)()
+            self._buffers[key] = jax.jit(lambda: empty_cache(t, rows, slots, dtype))()
         return self._buffers.pop(key)
 
 
@@ -325,6 +320,11 @@ def _fresh_slots(slots: int, out_rows: int, p_len: int, g_len: int, vocab: int, 
     )
 
 
+def empty_cache(t, rows: int, slots: int, dtype) -> Cache:
+    """A zero cache (`cache_shapes`) for text config `t`, sharded by its logical axes (inside jit)."""
+    return tuple(sharding.constrain(jnp.zeros(shape, dtype), axes) for axes, shape in cache_shapes(t, rows, slots))
+
+
 def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     """Vision tower + prompt -> logits of the next token [Q, V] and the prompt cache [Q, P]."""
     model = nnx.merge(graphdef, state)
@@ -332,9 +332,7 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, p = ids.shape
     x = model.embed(ids, batch.get("pixels"), batch.get("layout"))
-    k = sharding.constrain(jnp.zeros((b, t.num_kv_heads, t.head_dim, p), x.dtype), K_CACHE_AXES)
-    v = sharding.constrain(jnp.zeros((b, t.num_kv_heads, p, t.head_dim), x.dtype), V_CACHE_AXES)
-    cache = tuple((k, v) for _ in range(t.num_layers))
+    cache = empty_cache(t, b, p, x.dtype)
     causal = jnp.tril(jnp.ones((p, p), bool))
     attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [Q, 1, P, P]
     h, cache = model.decode(x, batch["positions"], attn, cache, 0)
@@ -365,8 +363,8 @@ def _decode(
     """Decodes until the group's first `valid` rows have all taken slots and a slot is free;
     the last group (`final`) until every slot is free.
 
-    cache [W, S] per layer and carry (`_fresh_slots`) are donated and returned. The group:
-    logits [Q, V], prompt_cache [Q, P] per layer, prompt_mask [Q, P], next_pos [Q] from its
+    cache [Y, W, .., S] and carry (`_fresh_slots`) are donated and returned. The group:
+    logits [Q, V], prompt_cache [Y, Q, .., P], prompt_mask [Q, P], next_pos [Q] from its
     prefill; limits [Q * n] per row; its row i (prompt i // n) is output row row0 + i.
     """
     model = nnx.merge(graphdef, state)
@@ -387,18 +385,15 @@ def _decode(
         row = jnp.where(take, row0 + src, out_rows)  # out_rows: dropped by the scatters
         gen_mask = jnp.zeros((w, g_len), bool)
 
-        # Copy each new row's prompt cache into its slot, one slot at a time: the cost follows
-        # the rows admitted, not W.
+        # Copy each new row's prompt cache (every layer) into its slot, one slot at a time: the
+        # cost follows the rows admitted, not W.
         order = jnp.nonzero(take, size=w, fill_value=0)[0]
 
         def copy(i, kv):
             slot, prompt = order[i], b[order[i]]
             return tuple(
-                (
-                    jax.lax.dynamic_update_slice(k, jax.lax.dynamic_slice_in_dim(pk, prompt, 1), (slot, 0, 0, 0)),
-                    jax.lax.dynamic_update_slice(v, jax.lax.dynamic_slice_in_dim(pv, prompt, 1), (slot, 0, 0, 0)),
-                )
-                for (k, v), (pk, pv) in zip(kv, prompt_cache)
+                jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice_in_dim(pc, prompt, 1, axis=1), (0, slot, 0, 0, 0))
+                for c, pc in zip(kv, prompt_cache)
             )
 
         cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)

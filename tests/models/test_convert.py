@@ -108,7 +108,16 @@ def test_tied_embeddings_load_and_export(mesh1, tmp_path):
 def test_weight_table_covers_every_hub_key_both_ways(hf_tiny_dir, ours_fp32):
     table = weight_table(ours_fp32.cfg)
     assert {e.hf_key for e in table} == _keys(hf_tiny_dir)
-    assert len({e.path for e in table}) == len(table)
+    assert len({(e.path, e.layer) for e in table}) == len(table)
+    # a stacked parameter has one hub key per layer, in layer order; the others one key each
+    layers: dict[tuple, list] = {}
+    for e in table:
+        layers.setdefault(e.path, []).append(e.layer)
+    cfg = ours_fp32.cfg
+    for path, got in layers.items():
+        vision, text = path[:2] == ("visual", "blocks"), path[0] == "layers"
+        want = list(range(cfg.vision.depth)) if vision else list(range(cfg.text.num_layers)) if text else [None]
+        assert got == want, path
 
 
 def _broken_copy(src, dst, edit):

@@ -1,9 +1,11 @@
 """Hugging Face safetensors <-> our parameters, through one weight table.
 
 `weight_table(cfg)` lists every hub key (`model.layers.*`, `visual.*`, `lm_head.*`) with our
-parameter path and how the tensor is laid out; loading and export both read it. Tensors are
-read shard by shard (`safe_open(...).get_slice`) straight into their device shardings, so no
-host ever holds the full model. Safetensors only: nothing is unpickled, nothing downloaded.
+parameter path and how the tensor is laid out; loading and export both read it. The hub's
+per-layer keys (`model.layers.{i}.…`, `visual.blocks.{i}.…`) are slices `layer` = i of our
+stacked parameters [Y, ...]. Tensors are read shard by shard (`safe_open(...).get_slice`)
+straight into their device shardings, so no host ever holds the full model. Safetensors
+only: nothing is unpickled, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -53,45 +55,52 @@ AUX_FILES = (
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+    """One hub tensor: our parameter at `path`, or its slice `layer` of a stacked parameter."""
+
     hf_key: str
     path: tuple
     layout: str
+    layer: int | None = None
+
+    def shape(self, var) -> tuple[int, ...]:
+        """Our-layout shape of this entry's tensor in parameter `var`."""
+        return tuple(var.shape[1:] if self.layer is not None else var.shape)
 
 
 def weight_table(cfg: ModelConfig) -> list[Entry]:
     """Every hub key of a Qwen2.5-VL checkpoint with our parameter path and layout."""
     table = [Entry("visual.patch_embed.proj.weight", ("visual", "patch_embed", "kernel"), CONV)]
 
-    def linear(hf: str, ours: tuple, bias: bool):
-        table.append(Entry(f"{hf}.weight", (*ours, "kernel"), LINEAR))
+    def linear(hf: str, ours: tuple, bias: bool, layer: int | None = None):
+        table.append(Entry(f"{hf}.weight", (*ours, "kernel"), LINEAR, layer))
         if bias:
-            table.append(Entry(f"{hf}.bias", (*ours, "bias"), COPY))
+            table.append(Entry(f"{hf}.bias", (*ours, "bias"), COPY, layer))
 
     for i in range(cfg.vision.depth):
-        hf, ours = f"visual.blocks.{i}", ("visual", "blocks", i)
+        hf, ours = f"visual.blocks.{i}", ("visual", "blocks")
         table += [
-            Entry(f"{hf}.norm1.weight", (*ours, "norm1", "weight"), COPY),
-            Entry(f"{hf}.norm2.weight", (*ours, "norm2", "weight"), COPY),
+            Entry(f"{hf}.norm1.weight", (*ours, "norm1", "weight"), COPY, i),
+            Entry(f"{hf}.norm2.weight", (*ours, "norm2", "weight"), COPY, i),
         ]
-        linear(f"{hf}.attn.qkv", (*ours, "attn", "qkv"), True)
-        linear(f"{hf}.attn.proj", (*ours, "attn", "proj"), True)
+        linear(f"{hf}.attn.qkv", (*ours, "attn", "qkv"), True, i)
+        linear(f"{hf}.attn.proj", (*ours, "attn", "proj"), True, i)
         for p in ("gate_proj", "up_proj", "down_proj"):
-            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), True)
+            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), True, i)
     table.append(Entry("visual.merger.ln_q.weight", ("visual", "merger", "ln_q", "weight"), COPY))
     linear("visual.merger.mlp.0", ("visual", "merger", "fc1"), True)
     linear("visual.merger.mlp.2", ("visual", "merger", "fc2"), True)
 
     table.append(Entry("model.embed_tokens.weight", ("embed_tokens",), COPY))
     for i in range(cfg.text.num_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
+        hf, ours = f"model.layers.{i}", ("layers",)
         for p in ("q_proj", "k_proj", "v_proj"):
-            linear(f"{hf}.self_attn.{p}", (*ours, "self_attn", p), True)
-        linear(f"{hf}.self_attn.o_proj", (*ours, "self_attn", "o_proj"), False)
+            linear(f"{hf}.self_attn.{p}", (*ours, "self_attn", p), True, i)
+        linear(f"{hf}.self_attn.o_proj", (*ours, "self_attn", "o_proj"), False, i)
         for p in ("gate_proj", "up_proj", "down_proj"):
-            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), False)
+            linear(f"{hf}.mlp.{p}", (*ours, "mlp", p), False, i)
         table += [
-            Entry(f"{hf}.input_layernorm.weight", (*ours, "input_layernorm", "weight"), COPY),
-            Entry(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), COPY),
+            Entry(f"{hf}.input_layernorm.weight", (*ours, "input_layernorm", "weight"), COPY, i),
+            Entry(f"{hf}.post_attention_layernorm.weight", (*ours, "post_attention_layernorm", "weight"), COPY, i),
         ]
     table.append(Entry("model.norm.weight", ("norm", "weight"), COPY))
     if not cfg.tie_word_embeddings:
@@ -183,21 +192,37 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
                 f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}"
             )
         dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+        by_path: dict[tuple, list[Entry]] = {}
+        for e in table:  # a stacked parameter's entries in layer order
+            by_path.setdefault(e.path, []).append(e)
         leaves = []
-        for e in table:
-            var = flat[e.path]
-            handle, fname = where[e.hf_key]
-            tslice = handle.get_slice(e.hf_key)
-            expected = hf_shape(e.layout, var.shape, cfg)
-            if tuple(tslice.get_shape()) != expected:
-                raise ValueError(f"{fname}: {e.hf_key} has shape {tuple(tslice.get_shape())}, expected {expected}")
-            target = sharding.named_sharding(var.get_metadata()["axes"], var.shape, mesh, rules)
-            arr = jax.make_array_from_callback(
-                var.shape, target, lambda idx, t=tslice, lay=e.layout: _read(t, lay, idx).astype(dtype)
-            )
-            leaves.append((e.path, var.replace(arr)))
+        for p, entries in by_path.items():
+            target = sharding.named_sharding(flat[p].get_metadata()["axes"], flat[p].shape, mesh, rules)
+            leaves.append((p, flat[p].replace(_load_param(entries, flat[p], where, target, dtype, cfg))))
     state = nnx.from_flat_state(leaves)
     return nnx.merge(graphdef, state)
+
+
+def _load_param(entries: list[Entry], var, where: dict, target, dtype, cfg: ModelConfig) -> jax.Array:
+    """Parameter `var` from its hub tensors (one, or one per layer of a stacked parameter),
+    each device's block read from the files straight into sharding `target`."""
+    tensors = []
+    for e in entries:
+        handle, fname = where[e.hf_key]
+        tslice = handle.get_slice(e.hf_key)
+        expected = hf_shape(e.layout, e.shape(var), cfg)
+        if tuple(tslice.get_shape()) != expected:
+            raise ValueError(f"{fname}: {e.hf_key} has shape {tuple(tslice.get_shape())}, expected {expected}")
+        tensors.append(tslice)
+    layout = entries[0].layout
+    if entries[0].layer is None:
+        return jax.make_array_from_callback(var.shape, target, lambda idx: _read(tensors[0], layout, idx).astype(dtype))
+
+    def stacked(idx):  # idx[0]: the block's layers
+        layers = range(*idx[0].indices(len(tensors)))
+        return np.stack([_read(tensors[i], layout, idx[1:]).astype(dtype) for i in layers])
+
+    return jax.make_array_from_callback(var.shape, target, stacked)
 
 
 def processor_config(cfg: ModelConfig, min_pixels: int, max_pixels: int) -> dict:
@@ -257,7 +282,7 @@ def save_hf(
     # Plan shards from shapes first so file names can say "-of-N".
     shards, size = [[]], 0
     for e in table:
-        nbytes = int(np.prod(flat[e.path].shape)) * out_dtype.itemsize
+        nbytes = int(np.prod(e.shape(flat[e.path]))) * out_dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -276,7 +301,8 @@ def save_hf(
     for name, entries in zip(names, shards):
         tensors = {}
         for e in entries:
-            arr = _to_hf(to_host(flat[e.path][...]), e.layout, cfg).astype(out_dtype)
+            ours = flat[e.path][...] if e.layer is None else flat[e.path][e.layer]  # a layer: its slice alone
+            arr = _to_hf(to_host(ours), e.layout, cfg).astype(out_dtype)
             tensors[e.hf_key] = arr
             weight_map[e.hf_key] = name
             total += arr.nbytes

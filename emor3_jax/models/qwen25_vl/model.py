@@ -20,13 +20,24 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emor3_jax.core import sharding
-from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
-Cache = tuple[KV, ...]
+Cache = KV  # every layer's keys [Y, B, K, H, S] and values [Y, B, K, S, H]
+
+# The parameter tree's layout, recorded with the architecture in every Orbax checkpoint: a
+# checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as
+# another model before Orbax is asked to restore a tree it does not have.
+PARAM_LAYOUT = "stacked_layers"
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    """What a run's checkpoints record of the model and every restore checks: the HF config
+    dict and PARAM_LAYOUT."""
+    return dict(cfg.to_hf_dict(), param_layout=PARAM_LAYOUT)
 
 
 class Qwen25VL(nnx.Module):
@@ -37,7 +48,8 @@ class Qwen25VL(nnx.Module):
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
         self.visual = VisionTower(cfg.vision, cfg.attention_impl, remat=cfg.remat, **kw)
         self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
-        self.layers = nnx.List([DecoderLayer(t, cfg.attention_impl, **kw) for _ in range(t.num_layers)])
+        make = lambda r: DecoderLayer(t, cfg.attention_impl, param_dtype=pd, compute_dtype=cd, rngs=r)
+        self.layers = stack.stacked(make, t.num_layers, rngs)  # one module, parameters [Y, ...]
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
         self.lm_head = (
             None
@@ -86,22 +98,26 @@ class Qwen25VL(nnx.Module):
         cache: Cache | None = None,
         index: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
-        """Decoder with an optional KV cache (one (k, v) pair [B, S, K, H] per layer).
+        """Decoder with an optional KV cache (`Cache`: every layer's keys and values, stacked).
 
         x [B, T, D], positions [3, B, T], mask [B, 1, T, S] -> (hidden [B, T, D], cache); with
-        a cache the T new tokens are written at slots index..index+T-1.
+        a cache the T new tokens are written at slots index..index+T-1. The layers run as one
+        scanned body (remat'd with `cfg.remat` when there is no cache: training).
         """
         t = self.cfg.text
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            if cache is None and self.cfg.remat:
-                x, kv = _remat_layer(layer, x, cos, sin, mask), None
-            else:
-                x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i], index)
-            new_cache.append(kv)
-        return self.norm(x), None if cache is None else tuple(new_cache)
+        if cache is None:
+            body = lambda layer, h, _: (layer(h, cos, sin, mask)[0], None)
+            x, _ = stack.scan(self.layers, body, x, remat=self.cfg.remat)
+            return self.norm(x), None
+
+        def body(layer, carry, i):
+            h, kv = carry
+            return layer(h, cos, sin, mask, kv, index, i), None
+
+        (x, cache), _ = stack.scan(self.layers, body, (x, cache), jnp.arange(t.num_layers))
+        return self.norm(x), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Hidden states [..., D] -> fp32 logits [..., V]."""
@@ -122,11 +138,6 @@ class Qwen25VL(nnx.Module):
         """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32)."""
         x = self.embed(input_ids, pixels, layout)
         return self.logits(self.hidden_states(x, positions, attention_mask))
-
-
-@nnx.remat
-def _remat_layer(layer: DecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:
@@ -202,19 +213,54 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
     """Random-init model, each parameter drawn directly in its sharding.
 
     One small jitted program per distinct (initializer, shape, dtype, sharding), so a 3B
-    model compiles a dozen tiny programs instead of one with hundreds of RNG kernels.
+    model compiles a dozen tiny programs instead of one with hundreds of RNG kernels. Each
+    layer of a stacked parameter is drawn with the key it had when every layer was its own
+    module, so a seed gives the same model as before the layers were stacked.
     """
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     base = jax.random.key(seed)
+    flat = nnx.to_flat_state(abs_state)
+    number = _per_layer_numbers([p for p, _ in flat], {p: v.shape[0] for p, v in flat if _stack_of(p)})
     leaves = []
-    for i, (path, v) in enumerate(nnx.to_flat_state(abs_state)):
+    for path, v in flat:
         meta = v.get_metadata()
         target = sharding.named_sharding(meta["axes"], v.shape, mesh, rules)
-        value = _init_program(meta["init"], tuple(v.shape), jnp.dtype(v.dtype), target)(jax.random.fold_in(base, i))
+        shape, dtype = tuple(v.shape), jnp.dtype(v.dtype)
+        if _stack_of(path):
+            keys = jnp.stack([jax.random.fold_in(base, n) for n in number[path]])
+            value = _init_stacked_program(meta["init"], shape, dtype, target)(keys)
+        else:
+            value = _init_program(meta["init"], shape, dtype, target)(jax.random.fold_in(base, number[path][0]))
         leaves.append((path, v.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+STACKS = (("layers",), ("visual", "blocks"))  # where the stacked modules sit in the parameter tree
+
+
+def _stack_of(path: tuple) -> tuple | None:
+    return next((s for s in STACKS if path[: len(s)] == s), None)
+
+
+def _per_layer_numbers(paths: list[tuple], depths: dict[tuple, int]) -> dict[tuple, list[int]]:
+    """Each parameter's position(s) in the per-layer tree (`layers/0/...`, one per layer of a
+    stacked one), in nnx's sorted flat order: the numbers its layers' keys are folded with."""
+    expanded = {}
+    for p in paths:
+        s = _stack_of(p)
+        per = [p] if s is None else [p[: len(s)] + (i,) + p[len(s) :] for i in range(depths[p])]
+        expanded[p] = per
+    order = {q: i for i, q in enumerate(sorted(q for per in expanded.values() for q in per))}
+    return {p: [order[q] for q in per] for p, per in expanded.items()}
 
 
 @functools.cache
 def _init_program(init: str, shape: tuple[int, ...], dtype, target):
     return jax.jit(lambda key: layers.INITS[init](key, shape, dtype), out_shardings=target)
+
+
+@functools.cache
+def _init_stacked_program(init: str, shape: tuple[int, ...], dtype, target):
+    """Keys [Y] -> a stacked parameter [Y, ...], layer i drawn with key i alone."""
+    draw = lambda key: layers.INITS[init](key, shape[1:], dtype)
+    return jax.jit(jax.vmap(draw), out_shardings=target)

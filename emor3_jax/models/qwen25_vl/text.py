@@ -1,6 +1,7 @@
 """The Qwen2 text decoder: GQA attention with q/k/v biases, M-RoPE, RMSNorm, SwiGLU.
 
-Letters: B batch, T query length, S key length, N heads, K kv heads, H head dim, D width.
+Letters: Y layers, B batch, T query length, S key length, N heads, K kv heads, H head dim,
+D width.
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
+from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
-# One layer's cache: keys [B, K, H, S] and values [B, K, S, H]. In these layouts both decode
-# dots reduce over a non-minor axis and stream the cache once (on CPU, 7x faster than
-# keys as [B, S, K, H]).
+# The decoder's cache, every layer stacked: keys [Y, B, K, H, S] and values [Y, B, K, S, H]
+# (carried through the scan over layers; each layer writes its slice in place). In these
+# layouts both decode dots reduce over a non-minor axis and stream the cache once (on CPU,
+# 7x faster than keys as [B, S, K, H]).
 KV = tuple[jax.Array, jax.Array]
-K_CACHE_AXES = ("batch", "kv_heads", "head_dim", "seq")
-V_CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+K_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "head_dim", "seq")
+V_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq", "head_dim")
+
+
+def cache_shapes(cfg: TextConfig, rows: int, slots: int) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
+    """(logical axes, shape) of the keys and of the values of a cache of `rows` rows, `slots`
+    entries each."""
+    y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    return (K_CACHE_AXES, (y, rows, k, h, slots)), (V_CACHE_AXES, (y, rows, k, slots, h))
 
 
 class Attention(nnx.Module):
@@ -39,13 +49,15 @@ class Attention(nnx.Module):
         mask: jax.Array,
         kv: KV | None = None,
         index: jax.Array | int = 0,
+        layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
         """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
 
-        Without `kv` the keys are this call's own tokens (S = T). With `kv` this call's keys and
-        values are written at slots index..index+T-1 and the updated cache is returned; one
-        token (decode) attends over the whole cache, several tokens (prefill, which must start
-        at slot 0) over themselves.
+        Without `kv` the keys are this call's own tokens (S = T). With `kv` (every layer's
+        cache) this call's keys and values are written into layer `layer` at slots
+        index..index+T-1 and the updated cache is returned; one token (decode) attends over
+        the layer's whole cache, several tokens (prefill, which must start at slot 0) over
+        themselves.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
@@ -57,13 +69,15 @@ class Attention(nnx.Module):
             return self.o_proj(out.reshape(b, t, -1)), None
         if t > 1 and not (isinstance(index, int) and index == 0):
             raise ValueError("a multi-token call with a KV cache is a prefill and must start at slot 0")
-        k_cache = jax.lax.dynamic_update_slice_in_dim(
-            kv[0], jnp.transpose(k, (0, 2, 3, 1)).astype(kv[0].dtype), index, axis=3
-        )
-        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], jnp.swapaxes(v, 1, 2).astype(kv[1].dtype), index, axis=2)
+        # Only the new tokens are written: the stacked cache is updated in place.
+        k_new = jnp.transpose(k, (0, 2, 3, 1))[None].astype(kv[0].dtype)  # [1, B, K, H, T]
+        v_new = jnp.swapaxes(v, 1, 2)[None].astype(kv[1].dtype)  # [1, B, K, T, H]
+        k_cache = jax.lax.dynamic_update_slice(kv[0], k_new, (layer, 0, 0, 0, index))
+        v_cache = jax.lax.dynamic_update_slice(kv[1], v_new, (layer, 0, 0, index, 0))
         kv = (sharding.constrain(k_cache, K_CACHE_AXES), sharding.constrain(v_cache, V_CACHE_AXES))
         if t == 1:
-            out = layers.decode_attention(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask)
+            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
+            out = layers.decode_attention(q, *own, mask)
         else:
             out = layers.attention(q, k, v, mask[..., :t], self.impl)
         return self.o_proj(out.reshape(b, t, -1)), kv
@@ -87,8 +101,10 @@ class DecoderLayer(nnx.Module):
         mask: jax.Array,
         kv: KV | None = None,
         index: jax.Array | int = 0,
+        layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return sharding.constrain(x, ("batch", "seq", "embed")), kv

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx, struct
 
 from emor3_jax.core import sharding
-from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import VisionConfig
 from emor3_jax.models.qwen25_vl.rope import vision_cos_sin
 
@@ -295,18 +295,26 @@ class VisionAttention(nnx.Module):
         self.proj = layers.Linear(e, e, ("vision_heads", "vision_embed"), bias=True, **kw)
         self.num_heads, self.impl = cfg.num_heads, impl
 
-    def __call__(self, x, cos, sin, blocks: Blocks):
-        """x [L, E] -> [L, E], each patch attending to its block in `blocks` (windows or frames)."""
+    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array):
+        """x [L, E] -> [L, E], each patch attending to its frame (full: a scalar bool, this
+        block's per-layer flag) or else to its window: a branch taken at run time, so every
+        block of the scanned tower is the same program."""
         n_patch = x.shape[0]
         qkv = self.qkv(x).reshape(n_patch, 3, self.num_heads, -1)  # [L, 3, N, H]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-        gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks.index]  # [R, S, N, H]
-        seg = blocks.segment
-        mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [R, 1, S, S]
-        out = layers.attention(gather(q), gather(k), gather(v), mask, self.impl)
-        out = out.reshape(-1, *out.shape[2:])[blocks.unblock]  # [L, N, H]
+        within = lambda blocks: lambda: _blocked_attention(q, k, v, blocks, self.impl)
+        out = jax.lax.cond(full, within(frames), within(windows))
         return self.proj(out.reshape(n_patch, -1))
+
+
+def _blocked_attention(q, k, v, blocks: Blocks, impl: str) -> jax.Array:
+    """q/k/v [L, N, H] -> [L, N, H], each patch attending to the patches of its block."""
+    gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks.index]  # [R, S, N, H]
+    seg = blocks.segment
+    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [R, 1, S, S]
+    out = layers.attention(gather(q), gather(k), gather(v), mask, impl)
+    return out.reshape(-1, *out.shape[2:])[blocks.unblock]
 
 
 class VisionBlock(nnx.Module):
@@ -324,8 +332,8 @@ class VisionBlock(nnx.Module):
             **kw,
         )
 
-    def __call__(self, x, cos, sin, blocks: Blocks):
-        x = x + self.attn(self.norm1(x), cos, sin, blocks)
+    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array):
+        x = x + self.attn(self.norm1(x), cos, sin, windows, frames, full)
         return x + self.mlp(self.norm2(x))
 
 
@@ -346,8 +354,10 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    """`remat`: each block's activations are recomputed in the backward pass instead of kept
-    (a 448x448 image holds ~2.5 GB of them across the 3B tower's 32 blocks)."""
+    """The blocks are one stacked module run as a scan (`stack`); which of them attend over
+    whole frames (`fullatt_block_indexes`) is per-block data scanned alongside. `remat`: each
+    block's activations are recomputed in the backward pass instead of kept (a 448x448 image
+    holds ~2.5 GB of them across the 3B tower's 32 blocks)."""
 
     def __init__(
         self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, remat: bool = False
@@ -355,15 +365,16 @@ class VisionTower(nnx.Module):
         self.cfg, self.remat = cfg, remat
         kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, ("patch", "vision_embed"), bias=False, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, impl, **kw) for _ in range(cfg.depth)])
+        make = lambda r: VisionBlock(cfg, impl, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r)
+        self.blocks = stack.stacked(make, cfg.depth, rngs)  # one module, parameters [depth, ...]
         self.merger = PatchMerger(cfg, **kw)
 
     def __call__(self, pixels: jax.Array, layout: VisionLayout, return_blocks: bool = False):
         """pixels [L, C] in window order -> merged tokens [M, D] in window order.
 
-        With `return_blocks`, also the hidden states [L, E] after each block. A chunked layout
-        (Blocks [K, R, S]: the batch past the largest bucket, `vision_layout`) is encoded one
-        chunk of L / K patches after another in a loop inside the program, so its memory is
+        With `return_blocks`, also the hidden states [depth, L, E] after each block. A chunked
+        layout (Blocks [K, R, S]: the batch past the largest bucket, `vision_layout`) is encoded
+        one chunk of L / K patches after another in a loop inside the program, so its memory is
         that of one chunk; the chunks' outputs come back laid end to end.
         """
         if layout.windows.index.ndim == 2:
@@ -372,26 +383,28 @@ class VisionTower(nnx.Module):
         chunks = (pixels.reshape(k, -1, pixels.shape[-1]), layout.pos_hw.reshape(k, -1, 2))
         graphdef, state = nnx.split(self)  # merged inside the loop: its Variables live in the loop's trace (remat)
         encode = lambda a: nnx.merge(graphdef, state, copy=True)._encode(*a, return_blocks)
-        out = jax.lax.map(encode, (*chunks, layout.windows, layout.frames))
-        return jax.tree.map(lambda a: a.reshape(-1, a.shape[-1]), out)
+        out = jax.lax.map(encode, (*chunks, layout.windows, layout.frames))  # [K, ...] per chunk
+        if not return_blocks:
+            return out.reshape(-1, out.shape[-1])
+        merged, hidden = out  # hidden [K, depth, L / K, E] -> [depth, L, E]
+        return merged.reshape(-1, merged.shape[-1]), jnp.swapaxes(hidden, 0, 1).reshape(
+            self.cfg.depth, -1, hidden.shape[-1]
+        )
 
     def _encode(self, pixels, pos_hw, windows: Blocks, frames: Blocks, return_blocks: bool):
         """One tower batch: pixels [L, C], pos_hw [L, 2], Blocks [R, S] -> merged [M, D] (and hidden)."""
         cos, sin = vision_cos_sin(pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixels)
         x = sharding.constrain(x, ("seq", "vision_embed"))
-        hidden = []
-        for i, block in enumerate(self.blocks):
-            run = _remat_block if self.remat and not return_blocks else VisionBlock.__call__
-            x = run(block, x, cos, sin, frames if i in self.cfg.fullatt_block_indexes else windows)
-            hidden.append(x)
+        full = np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes)  # [depth]
+
+        def body(block, h, f):
+            h = block(h, cos, sin, windows, frames, f)
+            return h, h if return_blocks else None
+
+        x, hidden = stack.scan(self.blocks, body, x, jnp.asarray(full), remat=self.remat and not return_blocks)
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged
-
-
-@nnx.remat
-def _remat_block(block: VisionBlock, x, cos, sin, blocks: Blocks):
-    return block(x, cos, sin, blocks)
 
 
 def order_pixels(pixel_values: np.ndarray, layout: VisionLayout) -> np.ndarray:
