@@ -71,10 +71,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # Patch counts a batch's images are padded to (ModelConfig.vision_buckets): a bounded set of
     # compiled programs for any image sizes; () = no padding (new programs for every new size).
     # Doubling steps: at most 2x padded patches. tiny: from one 56x56 image (16 patches) to 256
-    # of them; 3b/7b: from under one min_pixels image (512*512 -> ~1,340 patches) to ~100
-    # max_pixels images (2048*2048 -> ~21,400 patches each). A batch past the largest is encoded
-    # in chunks of it (one chunk's memory); the largest must hold one image at data.max_pixels.
-    c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(12))
+    # of them; 3b/7b: from under one min_pixels image (512*512 -> ~1,340 patches) to one
+    # max_pixels image (2048*2048 -> ~21,400 patches). A batch past the largest is encoded in
+    # chunks of it, one after the other: the largest bounds the tower's memory (a largest of
+    # 2M patches, as before, made one rollout prefill of 3b need 263 GB per v5p chip).
+    c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(6))
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes

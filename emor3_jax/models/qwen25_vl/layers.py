@@ -102,13 +102,38 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+# Queries per block: past this many, attention runs one block of queries at a time, so a
+# layer holds [B, N, block, S] scores instead of [B, N, T, S] (a 4,096-token pack: 1 GiB per
+# row; a 3b image row of 8,192 patches: 4 GiB per image).
+QUERY_BLOCK = 1024
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str, block: int = QUERY_BLOCK
+) -> jax.Array:
     """Softmax attention with grouped kv heads.
 
     q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] (True = attend) -> [B, T, N, H].
     `impl`: "xla" / "cudnn" go through jax.nn.dot_product_attention (cuDNN flash attention
     on GPUs with "cudnn"); "einsum" is the explicit path below. Logits and softmax are fp32.
+    Past `block` queries (xla, einsum) the queries go block by block, each block's scores
+    recomputed in the backward pass: the same numbers, each query's softmax spans all its keys.
     """
+    if q.shape[1] <= block or impl == "cudnn":
+        return _attention(q, k, v, mask, impl)
+    b, t, n, h = q.shape
+    blocks = -(-t // block)
+    pad = blocks * block - t  # padded queries attend to nothing and are dropped
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, block, n, h).swapaxes(0, 1)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    mask = mask.reshape(*mask.shape[:2], blocks, block, -1).transpose(2, 0, 1, 3, 4)  # [blocks, B, 1, block, S]
+    one = jax.checkpoint(lambda qm: _attention(qm[0], k, v, qm[1], impl))
+    out = jax.lax.map(one, (q, mask))  # [blocks, B, block, N, H]
+    return out.swapaxes(0, 1).reshape(b, blocks * block, n, h)[:, :t]
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+    """`attention` over all queries at once."""
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else "cudnn")
     b, t, n, h = q.shape
