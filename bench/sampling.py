@@ -148,7 +148,7 @@ def lengths_main(args) -> None:
             jax.block_until_ready(out.tokens)
             walls.append(time.perf_counter() - t0)
         np.testing.assert_array_equal(np.asarray(out.lengths), lengths)  # every row stopped at its drawn length
-        ((cache_rows, entries, _),) = s._buffers
+        cache_rows, entries = s.last_cache
         res[name] = dict(
             seconds=float(np.median(walls)),
             steps=int(s.last_schedule.steps),

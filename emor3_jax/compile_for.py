@@ -18,8 +18,9 @@ micro-batches of full-length rows.
 
 Per program, per chip: compile seconds; XLA's memory analysis (argument, output, temporary
 and code bytes); its peak (argument + output - aliased + temporary + code) plus what the run
-keeps resident beside it (params, optimizer state, reference, gradient accumulator, the
-sampler's KV caches, which it keeps between calls); flops and bytes accessed (cost analysis);
+keeps resident beside it (params, optimizer state, reference, gradient accumulator; a
+generate call's KV cache is its decode program's argument, allocated per call and freed with
+it); flops and bytes accessed (cost analysis);
 and a roofline time, the larger of flops over the chip's peak bf16 rate and bytes over its
 HBM bandwidth. Then the step: peak HBM per chip against the chip's, roofline seconds per GRPO
 step, and tokens per second per chip at that roofline. Rooflines are lower bounds on time
@@ -94,7 +95,7 @@ SHRINK = {
     "sampler": "sampling.max_rows (decode slots; 0 = one per row), rl.max_prompt_len, rl.max_response_len, "
     "a larger fsdp axis in --config.mesh",
     "learner": "rl.micro_batch, rl.pack_length, model.remat, a larger fsdp axis in --config.mesh",
-    "state": "a larger fsdp axis in --config.mesh (more chips), sampling.max_rows (the KV caches kept beside it)",
+    "state": "a larger fsdp axis in --config.mesh (more chips)",
     "cold_start": "cold_start.batch_size, cold_start.judge_batch_size, model.remat, "
     "a larger fsdp axis in --config.mesh",
 }
@@ -273,7 +274,7 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
 
 def _cache(t: Target, slots: int, entries: int) -> tuple:
     """The sampler's decode cache (keys and values, every layer stacked: [Y, W, .., S]),
-    sharded as `Sampler._buffer` constrains it."""
+    sharded as `empty_cache` constrains it."""
     dtype = jax.numpy.dtype(t.cfg.compute_dtype)
     return tuple(
         jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
@@ -419,11 +420,10 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     t, sampler = s.t, s.t.rt.sampler
     sh = g.shapes(sampler, t.c.rl.max_prompt_len)
     own = _cache_name(sh)
-    others = tuple(k for k in caches if k != own)
     state = ("optimizer", "reference")
     batch = _prompt_batch(t, sh["q"], sh["p_len"], g.shares)
     args, runs = (t.graphdef, t.params, batch), g.calls * sh["groups"]
-    prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state + tuple(caches), g.phase, "sampler")
+    prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state, g.phase, "sampler")
     logits, prompt_cache = s.run(prefill)
     vocab = t.cfg.text.vocab_size
     slots_args = (sh["slots"], sh["out_rows"], sh["p_len"], sh["g_len"], vocab, t.rt.pad_id)
@@ -433,7 +433,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
             sampler._fresh,
             slots_args,
             g.calls,
-            ("params",) + state + tuple(caches),
+            ("params",) + state,
             g.phase,
             "sampler",
         )
@@ -446,7 +446,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
         *(i32(len(sampler.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32()),
     )
     steps = g.calls * -(-sh["rows"] // sh["slots"]) * g.max_new
-    s.run(Program(f"{g.name}_decode", sampler._decode, args, steps, state + others, g.phase, "sampler"))
+    s.run(Program(f"{g.name}_decode", sampler._decode, args, steps, state, g.phase, "sampler"))
 
 
 def _micro_batch(t: Target) -> tuple:
@@ -477,7 +477,6 @@ def _update_programs(s: Session) -> dict:
     t, st = s.t, s.t.settings
     rows = t.c.rl.rollout_batch * st.num_generations
     micro, per_step = rows // st.micro_batch, st.update_batch * st.num_generations // st.micro_batch
-    caches = tuple(t.caches)
     batch, logp_fn, static, grad_fn = _micro_batch(t)
     passes = 2 if st.recompute_old_logprobs else 1
     logp = s.run(
@@ -486,22 +485,20 @@ def _update_programs(s: Session) -> dict:
             logp_fn,
             (t.params, batch, *static),
             passes * micro,
-            ("optimizer", "reference") + caches,
+            ("optimizer", "reference"),
             "grpo",
             "learner",
         )
     )
     f32 = lambda *shape: _replicated(t.mesh, shape, np.float32)
     args = (t.params, batch, logp, logp, f32(st.micro_batch), f32(*logp.shape), 1.0)
-    held = ("optimizer", "reference") + (("gradients",) if per_step > 1 else ()) + caches
+    held = ("optimizer", "reference") + (("gradients",) if per_step > 1 else ())
     grads, _ = s.run(Program("gradient", grad_fn, args, micro, held, "grpo", "learner"))
     if per_step > 1:
-        beside = ("params", "optimizer", "reference") + caches
+        beside = ("params", "optimizer", "reference")
         s.run(Program("accumulate", t.learner._add, (grads, grads), micro - micro // per_step, beside, "grpo", "state"))
     args = (t.params, t.opt, grads, f32())
-    s.run(
-        Program("optimizer_step", t.learner._apply, args, micro // per_step, ("reference",) + caches, "grpo", "state")
-    )
+    s.run(Program("optimizer_step", t.learner._apply, args, micro // per_step, ("reference",), "grpo", "state"))
     return grads
 
 
@@ -582,7 +579,6 @@ def resident(s: Session) -> dict[str, int]:
     t = s.t
     out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": chip_bytes(t.params)}
     out["gradients"] = chip_bytes(s.grads)  # the accumulator: the gradient program's own output shardings
-    out.update({name: chip_bytes(cache) for name, cache in t.caches.items()})
     return out
 
 

@@ -174,7 +174,8 @@ class Sampler:
         self._prefill = jax.jit(traced(_prefill), static_argnums=(0,))
         self._decode = jax.jit(traced(_decode), static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
         self._fresh = jax.jit(_fresh_slots, static_argnums=(0, 1, 2, 3, 4, 5))
-        self._buffers: dict[tuple, Cache] = {}
+        self._empty = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3))
+        self.last_cache: tuple[int, int] | None = None  # (rows, entries) of the last call's KV cache
 
     def compiled_programs(self) -> int:
         """Prefill + decode programs compiled so far (one per shape / setting)."""
@@ -234,8 +235,8 @@ class Sampler:
                 logits, prompt_cache = self._prefill(graphdef, state, batch)
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
-                if cache is None:
-                    cache = self._buffer(lay.slots, lay.p_len + lay.g_len, prompt_cache[0].dtype)
+                if cache is None:  # allocated per call and freed with it: not held through the update
+                    cache = self._empty(self.cfg.text, lay.slots, lay.p_len + lay.g_len, prompt_cache[0].dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
@@ -260,7 +261,7 @@ class Sampler:
                     key,
                     jnp.asarray(self.pad_id, jnp.int32),
                 )
-        self._buffers[(lay.slots, lay.p_len + lay.g_len, cache[0].dtype.name)] = cache
+        self.last_cache = (lay.slots, lay.p_len + lay.g_len)
         samples, self.last_schedule = _first_rows(carry, rows)
         return samples
 
@@ -279,16 +280,6 @@ class Sampler:
         slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
         return Layout(p_len, g_len, q, groups, slots, out_rows)
-
-    def _buffer(self, rows: int, slots: int, dtype) -> Cache:
-        """The decode cache for this shape: allocated once (under the caller's mesh), donated to
-        and returned by decode."""
-        key = (rows, slots, jnp.dtype(dtype).name)
-        if key not in self._buffers:
-            t = self.cfg.text
-
-            self._buffers[key] = jax.jit(lambda: empty_cache(t, rows, slots, dtype))()
-        return self._buffers.pop(key)
 
 
 def _fresh_slots(slots: int, out_rows: int, p_len: int, g_len: int, vocab: int, pad_id: int) -> dict:
