@@ -21,13 +21,14 @@ vision bucket), responses of rl.max_response_len, micro-batches of full-length r
 Per program, per chip: compile seconds; XLA's memory analysis (argument, output, temporary
 and code bytes); its peak (argument + output - aliased + temporary + code) plus what the run
 keeps resident beside it (params, optimizer state, reference, gradient accumulator, the
-sampler's KV caches, which it keeps between calls); flops and bytes accessed (cost analysis);
-and a roofline time, the larger of flops over the chip's peak bf16 rate and bytes over its
-HBM bandwidth. Then the step: peak HBM per chip against the chip's, roofline seconds per GRPO
-step, and tokens per second per chip at that roofline. Rooflines are lower bounds on time
-(no communication, no host, perfect overlap), so the tokens per second are PROJECTIONS, upper
-bounds, never measurements. A decode program's cost is that of one loop iteration (XLA counts
-a while loop's body once); the step counts every row running to its response limit.
+sampler's KV caches, which it keeps between calls); flops and bytes accessed (cost analysis;
+a GPU compiled without one has none: `_lowered_cost`); and a roofline time, the larger of
+flops over the chip's peak bf16 rate and bytes over its HBM bandwidth. Then the step: peak
+HBM per chip against the chip's, roofline seconds per GRPO step, and tokens per second per
+chip at that roofline. Rooflines are lower bounds on time (no communication, no host, perfect
+overlap), so the tokens per second are PROJECTIONS, upper bounds, never measurements. A decode
+program's cost is that of one loop iteration (XLA counts a while loop's body once); the step
+counts every row running to its response limit.
 """
 
 from __future__ import annotations
