@@ -45,6 +45,10 @@ setup(
         ],
         "bench": ["matplotlib==3.11.2"],  # bench/learning.py draws its curves
         "gpu": ["jax[cuda13]==0.10.2"],
+        # --compile_for=h100:N / h200:N: XLA's CUDA compiler, which compiles for a GPU without one
+        # (several GB of CUDA wheels: not in the test extra; tests/test_compile_for_gpu.py's slow
+        # test). CUDA 12's plugin is the one tried without a GPU; install it or "gpu", not both.
+        "compile-gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -1,12 +1,15 @@
-"""Every program of a GRPO step compiled for a TPU topology on this machine's CPU: does the run
-fit on those chips, and how long would a step take at best?
+"""Every program of a GRPO step compiled for a TPU topology or a node of GPUs on this machine's
+CPU: does the run fit on those chips, and how long would a step take at best?
 
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b --compile_for=v5p:2x2x1
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --compile_for=v5e:4x4 \\
         --compile_slices=2 --config.mesh="(('data',2),('fsdp',-1),('tensor',1))"
+    python -m emor3_jax.train --config=configs/qwen_vl.py:3b --compile_for=h200:8
 
 The TPU compiler (libtpu: the `tpu` and `test` extras) compiles for a named topology without
-its chips (`jax.experimental.topologies`). The run's mesh is laid over the topology's devices;
+its chips (`jax.experimental.topologies`); XLA's CUDA compiler (the `compile-gpu` extra) for
+N H100s or H200s of a node (several nodes: --compile_slices), described by the target configs
+of `gpu_targets`. The run's mesh is laid over the topology's devices;
 parameters, optimizer state and reference are abstract arrays with the run's shardings
 (nothing is allocated, no checkpoint is read); and the jitted functions the run itself calls
 (the Sampler's prefill, slots and decode programs, the Learner's log-probs, gradients,
@@ -20,13 +23,14 @@ Per program, per chip: compile seconds; XLA's memory analysis (argument, output,
 and code bytes); its peak (argument + output - aliased + temporary + code) plus what the run
 keeps resident beside it (params, optimizer state, reference, gradient accumulator; a
 generate call's KV cache is its decode program's argument, allocated per call and freed with
-it); flops and bytes accessed (cost analysis);
-and a roofline time, the larger of flops over the chip's peak bf16 rate and bytes over its
-HBM bandwidth. Then the step: peak HBM per chip against the chip's, roofline seconds per GRPO
-step, and tokens per second per chip at that roofline. Rooflines are lower bounds on time
-(no communication, no host, perfect overlap), so the tokens per second are PROJECTIONS, upper
-bounds, never measurements. A decode program's cost is that of one loop iteration (XLA counts
-a while loop's body once); the step counts every row running to its response limit.
+it); flops and bytes accessed (cost analysis; a GPU compiled without one has none:
+`_lowered_cost`); and a roofline time, the larger of flops over the chip's peak bf16 rate and
+bytes over its HBM bandwidth. Then the step: peak HBM per chip against the chip's, roofline
+seconds per GRPO step, and tokens per second per chip at that roofline. Rooflines are lower
+bounds on time (no communication, no host, perfect overlap), so the tokens per second are
+PROJECTIONS, upper bounds, never measurements. A decode program's cost is that of one loop
+iteration (XLA counts a while loop's body once); the step counts every row running to its
+response limit.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
-from emor3_jax import config_lib, dry_run, factory
+from emor3_jax import config_lib, dry_run, factory, gpu_targets
 from emor3_jax.core import paths, sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
@@ -65,7 +69,8 @@ EASYR1_TOKENS_PER_S_PER_GPU = 1200
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip's HBM bytes, peak bf16 flop/s and HBM bytes/s, and where they come from."""
+    """One chip's (a TPU's or a GPU's) HBM bytes, peak bf16 flop/s and HBM bytes/s, and where
+    they come from."""
 
     hbm_bytes: int
     bf16_flops: float
@@ -80,6 +85,12 @@ class Chip:
         share = f"; per device, 1/{cores} of a chip (one TensorCore)"
         return Chip(self.hbm_bytes // cores, self.bf16_flops / cores, self.hbm_bytes_per_s / cores, self.source + share)
 
+    def preallocated(self, fraction: float) -> Chip:
+        """A GPU as the run sees it: XLA's allocator holds `fraction` of its memory
+        (--config.gpu_memory_fraction), and no program gets more."""
+        source = f"{self.source}; {fraction:g} of the memory preallocated (--config.gpu_memory_fraction)"
+        return dataclasses.replace(self, hbm_bytes=int(self.hbm_bytes * fraction), source=source)
+
 
 # Google Cloud TPU documentation, "key specifications" of each version (HBM read as GiB: the
 # compiler's own limit on a v5e is 15.75 GiB of 16).
@@ -88,7 +99,11 @@ CHIPS = {
     "v5e": Chip(16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB HBM2, 819 GBps"),
     "v5p": Chip(95 * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e, 2,765 GBps"),
     "v6e": Chip(32 * GiB, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM, 1,638 GBps"),
+    # NVIDIA's datasheets and NVML's memory totals (gpu_targets.GPUS says which)
+    **{k: Chip(g.memory_bytes, g.bf16_flops, g.hbm_bytes_per_s, g.source) for k, g in gpu_targets.GPUS.items()},
 }
+# An HGX H100/H200 node's GPUs, all on one NVLink switch; more are more nodes (--compile_slices).
+GPUS_PER_NODE = 8
 
 # What shrinks a program of each kind, for the verdict.
 SHRINK = {
@@ -140,11 +155,14 @@ class Target:
 
 
 def topology_devices(name: str, slices: int = 1) -> list:
-    """The compile-only devices of TPU topology `name` (e.g. v5p:2x2x1), `slices` slices of it."""
+    """The compile-only devices of TPU topology `name` (e.g. v5p:2x2x1) or of N GPUs (e.g.
+    h200:8), `slices` slices or nodes of it."""
     from jax.experimental import topologies
 
     if slices < 1:
         raise ValueError(f"--compile_slices={slices}: give 1 or more slices")
+    if is_gpu(name):
+        return _gpu_devices(name, slices)
     # Compiling uses no chip: share libtpu with another process (a run on this TPU VM, a second
     # compile) instead of failing on its lock file.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -156,6 +174,35 @@ def topology_devices(name: str, slices: int = 1) -> list:
             f"--compile_for={name}: the TPU compiler does not know this topology ({e}); give a name such as "
             "v5p:2x2x1, v5e:2x2, v4:2x2x1 or v6e:2x2, and install libtpu (pip install -e '.[tpu]')"
         ) from None
+
+
+def is_gpu(name: str) -> bool:
+    return name.split(":")[0].lower() in gpu_targets.GPUS
+
+
+def _gpu_devices(name: str, nodes: int) -> list:
+    """`nodes` nodes of N GPUs each for `name` = <gpu>:<N>, from XLA's CUDA compiler and the
+    GPU's target config. The topology is <NVLink domains>x<hosts per domain>x<GPUs per host>:
+    each node its own domain. Device ids run node by node (process_index: the node)."""
+    from jax.experimental import topologies
+
+    model, _, count = name.partition(":")
+    if not count.isdigit() or not 1 <= int(count) <= GPUS_PER_NODE:
+        raise ValueError(
+            f"--compile_for={name}: give the GPUs of one node, 1 to {GPUS_PER_NODE} (e.g. {model}:8); "
+            "more nodes with --compile_slices"
+        )
+    # No GPU here: the plugin need not check CUDA's libraries against a driver.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    config = gpu_targets.target_config(gpu_targets.GPUS[model.lower()])
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"{nodes}x1x{count}")
+    except NotImplementedError:  # no CUDA plugin: jax knows no cuda topology
+        raise ValueError(
+            f"--compile_for={name} needs XLA's CUDA compiler: pip install -e '.[compile-gpu]' "
+            "(jax[cuda12], several GB; no GPU needed)"
+        ) from None
+    return list(topology.devices)
 
 
 def chip_of(name: str) -> Chip:
@@ -322,6 +369,14 @@ class Session:
             result["_out"] = jax.tree.map(lambda x: _replicated(self.t.mesh, x.shape, x.dtype), lowered.out_info)
         else:
             result = _figures(p, compiled, time.perf_counter() - start, self.chip)
+            if result["flops"] is None:  # XLA's CUDA compiler without a GPU gives no cost analysis
+                result.update(_lowered_cost(lowered, compiled, self.t.mesh.size, self.chip))
+                note = (
+                    "no cost analysis from the compiled programs: flops are the lowered program's (XLA's analysis "
+                    "before optimization) over the devices, bytes accessed each argument read and each output "
+                    "written once; both lower bounds"
+                )
+                self.t.notes += [note] if note not in self.t.notes else []
             result["_out"] = compiled.out_info
         self.seen[key] = result
         self.results.append(result)
@@ -335,7 +390,7 @@ def _figures(p: Program, compiled, seconds: float, chip: Chip) -> dict:
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops, accessed = (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))) if cost else (None, None)
     own = (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
@@ -358,8 +413,27 @@ def _figures(p: Program, compiled, seconds: float, chip: Chip) -> dict:
         beside=list(p.beside),
         flops=flops,
         bytes_accessed=accessed,
-        roofline_s=max(flops / chip.bf16_flops, accessed / chip.hbm_bytes_per_s),
+        roofline_s=_roofline(flops, accessed, chip),
     )
+
+
+def _roofline(flops: float | None, accessed: float | None, chip: Chip) -> float | None:
+    return None if flops is None else max(flops / chip.bf16_flops, accessed / chip.hbm_bytes_per_s)
+
+
+def _lowered_cost(lowered, compiled, devices: int, chip: Chip) -> dict:
+    """Flops and bytes accessed per chip where the compiled program has no cost analysis: the
+    whole lowered program's flops (XLA's cost analysis of the HLO before optimization, on the
+    host's CPU backend, since jax's Lowered.cost_analysis refuses a plugin's) shared evenly by
+    the devices, and as bytes each argument read and each output written once."""
+    from jax._src.lib import _jax
+
+    cpu = jax.devices("cpu")[0].client
+    whole = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir("hlo").as_hlo_module())
+    flops = max(float(whole["flops"]), 0.0) / devices  # the analysis gives a few negative flops to some programs
+    m = compiled.memory_analysis()
+    accessed = float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    return dict(flops=flops, bytes_accessed=accessed, roofline_s=_roofline(flops, accessed, chip))
 
 
 # ---------------------------------------------------------------- the programs
@@ -729,6 +803,8 @@ def main(c: ConfigDict, topology: str, slices: int = 1, only: frozenset[str] = f
     if not jax.config.jax_platforms:  # libtpu installed without chips: the host needs no TPU backend
         jax.config.update("jax_platforms", "cpu")
     chip, devices = chip_of(topology), topology_devices(topology, slices)
+    if is_gpu(topology):
+        chip = chip.preallocated(c.gpu_memory_fraction)
     cores = 1 + max(getattr(d, "core_on_chip", 0) for d in devices)
     scratch = paths.Scratch(c.scratch_dir)
     try:

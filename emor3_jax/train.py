@@ -10,9 +10,11 @@ crash, SIGKILL or SIGTERM), reaching the same parameters as an uninterrupted run
 logic lives in emor3_jax.trainer; this file parses flags and checks them before anything is
 built.
 
-    # every program of a step compiled for a TPU slice on this machine's CPU (libtpu):
-    # per-chip memory, roofline seconds, and whether it fits (exit 1 if not)
+    # every program of a step compiled for a TPU slice on this machine's CPU (libtpu), or for
+    # a node of 8 H200s (XLA's CUDA compiler): per-chip memory, roofline seconds, and whether
+    # it fits (exit 1 if not)
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b --compile_for=v5p:2x2x1
+    python -m emor3_jax.train --config=configs/qwen_vl.py:3b --compile_for=h200:8
 
     # per-device memory of the state on a 64-device target, on this machine's CPU
     python -m emor3_jax.train --config=configs/qwen_vl.py:7b --dry_run=64 \\
@@ -38,10 +40,11 @@ _DRY_RUN = flags.DEFINE_integer(
 _COMPILE_FOR = flags.DEFINE_string(
     "compile_for",
     "",
-    "a TPU topology (e.g. v5p:2x2x1): compile every program of a step for it on this CPU, print per-chip "
-    "memory and roofline, write <workdir>/compile/<topology>.json, exit 1 if it does not fit; train nothing",
+    "a TPU topology (e.g. v5p:2x2x1) or N GPUs of a node (h100:8, h200:8): compile every program of a step "
+    "for it on this CPU, print per-chip memory and roofline, write <workdir>/compile/<topology>.json, "
+    "exit 1 if it does not fit; train nothing",
 )
-_COMPILE_SLICES = flags.DEFINE_integer("compile_slices", 1, "with --compile_for: slices of that topology")
+_COMPILE_SLICES = flags.DEFINE_integer("compile_slices", 1, "with --compile_for: slices of that topology (GPUs: nodes)")
 _COMPILE_PROGRAMS = flags.DEFINE_list(
     "compile_programs",
     [],

@@ -67,12 +67,13 @@ def device_grid(sizes: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarr
 
     TPU and GPU: jax's mesh_utils orders the devices so that each axis runs over physical
     neighbours (ICI rings), e.g. a tensor axis of 4 on a v5e 4x4 is a row of chips, not four
-    chips in device-id order. Several TPU slices: the data axis goes across slices (DCN, the
-    slow link; gradients cross it once a step), fsdp and tensor stay within each slice. CPU,
-    and libtpu's compile-only v4 topologies that show each chip's two TensorCores as two
-    devices (mesh_utils lays out one device per chip): the devices' own order, a chip's cores
-    adjacent. (jax.make_mesh wraps the same call but splits physical axes only on v5e and
-    refuses several slices.)"""
+    chips in device-id order; GPUs (compile-only ones too) it orders by id, node by node, so a
+    data axis that is a multiple of the nodes runs across them. Several TPU slices: the data
+    axis goes across slices (DCN, the slow link; gradients cross it once a step), fsdp and
+    tensor stay within each slice. CPU, and libtpu's compile-only v4 topologies that show each
+    chip's two TensorCores as two devices (mesh_utils lays out one device per chip): the
+    devices' own order, a chip's cores adjacent. (jax.make_mesh wraps the same call but
+    splits physical axes only on v5e and refuses several slices.)"""
     from jax.experimental import mesh_utils
 
     one_per_chip = all(getattr(d, "core_on_chip", 0) == 0 for d in devices)
