@@ -59,7 +59,7 @@ def test_preset_parameter_shapes_equal_transformers(name):
     table = weight_table(cfg)
     assert {e.hf_key for e in table} == set(hub_names)
     for e in table:
-        assert hf_shape(e.layout, flat[e.path].shape, cfg) == hub_names[e.hf_key], e.hf_key
+        assert hf_shape(e.layout, e.shape(flat[e.path]), cfg) == hub_names[e.hf_key], e.hf_key  # a layer's slice
 
 
 @pytest.mark.parametrize(
