@@ -195,8 +195,10 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.sampling.prompt_buckets = (96, 128, 192, 320) if tiny else (256, 512, 1024, 2048)
     c.sampling.gen_buckets = (32, 48) if tiny else (32, 512, 2048)
     # Decode slots (0: one per row): the rows in the KV cache at once, refilled as rows stop
-    # (continuous batching); bounds the rollout KV cache, see launch/README.md.
-    c.sampling.max_rows = 0
+    # (continuous batching); bounds the rollout KV cache and the prefill group (max_rows // n
+    # prompts), see launch/README.md. 3b/7b: 256 (32 prompts per prefill group); one slot per
+    # row (4,096) needed 144 GiB of KV cache per v5p chip and a 569 GB rollout prefill.
+    c.sampling.max_rows = 0 if tiny else 256
 
     c.eval = ConfigDict()
     c.eval.every = 10 if tiny else 1
