@@ -17,9 +17,7 @@ from configs.qwen_vl import get_config
 from emor3_jax import compile_for
 
 pytest.importorskip("libtpu", reason="compile_for needs libtpu (the test extra installs it)")
-# One worker runs the module; the compile is session-scoped (the worker may run other modules'
-# tests between this module's, which would tear a module-scoped fixture down and compile again).
-pytestmark = pytest.mark.xdist_group("compile_for")
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share one compile.
 TOPOLOGY = "v5e:2x2"
 
 

@@ -16,10 +16,8 @@ from emor3_jax.core import sharding
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.load import load_policy, locate
 
-# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's tiny_run, built once (session-scoped: the worker may run other modules' tests
-# between this module's, which would tear a module-scoped fixture down and build it again).
-pytestmark = pytest.mark.xdist_group("test_eval")
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
+# module's tiny_run, built once.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ("awe", "fear", "joy")

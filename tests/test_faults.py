@@ -40,10 +40,8 @@ from test_train import ROOT, TIMING, _flags, _folder_data, _params
 
 from emor3_jax.core.workdir_lock import LOCK_NAME
 
-# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's uninterrupted run, built once (session-scoped: the worker may run other modules' tests
-# between this module's, which would tear a module-scoped fixture down and build it again).
-pytestmark = pytest.mark.xdist_group("test_faults")
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
+# module's uninterrupted run, built once.
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.

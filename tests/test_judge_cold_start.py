@@ -20,9 +20,8 @@ from emor3_jax.data import store
 from emor3_jax.rl.learner import Learner
 from emor3_jax.rl.sft import SFTSettings, SFTStep
 
-# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
 # module's run, built once.
-pytestmark = pytest.mark.xdist_group("test_judge_cold_start")
 
 TEXT_Q = "Which emotion best describes the text above?"
 IMAGE_Q = "Can the following text describe the image?"

@@ -17,10 +17,8 @@ from test_train import ROOT, _flags, _params
 
 from emor3_jax.core.multihost import initialize, launch_mode
 
-# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's 1-process run, built once (session-scoped: the worker may run other modules' tests
-# between this module's, which would tear a module-scoped fixture down and build it again).
-pytestmark = pytest.mark.xdist_group("test_multihost")
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
+# module's 1-process run, built once.
 
 # Both runs take the same flags: responses of at most 32 tokens in one generation bucket, so the
 # rollouts and validation decode 32 steps instead of 48 (the reflections already stop at 32), a

@@ -20,10 +20,8 @@ from emor3_jax import trainer
 from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.data import store
 
-# One pytest-xdist worker runs the whole module (-n 2 --dist loadgroup): its tests share the
-# module's reference_run, built once (session-scoped: the worker may run other modules' tests
-# between this module's, which would tear a module-scoped fixture down and build it again).
-pytestmark = pytest.mark.xdist_group("test_train")
+# pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
+# module's reference_run, built once.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
