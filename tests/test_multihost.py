@@ -12,7 +12,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 from test_train import ROOT, _flags, _params
 
 from emor3_jax.core.multihost import initialize, launch_mode
@@ -113,8 +112,7 @@ def test_initialize_lets_jax_find_the_cluster_and_skips_a_single_process(launch_
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", JAX_PLATFORMS="cpu")
-    env.update(extra)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
     env["PYTHONPATH"] = ROOT
     return env
 
