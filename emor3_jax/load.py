@@ -91,6 +91,7 @@ def load_policy(path: str, c: ConfigDict, mesh, rules, scratch: paths.Scratch | 
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=False,
+        unroll_layers=c.model.unroll_layers,
         vision_buckets=tuple(c.model.vision_buckets),  # any image size, a bounded number of programs
     )
     scratch = scratch or paths.Scratch()

@@ -110,6 +110,27 @@ def test_logits_match_transformers(hf_tiny, ours_fp32, name):
     assert np.abs(ours - ref)[real].max() <= 1e-4
 
 
+def test_unrolled_layers_match_transformers(hf_tiny, hf_tiny_dir, mesh1, ours_fp32):
+    """model.unroll_layers (the tiny CPU default): the same logits, from a program with no
+    layer loop left in it (the scanned model's has one)."""
+    from emor3_jax.core import sharding
+    from emor3_jax.models.qwen25_vl.convert import load_hf
+
+    model = load_hf(
+        hf_tiny_dir, mesh1, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32", unroll_layers=True
+    )
+    batch = _batch("mixed_batch")
+    with torch.no_grad():
+        ref = _hf_logits(hf_tiny, batch).numpy()
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(_ours(model, batch) - ref)[real].max() <= 1e-4
+    inputs = prepare_inputs(model.cfg, **batch)
+    inputs.pop("rope_deltas")
+    graphdef, state = nnx.split(model)
+    assert "while" not in jax.jit(lambda s: nnx.merge(graphdef, s)(**inputs)).lower(state).as_text()
+    assert "while" in jax.jit(lambda s: nnx.merge(*nnx.split(ours_fp32)[:1], s)(**inputs)).lower(state).as_text()
+
+
 def test_einsum_attention_path_matches_transformers(hf_tiny, hf_tiny_dir, mesh1):
     from emor3_jax.core import sharding
     from emor3_jax.models.qwen25_vl.convert import load_hf

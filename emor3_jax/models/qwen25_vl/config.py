@@ -89,6 +89,9 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"
     remat: bool = False  # recompute each decoder layer in the backward pass (training memory)
+    # The layer loops unrolled (one body per layer) instead of scanned: compiles take longer with
+    # depth, but a tiny model on CPU runs markedly faster (a loop's per-iteration cost dominates).
+    unroll_layers: bool = False
     # Allowed patch counts of one batch's images (increasing multiples of the merge unit): the
     # vision inputs are padded to the smallest that holds them, so the number of compiled
     # programs depends on these, not on image sizes. Empty: no padding (a shape per batch).

@@ -32,11 +32,12 @@ def stacked(make: Callable[[nnx.Rngs], M], n: int, rngs: nnx.Rngs) -> M:
     return nnx.merge(graphdef, state)
 
 
-def scan(stack: M, body: Callable, carry, xs=None, remat: bool = False):
+def scan(stack: M, body: Callable, carry, xs=None, remat: bool = False, unroll: bool = False):
     """jax.lax.scan of `body(layer, carry, x) -> (carry, y)` over the layers of `stack` (each
     `layer` a module holding one layer's parameters) and the leading axis of `xs`; returns
     (carry, ys). `remat`: the body's activations are recomputed in the backward pass, only
-    the carry is kept per layer."""
+    the carry is kept per layer. `unroll`: the loop is unrolled into one copy of the body per
+    layer (slower to compile, faster to run where loops cost: tiny models on CPU)."""
     graphdef, state = nnx.split(stack)
 
     def step(c, inputs):
@@ -45,4 +46,4 @@ def scan(stack: M, body: Callable, carry, xs=None, remat: bool = False):
 
     if remat:
         step = jax.checkpoint(step, prevent_cse=False)  # inside a scan CSE cannot undo the remat
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

@@ -360,9 +360,17 @@ class VisionTower(nnx.Module):
     holds ~2.5 GB of them across the 3B tower's 32 blocks)."""
 
     def __init__(
-        self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, remat: bool = False
+        self,
+        cfg: VisionConfig,
+        impl: str,
+        *,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+        remat: bool = False,
+        unroll: bool = False,
     ):
-        self.cfg, self.remat = cfg, remat
+        self.cfg, self.remat, self.unroll = cfg, remat, unroll
         kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, ("patch", "vision_embed"), bias=False, **kw)
         make = lambda r: VisionBlock(cfg, impl, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r)
@@ -402,7 +410,9 @@ class VisionTower(nnx.Module):
             h = block(h, cos, sin, windows, frames, f)
             return h, h if return_blocks else None
 
-        x, hidden = stack.scan(self.blocks, body, x, jnp.asarray(full), remat=self.remat and not return_blocks)
+        x, hidden = stack.scan(
+            self.blocks, body, x, jnp.asarray(full), remat=self.remat and not return_blocks, unroll=self.unroll
+        )
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged
 
