@@ -37,6 +37,12 @@ def assert_ratios(out: str, *names: str) -> None:
         assert re.search(RATIO.format(name), out, re.M), f"no `ratio {name}` line:\n{out}"
 
 
+def one_device_env() -> dict:
+    """The environment without this session's 8 fake CPU devices: a bench whose mesh takes every
+    device runs as on a real CPU machine (one device)."""
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def test_forward_small(capsys, monkeypatch):
     out = run_main("bench.forward", ["--small", "--batch", "1", "--text", "16", "--iters", "1"], capsys, monkeypatch)
     assert "batch 1 x 82 tokens" in out, out  # 16 text + 64 image + 2 vision start/end tokens
@@ -65,9 +71,13 @@ def test_sampling_gpu_path_on_cpu(capsys, monkeypatch):
     assert "4 rows x 4 new tokens" in out and "decode step" in out, out  # --smoke: 2 prompts
 
 
-def test_grpo_step_small(capsys, monkeypatch):
-    """The real trainer for two GRPO steps on the small model; the phase table from its metrics."""
-    out = run_main("bench.grpo_step", ["--small", "--steps", "2", "--response", "40"], capsys, monkeypatch)
+def test_grpo_step_small():
+    """The real trainer for two GRPO steps on the small model; the phase table from its metrics.
+    As the bench runs, on one CPU device (the suite's 8 fake ones would only slow it down)."""
+    cmd = [sys.executable, "-m", "bench.grpo_step", "--small", "--steps", "2", "--response", "40"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=one_device_env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
     for phase in ("rollout_s", "reflection_s", "logprobs_s", "scoring_wait_s", "update_s", "total"):
         assert re.search(rf"^{phase} +\d+\.\d\d s +\d+\.\d\d s$", out, re.M), f"no row for {phase}:\n{out}"
     assert re.search(r"^tokens/s \(rollout tokens over step time\): \d+$", out, re.M), out
@@ -85,12 +95,6 @@ def test_grpo_step_realistic_lengths(capsys, monkeypatch):
 def needs_reference_script():
     if not os.path.exists(TRL_SCRIPT):
         pytest.skip(f"no TRL reference script at {os.path.normpath(TRL_SCRIPT)} (shared/ beside the repo)")
-
-
-def one_device_env() -> dict:
-    """The environment without this session's 8 fake CPU devices: a bench whose mesh takes every
-    device runs as on a real CPU machine (one device)."""
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def test_grpo_vs_trl_ours_only(tmp_path):
@@ -120,7 +124,7 @@ def test_grpo_vs_trl_against_trl(tmp_path):
 
 def test_gpu_grpo_smoke(tmp_path):
     out = tmp_path / "gpu_grpo.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(one_device_env(), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_grpo", "--smoke", "--out", str(out)],
         capture_output=True,

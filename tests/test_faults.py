@@ -1,7 +1,7 @@
 """The fault suite: each case is a `python -m emor3_jax.train` command on the tiny config, a
 fault, and what the run must do. The short cases run in CI (cold start only, a few steps);
-the `slow` ones (not in CI) repeat them in GRPO. SIGTERM in the cold start and in GRPO, and
-SIGKILL in GRPO, are tests/test_train.py::test_sigterm_then_sigkill_then_resume_reaches_the_same_params; every
+the `slow` ones (not in CI) repeat them in GRPO. SIGTERM in the cold start and in GRPO is
+tests/test_train.py's (in-process in CI; through the CLI with SIGKILL in GRPO too, slow); every
 out-of-range field, tests/test_config_lib.py::test_out_of_range_value_is_refused_naming_its_flag.
 
 | fault                                   | the run                                                   |
@@ -43,7 +43,10 @@ from emor3_jax.core.workdir_lock import LOCK_NAME
 # pytest-xdist (-n 2 --dist loadfile) runs a file's tests on one worker: they share the
 # module's uninterrupted run, built once.
 
-ENV = dict(os.environ, PYTHONPATH=ROOT)
+# One CPU device, as the command runs on a CPU machine: the faults are about checkpoints, locks
+# and resuming, which the suite's 8 fake devices only slow down (a third longer per run);
+# sharded saving and resuming are test_train.py's (in-process, 8 devices).
+ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
 SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}
 

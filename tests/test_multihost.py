@@ -162,7 +162,11 @@ def one(tmp_path_factory):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(one, tmp_path):
+    """The trainer's orchestration on 2 processes: data split, gathers, checkpoints and
+    validation, against 1 process (slow: about 5 minutes on 2 cores; CI's 2-process check is
+    the GRPO step below)."""
     two = tmp_path / "two"
     # The two runs one after the other: on 2 cores, side by side they would only slow each other.
     outs = _run(["emor3_jax.train", *_flags(two, **STEPS)], tmp_path, "train_two", 2)

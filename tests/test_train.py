@@ -172,7 +172,51 @@ def _wait_for_step(workdir, step, proc, timeout=400):
     raise AssertionError(f"no checkpoint >= {step} after {timeout} s")
 
 
+def test_sigterm_in_the_cold_start_and_in_grpo_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (what a preempted VM gets), delivered to this process at the end of cold-start
+    step 2, then, after resuming, at the end of GRPO step 5: each time the run saves that step,
+    says so, and exits 0 there (a run that ignored the signal would go on to step 7); the last
+    resume reaches the uninterrupted run's params and logs bit for bit. In-process: the CLI's
+    signal path end to end, with SIGKILL too, is the slow
+    test_sigterm_then_sigkill_then_resume_reaches_the_same_params."""
+    ref_dir, _ = reference_run
+    workdir = tmp_path / "interrupted"
+    checkpoint, handler = trainer.Run._checkpoint, signal.getsignal(signal.SIGTERM)
+
+    def sigterm_at(step):
+        def hooked(self, due, state):
+            if self.meta["global_step"] == step:
+                signal.raise_signal(signal.SIGTERM)  # the handler runs before the next line
+            return checkpoint(self, due, state)
+
+        monkeypatch.setattr(trainer.Run, "_checkpoint", hooked)
+
+    for step, phase in ((2, "cold_start"), (5, "grpo")):
+        sigterm_at(step)
+        with pytest.raises(SystemExit) as stop:
+            trainer.run(small_config(workdir))
+        assert stop.value.code == 0
+        assert f"SIGTERM: saved step {step} to " in capsys.readouterr().out
+        ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
+        assert ck.latest_step() == step and ck.read_meta(step)["phase"] == phase
+        ck.close()
+        assert signal.getsignal(signal.SIGTERM) == handler  # the run put the handler back
+    monkeypatch.setattr(trainer.Run, "_checkpoint", checkpoint)
+    trainer.run(small_config(workdir))
+    assert "resuming from" in capsys.readouterr().out
+    step, params = _params(workdir)
+    ref_step, ref_params = _params(ref_dir)
+    assert step == ref_step and params.keys() == ref_params.keys()
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
+    assert _metrics(workdir) == _metrics(ref_dir)
+
+
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_reaches_the_same_params(reference_run, tmp_path):
+    """The CLI end to end: SIGTERM in the cold start, SIGKILL in GRPO, SIGTERM in GRPO, each
+    to a `python -m emor3_jax.train` process, then the same command resumes to the
+    uninterrupted params (slow: four processes; CI sends the SIGTERMs in-process, above)."""
     ref_dir, _ = reference_run
     workdir = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "emor3_jax.train", *_flags(workdir)]
