@@ -122,6 +122,7 @@ def test_grpo_vs_trl_against_trl(tmp_path):
     assert_ratios(proc.stdout, "grpo_step_vs_trl", "grpo_step_rer_vs_trl")
 
 
+@pytest.mark.slow  # the GPU bench's code path on CPU, about a minute; on a GPU: test_gpu_benches_on_a_gpu
 def test_gpu_grpo_smoke(tmp_path):
     out = tmp_path / "gpu_grpo.json"
     env = dict(one_device_env(), JAX_PLATFORMS="cpu")

@@ -2,8 +2,8 @@
 the 3b job's code path with the real Qwen2.5 tokenizer, web-photo image sizes at the paper's
 pixels, the paper's reward and recomputed old log-probs runs through the real command,
 compiles no new program once its buckets are seen, and ends with its profile table (printed,
-profile.txt, results.json). In CI: about two minutes on 2 cores, most of it compiling the
-run's ~95 programs.
+profile.txt, results.json). Slow-marked (tests/README.md): about two minutes on 2 cores, most
+of it compiling the run's ~95 programs; CI checks the rehearsal's settings.
 
 It runs as the command does, on one CPU device: on the suite's 8 fake devices the few rows of
 a micro-batch would be replicated, and each device would hold its own [rows, chunk, 151,665]
@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from configs.qwen_vl import get_config
 
@@ -48,6 +50,7 @@ def test_the_rehearsal_settings_are_the_papers():
     assert 0 < c.sampling.max_rows < c.rl.rollout_batch * c.rl.num_generations and c.rl.steps >= 10
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores (3 under the suite's load); tests/README.md
 def test_the_rehearsal_compiles_nothing_new_after_its_first_step_and_prints_its_table(tmp_path):
     cmd = [sys.executable, "-m", "emor3_jax.train", f"--config={ROOT}/configs/qwen_vl.py:rehearsal"]
     cmd += [f"--config.workdir={tmp_path}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
