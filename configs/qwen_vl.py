@@ -149,6 +149,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.dual_clip = 3.0
     c.rl.kl_coef = 0.01
     c.rl.kl_kind = "low_var_kl"
+    # The reference policy's weights (it only computes log-probs for the KL term, and judges when
+    # reward.judge=reference): "" = a copy in model.param_dtype; "bfloat16" halves its memory and
+    # is what the official run keeps (EasyR1 loads the actor in fp32 and the reference in bf16,
+    # verl/workers/fsdp_workers.py). tiny: fp32, its compute dtype.
+    c.rl.reference_dtype = "" if tiny else "bfloat16"
     c.rl.loss_mode = "token"  # token | seq
     c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
     c.rl.temperature = 1.0

@@ -56,7 +56,7 @@ from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
-from emor3_jax.rl import packing
+from emor3_jax.rl import packing, reference
 from emor3_jax.rl.experience import StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
@@ -150,6 +150,7 @@ class Target:
     settings: StepSettings
     learner: Learner  # GRPO's, with its optimizer
     opt: object  # abstract optimizer state with its shardings
+    ref: object  # abstract GRPO reference: the params' shapes and shardings, rl.reference_dtype
     notes: list[str] = dataclasses.field(default_factory=list)  # where the shapes had to give way
     caches: dict = dataclasses.field(default_factory=dict)  # the sampler's decode caches, by name
 
@@ -253,7 +254,10 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
     opt = dry_run.abstract_state(jax.eval_shape(tx.init, params), mesh, rules)
     settings = StepSettings.from_config(c)
-    t = Target(c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt)
+    ref = reference.abstract(params, config_lib.reference_dtype(c))
+    t = Target(
+        c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt, ref
+    )
     for g in generates(t):  # the sampler keeps one cache per shape between calls
         sh = g.shapes(rt.sampler, c.rl.max_prompt_len)
         t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["p_len"] + sh["g_len"])
@@ -496,7 +500,9 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     own = _cache_name(sh)
     state = ("optimizer", "reference")
     batch = _prompt_batch(t, sh["q"], sh["p_len"], g.shares)
-    args, runs = (t.graphdef, t.params, batch), g.calls * sh["groups"]
+    # The reflections run on the reference's weights when it is the judge.
+    weights = t.ref if g.name.endswith("_reflection") and t.c.reward.judge == "reference" else t.params
+    args, runs = (t.graphdef, weights, batch), g.calls * sh["groups"]
     prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state, g.phase, "sampler")
     logits, prompt_cache = s.run(prefill)
     vocab = t.cfg.text.vocab_size
@@ -515,7 +521,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     i32 = lambda *shape: _replicated(t.mesh, shape, np.int32)
     q = sh["q"]
     args = (
-        *(t.graphdef, g.n, g.params, sampler.continuous, t.params, caches[own], carry, logits, prompt_cache),
+        *(t.graphdef, g.n, g.params, sampler.continuous, weights, caches[own], carry, logits, prompt_cache),
         *(i32(q, sh["p_len"]), i32(q), i32(q * g.n), i32(), i32(), _replicated(t.mesh, (), np.bool_)),
         *(i32(len(sampler.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32()),
     )
@@ -552,18 +558,14 @@ def _update_programs(s: Session) -> dict:
     rows = t.c.rl.rollout_batch * st.num_generations
     micro, per_step = rows // st.micro_batch, st.update_batch * st.num_generations // st.micro_batch
     batch, logp_fn, static, grad_fn = _micro_batch(t)
-    passes = 2 if st.recompute_old_logprobs else 1
-    logp = s.run(
-        Program(
-            "logprobs",
-            logp_fn,
-            (t.params, batch, *static),
-            passes * micro,
-            ("optimizer", "reference"),
-            "grpo",
-            "learner",
-        )
-    )
+    # Reference log-probs, and the old ones when recomputed: one program while the reference has
+    # the params' dtype, two (one per weights' dtype) when it has its own.
+    own = config_lib.reference_dtype(t.c) != t.c.model.param_dtype
+    passes = {"logprobs": (1 + st.recompute_old_logprobs - own, t.params), "reference_logprobs": (own, t.ref)}
+    for name, (count, weights) in passes.items():
+        if count:
+            held = ("optimizer", "reference")
+            logp = s.run(Program(name, logp_fn, (weights, batch, *static), count * micro, held, "grpo", "learner"))
     f32 = lambda *shape: _replicated(t.mesh, shape, np.float32)
     args = (t.params, batch, logp, logp, f32(st.micro_batch), f32(*logp.shape), 1.0)
     held = ("optimizer", "reference") + (("gradients",) if per_step > 1 else ())
@@ -651,7 +653,7 @@ def compile_all(s: Session) -> None:
 def resident(s: Session) -> dict[str, int]:
     """Bytes per chip of what the run keeps on the chips across programs."""
     t = s.t
-    out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": chip_bytes(t.params)}
+    out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": chip_bytes(t.ref)}
     out["gradients"] = chip_bytes(s.grads)  # the accumulator: the gradient program's own output shardings
     return out
 

@@ -392,6 +392,7 @@ def _rl(c: ConfigDict) -> list[str]:
             ("rl.loss_mode", grpo.MODES),
             ("rl.kl_kind", grpo.KL_KINDS),
             ("rl.micro_batch_weighting", MICRO_BATCH_WEIGHTINGS),
+            ("rl.reference_dtype", ("", "float32", "bfloat16")),
         ],
     )
 
@@ -654,6 +655,11 @@ def compile_cache_dir(c: ConfigDict) -> str | None:
     if c.compile_cache_dir == "off" or not (c.compile_cache_dir or c.workdir):
         return None
     return c.compile_cache_dir or paths.join(c.workdir, "compile_cache")
+
+
+def reference_dtype(c: ConfigDict) -> str:
+    """The GRPO reference's weights dtype: rl.reference_dtype, "" = model.param_dtype."""
+    return c.rl.reference_dtype or c.model.param_dtype
 
 
 def runtime_fields(c: ConfigDict) -> dict:

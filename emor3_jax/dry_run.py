@@ -33,6 +33,7 @@ from ml_collections import ConfigDict
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
 from emor3_jax.models.api import K_CACHE_AXES, ModelConfig, abstract_model, cache_shapes, preset
+from emor3_jax.rl import reference
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
 from emor3_jax.sampling.sampler import bucket
 
@@ -140,7 +141,7 @@ def memory(c: ConfigDict) -> dict:
     parts = {
         "params": param_leaves,
         "optimizer": _sharded(opt, mesh, rules),
-        "reference": param_leaves,  # the GRPO reference: a copy in the params' shardings
+        "reference": jax.tree.leaves(reference.abstract(param_leaves, config_lib.reference_dtype(c))),
         "gradients": param_leaves,  # the micro-batch accumulator: param-shaped and -sharded
         "kv_cache": cache,
     }

@@ -15,7 +15,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
@@ -28,7 +27,7 @@ from emor3_jax.data import store
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, heldout_metrics
-from emor3_jax.rl import divergence
+from emor3_jax.rl import divergence, reference
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 from emor3_jax.rl.sft import SFTSettings, SFTStep
@@ -103,7 +102,7 @@ class Run:
             "opt": Learner(self.graphdef, self._optimizer(meta["phase"])[0]).init(self.params),
         }
         if meta["phase"] == "grpo":
-            state["ref"] = self.params
+            state["ref"] = reference.abstract(self.params, config_lib.reference_dtype(self.c))
         return state
 
     def resume_meta(self) -> None:
@@ -300,7 +299,7 @@ class Run:
             self.meta.update(phase="grpo", phase_step=0)
             if self.c.cold_start.steps:
                 self.meta["evals"]["cold_start"] = self.eval_all("cold_start", self.meta["global_step"])
-            return learner.init(self.params), jax.tree.map(jnp.copy, self.params)
+            return learner.init(self.params), reference.copy(self.params, config_lib.reference_dtype(self.c))
         return self.resumed.pop("opt"), self.resumed.pop("ref")
 
     def _log_grpo(self, step: int, start: int, exp: Experience, metrics: dict, lr: float, programs: int) -> None:

@@ -77,7 +77,8 @@ def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float) -> None:
     pd, gl = m["per_device"], m["global"]
     assert pd["params"] == FP32 * per_device
     assert gl["params"] == FP32 * total
-    assert pd["reference"] == pd["gradients"] == pd["params"]
+    assert pd["gradients"] == pd["params"]
+    assert 2 * pd["reference"] == pd["params"]  # a bf16 copy (rl.reference_dtype, as the official run)
     # AdamW: two fp32 moments in the params' shardings, plus two int32 step counters (replicated).
     assert pd["optimizer"] == 2 * pd["params"] + 2 * 4
     assert pd["kv_cache"] == kv_gib * GiB

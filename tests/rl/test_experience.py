@@ -17,6 +17,7 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt
 from emor3_jax.models.api import create_model
+from emor3_jax.rl import reference
 from emor3_jax.rl.experience import GRPOStep, StepSettings
 from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
 from emor3_jax.sampling.methods import SamplingParams
@@ -237,6 +238,21 @@ def test_experience_returns_every_reward_component_the_task_scores():
     # unbiased std |a - b| / sqrt(2)); the pairs' lengths are (1, 6), (3, 5), (2, 6), (4, 1).
     want = np.array([-1, 1, -1, 1, -1, 1, 1, -1]) / np.sqrt(2)
     np.testing.assert_allclose(exp.advantages, want, rtol=1e-4)
+
+
+def test_a_bf16_reference_gives_the_fp32_ones_log_probs_to_bf16_rounding():
+    """What rl.reference_dtype=bfloat16 changes: the reference log-probs (and so the KL term) by
+    the weights' rounding only, far less than the policy moves in a step."""
+    mesh, _, params, step, records = _setup(2, "token")
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        full = step.experience(params, reference.copy(params, "float32"), records, jax.random.key(0))
+        half = step.experience(params, reference.copy(params, "bfloat16"), records, jax.random.key(0))
+    step.close()
+    for f, h, (_, mask) in zip(full.ref_logp, half.ref_logp, full.batches):
+        f, h, m = np.asarray(f), np.asarray(h), np.asarray(mask, bool)
+        assert 0 < np.abs(f - h)[m].max() < 0.05, np.abs(f - h)[m].max()  # rounded, not another model
+    for f, h in zip(full.old_logp, half.old_logp):  # the policy's own log-probs do not change
+        np.testing.assert_array_equal(np.asarray(f), np.asarray(h))
 
 
 def test_a_task_component_lands_in_the_trainers_metrics(tmp_path, monkeypatch):
