@@ -670,6 +670,7 @@ def runtime_fields(c: ConfigDict) -> dict:
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=c.model.remat,
+        remat_policy=c.model.remat_policy,
         unroll_layers=c.model.unroll_layers,
         vision_buckets=tuple(int(n) for n in c.model.vision_buckets),
     )
