@@ -23,6 +23,7 @@ from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES
 from emor3_jax.models.api import ModelConfig, preset
+from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 from emor3_jax.rl import grpo
 from emor3_jax.rl.advantages import ESTIMATORS
 from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
@@ -276,7 +277,7 @@ def _mesh(c: ConfigDict) -> list[str]:
 def _model(c: ConfigDict) -> list[str]:
     """model: the preset, vision buckets that hold an image (the weights: _top_level)."""
     image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
-    return _choices(c, [("model.preset", PRESETS)]) + _failed(
+    return _choices(c, [("model.preset", PRESETS), ("model.remat_policy", REMAT_POLICIES)]) + _failed(
         (
             not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
             f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at "
@@ -670,6 +671,7 @@ def runtime_fields(c: ConfigDict) -> dict:
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=c.model.remat,
+        remat_policy=c.model.remat_policy,
         unroll_layers=c.model.unroll_layers,
         vision_buckets=tuple(int(n) for n in c.model.vision_buckets),
     )

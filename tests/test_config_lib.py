@@ -209,6 +209,15 @@ def test_shape_only_validation_refuses_every_bad_shape_at_once_naming_the_flags(
     config_lib.validate_shapes(c)
 
 
+def test_a_bad_remat_policy_or_reference_dtype_names_its_flag():
+    c = get_config("3b")
+    c.model.remat_policy, c.rl.reference_dtype = "everything", "int8"
+    with pytest.raises(ValueError) as err:
+        config_lib.validate_shapes(c)
+    assert "--config.model.remat_policy='everything' must be one of ('nothing', 'dots')" in str(err.value)
+    assert "--config.rl.reference_dtype='int8' must be one of ('', 'float32', 'bfloat16')" in str(err.value)
+
+
 def test_the_compile_cache_defaults_to_the_workdir():
     c = _config()
     assert config_lib.compile_cache_dir(c) == "/tmp/unused/compile_cache"

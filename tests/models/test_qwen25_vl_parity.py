@@ -259,13 +259,16 @@ def test_gradients_match_torch_autograd(hf_tiny, ours_fp32, buckets):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=hf_key)
 
 
-def test_remat_gives_the_same_gradients(ours_fp32):
+@pytest.mark.parametrize("policy", ["nothing", "dots"])
+def test_remat_gives_the_same_gradients(ours_fp32, policy):
     batch = _batch("one_image")
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
     inputs.pop("rope_deltas")
     graphdef, state = nnx.split(ours_fp32)
     remat_def, _ = nnx.split(
-        nnx.eval_shape(lambda: type(ours_fp32)(ours_fp32.cfg.replace(remat=True), rngs=nnx.Rngs(0)))
+        nnx.eval_shape(
+            lambda: type(ours_fp32)(ours_fp32.cfg.replace(remat=True, remat_policy=policy), rngs=nnx.Rngs(0))
+        )
     )
 
     def loss_of(gdef):
@@ -275,12 +278,17 @@ def test_remat_gives_the_same_gradients(ours_fp32):
         return jax.jit(jax.grad(loss_of(gdef)))(state)
 
     plain, remat = grads(graphdef), grads(remat_def)
+    # Saving the matmuls' outputs lets XLA fuse the recomputed rest in another order: one
+    # element in 25,600 was seen 1.07e-6 off.
+    atol = {"nothing": 1e-6, "dots": 2e-6}[policy]
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
     # The scanned decoder layer and the scanned vision block are rematerialised: one checkpoint
     # each, inside the two scans.
     jaxpr = str(jax.make_jaxpr(loss_of(remat_def))(state))
     assert jaxpr.count(" = remat") == 2 and jaxpr.count(" = scan") == 2
+    shown = {"nothing": "policy=<function nothing_saveable ", "dots": "policy=DotsSaveable(only_if_no_batch_dims=True)"}
+    assert jaxpr.count(shown[policy]) == 2  # the policy asked for (as jax prints it)
 
 
 def test_bf16_compute_stays_close_to_fp32(hf_tiny_dir, mesh1, ours_fp32):

@@ -13,6 +13,8 @@ from typing import Any
 
 from etils import epath
 
+from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
+
 ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -89,6 +91,7 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     attention_impl: str = "xla"
     remat: bool = False  # recompute each decoder layer in the backward pass (training memory)
+    remat_policy: str = "nothing"  # what a recomputed layer keeps: stack.REMAT_POLICIES
     # The layer loops unrolled (one body per layer) instead of scanned: compiles take longer with
     # depth, but a tiny model on CPU runs markedly faster (a loop's per-iteration cost dominates).
     unroll_layers: bool = False
@@ -228,6 +231,8 @@ def _validate(c: ModelConfig) -> None:
     t, v = c.text, c.vision
     if c.param_dtype not in DTYPES or c.compute_dtype not in DTYPES:
         raise ValueError(f"param_dtype/compute_dtype must be in {DTYPES}, got {c.param_dtype!r}/{c.compute_dtype!r}")
+    if c.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {c.remat_policy!r}")
     if c.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {c.attention_impl!r}")
     if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:

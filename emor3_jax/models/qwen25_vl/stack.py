@@ -15,6 +15,13 @@ import jax
 from flax import nnx
 
 LAYER_AXIS = "layers"
+# What a rematerialised layer keeps for the backward pass besides its input (model.remat_policy):
+# nothing (everything recomputed: the least memory), or the outputs of its weight matmuls
+# (projections and MLP; attention scores and elementwise work recomputed).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 M = TypeVar("M", bound=nnx.Module)
 
 
@@ -32,12 +39,13 @@ def stacked(make: Callable[[nnx.Rngs], M], n: int, rngs: nnx.Rngs) -> M:
     return nnx.merge(graphdef, state)
 
 
-def scan(stack: M, body: Callable, carry, xs=None, remat: bool = False, unroll: bool = False):
+def scan(stack: M, body: Callable, carry, xs=None, remat: str | None = None, unroll: bool = False):
     """jax.lax.scan of `body(layer, carry, x) -> (carry, y)` over the layers of `stack` (each
     `layer` a module holding one layer's parameters) and the leading axis of `xs`; returns
-    (carry, ys). `remat`: the body's activations are recomputed in the backward pass, only
-    the carry is kept per layer. `unroll`: the loop is unrolled into one copy of the body per
-    layer (slower to compile, faster to run where loops cost: tiny models on CPU)."""
+    (carry, ys). `remat` (a REMAT_POLICIES name): the body's activations are recomputed in the
+    backward pass, keeping per layer only the carry and what the policy saves. `unroll`: the
+    loop is unrolled into one copy of the body per layer (slower to compile, faster to run
+    where loops cost: tiny models on CPU)."""
     graphdef, state = nnx.split(stack)
 
     def step(c, inputs):
@@ -45,5 +53,7 @@ def scan(stack: M, body: Callable, carry, xs=None, remat: bool = False, unroll: 
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     if remat:
-        step = jax.checkpoint(step, prevent_cse=False)  # inside a scan CSE cannot undo the remat
+        step = jax.checkpoint(
+            step, prevent_cse=False, policy=REMAT_POLICIES[remat]
+        )  # inside a scan CSE cannot undo the remat
     return jax.lax.scan(step, carry, (state, xs), unroll=unroll)

@@ -355,9 +355,10 @@ class PatchMerger(nnx.Module):
 
 class VisionTower(nnx.Module):
     """The blocks are one stacked module run as a scan (`stack`); which of them attend over
-    whole frames (`fullatt_block_indexes`) is per-block data scanned alongside. `remat`: each
-    block's activations are recomputed in the backward pass instead of kept (a 448x448 image
-    holds ~2.5 GB of them across the 3B tower's 32 blocks)."""
+    whole frames (`fullatt_block_indexes`) is per-block data scanned alongside. `remat` (a
+    stack.REMAT_POLICIES name, None: off): each block's activations are recomputed in the
+    backward pass instead of kept (a 448x448 image holds ~2.5 GB of them across the 3B tower's
+    32 blocks)."""
 
     def __init__(
         self,
@@ -367,7 +368,7 @@ class VisionTower(nnx.Module):
         param_dtype,
         compute_dtype,
         rngs: nnx.Rngs,
-        remat: bool = False,
+        remat: str | None = None,
         unroll: bool = False,
     ):
         self.cfg, self.remat, self.unroll = cfg, remat, unroll
@@ -411,7 +412,7 @@ class VisionTower(nnx.Module):
             return h, h if return_blocks else None
 
         x, hidden = stack.scan(
-            self.blocks, body, x, jnp.asarray(full), remat=self.remat and not return_blocks, unroll=self.unroll
+            self.blocks, body, x, jnp.asarray(full), remat=None if return_blocks else self.remat, unroll=self.unroll
         )
         merged = self.merger(x)
         return (merged, hidden) if return_blocks else merged
