@@ -8,7 +8,10 @@
 #       --config.hf_path=/mnt/ckpt/Qwen2.5-VL-7B-Instruct --config.workdir=gs://bucket/runs/7b ...
 #
 # Arguments are flags for `python -m emor3_jax.train`, passed through quoted. The mesh's
-# product must equal the slice's global device count: v5p-N has N/2 chips (= JAX devices).
+# product must equal the slice's global device count: v5p-N has N/2 chips (= JAX devices),
+# v6e-N has N. The smallest slices where every program of the step compiled and fits with the
+# paper's batch (launch/README.md, "3b and 7b on v5p and v6e slices"; the default mesh, fsdp
+# over every chip): 3b on v5p-8 or v6e-8, 7b on v5p-8 or v6e-16 (v6e: RUNTIME=v2-alpha-tpuv6e).
 # Settings (environment):
 #   TPU_NAME      slice name                                   (emor3)
 #   ZONE          zone                                         (us-east5-a)
