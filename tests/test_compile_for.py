@@ -239,3 +239,30 @@ def test_compile_programs_compiles_only_the_named_ones(tmp_path):
     assert "rollout_decode" in text and "not compiled (--compile_programs)" in text
     last = text.rstrip().splitlines()[-1]
     assert last == "compiled only ['optimizer_step'] (--compile_programs): no verdict on the whole step"
+
+
+@pytest.mark.slow  # 10 to 20 minutes on 2 cores: every program of the real 3b step
+def test_the_3b_step_compiles_for_a_v6e_8_and_fits(tmp_path):
+    """The README's command for the real job, at its real shapes (the paper's batch, 256 decode
+    slots, 2,048-token prompts and responses): every program compiles for v6e-8 and the step
+    fits in its 32 GiB per chip (launch/README.md measured 22.4 GiB)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "emor3_jax.train", "--config=configs/qwen_vl.py:3b", "--compile_for=v6e:2x4"]
+    done = subprocess.run(
+        [*cmd, f"--config.workdir={tmp_path}"],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root, XLA_FLAGS=""),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("fits: yes")
+    report = json.loads((tmp_path / "compile" / "v6e_2x4.json").read_text())
+    assert report["fits"] and report["peak_bytes_per_chip"] < report["chip"]["hbm_bytes"]
+    names = {p["name"] for p in report["programs"] if "error" not in p}
+    assert {"rollout_prefill", "rollout_decode", "gradient", "optimizer_step", "reference_logprobs"} <= names
