@@ -559,13 +559,18 @@ def _update_programs(s: Session) -> dict:
     micro, per_step = rows // st.micro_batch, st.update_batch * st.num_generations // st.micro_batch
     batch, logp_fn, static, grad_fn = _micro_batch(t)
     # Reference log-probs, and the old ones when recomputed: one program while the reference has
-    # the params' dtype, two (one per weights' dtype) when it has its own.
-    own = config_lib.reference_dtype(t.c) != t.c.model.param_dtype
-    passes = {"logprobs": (1 + st.recompute_old_logprobs - own, t.params), "reference_logprobs": (own, t.ref)}
-    for name, (count, weights) in passes.items():
-        if count:
-            held = ("optimizer", "reference")
-            logp = s.run(Program(name, logp_fn, (weights, batch, *static), count * micro, held, "grpo", "learner"))
+    # the params' dtype, one per weights' dtype when it has its own.
+    old = micro if st.recompute_old_logprobs else 0
+    if config_lib.reference_dtype(t.c) == t.c.model.param_dtype:
+        passes = [("logprobs", t.params, old + micro)]
+    else:
+        passes = [("logprobs", t.params, old), ("reference_logprobs", t.ref, micro)]
+    for name, weights, runs in passes:
+        if runs:
+            program = Program(
+                name, logp_fn, (weights, batch, *static), runs, ("optimizer", "reference"), "grpo", "learner"
+            )
+            logp = s.run(program)
     f32 = lambda *shape: _replicated(t.mesh, shape, np.float32)
     args = (t.params, batch, logp, logp, f32(st.micro_batch), f32(*logp.shape), 1.0)
     held = ("optimizer", "reference") + (("gradients",) if per_step > 1 else ())

@@ -141,7 +141,7 @@ def memory(c: ConfigDict) -> dict:
     parts = {
         "params": param_leaves,
         "optimizer": _sharded(opt, mesh, rules),
-        "reference": jax.tree.leaves(reference.abstract(param_leaves, config_lib.reference_dtype(c))),
+        "reference": reference.abstract(param_leaves, config_lib.reference_dtype(c)),  # the GRPO reference
         "gradients": param_leaves,  # the micro-batch accumulator: param-shaped and -sharded
         "kv_cache": cache,
     }

@@ -97,6 +97,17 @@ def _metrics(workdir):
     return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
 
 
+def _assert_same_run(workdir, ref_dir) -> None:
+    """The run in `workdir` ended at `ref_dir`'s last step with its params bit for bit and its
+    logs (timing aside)."""
+    step, params = _params(workdir)
+    ref_step, ref_params = _params(ref_dir)
+    assert step == ref_step and params.keys() == ref_params.keys()
+    for k in params:
+        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
+    assert _metrics(workdir) == _metrics(ref_dir)
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
     """One uninterrupted run; the other tests compare against it."""
@@ -204,12 +215,7 @@ def test_sigterm_in_the_cold_start_and_in_grpo_saves_and_resumes_exactly(referen
     monkeypatch.setattr(trainer.Run, "_checkpoint", checkpoint)
     trainer.run(small_config(workdir))
     assert "resuming from" in capsys.readouterr().out
-    step, params = _params(workdir)
-    ref_step, ref_params = _params(ref_dir)
-    assert step == ref_step and params.keys() == ref_params.keys()
-    for k in params:
-        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
-    assert _metrics(workdir) == _metrics(ref_dir)
+    _assert_same_run(workdir, ref_dir)
 
 
 @pytest.mark.slow
@@ -249,12 +255,7 @@ def test_sigterm_then_sigkill_then_resume_reaches_the_same_params(reference_run,
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "resuming from" in done.stdout
-    step, params = _params(workdir)
-    ref_step, ref_params = _params(ref_dir)
-    assert step == ref_step and params.keys() == ref_params.keys()
-    for k in params:
-        np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
-    assert _metrics(workdir) == _metrics(ref_dir)
+    _assert_same_run(workdir, ref_dir)
 
 
 def test_the_best_validation_step_is_kept_and_exported_by_step_or_best(reference_run, tmp_path):

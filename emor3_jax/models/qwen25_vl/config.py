@@ -103,6 +103,11 @@ class ModelConfig:
     def __post_init__(self):
         _validate(self)
 
+    @property
+    def layer_remat(self) -> str | None:
+        """The REMAT_POLICIES name the layer stacks recompute with; None without remat."""
+        return self.remat_policy if self.remat else None
+
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 

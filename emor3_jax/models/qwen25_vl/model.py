@@ -46,13 +46,7 @@ class Qwen25VL(nnx.Module):
         t = cfg.text
         pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
-        self.visual = VisionTower(
-            cfg.vision,
-            cfg.attention_impl,
-            remat=cfg.remat_policy if cfg.remat else None,
-            unroll=cfg.unroll_layers,
-            **kw,
-        )
+        self.visual = VisionTower(cfg.vision, cfg.attention_impl, remat=cfg.layer_remat, unroll=cfg.unroll_layers, **kw)
         self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
         make = lambda r: DecoderLayer(t, cfg.attention_impl, param_dtype=pd, compute_dtype=cd, rngs=r)
         self.layers = stack.stacked(make, t.num_layers, rngs)  # one module, parameters [Y, ...]
@@ -115,13 +109,7 @@ class Qwen25VL(nnx.Module):
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
         if cache is None:
             body = lambda layer, h, _: (layer(h, cos, sin, mask)[0], None)
-            x, _ = stack.scan(
-                self.layers,
-                body,
-                x,
-                remat=self.cfg.remat_policy if self.cfg.remat else None,
-                unroll=self.cfg.unroll_layers,
-            )
+            x, _ = stack.scan(self.layers, body, x, remat=self.cfg.layer_remat, unroll=self.cfg.unroll_layers)
             return self.norm(x), None
 
         def body(layer, carry, i):

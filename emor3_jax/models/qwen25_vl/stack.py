@@ -52,8 +52,6 @@ def scan(stack: M, body: Callable, carry, xs=None, remat: str | None = None, unr
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    if remat:
-        step = jax.checkpoint(
-            step, prevent_cse=False, policy=REMAT_POLICIES[remat]
-        )  # inside a scan CSE cannot undo the remat
+    if remat:  # prevent_cse off: inside a scan CSE cannot undo the remat
+        step = jax.checkpoint(step, prevent_cse=False, policy=REMAT_POLICIES[remat])
     return jax.lax.scan(step, carry, (state, xs), unroll=unroll)
