@@ -60,6 +60,7 @@ from emor3_jax.rl import packing, reference
 from emor3_jax.rl.experience import StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
+from emor3_jax.sampling.sampler import Draw, GroupRows, Settings
 
 GiB = 1024**3
 # EasyR1's published GRPO throughput for Qwen2.5-VL-3B and -7B on 8 x H100 (a measurement on
@@ -504,14 +505,12 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     weights = t.ref if g.name.endswith("_reflection") and t.c.reward.judge == "reference" else t.params
     args, runs = (t.graphdef, weights, batch), g.calls * sh["groups"]
     prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state, g.phase, "sampler")
-    logits, prompt_cache = s.run(prefill)
-    vocab = t.cfg.text.vocab_size
-    slots_args = (sh["slots"], sh["out_rows"], sh["p_len"], sh["g_len"], vocab, t.rt.pad_id)
+    pre = s.run(prefill)
     carry = s.run(
         Program(
             f"{g.name}_slots",
             sampler._fresh,
-            slots_args,
+            (sh["slots"], sh["out_rows"], sh["g_len"], t.rt.pad_id),
             g.calls,
             ("params",) + state,
             g.phase,
@@ -519,12 +518,11 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
         )
     )
     i32 = lambda *shape: _replicated(t.mesh, shape, np.int32)
-    q = sh["q"]
-    args = (
-        *(t.graphdef, g.n, g.params, sampler.continuous, weights, caches[own], carry, logits, prompt_cache),
-        *(i32(q, sh["p_len"]), i32(q), i32(q * g.n), i32(), i32(), _replicated(t.mesh, (), np.bool_)),
-        *(i32(len(sampler.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32()),
-    )
+    rows = GroupRows(i32(sh["q"] * g.n), i32(), i32(), _replicated(t.mesh, (), np.bool_))
+    vocab = t.cfg.text.vocab_size
+    draw = Draw(i32(len(sampler.stop_ids)), _replicated(t.mesh, (vocab,), np.float32), _key(t.mesh), i32())
+    settings = Settings(g.n, g.params, sampler.continuous)
+    args = (t.graphdef, settings, weights, caches[own], carry, pre, rows, draw)
     steps = g.calls * -(-sh["rows"] // sh["slots"]) * g.max_new
     s.run(Program(f"{g.name}_decode", sampler._decode, args, steps, state, g.phase, "sampler"))
 

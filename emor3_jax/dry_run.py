@@ -32,7 +32,7 @@ from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
-from emor3_jax.models.api import K_CACHE_AXES, ModelConfig, abstract_model, cache_shapes, preset
+from emor3_jax.models.api import ModelConfig, abstract_model, cache_shapes, preset
 from emor3_jax.rl import reference
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
 from emor3_jax.sampling.sampler import bucket
@@ -108,7 +108,7 @@ def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:
 
 
 def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str]]:
-    """The rollout decode cache: K [Y, W, K, H, S] and V [Y, W, K, S, H], every layer stacked
+    """The rollout decode cache: K and V [Y, W, K, S, H], every layer stacked
     (W decode slots, S cache entries per slot)."""
     rows = c.rl.rollout_batch * c.rl.num_generations
     if c.sampling.max_rows:  # continuous batching: max_rows slots, refilled as rows stop
@@ -118,10 +118,10 @@ def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[j
     )
     dtype = jnp.dtype(cfg.compute_dtype)
     leaves, fallbacks = [], []
-    for axes, shape in cache_shapes(cfg.text, rows, slots):
+    for name, (axes, shape) in zip("KV", cache_shapes(cfg.text, rows, slots)):
         spec, fb = sharding.logical_to_spec(axes, shape, mesh, rules)
         leaves.append(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)))
-        fallbacks += [f"kv_cache {'K' if axes == K_CACHE_AXES else 'V'} {shape}: {f}" for f in fb]
+        fallbacks += [f"kv_cache {name} {shape}: {f}" for f in fb]
     return leaves, fallbacks
 
 
@@ -149,7 +149,7 @@ def memory(c: ConfigDict) -> dict:
     for name, leaves in parts.items():
         per_device[name], global_[name] = _bytes(leaves)
     per_device["total"], global_["total"] = sum(per_device.values()), sum(global_.values())
-    k_shape = cache[0].shape  # [Y, W, K, H, S]
+    k_shape = cache[0].shape  # [Y, W, K, S, H]
     return {
         "variant": c.variant if not c.hf_path else c.hf_path,
         "devices": mesh.size,
@@ -158,7 +158,7 @@ def memory(c: ConfigDict) -> dict:
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
         "kv_rows": k_shape[1],
-        "kv_slots": k_shape[4],
+        "kv_slots": k_shape[3],
         "per_device": per_device,
         "global": global_,
         "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,

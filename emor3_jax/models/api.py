@@ -4,7 +4,7 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
     embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
     hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None) -> h [B, T, D]
-    decode(x, positions, attn [B, 1, T, S], cache, index) -> (h [B, T, D], cache)
+    decode(x, positions, attn [B, 1, T, T] | Live, cache, index) -> (h [B, T, D], cache)
     logits(h [..., D]) -> [..., V] fp32
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel

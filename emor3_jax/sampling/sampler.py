@@ -17,11 +17,13 @@ every slot is free.
 
 Rows in slots differ in prompt, length and position: each slot has its own M-RoPE position
 (largest prompt position + 1 + j for its j-th token, as transformers' `rope_deltas`) and
-step count. Generated keys and values go to entries P + (global step mod G), shared by all
-slots: attention is a masked sum over cache entries, so their order does not matter, and a
-row of at most G tokens never overwrites its own. A new row's key mask hides what the
-slot's previous row left there. Each row samples with keys from (key, row, token index), so
-its tokens do not depend on the slot or the step it ran in.
+step count. A slot's cache row holds its prompt at entries [P - prompt length, P) and its j-th
+token at entry P + j: its live entries are one contiguous span, the only part decode attention
+reads (`layers.Live`). Each row draws its j-th token with key (key, row, j), so its tokens do
+not depend on the slot or the step it ran in. The first token of every row is drawn once per
+group from the prefill logits, so admission moves a token id, not a row of logits: the loop
+carries no [W, V] array, and admission (under a `lax.cond`) costs nothing at steps where no
+slot is free.
 
 The KV cache [W, S] is set by the slot count, allocated once per shape and donated to each
 decode call. Shapes come from the buckets and settings, so a run compiles a bounded number
@@ -42,6 +44,7 @@ from flax import nnx, struct
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
 from emor3_jax.models.api import Cache, Model, cache_shapes, prepare_inputs
+from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -113,16 +116,215 @@ def _row_limits(rows: int, max_new_tokens: int, row_max_new: Sequence[int] | Non
     return limits
 
 
-def _first_rows(carry: dict, rows: int) -> tuple[Samples, Schedule]:
-    """The outputs of the first `rows` rows of the decode carry (the rest is padding)."""
-    schedule = Schedule(slot=carry["row_slot"][:rows], start=carry["row_start"][:rows], steps=carry["step"])
-    samples = Samples(
-        tokens=carry["tokens"][:rows],
-        logprobs=carry["logprobs"][:rows],
-        lengths=carry["lengths"][:rows],
-        done=carry["done"][:rows],
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A decode program's static settings: n samples per prompt, how tokens are picked,
+    whether a free slot takes a waiting row at once (continuous) or only once all are free."""
+
+    n: int
+    params: SamplingParams
+    continuous: bool
+
+
+@struct.dataclass
+class Slots:
+    """The decode slots, each [W]. row: the output row held (-1: free); step: tokens that row
+    has emitted; pos: the M-RoPE position of its token 0; limit: its max new tokens; start: its
+    first live cache entry (P - prompt length); token / logp: its next token, drawn and not yet
+    emitted, and that token's log-prob."""
+
+    row: jax.Array
+    step: jax.Array
+    pos: jax.Array
+    limit: jax.Array
+    start: jax.Array
+    token: jax.Array
+    logp: jax.Array
+
+
+@struct.dataclass
+class Outputs:
+    """By output row [R_out]: tokens / logprobs [R_out, G] (see `Samples`), lengths, done, and
+    where the row ran: slot, and start (the decode step at which it took the slot)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    slot: jax.Array
+    start: jax.Array
+
+
+@struct.dataclass
+class Carry:
+    """What the decode loop carries from call to call, besides the KV cache."""
+
+    slots: Slots
+    out: Outputs
+    step: jax.Array  # decode steps so far
+
+
+@struct.dataclass
+class Prefilled:
+    """A prefill group of Q prompts: logits [Q, V] of each one's next token, its cache
+    [Y, Q, K, P, H] (keys and values), start [Q] (its first live entry) and pos [Q] (the
+    M-RoPE position after it)."""
+
+    logits: jax.Array
+    cache: Cache
+    start: jax.Array
+    pos: jax.Array
+
+
+@struct.dataclass
+class GroupRows:
+    """The group's Q * n rows: row i (prompt i // n) is output row row0 + i; the first `valid`
+    are real (the rest pad the last group and never take a slot); limit [Q * n] their max new
+    tokens; final: the last group, decoded until every slot is free."""
+
+    limit: jax.Array
+    row0: jax.Array
+    valid: jax.Array
+    final: jax.Array
+
+
+@struct.dataclass
+class Draw:
+    """How tokens are drawn and where rows stop: stop ids [E], logit bias [V] (added before
+    each draw, not to the log-probs), the call's key, the pad id written by free slots."""
+
+    stops: jax.Array
+    bias: jax.Array
+    key: jax.Array
+    pad_id: jax.Array
+
+
+@struct.dataclass
+class Waiting:
+    """The group's rows in the order they take slots: first token / logp [Q * n] (drawn once
+    from the prefill logits), prompt [Q * n] (which prompt of the group)."""
+
+    token: jax.Array
+    logp: jax.Array
+    prompt: jax.Array
+
+
+def draw(
+    raw: jax.Array, rows: jax.Array, steps: jax.Array, d: Draw, params: SamplingParams
+) -> tuple[jax.Array, jax.Array]:
+    """Token j of row r for each (r, j) in rows / steps [M] from logits raw [M, V], drawn with
+    key fold_in(fold_in(key, r), j) and the bias; -> token [M] and its unbiased log-prob [M]."""
+    keys = jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(d.key, r), j))(rows, steps)
+    tok = select(raw + d.bias, keys, params)
+    logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
+    return tok, logp
+
+
+def waiting_rows(s: Settings, pre: Prefilled, rows: GroupRows, d: Draw) -> Waiting:
+    """Each row's first token, drawn from its prompt's prefill logits: one [Q * n, V] gather
+    per group, outside the decode loop."""
+    i = jnp.arange(rows.limit.shape[0], dtype=jnp.int32)
+    prompt = i // s.n
+    token, logp = draw(pre.logits[prompt], rows.row0 + i, jnp.zeros_like(i), d, s.params)
+    return Waiting(token, logp, prompt)
+
+
+def fresh(slots: int, out_rows: int, g_len: int, pad_id: int) -> Carry:
+    """Free slots and empty outputs for one `generate` (W slots, R_out output rows)."""
+    batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    i32 = lambda shape, value: batch(jnp.full(shape, value, jnp.int32))
+    zeros = lambda shape: batch(jnp.zeros(shape, jnp.float32))
+    w, r = slots, out_rows
+    return Carry(
+        slots=Slots(
+            row=i32((w,), -1),
+            step=i32((w,), 0),
+            pos=i32((w,), 0),
+            limit=i32((w,), 0),
+            start=i32((w,), 0),
+            token=i32((w,), pad_id),
+            logp=zeros((w,)),
+        ),
+        out=Outputs(
+            tokens=i32((r, g_len), pad_id),
+            logprobs=zeros((r, g_len)),
+            lengths=i32((r,), 0),
+            done=batch(jnp.zeros((r,), bool)),
+            slot=i32((r,), -1),
+            start=i32((r,), -1),
+        ),
+        step=jnp.zeros((), jnp.int32),
     )
-    return samples, schedule
+
+
+def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: GroupRows, wait: Waiting):
+    """Waiting rows take free slots in row order (all at once when not continuous): a slot
+    gets its row's first token and settings, and its prompt's cache at entries [0, P).
+    pending: the group's rows already admitted. -> (carry, cache, pending)."""
+    sl = c.slots
+    w, out_rows = sl.row.shape[0], c.out.tokens.shape[0]
+    free = sl.row < 0
+    rank = jnp.cumsum(free) - 1
+    take = free & (rank < rows.valid - pending)
+    if not s.continuous:
+        take &= jnp.all(free)
+    src = jnp.where(take, pending + rank, 0)  # the group row each taking slot gets
+    b = wait.prompt[src]  # its prompt: the fork to n samples
+    row = jnp.where(take, rows.row0 + src, out_rows)  # out_rows: dropped by the scatters
+
+    # Each new row's prompt cache (every layer) into its slot, one slot at a time: the cost
+    # follows the rows admitted, not W.
+    order = jnp.nonzero(take, size=w, fill_value=0)[0]
+
+    def copy(i, kv):
+        slot, prompt = order[i], b[order[i]]
+        return tuple(
+            jax.lax.dynamic_update_slice(x, jax.lax.dynamic_slice_in_dim(px, prompt, 1, axis=1), (0, slot, 0, 0, 0))
+            for x, px in zip(kv, pre.cache)
+        )
+
+    cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
+    pick = lambda new, old: jnp.where(take, new, old)
+    slots = Slots(
+        row=pick(rows.row0 + src, sl.row),
+        step=pick(0, sl.step),
+        pos=pick(pre.pos[b], sl.pos),
+        limit=pick(rows.limit[src], sl.limit),
+        start=pick(pre.start[b], sl.start),
+        token=pick(wait.token[src], sl.token),
+        logp=pick(wait.logp[src], sl.logp),
+    )
+    out = c.out.replace(
+        slot=c.out.slot.at[row].set(jnp.arange(w, dtype=jnp.int32), mode="drop"),
+        start=c.out.start.at[row].set(c.step, mode="drop"),
+    )
+    return c.replace(slots=slots, out=out), cache, pending + jnp.sum(take)
+
+
+def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tuple[Carry, Cache]:
+    """One decode step: every busy slot emits its next token, writes it to its cache row at
+    entry P + j, reads its live span, and draws the token after; a slot whose token is a stop
+    id or whose row reached its limit is freed."""
+    sl, out = c.slots, c.out
+    w, g_len, out_rows = sl.row.shape[0], out.tokens.shape[1], out.tokens.shape[0]
+    live, j = sl.row >= 0, sl.step
+    tok = jnp.where(live, sl.token, d.pad_id)
+    hit = live & jnp.isin(tok, d.stops)
+    row = jnp.where(live, sl.row, out_rows)  # out_rows: free slots write nothing
+    out = out.replace(
+        tokens=out.tokens.at[row, j].set(tok, mode="drop"),
+        logprobs=out.logprobs.at[row, j].set(sl.logp, mode="drop"),
+        lengths=out.lengths.at[row].set(j + 1, mode="drop"),
+        done=out.done.at[row].set(hit, mode="drop"),
+    )
+    entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot's write lands in its own dead row
+    positions = jnp.broadcast_to((sl.pos + j)[None, :, None], (3, w, 1))
+    span = layers.Live(start=sl.start, end=entry + 1)
+    h, cache = model.decode(model.embed(tok[:, None]), positions, span, cache, entry)
+    token, logp = draw(model.logits(h[:, -1]), sl.row, j + 1, d, s.params)
+    ended = live & (hit | (j + 1 >= sl.limit))
+    slots = sl.replace(row=jnp.where(ended, -1, sl.row), step=j + live, token=token, logp=logp)
+    return Carry(slots, out, c.step + 1), cache
 
 
 class Sampler:
@@ -172,8 +374,8 @@ class Sampler:
             return run
 
         self._prefill = jax.jit(traced(_prefill), static_argnums=(0,))
-        self._decode = jax.jit(traced(_decode), static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
-        self._fresh = jax.jit(_fresh_slots, static_argnums=(0, 1, 2, 3, 4, 5))
+        self._decode = jax.jit(traced(_decode), static_argnums=(0, 1), donate_argnums=(3, 4))
+        self._fresh = jax.jit(fresh, static_argnums=(0, 1, 2, 3))
         self._empty = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3))
         self.last_cache: tuple[int, int] | None = None  # (rows, entries) of the last call's KV cache
 
@@ -223,47 +425,31 @@ class Sampler:
         for tok, value in self.logit_bias.items():
             bias[tok] = value
         stops = jnp.asarray(list(self.stop_ids) or [-1], jnp.int32)
+        d = Draw(stops, jnp.asarray(bias), key, jnp.asarray(self.pad_id, jnp.int32))
+        settings = Settings(n, params, self.continuous)
         graphdef, state = nnx.split(model)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
         q = lay.group_prompts
         with sharding.use_mesh(mesh, self.rules):
-            carry = self._fresh(lay.slots, lay.out_rows, lay.p_len, lay.g_len, self.cfg.text.vocab_size, self.pad_id)
+            carry = self._fresh(lay.slots, lay.out_rows, lay.g_len, self.pad_id)
             cache = None
             for g in range(lay.groups):
                 chunk = list(prompts[g * q : (g + 1) * q])
                 batch = left_padded_batch(self.cfg, chunk + [chunk[0]] * (q - len(chunk)), lay.p_len, self.pad_id)
-                logits, prompt_cache = self._prefill(graphdef, state, batch)
+                pre = self._prefill(graphdef, state, batch)
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:  # allocated per call and freed with it: not held through the update
-                    cache = self._empty(self.cfg.text, lay.slots, lay.p_len + lay.g_len, prompt_cache[0].dtype)
+                    cache = self._empty(self.cfg.text, lay.slots, lay.p_len + lay.g_len, pre.cache[0].dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
-                cache, carry = self._decode(
-                    graphdef,
-                    n,
-                    params,
-                    self.continuous,
-                    state,
-                    cache,
-                    carry,
-                    logits,
-                    prompt_cache,
-                    batch["attention_mask"],
-                    batch["next_pos"],
-                    group_limits,
-                    np.int32(g * q * n),
-                    np.int32(valid),
-                    np.bool_(g == lay.groups - 1),
-                    stops,
-                    jnp.asarray(bias),
-                    key,
-                    jnp.asarray(self.pad_id, jnp.int32),
-                )
+                rows_ = GroupRows(group_limits, np.int32(g * q * n), np.int32(valid), np.bool_(g == lay.groups - 1))
+                cache, carry = self._decode(graphdef, settings, state, cache, carry, pre, rows_, d)
         self.last_cache = (lay.slots, lay.p_len + lay.g_len)
-        samples, self.last_schedule = _first_rows(carry, rows)
-        return samples
+        out = carry.out
+        self.last_schedule = Schedule(slot=out.slot[:rows], start=out.start[:rows], steps=carry.step)
+        return Samples(out.tokens[:rows], out.logprobs[:rows], out.lengths[:rows], out.done[:rows])
 
     def _layout(self, prompts: Sequence[Prompt], n: int, max_new_tokens: int) -> Layout:
         """The buckets, prefill groups and slots of one `generate` call."""
@@ -282,42 +468,13 @@ class Sampler:
         return Layout(p_len, g_len, q, groups, slots, out_rows)
 
 
-def _fresh_slots(slots: int, out_rows: int, p_len: int, g_len: int, vocab: int, pad_id: int) -> dict:
-    """Free slots and empty outputs for one `generate` (everything the decode loop carries
-    between calls except the KV cache).
-
-    Slots [W]: row (-1: free), step j (tokens generated), pos (M-RoPE position of token 0),
-    limit (its max new tokens); logits [W, V] of each slot's next token; key_mask [W, S].
-    Outputs, by row [R_out]: tokens / logprobs [R_out, G], lengths, done, and row_slot /
-    row_start (which slot ran the row, from which step). step: decode steps so far.
-    """
-    w, s, r = slots, p_len + g_len, out_rows
-    batch = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-    i32 = lambda shape, value: batch(jnp.full(shape, value, jnp.int32))
-    return dict(
-        slot_row=i32((w,), -1),
-        slot_step=i32((w,), 0),
-        slot_pos=i32((w,), 0),
-        slot_limit=i32((w,), 0),
-        logits=batch(jnp.zeros((w, vocab), jnp.float32)),
-        key_mask=batch(jnp.zeros((w, s), bool)),
-        tokens=i32((r, g_len), pad_id),
-        logprobs=batch(jnp.zeros((r, g_len), jnp.float32)),
-        lengths=i32((r,), 0),
-        done=batch(jnp.zeros((r,), bool)),
-        row_slot=i32((r,), -1),
-        row_start=i32((r,), -1),
-        step=jnp.zeros((), jnp.int32),
-    )
-
-
 def empty_cache(t, rows: int, slots: int, dtype) -> Cache:
     """A zero cache (`cache_shapes`) for text config `t`, sharded by its logical axes (inside jit)."""
     return tuple(sharding.constrain(jnp.zeros(shape, dtype), axes) for axes, shape in cache_shapes(t, rows, slots))
 
 
-def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
-    """Vision tower + prompt -> logits of the next token [Q, V] and the prompt cache [Q, P]."""
+def _prefill(graphdef, state, batch) -> Prefilled:
+    """Vision tower + Q left-padded prompts [Q, P] -> `Prefilled`."""
     model = nnx.merge(graphdef, state)
     t = model.cfg.text
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -327,116 +484,36 @@ def _prefill(graphdef, state, batch) -> tuple[jax.Array, Cache]:
     causal = jnp.tril(jnp.ones((p, p), bool))
     attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [Q, 1, P, P]
     h, cache = model.decode(x, batch["positions"], attn, cache, 0)
-    return model.logits(h[:, -1]), cache
+    return Prefilled(model.logits(h[:, -1]), cache, p - mask.sum(1).astype(jnp.int32), batch["next_pos"])
 
 
-def _decode(
-    graphdef,
-    n: int,
-    params: SamplingParams,
-    continuous: bool,
-    state,
-    cache: Cache,
-    carry: dict,
-    logits,
-    prompt_cache: Cache,
-    prompt_mask,
-    next_pos,
-    limits,
-    row0,
-    valid,
-    final,
-    stop_ids,
-    bias,
-    key,
-    pad_id,
-) -> tuple[Cache, dict]:
-    """Decodes until the group's first `valid` rows have all taken slots and a slot is free;
-    the last group (`final`) until every slot is free.
-
-    cache [Y, W, .., S] and carry (`_fresh_slots`) are donated and returned. The group:
-    logits [Q, V], prompt_cache [Y, Q, .., P], prompt_mask [Q, P], next_pos [Q] from its
-    prefill; limits [Q * n] per row; its row i (prompt i // n) is output row row0 + i.
-    """
+def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefilled, rows: GroupRows, d: Draw):
+    """Decodes until the group's `valid` rows have all taken slots and a slot is free; the
+    last group (`final`) until every slot is free. cache [Y, W, K, S, H] (keys and values)
+    and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
-    p = prompt_mask.shape[1]
-    w, s = carry["key_mask"].shape
-    g_len, out_rows = s - p, carry["tokens"].shape[0]
-    slot_ids = jnp.arange(w, dtype=jnp.int32)
+    p_len = pre.cache[0].shape[3]
+    wait = waiting_rows(s, pre, rows, d)
 
-    def admit(c, cache, pending):
-        """Waiting rows take free slots in row order (all at once when not continuous)."""
-        free = c["slot_row"] < 0
-        rank = jnp.cumsum(free) - 1
-        take = free & (rank < valid - pending)
-        if not continuous:
-            take &= jnp.all(free)
-        src = jnp.where(take, pending + rank, 0)  # the group row each taking slot gets
-        b = src // n  # its prompt: the fork to n samples
-        row = jnp.where(take, row0 + src, out_rows)  # out_rows: dropped by the scatters
-        gen_mask = jnp.zeros((w, g_len), bool)
-
-        # Copy each new row's prompt cache (every layer) into its slot, one slot at a time: the
-        # cost follows the rows admitted, not W.
-        order = jnp.nonzero(take, size=w, fill_value=0)[0]
-
-        def copy(i, kv):
-            slot, prompt = order[i], b[order[i]]
-            return tuple(
-                jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice_in_dim(pc, prompt, 1, axis=1), (0, slot, 0, 0, 0))
-                for c, pc in zip(kv, prompt_cache)
-            )
-
-        cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
-        c = dict(
-            c,
-            slot_row=jnp.where(take, row0 + src, c["slot_row"]),
-            slot_step=jnp.where(take, 0, c["slot_step"]),
-            slot_pos=jnp.where(take, next_pos[b], c["slot_pos"]),
-            slot_limit=jnp.where(take, limits[src], c["slot_limit"]),
-            logits=jnp.where(take[:, None], logits[b], c["logits"]),
-            key_mask=jnp.where(
-                take[:, None], jnp.concatenate([prompt_mask[b].astype(bool), gen_mask], 1), c["key_mask"]
-            ),
-            row_slot=c["row_slot"].at[row].set(slot_ids, mode="drop"),
-            row_start=c["row_start"].at[row].set(c["step"], mode="drop"),
-        )
-        return c, cache, pending + jnp.sum(take)
+    def admit_any(c, cache, pending):
+        free = c.slots.row < 0
+        need = jnp.any(free) & (pending < rows.valid)
+        if not s.continuous:
+            need &= jnp.all(free)
+        run = lambda a: admit(s, *a, pre, rows, wait)
+        return jax.lax.cond(need, run, lambda a: a, (c, cache, pending))
 
     def cond(loop):
         # A free slot with no row of this group left: return, so the next group's rows take it
         # before the next step. The last group: until every row has stopped.
         c, _, pending = loop
-        busy = c["slot_row"] >= 0
-        return (pending < valid) | jnp.where(final, jnp.any(busy), jnp.all(busy))
+        busy = c.slots.row >= 0
+        return (pending < rows.valid) | jnp.where(rows.final, jnp.any(busy), jnp.all(busy))
 
     def body(loop):
         c, cache, pending = loop
-        live, j, raw = c["slot_row"] >= 0, c["slot_step"], c["logits"]
-        keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(c["slot_row"], j)
-        tok = select(raw + bias, keys, params)
-        logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
-        tok = jnp.where(live, tok, pad_id)
-        hit = live & jnp.isin(tok, stop_ids)
-        row = jnp.where(live, c["slot_row"], out_rows)  # out_rows: free slots write nothing
-        entry = p + c["step"] % g_len  # shared by all slots; see the module docstring
-        key_mask = c["key_mask"].at[:, entry].set(live)
-        positions = jnp.broadcast_to((c["slot_pos"] + j)[None, :, None], (3, w, 1))
-        h, cache = model.decode(model.embed(tok[:, None]), positions, key_mask[:, None, None, :], cache, entry)
-        c = dict(
-            c,
-            slot_row=jnp.where(live & (hit | (j + 1 >= c["slot_limit"])), -1, c["slot_row"]),
-            slot_step=j + live,
-            logits=model.logits(h[:, -1]),
-            key_mask=key_mask,
-            tokens=c["tokens"].at[row, j].set(tok, mode="drop"),
-            logprobs=c["logprobs"].at[row, j].set(logp, mode="drop"),
-            lengths=c["lengths"].at[row].set(j + 1, mode="drop"),
-            done=c["done"].at[row].set(hit, mode="drop"),
-            step=c["step"] + 1,
-        )
-        return admit(c, cache, pending)
+        c, cache = step(s, model, c, cache, p_len, d)
+        return admit_any(c, cache, pending)
 
-    loop = admit(carry, cache, jnp.zeros((), jnp.int32))
-    carry, cache, _ = jax.lax.while_loop(cond, body, loop)
+    carry, cache, _ = jax.lax.while_loop(cond, body, admit_any(carry, cache, jnp.zeros((), jnp.int32)))
     return cache, carry

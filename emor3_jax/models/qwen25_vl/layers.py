@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 # Initializers by name: the name is kept in the parameter's metadata so `create_model` can
 # draw each parameter on its own (a few small programs instead of one for the whole model).
@@ -146,16 +146,28 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: 
     return out.reshape(b, t, n, h)
 
 
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
-    """One new token per row against the KV cache.
+@struct.dataclass
+class Live:
+    """Each row's live cache entries, [start, end) [B]: what a one-token decode step reads."""
 
-    q [B, 1, N, H], k_cache [B, K, H, S], v_cache [B, K, S, H], mask [B, 1, 1, S] -> [B, 1, N, H].
+    start: jax.Array
+    end: jax.Array
+
+
+def decode_attention(
+    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, end: jax.Array
+) -> jax.Array:
+    """One new token per row against its live cache entries [start, end).
+
+    q [B, N, H], k_cache / v_cache [B, K, S, H], start / end [B] -> [B, N, H].
     """
-    b, _, n, h = q.shape
-    kh = k_cache.shape[1]
+    b, n, h = q.shape
+    kh, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
-    logits = jnp.einsum("bkgh,bkhs->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
-    logits = jnp.where(mask[:, :, 0, None, :], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
+    entry = jnp.arange(s)
+    live = (entry >= start[:, None]) & (entry < end[:, None])  # [B, S]
+    logits = jnp.where(live[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache)
-    return out.reshape(b, 1, n, h)
+    return out.reshape(b, n, h)

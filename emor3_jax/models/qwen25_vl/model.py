@@ -26,7 +26,7 @@ from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
-Cache = KV  # every layer's keys [Y, B, K, H, S] and values [Y, B, K, S, H]
+Cache = KV  # every layer's keys and values [Y, B, K, S, H]
 
 # The parameter tree's layout, recorded with the architecture in every Orbax checkpoint: a
 # checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as
@@ -94,15 +94,17 @@ class Qwen25VL(nnx.Module):
         self,
         x: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask,
         cache: Cache | None = None,
         index: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
         """Decoder with an optional KV cache (`Cache`: every layer's keys and values, stacked).
 
-        x [B, T, D], positions [3, B, T], mask [B, 1, T, S] -> (hidden [B, T, D], cache); with
-        a cache the T new tokens are written at slots index..index+T-1. The layers run as one
-        scanned body (remat'd with `cfg.remat` when there is no cache: training).
+        x [B, T, D], positions [3, B, T] -> (hidden [B, T, D], cache). Without a cache or with
+        one and T > 1 (a prefill, written at entries 0..T-1): mask [B, 1, T, T]. With a cache
+        and T = 1 (decode): each row's token is written at entry index [B] and attends to its
+        live entries, mask = `layers.Live` [B]. The layers run as one scanned body (remat'd
+        with `cfg.remat` when there is no cache: training).
         """
         t = self.cfg.text
         x = sharding.constrain(x, ("batch", "seq", "embed"))

@@ -15,20 +15,18 @@ from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
 from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
-# The decoder's cache, every layer stacked: keys [Y, B, K, H, S] and values [Y, B, K, S, H]
-# (carried through the scan over layers; each layer writes its slice in place). In these
-# layouts both decode dots reduce over a non-minor axis and stream the cache once (on CPU,
-# 7x faster than keys as [B, S, K, H]).
+# The decoder's cache, every layer stacked: keys and values [Y, B, K, S, H] (carried through
+# the scan over layers; each layer writes its slice in place). Each row's entries are
+# contiguous per kv head, the layout the length-bounded decode kernels read block by block.
 KV = tuple[jax.Array, jax.Array]
-K_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "head_dim", "seq")
-V_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq", "head_dim")
+K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq", "head_dim")
 
 
 def cache_shapes(cfg: TextConfig, rows: int, slots: int) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
     """(logical axes, shape) of the keys and of the values of a cache of `rows` rows, `slots`
     entries each."""
     y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    return (K_CACHE_AXES, (y, rows, k, h, slots)), (V_CACHE_AXES, (y, rows, k, slots, h))
+    return (K_CACHE_AXES, (y, rows, k, slots, h)), (V_CACHE_AXES, (y, rows, k, slots, h))
 
 
 class Attention(nnx.Module):
@@ -46,18 +44,18 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
-        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
+        """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
-        Without `kv` the keys are this call's own tokens (S = T). With `kv` (every layer's
-        cache) this call's keys and values are written into layer `layer` at slots
-        index..index+T-1 and the updated cache is returned; one token (decode) attends over
-        the layer's whole cache, several tokens (prefill, which must start at slot 0) over
-        themselves.
+        Without `kv`, mask [B, 1, T, S] and the keys are this call's own tokens (S = T). With
+        `kv` (every layer's cache) this call's keys and values are written into layer `layer`
+        and the updated cache is returned. Several tokens (prefill) start at entry 0 and attend
+        over themselves with mask [B, 1, T, T]. One token (decode) per row is written at entry
+        index [B] of its row and attends over its row's live entries, mask = `Live`.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
@@ -67,17 +65,20 @@ class Attention(nnx.Module):
         if kv is None:
             out = layers.attention(q, k, v, mask, self.impl)
             return self.o_proj(out.reshape(b, t, -1)), None
-        if t > 1 and not (isinstance(index, int) and index == 0):
-            raise ValueError("a multi-token call with a KV cache is a prefill and must start at slot 0")
-        # Only the new tokens are written: the stacked cache is updated in place.
-        k_new = jnp.transpose(k, (0, 2, 3, 1))[None].astype(kv[0].dtype)  # [1, B, K, H, T]
-        v_new = jnp.swapaxes(v, 1, 2)[None].astype(kv[1].dtype)  # [1, B, K, T, H]
-        k_cache = jax.lax.dynamic_update_slice(kv[0], k_new, (layer, 0, 0, 0, index))
-        v_cache = jax.lax.dynamic_update_slice(kv[1], v_new, (layer, 0, 0, index, 0))
-        kv = (sharding.constrain(k_cache, K_CACHE_AXES), sharding.constrain(v_cache, V_CACHE_AXES))
+        k_new, v_new = (jnp.swapaxes(a, 1, 2).astype(kv[0].dtype) for a in (k, v))  # [B, K, T, H]
+        if t == 1:  # each row at its own entry: one [B, K, H] scatter per layer, in place
+            rows = jnp.arange(b)
+            kv = tuple(c.at[layer, rows, :, index].set(new[:, :, 0]) for c, new in zip(kv, (k_new, v_new)))
+        elif isinstance(index, int) and index == 0:
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, new[None], (layer, 0, 0, 0, 0)) for c, new in zip(kv, (k_new, v_new))
+            )
+        else:
+            raise ValueError("a multi-token call with a KV cache is a prefill and must start at entry 0")
+        kv = tuple(sharding.constrain(c, K_CACHE_AXES) for c in kv)
         if t == 1:
             own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
-            out = layers.decode_attention(q, *own, mask)
+            out = layers.decode_attention(q[:, 0], *own, mask.start, mask.end)[:, None]
         else:
             out = layers.attention(q, k, v, mask[..., :t], self.impl)
         return self.o_proj(out.reshape(b, t, -1)), kv
