@@ -1,0 +1,262 @@
+"""Decode attention over the live span of each row's KV cache.
+
+Einsum letters: B batch, S cache length, N query heads, K kv heads, G query heads per kv head
+(N = K * G), H head dim.
+
+Row b's live keys / values are cache entries [start[b], end[b]) (a left-padded prompt followed by
+the tokens generated so far); everything else in the row is dead and may hold anything. One new
+query token per row. Three implementations of the same function:
+
+- "xla": dense masked softmax over all S entries (the reference; reads the whole cache).
+- "tpu": our Pallas TPU kernel; grid (B, K, S // block), fetches only the blocks that overlap the
+  span (`live_blocks` counts them; `bytes_read` turns that into bytes). Dead steps copy and
+  compute nothing but still pay the fixed cost of a grid step.
+- "gpu": jax's Pallas GPU (Triton) `decode_attention.gqa`, which takes the span per row as
+  `start_idx` / `kv_seq_len`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode
+
+IMPLS = ("xla", "tpu", "gpu")
+LANES = 128  # TPU vreg lane width: the kv block is the lane axis of the [G, block] logits
+TPU_DEFAULT_BLOCK = 512
+GPU_SPLITS = (16, 8, 4, 2, 1)  # k_splits candidates, most first; 16 is jax's default for gqa
+GPU_BLOCK_KS = (128, 64, 32, 16)  # block_k candidates, largest first; 128 is jax's default
+GPU_MIN_TILE = 16  # Triton's tl.dot needs every matmul dim >= 16
+GPU_BLOCK_H = 16  # query heads per Triton program; G < 16 is masked inside the kernel
+
+
+def ragged_decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    start: jax.Array,
+    end: jax.Array,
+    *,
+    impl: str,
+    interpret: bool | None = None,
+    block: int | None = None,
+) -> jax.Array:
+    """One query token per row against the live span [start, end) of its cache row.
+
+    q [B, N, H], k_cache / v_cache [B, K, S, H], start / end [B] int32 -> [B, N, H] in q's dtype.
+    Logits and softmax in fp32, scale H**-0.5. q, k_cache and v_cache share one dtype (the model
+    writes the cache in its compute dtype).
+
+    The caller guarantees 0 <= start < end <= S per row (traced values, not checked); dead
+    entries never reach the result for "xla" and "tpu" even when they are NaN.
+
+    impl "xla": `block` must be None.
+    impl "tpu": `block` = cache entries per grid step; a multiple of 128 (the lane width: the
+      block is the last axis of the [G, block] logits and the sublane axis of the [block, H]
+      k / v tiles, so it also meets the 8 (fp32) / 16 (bf16) sublane tiling) and S % block == 0
+      (no padding: pad the cache length instead, it is fixed at allocation). Default: the largest
+      multiple of 128 up to 512 that divides S. G and H are whole-array block dims, so any value.
+    impl "gpu": jax's `gqa` splits S into `k_splits` equal parts of `S // k_splits` (>= 16)
+      entries, each walked in chunks of `block_k` (>= 16, dividing the part); Triton needs
+      power-of-two load shapes, so H must be a power of two >= 16 (also tl.dot's minimum), and
+      block_k a power of two. We take the most splits (<= 16) whose part is a multiple of 16,
+      then `block` = block_k (default: the largest power of two <= 128 dividing the part). So S
+      must be a multiple of 16. Partial outputs per split are stored, rescaled and summed in q's
+      dtype (jax's kernel), then divided by the fp32 sums. Dead entries inside a split that
+      overlaps the span are read and masked by adding 0.7 * finfo.min, so they must be finite (a
+      NaN there reaches the result; a zero- or prompt-filled cache is fine).
+    interpret: run the Pallas kernels in interpret mode (TPU interpret mode for "tpu"); None means
+      True on a CPU backend.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    _check_shapes(q, k_cache, v_cache, start, end)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if impl == "xla":
+        if block is not None:
+            raise ValueError(f"block={block}: impl='xla' reads the whole cache and takes no block")
+        return _xla(q, k_cache, v_cache, start, end)
+    if impl == "tpu":
+        return _tpu(q, k_cache, v_cache, start, end, block=tpu_block(k_cache.shape[2], block), interpret=interpret)
+    k_splits, block_k = gpu_params(k_cache.shape[2], q.shape[2], block)
+    # gqa wants [B, S, K, H]; it swaps S and K back itself, so XLA folds the two transposes.
+    out = gpu_decode.gqa(
+        q,
+        jnp.swapaxes(k_cache, 1, 2),
+        jnp.swapaxes(v_cache, 1, 2),
+        start_idx=start,
+        kv_seq_len=end,
+        sm_scale=q.shape[2] ** -0.5,
+        block_h=GPU_BLOCK_H,
+        block_k=block_k,
+        k_splits=k_splits,
+        interpret=interpret,
+    )
+    return out.astype(q.dtype)  # its final division by the fp32 sums promotes to fp32
+
+
+def _check_shapes(q, k_cache, v_cache, start, end) -> None:
+    b, n, h = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, K, S, H]")
+    cb, kh, _, ch = k_cache.shape
+    if (cb, ch) != (b, h) or n % kh:
+        raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, K, S, H] with N % K == 0")
+    if start.shape != (b,) or end.shape != (b,):
+        raise ValueError(f"start {start.shape} and end {end.shape} must both be [B] = ({b},)")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache, v_cache dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype} must be equal")
+
+
+def tpu_block(s: int, block: int | None) -> int:
+    """The TPU kernel's block for cache length S: `block`, checked, or the default (see above)."""
+    if block is None:
+        fits = [c for c in range(TPU_DEFAULT_BLOCK, 0, -LANES) if s % c == 0]
+        if not fits:
+            raise ValueError(f"S={s}: the tpu kernel needs S to be a multiple of {LANES}")
+        return fits[0]
+    if block % LANES or s % block:
+        raise ValueError(f"block={block}, S={s}: the tpu kernel needs block % {LANES} == 0 and S % block == 0")
+    return block
+
+
+def gpu_params(s: int, h: int, block: int | None) -> tuple[int, int]:
+    """(k_splits, block_k) for jax's gqa at cache length S, head dim H (constraints above)."""
+    if h < GPU_MIN_TILE or h & (h - 1):
+        raise ValueError(f"H={h}: the gpu kernel (Triton) needs a power-of-two head dim >= {GPU_MIN_TILE}")
+    if s % GPU_MIN_TILE:
+        raise ValueError(f"S={s}: the gpu kernel needs S % {GPU_MIN_TILE} == 0 (each of its k_splits parts >= 16)")
+    k_splits = next(c for c in GPU_SPLITS if s % (c * GPU_MIN_TILE) == 0)
+    part = s // k_splits
+    if block is None:
+        block = next(c for c in GPU_BLOCK_KS if part % c == 0)
+    if block < GPU_MIN_TILE or block & (block - 1) or part % block:
+        raise ValueError(
+            f"block={block}: the gpu kernel's block_k must be a power of two >= {GPU_MIN_TILE} dividing "
+            f"S // k_splits = {s} // {k_splits} = {part}"
+        )
+    return k_splits, block
+
+
+def _xla(q, k_cache, v_cache, start, end):
+    b, n, h = q.shape
+    kh, s = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
+    pos = jnp.arange(s)
+    live = (pos >= start[:, None]) & (pos < end[:, None])  # [B, S]
+    # `where`, not an additive mask: a NaN logit in a dead entry must not survive.
+    logits = jnp.where(live[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    v = jnp.where(live[:, None, :, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
+    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def kv_block_index(j, start, end, block: int):
+    """The cache block the tpu kernel's k / v BlockSpec maps grid step j to.
+
+    Clamped into the span's blocks [start // block, (end - 1) // block]: dead steps repeat the
+    neighbouring live block's index, and the pipeline issues no copy when the index repeats.
+    """
+    # lax.div truncates (no sign fix-up like `//`), right for the non-negative start and end - 1.
+    return jnp.minimum(jnp.maximum(j, lax.div(start, block)), lax.div(end - 1, block))
+
+
+def live_blocks(start, end, s: int, block: int) -> np.ndarray:
+    """Blocks the tpu kernel copies per (b, k) for spans [start, end): [B] from start / end [B].
+
+    Counted from `kv_block_index` over the grid's j axis: one copy for the first step and one for
+    every step whose index differs from the previous step's (grid order is b, k, then j, and
+    consecutive (b, k) pairs never share a block, so each pair starts with a copy).
+    """
+    tpu_block(s, block)
+    j = np.arange(s // block, dtype=np.int32)
+    span = [np.asarray(x, np.int32)[:, None] for x in (start, end)]
+    idx = np.asarray(kv_block_index(j[None, :], *span, block))
+    return 1 + (idx[:, 1:] != idx[:, :-1]).sum(axis=1)
+
+
+def bytes_read(start, end, s: int, block: int, *, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """K and V bytes the tpu kernel fetches from HBM in one call (one layer, one decode step).
+
+    = sum over rows of live_blocks * K * block * H * itemsize * 2 (keys and values). The query
+    and output ([B, N, H] each) are not counted.
+    """
+    per_block = kv_heads * block * head_dim * itemsize * 2
+    return int(live_blocks(start, end, s, block).sum()) * per_block
+
+
+def _tpu(q, k_cache, v_cache, start, end, *, block: int, interpret: bool):
+    b, n, h = q.shape
+    kh, s = k_cache.shape[1], k_cache.shape[2]
+    g = n // kh
+
+    def kv_map(bi, ki, j, start_ref, end_ref):
+        return bi, ki, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
+
+    q_spec = pl.BlockSpec((None, None, g, h), lambda bi, ki, j, *_: (bi, ki, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, block, h), kv_map)
+    out = pl.pallas_call(
+        functools.partial(_tpu_kernel, block=block, scale=h**-0.5),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(b, kh, s // block),
+            in_specs=[q_spec, kv_spec, kv_spec],
+            out_specs=q_spec,
+            scratch_shapes=[
+                pltpu.VMEM((g, 1), jnp.float32),  # running max
+                pltpu.VMEM((g, 1), jnp.float32),  # running sum of exp
+                pltpu.VMEM((g, h), jnp.float32),  # running sum of exp * v
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
+        # TPU interpret mode simulates the pipeline (a copy only when a block index changes) and
+        # fills uninitialized VMEM with NaN, so a missed scratch init or a dead read shows on CPU.
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )(start.astype(jnp.int32), end.astype(jnp.int32), q.reshape(b, kh, g, h), k_cache, v_cache)
+    return out.reshape(b, n, h)
+
+
+def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block: int, scale: float):
+    """One (b, k, j) step: q_ref [G, H], k_ref / v_ref [block, H] (block kv_block_index), o_ref [G, H]."""
+    row, j = pl.program_id(0), pl.program_id(2)
+    start, end = start_ref[row], end_ref[row]
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    # Steps outside the span hold a repeated block (see kv_block_index): skip them.
+    @pl.when(kv_block_index(j, start, end, block) == j)
+    def _accumulate():
+        logits = lax.dot_general(
+            q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )  # [G, block]
+        col = j * block + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        logits = jnp.where((col >= start) & (col < end), logits * scale, -jnp.inf)
+        m_prev = m_ref[...]  # [G, 1]
+        # Finite: every visited block holds at least one live entry.
+        m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+        p = jnp.exp(logits - m_next)  # [G, block], 0 on dead entries
+        rescale = jnp.exp(m_prev - m_next)  # 0 on the first visited block (m_prev = -inf)
+        l_ref[...] = rescale * l_ref[...] + p.sum(axis=1, keepdims=True)
+        pos = j * block + lax.broadcasted_iota(jnp.int32, v_ref.shape, 0)
+        v = jnp.where((pos >= start) & (pos < end), v_ref[...], 0)  # [block, H]; 0 * NaN is NaN
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc_ref[...] = rescale * acc_ref[...] + pv
+        m_ref[...] = m_next
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _write():
+        o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
