@@ -152,22 +152,3 @@ class Live:
 
     start: jax.Array
     end: jax.Array
-
-
-def decode_attention(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, end: jax.Array
-) -> jax.Array:
-    """One new token per row against its live cache entries [start, end).
-
-    q [B, N, H], k_cache / v_cache [B, K, S, H], start / end [B] -> [B, N, H].
-    """
-    b, n, h = q.shape
-    kh, s = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
-    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
-    entry = jnp.arange(s)
-    live = (entry >= start[:, None]) & (entry < end[:, None])  # [B, S]
-    logits = jnp.where(live[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache)
-    return out.reshape(b, n, h)

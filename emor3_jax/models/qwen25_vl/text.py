@@ -13,6 +13,7 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
+from emor3_jax.models.qwen25_vl.ragged_decode import ragged_decode_attention
 from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
 # The decoder's cache, every layer stacked: keys and values [Y, B, K, S, H] (carried through
@@ -20,6 +21,8 @@ from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 # contiguous per kv head, the layout the length-bounded decode kernels read block by block.
 KV = tuple[jax.Array, jax.Array]
 K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq", "head_dim")
+# The decode kernel of each attention impl: the fused TPU / GPU paths read only live blocks.
+DECODE_IMPLS = {"xla": "xla", "einsum": "xla", "cudnn": "xla", "splash": "tpu", "flash": "gpu"}
 
 
 def cache_shapes(cfg: TextConfig, rows: int, slots: int) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
@@ -78,7 +81,7 @@ class Attention(nnx.Module):
         kv = tuple(sharding.constrain(c, K_CACHE_AXES) for c in kv)
         if t == 1:
             own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
-            out = layers.decode_attention(q[:, 0], *own, mask.start, mask.end)[:, None]
+            out = ragged_decode_attention(q[:, 0], *own, mask.start, mask.end, impl=DECODE_IMPLS[self.impl])[:, None]
         else:
             out = layers.attention(q, k, v, mask[..., :t], self.impl)
         return self.o_proj(out.reshape(b, t, -1)), kv
