@@ -261,7 +261,7 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     )
     for g in generates(t):  # the sampler keeps one cache per shape between calls
         sh = g.shapes(rt.sampler, c.rl.max_prompt_len)
-        t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["p_len"] + sh["g_len"])
+        t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["entries"])
     return t
 
 
@@ -469,6 +469,7 @@ class Generate:
             groups=lay.groups,
             slots=lay.slots,
             out_rows=lay.out_rows,
+            entries=lay.entries,
         )
 
 
@@ -490,7 +491,7 @@ def generates(t: Target) -> list[Generate]:
 
 
 def _cache_name(shapes: dict) -> str:
-    return f"kv_cache {shapes['slots']}x{shapes['p_len'] + shapes['g_len']}"
+    return f"kv_cache {shapes['slots']}x{shapes['entries']}"
 
 
 def _generate_programs(s: Session, g: Generate, caches: dict) -> None:

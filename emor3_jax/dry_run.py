@@ -32,7 +32,7 @@ from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
-from emor3_jax.models.api import ModelConfig, abstract_model, cache_shapes, preset
+from emor3_jax.models.api import ModelConfig, abstract_model, cache_length, cache_shapes, preset
 from emor3_jax.rl import reference
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
 from emor3_jax.sampling.sampler import bucket
@@ -116,6 +116,7 @@ def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[j
     slots = bucket(c.rl.max_prompt_len, c.sampling.prompt_buckets, "rl.max_prompt_len") + bucket(
         c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len"
     )
+    slots = cache_length(cfg.attention_impl, slots)  # as the sampler rounds it
     dtype = jnp.dtype(cfg.compute_dtype)
     leaves, fallbacks = [], []
     for name, (axes, shape) in zip("KV", cache_shapes(cfg.text, rows, slots)):

@@ -9,7 +9,7 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
-layout (`Cache`, `cache_shapes`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration
+layout (`Cache`, `cache_shapes`, `cache_length`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration
 (`ModelConfig`, named `preset`s), and construction and checkpoint IO (`create_model`, `abstract_model`, `load_hf`,
 `save_hf`; `architecture`: what a run's checkpoints record and restores check, with
 `PARAM_LAYOUT`). Qwen2.5-VL is the family implemented; another one plugs in here.
@@ -23,6 +23,7 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
+from emor3_jax.models.qwen25_vl.layers import Live
 from emor3_jax.models.qwen25_vl.model import (
     PARAM_LAYOUT,
     Cache,
@@ -31,17 +32,19 @@ from emor3_jax.models.qwen25_vl.model import (
     create_model,
     prepare_inputs,
 )
-from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES, cache_shapes
+from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES, cache_length, cache_shapes
 
 __all__ = [
     "PARAM_LAYOUT",
     "K_CACHE_AXES",
     "V_CACHE_AXES",
     "Cache",
+    "Live",
     "Model",
     "ModelConfig",
     "abstract_model",
     "architecture",
+    "cache_length",
     "cache_shapes",
     "create_model",
     "load_hf",

@@ -2,7 +2,7 @@
 inside one jitted loop as rows stop.
 
 Letters: B prompts, n samples per prompt, R = B * n rows, Q prompts per prefill group,
-W slots (decode rows at once), P prompt bucket, G generation bucket, S = P + G cache entries
+W slots (decode rows at once), P prompt bucket, G generation bucket, S >= P + G cache entries
 per slot, V vocab.
 
 Prompts are left-padded to one bucket length P and prefilled once each, in groups of Q
@@ -19,7 +19,7 @@ Rows in slots differ in prompt, length and position: each slot has its own M-RoP
 (largest prompt position + 1 + j for its j-th token, as transformers' `rope_deltas`) and
 step count. A slot's cache row holds its prompt at entries [P - prompt length, P) and its j-th
 token at entry P + j: its live entries are one contiguous span, the only part decode attention
-reads (`layers.Live`). Each row draws its j-th token with key (key, row, j), so its tokens do
+reads (`Live`). Each row draws its j-th token with key (key, row, j), so its tokens do
 not depend on the slot or the step it ran in. The first token of every row is drawn once per
 group from the prefill logits, so admission moves a token id, not a row of logits: the loop
 carries no [W, V] array, and admission (under a `lax.cond`) costs nothing at steps where no
@@ -43,8 +43,7 @@ from flax import nnx, struct
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
-from emor3_jax.models.api import Cache, Model, cache_shapes, prepare_inputs
-from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.api import Cache, Live, Model, cache_length, cache_shapes, prepare_inputs
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -93,7 +92,8 @@ class Schedule:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How one `generate` call runs: prompt bucket P (p_len), generation bucket G (g_len), Q
-    prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows."""
+    prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows,
+    S >= P + G cache entries per slot (rounded up to what the decode kernel reads in)."""
 
     p_len: int
     g_len: int
@@ -101,6 +101,7 @@ class Layout:
     groups: int
     slots: int
     out_rows: int
+    entries: int
 
 
 def _row_limits(rows: int, max_new_tokens: int, row_max_new: Sequence[int] | None) -> np.ndarray:
@@ -319,7 +320,7 @@ def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tup
     )
     entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot's write lands in its own dead row
     positions = jnp.broadcast_to((sl.pos + j)[None, :, None], (3, w, 1))
-    span = layers.Live(start=sl.start, end=entry + 1)
+    span = Live(start=sl.start, end=entry + 1)
     h, cache = model.decode(model.embed(tok[:, None]), positions, span, cache, entry)
     token, logp = draw(model.logits(h[:, -1]), sl.row, j + 1, d, s.params)
     ended = live & (hit | (j + 1 >= sl.limit))
@@ -440,13 +441,13 @@ class Sampler:
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:  # allocated per call and freed with it: not held through the update
-                    cache = self._empty(self.cfg.text, lay.slots, lay.p_len + lay.g_len, pre.cache[0].dtype)
+                    cache = self._empty(self.cfg.text, lay.slots, lay.entries, pre.cache[0].dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
                 rows_ = GroupRows(group_limits, np.int32(g * q * n), np.int32(valid), np.bool_(g == lay.groups - 1))
                 cache, carry = self._decode(graphdef, settings, state, cache, carry, pre, rows_, d)
-        self.last_cache = (lay.slots, lay.p_len + lay.g_len)
+        self.last_cache = (lay.slots, lay.entries)
         out = carry.out
         self.last_schedule = Schedule(slot=out.slot[:rows], start=out.start[:rows], steps=carry.step)
         return Samples(out.tokens[:rows], out.logprobs[:rows], out.lengths[:rows], out.done[:rows])
@@ -465,7 +466,7 @@ class Sampler:
         groups = -(-num_prompts // q)
         slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
-        return Layout(p_len, g_len, q, groups, slots, out_rows)
+        return Layout(p_len, g_len, q, groups, slots, out_rows, cache_length(self.cfg.attention_impl, p_len + g_len))
 
 
 def empty_cache(t, rows: int, slots: int, dtype) -> Cache:

@@ -115,6 +115,12 @@ def _check_shapes(q, k_cache, v_cache, start, end) -> None:
         raise ValueError(f"q, k_cache, v_cache dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype} must be equal")
 
 
+def cache_multiple(impl: str) -> int:
+    """What a cache length S must be a multiple of for `impl` (the sampler rounds S up; the
+    extra entries are never live)."""
+    return {"xla": 1, "tpu": LANES, "gpu": GPU_MIN_TILE}[impl]
+
+
 def tpu_block(s: int, block: int | None) -> int:
     """The TPU kernel's block for cache length S: `block`, checked, or the default (see above)."""
     if block is None:

@@ -13,7 +13,7 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
-from emor3_jax.models.qwen25_vl.ragged_decode import ragged_decode_attention
+from emor3_jax.models.qwen25_vl.ragged_decode import cache_multiple, ragged_decode_attention
 from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
 # The decoder's cache, every layer stacked: keys and values [Y, B, K, S, H] (carried through
@@ -30,6 +30,13 @@ def cache_shapes(cfg: TextConfig, rows: int, slots: int) -> tuple[tuple[tuple, t
     entries each."""
     y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     return (K_CACHE_AXES, (y, rows, k, slots, h)), (V_CACHE_AXES, (y, rows, k, slots, h))
+
+
+def cache_length(attention_impl: str, entries: int) -> int:
+    """A decode cache of at least `entries` entries per row, rounded up to what the decode
+    kernel of `attention_impl` reads in (the extra entries are never live)."""
+    multiple = cache_multiple(DECODE_IMPLS[attention_impl])
+    return -(-entries // multiple) * multiple
 
 
 class Attention(nnx.Module):
