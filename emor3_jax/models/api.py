@@ -4,7 +4,8 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
     embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
     hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None) -> h [B, T, D]
-    decode(x, positions, attn [B, 1, T, S], cache, index) -> (h [B, T, D], cache)
+    decode(x, positions, attn, cache, index) -> (h [B, T, D], cache); attn: Segments (q [B, T],
+        kv [B, T] ids, causal) for a prefill from slot 0, a dense mask [B, 1, 1, S] for a decode step
     logits(h [..., D]) -> [..., V] fp32
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
@@ -23,6 +24,7 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
+from emor3_jax.models.qwen25_vl.layers import Segments
 from emor3_jax.models.qwen25_vl.model import (
     PARAM_LAYOUT,
     Cache,
@@ -40,6 +42,7 @@ __all__ = [
     "Cache",
     "Model",
     "ModelConfig",
+    "Segments",
     "abstract_model",
     "architecture",
     "cache_shapes",
@@ -62,6 +65,6 @@ class Model(Protocol):
         self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array: ...
 
-    def decode(self, x: jax.Array, positions: jax.Array, attn: jax.Array, cache: Cache, index) -> tuple: ...
+    def decode(self, x: jax.Array, positions: jax.Array, attn: Segments | jax.Array, cache: Cache, index) -> tuple: ...
 
     def logits(self, h: jax.Array) -> jax.Array: ...

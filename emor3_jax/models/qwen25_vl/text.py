@@ -46,40 +46,43 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        attn: layers.Segments | jax.Array,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
-        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] -> [B, T, D].
+        """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
-        Without `kv` the keys are this call's own tokens (S = T). With `kv` (every layer's
-        cache) this call's keys and values are written into layer `layer` at slots
-        index..index+T-1 and the updated cache is returned; one token (decode) attends over
-        the layer's whole cache, several tokens (prefill, which must start at slot 0) over
-        themselves.
+        `attn` says what the tokens attend to: `layers.Segments` over this call's own tokens
+        (S = T: training, prefill), or a dense mask [B, 1, 1, S] over the layer's whole cache
+        (decode: one token). With `kv` (every layer's cache) this call's keys and values are
+        written into layer `layer` at slots index..index+T-1 and the updated cache is
+        returned; a Segments call with a cache is a prefill and must start at slot 0.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        own_tokens = isinstance(attn, layers.Segments)
         if kv is None:
-            out = layers.attention(q, k, v, mask, self.impl)
+            if not own_tokens:
+                raise ValueError("a dense decode mask needs the KV cache it masks")
+            out = layers.attention(q, k, v, attn, self.impl)
             return self.o_proj(out.reshape(b, t, -1)), None
-        if t > 1 and not (isinstance(index, int) and index == 0):
-            raise ValueError("a multi-token call with a KV cache is a prefill and must start at slot 0")
+        if own_tokens and not (isinstance(index, int) and index == 0):
+            raise ValueError("a Segments call with a KV cache is a prefill and must start at slot 0")
         # Only the new tokens are written: the stacked cache is updated in place.
         k_new = jnp.transpose(k, (0, 2, 3, 1))[None].astype(kv[0].dtype)  # [1, B, K, H, T]
         v_new = jnp.swapaxes(v, 1, 2)[None].astype(kv[1].dtype)  # [1, B, K, T, H]
         k_cache = jax.lax.dynamic_update_slice(kv[0], k_new, (layer, 0, 0, 0, index))
         v_cache = jax.lax.dynamic_update_slice(kv[1], v_new, (layer, 0, 0, index, 0))
         kv = (sharding.constrain(k_cache, K_CACHE_AXES), sharding.constrain(v_cache, V_CACHE_AXES))
-        if t == 1:
-            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
-            out = layers.decode_attention(q, *own, mask)
+        if own_tokens:
+            out = layers.attention(q, k, v, attn, self.impl)
         else:
-            out = layers.attention(q, k, v, mask[..., :t], self.impl)
+            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
+            out = layers.decode_attention(q, *own, attn)
         return self.o_proj(out.reshape(b, t, -1)), kv
 
 
@@ -98,13 +101,13 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        attn: layers.Segments | jax.Array,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
         """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return sharding.constrain(x, ("batch", "seq", "embed")), kv
