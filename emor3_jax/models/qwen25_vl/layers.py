@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from emor3_jax.models.qwen25_vl import fused_attention
+
 # Initializers by name: the name is kept in the parameter's metadata so `create_model` can
 # draw each parameter on its own (a few small programs instead of one for the whole model).
 INITS: dict[str, Callable[..., jax.Array]] = {
@@ -136,14 +138,17 @@ def attention(
 ) -> jax.Array:
     """Softmax attention with grouped kv heads.
 
-    q [B, T, N, H], k/v [B, S, K, H], segments (q [B, T], kv [B, S]) -> [B, T, N, H], through
-    the dense mask of the segments. `impl`: "xla" / "cudnn" go through
-    jax.nn.dot_product_attention (cuDNN flash attention on GPUs with "cudnn"); "einsum" is
-    the explicit path below. Logits and softmax are fp32.
+    q [B, T, N, H], k/v [B, S, K, H], segments (q [B, T], kv [B, S]) -> [B, T, N, H].
+    `impl`: "splash" / "flash" are the fused Pallas kernels of `fused_attention` (TPU / GPU),
+    which take the segment ids as they are; the others build the dense mask. "xla" / "cudnn"
+    go through jax.nn.dot_product_attention (cuDNN flash attention on GPUs with "cudnn");
+    "einsum" is the explicit path below. Logits and softmax are fp32.
     Past `block` queries (xla, einsum) the queries go block by block, each block's mask built
     and its scores recomputed in the backward pass: the same numbers, each query's softmax
     spans all its keys.
     """
+    if impl in fused_attention.IMPLS:
+        return fused_attention.attention(q, k, v, segments.q, segments.kv, segments.causal, impl)
     if q.shape[1] <= block or impl == "cudnn":
         return _attention(q, k, v, segments.mask(), impl)
     b, t, n, h = q.shape
