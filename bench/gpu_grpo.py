@@ -391,7 +391,7 @@ def main() -> None:
     ap.add_argument("--image", type=int, help="image side in pixels, default 448 (smoke 112)")
     ap.add_argument("--micro", type=int, default=4, help="rows per forward/backward (see the docstring)")
     ap.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "einsum"))
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "einsum", "flash"))
     ap.add_argument(
         "--budget", type=float, default=390.0, help="seconds after which no phase starts compiling (see GRACE)"
     )

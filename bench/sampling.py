@@ -310,7 +310,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=None)
     ap.add_argument("--iters", type=int, default=1)
-    ap.add_argument("--attention", default="xla", help="GPU mode: xla | cudnn | einsum")
+    ap.add_argument("--attention", default="xla", help="GPU mode: xla | cudnn | einsum | flash")
     ap.add_argument("--smoke", action="store_true", help="GPU mode with tiny shapes (runs on CPU)")
     ap.add_argument("--small", action="store_true", help="CPU mode: the smoke architecture (CI)")
     ap.add_argument("--side", choices=("ours", "transformers"), help=argparse.SUPPRESS)

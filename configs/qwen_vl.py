@@ -60,7 +60,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.model = ConfigDict()
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32" if tiny else "bfloat16"
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "xla"  # xla | cudnn | einsum | splash (TPU) | flash (GPU): models/qwen25_vl/config.py
     c.model.remat = not tiny
     # What each recomputed layer keeps (stack.REMAT_POLICIES): "nothing" or "dots" (its weight
     # matmuls' outputs). The 3b gradient compiled for v5p:2x2x1 (launch/README.md): "dots" does

@@ -186,15 +186,28 @@ def axis_shards(name: str) -> int:
     return math.prod(mesh.shape[a] for a in _mesh_axes_for(name, rules))
 
 
+def platform() -> str:
+    """The platform the program being traced is built for: the current mesh's (compile_for
+    builds TPU and GPU programs on a CPU host), else the default backend's."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def current_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec of an array with logical `axes` under the current mesh and rules; None
+    outside `jax.set_mesh` / `axis_rules` or on one device (nothing is split)."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return None
+    return logical_to_spec(axes, shape, mesh, rules)[0]
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical axes, under the current mesh and rules.
 
     Outside `jax.set_mesh` / `axis_rules` (a plain single-device call) there is nothing to
     constrain and `x` is returned as is.
     """
-    rules = _RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty or mesh.size == 1:
-        return x
-    spec, _ = logical_to_spec(axes, x.shape, mesh, rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    spec = current_spec(axes, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -4,7 +4,9 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
     embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
     hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None) -> h [B, T, D]
-    decode(x, positions, attn [B, 1, T, T] | Live, cache, index) -> (h [B, T, D], cache)
+    decode(x, positions, attn, cache, index) -> (h [B, T, D], cache); attn: Segments (q [B, T],
+        kv [B, T] ids, causal) for a prefill from entry 0, Live (start / end [B]: each row's live
+        cache entries) for a decode step, its token written at entry index [B]
     logits(h [..., D]) -> [..., V] fp32
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
@@ -23,7 +25,7 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
-from emor3_jax.models.qwen25_vl.layers import Live
+from emor3_jax.models.qwen25_vl.layers import Live, Segments
 from emor3_jax.models.qwen25_vl.model import (
     PARAM_LAYOUT,
     Cache,
@@ -42,6 +44,7 @@ __all__ = [
     "Live",
     "Model",
     "ModelConfig",
+    "Segments",
     "abstract_model",
     "architecture",
     "cache_length",
@@ -65,6 +68,6 @@ class Model(Protocol):
         self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array: ...
 
-    def decode(self, x: jax.Array, positions: jax.Array, attn: jax.Array, cache: Cache, index) -> tuple: ...
+    def decode(self, x: jax.Array, positions: jax.Array, attn: Segments | jax.Array, cache: Cache, index) -> tuple: ...
 
     def logits(self, h: jax.Array) -> jax.Array: ...

@@ -43,7 +43,7 @@ from flax import nnx, struct
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
-from emor3_jax.models.api import Cache, Live, Model, cache_length, cache_shapes, prepare_inputs
+from emor3_jax.models.api import Cache, Live, Model, Segments, cache_length, cache_shapes, prepare_inputs
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -482,9 +482,8 @@ def _prefill(graphdef, state, batch) -> Prefilled:
     b, p = ids.shape
     x = model.embed(ids, batch.get("pixels"), batch.get("layout"))
     cache = empty_cache(t, b, p, x.dtype)
-    causal = jnp.tril(jnp.ones((p, p), bool))
-    attn = (causal[None] & mask[:, None, :].astype(bool))[:, None]  # [Q, 1, P, P]
-    h, cache = model.decode(x, batch["positions"], attn, cache, 0)
+    seg = mask.astype(jnp.int32)  # left padding: segment 0, the prompt: 1
+    h, cache = model.decode(x, batch["positions"], Segments(seg, seg, causal=True), cache, 0)
     return Prefilled(model.logits(h[:, -1]), cache, p - mask.sum(1).astype(jnp.int32), batch["next_pos"])
 
 

@@ -15,7 +15,9 @@ from etils import epath
 
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+# xla / cudnn: jax.nn.dot_product_attention; einsum: explicit; splash (TPU) / flash (GPU): the
+# fused Pallas kernels of fused_attention (interpret mode on CPU).
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum", "splash", "flash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from emor3_jax.models.qwen25_vl import fused_attention
+
 # Initializers by name: the name is kept in the parameter's metadata so `create_model` can
 # draw each parameter on its own (a few small programs instead of one for the whole model).
 INITS: dict[str, Callable[..., jax.Array]] = {
@@ -102,6 +104,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+@struct.dataclass
+class Segments:
+    """Who attends to whom, as segment ids: what the fused kernels take instead of a mask.
+
+    q [B, T], kv [B, S] int32: a query attends to the keys of its own segment; with `causal`
+    (static; T == S) only to those at or before it. 0 is padding: no real token (id >= 1)
+    attends to it. Padding attends to padding, so no query has an empty softmax (0/0 in a
+    fused kernel, which takes only this equality mask); padding's outputs are never read.
+    """
+
+    q: jax.Array
+    kv: jax.Array
+    causal: bool = struct.field(pytree_node=False)
+
+    def mask(self, start: jax.Array | int = 0) -> jax.Array:
+        """The dense mask [B, 1, T, S] (True = attend), the queries at positions start..start+T-1."""
+        mask = self.q[:, :, None] == self.kv[:, None, :]  # [B, T, S]
+        if self.causal:
+            t, s = self.q.shape[1], self.kv.shape[1]
+            mask = mask & ((start + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :])
+        return mask[:, None]
+
+
 # Queries per block: past this many, attention runs one block of queries at a time, so a
 # layer holds [B, N, block, S] scores instead of [B, N, T, S] (a 4,096-token pack: 1 GiB per
 # row; a 3b image row of 8,192 patches: 4 GiB per image).
@@ -109,31 +134,40 @@ QUERY_BLOCK = 1024
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str, block: int = QUERY_BLOCK
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, impl: str, block: int = QUERY_BLOCK
 ) -> jax.Array:
     """Softmax attention with grouped kv heads.
 
-    q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, T, S] (True = attend) -> [B, T, N, H].
-    `impl`: "xla" / "cudnn" go through jax.nn.dot_product_attention (cuDNN flash attention
-    on GPUs with "cudnn"); "einsum" is the explicit path below. Logits and softmax are fp32.
-    Past `block` queries (xla, einsum) the queries go block by block, each block's scores
-    recomputed in the backward pass: the same numbers, each query's softmax spans all its keys.
+    q [B, T, N, H], k/v [B, S, K, H], segments (q [B, T], kv [B, S]) -> [B, T, N, H].
+    `impl`: "splash" / "flash" are the fused Pallas kernels of `fused_attention` (TPU / GPU),
+    which take the segment ids as they are; the others build the dense mask. "xla" / "cudnn"
+    go through jax.nn.dot_product_attention (cuDNN flash attention on GPUs with "cudnn");
+    "einsum" is the explicit path below. Logits and softmax are fp32.
+    Past `block` queries (xla, einsum) the queries go block by block, each block's mask built
+    and its scores recomputed in the backward pass: the same numbers, each query's softmax
+    spans all its keys.
     """
+    if impl in fused_attention.IMPLS:
+        return fused_attention.attention(q, k, v, segments.q, segments.kv, segments.causal, impl)
     if q.shape[1] <= block or impl == "cudnn":
-        return _attention(q, k, v, mask, impl)
+        return _attention(q, k, v, segments.mask(), impl)
     b, t, n, h = q.shape
     blocks = -(-t // block)
-    pad = blocks * block - t  # padded queries attend to nothing and are dropped
+    pad = blocks * block - t  # padded queries (segment -1: they see no key) are dropped
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, blocks, block, n, h).swapaxes(0, 1)
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    mask = mask.reshape(*mask.shape[:2], blocks, block, -1).transpose(2, 0, 1, 3, 4)  # [blocks, B, 1, block, S]
-    one = jax.checkpoint(lambda qm: _attention(qm[0], k, v, qm[1], impl))
-    out = jax.lax.map(one, (q, mask))  # [blocks, B, block, N, H]
+    q_seg = jnp.pad(segments.q, ((0, 0), (0, pad)), constant_values=-1).reshape(b, blocks, block).swapaxes(0, 1)
+    starts = jnp.arange(blocks) * block
+
+    def one(args):
+        qb, q_segb, start = args  # [B, block, N, H], [B, block], the block's first query
+        return _attention(qb, k, v, Segments(q_segb, segments.kv, segments.causal).mask(start), impl)
+
+    out = jax.lax.map(jax.checkpoint(one), (q, q_seg, starts))  # [blocks, B, block, N, H]
     return out.swapaxes(0, 1).reshape(b, blocks * block, n, h)[:, :t]
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
-    """`attention` over all queries at once."""
+    """`attention` over all queries at once, mask [B, 1, T, S]."""
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "xla" else "cudnn")
     b, t, n, h = q.shape

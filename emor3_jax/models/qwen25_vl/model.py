@@ -80,43 +80,40 @@ class Qwen25VL(nnx.Module):
         """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D].
 
         A token attends causally to the tokens attention_mask [B, T] marks; with segment_ids
-        [B, T] (packed rows) only to those of its own segment: a block-diagonal causal mask,
-        which every attention impl takes as it is (a dense [B, 1, T, S] mask).
+        [B, T] (packed rows, ids >= 1) only to those of its own segment. Both become one
+        `layers.Segments` (0 where attention_mask is 0), which every attention impl takes.
         """
-        seq = x.shape[1]
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        mask = causal[None] & attention_mask[:, None, :].astype(bool)  # [B, T, S]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        return self.decode(x, positions, mask[:, None])[0]
+        real = attention_mask.astype(bool)
+        ids = real.astype(jnp.int32) if segment_ids is None else jnp.where(real, segment_ids, 0).astype(jnp.int32)
+        return self.decode(x, positions, layers.Segments(ids, ids, causal=True))[0]
 
     def decode(
         self,
         x: jax.Array,
         positions: jax.Array,
-        mask,
+        attn,
         cache: Cache | None = None,
         index: jax.Array | int = 0,
     ) -> tuple[jax.Array, Cache | None]:
         """Decoder with an optional KV cache (`Cache`: every layer's keys and values, stacked).
 
-        x [B, T, D], positions [3, B, T] -> (hidden [B, T, D], cache). Without a cache or with
-        one and T > 1 (a prefill, written at entries 0..T-1): mask [B, 1, T, T]. With a cache
-        and T = 1 (decode): each row's token is written at entry index [B] and attends to its
-        live entries, mask = `layers.Live` [B]. The layers run as one scanned body (remat'd
-        with `cfg.remat` when there is no cache: training).
+        x [B, T, D], positions [3, B, T] -> (hidden [B, T, D], cache). `attn`: `layers.Segments`
+        when the tokens attend to themselves (no cache: training; with one: a prefill, written
+        at entries 0..T-1); `layers.Live` [B] for a decode step (one token per row, written at
+        entry index [B] of its row, attending to its live entries). The layers run as one
+        scanned body (remat'd with `cfg.remat` when there is no cache: training).
         """
         t = self.cfg.text
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
         if cache is None:
-            body = lambda layer, h, _: (layer(h, cos, sin, mask)[0], None)
+            body = lambda layer, h, _: (layer(h, cos, sin, attn)[0], None)
             x, _ = stack.scan(self.layers, body, x, remat=self.cfg.layer_remat, unroll=self.cfg.unroll_layers)
             return self.norm(x), None
 
         def body(layer, carry, i):
             h, kv = carry
-            return layer(h, cos, sin, mask, kv, index, i), None
+            return layer(h, cos, sin, attn, kv, index, i), None
 
         (x, cache), _ = stack.scan(
             self.layers, body, (x, cache), jnp.arange(t.num_layers), unroll=self.cfg.unroll_layers

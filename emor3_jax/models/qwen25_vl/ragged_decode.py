@@ -26,6 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode
+from jax.sharding import PartitionSpec
+
+from emor3_jax.core import sharding
 
 IMPLS = ("xla", "tpu", "gpu")
 LANES = 128  # TPU vreg lane width: the kv block is the lane axis of the [G, block] logits
@@ -72,13 +75,14 @@ def ragged_decode_attention(
       overlaps the span are read and masked by adding 0.7 * finfo.min, so they must be finite (a
       NaN there reaches the result; a zero- or prompt-filled cache is fine).
     interpret: run the Pallas kernels in interpret mode (TPU interpret mode for "tpu"); None means
-      True on a CPU backend.
+      True when the program is built for a CPU (`sharding.platform`: the mesh's platform, so a
+      TPU program compiled on a CPU host gets the real kernel).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
     _check_shapes(q, k_cache, v_cache, start, end)
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = sharding.platform() == "cpu"
     if impl == "xla":
         if block is not None:
             raise ValueError(f"block={block}: impl='xla' reads the whole cache and takes no block")
@@ -100,6 +104,23 @@ def ragged_decode_attention(
         interpret=interpret,
     )
     return out.astype(q.dtype)  # its final division by the fp32 sums promotes to fp32
+
+
+def sharded_decode_attention(q, k_cache, v_cache, start, end, *, impl: str) -> jax.Array:
+    """`ragged_decode_attention` on each device's rows (and kv heads, when queries and kv heads
+    split alike) under the current mesh. A Pallas call is opaque to XLA's partitioner, which
+    would gather every row's cache onto every device; "xla" is partitioned by XLA as is."""
+    run = functools.partial(ragged_decode_attention, impl=impl)
+    q_spec = sharding.current_spec(("batch", "heads", None), q.shape)
+    if impl == "xla" or q_spec is None:
+        return run(q, k_cache, v_cache, start, end)
+    kv_spec = sharding.current_spec(("batch", "kv_heads", None, None), k_cache.shape)
+    if q_spec[1] != kv_spec[1]:
+        q_spec, kv_spec = PartitionSpec(q_spec[0], None, None), PartitionSpec(kv_spec[0], None, None, None)
+    row_spec = PartitionSpec(q_spec[0])
+    return jax.shard_map(
+        run, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec, check_vma=False
+    )(q, k_cache, v_cache, start, end)
 
 
 def _check_shapes(q, k_cache, v_cache, start, end) -> None:

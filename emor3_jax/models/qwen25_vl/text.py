@@ -13,7 +13,7 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.models.qwen25_vl import layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
-from emor3_jax.models.qwen25_vl.ragged_decode import cache_multiple, ragged_decode_attention
+from emor3_jax.models.qwen25_vl.ragged_decode import cache_multiple, sharded_decode_attention
 from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
 # The decoder's cache, every layer stacked: keys and values [Y, B, K, S, H] (carried through
@@ -54,43 +54,46 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask,
+        attn: layers.Segments | layers.Live,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
         """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
-        Without `kv`, mask [B, 1, T, S] and the keys are this call's own tokens (S = T). With
-        `kv` (every layer's cache) this call's keys and values are written into layer `layer`
-        and the updated cache is returned. Several tokens (prefill) start at entry 0 and attend
-        over themselves with mask [B, 1, T, T]. One token (decode) per row is written at entry
-        index [B] of its row and attends over its row's live entries, mask = `Live`.
+        `attn` says what the tokens attend to: `layers.Segments` over this call's own tokens
+        (S = T: training, prefill), or `layers.Live` [B] (decode: one token per row, attending
+        to its row's live cache entries). With `kv` (every layer's cache) this call's keys and
+        values are written into layer `layer` and the updated cache is returned: a prefill at
+        entries 0..T-1 (index must be 0), a decode token at entry index [B] of its own row.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        own_tokens = isinstance(attn, layers.Segments)
         if kv is None:
-            out = layers.attention(q, k, v, mask, self.impl)
+            if not own_tokens:
+                raise ValueError("a decode step (Live) needs the KV cache it reads")
+            out = layers.attention(q, k, v, attn, self.impl)
             return self.o_proj(out.reshape(b, t, -1)), None
         k_new, v_new = (jnp.swapaxes(a, 1, 2).astype(kv[0].dtype) for a in (k, v))  # [B, K, T, H]
-        if t == 1:  # each row at its own entry: one [B, K, H] scatter per layer, in place
-            rows = jnp.arange(b)
-            kv = tuple(c.at[layer, rows, :, index].set(new[:, :, 0]) for c, new in zip(kv, (k_new, v_new)))
-        elif isinstance(index, int) and index == 0:
+        if own_tokens:
+            if not (isinstance(index, int) and index == 0):
+                raise ValueError("a Segments call with a KV cache is a prefill and must start at entry 0")
             kv = tuple(
                 jax.lax.dynamic_update_slice(c, new[None], (layer, 0, 0, 0, 0)) for c, new in zip(kv, (k_new, v_new))
             )
-        else:
-            raise ValueError("a multi-token call with a KV cache is a prefill and must start at entry 0")
+        else:  # each row at its own entry: one [B, K, H] scatter per layer, in place
+            rows = jnp.arange(b)
+            kv = tuple(c.at[layer, rows, :, index].set(new[:, :, 0]) for c, new in zip(kv, (k_new, v_new)))
         kv = tuple(sharding.constrain(c, K_CACHE_AXES) for c in kv)
-        if t == 1:
-            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
-            out = ragged_decode_attention(q[:, 0], *own, mask.start, mask.end, impl=DECODE_IMPLS[self.impl])[:, None]
+        if own_tokens:
+            out = layers.attention(q, k, v, attn, self.impl)
         else:
-            out = layers.attention(q, k, v, mask[..., :t], self.impl)
+            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
+            out = sharded_decode_attention(q[:, 0], *own, attn.start, attn.end, impl=DECODE_IMPLS[self.impl])[:, None]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
 
@@ -109,13 +112,13 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        attn: layers.Segments | jax.Array,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
     ) -> tuple[jax.Array, KV | None]:
         """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, layer)
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return sharding.constrain(x, ("batch", "seq", "embed")), kv

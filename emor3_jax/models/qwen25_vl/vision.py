@@ -311,9 +311,8 @@ class VisionAttention(nnx.Module):
 def _blocked_attention(q, k, v, blocks: Blocks, impl: str) -> jax.Array:
     """q/k/v [L, N, H] -> [L, N, H], each patch attending to the patches of its block."""
     gather = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks.index]  # [R, S, N, H]
-    seg = blocks.segment
-    mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [R, 1, S, S]
-    out = layers.attention(gather(q), gather(k), gather(v), mask, impl)
+    seg = blocks.segment + 1  # [R, S]; empty slots (-1) become padding (0)
+    out = layers.attention(gather(q), gather(k), gather(v), layers.Segments(seg, seg, causal=False), impl)
     return out.reshape(-1, *out.shape[2:])[blocks.unblock]
 
 
