@@ -145,3 +145,22 @@ def test_programs_do_not_depend_on_lengths(ours_fp32):
     assert s.compiled_programs() == 2  # one prefill (groups of 1 prompt), one decode
     with pytest.raises(ValueError, match="row_max_new must hold 8 limits in 1..8"):
         s.generate(ours_fp32, prompts, key=jax.random.key(0), max_new_tokens=NEW, n=N, row_max_new=[9] * 8)
+
+
+@pytest.mark.parametrize("impl", ["splash", "flash"])
+def test_the_kernel_paths_give_the_same_greedy_rows(ours_fp32, case, impl):
+    """Prefill through the fused kernel and every decode step through the live-span kernel (our
+    TPU kernel for splash, jax's GPU one for flash; interpret mode on CPU), with 3 slots
+    refilled as rows stop: the rows of the XLA path, token for token."""
+    from flax import nnx
+
+    prompts, kw, ref, stops = case
+    cfg = ours_fp32.cfg.replace(attention_impl=impl)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(ours_fp32)(cfg, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, nnx.split(ours_fp32)[1])
+    s = _sampler(cfg, 3, True, stops)
+    out = _host(s.generate(model, prompts, **kw))
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+    np.testing.assert_array_equal(out["lengths"], ref["lengths"])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], atol=1e-5)
+    assert s.last_cache == (3, 128 if impl == "splash" else 80)  # 64 + 8 entries, rounded up for the kernel
