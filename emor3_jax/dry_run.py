@@ -108,7 +108,7 @@ def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:
 
 
 def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str]]:
-    """The rollout decode cache: K and V [Y, W, K, S, H], every layer stacked
+    """The rollout decode cache: K and V [Y, W, S, K, H], every layer stacked
     (W decode slots, S cache entries per slot)."""
     rows = c.rl.rollout_batch * c.rl.num_generations
     if c.sampling.max_rows:  # continuous batching: max_rows slots, refilled as rows stop
@@ -150,7 +150,7 @@ def memory(c: ConfigDict) -> dict:
     for name, leaves in parts.items():
         per_device[name], global_[name] = _bytes(leaves)
     per_device["total"], global_["total"] = sum(per_device.values()), sum(global_.values())
-    k_shape = cache[0].shape  # [Y, W, K, S, H]
+    k_shape = cache[0].shape  # [Y, W, S, K, H]
     return {
         "variant": c.variant if not c.hf_path else c.hf_path,
         "devices": mesh.size,
@@ -159,7 +159,7 @@ def memory(c: ConfigDict) -> dict:
         "param_dtype": cfg.param_dtype,
         "compute_dtype": cfg.compute_dtype,
         "kv_rows": k_shape[1],
-        "kv_slots": k_shape[3],
+        "kv_slots": k_shape[2],
         "per_device": per_device,
         "global": global_,
         "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,

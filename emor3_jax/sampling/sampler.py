@@ -168,7 +168,7 @@ class Carry:
 @struct.dataclass
 class Prefilled:
     """A prefill group of Q prompts: logits [Q, V] of each one's next token, its cache
-    [Y, Q, K, P, H] (keys and values), start [Q] (its first live entry) and pos [Q] (the
+    [Y, Q, P, K, H] (keys and values), start [Q] (its first live entry) and pos [Q] (the
     M-RoPE position after it)."""
 
     logits: jax.Array
@@ -489,7 +489,7 @@ def _prefill(graphdef, state, batch) -> Prefilled:
 
 def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefilled, rows: GroupRows, d: Draw):
     """Decodes until the group's `valid` rows have all taken slots and a slot is free; the
-    last group (`final`) until every slot is free. cache [Y, W, K, S, H] (keys and values)
+    last group (`final`) until every slot is free. cache [Y, W, S, K, H] (keys and values)
     and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
     p_len = pre.cache[0].shape[3]
@@ -501,7 +501,7 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
         if not s.continuous:
             need &= jnp.all(free)
         run = lambda a: admit(s, *a, pre, rows, wait)
-        return jax.lax.cond(need, run, lambda a: a, (c, cache, pending))
+        return run((c, cache, pending))
 
     def cond(loop):
         # A free slot with no row of this group left: return, so the next group's rows take it

@@ -26,11 +26,11 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # bf16: a few output ulps at |o| 
 
 
 def _inputs(spans, g, dtype, seed=0):
-    """q [B, K*G, H], k / v [B, K, S, H] standard normal; start / end [B] int32."""
+    """q [B, K*G, H], k / v [B, S, K, H] standard normal; start / end [B] int32."""
     rng = np.random.default_rng(seed)
     b = len(spans)
     q = rng.standard_normal((b, K * g, H))
-    k, v = rng.standard_normal((2, b, K, S, H))
+    k, v = rng.standard_normal((2, b, S, K, H))
     start, end = (jnp.asarray(x, jnp.int32) for x in zip(*spans))
     return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), start, end
 
@@ -43,12 +43,12 @@ def _numpy_reference(q, k, v, start, end):
     """Row by row, head by head: softmax(q . k[start:end] / sqrt(H)) @ v[start:end] in float64."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, n, h = q.shape
-    g = n // k.shape[1]
+    g = n // k.shape[2]
     out = np.zeros((b, n, h))
     for row in range(b):
         lo, hi = int(start[row]), int(end[row])
         for head in range(n):
-            keys, values = k[row, head // g, lo:hi], v[row, head // g, lo:hi]
+            keys, values = k[row, lo:hi, head // g], v[row, lo:hi, head // g]
             logits = keys @ q[row, head] / np.sqrt(h)
             p = np.exp(logits - logits.max())
             out[row, head] = (p / p.sum()) @ values
@@ -93,7 +93,7 @@ def test_garbage_in_dead_entries_does_not_change_the_result(impl, garbage):
     spans = SPANS["start_middle_end"]
     q, k, v, start, end = _inputs(spans, 4, jnp.float32)
     pos = np.arange(S)
-    dead = np.stack([(pos < lo) | (pos >= hi) for lo, hi in spans])[:, None, :, None]  # [B, 1, S, 1]
+    dead = np.stack([(pos < lo) | (pos >= hi) for lo, hi in spans])[:, :, None, None]  # [B, S, 1, 1]
     k_bad, v_bad = (jnp.where(dead, garbage, x) for x in (k, v))
     run = functools.partial(ragged_decode_attention, start=start, end=end, impl=impl, block=_block(impl))
     clean, dirty = run(q, k, v), run(q, k_bad, v_bad)
@@ -108,7 +108,7 @@ def test_kernel_configuration_errors_name_the_constraint():
     with pytest.raises(ValueError, match="block % 128 == 0 and S % block == 0"):
         ragged_decode_attention(q, k, v, start, end, impl="tpu", block=384)  # 512 % 384
     with pytest.raises(ValueError, match="S % 16 == 0"):
-        ragged_decode_attention(q, k[:, :, :40], v[:, :, :40], start, end, impl="gpu")
+        ragged_decode_attention(q, k[:, :40], v[:, :40], start, end, impl="gpu")
     with pytest.raises(ValueError, match="power-of-two head dim"):
         ragged_decode_attention(q[..., :24], k[..., :24], v[..., :24], start, end, impl="gpu")
     with pytest.raises(ValueError, match=r"block_k must be a power of two >= 16 dividing S // k_splits = 512 // 16"):
@@ -160,7 +160,7 @@ def test_bytes_read_scales_with_the_live_length(block):
 def test_tpu_kernel_lowers_to_mosaic_at_3b_shapes(dtype, g):
     """Pallas -> Mosaic lowering on CPU (compiling it needs a TPU): catches ops without a TPU rule."""
     b, s, h = 4, 4096, 128
-    args = [jax.ShapeDtypeStruct((b, K * g, h), dtype)] + [jax.ShapeDtypeStruct((b, K, s, h), dtype)] * 2
+    args = [jax.ShapeDtypeStruct((b, K * g, h), dtype)] + [jax.ShapeDtypeStruct((b, s, K, h), dtype)] * 2
     args += [jax.ShapeDtypeStruct((b,), jnp.int32)] * 2
     f = jax.jit(functools.partial(ragged_decode_attention, impl="tpu", interpret=False))
     assert "tpu_custom_call" in f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()

@@ -26,7 +26,7 @@ from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
 from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
-Cache = KV  # every layer's keys and values [Y, B, K, S, H]
+Cache = KV  # every layer's keys and values [Y, B, S, K, H]
 
 # The parameter tree's layout, recorded with the architecture in every Orbax checkpoint: a
 # checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as

@@ -8,7 +8,7 @@ the tokens generated so far); everything else in the row is dead and may hold an
 query token per row. Three implementations of the same function:
 
 - "xla": dense masked softmax over all S entries (the reference; reads the whole cache).
-- "tpu": our Pallas TPU kernel; grid (B, K, S // block), fetches only the blocks that overlap the
+- "tpu": our Pallas TPU kernel; grid (B, S // block), fetches only the blocks that overlap the
   span (`live_blocks` counts them; `bytes_read` turns that into bytes). Dead steps copy and
   compute nothing but still pay the fixed cost of a grid step.
 - "gpu": jax's Pallas GPU (Triton) `decode_attention.gqa`, which takes the span per row as
@@ -52,7 +52,7 @@ def ragged_decode_attention(
 ) -> jax.Array:
     """One query token per row against the live span [start, end) of its cache row.
 
-    q [B, N, H], k_cache / v_cache [B, K, S, H], start / end [B] int32 -> [B, N, H] in q's dtype.
+    q [B, N, H], k_cache / v_cache [B, S, K, H], start / end [B] int32 -> [B, N, H] in q's dtype.
     Logits and softmax in fp32, scale H**-0.5. q, k_cache and v_cache share one dtype (the model
     writes the cache in its compute dtype).
 
@@ -88,13 +88,13 @@ def ragged_decode_attention(
             raise ValueError(f"block={block}: impl='xla' reads the whole cache and takes no block")
         return _xla(q, k_cache, v_cache, start, end)
     if impl == "tpu":
-        return _tpu(q, k_cache, v_cache, start, end, block=tpu_block(k_cache.shape[2], block), interpret=interpret)
-    k_splits, block_k = gpu_params(k_cache.shape[2], q.shape[2], block)
-    # gqa wants [B, S, K, H]; it swaps S and K back itself, so XLA folds the two transposes.
+        return _tpu(q, k_cache, v_cache, start, end, block=tpu_block(k_cache.shape[1], block), interpret=interpret)
+    k_splits, block_k = gpu_params(k_cache.shape[1], q.shape[2], block)
+    # gqa takes the cache's own layout [B, S, K, H].
     out = gpu_decode.gqa(
         q,
-        jnp.swapaxes(k_cache, 1, 2),
-        jnp.swapaxes(v_cache, 1, 2),
+        k_cache,
+        v_cache,
         start_idx=start,
         kv_seq_len=end,
         sm_scale=q.shape[2] ** -0.5,
@@ -126,10 +126,10 @@ def sharded_decode_attention(q, k_cache, v_cache, start, end, *, impl: str) -> j
 def _check_shapes(q, k_cache, v_cache, start, end) -> None:
     b, n, h = q.shape
     if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
-        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, K, S, H]")
-    cb, kh, _, ch = k_cache.shape
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, S, K, H]")
+    cb, _, kh, ch = k_cache.shape
     if (cb, ch) != (b, h) or n % kh:
-        raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, K, S, H] with N % K == 0")
+        raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, S, K, H] with N % K == 0")
     if start.shape != (b,) or end.shape != (b,):
         raise ValueError(f"start {start.shape} and end {end.shape} must both be [B] = ({b},)")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
@@ -174,16 +174,16 @@ def gpu_params(s: int, h: int, block: int | None) -> tuple[int, int]:
 
 def _xla(q, k_cache, v_cache, start, end):
     b, n, h = q.shape
-    kh, s = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
-    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
     pos = jnp.arange(s)
     live = (pos >= start[:, None]) & (pos < end[:, None])  # [B, S]
     # `where`, not an additive mask: a NaN logit in a dead entry must not survive.
     logits = jnp.where(live[:, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    v = jnp.where(live[:, None, :, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
-    out = jnp.einsum("bkgs,bksh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    v = jnp.where(live[:, :, None, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
+    out = jnp.einsum("bkgs,bskh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, n, h).astype(q.dtype)
 
 
@@ -198,11 +198,11 @@ def kv_block_index(j, start, end, block: int):
 
 
 def live_blocks(start, end, s: int, block: int) -> np.ndarray:
-    """Blocks the tpu kernel copies per (b, k) for spans [start, end): [B] from start / end [B].
+    """Blocks the tpu kernel copies per row for spans [start, end): [B] from start / end [B].
 
     Counted from `kv_block_index` over the grid's j axis: one copy for the first step and one for
-    every step whose index differs from the previous step's (grid order is b, k, then j, and
-    consecutive (b, k) pairs never share a block, so each pair starts with a copy).
+    every step whose index differs from the previous step's (grid order is b, then j; consecutive
+    rows never share a block, so each row starts with a copy; a block holds every kv head).
     """
     tpu_block(s, block)
     j = np.arange(s // block, dtype=np.int32)
@@ -223,40 +223,52 @@ def bytes_read(start, end, s: int, block: int, *, kv_heads: int, head_dim: int, 
 
 def _tpu(q, k_cache, v_cache, start, end, *, block: int, interpret: bool):
     b, n, h = q.shape
-    kh, s = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[1], k_cache.shape[2]
     g = n // kh
 
-    def kv_map(bi, ki, j, start_ref, end_ref):
-        return bi, ki, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
+    def kv_map(bi, j, start_ref, end_ref):
+        return bi, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
 
-    q_spec = pl.BlockSpec((None, None, g, h), lambda bi, ki, j, *_: (bi, ki, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, block, h), kv_map)
+    # Each row's cache as [S, K * H]: a block of `block` entries holds every kv head, tiled
+    # (block, K * H) with no sublane padding (a [block, K, H] block would pad K to 8 or 16).
+    kv_spec = pl.BlockSpec((None, block, kh * h), kv_map)
+    q_spec = pl.BlockSpec((None, kh, g, h), lambda bi, j, *_: (bi, 0, 0, 0))
     out = pl.pallas_call(
-        functools.partial(_tpu_kernel, block=block, scale=h**-0.5),
+        functools.partial(_tpu_kernel, block=block, kv_heads=kh, scale=h**-0.5),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
-            grid=(b, kh, s // block),
+            grid=(b, s // block),
             in_specs=[q_spec, kv_spec, kv_spec],
             out_specs=q_spec,
             scratch_shapes=[
-                pltpu.VMEM((g, 1), jnp.float32),  # running max
-                pltpu.VMEM((g, 1), jnp.float32),  # running sum of exp
-                pltpu.VMEM((g, h), jnp.float32),  # running sum of exp * v
+                pltpu.VMEM((kh, g, 1), jnp.float32),  # running max
+                pltpu.VMEM((kh, g, 1), jnp.float32),  # running sum of exp
+                pltpu.VMEM((kh, g, h), jnp.float32),  # running sum of exp * v
             ],
         ),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q.dtype),
         # TPU interpret mode simulates the pipeline (a copy only when a block index changes) and
         # fills uninitialized VMEM with NaN, so a missed scratch init or a dead read shows on CPU.
         interpret=pltpu.InterpretParams() if interpret else False,
-    )(start.astype(jnp.int32), end.astype(jnp.int32), q.reshape(b, kh, g, h), k_cache, v_cache)
+    )(
+        start.astype(jnp.int32),
+        end.astype(jnp.int32),
+        q.reshape(b, kh, g, h),
+        k_cache.reshape(b, s, kh * h),
+        v_cache.reshape(b, s, kh * h),
+    )
     return out.reshape(b, n, h)
 
 
-def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block: int, scale: float):
-    """One (b, k, j) step: q_ref [G, H], k_ref / v_ref [block, H] (block kv_block_index), o_ref [G, H]."""
-    row, j = pl.program_id(0), pl.program_id(2)
+def _tpu_kernel(
+    start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block: int, kv_heads: int, scale: float
+):
+    """One (b, j) step: q_ref [K, G, H], k_ref / v_ref [block, K * H] (block kv_block_index),
+    o_ref [K, G, H]; kv head k is lanes [k * H, (k + 1) * H) of the block."""
+    row, j = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[row], end_ref[row]
+    h = q_ref.shape[-1]
 
     @pl.when(j == 0)
     def _init():
@@ -267,23 +279,25 @@ def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, ac
     # Steps outside the span hold a repeated block (see kv_block_index): skip them.
     @pl.when(kv_block_index(j, start, end, block) == j)
     def _accumulate():
-        logits = lax.dot_general(
-            q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )  # [G, block]
-        col = j * block + lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        logits = jnp.where((col >= start) & (col < end), logits * scale, -jnp.inf)
-        m_prev = m_ref[...]  # [G, 1]
-        # Finite: every visited block holds at least one live entry.
-        m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
-        p = jnp.exp(logits - m_next)  # [G, block], 0 on dead entries
-        rescale = jnp.exp(m_prev - m_next)  # 0 on the first visited block (m_prev = -inf)
-        l_ref[...] = rescale * l_ref[...] + p.sum(axis=1, keepdims=True)
-        pos = j * block + lax.broadcasted_iota(jnp.int32, v_ref.shape, 0)
-        v = jnp.where((pos >= start) & (pos < end), v_ref[...], 0)  # [block, H]; 0 * NaN is NaN
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_ref[...] = rescale * acc_ref[...] + pv
-        m_ref[...] = m_next
+        pos = j * block + lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+        live = (pos >= start) & (pos < end)  # [block, 1]
+        for k in range(kv_heads):
+            heads = slice(k * h, (k + 1) * h)
+            logits = lax.dot_general(
+                q_ref[k], k_ref[:, heads], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )  # [G, block]
+            logits = jnp.where(live.T, logits * scale, -jnp.inf)
+            m_prev = m_ref[k]  # [G, 1]
+            # Finite: every visited block holds at least one live entry.
+            m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+            p = jnp.exp(logits - m_next)  # [G, block], 0 on dead entries
+            rescale = jnp.exp(m_prev - m_next)  # 0 on the first visited block (m_prev = -inf)
+            l_ref[k] = rescale * l_ref[k] + p.sum(axis=1, keepdims=True)
+            v = jnp.where(live, v_ref[:, heads], 0)  # [block, H]; 0 * NaN is NaN
+            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            acc_ref[k] = rescale * acc_ref[k] + pv
+            m_ref[k] = m_next
 
-    @pl.when(j == pl.num_programs(2) - 1)
+    @pl.when(j == pl.num_programs(1) - 1)
     def _write():
         o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
