@@ -159,6 +159,24 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # is what the official run keeps (EasyR1 loads the actor in fp32 and the reference in bf16,
     # verl/workers/fsdp_workers.py). tiny: fp32, its compute dtype.
     c.rl.reference_dtype = "" if tiny else "bfloat16"
+    # The weights rollouts, policy-judge reflections and evaluation sample with
+    # (rl/rollout_weights.py): a copy of the policy in this dtype, made from the fp32 master
+    # weights before each step's rollouts and deleted before its update (log-probs for the loss
+    # stay on the master weights). "" = no copy: sample with the training model (tiny: its runs
+    # and figures as before); "bfloat16" as the official run samples (vLLM in bf16). A copy in
+    # another dtype than model.param_dtype needs rl.recompute_old_logprobs (config_lib says why).
+    c.rl.rollout_dtype = "" if tiny else "bfloat16"
+    # The copy's layout: "fsdp" (the training sharding, a cast only: each decoded token still
+    # gathers every layer's weights), "replicated" (every chip holds all weights: decoding is
+    # purely data parallel, no weight gathers) or "tensor" (heads/mlp/vocab over the mesh's
+    # tensor axis, needs tensor > 1). What fits beside the worst program compiled for each
+    # slice (launch/README.md; the worst is a reflection's decode, which the copy joins):
+    # 3b replicated is 7.0 GiB per chip: v5p-8 35.7 -> ~42.7 of 95, v6e-8 22.4 -> ~29.4 of 32,
+    # 8 x H100 35.7 -> ~42.7 of 72: it fits all three. 7b replicated is 15.4 GiB per chip:
+    # v6e-16 26.8 -> ~42 of 32 and 8 x H100 59.8 -> ~75 of 72 do not fit (v5p-8, 65 -> ~81 of
+    # 95, would), and its meshes there have tensor = 1, so 7b keeps fsdp (0.97-3.9 GiB more
+    # per chip; decoding then reads bf16 weights instead of casting fp32 ones every token).
+    c.rl.rollout_sharding = "replicated" if arg == "3b" else "fsdp"
     c.rl.loss_mode = "token"  # token | seq
     c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
     c.rl.temperature = 1.0
