@@ -169,13 +169,14 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # The copy's layout: "fsdp" (the training sharding, a cast only: each decoded token still
     # gathers every layer's weights), "replicated" (every chip holds all weights: decoding is
     # purely data parallel, no weight gathers) or "tensor" (heads/mlp/vocab over the mesh's
-    # tensor axis, needs tensor > 1). What fits beside the worst program compiled for each
-    # slice (launch/README.md; the worst is a reflection's decode, which the copy joins):
-    # 3b replicated is 7.0 GiB per chip: v5p-8 35.7 -> ~42.7 of 95, v6e-8 22.4 -> ~29.4 of 32,
-    # 8 x H100 35.7 -> ~42.7 of 72: it fits all three. 7b replicated is 15.4 GiB per chip:
-    # v6e-16 26.8 -> ~42 of 32 and 8 x H100 59.8 -> ~75 of 72 do not fit (v5p-8, 65 -> ~81 of
-    # 95, would), and its meshes there have tensor = 1, so 7b keeps fsdp (0.97-3.9 GiB more
-    # per chip; decoding then reads bf16 weights instead of casting fp32 ones every token).
+    # tensor axis, needs tensor > 1). Chosen by what fits beside the worst program of each
+    # compiled slice (launch/README.md "The rollout copy": a reflection's decode, which the
+    # copy joins). 3b replicated is 7.0 GiB per chip: compiled on v6e-8 it peaks at 27.7 of 32
+    # GiB (22.4 without), and v5p-8 (35.7 + 7 of 95) and 8 x H100 (35.7 + 7 of 72) have room;
+    # a rollout decode step then moves 27% fewer HBM bytes and gathers no weights. 7b
+    # replicated is 15.4 GiB per chip, past v6e-16's 32 (26.8 + 15.4) and 8 x H100's 72 (59.8 +
+    # 15.4), and those meshes have tensor = 1: 7b keeps fsdp, 0.2 GiB more at the worst
+    # program on v6e-16 and 18% fewer bytes per decode step (bf16 weights read, not fp32 cast).
     c.rl.rollout_sharding = "replicated" if arg == "3b" else "fsdp"
     c.rl.loss_mode = "token"  # token | seq
     c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
