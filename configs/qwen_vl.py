@@ -159,6 +159,25 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # is what the official run keeps (EasyR1 loads the actor in fp32 and the reference in bf16,
     # verl/workers/fsdp_workers.py). tiny: fp32, its compute dtype.
     c.rl.reference_dtype = "" if tiny else "bfloat16"
+    # The weights rollouts, policy-judge reflections and evaluation sample with
+    # (rl/rollout_weights.py): a copy of the policy in this dtype, made from the fp32 master
+    # weights before each step's rollouts and deleted before its update (log-probs for the loss
+    # stay on the master weights). "" = no copy: sample with the training model (tiny: its runs
+    # and figures as before); "bfloat16" as the official run samples (vLLM in bf16). A copy in
+    # another dtype than model.param_dtype needs rl.recompute_old_logprobs (config_lib says why).
+    c.rl.rollout_dtype = "" if tiny else "bfloat16"
+    # The copy's layout: "fsdp" (the training sharding, a cast only: each decoded token still
+    # gathers every layer's weights), "replicated" (every chip holds all weights: decoding is
+    # purely data parallel, no weight gathers) or "tensor" (heads/mlp/vocab over the mesh's
+    # tensor axis, needs tensor > 1). Chosen by what fits beside the worst program of each
+    # compiled slice (launch/README.md "The rollout copy": a reflection's decode, which the
+    # copy joins). 3b replicated is 7.0 GiB per chip: compiled on v6e-8 it peaks at 27.7 of 32
+    # GiB (22.4 without), and v5p-8 (35.7 + 7 of 95) and 8 x H100 (35.7 + 7 of 72) have room;
+    # a rollout decode step then moves 27% fewer HBM bytes and gathers no weights. 7b
+    # replicated is 15.4 GiB per chip, past v6e-16's 32 (26.8 + 15.4) and 8 x H100's 72 (59.8 +
+    # 15.4), and those meshes have tensor = 1: 7b keeps fsdp, 0.2 GiB more at the worst
+    # program on v6e-16 and 18% fewer bytes per decode step (bf16 weights read, not fp32 cast).
+    c.rl.rollout_sharding = "replicated" if arg == "3b" else "fsdp"
     c.rl.loss_mode = "token"  # token | seq
     c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
     c.rl.temperature = 1.0

@@ -10,9 +10,10 @@ The TPU compiler (libtpu: the `tpu` and `test` extras) compiles for a named topo
 its chips (`jax.experimental.topologies`); XLA's CUDA compiler (the `compile-gpu` extra) for
 N H100s or H200s of a node (several nodes: --compile_slices), described by the target configs
 of `gpu_targets`. The run's mesh is laid over the topology's devices;
-parameters, optimizer state and reference are abstract arrays with the run's shardings
-(nothing is allocated, no checkpoint is read); and the jitted functions the run itself calls
-(the Sampler's prefill, slots and decode programs, the Learner's log-probs, gradients,
+parameters, optimizer state, reference and rollout copy (rl.rollout_dtype) are abstract arrays
+with the run's shardings (nothing is allocated, no checkpoint is read); and the jitted
+functions the run itself calls (the rollout copy's, the Sampler's prefill, slots and decode
+programs, which sample with that copy when there is one, the Learner's log-probs, gradients,
 accumulation and optimizer step) are lowered and compiled at the config's shapes, taken at
 the worst case the config admits: prompts at rl.max_prompt_len's bucket, each with the
 largest image that fits it and data.max_pixels (a batch's images past the largest vision
@@ -21,12 +22,13 @@ micro-batches of full-length rows.
 
 Per program, per chip: compile seconds; XLA's memory analysis (argument, output, temporary
 and code bytes); its peak (argument + output - aliased + temporary + code) plus what the run
-keeps resident beside it (params, optimizer state, reference, gradient accumulator; a
-generate call's KV cache is its decode program's argument, allocated per call and freed with
-it); flops and bytes accessed (cost analysis; a GPU compiled without one has none:
-`_lowered_cost`); and a roofline time, the larger of flops over the chip's peak bf16 rate and
-bytes over its HBM bandwidth. Then the step: peak HBM per chip against the chip's, roofline
-seconds per GRPO step, and tokens per second per chip at that roofline. Rooflines are lower
+keeps resident beside it (params, optimizer state, reference, gradient accumulator, and while
+the step samples the rollout copy; a generate call's KV cache is its decode program's
+argument, allocated per call and freed with it); flops and bytes accessed (cost analysis; a
+GPU compiled without one has none: `_lowered_cost`); and a roofline time, the larger of
+flops over the chip's peak bf16 rate and bytes over its HBM bandwidth. Then the step: peak
+HBM per chip against the chip's, roofline seconds per GRPO step, and tokens per second per
+chip at that roofline. Rooflines are lower
 bounds on time (no communication, no host, perfect overlap), so the tokens per second are
 PROJECTIONS, upper bounds, never measurements. A decode program's cost is that of one loop
 iteration (XLA counts a while loop's body once); the step counts every row running to its
@@ -56,7 +58,7 @@ from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
 from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
-from emor3_jax.rl import packing, reference
+from emor3_jax.rl import packing, reference, rollout_weights
 from emor3_jax.rl.experience import StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
@@ -109,7 +111,10 @@ GPUS_PER_NODE = 8
 # What shrinks a program of each kind, for the verdict.
 SHRINK = {
     "sampler": "sampling.max_rows (decode slots; 0 = one per row), rl.max_prompt_len, rl.max_response_len, "
+    "rl.rollout_sharding='fsdp' (a replicated rollout copy holds the whole model on every chip), "
     "a larger fsdp axis in --config.mesh",
+    "rollout_weights": "rl.rollout_sharding='fsdp' (the copy sharded as the params) or 'tensor' (over the tensor "
+    "axis), or rl.rollout_dtype='' (no copy)",
     "learner": "rl.micro_batch, rl.pack_length, model.remat, a larger fsdp axis in --config.mesh",
     "state": "a larger fsdp axis in --config.mesh (more chips)",
     "cold_start": "cold_start.batch_size, cold_start.judge_batch_size, model.remat, "
@@ -152,6 +157,10 @@ class Target:
     learner: Learner  # GRPO's, with its optimizer
     opt: object  # abstract optimizer state with its shardings
     ref: object  # abstract GRPO reference: the params' shapes and shardings, rl.reference_dtype
+    # The copy the policy samples with (rl/rollout_weights.py): abstract, in its dtype and layout,
+    # and the jitted function that makes it; None: the rollouts sample with the params.
+    rollout: object = None
+    copy_fn: Callable | None = None
     notes: list[str] = dataclasses.field(default_factory=list)  # where the shapes had to give way
     caches: dict = dataclasses.field(default_factory=dict)  # the sampler's decode caches, by name
 
@@ -259,6 +268,10 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     t = Target(
         c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt, ref
     )
+    if c.rl.rollout_dtype:
+        dtype, layout = c.rl.rollout_dtype, c.rl.rollout_sharding
+        t.rollout = rollout_weights.abstract(params, mesh, rules, dtype, layout)
+        t.copy_fn = rollout_weights.copier(params, mesh, rules, dtype, layout)
     for g in generates(t):  # the sampler keeps one cache per shape between calls
         sh = g.shapes(rt.sampler, c.rl.max_prompt_len)
         t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["entries"])
@@ -500,10 +513,18 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     t, sampler = s.t, s.t.rt.sampler
     sh = g.shapes(sampler, t.c.rl.max_prompt_len)
     own = _cache_name(sh)
-    state = ("optimizer", "reference")
+    alive = ("params", "optimizer", "reference") + (("rollout",) if t.rollout is not None else ())
+    # The reflections run on the reference's weights when it is the judge, the rest on the
+    # rollout copy when there is one; the weights a program reads are its argument, the rest
+    # of the resident state lies beside it.
+    if g.name.endswith("_reflection") and t.c.reward.judge == "reference":
+        weights, held = t.ref, "reference"
+    elif t.rollout is not None:
+        weights, held = t.rollout, "rollout"
+    else:
+        weights, held = t.params, "params"
+    state = tuple(k for k in alive if k != held)
     batch = _prompt_batch(t, sh["q"], sh["p_len"], g.shares)
-    # The reflections run on the reference's weights when it is the judge.
-    weights = t.ref if g.name.endswith("_reflection") and t.c.reward.judge == "reference" else t.params
     args, runs = (t.graphdef, weights, batch), g.calls * sh["groups"]
     prefill = Program(f"{g.name}_prefill", sampler._prefill, args, runs, state, g.phase, "sampler")
     pre = s.run(prefill)
@@ -513,7 +534,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
             sampler._fresh,
             (sh["slots"], sh["out_rows"], sh["g_len"], t.rt.pad_id),
             g.calls,
-            ("params",) + state,
+            alive,
             g.phase,
             "sampler",
         )
@@ -526,6 +547,15 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     args = (t.graphdef, settings, weights, caches[own], carry, pre, rows, draw)
     steps = g.calls * -(-sh["rows"] // sh["slots"]) * g.max_new
     s.run(Program(f"{g.name}_decode", sampler._decode, args, steps, state, g.phase, "sampler"))
+
+
+def _rollout_weights_programs(s: Session) -> None:
+    """The rollout copy made from the params: once per GRPO step (before the rollouts) and once
+    per evaluation, beside the optimizer state and the reference (the gradient accumulator is
+    gone by then)."""
+    t = s.t
+    for name, phase in (("rollout_weights", "grpo"), ("eval_rollout_weights", "eval")):
+        s.run(Program(name, t.copy_fn, (t.params,), 1, ("optimizer", "reference"), phase, "rollout_weights"))
 
 
 def _micro_batch(t: Target) -> tuple:
@@ -624,7 +654,8 @@ def _cold_start_programs(s: Session) -> None:
 
 def program_names(t: Target) -> list[str]:
     """The names of the programs `compile_all` compiles for `t`'s config, in its order."""
-    names = [f"{g.name}_{part}" for g in generates(t) for part in ("prefill", "slots", "decode")]
+    names = ["rollout_weights", "eval_rollout_weights"] if t.copy_fn is not None else []
+    names += [f"{g.name}_{part}" for g in generates(t) for part in ("prefill", "slots", "decode")]
     st = t.settings
     accumulates = st.update_batch * st.num_generations > st.micro_batch  # as _update_programs' per_step > 1
     names += ["logprobs", "gradient", *(["accumulate"] if accumulates else []), "optimizer_step"]
@@ -647,6 +678,8 @@ def compile_all(s: Session) -> None:
     """Every program of the run's config, under its mesh and rules."""
     t = s.t
     with sharding.use_mesh(t.mesh, t.rules):
+        if t.copy_fn is not None:
+            _rollout_weights_programs(s)
         for g in generates(t):
             _generate_programs(s, g, t.caches)
         s.grads = _update_programs(s)
@@ -659,6 +692,8 @@ def resident(s: Session) -> dict[str, int]:
     t = s.t
     out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": chip_bytes(t.ref)}
     out["gradients"] = chip_bytes(s.grads)  # the accumulator: the gradient program's own output shardings
+    if t.rollout is not None:  # while the step samples (the rollout and evaluation programs)
+        out["rollout"] = chip_bytes(t.rollout)
     return out
 
 

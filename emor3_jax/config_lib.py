@@ -24,7 +24,7 @@ from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES
 from emor3_jax.models.api import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
-from emor3_jax.rl import grpo
+from emor3_jax.rl import grpo, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS
 from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
 from emor3_jax.rl.learner import SCHEDULES
@@ -367,10 +367,11 @@ def _cold_start(c: ConfigDict) -> list[str]:
 
 
 def _rl(c: ConfigDict) -> list[str]:
-    """rl: the group and batch sizes that divide each other, the packed row length, the registries."""
+    """rl: the group and batch sizes that divide each other, the packed row length, the registries,
+    the rollout copy's settings."""
     rl = c.rl
     rows = rl.update_batch * rl.num_generations
-    return _failed(
+    errors = _failed(
         (rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt"),
         (
             rl.rollout_batch >= 1 and rl.update_batch >= 1 and rl.rollout_batch % rl.update_batch == 0,
@@ -394,7 +395,41 @@ def _rl(c: ConfigDict) -> list[str]:
             ("rl.kl_kind", grpo.KL_KINDS),
             ("rl.micro_batch_weighting", MICRO_BATCH_WEIGHTINGS),
             ("rl.reference_dtype", ("", "float32", "bfloat16")),
+            ("rl.rollout_dtype", ("", "float32", "bfloat16")),
+            ("rl.rollout_sharding", rollout_weights.LAYOUTS),
         ],
+    )
+    return errors + _rollout_weights(c)
+
+
+def _rollout_weights(c: ConfigDict) -> list[str]:
+    """rl.rollout_dtype / rl.rollout_sharding: a layout only for a copy, a tensor layout only
+    over a tensor axis, and old log-probs recomputed when the copy rounds the weights."""
+    rl = c.rl
+    tensor = dict((name, size) for name, size in c.mesh).get("tensor")
+    return _failed(
+        (
+            bool(rl.rollout_dtype) or rl.rollout_sharding == "fsdp",
+            f"--config.rl.rollout_sharding={rl.rollout_sharding!r} lays out a rollout copy, but "
+            "--config.rl.rollout_dtype='' makes none (rollouts sample with the training model): set "
+            "rl.rollout_dtype (e.g. 'bfloat16') or rl.rollout_sharding='fsdp'",
+        ),
+        (
+            rl.rollout_sharding != "tensor" or tensor != 1,
+            "--config.rl.rollout_sharding='tensor' splits the copy over the mesh's tensor axis, which is 1 in "
+            f"--config.mesh={tuple(tuple(a) for a in c.mesh)}: the copy would be whole on every device; say "
+            "'replicated', or give the mesh a tensor axis > 1",
+        ),
+        # The sampler's log-probs are the copy's: with bf16 weights the first mini-batch's ratio
+        # is no longer 1 and bf16 rounding enters the PPO clipping, which the official run never
+        # lets happen (EasyR1 recomputes old log-probs with the fp32 actor, spec section 5).
+        (
+            rl.recompute_old_logprobs or rl.rollout_dtype in ("", c.model.param_dtype),
+            f"--config.rl.rollout_dtype={rl.rollout_dtype!r} with --config.rl.recompute_old_logprobs=False: the old "
+            f"log-probs would be the {rl.rollout_dtype} copy's, not the {c.model.param_dtype} policy's (the first "
+            "update's ratio off 1 by the rounding, which then enters the clipping); set "
+            "rl.recompute_old_logprobs=True (the official run) or rl.rollout_dtype=''",
+        ),
     )
 
 

@@ -10,9 +10,12 @@ seconds on a laptop.
 
 Counted, per device, from each array's shard shape under the sharding the run gives it:
 params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
-gradient accumulator (param-shaped, param dtype), and the rollout sampler's KV cache: its
-decode slots (sampling.max_rows, or one per rollout_batch * num_generations row when 0) x
-(prompt bucket + generation bucket) entries in the compute dtype. Not counted: activations,
+gradient accumulator (param-shaped, param dtype), the rollout copy of the policy
+(rl.rollout_dtype in rl.rollout_sharding's layout; none when rl.rollout_dtype is ""), and the
+rollout sampler's KV cache: its decode slots (sampling.max_rows, or one per rollout_batch *
+num_generations row when 0) x (prompt bucket + generation bucket) entries in the compute
+dtype. The total adds them all, an upper bound: the rollout copy and the KV cache live while
+the step samples, the gradient accumulator while it updates. Not counted: activations,
 logit chunks, a micro-batch's fresh gradients while they are summed, the prompt cache of the
 prefill group being decoded (max_rows // num_generations prompts x prompt bucket, all prompts
 when max_rows is 0), and the sampler's smaller cache buffers (reflection, eval), which it also
@@ -33,11 +36,11 @@ from ml_collections import ConfigDict
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
 from emor3_jax.models.api import ModelConfig, abstract_model, cache_length, cache_shapes, preset
-from emor3_jax.rl import reference
+from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
 from emor3_jax.sampling.sampler import bucket
 
-CATEGORIES = ("params", "optimizer", "reference", "gradients", "kv_cache")
+CATEGORIES = ("params", "optimizer", "reference", "gradients", "rollout", "kv_cache")
 GiB = 1024**3
 
 
@@ -126,6 +129,13 @@ def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[j
     return leaves, fallbacks
 
 
+def _rollout_copy(c: ConfigDict, params, mesh: Mesh, rules) -> list[jax.ShapeDtypeStruct]:
+    """The policy's copy the rollouts sample with, in its dtype and layout (none without one)."""
+    if not c.rl.rollout_dtype:
+        return []
+    return jax.tree.leaves(rollout_weights.abstract(params, mesh, rules, c.rl.rollout_dtype, c.rl.rollout_sharding))
+
+
 def memory(c: ConfigDict) -> dict:
     """Bytes per category on the fullest device and globally, plus what the mesh replicates.
 
@@ -144,6 +154,7 @@ def memory(c: ConfigDict) -> dict:
         "optimizer": _sharded(opt, mesh, rules),
         "reference": reference.abstract(param_leaves, config_lib.reference_dtype(c)),  # the GRPO reference
         "gradients": param_leaves,  # the micro-batch accumulator: param-shaped and -sharded
+        "rollout": _rollout_copy(c, params, mesh, rules),
         "kv_cache": cache,
     }
     per_device, global_ = {}, {}
@@ -157,6 +168,7 @@ def memory(c: ConfigDict) -> dict:
         "mesh": dict(mesh.shape),
         "num_params": int(sum(np.prod(x.shape) for x in param_leaves)),
         "param_dtype": cfg.param_dtype,
+        "rollout_copy": f"{c.rl.rollout_dtype}, {c.rl.rollout_sharding}" if c.rl.rollout_dtype else "none",
         "compute_dtype": cfg.compute_dtype,
         "kv_rows": k_shape[1],
         "kv_slots": k_shape[2],
@@ -178,6 +190,7 @@ def report(m: dict) -> str:
         "optimizer": "AdamW moments + step counters",
         "reference": "GRPO reference policy",
         "gradients": "accumulator over micro-batches",
+        "rollout": f"the policy's copy the rollouts sample with ({m['rollout_copy']})",
         "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['compute_dtype']}",
     }
     for name in (*CATEGORIES, "total"):

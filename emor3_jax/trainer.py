@@ -11,6 +11,7 @@ would have done.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -27,7 +28,7 @@ from emor3_jax.data import store
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, heldout_metrics
-from emor3_jax.rl import divergence, reference
+from emor3_jax.rl import divergence, reference, rollout_weights
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
 from emor3_jax.rl.sft import SFTSettings, SFTStep
@@ -64,6 +65,11 @@ class Run:
             "evals": {},
         }
         self.resumed = {}  # the restored checkpoint's arrays besides params, for its phase to take
+        # params -> the copy the policy samples with (rl.rollout_dtype); None: the params themselves
+        self.copier = None
+        if c.rl.rollout_dtype:
+            rules, dtype, layout = self.rt.rules, c.rl.rollout_dtype, c.rl.rollout_sharding
+            self.copier = rollout_weights.copier(self.params, self.rt.mesh, rules, dtype, layout)
 
     # ---- helpers
     def iterator(self, phase: str, batch_size: int, split: str = "train"):
@@ -73,6 +79,20 @@ class Run:
 
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    @contextlib.contextmanager
+    def sampling_model(self):
+        """The policy as evaluation and the judge check sample it: with the rollout copy of the
+        current params (rl.rollout_dtype), made now and deleted on leaving, else the training
+        model itself."""
+        if self.copier is None:
+            yield self.model()
+            return
+        weights = self.copier(self.params)
+        try:
+            yield self.model(weights)
+        finally:
+            rollout_weights.delete(weights)
 
     def save(self, state: dict, best: bool = False) -> None:
         self.ckpts.save(self.meta, state, self.writer.sizes(), best)
@@ -149,11 +169,11 @@ class Run:
 
     def eval_all(self, label: str, step: int) -> dict:
         """Greedy and sampled held-out accuracy, format and length of the current params."""
-        with self.rt.ctx(), self.prof.phase("eval"):
+        with self.rt.ctx(), self.prof.phase("eval"), self.sampling_model() as model:
             key = jax.random.fold_in(self.key, 10**6 + step)  # greedy and sampled alike
             greedy, sampled = heldout(
                 self.rt.sampler,
-                self.model(),
+                model,
                 self.encoder,
                 self.task,
                 self.test_records,
@@ -216,10 +236,10 @@ class Run:
         phase "judge" and printed."""
         c = self.c
         examples = held_out_examples(c.cold_start.judge_records, c.seed, c.data.image_size, c.data.labels)
-        with self.rt.ctx(), self.prof.phase("judge"):
+        with self.rt.ctx(), self.prof.phase("judge"), self.sampling_model() as model:
             answers = self.task.judge_answers(
                 self.rt.sampler,
-                self.model(),
+                model,
                 self.encoder,
                 examples,
                 key=jax.random.fold_in(self.key, 2 * 10**6 + step),
@@ -248,6 +268,7 @@ class Run:
             settings=StepSettings.from_config(self.c),
             pad_id=self.rt.pad_id,
             threads=self.c.reward.threads,
+            rollout_weights=self.copier,
         )
         it = self.iterator("grpo", self.c.rl.rollout_batch)
         offset, start = self.meta["global_step"] - self.meta["phase_step"], self.meta["phase_step"]

@@ -241,11 +241,35 @@ def test_compile_programs_compiles_only_the_named_ones(tmp_path):
     assert last == "compiled only ['optimizer_step'] (--compile_programs): no verdict on the whole step"
 
 
+def test_the_rollout_programs_take_the_rollout_copy(tmp_path):
+    """With a bf16 replicated rollout copy: the copy's own program (params in, the whole model
+    in bf16 out on each chip) comes first, the sampling programs read the copy instead of the
+    params, which lie beside them with the rest of the state, and the update's programs never
+    see the copy."""
+    c = small_tiny(tmp_path)
+    c.rl.rollout_dtype, c.rl.rollout_sharding, c.rl.recompute_old_logprobs = "bfloat16", "replicated", True
+    only = frozenset({"rollout_weights", "rollout_prefill", "logprobs"})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert compile_for.main(c, TOPOLOGY, only=only) == 0
+    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
+        out = json.load(f)
+    names = [p["name"] for p in out["programs"]]
+    assert names[:3] == ["rollout_weights", "eval_rollout_weights", "rollout_prefill"], names
+    got = {p["name"]: p for p in out["programs"] if "skipped" not in p}
+    whole = out["params_bytes"] // 2  # every parameter in bf16, on each chip
+    assert out["resident_bytes_per_chip"]["rollout"] == whole
+    copy, prefill, logprobs = got["rollout_weights"], got["rollout_prefill"], got["logprobs"]
+    assert copy["output_bytes"] >= whole and copy["argument_bytes"] < out["params_bytes"] / 2  # fp32 shards in
+    assert prefill["argument_bytes"] >= whole and "params" in prefill["beside"] and "rollout" not in prefill["beside"]
+    assert logprobs["argument_bytes"] < whole and "rollout" not in logprobs["beside"]
+
+
 @pytest.mark.slow  # 10 to 20 minutes on 2 cores: every program of the real 3b step
 def test_the_3b_step_compiles_for_a_v6e_8_and_fits(tmp_path):
     """The README's command for the real job, at its real shapes (the paper's batch, 256 decode
     slots, 2,048-token prompts and responses): every program compiles for v6e-8 and the step
-    fits in its 32 GiB per chip (launch/README.md measured 22.4 GiB)."""
+    fits in its 32 GiB per chip (launch/README.md measured 22.4 GiB before the rollout copy, and
+    27.7 GiB at the reflection decode with the 3b default's replicated bf16 copy)."""
     import os
     import subprocess
     import sys
@@ -265,4 +289,5 @@ def test_the_3b_step_compiles_for_a_v6e_8_and_fits(tmp_path):
     report = json.loads((tmp_path / "compile" / "v6e_2x4.json").read_text())
     assert report["fits"] and report["peak_bytes_per_chip"] < report["chip"]["hbm_bytes"]
     names = {p["name"] for p in report["programs"] if "error" not in p}
-    assert {"rollout_prefill", "rollout_decode", "gradient", "optimizer_step", "reference_logprobs"} <= names
+    assert {"rollout_weights", "rollout_prefill", "rollout_decode", "gradient", "optimizer_step"} <= names
+    assert "reference_logprobs" in names

@@ -218,6 +218,46 @@ def test_a_bad_remat_policy_or_reference_dtype_names_its_flag():
     assert "--config.rl.reference_dtype='int8' must be one of ('', 'float32', 'bfloat16')" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"rl.rollout_dtype": "float16"}, "--config.rl.rollout_dtype='float16' must be one of ('', 'float32', 'bfl"),
+        (
+            {"rl.rollout_dtype": "bfloat16", "rl.rollout_sharding": "model"},
+            "--config.rl.rollout_sharding='model' must be one of ('fsdp', 'replicated', 'tensor')",
+        ),
+        (
+            {"rl.rollout_sharding": "replicated"},
+            "--config.rl.rollout_sharding='replicated' lays out a rollout copy, but --config.rl.rollout_dtype='' "
+            "makes none",
+        ),
+        (
+            {"rl.rollout_dtype": "bfloat16", "rl.recompute_old_logprobs": True, "rl.rollout_sharding": "tensor"},
+            "--config.rl.rollout_sharding='tensor' splits the copy over the mesh's tensor axis, which is 1",
+        ),
+        (
+            {"rl.rollout_dtype": "bfloat16", "rl.recompute_old_logprobs": False},
+            "--config.rl.rollout_dtype='bfloat16' with --config.rl.recompute_old_logprobs=False: the old log-probs "
+            "would be the bfloat16 copy's",
+        ),
+    ],
+)
+def test_bad_rollout_copy_settings_name_their_flag(overrides, message):
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**overrides))
+    assert message in str(err.value)
+
+
+def test_rollout_copy_settings_that_are_valid():
+    """A copy in the params' own dtype keeps the sampler's log-probs the policy's, so it needs
+    no recompute; a tensor layout over a tensor axis of 2 (or a -1 one) is accepted."""
+    config_lib.validate(_config(**{"rl.rollout_dtype": "float32", "rl.rollout_sharding": "replicated"}))
+    mesh = (("data", 1), ("fsdp", -1), ("tensor", 2))
+    overrides = {"rl.rollout_dtype": "bfloat16", "rl.recompute_old_logprobs": True, "rl.rollout_sharding": "tensor"}
+    config_lib.validate(_config(mesh=mesh, **overrides))
+    config_lib.validate(_config(mesh=(("data", 1), ("fsdp", 2), ("tensor", -1)), **overrides))
+
+
 def test_the_compile_cache_defaults_to_the_workdir():
     c = _config()
     assert config_lib.compile_cache_dir(c) == "/tmp/unused/compile_cache"
@@ -308,6 +348,9 @@ def test_the_real_variants_default_to_the_papers_settings(variant):
     assert c.reward.compat == "emo_r3_code" and c.reward.reflection == "both"
     assert c.rl.recompute_old_logprobs is True
     assert (c.rl.max_prompt_len, c.rl.max_response_len) == (2048, 2048)
+    # the rollouts sample in bf16, as the official run's vLLM does (tiny: with the training model)
+    assert c.rl.rollout_dtype == "bfloat16" and get_config("tiny").rl.rollout_dtype == ""
+    assert c.rl.rollout_sharding == {"3b": "replicated", "7b": "fsdp"}[variant]
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,14 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _memory(variant: str, devices: int, mesh: tuple, max_rows: int = 0) -> tuple[dict, str]:
-    """dry_run.main for configs/qwen_vl.py:<variant>; (the returned numbers, the printed report)."""
+def _memory(variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = ()) -> tuple[dict, str]:
+    """dry_run.main for configs/qwen_vl.py:<variant> (rollout: (rl.rollout_dtype,
+    rl.rollout_sharding), else the variant's); (the returned numbers, the printed report)."""
+    set_rollout = f"c.rl.rollout_dtype, c.rl.rollout_sharding = {rollout!r}\n" if rollout else ""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
         f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
+        f"{set_rollout}"
         f"m = dry_run.main(c, {devices})\n"
         "print(json.dumps(m))\n"
     )
@@ -71,7 +74,8 @@ def param_elems_per_device(name: str, fsdp: int, tensor: int) -> tuple[int, int]
     return sum(n for n, _ in parts), sum(n // k for n, k in parts)
 
 
-def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float) -> None:
+def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float, rollout: int) -> None:
+    """`rollout`: the rollout copy's bytes per device, by hand."""
     total, per_device = param_elems_per_device(name, fsdp, tensor)
     assert m["num_params"] == total
     pd, gl = m["per_device"], m["global"]
@@ -82,9 +86,10 @@ def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float) -> None:
     # AdamW: two fp32 moments in the params' shardings, plus two int32 step counters (replicated).
     assert pd["optimizer"] == 2 * pd["params"] + 2 * 4
     assert pd["kv_cache"] == kv_gib * GiB
+    assert pd["rollout"] == rollout
     for k in pd:
         assert pd[k] * m["devices"] >= gl[k], k  # every byte lives somewhere (replicas count more)
-    assert pd["total"] == sum(pd[k] for k in ("params", "optimizer", "reference", "gradients", "kv_cache"))
+    assert pd["total"] == sum(pd[k] for k in ("params", "optimizer", "reference", "gradients", "rollout", "kv_cache"))
     assert m["fallbacks"] == []
 
 
@@ -92,23 +97,38 @@ def test_7b_on_64_devices_fsdp16_tensor4():
     m, report = _memory("7b", 64, (("data", 1), ("fsdp", 16), ("tensor", 4)))
     assert m["num_params"] == 8_292_166_656  # Qwen2.5-VL-7B-Instruct's published count
     # K and V, 28 layers stacked: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 4096 slots x 2 bytes.
-    _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 4096 * 2 / GiB)
+    # the 7b default rollout copy: bf16 in the params' fsdp layout, half their bytes
+    _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 4096 * 2 / GiB, rollout=m["per_device"]["params"] // 2)
     assert m["per_device"]["params"] < m["global"]["params"] / 64 * 1.02  # all but 1% of it split 64 ways
     assert "activations" in report and "not included" in report
     assert "GiB/device" in report and "fsdp=16" in report
 
 
 def test_3b_on_8_devices_pure_fsdp():
-    m, _ = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)))
+    m, report = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)))
     assert m["num_params"] == 3_754_622_976  # Qwen2.5-VL-3B-Instruct's published count (tied embeddings)
     assert m["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB)
+    # the 3b default rollout copy: bf16, every parameter on every device
+    _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB, rollout=2 * 3_754_622_976)
+    assert "rollout" in report and "(bfloat16, replicated)" in report
     # 1000 decode slots (continuous batching; not a multiple of num_generations=8): the cache
     # holds 1000 rows, 125 per device.
     m, report = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=1000)
     assert m["kv_rows"] == 1000
     assert m["per_device"]["kv_cache"] == 36 * 2 * 125 * 2 * 128 * 4096 * 2
     assert "1000 decode slots x 4096 entries" in report
+
+
+def test_the_rollout_copy_in_the_tensor_layout_and_without_one():
+    """7b on fsdp 4 x tensor 2: a tensor-layout copy splits heads / mlp / vocab over tensor and
+    nothing over fsdp, so per device it is the hand count at fsdp 1, tensor 2, in bf16; without
+    a copy it counts nothing."""
+    mesh = (("data", 1), ("fsdp", 4), ("tensor", 2))
+    m, _ = _memory("7b", 8, mesh, rollout=("bfloat16", "tensor"))
+    _, per_device = param_elems_per_device("7b", 1, 2)
+    assert m["per_device"]["rollout"] == 2 * per_device
+    m, report = _memory("7b", 8, mesh, rollout=("", "fsdp"))
+    assert m["per_device"]["rollout"] == 0 and "(none)" in report
 
 
 @pytest.mark.parametrize(

@@ -385,6 +385,44 @@ def test_bad_record_stops_the_data_build_naming_it_or_is_skipped_and_counted(tmp
         )
 
 
+def test_a_bf16_rollout_copy_samples_every_generation_and_is_gone_before_each_update(tmp_path, monkeypatch):
+    """rl.rollout_dtype=bfloat16 in the replicated layout: the rollouts, the policy's reflections
+    and the evaluations all sample with a bf16 copy held whole on each of the 8 devices, while
+    the master params stay fp32 and sharded; when an update starts, every copy made so far is
+    deleted, and so is the last one (an evaluation's) when the run ends."""
+    import jax
+    from flax import nnx
+
+    from emor3_jax.rl.experience import GRPOStep
+    from emor3_jax.sampling.sampler import Sampler
+
+    calls = []  # (the emor3_jax files that asked, the copy's arrays) per generate call
+    generate, update = Sampler.generate, GRPOStep.update
+
+    def spy_generate(self, model, prompts, **kwargs):
+        sites = {f.filename.split("emor3_jax/")[-1] for f in traceback.extract_stack() if "emor3_jax/" in f.filename}
+        calls.append((sites, jax.tree.leaves(nnx.state(model))))
+        return generate(self, model, prompts, **kwargs)
+
+    def spy_update(self, params, opt, exp, *, step):
+        assert calls and all(x.is_deleted() for _, leaves in calls for x in leaves), step
+        master = jax.tree.leaves(params)
+        assert all(x.dtype == np.float32 for x in master)
+        assert any(not x.sharding.is_fully_replicated for x in master)  # the kernels: over fsdp
+        return update(self, params, opt, exp, step=step)
+
+    monkeypatch.setattr(Sampler, "generate", spy_generate)
+    monkeypatch.setattr(GRPOStep, "update", spy_update)
+    copy = {"rl.rollout_dtype": "bfloat16", "rl.rollout_sharding": "replicated", "rl.recompute_old_logprobs": True}
+    results = trainer.run(small_config(tmp_path, **{"cold_start.steps": 0, "rl.steps": 2, "eval.every": 1, **copy}))
+    assert 0 <= results["grpo"]["greedy_accuracy"] <= 1
+    for _, leaves in calls:
+        assert all(x.dtype == jax.numpy.bfloat16 and x.sharding.is_fully_replicated for x in leaves)
+        assert all(x.is_deleted() for x in leaves)
+    asked = set().union(*(sites for sites, _ in calls))
+    assert {"rl/experience.py", "emo_r3/task.py", "evaluation/evaluate.py"} <= asked, asked
+
+
 def test_cold_start_alone(tmp_path):
     results = trainer.run(small_config(tmp_path / "sft", **{"rl.steps": 0, "rl.epochs": 0}))
     assert results["grpo"] is None and 0 <= results["cold_start"]["greedy_accuracy"] <= 1

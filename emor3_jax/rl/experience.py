@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 
 from emor3_jax.core import multihost, sharding
 from emor3_jax.core.batches import PackedBatch
+from emor3_jax.rl import rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
 from emor3_jax.rl.rows import packed_rows, score_async, training_rows
@@ -153,9 +155,13 @@ class GRPOStep:
         settings: StepSettings,
         pad_id: int,
         threads: int = 4,
+        rollout_weights: Callable | None = None,
     ):
+        """rollout_weights: params -> the copy the policy samples with (rl/rollout_weights.py's
+        `copier`), made at each `experience` and deleted there after the reflections; None:
+        the policy samples with `params` themselves."""
         self.learner, self.sampler, self.encoder, self.task = learner, sampler, encoder, task
-        self.s, self.pad_id = settings, pad_id
+        self.s, self.pad_id, self.rollout_weights = settings, pad_id, rollout_weights
         self.pool = ThreadPoolExecutor(threads)
         self.skipped_in_row = 0  # optimizer steps skipped in a row (non-finite gradient), across updates
 
@@ -165,25 +171,20 @@ class GRPOStep:
     def experience(self, params, ref, records: list[dict], key) -> Experience:
         """Rollouts of `records` (the global batch, the same on every process) under `params`,
         reflections by the task's judge (the policy, or `ref`), rewards scored on the host while
-        the device computes reference (and, if configured, old) log-probs, and advantages."""
-        s, times, t = self.s, {}, time.perf_counter()
-        policy = self.learner.model(params)
-        ro = sample_rollouts(
-            self.sampler,
-            policy,
-            self.encoder,
-            self.task,
-            records,
-            n=s.num_generations,
-            key=key,
-            max_new=s.max_response_len,
-            params=s.rollout,
-        )
-        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
-        if self.task.reflects:
-            judge = policy if self.task.judge == "policy" else self.learner.model(ref)
-            self.task.reflect(self.sampler, judge, self.encoder, ro, key=jax.random.fold_in(key, 1))
-        times["reflection_s"], t = time.perf_counter() - t, time.perf_counter()
+        the device computes reference (and, if configured, old) log-probs, and advantages.
+        With `rollout_weights` the policy samples and judges with a copy of `params`, deleted
+        before the log-probs (those stay on `params`): the update never holds it."""
+        s, times = self.s, {}
+        if self.rollout_weights is None:
+            ro = self._sample(params, ref, records, key, times)
+        else:
+            t = time.perf_counter()
+            weights = jax.block_until_ready(self.rollout_weights(params))
+            times["rollout_weights_s"] = time.perf_counter() - t
+            ro = self._sample(weights, ref, records, key, times)
+            rollout_weights.delete(weights)  # freed here, before the log-probs and the update
+            del weights
+        t = time.perf_counter()
         futures = score_async(self.pool, ro, self.task.score, multihost.local_rows(len(ro.responses)))
         # While the host scores: the rows, their reference (and old) log-probs on device.
         rows = np.arange(len(ro.responses))
@@ -220,6 +221,29 @@ class GRPOStep:
             ref_logp=ref_lp,
             times=times,
         )
+
+    def _sample(self, weights, ref, records: list[dict], key, times: dict) -> Rollouts:
+        """The rollouts of `records` by the policy with `weights`, and the reflections of the
+        task's judge (that policy, or `ref`); their seconds go to `times`."""
+        s, t = self.s, time.perf_counter()
+        policy = self.learner.model(weights)
+        ro = sample_rollouts(
+            self.sampler,
+            policy,
+            self.encoder,
+            self.task,
+            records,
+            n=s.num_generations,
+            key=key,
+            max_new=s.max_response_len,
+            params=s.rollout,
+        )
+        times["rollout_s"], t = time.perf_counter() - t, time.perf_counter()
+        if self.task.reflects:
+            judge = policy if self.task.judge == "policy" else self.learner.model(ref)
+            self.task.reflect(self.sampler, judge, self.encoder, ro, key=jax.random.fold_in(key, 1))
+        times["reflection_s"] = time.perf_counter() - t
+        return ro
 
     def update(self, params, opt, exp: Experience, *, step: int) -> tuple[object, object, dict]:
         """One pass over the experience in mini-batches of update_batch prompts, one optimizer

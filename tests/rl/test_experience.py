@@ -1,7 +1,8 @@
 """The GRPO step in pieces (rl/experience.py), with a scripted sampler (fixed responses) and a
 scripted task (fixed rewards), on a tiny random model: gradient accumulation over micro-batches
-equals one big batch in each loss mode, the optimizer state is threaded through the update, and
-a reward component a task adds comes back from the step and lands in the trainer's metrics."""
+equals one big batch in each loss mode, the optimizer state is threaded through the update, a
+reward component a task adds comes back from the step and lands in the trainer's metrics, and
+a rollout copy of the policy is made fresh for each step and gone before its update."""
 
 import dataclasses
 import json
@@ -17,10 +18,10 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt
 from emor3_jax.models.api import create_model
-from emor3_jax.rl import reference
+from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.experience import GRPOStep, StepSettings
 from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
-from emor3_jax.sampling.methods import SamplingParams
+from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Samples
 
 B, N, G, PAD = 4, 2, 6, 0
@@ -350,3 +351,64 @@ def test_grpo_steps_raise_the_reward():
         after = share(params)
     step.close()
     assert before < 0.5 and after > 0.8, (before, after)
+
+
+def _host_weights(state) -> dict:
+    """{path: host array} of an nnx.State."""
+    return {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+class RecordingSampler(ScriptedSampler):
+    """The scripted sampler, keeping each call's weights: live (to see them deleted) and on the host."""
+
+    def __init__(self):
+        self.live, self.host = [], []
+
+    def generate(self, model, prompts, *, key, max_new_tokens, n=1, params=None):
+        state = nnx.state(model)
+        self.live.append(jax.tree.leaves(state))
+        self.host.append(_host_weights(state))
+        return super().generate(model, prompts, key=key, max_new_tokens=max_new_tokens, n=n, params=params)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyJudgedTask(ScriptedTask):
+    """The scripted task with reflections the policy answers (one generate call, answers unused)."""
+
+    reflects: bool = True
+
+    def reflect(self, sampler, judge, encoder, ro, *, key):
+        sampler.generate(judge, ro.prompts, key=key, max_new_tokens=G, n=ro.n, params=GREEDY)
+        ro.text_answers = ro.image_answers = [None] * len(ro.responses)
+
+
+def test_each_step_samples_with_a_fresh_copy_deleted_before_it_returns():
+    """Two GRPO steps with a bf16 replicated copy: the rollouts and the policy's reflections of
+    each step see the copy of that step's params (after the first update, the new ones: a copy
+    kept from step 1 fails), and every buffer of it is deleted before `experience` returns, so
+    the update runs without it; the master params stay fp32 and whole."""
+    recorder = RecordingSampler()
+    mesh, learner, params, step, records = _setup(B * N, "token", devices=8, task=PolicyJudgedTask())
+    step.sampler = recorder
+    step.rollout_weights = rollout_weights.copier(params, mesh, sharding.DEFAULT_RULES, "bfloat16", "replicated")
+    bf16 = lambda p: _host_weights(jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))
+    opt, seen = learner.init(params), []
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        for i in range(2):
+            exp = step.experience(params, params, records, jax.random.key(i))
+            assert "rollout_weights_s" in exp.times and len(recorder.live) == 2 * (i + 1)  # rollout + reflection
+            for live in recorder.live:  # this step's copy and the last one's: gone before any update
+                assert all(x.is_deleted() for x in live)
+            assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+            want = bf16(params)
+            for host in recorder.host[-2:]:
+                assert host.keys() == want.keys()
+                for k in want:
+                    assert host[k].dtype == jnp.bfloat16
+                    np.testing.assert_array_equal(host[k], want[k], err_msg=k)
+            seen.append(want)
+            params, opt, _ = step.update(params, opt, exp, step=i + 1)
+    step.close()
+    moved = [k for k in seen[0] if not np.array_equal(seen[0][k], seen[1][k])]
+    assert moved, "the update moved no weight the bf16 copy can see"
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
