@@ -492,7 +492,7 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     last group (`final`) until every slot is free. cache [Y, W, S, K, H] (keys and values)
     and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
-    p_len = pre.cache[0].shape[3]
+    p_len = pre.cache[0].shape[2]  # [Y, Q, P, K, H]
     wait = waiting_rows(s, pre, rows, d)
 
     def admit_any(c, cache, pending):
