@@ -228,12 +228,12 @@ def test_sampler_prefill_through_the_kernel_matches_xla(ours_fp32, impl):
 
     batch = make_batch([[5, ("image", 8, 8), 6], [9]], np.random.default_rng(2), "left")
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
-    inputs.pop("rope_deltas")
+    inputs["next_pos"] = inputs.pop("rope_deltas")  # carried through as is; any [B] ints
     prefill = jax.jit(_prefill, static_argnums=(0,))
     want = prefill(*nnx.split(ours_fp32), inputs)
     got = prefill(*nnx.split(_model_with(ours_fp32, impl)), inputs)
-    real = batch["attention_mask"].astype(bool)  # cache entries of padding are masked in decode
-    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5, rtol=0)
-    for g, w, slot_axis in zip(got[1], want[1], (-1, -2)):  # keys [Y, B, K, H, P], values [Y, B, K, P, H]
-        g, w = np.moveaxis(np.asarray(g), slot_axis, 2), np.moveaxis(np.asarray(w), slot_axis, 2)
-        np.testing.assert_allclose(g[:, real], w[:, real], atol=1e-5, rtol=0)
+    real = batch["attention_mask"].astype(bool)  # cache entries of padding are never live in decode
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got.start), np.asarray(want.start))
+    for g, w in zip(got.cache, want.cache):  # keys and values [Y, B, P, K, H]
+        np.testing.assert_allclose(np.asarray(g)[:, real], np.asarray(w)[:, real], atol=1e-5, rtol=0)
