@@ -97,6 +97,7 @@ def needs_reference_script():
         pytest.skip(f"no TRL reference script at {os.path.normpath(TRL_SCRIPT)} (shared/ beside the repo)")
 
 
+@pytest.mark.slow  # 46 s on 2 cores; CI runs the GRPO step's own bench (test_grpo_step_small)
 def test_grpo_vs_trl_ours_only(tmp_path):
     """Our GRPO step on the reference script's checkpoint (built here), with and without RER."""
     needs_reference_script()

@@ -81,9 +81,11 @@ def _prompts() -> list[Prompt]:
     return [Prompt(np.array(list(range(1, 3 + b)), np.int32)) for b in range(B)]
 
 
-@pytest.mark.parametrize("layout", sorted(MESHES))
+# The layout 3b runs (replicated); fsdp and tensor copies are checked by their shardings above
+# and sample through the same program (15 s each on 2 cores).
+@pytest.mark.parametrize("layout", ["replicated"])
 def test_greedy_samples_of_an_fp32_copy_are_the_training_models(layout):
-    """Greedy decoding of the copy in every layout: the training model's tokens, token for
+    """Greedy decoding of the copy: the training model's tokens, token for
     token, and its log-probs to float rounding (another layout sums in another order). A bf16
     copy samples the same model rounded: its log-probs agree to bf16 rounding wherever its
     tokens still agree."""
