@@ -164,3 +164,21 @@ def test_tpu_kernel_lowers_to_mosaic_at_3b_shapes(dtype, g):
     args += [jax.ShapeDtypeStruct((b,), jnp.int32)] * 2
     f = jax.jit(functools.partial(ragged_decode_attention, impl="tpu", interpret=False))
     assert "tpu_custom_call" in f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_sharded_kernel_runs_on_each_devices_rows_and_heads(impl):
+    """Under an 8-device mesh (data 2 x fsdp 2 x tensor 2) the kernel sees its device's rows and
+    kv heads ([B/4, S, K/2, H]: one row, one kv head) and gives the unsharded reference."""
+    from emor3_jax.core import sharding
+
+    spans = SPANS["start_middle_end"] + [(5, 300)]  # 4 rows: one per data x fsdp shard
+    q, k, v, start, end = _inputs(spans, 4, jnp.float32)
+    want = ragged_decode_attention(q, k, v, start, end, impl="xla")
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+    run = jax.jit(functools.partial(rd.sharded_decode_attention, impl=impl))
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        got = run(q, k, v, start, end)
+        text = run.lower(q, k, v, start, end).as_text()
+    assert "manual_computation" in text and f"tensor<1x{S}x1x{H}xf32>" in text
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL[jnp.float32], rtol=0)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec
 
 from emor3_jax.core import sharding
 
@@ -49,23 +48,7 @@ def attention(
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys, got T={q.shape[1]}, S={k.shape[1]}")
     kernel = functools.partial(_splash if impl == "splash" else _flash, causal=causal, interpret=platform == "cpu")
-    return _per_shard(kernel, q, k, v, q_seg, kv_seg)
-
-
-def _per_shard(kernel, q, k, v, q_seg, kv_seg) -> jax.Array:
-    """`kernel` on each device's rows and heads under the current mesh (as is outside one).
-    Query and kv heads split alike or not at all, so each device keeps whole groups; the
-    sequence and head dims stay whole whatever the rules say."""
-    q_spec = sharding.current_spec(("batch", None, "heads", None), q.shape)
-    if q_spec is None:
-        return kernel(q, k, v, q_seg, kv_seg)
-    kv_spec = sharding.current_spec(("batch", None, "kv_heads", None), k.shape)
-    if q_spec[2] != kv_spec[2]:
-        q_spec, kv_spec = PartitionSpec(q_spec[0], None, None, None), PartitionSpec(kv_spec[0], None, None, None)
-    seg_spec = PartitionSpec(q_spec[0], None)
-    return jax.shard_map(
-        kernel, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec, check_vma=False
-    )(q, k, v, q_seg, kv_seg)
+    return sharding.per_shard_heads(kernel, q, 2, (k, v), 2, (q_seg, kv_seg))  # [B, T, N, H], [B, S, K, H]
 
 
 def _pad(x: jax.Array, length: int, value=0) -> jax.Array:

@@ -26,7 +26,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode
-from jax.sharding import PartitionSpec
 
 from emor3_jax.core import sharding
 
@@ -108,19 +107,12 @@ def ragged_decode_attention(
 
 def sharded_decode_attention(q, k_cache, v_cache, start, end, *, impl: str) -> jax.Array:
     """`ragged_decode_attention` on each device's rows (and kv heads, when queries and kv heads
-    split alike) under the current mesh. A Pallas call is opaque to XLA's partitioner, which
-    would gather every row's cache onto every device; "xla" is partitioned by XLA as is."""
+    split alike) under the current mesh (`sharding.per_shard_heads`: a Pallas call is opaque to
+    XLA's partitioner); "xla" is partitioned by XLA as is."""
     run = functools.partial(ragged_decode_attention, impl=impl)
-    q_spec = sharding.current_spec(("batch", "heads", None), q.shape)
-    if impl == "xla" or q_spec is None:
+    if impl == "xla":
         return run(q, k_cache, v_cache, start, end)
-    kv_spec = sharding.current_spec(("batch", "kv_heads", None, None), k_cache.shape)
-    if q_spec[1] != kv_spec[1]:
-        q_spec, kv_spec = PartitionSpec(q_spec[0], None, None), PartitionSpec(kv_spec[0], None, None, None)
-    row_spec = PartitionSpec(q_spec[0])
-    return jax.shard_map(
-        run, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec), out_specs=q_spec, check_vma=False
-    )(q, k_cache, v_cache, start, end)
+    return sharding.per_shard_heads(run, q, 1, (k_cache, v_cache), 2, (start, end))  # [B, N, H], [B, S, K, H]
 
 
 def _check_shapes(q, k_cache, v_cache, start, end) -> None:

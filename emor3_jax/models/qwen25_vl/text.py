@@ -129,7 +129,7 @@ class DecoderLayer(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        attn: layers.Segments | jax.Array,
+        attn: layers.Segments | layers.Live,
         kv: KV | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
