@@ -22,8 +22,8 @@ token at entry P + j: its live entries are one contiguous span, the only part de
 reads (`Live`). Each row draws its j-th token with key (key, row, j), so its tokens do
 not depend on the slot or the step it ran in. The first token of every row is drawn once per
 group from the prefill logits, so admission moves a token id, not a row of logits: the loop
-carries no [W, V] array, and admission (under a `lax.cond`) costs nothing at steps where no
-slot is free.
+carries no [W, V] array. Admission runs after every step; with no slot free it takes no
+row and copies no cache, so it costs a few [W] operations.
 
 The KV cache [W, S] is set by the slot count, allocated once per shape and donated to each
 decode call. Shapes come from the buckets and settings, so a run compiles a bounded number
@@ -495,14 +495,6 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     p_len = pre.cache[0].shape[2]  # [Y, Q, P, K, H]
     wait = waiting_rows(s, pre, rows, d)
 
-    def admit_any(c, cache, pending):
-        free = c.slots.row < 0
-        need = jnp.any(free) & (pending < rows.valid)
-        if not s.continuous:
-            need &= jnp.all(free)
-        run = lambda a: admit(s, *a, pre, rows, wait)
-        return run((c, cache, pending))
-
     def cond(loop):
         # A free slot with no row of this group left: return, so the next group's rows take it
         # before the next step. The last group: until every row has stopped.
@@ -513,7 +505,7 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     def body(loop):
         c, cache, pending = loop
         c, cache = step(s, model, c, cache, p_len, d)
-        return admit_any(c, cache, pending)
+        return admit(s, c, cache, pending, pre, rows, wait)
 
-    carry, cache, _ = jax.lax.while_loop(cond, body, admit_any(carry, cache, jnp.zeros((), jnp.int32)))
+    carry, cache, _ = jax.lax.while_loop(cond, body, admit(s, carry, cache, jnp.zeros((), jnp.int32), pre, rows, wait))
     return cache, carry
