@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 from emor3_jax.core import paths
 from emor3_jax.core.sharding import MESH_AXES
 from emor3_jax.data.sources import SOURCES
+from emor3_jax.data.sources import cold_start as cold_start_data
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES
@@ -309,9 +310,9 @@ def _data_files(c: ConfigDict) -> list[str]:
         path = d.cold_start
         errors += _failed(
             (
-                epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith((".jsonl", ".parquet"))),
-                f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of "
-                ".parquet) with image, problem and response per record",
+                epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith(cold_start_data.SUFFIXES)),
+                f"--config.data.cold_start={path!r} must be an existing .jsonl, .json (an array) or .parquet file "
+                "(or a dir of .parquet) with image, problem and response (or ShareGPT-style messages) per record",
             ),
             (
                 c.cold_start.steps > 0,

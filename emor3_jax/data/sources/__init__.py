@@ -18,8 +18,9 @@ picks it, so a flag leads to its file):
   emoset_parquet  read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
   folder          read_folder(root, annotations_file, labels)     images under root + JSONL/CSV
   emoset118k      read_emoset118k(root, split, labels)            the official EmoSet-118K release
-  cold_start      read_cold_start(path, labels)                   SET-answer SFT data (JSONL or parquet):
-                                                                  image, problem/question, response
+  cold_start      read_cold_start(path, labels)                   SET-answer SFT data (JSONL, a JSON array
+                                                                  or parquet): image, problem/question,
+                                                                  response, or ShareGPT-style messages
   common          what they share: BadRecord, the record iterator, label/image/path checks,
                   parquet and JSONL/CSV rows
   filters         checked (skip bad records), drop_overlong, require_set_answers
