@@ -11,8 +11,8 @@
     # the paper's settings (spec section 5) on a TPU VM or GPU node
     python -m emor3_jax.train --config=configs/qwen_vl.py:3b \\
         --config.hf_path=/ckpt/Qwen2.5-VL-3B-Instruct \\
-        --config.data.source=emoset_parquet --config.data.train=/data/EmoSet-2k/train \\
-        --config.data.test=/data/EmoSet-2k/test --config.workdir=/runs/emor3-3b
+        --config.data.train=fuyyy74/EmoSet2k@train --config.data.test=fuyyy74/EmoSet2k@test \\
+        --config.workdir=/runs/emor3-3b
 
     # evaluate a run (its latest step) on its test split: results.json/.md, confusion, responses
     python -m emor3_jax.eval --config=configs/qwen_vl.py --checkpoint=workdir/tiny --out=workdir/tiny/eval
@@ -91,8 +91,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
 
     c.data = ConfigDict()
     c.data.source = "synthetic" if tiny else "emoset_parquet"  # synthetic | emoset_parquet | folder | emoset118k
-    c.data.train = ""  # parquet file/dir, image root, or EmoSet-118K root
-    c.data.test = ""
+    # parquet file/dir, image root, or EmoSet-118K root; emoset_parquet also takes one split of a
+    # folder, <dir>@train, or of a hub data set, owner/name@train (downloaded once into the HF
+    # cache). 3b/7b: the official run's data (examples/qwen2_5_vl_3b_emor3.sh:15-16).
+    c.data.train = "" if tiny else "fuyyy74/EmoSet2k@train"
+    c.data.test = "" if tiny else "fuyyy74/EmoSet2k@test"
     c.data.annotations_train = ""  # folder source: JSONL/CSV annotation files
     c.data.annotations_test = ""
     # Cold-start (SFT) data with SET-formatted answers, the shape of the authors' cold-start set:
@@ -114,6 +117,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.min_pixels = 28 * 28 if tiny else 512 * 512
     c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048
     c.data.skip_bad = False  # True: skip bad records, count them, stop past max_bad_fraction
+    # False: train and test data that share files or identical images stop the run at start-up
+    # (the test split would score what was trained on); True: the overlap is intended.
+    c.data.allow_train_test_overlap = False
     c.data.max_bad_fraction = 0.01
 
     c.cold_start = ConfigDict()
@@ -297,6 +303,7 @@ def _rehearsal() -> ConfigDict:
     c.workdir = "workdir/rehearsal"
     c.model.preset = "tiny"  # width 128: the 151,665-row embedding stays affordable
     c.data.source = "synthetic"
+    c.data.train = c.data.test = ""  # generated: no files
     c.data.image_sides = (200, 2000)
     c.data.synthetic_train = 48
     c.data.synthetic_test = 8

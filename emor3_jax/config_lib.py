@@ -2,8 +2,9 @@
 
 Every problem is reported before anything is built, naming the flag to set: `validate` runs one
 function per config section (SECTION_CHECKS) and lists all their messages at once. A hub id in
-hf_path / tokenizer_path is downloaded by `resolve_hub_ids`, which the entry points call before
-they validate; validation itself downloads nothing.
+hf_path / tokenizer_path, or a hub data set's split in data.train / data.test
+(`fuyyy74/EmoSet2k@train`), is downloaded by `resolve_hub_ids`, which the entry points call
+before they validate; validation itself downloads nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ml_collections import ConfigDict
 
 from emor3_jax.core import paths
 from emor3_jax.core.sharding import MESH_AXES
-from emor3_jax.data.sources import SOURCES
+from emor3_jax.data.sources import SOURCES, overlap, split_files
+from emor3_jax.data.sources import cold_start as cold_start_data
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES
@@ -118,10 +120,13 @@ def _get(c: ConfigDict, path: str):
 # A Hugging Face hub id: owner/name (huggingface_hub's rules for the characters), no more parts.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 # What a snapshot of each flag's repo downloads: the model (config, weights, tokenizer,
-# processor), or the tokenizer alone. Skips other formats (*.bin, *.pt, *.gguf) of the weights.
+# processor), the tokenizer alone, or a data set's parquet files (both splits: one download).
+# Skips other formats (*.bin, *.pt, *.gguf) of the weights.
 HUB_FILES = {
     "hf_path": ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
     "tokenizer_path": ["*.json", "*.txt", "*.model", "*.jinja"],
+    "data.train": ["*.parquet"],
+    "data.test": ["*.parquet"],
 }
 
 
@@ -141,16 +146,23 @@ def _hub_offline() -> bool:
 
 def hub_snapshot(repo_id: str, flag: str) -> str:
     """The local directory of hub repo `repo_id` (huggingface_hub's snapshot_download into the
-    HF cache: downloaded once, then read from the cache). Offline (HF_HUB_OFFLINE=1) it reads the
-    cache alone. Raises ValueError in one line naming --config.<flag> when the repo is neither
-    cached nor reachable, or not on the hub."""
+    HF cache: downloaded once, then read from the cache): a model repo for hf_path /
+    tokenizer_path, a data set repo for data.train / data.test. Offline (HF_HUB_OFFLINE=1) it
+    reads the cache alone. Raises ValueError in one line naming --config.<flag> when the repo is
+    neither cached nor reachable, or not on the hub."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = _hub_offline()
-    local = f"give a local checkpoint dir with --config.{flag}=/local/dir"
+    offline, data = _hub_offline(), flag.startswith("data.")
+    local = f"give a local {'snapshot folder' if data else 'checkpoint dir'} with --config.{flag}=/local/dir"
+    local += "@<split>" if data else ""
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES[flag], local_files_only=offline)
+        return snapshot_download(
+            repo_id,
+            repo_type="dataset" if data else "model",
+            allow_patterns=HUB_FILES[flag],
+            local_files_only=offline,
+        )
     except GatedRepoError as e:
         raise ValueError(
             f"--config.{flag}={repo_id!r}: the hub repo is gated; accept its terms and log in (hf auth login, or "
@@ -166,15 +178,44 @@ def hub_snapshot(repo_id: str, flag: str) -> str:
         ) from e
 
 
-def resolve_hub_ids(c: ConfigDict) -> None:
-    """Replaces a hub id in c.hf_path / c.tokenizer_path by its local snapshot directory
-    (hub_snapshot), so everything after reads a local directory as before; a local directory
-    (or a URI) is left as it is. The one place hub ids are resolved (downloaded): the entry
-    points (train.main, trainer.Run.checked, eval.run_eval) call it before they validate."""
+def _hub_data_id(c: ConfigDict, flag: str) -> tuple[str, str] | None:
+    """(repo id, split) when --config.<flag> (data.train / data.test) names a split of a hub data
+    set, `owner/name@split` (emoset_parquet data); else None."""
+    path, split = split_files.parse(_get(c, flag))
+    if c.data.source != "emoset_parquet" or split is None or "://" in path or not is_hub_id(path):
+        return None
+    return path, split
+
+
+def resolve_hub_ids(c: ConfigDict, data_flags: Sequence[str] = ("data.train", "data.test")) -> None:
+    """Replaces a hub id in c.hf_path / c.tokenizer_path by its local snapshot directory, and a
+    hub data set's split `owner/name@split` in `data_flags` by `<its snapshot>@split`
+    (hub_snapshot), so everything after reads local files as before; a local path (or a URI) is
+    left as it is. The one place hub ids are resolved (downloaded): the entry points
+    (train.main, trainer.Run.checked, eval.run_eval) call it before they validate. Every flag
+    that cannot be resolved is named in one ValueError (a data set repo once, for its first flag:
+    data.train and data.test name the same one)."""
+    errors = []
     for flag in ("hf_path", "tokenizer_path"):
         value = c[flag]
         if value and not os.path.isdir(value) and "://" not in value and is_hub_id(value):
-            c[flag] = hub_snapshot(value, flag)
+            try:
+                c[flag] = hub_snapshot(value, flag)
+            except ValueError as e:
+                errors.append(str(e))
+    snapshots = {}  # repo id -> its snapshot, or None when it failed (named once, for the first flag)
+    for flag in data_flags:
+        hub = _hub_data_id(c, flag)
+        if hub and hub[0] not in snapshots:
+            try:
+                snapshots[hub[0]] = hub_snapshot(hub[0], flag)
+            except ValueError as e:
+                snapshots[hub[0]] = None
+                errors.append(str(e))
+        if hub and snapshots[hub[0]]:
+            c.data[flag.split(".")[1]] = f"{snapshots[hub[0]]}@{hub[1]}"
+    if errors:
+        raise ValueError(errors[0] if len(errors) == 1 else "\n".join(errors))
 
 
 def _model_path_problem(flag: str, value: str) -> str | None:
@@ -286,18 +327,35 @@ def _model(c: ConfigDict) -> list[str]:
     )
 
 
+def _data_path_problem(flag: str, source: str, path: str, what: str) -> str | None:
+    """Why `path`, --config.<flag> (`what` it holds, for the message), is unusable for `source`,
+    or None. emoset_parquet takes a file, a folder read whole, or one split of either
+    (`<path>@<split>`, split_files)."""
+    if source != "emoset_parquet" or not path:
+        ok = bool(path) and epath.Path(path).exists()
+        return None if ok else f"--config.{flag}={path!r} does not exist ({what})"
+    folder, split = split_files.parse(path)
+    if split is not None and "://" not in folder and is_hub_id(folder):  # a caller that skipped resolve_hub_ids
+        return (
+            f"--config.{flag}={path!r} is a Hugging Face hub data set not yet resolved to a local snapshot "
+            "(config_lib.resolve_hub_ids, run before validation)"
+        )
+    try:
+        split_files.parquet_source_files(path)
+    except (FileNotFoundError, ValueError) as e:
+        return f"--config.{flag}={path!r} ({what}): {e}"
+    return None
+
+
 def _data_files(c: ConfigDict) -> list[str]:
-    """data: the files the source reads (train, test, annotations) and the cold start's records."""
+    """data: the files the source reads (train, test, annotations), that the two splits share
+    none (unless data.allow_train_test_overlap), and the cold start's records."""
     errors, d = [], c.data
     if d.source != "synthetic":
         for split in ("train", "test"):
             path, ann = d[split], d[f"annotations_{split}"]
-            errors += _failed(
-                (
-                    bool(path) and epath.Path(path).exists(),
-                    f"--config.data.{split}={path!r} does not exist (the {d.source} data for the {split} split)",
-                )
-            )
+            problem = _data_path_problem(f"data.{split}", d.source, path, f"the {d.source} data for the {split} split")
+            errors += [problem] if problem else []
             if d.source == "folder":
                 errors += _failed(
                     (
@@ -305,13 +363,17 @@ def _data_files(c: ConfigDict) -> list[str]:
                         f"--config.data.annotations_{split}={ann!r}: the JSONL/CSV annotation file is missing",
                     )
                 )
+        if not errors and not d.allow_train_test_overlap:
+            files = [overlap.split_data_files(d.source, d[s], d[f"annotations_{s}"]) for s in ("train", "test")]
+            shared = overlap.shared_files(*files)
+            errors += [overlap.shared_files_message(shared)] if shared else []
     if d.cold_start:
         path = d.cold_start
         errors += _failed(
             (
-                epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith((".jsonl", ".parquet"))),
-                f"--config.data.cold_start={path!r} must be an existing .jsonl or .parquet file (or a dir of "
-                ".parquet) with image, problem and response per record",
+                epath.Path(path).is_dir() or (epath.Path(path).is_file() and path.endswith(cold_start_data.SUFFIXES)),
+                f"--config.data.cold_start={path!r} must be an existing .jsonl, .json (an array) or .parquet file "
+                "(or a dir of .parquet) with image, problem and response (or ShareGPT-style messages) per record",
             ),
             (
                 c.cold_start.steps > 0,
@@ -557,7 +619,8 @@ def validate_eval(c: ConfigDict, names: list[str], samples: int) -> None:
             need(ds.split in ("train", "test"), f"{flag}.split={ds.split!r} must be train or test (synthetic)")
             need(ds.num_examples > 0, f"{flag}.num_examples={ds.num_examples}: synthetic needs how many to draw")
         elif ds.source in SOURCES:
-            need(bool(ds.path) and epath.Path(ds.path).exists(), f"{flag}.path={ds.path!r} does not exist")
+            problem = _data_path_problem(f"eval.datasets.{name}.path", ds.source, ds.path, f"data set {name!r}")
+            need(problem is None, problem or "")
         if ds.source == "folder":
             need(
                 bool(ds.annotations) and epath.Path(ds.annotations).is_file(),
@@ -605,6 +668,7 @@ RESUMABLE = (
     "data.test",
     "data.annotations_train",
     "data.annotations_test",
+    "data.allow_train_test_overlap",  # refuses a run at start-up, never changes a step
     "cold_start.steps",
     "cold_start.judge_records",  # measured after the cold start, not trained on
     "rl.steps",

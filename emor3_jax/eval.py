@@ -103,7 +103,9 @@ def evaluate_dataset(name: str, c: ConfigDict, policy, rt: factory.Runtime, k: i
 def run_eval(c: ConfigDict, checkpoint: str, names: list[str], out: str, k: int, use_set: bool) -> dict:
     """Evaluates the policy at `checkpoint` on data sets `names`; writes the reports to `out`
     (process 0) and returns results.json's content."""
-    config_lib.resolve_hub_ids(c)  # a hub id -> its local snapshot, before the checks read the paths
+    # a hub id -> its local snapshot, before the checks read the paths; of the data, the test split
+    # alone and only when evaluated (data set "test" follows data.test)
+    config_lib.resolve_hub_ids(c, data_flags=("data.test",) if "test" in names else ())
     config_lib.validate_eval(c, names, k)
     mesh, rules = factory.mesh_and_rules(c)
     scratch = paths.Scratch(c.scratch_dir)

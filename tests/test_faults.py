@@ -313,7 +313,7 @@ def test_cold_start_on_data_without_answers_stops_at_start_up(tmp_path):
     with open(ann, "w") as f:
         f.write("\n".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) for r in rows))
     folder = {"data.source": "folder", "data.train": images, "data.test": images, "data.unfaithful_share": 0.0}
-    folder.update({"data.annotations_train": ann, "data.annotations_test": ann})
+    folder.update({"data.annotations_train": ann, "data.annotations_test": ann, "data.allow_train_test_overlap": True})
     done = _train(tmp_path / "run", **folder)
     assert done.returncode == 1
     assert "8 of 8 training records have no reference answer" in done.stderr

@@ -15,6 +15,7 @@ from ml_collections import ConfigDict
 
 from emor3_jax.core import multihost, paths
 from emor3_jax.data import pipeline, sources, tfds_builder
+from emor3_jax.data.sources.overlap import ImageOverlap
 
 NAME = "emotions"
 
@@ -40,7 +41,9 @@ def build(
     e.g. EmoR3.prompt_length) records whose prompt exceeds rl.max_prompt_len are dropped and
     listed per split in `dropped` ({split: [sources.drop_overlong entries]}). With
     `is_set_answer` (answer -> truthy, e.g. rewards.format_score) and cold_start.steps > 0, a
-    cold-start record whose `answer` is not a SET answer stops the build naming the field.
+    cold-start record whose `answer` is not a SET answer stops the build naming the field. Real
+    data whose test split has an image identical to a train image stops the build naming how many
+    and which (sources.overlap.ImageOverlap), unless data.allow_train_test_overlap.
 
     With data.cold_start set (sources.read_cold_start: JSONL/parquet of image, problem,
     response) its records are a third split, "cold_start", which the cold start trains on
@@ -50,6 +53,9 @@ def build(
     counter = {} if synthetic else {"train": {}, "test": {}}  # generated records cannot be bad
     counts = {"train": c.data.synthetic_train, "test": c.data.synthetic_test}
     splits = {}
+    # real data: a test image identical to a train image stops the build (the check runs where
+    # the records are read, on the main process alone, on bytes already in memory)
+    overlap = None if synthetic or c.data.allow_train_test_overlap else ImageOverlap()
     for s in ("train", "test"):
         records = sources.read_split(
             c.data.source,
@@ -66,6 +72,8 @@ def build(
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])
+        if overlap is not None:
+            records = overlap.watch(s, records)
         if is_set_answer is not None and c.cold_start.steps and s == "train" and not c.data.cold_start:
             records = sources.require_set_answers(records, is_set_answer, "answer")
         splits[s] = records

@@ -1,6 +1,7 @@
-"""Cold-start data (data.cold_start): SET-formatted answers read from JSONL with image files or
-parquet with image bytes, built into their own split that the cold start trains on; records
-without a SET response stop the build naming the field and the record."""
+"""Cold-start data (data.cold_start): SET-formatted answers read from JSONL or a JSON array with
+image files or parquet with image bytes, flat or as ShareGPT-style conversations, built into
+their own split that the cold start trains on; records without a SET response stop the build
+naming the field and the record."""
 
 import io
 import json
@@ -164,3 +165,92 @@ def test_bad_cold_start_settings_are_refused_naming_the_flag(tmp_path, overrides
         c[section][name] = value.format(dir=tmp_path) if isinstance(value, str) else value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_lib.validate(c)
+
+
+def _write_images(folder, rows: list[dict]) -> list[str]:
+    """rows' `image` bytes written to folder/img/<i>.png; their paths relative to folder."""
+    (folder / "img").mkdir(parents=True)
+    for i, row in enumerate(rows):
+        (folder / "img" / f"{i}.png").write_bytes(row["image"])
+    return [f"img/{i}.png" for i in range(len(rows))]
+
+
+def test_a_json_array_of_records(tmp_path):
+    rows = cold_rows(3)
+    names = _write_images(tmp_path, rows)
+    (tmp_path / "cold.json").write_text(json.dumps([{**r, "image": n} for r, n in zip(rows, names)], indent=1))
+    records = list(sources.read_cold_start(tmp_path / "cold.json", LABELS))
+    assert [r["id"] for r in records] == ["cold-0", "cold-1", "cold-2"]
+    assert [(r["image"], r["answer"], r["problem"]) for r in records] == [
+        (r["image"], r["response"], r["problem"]) for r in rows
+    ]
+    config_lib.validate(_config(tmp_path, str(tmp_path / "cold.json")))  # the flag takes .json
+    (tmp_path / "object.json").write_text(json.dumps({"data": rows[:1]}, default=str))
+    with pytest.raises(ValueError, match=r"object\.json: expected a JSON array of records, got a dict"):
+        list(sources.read_cold_start(tmp_path / "object.json", LABELS))
+
+
+def _sharegpt(rows, names, style: str) -> list[dict]:
+    """LLaMA-Factory's two spellings of a conversation, and content as a list of parts."""
+    out = []
+    for r, n in zip(rows, names):
+        if style == "openai":
+            turns = [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["response"]}]
+            out.append({"messages": turns, "images": [n]})
+        elif style == "sharegpt":
+            turns = [{"from": "human", "value": r["problem"]}, {"from": "gpt", "value": r["response"]}]
+            out.append({"conversations": turns, "images": [n]})
+        else:  # parts: the image part stands where "<image>" stood
+            parts = [{"type": "image"}, {"type": "text", "text": r["problem"].removeprefix("<image>")}]
+            turns = [{"role": "user", "content": parts}, {"role": "assistant", "content": r["response"]}]
+            out.append({"messages": turns, "images": [n]})
+    return out
+
+
+@pytest.mark.parametrize("style", ["openai", "sharegpt", "parts"])
+@pytest.mark.parametrize("container", ["json", "jsonl"])
+def test_sharegpt_style_messages_give_the_image_the_user_turn_and_the_set_answer(tmp_path, style, container):
+    rows = cold_rows(3)
+    records = _sharegpt(rows, _write_images(tmp_path, rows), style)
+    path = tmp_path / f"cold.{container}"
+    path.write_text(json.dumps(records) if container == "json" else "\n".join(map(json.dumps, records)))
+    got = list(sources.read_cold_start(path, LABELS))
+    assert [r["problem"] for r in got] == [r["problem"] for r in rows]  # "<image>Which emotion does image i evoke?"
+    assert [r["answer"] for r in got] == [r["response"] for r in rows]
+    assert [r["image"] for r in got] == [r["image"] for r in rows]
+    assert [r["label"] for r in got] == LABELS[:3]
+
+
+def test_sharegpt_records_in_parquet(tmp_path):
+    rows = cold_rows(2)
+    t = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    turns = [[{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["response"]}] for r in rows]
+    images = pa.array(
+        [[{"bytes": r["image"], "path": None}] for r in rows],
+        pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    )
+    pq.write_table(pa.table({"messages": pa.array(turns, t), "images": images}), tmp_path / "m.parquet")
+    got = list(sources.read_cold_start(tmp_path / "m.parquet", LABELS))
+    assert [(r["answer"], r["image"]) for r in got] == [(r["response"], r["image"]) for r in rows]
+
+
+def test_sharegpt_field_errors_name_the_field_and_the_record(tmp_path):
+    rows = cold_rows(5)
+    records = _sharegpt(rows, _write_images(tmp_path, rows), "openai")
+    records[0]["messages"] = records[0]["messages"][:1]  # no assistant turn: no SET answer
+    del records[1]["images"]
+    records[2]["messages"].insert(0, {"role": "system", "content": "You are helpful."})
+    records[3]["messages"][0]["content"] = "<image><image>Which?"
+    records[4]["messages"][1]["role"] = "bot"
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    it = sources.read_cold_start(tmp_path / "bad.json", LABELS)
+    with pytest.raises(ValueError, match=r"bad\.json record 0 \(id bad-0\).*no field 'response' \(no assistant turn"):
+        next(it)  # never skipped: a cold start must not train on bare labels
+    for message in (
+        r"record 1 \(id bad-1\): missing required field 'image' \(or 'images'\)",
+        r"record 2 \(id bad-2\): a system turn is not used",
+        r"record 3 \(id bad-3\): the user turn has 2 <image> placeholders",
+        r"record 4 \(id bad-4\): turn 1 has role 'bot'",
+    ):
+        with pytest.raises(sources.BadRecord, match=message):
+            next(it)

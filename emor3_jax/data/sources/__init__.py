@@ -16,13 +16,17 @@ Modules (each named after the --config.data.source value, or the data.cold_start
 picks it, so a flag leads to its file):
   synthetic       read_synthetic(split, labels, ...)              generated in code
   emoset_parquet  read_emoset_parquet(path_or_dir, labels)        EmoSet-2k, HF `datasets` parquet
+                                                                  (a split of a folder: <dir>@train)
   folder          read_folder(root, annotations_file, labels)     images under root + JSONL/CSV
   emoset118k      read_emoset118k(root, split, labels)            the official EmoSet-118K release
-  cold_start      read_cold_start(path, labels)                   SET-answer SFT data (JSONL or parquet):
-                                                                  image, problem/question, response
+  cold_start      read_cold_start(path, labels)                   SET-answer SFT data (JSONL, a JSON array
+                                                                  or parquet): image, problem/question,
+                                                                  response, or ShareGPT-style messages
   common          what they share: BadRecord, the record iterator, label/image/path checks,
                   parquet and JSONL/CSV rows
   filters         checked (skip bad records), drop_overlong, require_set_answers
+  split_files     the files of one split of a folder (`<dir>@<split>`) by the hub's file naming
+  overlap         train/test data that share files or identical images (stops the run)
 
 Each reader checks the top level (files present, columns present) when called
 and raises ValueError / FileNotFoundError then. Each record is read and checked

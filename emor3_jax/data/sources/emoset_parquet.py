@@ -14,9 +14,9 @@ from emor3_jax.data.sources.common import (
     check_text,
     norm_labels,
     parquet_columns,
-    parquet_files,
     parquet_rows,
 )
+from emor3_jax.data.sources.split_files import parquet_source_files
 
 COLUMNS = ["images", "problem", "answer"]
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -31,7 +31,9 @@ def label_from_answer(answer: str) -> str:
 
 
 def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
-    """Records from one parquet file or every *.parquet under a directory (sorted).
+    """Records from one parquet file, every *.parquet under a directory (sorted), or one split of
+    a directory named `<dir>@<split>` (split_files: the hub's file naming; a directory holding
+    several splits must be named so).
 
     HF `datasets` layout: `images` is a list of {"bytes", "path"} structs holding
     exactly one image; `problem` the question; `answer` the reference answer, whose
@@ -39,7 +41,7 @@ def read_emoset_parquet(path_or_dir, labels: Sequence[str]) -> Iterator[dict]:
     ignored. `id` is "<file stem>-<row index within the file>".
     """
     labels = norm_labels(labels)
-    files = parquet_files(path_or_dir)
+    files = parquet_source_files(str(path_or_dir))
     for file in files:
         names = parquet_columns(file)
         missing = [c for c in COLUMNS if c not in names]
