@@ -116,6 +116,15 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.data.unfaithful_share = 0.25 if tiny else 0.0
     c.data.min_pixels = 28 * 28 if tiny else 512 * 512
     c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048
+    # How images are sized (data/processing.py): two_stage (3b/7b: the official pipeline, a PIL
+    # resize into [min_pixels, max_pixels], then the checkpoint processor's rounding to multiples
+    # of 28 within data.checkpoint_pixels) or one_stage (tiny; ours: smart_resize straight into
+    # [min_pixels, max_pixels], so a max_pixels image never passes max_pixels). A 500 x 375
+    # photo takes 336 vision tokens in two stages, 352 in one; the largest image 5,838 vs 5,349.
+    c.data.resize = "one_stage" if tiny else "two_stage"
+    # two_stage: the checkpoint processor's (min, max) pixels, from Qwen2.5-VL-3B/7B-Instruct's
+    # preprocessor_config.json (the official run's processor is the model's own).
+    c.data.checkpoint_pixels = (56 * 56, 28 * 28 * 16384)
     c.data.skip_bad = False  # True: skip bad records, count them, stop past max_bad_fraction
     # False: train and test data that share files or identical images stop the run at start-up
     # (the test split would score what was trained on); True: the overlap is intended.
@@ -224,6 +233,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.reward.w_consistency = 0.1
     c.reward.w_format = 0.1
     c.reward.reflection_max_tokens = 32  # robust mode; emo_r3_code mode uses rl.max_response_len
+    # emo_r3_code mode, a reflection prompt over rl.max_prompt_len (data/encode.py CUTS):
+    # "unexpanded" (3b/7b: the official run) counts its image as one token and keeps the
+    # prompt's first max_prompt_len such tokens, so an image reflection is never cut in practice
+    # and reaches up to 2 * max_prompt_len - 3 tokens in the sampler (sampling.prompt_buckets
+    # holds it); "expanded" (ours) counts the image's tokens too: a large image and a long step 1
+    # lose the end of the question, but the sampler's prompts stay within max_prompt_len.
+    c.reward.reflection_cut = "expanded" if tiny else "unexpanded"
     c.reward.reflection_temperature = 0.6
     c.reward.reflection_top_p = 0.95
     c.reward.threads = 4
@@ -231,7 +247,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.sampling = ConfigDict()
     # tiny: a SET example (~120 tokens with its answer) and a text reflection question (~110) fit
     # 128; the cold start pads its SET and judge batches to these buckets too.
-    c.sampling.prompt_buckets = (96, 128, 192, 320) if tiny else (256, 512, 1024, 2048)
+    # 3b/7b: 4096 holds an image reflection cut as the official run cuts it (reward.reflection_cut).
+    c.sampling.prompt_buckets = (96, 128, 192, 320) if tiny else (256, 512, 1024, 2048, 4096)
     c.sampling.gen_buckets = (32, 48) if tiny else (32, 512, 2048)
     # Decode slots (0: one per row): the rows in the KV cache at once, refilled as rows stop
     # (continuous batching); bounds the rollout KV cache and the prefill group (max_rows // n
@@ -314,7 +331,7 @@ def _rehearsal() -> ConfigDict:
     c.rl.micro_batch = 4
     c.rl.max_prompt_len = 1024
     c.rl.max_response_len = 64
-    c.sampling.prompt_buckets = (256, 512, 1024)
+    c.sampling.prompt_buckets = (256, 512, 1024, 2048)  # 2048: image reflections (reward.reflection_cut)
     c.sampling.gen_buckets = (32, 64)
     c.sampling.max_rows = 4  # 8 rows through 4 decode slots
     c.eval.every = 5

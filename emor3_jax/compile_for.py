@@ -55,7 +55,7 @@ from emor3_jax import config_lib, dry_run, factory, gpu_targets
 from emor3_jax.core import paths, sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
-from emor3_jax.emo_r3.task import EmoR3
+from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
 from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing, reference, rollout_weights
@@ -273,7 +273,7 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
         t.rollout = rollout_weights.abstract(params, mesh, rules, dtype, layout)
         t.copy_fn = rollout_weights.copier(params, mesh, rules, dtype, layout)
     for g in generates(t):  # the sampler keeps one cache per shape between calls
-        sh = g.shapes(rt.sampler, c.rl.max_prompt_len)
+        sh = g.shapes(rt.sampler)
         t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["entries"])
     return t
 
@@ -458,8 +458,8 @@ def _lowered_cost(lowered, compiled, devices: int, chip: Chip) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Generate:
     """One kind of `Sampler.generate` call the run makes: `calls` per GRPO step or evaluation,
-    `prompts` prompts with n samples each; shares > 0: each prompt shows an image, `shares`
-    consecutive prompts the same one (0: text prompts)."""
+    `prompts` prompts with n samples each, of up to `prompt_len` tokens; shares > 0: each prompt
+    shows an image, `shares` consecutive prompts the same one (0: text prompts)."""
 
     name: str
     phase: str
@@ -469,11 +469,12 @@ class Generate:
     max_new: int
     params: SamplingParams
     shares: int
+    prompt_len: int
 
-    def shapes(self, sampler, max_prompt_len: int) -> dict:
+    def shapes(self, sampler) -> dict:
         """The shapes `Sampler.generate` runs this call at (`Sampler.layout`): prompt bucket P,
         generation bucket G, prompts per prefill group Q, groups, decode slots W, output rows."""
-        lay = sampler.layout(self.prompts, max_prompt_len, self.n, self.max_new)
+        lay = sampler.layout(self.prompts, self.prompt_len, self.n, self.max_new)
         return dict(
             p_len=lay.p_len,
             g_len=lay.g_len,
@@ -490,16 +491,22 @@ def generates(t: Target) -> list[Generate]:
     """The generate calls of a GRPO step (rollout, reflections) and of an evaluation."""
     c, st = t.c, t.settings
     rows = c.rl.rollout_batch * st.num_generations
-    out = [Generate("rollout", "grpo", 1, c.rl.rollout_batch, st.num_generations, st.max_response_len, st.rollout, 1)]
+    limit = c.rl.max_prompt_len
+    out = [
+        Generate(
+            "rollout", "grpo", 1, c.rl.rollout_batch, st.num_generations, st.max_response_len, st.rollout, 1, limit
+        )
+    ]
     r = t.task.reflection
     for side in ("text", "image") if t.task.reflects else ():
         if rewards.runs(c.reward.reflection, side):
-            shares = st.num_generations if side == "image" else 0
-            out.append(Generate(f"{side}_reflection", "grpo", 1, rows, 1, r.max_new, r.params, shares))
+            # An image reflection cut as the official run's passes the limit by its image's tokens.
+            shares, longest = (st.num_generations, longest_reflection_prompt(c)) if side == "image" else (0, limit)
+            out.append(Generate(f"{side}_reflection", "grpo", 1, rows, 1, r.max_new, r.params, shares, longest))
     batches = -(-c.eval.num_examples // c.eval.batch_size)
     sampled = SamplingParams(temperature=c.eval.sampled_temperature, top_p=c.eval.sampled_top_p)
     for name, params in (("eval_greedy", GREEDY), ("eval_sampled", sampled)):
-        out.append(Generate(name, "eval", batches, c.eval.batch_size, 1, c.rl.max_response_len, params, 1))
+        out.append(Generate(name, "eval", batches, c.eval.batch_size, 1, c.rl.max_response_len, params, 1, limit))
     return out
 
 
@@ -511,7 +518,7 @@ def _generate_programs(s: Session, g: Generate, caches: dict) -> None:
     """Prefill, slots and decode of one kind of generate call; the decode's runs are its loop
     iterations with every row running to max_new tokens in `slots` rows at a time."""
     t, sampler = s.t, s.t.rt.sampler
-    sh = g.shapes(sampler, t.c.rl.max_prompt_len)
+    sh = g.shapes(sampler)
     own = _cache_name(sh)
     alive = ("params", "optimizer", "reference") + (("rollout",) if t.rollout is not None else ())
     # The reflections run on the reference's weights when it is the judge, the rest on the

@@ -19,11 +19,13 @@ from ml_collections import ConfigDict
 
 from emor3_jax.core import paths
 from emor3_jax.core.sharding import MESH_AXES
+from emor3_jax.data.encode import CUTS
+from emor3_jax.data.processing import RESIZES, largest_image_tokens
 from emor3_jax.data.sources import SOURCES, overlap, split_files
 from emor3_jax.data.sources import cold_start as cold_start_data
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
-from emor3_jax.emo_r3.task import JUDGES
+from emor3_jax.emo_r3.task import JUDGES, longest_reflection_prompt
 from emor3_jax.models.api import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 from emor3_jax.rl import grpo, rollout_weights
@@ -317,12 +319,17 @@ def _mesh(c: ConfigDict) -> list[str]:
 
 def _model(c: ConfigDict) -> list[str]:
     """model: the preset, vision buckets that hold an image (the weights: _top_level)."""
-    image_patches = c.data.max_pixels // (14 * 14)  # Qwen2.5-VL's 14-pixel patches
+    d = c.data
+    try:  # the largest image data.resize makes: two_stage rounds past data.max_pixels
+        pixels, bounds = (d.min_pixels, d.max_pixels), tuple(d.checkpoint_pixels)
+        image_patches = 4 * largest_image_tokens(d.resize, pixels, bounds if d.resize == "two_stage" else pixels)
+    except (ValueError, TypeError):  # bad data.* values, which _data reports
+        image_patches = 0
     return _choices(c, [("model.preset", PRESETS), ("model.remat_policy", REMAT_POLICIES)]) + _failed(
         (
             not c.model.vision_buckets or max(c.model.vision_buckets) >= image_patches,
             f"--config.model.vision_buckets={tuple(c.model.vision_buckets)} must reach one image at "
-            f"data.max_pixels ({image_patches} patches)",
+            f"data.max_pixels ({image_patches} patches, data.resize={d.resize!r})",
         ),
     )
 
@@ -386,8 +393,13 @@ def _data_files(c: ConfigDict) -> list[str]:
 
 def _data(c: ConfigDict) -> list[str]:
     """data: the source, the labels, bad-record tolerance, image sizes (its files: _top_level)."""
-    d, sides = c.data, tuple(c.data.image_sides)
-    return _choices(c, [("data.source", SOURCES)]) + _failed(
+    d, sides, bounds = c.data, tuple(c.data.image_sides), tuple(c.data.checkpoint_pixels)
+    return _choices(c, [("data.source", SOURCES), ("data.resize", RESIZES)]) + _failed(
+        (
+            len(bounds) == 2 and 28 * 28 <= bounds[0] <= bounds[1],
+            f"--config.data.checkpoint_pixels={bounds} must be (min, max) pixels with 784 <= min <= max (the "
+            "checkpoint processor's, which data.resize='two_stage' rounds within)",
+        ),
         (
             len(d.labels) >= 2 and len(set(d.labels)) == len(d.labels),
             f"--config.data.labels={list(d.labels)} must be at least two distinct labels",
@@ -506,6 +518,7 @@ def _reward(c: ConfigDict) -> list[str]:
             ("reward.reflection", rewards.REFLECTIONS),
             ("reward.no_span", rewards.NO_SPAN),
             ("reward.judge", JUDGES),
+            ("reward.reflection_cut", CUTS),
         ],
     ) + _failed(
         (
@@ -522,6 +535,13 @@ def _sampling(c: ConfigDict) -> list[str]:
         (
             max(s.prompt_buckets, default=0) >= rl.max_prompt_len,
             f"--config.sampling.prompt_buckets={tuple(s.prompt_buckets)} must reach rl.max_prompt_len",
+        ),
+        (
+            max(s.prompt_buckets, default=0) >= longest_reflection_prompt(c),
+            f"--config.sampling.prompt_buckets={tuple(s.prompt_buckets)} must reach "
+            f"{longest_reflection_prompt(c)} = 2 * rl.max_prompt_len - 3, the longest image reflection prompt "
+            f"with --config.reward.reflection_cut={c.reward.reflection_cut!r} (its image counts as one token "
+            "against rl.max_prompt_len, as in the official run); add a bucket, or set reward.reflection_cut='expanded'",
         ),
         (
             max(s.gen_buckets, default=0) >= rl.max_response_len,

@@ -12,14 +12,14 @@ Counted, per device, from each array's shard shape under the sharding the run gi
 params, optimizer state (AdamW moments, step counters), the GRPO reference copy, one
 gradient accumulator (param-shaped, param dtype), the rollout copy of the policy
 (rl.rollout_dtype in rl.rollout_sharding's layout; none when rl.rollout_dtype is ""), and the
-rollout sampler's KV cache: its decode slots (sampling.max_rows, or one per rollout_batch *
-num_generations row when 0) x (prompt bucket + generation bucket) entries in the compute
-dtype. The total adds them all, an upper bound: the rollout copy and the KV cache live while
-the step samples, the gradient accumulator while it updates. Not counted: activations,
-logit chunks, a micro-batch's fresh gradients while they are summed, the prompt cache of the
-prefill group being decoded (max_rows // num_generations prompts x prompt bucket, all prompts
-when max_rows is 0), and the sampler's smaller cache buffers (reflection, eval), which it also
-keeps.
+largest KV cache of a step's sampling calls (the sampler allocates each call's and frees it
+after): the rollout's or the image reflection's, its decode slots (sampling.max_rows, or one
+per rollout_batch * num_generations row when 0) x (prompt bucket + generation bucket) entries
+in the compute dtype. The total adds them all, an upper bound: the rollout copy and the KV
+cache live while the step samples, the gradient accumulator while it updates. Not counted:
+activations, logit chunks, a micro-batch's fresh gradients while they are summed, the prompt
+cache of the prefill group being decoded (max_rows // n prompts x prompt bucket, n = 8 for the
+rollout and 1 for a reflection; all prompts when max_rows is 0), and the evaluation's cache.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from ml_collections import ConfigDict
 
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
+from emor3_jax.emo_r3 import rewards
+from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
 from emor3_jax.models.api import ModelConfig, abstract_model, cache_length, cache_shapes, preset
 from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
@@ -110,23 +112,38 @@ def _bytes(leaves: list[jax.ShapeDtypeStruct]) -> tuple[int, int]:
     return per_device, sum(x.size * x.dtype.itemsize for x in leaves)
 
 
-def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str]]:
-    """The rollout decode cache: K and V [Y, W, S, K, H], every layer stacked
-    (W decode slots, S cache entries per slot)."""
+def decode_caches(c: ConfigDict) -> dict[str, tuple[int, int]]:
+    """(decode slots W, cache entries S before the kernel's rounding) of each sampling call of a
+    GRPO step: the rollout (rollout_batch prompts x num_generations rows) and, when the image
+    reflection runs, its rollout_batch * num_generations one-row prompts, up to
+    `longest_reflection_prompt` tokens each (2 * rl.max_prompt_len - 3 when the image counts as
+    one token against the limit, as in the official run)."""
     rows = c.rl.rollout_batch * c.rl.num_generations
     if c.sampling.max_rows:  # continuous batching: max_rows slots, refilled as rows stop
         rows = min(rows, c.sampling.max_rows)
-    slots = bucket(c.rl.max_prompt_len, c.sampling.prompt_buckets, "rl.max_prompt_len") + bucket(
-        c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len"
-    )
+    p, g = c.sampling.prompt_buckets, c.sampling.gen_buckets
+    rollout = bucket(c.rl.max_prompt_len, p, "rl.max_prompt_len") + bucket(c.rl.max_response_len, g, "max_response_len")
+    caches = {"rollout": (rows, rollout)}
+    task = EmoR3.from_config(c)
+    if task.reflects and rewards.runs(c.reward.reflection, "image"):
+        prompt = bucket(longest_reflection_prompt(c), p, "the longest image reflection prompt")
+        caches["image_reflection"] = (rows, prompt + bucket(task.reflection.max_new, g, "the reflection length"))
+    return caches
+
+
+def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str], str]:
+    """The largest decode cache of a GRPO step (`decode_caches`; the sampler allocates each call's
+    and frees it after): K and V [Y, W, S, K, H], every layer stacked (W decode slots, S cache
+    entries per slot), and the call it belongs to."""
+    name, (rows, slots) = max(decode_caches(c).items(), key=lambda kv: kv[1][0] * kv[1][1])
     slots = cache_length(cfg.attention_impl, slots)  # as the sampler rounds it
     dtype = jnp.dtype(cfg.compute_dtype)
     leaves, fallbacks = [], []
-    for name, (axes, shape) in zip("KV", cache_shapes(cfg.text, rows, slots)):
+    for kv, (axes, shape) in zip("KV", cache_shapes(cfg.text, rows, slots)):
         spec, fb = sharding.logical_to_spec(axes, shape, mesh, rules)
         leaves.append(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)))
-        fallbacks += [f"kv_cache {name} {shape}: {f}" for f in fb]
-    return leaves, fallbacks
+        fallbacks += [f"kv_cache {kv} {shape}: {f}" for f in fb]
+    return leaves, fallbacks, name
 
 
 def _rollout_copy(c: ConfigDict, params, mesh: Mesh, rules) -> list[jax.ShapeDtypeStruct]:
@@ -148,7 +165,7 @@ def memory(c: ConfigDict) -> dict:
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
     opt = jax.eval_shape(tx.init, params)
     param_leaves = _sharded(params, mesh, rules)
-    cache, cache_fallbacks = kv_cache(c, cfg, mesh, rules)
+    cache, cache_fallbacks, cache_call = kv_cache(c, cfg, mesh, rules)
     parts = {
         "params": param_leaves,
         "optimizer": _sharded(opt, mesh, rules),
@@ -172,6 +189,7 @@ def memory(c: ConfigDict) -> dict:
         "compute_dtype": cfg.compute_dtype,
         "kv_rows": k_shape[1],
         "kv_slots": k_shape[2],
+        "kv_call": cache_call,
         "per_device": per_device,
         "global": global_,
         "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,
@@ -191,14 +209,14 @@ def report(m: dict) -> str:
         "reference": "GRPO reference policy",
         "gradients": "accumulator over micro-batches",
         "rollout": f"the policy's copy the rollouts sample with ({m['rollout_copy']})",
-        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['compute_dtype']}",
+        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['compute_dtype']} ({m['kv_call']})",
     }
     for name in (*CATEGORIES, "total"):
         gib = f"{m['per_device'][name] / GiB:12.2f}{m['global'][name] / GiB:12.2f}"
         lines.append(f"{name:12}{gib}  {notes.get(name, '')}".rstrip())
     lines.append(
         "not included: activations, logit chunks, a micro-batch's fresh gradients, the prefill group's "
-        "prompt cache, the sampler's reflection/eval cache buffers, XLA workspace"
+        "prompt cache, the evaluation's cache, XLA workspace"
     )
     if m["fallbacks"]:
         lines.append(f"replicated because the mesh does not divide them ({len(m['fallbacks'])}):")

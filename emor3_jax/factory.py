@@ -97,5 +97,10 @@ def build(c: ConfigDict, tokenizer, special: dict[str, int], cfg: ModelConfig, m
         rules=rules,
         max_rows=c.sampling.max_rows,
     )
-    processor = ImageProcessor(min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+    processor = ImageProcessor(
+        min_pixels=c.data.min_pixels,
+        max_pixels=c.data.max_pixels,
+        resize=c.data.resize,
+        checkpoint_pixels=tuple(c.data.checkpoint_pixels),
+    )
     return Runtime(mesh, rules, tokenizer, special, cfg, processor, sampler)

@@ -87,6 +87,7 @@ CROSS_CHECKED = {
     "sampling.prompt_buckets",
     "sampling.gen_buckets",
     "model.vision_buckets",  # must hold one image at data.max_pixels; ModelConfig checks the steps
+    "data.checkpoint_pixels",  # (min, max) with 784 <= min <= max
     "mesh",
     "eval.datasets.test.num_examples",
     "eval.datasets.emotion6.num_examples",
@@ -142,6 +143,13 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
             "synthetic images, whose vocabulary has no words for the labels ['joy', 'surprise']",
         ),
         ({"rl.pack_length": 360}, "--config.rl.pack_length=360 must hold the longest row, rl.max_prompt_len + "),
+        ({"data.resize": "twice"}, "--config.data.resize='twice' must be one of ('one_stage', 'two_stage')"),
+        ({"data.checkpoint_pixels": (5000, 4000)}, "--config.data.checkpoint_pixels=(5000, 4000) must be (min, max)"),
+        ({"reward.reflection_cut": "left"}, "--config.reward.reflection_cut='left' must be one of ('unexpanded', 'exp"),
+        (  # the tiny job's buckets reach 320 = rl.max_prompt_len, not an official image reflection's 637
+            {"reward.compat": "emo_r3_code", "reward.reflection_cut": "unexpanded"},
+            "--config.sampling.prompt_buckets=(96, 128, 192, 320) must reach 637 = 2 * rl.max_prompt_len - 3",
+        ),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
             "no reward to learn from",
@@ -380,3 +388,19 @@ def test_random_weights_at_real_shapes_need_the_switch_and_the_real_tokenizer():
     c.builtin_tokenizer = "gpt2"
     with pytest.raises(ValueError, match=r"--config.builtin_tokenizer='gpt2' must be one of \('test', 'qwen'\)"):
         config_lib.validate(c)
+
+
+def test_the_3b_vision_buckets_hold_the_largest_two_stage_image():
+    """Two stages round an image's sides to the nearest multiple of 28, past data.max_pixels:
+    a vision bucket between one max_pixels image (21,396 patches) and the largest two-stage
+    image (4 x 5,838 = 23,352: 154 x 27,235 pixels -> 168 x 27,244) is refused."""
+    c = get_config("3b")
+    c.model.vision_buckets = (1024, 22528)
+    with pytest.raises(
+        ValueError,
+        match=r"vision_buckets=\(1024, 22528\) must reach one image at data.max_pixels "
+        r"\(23352 patches, data.resize='two_stage'\)",
+    ):
+        config_lib.validate_shapes(c)
+    c.data.resize = "one_stage"  # ours stays within max_pixels: 4 x 5,349 patches
+    config_lib.validate_shapes(c)

@@ -23,10 +23,14 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _memory(variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = ()) -> tuple[dict, str]:
+def _memory(
+    variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = (), cut: str = ""
+) -> tuple[dict, str]:
     """dry_run.main for configs/qwen_vl.py:<variant> (rollout: (rl.rollout_dtype,
-    rl.rollout_sharding), else the variant's); (the returned numbers, the printed report)."""
+    rl.rollout_sharding), cut: reward.reflection_cut, else the variant's); (the returned
+    numbers, the printed report)."""
     set_rollout = f"c.rl.rollout_dtype, c.rl.rollout_sharding = {rollout!r}\n" if rollout else ""
+    set_rollout += f"c.reward.reflection_cut = {cut!r}\n" if cut else ""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
         f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
@@ -96,9 +100,10 @@ def _check(m: dict, name: str, fsdp: int, tensor: int, kv_gib: float, rollout: i
 def test_7b_on_64_devices_fsdp16_tensor4():
     m, report = _memory("7b", 64, (("data", 1), ("fsdp", 16), ("tensor", 4)))
     assert m["num_params"] == 8_292_166_656  # Qwen2.5-VL-7B-Instruct's published count
-    # K and V, 28 layers stacked: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 4096 slots x 2 bytes.
+    # K and V, 28 layers stacked: 4096 rows / fsdp 16 x 4 kv heads / tensor 4 x 128 x 6144 slots x 2
+    # bytes: the image reflection's cache (a 4096 prompt bucket + 2048), the largest of the step.
     # the 7b default rollout copy: bf16 in the params' fsdp layout, half their bytes
-    _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 4096 * 2 / GiB, rollout=m["per_device"]["params"] // 2)
+    _check(m, "7b", 16, 4, kv_gib=28 * 2 * 256 * 1 * 128 * 6144 * 2 / GiB, rollout=m["per_device"]["params"] // 2)
     assert m["per_device"]["params"] < m["global"]["params"] / 64 * 1.02  # all but 1% of it split 64 ways
     assert "activations" in report and "not included" in report
     assert "GiB/device" in report and "fsdp=16" in report
@@ -109,14 +114,27 @@ def test_3b_on_8_devices_pure_fsdp():
     assert m["num_params"] == 3_754_622_976  # Qwen2.5-VL-3B-Instruct's published count (tied embeddings)
     assert m["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     # the 3b default rollout copy: bf16, every parameter on every device
-    _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 4096 * 2 / GiB, rollout=2 * 3_754_622_976)
+    _check(m, "3b", 8, 1, kv_gib=36 * 2 * 512 * 2 * 128 * 6144 * 2 / GiB, rollout=2 * 3_754_622_976)
     assert "rollout" in report and "(bfloat16, replicated)" in report
     # 1000 decode slots (continuous batching; not a multiple of num_generations=8): the cache
     # holds 1000 rows, 125 per device.
     m, report = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=1000)
     assert m["kv_rows"] == 1000
-    assert m["per_device"]["kv_cache"] == 36 * 2 * 125 * 2 * 128 * 4096 * 2
-    assert "1000 decode slots x 4096 entries" in report
+    assert m["per_device"]["kv_cache"] == 36 * 2 * 125 * 2 * 128 * 6144 * 2
+    assert "1000 decode slots x 6144 entries, bfloat16 (image_reflection)" in report
+
+
+def test_the_kv_cache_is_the_image_reflections_when_it_counts_its_image_as_one_token():
+    """3b's default 256 decode slots: the official cut lets an image reflection reach
+    2 * 2048 - 3 tokens, a 4096 prompt bucket + 2048 generated = 6144 entries; with
+    reward.reflection_cut="expanded" every prompt stays within 2048 and the rollout's 4096
+    entries are the largest."""
+    mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    per_entry = 36 * 2 * (256 // 8) * 2 * 128 * 2  # K and V, 36 layers, 32 slots per device, bf16
+    m, _ = _memory("3b", 8, mesh, max_rows=256)
+    assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("image_reflection", 6144, per_entry * 6144)
+    m, _ = _memory("3b", 8, mesh, max_rows=256, cut="expanded")
+    assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("rollout", 4096, per_entry * 4096)
 
 
 def test_the_rollout_copy_in_the_tensor_layout_and_without_one():

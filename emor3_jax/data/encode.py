@@ -9,14 +9,19 @@ import io
 
 import numpy as np
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
 from emor3_jax.data import prompts
 from emor3_jax.data.processing import ImageProcessor
 from emor3_jax.models.api import ModelConfig, prepare_inputs
 
-PATCH = 14  # Qwen2.5-VL's patch side in pixels
+# How `Encoder.prompt` cuts a prompt over rl.max_prompt_len on the right (reward.reflection_cut):
+#   unexpanded  the image counts as its one <|image_pad|> token, as the official run's vLLM prompt
+#               (EasyR1's raw_prompt_ids, cut at max_prompt_length: verl/utils/dataset.py:308-313,
+#               truncation="right" for reflections: verl/trainer/data_loader.py:121); the image is
+#               expanded after the cut, so the prompt may pass the limit by its tokens - 1.
+#   expanded    the image's tokens count: the prompt stays within the limit (ours).
+CUTS = ("unexpanded", "expanded")
 
 
 class Encoder:
@@ -45,13 +50,15 @@ class Encoder:
             ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
         return ids
 
-    def prompt(self, text: str, pixels=None, grid=None, what: str = "prompt", cut_right: bool = False) -> Prompt:
+    def prompt(self, text: str, pixels=None, grid=None, what: str = "prompt", cut: str | None = None) -> Prompt:
         """A chat-template prompt of `text` (`<image>` marks the image, if any). Over
-        rl.max_prompt_len it raises, or with `cut_right` keeps its first max_prompt_len tokens
+        rl.max_prompt_len it raises, or with `cut` (CUTS) keeps its first max_prompt_len tokens
         (the official run's truncation of reflection prompts, spec section 5)."""
-        ids = self.prompt_ids(text, grid)
+        if cut is not None and cut not in CUTS:
+            raise ValueError(f"{what}: cut must be one of {CUTS}, got {cut!r}")
+        ids = self.prompt_ids(text, grid if cut != "unexpanded" else None)
         if len(ids) > self.max_prompt_len:
-            if not cut_right:
+            if cut is None:
                 raise ValueError(f"{what}: {len(ids)} tokens exceed rl.max_prompt_len={self.max_prompt_len}")
             image_end = np.flatnonzero(ids == self.cfg.image_token_id)
             if len(image_end) and image_end[-1] >= self.max_prompt_len:
@@ -59,22 +66,24 @@ class Encoder:
                     f"{what}: cutting {len(ids)} tokens to rl.max_prompt_len={self.max_prompt_len} would cut its image"
                 )
             ids = ids[: self.max_prompt_len]
+        if cut == "unexpanded" and grid is not None:
+            ids = prompts.expand_image_tokens(ids, grid, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size)
         return Prompt(ids, pixels, grid)
 
     def prompt_length(self, record, text: str) -> tuple[int, int, int]:
         """(prompt tokens, image tokens, image tokens at data.min_pixels) of prompt `text` with
-        the record's image, from the image's size alone (nothing is decoded or resized)."""
+        the record's image, from the image's size alone (nothing is decoded or resized): the
+        count the official filter_overlong_prompts compares with max_prompt_length (the
+        processor's expanded input_ids, verl/utils/dataset.py:200-213)."""
         try:
             with Image.open(io.BytesIO(record["image"])) as img:
                 width, height = img.size
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad record
             raise ValueError(f"record {record.get('id')!r}: unreadable image ({e})") from e
-        p = self.processor
-        factor = p.merge_size * PATCH
-        tokens = []
-        for hi in (p.max_pixels, p.min_pixels):
-            h, w = smart_resize(height, width, factor=factor, min_pixels=p.min_pixels, max_pixels=hi)
-            tokens.append(h * w // factor**2)
+        try:
+            tokens = [self.processor.image_tokens(width, height, hi) for hi in (None, self.processor.min_pixels)]
+        except ValueError as e:  # an aspect ratio above 200
+            raise ValueError(f"record {record.get('id')!r}: image {width}x{height}: {e}") from e
         m = self.cfg.vision.spatial_merge_size
         grid = np.array([[1, m, m]])  # keeps the template's one image token; the count is added below
         n_text = len(self.prompt_ids(text, grid)) - 1

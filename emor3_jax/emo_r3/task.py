@@ -30,6 +30,7 @@ import jax
 from emor3_jax.core.batches import Prompt
 from emor3_jax.core.multihost import to_host
 from emor3_jax.data import prompts
+from emor3_jax.data.encode import CUTS
 from emor3_jax.emo_r3 import faithfulness as faith
 from emor3_jax.emo_r3 import reflection_examples as reflection
 from emor3_jax.emo_r3 import rewards
@@ -58,10 +59,14 @@ class EmoR3:
     reflects: bool = True
     judge: str = "policy"
     use_set: bool = True  # False: the bare question (eval --plain)
+    # emo_r3_code mode: how a reflection prompt over rl.max_prompt_len is cut (encode.CUTS).
+    reflection_cut: str = "expanded"
 
     def __post_init__(self):
         if self.judge not in JUDGES:
             raise ValueError(f"judge must be one of {JUDGES}, got {self.judge!r}")
+        if self.reflection_cut not in CUTS:
+            raise ValueError(f"reflection_cut must be one of {CUTS}, got {self.reflection_cut!r}")
 
     @classmethod
     def from_config(cls, c, labels=None, use_set: bool = True) -> EmoR3:
@@ -87,6 +92,7 @@ class EmoR3:
             reflects=rc.reflection != "none",
             judge=rc.judge,
             use_set=use_set,
+            reflection_cut=rc.reflection_cut,
         )
 
     # ---- what the policy is asked
@@ -116,7 +122,8 @@ class EmoR3:
         is sampled in batches of exactly R prompts (a response without a span gets a placeholder
         question, its answer dropped), so every step runs the same compiled programs. A question
         over rl.max_prompt_len is cut on the right in emo_r3_code mode (the official run; the
-        end of the question goes); in robust mode its quoted reasoning is shortened instead."""
+        end of the question goes; `reflection_cut` says whether the image counts as one token,
+        as there, or in full); in robust mode its quoted reasoning is shortened instead."""
         answers = {}
         r = self.reflection
         for side, k in zip(("text", "image"), jax.random.split(key)):
@@ -142,7 +149,7 @@ class EmoR3:
                 q = rewards.text_reflection_prompt(response, self.labels, "emo_r3_code")
             else:
                 q = rewards.image_reflection_prompt(response, "emo_r3_code")
-            return q, encoder.prompt(q, pixels, grid, what, cut_right=True)
+            return q, encoder.prompt(q, pixels, grid, what, cut=self.reflection_cut)
         if side == "text":
             span = rewards.text_span(response)
             build = lambda quoted: rewards.text_reflection_question(quoted, self.labels)
@@ -210,6 +217,17 @@ class EmoR3:
             for i, text in zip(rows, encoder.decode(to_host(out.tokens), to_host(out.lengths))):
                 answers[i] = text
         return answers
+
+
+def longest_reflection_prompt(c) -> int:
+    """The most tokens a reflection prompt of run config `c` takes in the sampler. A prompt
+    over rl.max_prompt_len (L) is cut to L, except an image reflection cut with its image
+    counted as one token (reward.reflection_cut="unexpanded", emo_r3_code mode): L - 1 tokens
+    besides the image, plus the image of a record whose own prompt fit L beside at least its
+    two vision markers (at most L - 2 tokens): 2L - 3."""
+    r, limit = c.reward, c.rl.max_prompt_len
+    grows = r.compat == "emo_r3_code" and r.reflection_cut == "unexpanded" and rewards.runs(r.reflection, "image")
+    return 2 * limit - 3 if grows else limit
 
 
 def _image_of(example) -> dict | None:
