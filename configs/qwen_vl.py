@@ -255,6 +255,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # prompts), see launch/README.md. 3b/7b: 256 (32 prompts per prefill group); one slot per
     # row (4,096) needed 144 GiB of KV cache per v5p chip and a 569 GB rollout prefill.
     c.sampling.max_rows = 0 if tiny else 256
+    # At most this many prompts per prefill group (0: max_rows // n). A group's prompt cache is
+    # gathered onto every device while its rows take slots; 3b/7b: 32, the rollout's group, also
+    # for the one-row calls (reflections, evaluation), whose 256-prompt groups of up to 4,096
+    # tokens made the 3b image reflection's decode need 35 GiB per v6e chip (compile_for).
+    c.sampling.prefill_group = 0 if tiny else 32
 
     c.eval = ConfigDict()
     c.eval.every = 10 if tiny else 1

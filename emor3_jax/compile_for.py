@@ -110,7 +110,8 @@ GPUS_PER_NODE = 8
 
 # What shrinks a program of each kind, for the verdict.
 SHRINK = {
-    "sampler": "sampling.max_rows (decode slots; 0 = one per row), rl.max_prompt_len, rl.max_response_len, "
+    "sampler": "sampling.max_rows (decode slots; 0 = one per row), sampling.prefill_group (prompts per prefill "
+    "group), rl.max_prompt_len, rl.max_response_len, "
     "rl.rollout_sharding='fsdp' (a replicated rollout copy holds the whole model on every chip), "
     "a larger fsdp axis in --config.mesh",
     "rollout_weights": "rl.rollout_sharding='fsdp' (the copy sharded as the params) or 'tensor' (over the tensor "

@@ -89,6 +89,7 @@ RANGES = (
     ("rl.temperature", _positive, "must be > 0"),
     ("rl.top_p", _unit, "must be in (0, 1]"),
     ("rl.max_prompt_len", _at_least(1), "must be >= 1"),
+    ("sampling.prefill_group", _at_least(0), "must be >= 0 (prompts per prefill group; 0: sampling.max_rows // n)"),
     ("rl.max_response_len", _at_least(1), "must be >= 1"),
     ("rl.max_skipped_steps", _at_least(0), "must be >= 0 (0: a non-finite gradient stops the run)"),
     ("reward.w_accuracy", _at_least(0), "must be >= 0"),

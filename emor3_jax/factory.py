@@ -96,6 +96,7 @@ def build(c: ConfigDict, tokenizer, special: dict[str, int], cfg: ModelConfig, m
         logit_bias=bias,
         rules=rules,
         max_rows=c.sampling.max_rows,
+        prefill_group=c.sampling.prefill_group,
     )
     processor = ImageProcessor(
         min_pixels=c.data.min_pixels,

@@ -336,6 +336,10 @@ class Sampler:
     max_rows: decode slots W, i.e. the rows the KV cache holds at once (0: one slot per row).
     Prompts are prefilled in groups of max_rows // n; a row that stops hands its slot to the
     next waiting row (the rollout cache decides whether a model fits; see dry_run.py).
+    prefill_group: at most this many prompts per prefill group (0: max_rows // n). A group's
+    prompt cache [Y, Q, P, K, H] is gathered whole onto every device while its rows take
+    slots, so one-row prompts (n = 1: reflections, evaluation) need a smaller group than
+    max_rows // n allows (3b, 256 image reflections of 4,096 tokens: 35 GiB per v6e chip).
     continuous: False refills slots only once all of them are free, i.e. decodes in chunks
     that each run until their longest row stops (the reference bench/sampling.py compares).
     stop_ids: a row stops after sampling one of them; logit_bias: {token id: value} added to
@@ -356,11 +360,14 @@ class Sampler:
         logit_bias: dict[int, float] | None = None,
         rules=sharding.DEFAULT_RULES,
         max_rows: int = 0,
+        prefill_group: int = 0,
         continuous: bool = True,
     ):
         if max_rows < 0:
             raise ValueError(f"max_rows must be >= 0 (0: one slot per row), got {max_rows}")
-        self.cfg, self.max_rows, self.continuous = cfg, max_rows, continuous
+        if prefill_group < 0:
+            raise ValueError(f"prefill_group must be >= 0 (0: max_rows // n prompts), got {prefill_group}")
+        self.cfg, self.max_rows, self.prefill_group, self.continuous = cfg, max_rows, prefill_group, continuous
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules = pad_id, rules
         self.stop_ids, self.logit_bias = tuple(stop_ids), dict(logit_bias or {})
@@ -463,6 +470,7 @@ class Sampler:
         g_len = bucket(max_new_tokens, self.gen_buckets, "max_new_tokens")
         rows = num_prompts * n
         q = min(num_prompts, max(1, self.max_rows // n)) if self.max_rows else num_prompts
+        q = min(q, self.prefill_group) if self.prefill_group else q
         groups = -(-num_prompts // q)
         slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs

@@ -34,7 +34,7 @@ def _prompt(rng, segments):
     return Prompt(np.array(ids), np.concatenate(pixels), np.array(grids))
 
 
-def _sampler(cfg, max_rows=0, continuous=True, stop_ids=()):
+def _sampler(cfg, max_rows=0, continuous=True, stop_ids=(), prefill_group=0):
     return Sampler(
         cfg,
         prompt_buckets=(64,),
@@ -42,6 +42,7 @@ def _sampler(cfg, max_rows=0, continuous=True, stop_ids=()):
         pad_id=PAD,
         stop_ids=stop_ids,
         max_rows=max_rows,
+        prefill_group=prefill_group,
         continuous=continuous,
     )
 
@@ -76,12 +77,14 @@ def test_reference_rows_stop_at_both_stop_token_and_limits(case):
         assert (row[length:] == PAD).all()
 
 
-@pytest.mark.parametrize("max_rows, continuous", [(3, True), (4, False), (7, True)])
-def test_few_slots_give_the_same_greedy_rows(ours_fp32, case, max_rows, continuous):
-    """3 slots (groups of 1 prompt), 4 slots chunked (groups of 2 prompts, the last one padded)
-    and 7 slots (groups of 3 prompts: 6 rows, not a multiple of the slots)."""
+@pytest.mark.parametrize("max_rows, continuous, group", [(3, True, 0), (4, False, 0), (7, True, 0), (7, True, 1)])
+def test_few_slots_give_the_same_greedy_rows(ours_fp32, case, max_rows, continuous, group):
+    """3 slots (groups of 1 prompt), 4 slots chunked (groups of 2 prompts, the last one padded),
+    7 slots (groups of 3 prompts: 6 rows, not a multiple of the slots), and 7 slots filled by
+    prefill groups of 1 prompt (sampling.prefill_group)."""
     prompts, kw, ref, stops = case
-    s = _sampler(ours_fp32.cfg, max_rows, continuous, stops)
+    s = _sampler(ours_fp32.cfg, max_rows, continuous, stops, group)
+    assert s.layout(len(prompts), 64, N, NEW).group_prompts == (group or max_rows // N)
     out = _host(s.generate(ours_fp32, prompts, **kw))
     np.testing.assert_array_equal(out["tokens"], ref["tokens"])
     np.testing.assert_array_equal(out["lengths"], ref["lengths"])
