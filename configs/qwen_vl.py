@@ -141,7 +141,12 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.num_generations = 8
     c.rl.rollout_batch = 8 if tiny else 512  # prompts per step
     c.rl.update_batch = 4 if tiny else 256  # prompts per optimizer step
-    c.rl.micro_batch = 16 if tiny else 16  # rows per forward/backward (gradient accumulation)
+    # Rows per forward/backward (gradient accumulation) under micro_batch_weighting by_share / equal.
+    c.rl.micro_batch = 16 if tiny else 16
+    # Under per_device_mean: rows per data-parallel shard per forward/backward, the official
+    # micro_batch_size_per_device_for_update (EasyR1 examples/config.yaml:38); a micro-batch is
+    # this many rows on each of the mesh's data-parallel shards.
+    c.rl.micro_batch_per_device = 4
     c.rl.learning_rate = 5e-5 if tiny else 2e-6
     c.rl.schedule = "constant"  # constant | warmup_constant | cosine
     c.rl.warmup_steps = 0
@@ -188,9 +193,12 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # so the first mini-batch's ratio is exactly 1; False: the sampler's log-probs (one forward
     # pass less per step, but inference/training numeric differences enter the clipping).
     c.rl.recompute_old_logprobs = not tiny
-    # by_share: micro-batch gradients sum to the mini-batch's loss gradient; equal: each
-    # micro-batch's own mean weighs 1/accumulation steps, as the official run (spec section 5).
-    c.rl.micro_batch_weighting = "by_share"
+    # by_share: micro-batch gradients sum to the mini-batch's loss gradient (every token of the
+    # mini-batch weighs the same); equal: each micro-batch's own mean weighs 1/accumulation steps;
+    # per_device_mean (3b/7b, the official run): the step's rows spread over the data-parallel
+    # shards by sequence length, each shard's micro-batch of rl.micro_batch_per_device rows
+    # takes its own mean, weighing 1/(shards x accumulation steps) (rl/experience.py).
+    c.rl.micro_batch_weighting = "by_share" if tiny else "per_device_mean"
     # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
     # many in a row are tolerated, one more stops the run (0: the first one stops it).
     c.rl.max_skipped_steps = 3
@@ -304,7 +312,7 @@ def _rehearsal() -> ConfigDict:
     c.rl.rollout_batch = 2
     c.rl.update_batch = 1
     c.rl.num_generations = 4
-    c.rl.micro_batch = 4
+    c.rl.micro_batch_per_device = 4  # one CPU device: micro-batches of 4 rows
     c.rl.max_prompt_len = 1024
     c.rl.max_response_len = 64
     c.sampling.prompt_buckets = (256, 512, 1024)

@@ -263,7 +263,8 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     rt = factory.build(c, None, special, cfg, mesh, rules)
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
     opt = dry_run.abstract_state(jax.eval_shape(tx.init, params), mesh, rules)
-    settings = StepSettings.from_config(c)
+    with sharding.use_mesh(mesh, rules):
+        settings = StepSettings.from_config(c, sharding.axis_shards("batch"))
     ref = reference.abstract(params, config_lib.reference_dtype(c))
     t = Target(
         c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt, ref
@@ -566,6 +567,8 @@ def _micro_batch(t: Target) -> tuple:
     m, n = st.micro_batch, st.num_generations
     firsts = range(0, c.rl.rollout_batch * n, m)
     shown = max(([(r + i) // n - r // n for i in range(m)] for r in firsts), key=lambda x: x[-1])  # most images
+    if st.micro_batch_weighting == "per_device_mean":  # rows by length (rl/balance.py): any prompts
+        shown = [i % c.rl.rollout_batch for i in range(m)]
     g_len = bucket(c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len")
     if not st.packing:
         p_len = bucket(c.rl.max_prompt_len, st.prompt_buckets, "rl.max_prompt_len")

@@ -11,6 +11,12 @@ With `packing`, each micro-batch's rows are packed into sequences of `pack_lengt
 (rows.packed_rows) for the reference / old log-probs and the gradients; the log-probs come
 back in the same [m, G] layout, so the loss and its weighting are those of padded rows.
 
+Micro-batches are consecutive rows, except under "per_device_mean": there the step's rows are
+first spread over the data-parallel shards by sequence length as the official run does
+(rl/balance.py), and block k of each micro-batch is shard k's rows; its loss groups are those
+blocks whether the rows are padded (block k is then on shard k) or packed (the packs spread
+the rows again for the compute; the loss reads them back in the [m, G] layout).
+
 Rows b*n .. b*n+n-1 answer record b. The task (emo_r3/task.py) says what is asked and how a
 response is scored; the step logs whatever named components its `score` returns.
 """
@@ -28,7 +34,7 @@ import numpy as np
 
 from emor3_jax.core import multihost, sharding
 from emor3_jax.core.batches import PackedBatch
-from emor3_jax.rl import rollout_weights
+from emor3_jax.rl import balance, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
 from emor3_jax.rl.rows import packed_rows, score_async, training_rows
@@ -39,9 +45,13 @@ from emor3_jax.sampling.rollout import Rollouts, sample_rollouts
 # - "by_share": each micro-batch's gradient weighs its share of the mini-batch's loss (its
 #   tokens in "token" mode, its rows in "seq" mode), so the sum is the mini-batch's gradient.
 # - "equal": each micro-batch's own loss mean weighs 1 / (micro-batches per optimizer step),
-#   as the official EasyR1 run accumulates (spec section 5): a short response in a micro-batch
-#   of short ones weighs more than in a mini-batch-wide token mean.
-MICRO_BATCH_WEIGHTINGS = ("by_share", "equal")
+#   as the official EasyR1 run accumulates on one GPU (spec section 5): a short response in a
+#   micro-batch of short ones weighs more than in a mini-batch-wide token mean.
+# - "per_device_mean": the official run on K data-parallel shards (EasyR1 dp_actor.py:233-276,
+#   FSDP averaging the K ranks' gradients): the step's rows are spread over the shards by
+#   sequence length (rl/balance.py), each shard's micro-batch of `micro_batch // K` rows takes
+#   its own loss mean, and each mean weighs 1 / (K x micro-batches per optimizer step).
+MICRO_BATCH_WEIGHTINGS = ("by_share", "equal", "per_device_mean")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +62,7 @@ class StepSettings:
     advantage: str  # a key of rl.advantages.ESTIMATORS
     max_response_len: int
     rollout: SamplingParams
-    micro_batch: int  # rows per forward / backward
+    micro_batch: int  # rows per forward / backward (per_device_mean: loss.groups shards x rows per shard)
     update_batch: int  # prompts per optimizer step
     recompute_old_logprobs: bool  # False: the sampler's log-probs are the old policy's
     prompt_buckets: tuple[int, ...]
@@ -79,22 +89,37 @@ class StepSettings:
         if self.packing and self.pack_length < 1:
             raise ValueError(f"packing needs pack_length >= 1, got {self.pack_length}")
         rows = self.update_batch * self.num_generations
+        groups = self.loss.groups
+        if self.micro_batch_weighting != "per_device_mean" and groups != 1:
+            raise ValueError(f"loss.groups={groups} needs micro_batch_weighting='per_device_mean'")
+        if groups < 1 or self.micro_batch % groups:
+            raise ValueError(f"micro_batch {self.micro_batch} must be a multiple of loss.groups={groups}")
         if self.micro_batch < 1 or rows % self.micro_batch:
+            if self.micro_batch_weighting == "per_device_mean":
+                raise ValueError(
+                    f"--config.rl.micro_batch_per_device={self.micro_batch // groups} x {groups} data-parallel "
+                    f"shards = {self.micro_batch} rows must divide update_batch * num_generations = {rows}"
+                )
             raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
 
     @classmethod
-    def from_config(cls, c) -> StepSettings:
+    def from_config(cls, c, shards: int = 1) -> StepSettings:
+        """The step of config `c` on a mesh of `shards` data-parallel shards (the "batch" axis's;
+        per_device_mean's loss groups and micro-batch rows follow them)."""
         rl = c.rl
+        loss, micro = GRPOSettings.from_config(c), rl.micro_batch
+        if rl.micro_batch_weighting == "per_device_mean":
+            loss, micro = dataclasses.replace(loss, groups=shards), shards * rl.micro_batch_per_device
         return cls(
             num_generations=rl.num_generations,
             advantage=rl.advantage,
             max_response_len=rl.max_response_len,
             rollout=SamplingParams(temperature=rl.temperature, top_p=rl.top_p),
-            micro_batch=rl.micro_batch,
+            micro_batch=micro,
             update_batch=rl.update_batch,
             recompute_old_logprobs=rl.recompute_old_logprobs,
             prompt_buckets=tuple(c.sampling.prompt_buckets),
-            loss=GRPOSettings.from_config(c),
+            loss=loss,
             micro_batch_weighting=rl.micro_batch_weighting,
             max_skipped_steps=rl.max_skipped_steps,
             packing=rl.packing,
@@ -187,8 +212,7 @@ class GRPOStep:
         t = time.perf_counter()
         futures = score_async(self.pool, ro, self.task.score, multihost.local_rows(len(ro.responses)))
         # While the host scores: the rows, their reference (and old) log-probs on device.
-        rows = np.arange(len(ro.responses))
-        micro = [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
+        micro = self._micro_batches(ro)
         cfg, g_len = self.encoder.cfg, ro.tokens.shape[1]
         if s.packing:
             shards = sharding.axis_shards("batch")
@@ -220,6 +244,19 @@ class GRPOStep:
             old_logp=old_lp,
             ref_logp=ref_lp,
             times=times,
+        )
+
+    def _micro_batches(self, ro: Rollouts) -> list[np.ndarray]:
+        """Row indices of each micro-batch: consecutive rows, or under per_device_mean the
+        official order (balance.device_micro_batches) over the rows' sequence lengths, prompt
+        (image tokens expanded) plus response through its EOS, as the official attention mask."""
+        s, rows = self.s, np.arange(len(ro.responses))
+        if s.micro_batch_weighting != "per_device_mean":
+            return [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
+        lengths = [len(ro.prompts[r // ro.n].ids) + int(ro.lengths[r]) for r in rows]
+        groups = s.loss.groups
+        return balance.device_micro_batches(
+            lengths, groups, s.update_batch * s.num_generations, s.micro_batch // groups
         )
 
     def _sample(self, weights, ref, records: list[dict], key, times: dict) -> Rollouts:
@@ -258,7 +295,7 @@ class GRPOStep:
         sums, count, norms, losses = {}, 0, [], []
         for first in range(0, len(exp.batches), per_step):
             group = range(first, first + per_step)
-            if s.micro_batch_weighting == "equal":
+            if s.micro_batch_weighting in ("equal", "per_device_mean"):  # the groups' mean is in the loss
                 sizes = [1.0] * per_step
             elif s.loss.loss_mode == "token":
                 sizes = [float(exp.batches[i][1].sum()) for i in group]

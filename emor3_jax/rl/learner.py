@@ -155,7 +155,8 @@ def make_optimizer(s: OptimizerSettings) -> tuple[optax.GradientTransformation, 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOSettings:
     """The clipped, KL-regularised loss (rl/grpo.py): kl_kind from grpo.KL_KINDS, loss_mode
-    from grpo.MODES."""
+    from grpo.MODES; `groups` > 1: a micro-batch's rows in that many equal blocks (its
+    data-parallel shards), each taking its own mean (grpo.aggregate)."""
 
     clip_low: float
     clip_high: float
@@ -163,6 +164,7 @@ class GRPOSettings:
     kl_coef: float
     kl_kind: str
     loss_mode: str
+    groups: int = 1
 
     @classmethod
     def from_config(cls, c) -> GRPOSettings:
@@ -292,6 +294,7 @@ class Learner:
                     kl_coef=settings.kl_coef,
                     kl_kind=settings.kl_kind,
                     mode=settings.loss_mode,
+                    groups=settings.groups,
                 )
                 metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
                 return weight * loss, metrics
