@@ -148,7 +148,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # this many rows on each of the mesh's data-parallel shards.
     c.rl.micro_batch_per_device = 4
     c.rl.learning_rate = 5e-5 if tiny else 2e-6
-    c.rl.schedule = "constant"  # constant | warmup_constant | cosine
+    # constant | warmup_constant | stepwise_warmup_constant | cosine (rl/learner.py SCHEDULES).
+    # 3b/7b: the official schedule, a warmup counted in GRPO steps that, with warmup 0, gives
+    # every update of the first step learning rate 0 (EasyR1's LambdaLR starts at lr_lambda(0) =
+    # 0); "constant" trains at learning_rate from the first update.
+    c.rl.schedule = "constant" if tiny else "stepwise_warmup_constant"
     c.rl.warmup_steps = 0
     c.rl.weight_decay = 0.01
     c.rl.b1 = 0.9
