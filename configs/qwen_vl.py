@@ -253,7 +253,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.eval.sampled_top_p = 0.95
     # What picks the best checkpoint (best/): greedy_accuracy | sampled_accuracy | sampled_reward
     # (the official validation: one sample at the values above, reward without reflection).
-    c.eval.best_by = "greedy_accuracy"
+    # 3b/7b: sampled_reward, as the official run keeps its best step (EasyR1 ray_trainer.py:309-311,
+    # by val/reward_score, :428); tiny: greedy accuracy, the figure its results report.
+    c.eval.best_by = "greedy_accuracy" if tiny else "sampled_reward"
     # Data sets `python -m emor3_jax.eval --datasets=a,b` reads, by name, each prompted with its
     # own labels. Fields: source (as data.source), path (as data.test), annotations (folder
     # source), split (emoset118k: train | val | test; synthetic: train | test), labels,
@@ -277,7 +279,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 10 if tiny else 5
-    c.checkpoint.keep = 3
+    # Checkpoints kept in ckpt/ (best/ keeps its own one). 3b/7b: 7, the official save_limit
+    # (examples/config.yaml:107).
+    c.checkpoint.keep = 3 if tiny else 7
     c.checkpoint.async_save = True
 
     # The divergence guard (besides a non-finite loss or gradient norm): a step stops the run

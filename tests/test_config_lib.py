@@ -352,11 +352,13 @@ def test_the_real_variants_default_to_the_papers_settings(variant):
     # the rollouts sample in bf16, as the official run's vLLM does (tiny: with the training model)
     assert c.rl.rollout_dtype == "bfloat16" and get_config("tiny").rl.rollout_dtype == ""
     assert c.rl.rollout_sharding == {"3b": "replicated", "7b": "fsdp"}[variant]
-    # the official update (EasyR1 examples/config.yaml:38, :53; tiny keeps its own)
+    # the official update (EasyR1 examples/config.yaml:38, :53, :107; tiny keeps its own)
     assert (c.rl.micro_batch_weighting, c.rl.micro_batch_per_device) == ("per_device_mean", 4)
     assert c.rl.schedule == "stepwise_warmup_constant" and c.rl.warmup_steps == 0
+    assert (c.eval.best_by, c.checkpoint.keep) == ("sampled_reward", 7)
     tiny = get_config("tiny")
     assert (tiny.rl.micro_batch_weighting, tiny.rl.schedule) == ("by_share", "constant")
+    assert (tiny.eval.best_by, tiny.checkpoint.keep) == ("greedy_accuracy", 3)
 
 
 @pytest.mark.parametrize(
