@@ -141,11 +141,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.num_generations = 8
     c.rl.rollout_batch = 8 if tiny else 512  # prompts per step
     c.rl.update_batch = 4 if tiny else 256  # prompts per optimizer step
-    # Rows per forward/backward (gradient accumulation) under micro_batch_weighting by_share / equal.
-    c.rl.micro_batch = 16 if tiny else 16
-    # Under per_device_mean: rows per data-parallel shard per forward/backward, the official
-    # micro_batch_size_per_device_for_update (EasyR1 examples/config.yaml:38); a micro-batch is
-    # this many rows on each of the mesh's data-parallel shards.
+    c.rl.micro_batch = 16 if tiny else 16  # rows per forward/backward (gradient accumulation)
+    # per_device_mean (rl.micro_batch_weighting): the official run's GPUs (trainer.n_gpus_per_node,
+    # EasyR1 examples/qwen2_5_vl_3b_emor3.sh:23) and rows per GPU micro-batch
+    # (micro_batch_size_per_device_for_update, examples/config.yaml:38). The step's rows are
+    # spread over loss_devices by length and cut into groups of micro_batch_per_device rows, each
+    # taking its own loss mean; rl.micro_batch holds whole groups (16: 4), on any mesh.
+    c.rl.loss_devices = 8
     c.rl.micro_batch_per_device = 4
     c.rl.learning_rate = 5e-5 if tiny else 2e-6
     # constant | warmup_constant | stepwise_warmup_constant | cosine (rl/learner.py SCHEDULES).
@@ -199,9 +201,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.recompute_old_logprobs = not tiny
     # by_share: micro-batch gradients sum to the mini-batch's loss gradient (every token of the
     # mini-batch weighs the same); equal: each micro-batch's own mean weighs 1/accumulation steps;
-    # per_device_mean (3b/7b, the official run): the step's rows spread over the data-parallel
-    # shards by sequence length, each shard's micro-batch of rl.micro_batch_per_device rows
-    # takes its own mean, weighing 1/(shards x accumulation steps) (rl/experience.py).
+    # per_device_mean (3b/7b, the official run): the step's rows spread over rl.loss_devices by
+    # sequence length, each device's micro-batch of rl.micro_batch_per_device rows takes its own
+    # mean, weighing 1/(devices x its accumulation steps) (rl/experience.py).
     c.rl.micro_batch_weighting = "by_share" if tiny else "per_device_mean"
     # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
     # many in a row are tolerated, one more stops the run (0: the first one stops it).
@@ -320,7 +322,8 @@ def _rehearsal() -> ConfigDict:
     c.rl.rollout_batch = 2
     c.rl.update_batch = 1
     c.rl.num_generations = 4
-    c.rl.micro_batch_per_device = 4  # one CPU device: micro-batches of 4 rows
+    c.rl.micro_batch = 4
+    c.rl.loss_devices = 1  # one CPU device, as one GPU: its 4 rows one loss group
     c.rl.max_prompt_len = 1024
     c.rl.max_response_len = 64
     c.sampling.prompt_buckets = (256, 512, 1024)

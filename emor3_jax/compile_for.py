@@ -263,8 +263,7 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     rt = factory.build(c, None, special, cfg, mesh, rules)
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
     opt = dry_run.abstract_state(jax.eval_shape(tx.init, params), mesh, rules)
-    with sharding.use_mesh(mesh, rules):
-        settings = StepSettings.from_config(c, sharding.axis_shards("batch"))
+    settings = StepSettings.from_config(c)
     ref = reference.abstract(params, config_lib.reference_dtype(c))
     t = Target(
         c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt, ref

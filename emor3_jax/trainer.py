@@ -21,7 +21,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from emor3_jax import config_lib, run_setup
-from emor3_jax.core import multihost, paths, sharding
+from emor3_jax.core import multihost, paths
 from emor3_jax.core import profile as run_profile
 from emor3_jax.core.workdir_lock import WorkdirLock
 from emor3_jax.data import store
@@ -260,14 +260,12 @@ class Run:
         tx, lr_fn = self._optimizer("grpo")
         learner = Learner(self.graphdef, tx)
         opt, ref = self._enter_grpo(learner)
-        with self.rt.ctx():
-            shards = sharding.axis_shards("batch")  # per_device_mean's loss groups
         step_fn = GRPOStep(
             learner=learner,
             sampler=self.rt.sampler,
             encoder=self.encoder,
             task=self.task,
-            settings=StepSettings.from_config(self.c, shards),
+            settings=StepSettings.from_config(self.c),
             pad_id=self.rt.pad_id,
             threads=self.c.reward.threads,
             rollout_weights=self.copier,

@@ -82,7 +82,8 @@ CROSS_CHECKED = {
     "rl.rollout_batch",
     "rl.update_batch",
     "rl.micro_batch",  # divides update_batch * num_generations (by_share / equal)
-    "rl.micro_batch_per_device",  # per_device_mean: >= 1, divides it (x the shards, at run time)
+    "rl.micro_batch_per_device",  # per_device_mean: >= 1, divides rl.micro_batch
+    "rl.loss_devices",  # per_device_mean: >= 1, x micro_batch_per_device divides the step's rows
     "sampling.max_rows",
     "rl.pack_length",  # with rl.packing: holds rl.max_prompt_len + rl.max_response_len
     "sampling.prompt_buckets",
@@ -197,13 +198,13 @@ def test_shape_only_validation_passes_a_3b_config_without_paths():
 
 def test_shape_only_validation_refuses_every_bad_shape_at_once_naming_the_flags():
     c = get_config("3b")
-    c.rl.micro_batch_per_device, c.sampling.gen_buckets, c.model.preset = 0, (2048, 32), "13b"
+    c.rl.micro_batch, c.sampling.gen_buckets, c.model.preset = 0, (2048, 32), "13b"
     c.mesh = (("data", 0), ("fsdp", -1), ("tensor", 1))
     with pytest.raises(ValueError) as err:
         config_lib.validate_shapes(c)
     lines = str(err.value).splitlines()
     assert lines[0] == "bad config:" and len(lines) == 5, lines
-    for flag in ("mesh", "model.preset", "rl.micro_batch_per_device", "sampling.gen_buckets"):
+    for flag in ("mesh", "model.preset", "rl.micro_batch", "sampling.gen_buckets"):
         assert sum(f"--config.{flag}=" in line for line in lines) == 1, (flag, lines)
     c = get_config("3b")
     c.gpu_memory_fraction = 0.0  # a run-time setting, not a shape: the full check's business
@@ -353,7 +354,7 @@ def test_the_real_variants_default_to_the_papers_settings(variant):
     assert c.rl.rollout_dtype == "bfloat16" and get_config("tiny").rl.rollout_dtype == ""
     assert c.rl.rollout_sharding == {"3b": "replicated", "7b": "fsdp"}[variant]
     # the official update (EasyR1 examples/config.yaml:38, :53, :107; tiny keeps its own)
-    assert (c.rl.micro_batch_weighting, c.rl.micro_batch_per_device) == ("per_device_mean", 4)
+    assert (c.rl.micro_batch_weighting, c.rl.loss_devices, c.rl.micro_batch_per_device) == ("per_device_mean", 8, 4)
     assert c.rl.schedule == "stepwise_warmup_constant" and c.rl.warmup_steps == 0
     assert (c.eval.best_by, c.checkpoint.keep) == ("sampled_reward", 7)
     tiny = get_config("tiny")

@@ -1,8 +1,8 @@
 """Which rows each data-parallel shard learns from, as the official run orders them: pure
 functions over row lengths (host, numpy). `rl.micro_batch_weighting="per_device_mean"` uses them.
 
-Letters: R rows of a rollout batch, K data-parallel shards, M rows per shard per optimizer step,
-m rows per shard per micro-batch.
+Letters: R rows of a rollout batch, K devices of the official run, M rows per device per
+optimizer step, m rows per device per micro-batch (a loss group), C rows of our micro-batch.
 
 The official trainer (EasyR1) reorders each step's whole rollout batch before anything else
 (`_balance_batch`, verl/trainer/ray_trainer.py:433-448, called at :662 before the old / reference
@@ -14,7 +14,9 @@ partition's rows in their original order; rank k gets partition k. Each rank the
 into mini-batches of M and those into micro-batches of m, in order
 (verl/workers/actor/dp_actor.py:225-236). `balanced_shards` computes the partitions the same
 way (ties broken the same way, so the groupings are the official ones for the same lengths);
-`device_micro_batches` lays them out as our global micro-batches: shard k's m rows at block k.
+`device_micro_batches` lays the devices' micro-batches out as our micro-batches, whole groups
+in each. K is the official run's device count, not our mesh's: the groups are a property of
+the loss, and any mesh computes them.
 """
 
 from __future__ import annotations
@@ -81,23 +83,31 @@ def balanced_shards(lengths: Sequence[int], shards: int) -> list[np.ndarray]:
 
 
 def device_micro_batches(
-    lengths: Sequence[int], shards: int, rows_per_step: int, rows_per_micro: int
+    lengths: Sequence[int], devices: int, rows_per_step: int, group_rows: int, micro_rows: int
 ) -> list[np.ndarray]:
-    """Global micro-batches (row indices, K * m each) of one step's R rows under
-    per_device_mean: the rows split into K balanced partitions (`balanced_shards`); shard k's
-    partition cut in order into mini-batches of M = rows_per_step / K rows and those into
-    micro-batches of m = rows_per_micro; global micro-batch j of mini-batch s holds shard k's
-    j-th micro-batch of mini-batch s at rows k*m .. k*m + m - 1. Micro-batches are listed
-    mini-batch by mini-batch."""
-    if rows_per_step % shards or (rows_per_step // shards) % rows_per_micro or len(lengths) % rows_per_step:
+    """Our micro-batches (row indices, C = micro_rows each, whole groups of m = group_rows) of
+    one step's R rows under per_device_mean: the rows split into K = devices balanced partitions
+    (`balanced_shards`); device k's partition cut in order into mini-batches of M =
+    rows_per_step / K rows and those into groups of m rows (its micro-batches). The groups of a
+    mini-batch in order (micro-batch j of device 0, 1, ..., K - 1, then j + 1) are cut into our
+    micro-batches of C / m groups. Listed mini-batch by mini-batch."""
+    per_device = rows_per_step // devices
+    if (
+        rows_per_step % devices
+        or per_device % group_rows
+        or micro_rows % group_rows
+        or rows_per_step % micro_rows
+        or len(lengths) % rows_per_step
+    ):
         raise ValueError(
-            f"{len(lengths)} rows in optimizer steps of {rows_per_step} rows do not split into "
-            f"{shards} shards x micro-batches of {rows_per_micro} rows"
+            f"{len(lengths)} rows in optimizer steps of {rows_per_step} rows do not split into {devices} devices "
+            f"x groups of {group_rows} rows, in micro-batches of {micro_rows} rows"
         )
-    parts = balanced_shards(lengths, shards)
-    per_shard = rows_per_step // shards
+    parts = balanced_shards(lengths, devices)
     micro = []
-    for first in range(0, len(lengths) // shards, per_shard):
-        for j in range(first, first + per_shard, rows_per_micro):
-            micro.append(np.concatenate([p[j : j + rows_per_micro] for p in parts]))
+    for s in range(len(lengths) // rows_per_step):
+        first = s * per_device
+        groups = [p[j : j + group_rows] for j in range(first, first + per_device, group_rows) for p in parts]
+        rows = np.concatenate(groups)  # [M * K]: the step's groups, micro-batch j of every device, then j + 1
+        micro += [rows[i : i + micro_rows] for i in range(0, rows_per_step, micro_rows)]
     return micro

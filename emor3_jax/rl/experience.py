@@ -12,10 +12,10 @@ With `packing`, each micro-batch's rows are packed into sequences of `pack_lengt
 back in the same [m, G] layout, so the loss and its weighting are those of padded rows.
 
 Micro-batches are consecutive rows, except under "per_device_mean": there the step's rows are
-first spread over the data-parallel shards by sequence length as the official run does
-(rl/balance.py), and block k of each micro-batch is shard k's rows; its loss groups are those
-blocks whether the rows are padded (block k is then on shard k) or packed (the packs spread
-the rows again for the compute; the loss reads them back in the [m, G] layout).
+first spread over `loss_devices` official devices by sequence length as the official run does
+(rl/balance.py) and cut into each device's micro-batches (the loss groups); a micro-batch holds
+whole groups, each taking its own mean in the loss. The groups are blocks of the [m, G] rows,
+so the loss is the same whatever the mesh, the micro-batch size or the packing.
 
 Rows b*n .. b*n+n-1 answer record b. The task (emo_r3/task.py) says what is asked and how a
 response is scored; the step logs whatever named components its `score` returns.
@@ -47,10 +47,11 @@ from emor3_jax.sampling.rollout import Rollouts, sample_rollouts
 # - "equal": each micro-batch's own loss mean weighs 1 / (micro-batches per optimizer step),
 #   as the official EasyR1 run accumulates on one GPU (spec section 5): a short response in a
 #   micro-batch of short ones weighs more than in a mini-batch-wide token mean.
-# - "per_device_mean": the official run on K data-parallel shards (EasyR1 dp_actor.py:233-276,
-#   FSDP averaging the K ranks' gradients): the step's rows are spread over the shards by
-#   sequence length (rl/balance.py), each shard's micro-batch of `micro_batch // K` rows takes
-#   its own loss mean, and each mean weighs 1 / (K x micro-batches per optimizer step).
+# - "per_device_mean": the official run on K GPUs (EasyR1 dp_actor.py:233-276, FSDP averaging
+#   the K ranks' gradients): the step's rows are spread over K devices by sequence length
+#   (rl/balance.py), each device's micro-batch of `group_rows` rows takes its own loss mean,
+#   and each mean weighs 1 / (K x the device's micro-batches per optimizer step). K is the
+#   official run's device count, not our mesh's: a micro-batch holds loss.groups such groups.
 MICRO_BATCH_WEIGHTINGS = ("by_share", "equal", "per_device_mean")
 
 
@@ -62,7 +63,7 @@ class StepSettings:
     advantage: str  # a key of rl.advantages.ESTIMATORS
     max_response_len: int
     rollout: SamplingParams
-    micro_batch: int  # rows per forward / backward (per_device_mean: loss.groups shards x rows per shard)
+    micro_batch: int  # rows per forward / backward (per_device_mean: loss.groups official micro-batches)
     update_batch: int  # prompts per optimizer step
     recompute_old_logprobs: bool  # False: the sampler's log-probs are the old policy's
     prompt_buckets: tuple[int, ...]
@@ -76,6 +77,8 @@ class StepSettings:
     # to prompt + response buckets.
     packing: bool = False
     pack_length: int = 0
+    # per_device_mean: the official devices K the step's rows are spread over (rl/balance.py).
+    loss_devices: int = 1
 
     def __post_init__(self):
         if self.advantage not in ESTIMATORS:
@@ -89,33 +92,36 @@ class StepSettings:
         if self.packing and self.pack_length < 1:
             raise ValueError(f"packing needs pack_length >= 1, got {self.pack_length}")
         rows = self.update_batch * self.num_generations
-        groups = self.loss.groups
-        if self.micro_batch_weighting != "per_device_mean" and groups != 1:
-            raise ValueError(f"loss.groups={groups} needs micro_batch_weighting='per_device_mean'")
+        if self.micro_batch < 1 or rows % self.micro_batch:
+            raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
+        groups, k = self.loss.groups, self.loss_devices
+        if self.micro_batch_weighting != "per_device_mean" and (groups, k) != (1, 1):
+            raise ValueError(f"loss.groups={groups}, loss_devices={k} need micro_batch_weighting='per_device_mean'")
         if groups < 1 or self.micro_batch % groups:
             raise ValueError(f"micro_batch {self.micro_batch} must be a multiple of loss.groups={groups}")
-        if self.micro_batch < 1 or rows % self.micro_batch:
-            if self.micro_batch_weighting == "per_device_mean":
-                raise ValueError(
-                    f"--config.rl.micro_batch_per_device={self.micro_batch // groups} x {groups} data-parallel "
-                    f"shards = {self.micro_batch} rows must divide update_batch * num_generations = {rows}"
-                )
-            raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
+        if k < 1 or rows % (k * self.group_rows):
+            raise ValueError(
+                f"--config.rl.loss_devices={k} x --config.rl.micro_batch_per_device={self.group_rows} must "
+                f"divide update_batch * num_generations = {rows}"
+            )
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of one loss group (per_device_mean: an official device's micro-batch)."""
+        return self.micro_batch // self.loss.groups
 
     @classmethod
-    def from_config(cls, c, shards: int = 1) -> StepSettings:
-        """The step of config `c` on a mesh of `shards` data-parallel shards (the "batch" axis's;
-        per_device_mean's loss groups and micro-batch rows follow them)."""
+    def from_config(cls, c) -> StepSettings:
         rl = c.rl
-        loss, micro = GRPOSettings.from_config(c), rl.micro_batch
+        loss, k = GRPOSettings.from_config(c), 1
         if rl.micro_batch_weighting == "per_device_mean":
-            loss, micro = dataclasses.replace(loss, groups=shards), shards * rl.micro_batch_per_device
+            loss, k = dataclasses.replace(loss, groups=rl.micro_batch // rl.micro_batch_per_device), rl.loss_devices
         return cls(
             num_generations=rl.num_generations,
             advantage=rl.advantage,
             max_response_len=rl.max_response_len,
             rollout=SamplingParams(temperature=rl.temperature, top_p=rl.top_p),
-            micro_batch=micro,
+            micro_batch=rl.micro_batch,
             update_batch=rl.update_batch,
             recompute_old_logprobs=rl.recompute_old_logprobs,
             prompt_buckets=tuple(c.sampling.prompt_buckets),
@@ -124,6 +130,7 @@ class StepSettings:
             max_skipped_steps=rl.max_skipped_steps,
             packing=rl.packing,
             pack_length=rl.pack_length,
+            loss_devices=k,
         )
 
 
@@ -254,10 +261,8 @@ class GRPOStep:
         if s.micro_batch_weighting != "per_device_mean":
             return [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
         lengths = [len(ro.prompts[r // ro.n].ids) + int(ro.lengths[r]) for r in rows]
-        groups = s.loss.groups
-        return balance.device_micro_batches(
-            lengths, groups, s.update_batch * s.num_generations, s.micro_batch // groups
-        )
+        rows_per_step = s.update_batch * s.num_generations
+        return balance.device_micro_batches(lengths, s.loss_devices, rows_per_step, s.group_rows, s.micro_batch)
 
     def _sample(self, weights, ref, records: list[dict], key, times: dict) -> Rollouts:
         """The rollouts of `records` by the policy with `weights`, and the reflections of the

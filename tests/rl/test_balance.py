@@ -23,12 +23,15 @@ def test_two_shards_by_hand():
 
 
 def test_micro_batches_by_hand():
-    """2 shards x 4 rows per step (one optimizer step), 2 rows per shard per micro-batch: micro-
-    batch j holds shard 0's rows 2j, 2j+1 of its partition, then shard 1's."""
-    micro = device_micro_batches(LENGTHS, shards=2, rows_per_step=8, rows_per_micro=2)
+    """2 devices x 4 rows per step (one optimizer step), groups of 2 rows: device 0's groups
+    {1, 2}, {4, 6}, device 1's {0, 3}, {5, 7}, laid out micro-batch j of each device in turn,
+    then cut into our micro-batches (2 groups or 1 each)."""
+    micro = device_micro_batches(LENGTHS, devices=2, rows_per_step=8, group_rows=2, micro_rows=4)
     assert [m.tolist() for m in micro] == [[1, 2, 0, 3], [4, 6, 5, 7]]
-    # two optimizer steps of 4 rows: shard k's first 2 rows go to the first step
-    micro = device_micro_batches(LENGTHS, shards=2, rows_per_step=4, rows_per_micro=1)
+    micro = device_micro_batches(LENGTHS, devices=2, rows_per_step=8, group_rows=2, micro_rows=2)
+    assert [m.tolist() for m in micro] == [[1, 2], [0, 3], [4, 6], [5, 7]]
+    # two optimizer steps of 4 rows: device k's first 2 rows go to the first step
+    micro = device_micro_batches(LENGTHS, devices=2, rows_per_step=4, group_rows=1, micro_rows=2)
     assert [m.tolist() for m in micro] == [[1, 0], [2, 3], [4, 5], [6, 7]]
 
 
@@ -46,11 +49,11 @@ def test_invariants_on_random_lengths(seed):
     sums = [sum(lengths[i] for i in p) for p in parts]
     ranked = np.sort(lengths).reshape(-1, shards)
     assert max(sums) - min(sums) <= (ranked[:, -1] - ranked[:, 0]).max()
-    micro = device_micro_batches(lengths, shards, rows_per_step=32, rows_per_micro=2)
+    micro = device_micro_batches(lengths, shards, rows_per_step=32, group_rows=2, micro_rows=8)
     assert len(micro) == 8 and sorted(np.concatenate(micro).tolist()) == list(range(len(lengths)))
     for j, m in enumerate(micro):
         for k in range(shards):
-            step, within = divmod(j, 4)  # 4 micro-batches per step on each shard
+            step, within = divmod(j, 4)  # 4 groups per step on each device, one per micro-batch
             expect = parts[k][step * 8 + within * 2 : step * 8 + within * 2 + 2]
             np.testing.assert_array_equal(m[2 * k : 2 * k + 2], expect)
 
@@ -58,5 +61,7 @@ def test_invariants_on_random_lengths(seed):
 def test_shapes_that_do_not_split_are_refused():
     with pytest.raises(ValueError, match="do not split into 3 equal"):
         balanced_shards(LENGTHS, 3)
-    with pytest.raises(ValueError, match="2 shards x micro-batches of 3 rows"):
-        device_micro_batches(LENGTHS, shards=2, rows_per_step=8, rows_per_micro=3)
+    with pytest.raises(ValueError, match="2 devices x groups of 3 rows, in micro-batches of 3 rows"):
+        device_micro_batches(LENGTHS, devices=2, rows_per_step=8, group_rows=3, micro_rows=3)
+    with pytest.raises(ValueError, match="in micro-batches of 3 rows"):
+        device_micro_batches(LENGTHS, devices=2, rows_per_step=8, group_rows=1, micro_rows=3)

@@ -183,20 +183,29 @@ def test_equal_micro_batch_weighting_averages_each_micro_batchs_own_mean():
     assert gap > 1e-5  # the two weightings differ on rows of unequal length
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(packing):
-    """per_device_mean on 2 devices, 2 rows per device per micro-batch, one optimizer step of 8
-    rows: EasyR1's loss (dp_actor.py:240-276: on each GPU, per micro-batch, the token mean of
-    pg + kl_coef * kl over its rows, divided by the 64 / 4 -> here 4 / 2 = 2 accumulation steps;
-    FSDP averages the 2 GPUs' gradients) is
+@pytest.mark.parametrize("devices, micro, packing", [(2, 4, False), (2, 4, True), (1, 2, False)])
+def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(devices, micro, packing):
+    """per_device_mean for 2 official devices, 2 rows per device per micro-batch, one optimizer
+    step of 8 rows, on our mesh of `devices` in micro-batches of `micro` rows. EasyR1's loss
+    (dp_actor.py:240-276: on each GPU, per micro-batch, the token mean of pg + kl_coef * kl over
+    its rows, divided by the 64 / 4 -> here 4 / 2 = 2 accumulation steps; FSDP averages the 2
+    GPUs' gradients) is
       L = (1/2) sum_devices (1/2) sum_micro (sum_{rows r of the group} n_r * tm_r) / n_group,
     tm_r the token mean of row r's per-token loss, n_r its response tokens (LENGTHS). The groups,
     from rows of 3, 8, 6, 8, 6, 10, 9, 6 tokens (prompt + response) spread over the 2 devices as
     tests/rl/test_balance.py works out by hand: device 0 {1, 2} then {4, 6}, device 1 {0, 3}
     then {5, 7}. With SGD at lr 1 the move is -grad L = -sum_r w_r grad tm_r, w_r = n_r /
-    (4 n_group), each grad tm_r from the row alone. The by_share weights n_r / 32 differ."""
+    (4 n_group), each grad tm_r from the row alone, whatever our mesh and micro-batch size.
+    The by_share weights n_r / 32 differ."""
     mesh, learner, params, step, records = _setup(
-        4, "token", devices=2, groups=2, micro_batch_weighting="per_device_mean", packing=packing, pack_length=16
+        micro,
+        "token",
+        devices=devices,
+        groups=micro // 2,
+        micro_batch_weighting="per_device_mean",
+        loss_devices=2,
+        packing=packing,
+        pack_length=16,
     )
     ref = jax.tree.map(lambda x: x + 0.01, params)
     by_hand = [[1, 2], [0, 3], [4, 6], [5, 7]]  # (micro-batch 0: device 0, device 1), (micro-batch 1: ...)
@@ -205,7 +214,8 @@ def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(pack
         weights[rows] = LENGTHS[rows] / (2 * 2 * LENGTHS[rows].sum())
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         exp = step.experience(params, ref, records, jax.random.key(0))
-        assert [m.tolist() for m in exp.micro] == [by_hand[0] + by_hand[1], by_hand[2] + by_hand[3]]
+        laid_out = [by_hand[0] + by_hand[1], by_hand[2] + by_hand[3]] if micro == 4 else by_hand
+        assert [m.tolist() for m in exp.micro] == laid_out
         row_grads = []
         for r in range(B * N):
             i, pos = next((i, list(m).index(r)) for i, m in enumerate(exp.micro) if r in m)
@@ -227,22 +237,23 @@ def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(pack
     assert gap > 1e-5
 
 
-def test_per_device_mean_settings_follow_the_shards_and_refuse_a_mesh_they_do_not_divide():
-    """3b on 8 data-parallel shards: micro-batches of 8 x 4 rows in 8 loss groups; on 3 shards
-    the 12-row micro-batches do not divide the 2,048 rows of an optimizer step: refused naming
-    the flag (by_share has no groups)."""
+def test_per_device_mean_settings_and_the_shapes_they_refuse():
+    """3b: micro-batches of 16 rows hold 4 loss groups of the official 4 rows, spread over the
+    official 8 devices; 3 devices x 4 rows do not divide the 2,048 rows of an optimizer step:
+    refused naming the flags (by_share has no groups)."""
     from configs.qwen_vl import get_config
 
     c = get_config("3b")
-    s = StepSettings.from_config(c, shards=8)
-    assert (s.micro_batch, s.loss.groups, s.micro_batch_weighting) == (32, 8, "per_device_mean")
-    with pytest.raises(ValueError, match=r"--config.rl.micro_batch_per_device=4 x 3 data-parallel shards = 12 rows"):
-        StepSettings.from_config(c, shards=3)
+    s = StepSettings.from_config(c)
+    assert (s.micro_batch, s.loss.groups, s.group_rows, s.loss_devices) == (16, 4, 4, 8)
+    c.rl.loss_devices = 3
+    with pytest.raises(ValueError, match=r"--config.rl.loss_devices=3 x --config.rl.micro_batch_per_device=4 must"):
+        StepSettings.from_config(c)
     c.rl.micro_batch_weighting = "by_share"
-    s = StepSettings.from_config(c, shards=8)
-    assert (s.micro_batch, s.loss.groups) == (16, 1)
-    with pytest.raises(ValueError, match="loss.groups=8 needs micro_batch_weighting='per_device_mean'"):
-        dataclasses.replace(s, loss=dataclasses.replace(s.loss, groups=8))
+    s = StepSettings.from_config(c)
+    assert (s.micro_batch, s.loss.groups, s.loss_devices) == (16, 1, 1)
+    with pytest.raises(ValueError, match="loss.groups=4, loss_devices=1 need micro_batch_weighting='per_device_mean'"):
+        dataclasses.replace(s, loss=dataclasses.replace(s.loss, groups=4))
 
 
 def test_a_non_finite_gradient_skips_the_step_then_stops_the_run_past_the_limit():
