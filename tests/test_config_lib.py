@@ -144,6 +144,14 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
             "synthetic images, whose vocabulary has no words for the labels ['joy', 'surprise']",
         ),
         ({"rl.pack_length": 360}, "--config.rl.pack_length=360 must hold the longest row, rl.max_prompt_len + "),
+        (  # tiny: micro-batches of 16 rows, 4 x 8 = 32 rows per optimizer step
+            {"rl.micro_batch_weighting": "per_device_mean", "rl.micro_batch_per_device": 3},
+            "--config.rl.micro_batch_per_device=3 must be >= 1 and divide --config.rl.micro_batch=16",
+        ),
+        (
+            {"rl.micro_batch_weighting": "per_device_mean", "rl.loss_devices": 3},
+            "--config.rl.loss_devices=3 x --config.rl.micro_batch_per_device=4 must divide update_batch",
+        ),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
             "no reward to learn from",
