@@ -238,22 +238,22 @@ def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(devi
 
 
 def test_per_device_mean_settings_and_the_shapes_they_refuse():
-    """3b: micro-batches of 16 rows hold 4 loss groups of the official 4 rows, spread over the
+    """3b: micro-batches of 8 rows hold 2 loss groups of the official 4 rows, spread over the
     official 8 devices; 3 devices x 4 rows do not divide the 2,048 rows of an optimizer step:
     refused naming the flags (by_share has no groups)."""
     from configs.qwen_vl import get_config
 
     c = get_config("3b")
     s = StepSettings.from_config(c)
-    assert (s.micro_batch, s.loss.groups, s.group_rows, s.loss_devices) == (16, 4, 4, 8)
+    assert (s.micro_batch, s.loss.groups, s.group_rows, s.loss_devices) == (8, 2, 4, 8)
     c.rl.loss_devices = 3
     with pytest.raises(ValueError, match=r"--config.rl.loss_devices=3 x --config.rl.micro_batch_per_device=4 must"):
         StepSettings.from_config(c)
     c.rl.micro_batch_weighting = "by_share"
     s = StepSettings.from_config(c)
-    assert (s.micro_batch, s.loss.groups, s.loss_devices) == (16, 1, 1)
-    with pytest.raises(ValueError, match="loss.groups=4, loss_devices=1 need micro_batch_weighting='per_device_mean'"):
-        dataclasses.replace(s, loss=dataclasses.replace(s.loss, groups=4))
+    assert (s.micro_batch, s.loss.groups, s.loss_devices) == (8, 1, 1)
+    with pytest.raises(ValueError, match="loss.groups=2, loss_devices=1 need micro_batch_weighting='per_device_mean'"):
+        dataclasses.replace(s, loss=dataclasses.replace(s.loss, groups=2))
 
 
 def test_a_non_finite_gradient_skips_the_step_then_stops_the_run_past_the_limit():
