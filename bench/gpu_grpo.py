@@ -272,6 +272,7 @@ def run(args) -> Report:
     seqlens = [seq] * rows
     train_tokens = rows * seq
     c = get_config("3b")  # the real variant's optimizer and loss settings
+    c.rl.micro_batch_weighting = "by_share"  # the micro-batches below are consecutive rows of `micro`
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", 1))
     learner = Learner(graphdef, tx, chunk=min(256, new))
     adv = np.random.default_rng(1).standard_normal(rows).astype(np.float32)

@@ -156,9 +156,24 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.rl.num_generations = 8
     c.rl.rollout_batch = 8 if tiny else 512  # prompts per step
     c.rl.update_batch = 4 if tiny else 256  # prompts per optimizer step
-    c.rl.micro_batch = 16 if tiny else 16  # rows per forward/backward (gradient accumulation)
+    # Rows per forward/backward (gradient accumulation); neither weighting's loss depends on it.
+    # 3b/7b: 8. Under per_device_mean a micro-batch's rows come from as many prompts, each with its
+    # image, and the gradient program (compile_for, images at max_pixels) peaked past a v6e chip's
+    # 32 GiB at 16 rows: 3b on v6e-8 33.65, 7b on v6e-16 32.73; at 8 rows 31.10 and 30.95.
+    c.rl.micro_batch = 16 if tiny else 8
+    # per_device_mean (rl.micro_batch_weighting): the official run's GPUs (trainer.n_gpus_per_node,
+    # EasyR1 examples/qwen2_5_vl_3b_emor3.sh:23) and rows per GPU micro-batch
+    # (micro_batch_size_per_device_for_update, examples/config.yaml:38). The step's rows are
+    # spread over loss_devices by length and cut into groups of micro_batch_per_device rows, each
+    # taking its own loss mean; rl.micro_batch holds whole groups (8: 2), on any mesh.
+    c.rl.loss_devices = 8
+    c.rl.micro_batch_per_device = 4
     c.rl.learning_rate = 5e-5 if tiny else 2e-6
-    c.rl.schedule = "constant"  # constant | warmup_constant | cosine
+    # constant | warmup_constant | stepwise_warmup_constant | cosine (rl/learner.py SCHEDULES).
+    # 3b/7b: the official schedule, a warmup counted in GRPO steps that, with warmup 0, gives
+    # every update of the first step learning rate 0 (EasyR1's LambdaLR starts at lr_lambda(0) =
+    # 0); "constant" trains at learning_rate from the first update.
+    c.rl.schedule = "constant" if tiny else "stepwise_warmup_constant"
     c.rl.warmup_steps = 0
     c.rl.weight_decay = 0.01
     c.rl.b1 = 0.9
@@ -203,9 +218,12 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # so the first mini-batch's ratio is exactly 1; False: the sampler's log-probs (one forward
     # pass less per step, but inference/training numeric differences enter the clipping).
     c.rl.recompute_old_logprobs = not tiny
-    # by_share: micro-batch gradients sum to the mini-batch's loss gradient; equal: each
-    # micro-batch's own mean weighs 1/accumulation steps, as the official run (spec section 5).
-    c.rl.micro_batch_weighting = "by_share"
+    # by_share: micro-batch gradients sum to the mini-batch's loss gradient (every token of the
+    # mini-batch weighs the same); equal: each micro-batch's own mean weighs 1/accumulation steps;
+    # per_device_mean (3b/7b, the official run): the step's rows spread over rl.loss_devices by
+    # sequence length, each device's micro-batch of rl.micro_batch_per_device rows takes its own
+    # mean, weighing 1/(devices x its accumulation steps) (rl/experience.py).
+    c.rl.micro_batch_weighting = "by_share" if tiny else "per_device_mean"
     # Optimizer steps with a non-finite gradient are skipped (counted as skipped_steps); this
     # many in a row are tolerated, one more stops the run (0: the first one stops it).
     c.rl.max_skipped_steps = 3
@@ -269,7 +287,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.eval.sampled_top_p = 0.95
     # What picks the best checkpoint (best/): greedy_accuracy | sampled_accuracy | sampled_reward
     # (the official validation: one sample at the values above, reward without reflection).
-    c.eval.best_by = "greedy_accuracy"
+    # 3b/7b: sampled_reward, as the official run keeps its best step (EasyR1 ray_trainer.py:309-311,
+    # by val/reward_score, :428); tiny: greedy accuracy, the figure its results report.
+    c.eval.best_by = "greedy_accuracy" if tiny else "sampled_reward"
     # Data sets `python -m emor3_jax.eval --datasets=a,b` reads, by name, each prompted with its
     # own labels. Fields: source (as data.source), path (as data.test), annotations (folder
     # source), split (emoset118k: train | val | test; synthetic: train | test), labels,
@@ -293,7 +313,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
 
     c.checkpoint = ConfigDict()
     c.checkpoint.every = 10 if tiny else 5
-    c.checkpoint.keep = 3
+    # Checkpoints kept in ckpt/ (best/ keeps its own one). 3b/7b: 7, the official save_limit
+    # (examples/config.yaml:107).
+    c.checkpoint.keep = 3 if tiny else 7
     c.checkpoint.async_save = True
 
     # The divergence guard (besides a non-finite loss or gradient norm): a step stops the run
@@ -334,6 +356,7 @@ def _rehearsal() -> ConfigDict:
     c.rl.update_batch = 1
     c.rl.num_generations = 4
     c.rl.micro_batch = 4
+    c.rl.loss_devices = 1  # one CPU device, as one GPU: its 4 rows one loss group
     c.rl.max_prompt_len = 1024
     c.rl.max_response_len = 64
     c.sampling.prompt_buckets = (256, 512, 1024, 2048)  # 2048: image reflections (reward.reflection_cut)

@@ -574,6 +574,8 @@ def _micro_batch(t: Target) -> tuple:
     m, n = st.micro_batch, st.num_generations
     firsts = range(0, c.rl.rollout_batch * n, m)
     shown = max(([(r + i) // n - r // n for i in range(m)] for r in firsts), key=lambda x: x[-1])  # most images
+    if st.micro_batch_weighting == "per_device_mean":  # rows by length (rl/balance.py): any prompts
+        shown = [i % c.rl.rollout_batch for i in range(m)]
     g_len = bucket(c.rl.max_response_len, c.sampling.gen_buckets, "rl.max_response_len")
     if not st.packing:
         p_len = bucket(c.rl.max_prompt_len, st.prompt_buckets, "rl.max_prompt_len")

@@ -446,6 +446,7 @@ def _rl(c: ConfigDict) -> list[str]:
     the rollout copy's settings."""
     rl = c.rl
     rows = rl.update_batch * rl.num_generations
+    per_device, group = rl.micro_batch_weighting == "per_device_mean", rl.micro_batch_per_device
     errors = _failed(
         (rl.num_generations >= 2, f"--config.rl.num_generations={rl.num_generations}: GRPO needs >= 2 per prompt"),
         (
@@ -455,6 +456,16 @@ def _rl(c: ConfigDict) -> list[str]:
         (
             rl.micro_batch >= 1 and rows % rl.micro_batch == 0,
             f"--config.rl.micro_batch={rl.micro_batch} must divide update_batch * num_generations = {rows}",
+        ),
+        (
+            not per_device or group >= 1 and rl.micro_batch % group == 0,
+            f"--config.rl.micro_batch_per_device={group} must be >= 1 and divide --config.rl.micro_batch="
+            f"{rl.micro_batch} (a micro-batch holds whole loss groups)",
+        ),
+        (
+            not per_device or group < 1 or rl.loss_devices >= 1 and rows % (rl.loss_devices * group) == 0,
+            f"--config.rl.loss_devices={rl.loss_devices} x --config.rl.micro_batch_per_device={group} must "
+            f"divide update_batch * num_generations = {rows}",
         ),
         (
             not rl.packing or rl.pack_length >= rl.max_prompt_len + rl.max_response_len,

@@ -115,10 +115,14 @@ def _model(c: ConfigDict, rt: factory.Runtime, scratch: paths.Scratch):
 
 
 def _rl_steps(c: ConfigDict, data_dir: str) -> int:
-    """rl.steps, else rl.epochs passes over the training split in rl.rollout_batch prompts
-    (at least one step); rl.steps = rl.epochs = 0: none, the cold start alone."""
-    epochs = c.rl.epochs * store.train_size(data_dir) // c.rl.rollout_batch
-    return c.rl.steps or (max(1, epochs) if c.rl.epochs else 0)
+    """rl.steps, else rl.epochs times the full batches of rl.rollout_batch prompts in the
+    training split (at least one step); rl.steps = rl.epochs = 0: none, the cold start alone.
+    As the official run counts them: its data loader drops each epoch's last partial batch
+    (drop_last, EasyR1 verl/trainer/data_loader.py:60-67) and it trains len(loader) x epochs
+    steps (verl/trainer/ray_trainer.py:243): EmoSet-2k's 2,100 prompts in batches of 512 give
+    4 x 20 = 80 steps (not 20 x 2,100 // 512 = 82)."""
+    steps = store.train_size(data_dir) // c.rl.rollout_batch * c.rl.epochs
+    return c.rl.steps or (max(1, steps) if c.rl.epochs else 0)
 
 
 def _check_answers(c: ConfigDict, data_dir: str) -> None:

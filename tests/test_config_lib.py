@@ -82,7 +82,9 @@ CROSS_CHECKED = {
     "rl.num_generations",
     "rl.rollout_batch",
     "rl.update_batch",
-    "rl.micro_batch",
+    "rl.micro_batch",  # divides update_batch * num_generations (by_share / equal)
+    "rl.micro_batch_per_device",  # per_device_mean: >= 1, divides rl.micro_batch
+    "rl.loss_devices",  # per_device_mean: >= 1, x micro_batch_per_device divides the step's rows
     "sampling.max_rows",
     "rl.pack_length",  # with rl.packing: holds rl.max_prompt_len + rl.max_response_len
     "sampling.prompt_buckets",
@@ -150,6 +152,14 @@ def test_out_of_range_value_is_refused_naming_its_flag(path):
         (  # the tiny job's buckets reach 320 = rl.max_prompt_len, not an official image reflection's 637
             {"reward.compat": "emo_r3_code", "reward.reflection_cut": "unexpanded"},
             "--config.sampling.prompt_buckets=(96, 128, 192, 320) must reach 637 = 2 * rl.max_prompt_len - 3",
+        ),
+        (  # tiny: micro-batches of 16 rows, 4 x 8 = 32 rows per optimizer step
+            {"rl.micro_batch_weighting": "per_device_mean", "rl.micro_batch_per_device": 3},
+            "--config.rl.micro_batch_per_device=3 must be >= 1 and divide --config.rl.micro_batch=16",
+        ),
+        (
+            {"rl.micro_batch_weighting": "per_device_mean", "rl.loss_devices": 3},
+            "--config.rl.loss_devices=3 x --config.rl.micro_batch_per_device=4 must divide update_batch",
         ),
         (
             {"reward.w_accuracy": 0.0, "reward.w_coherence": 0.0, "reward.w_consistency": 0.0, "reward.w_format": 0.0},
@@ -360,6 +370,13 @@ def test_the_real_variants_default_to_the_papers_settings(variant):
     # the rollouts sample in bf16, as the official run's vLLM does (tiny: with the training model)
     assert c.rl.rollout_dtype == "bfloat16" and get_config("tiny").rl.rollout_dtype == ""
     assert c.rl.rollout_sharding == {"3b": "replicated", "7b": "fsdp"}[variant]
+    # the official update (EasyR1 examples/config.yaml:38, :53, :107; tiny keeps its own)
+    assert (c.rl.micro_batch_weighting, c.rl.loss_devices, c.rl.micro_batch_per_device) == ("per_device_mean", 8, 4)
+    assert c.rl.schedule == "stepwise_warmup_constant" and c.rl.warmup_steps == 0
+    assert (c.eval.best_by, c.checkpoint.keep) == ("sampled_reward", 7)
+    tiny = get_config("tiny")
+    assert (tiny.rl.micro_batch_weighting, tiny.rl.schedule) == ("by_share", "constant")
+    assert (tiny.eval.best_by, tiny.checkpoint.keep) == ("greedy_accuracy", 3)
 
 
 @pytest.mark.parametrize(

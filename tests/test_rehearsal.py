@@ -34,6 +34,7 @@ OVERRIDES = {
     "rl.update_batch": 1,
     "rl.num_generations": 2,
     "rl.micro_batch": 2,
+    "rl.micro_batch_per_device": 2,  # per_device_mean, as 3b: one loss group per micro-batch
     "rl.max_response_len": 16,
     "sampling.gen_buckets": "(16,)",
     "sampling.max_rows": 2,  # 4 rows through 2 decode slots

@@ -493,3 +493,22 @@ def test_batches_of_images_past_the_largest_vision_bucket_train_and_evaluate(tmp
     assert sites <= chunked, sorted(chunked)
     assert 0 <= results["grpo"]["greedy_accuracy"] <= 1
     assert [r["phase"] for r in _metrics(tmp_path)] == ["cold_start", "eval_cold_start", "grpo", "eval_grpo"]
+
+
+def test_rl_steps_from_epochs_count_full_batches_per_epoch(monkeypatch):
+    """The official step count: the loader drops each epoch's partial batch, so EmoSet-2k's
+    2,100 prompts in batches of 512 give (2100 // 512) x 20 = 80 steps (EasyR1
+    data_loader.py:67, ray_trainer.py:243), not 20 x 2100 // 512 = 82; rl.steps wins; fewer
+    prompts than a batch still train one step; no epochs and no steps, none."""
+    from emor3_jax import run_setup
+
+    monkeypatch.setattr(store, "train_size", lambda directory: 2100)
+    c = get_config("3b")
+    assert (c.rl.epochs, c.rl.rollout_batch, c.rl.steps) == (20, 512, 0)
+    assert run_setup._rl_steps(c, "data") == 80
+    c.rl.steps = 7
+    assert run_setup._rl_steps(c, "data") == 7
+    c.rl.steps, c.rl.rollout_batch = 0, 4096
+    assert run_setup._rl_steps(c, "data") == 1
+    c.rl.epochs = 0
+    assert run_setup._rl_steps(c, "data") == 0

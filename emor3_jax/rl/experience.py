@@ -11,6 +11,12 @@ With `packing`, each micro-batch's rows are packed into sequences of `pack_lengt
 (rows.packed_rows) for the reference / old log-probs and the gradients; the log-probs come
 back in the same [m, G] layout, so the loss and its weighting are those of padded rows.
 
+Micro-batches are consecutive rows, except under "per_device_mean": there the step's rows are
+first spread over `loss_devices` official devices by sequence length as the official run does
+(rl/balance.py) and cut into each device's micro-batches (the loss groups); a micro-batch holds
+whole groups, each taking its own mean in the loss. The groups are blocks of the [m, G] rows,
+so the loss is the same whatever the mesh, the micro-batch size or the packing.
+
 Rows b*n .. b*n+n-1 answer record b. The task (emo_r3/task.py) says what is asked and how a
 response is scored; the step logs whatever named components its `score` returns.
 """
@@ -28,7 +34,7 @@ import numpy as np
 
 from emor3_jax.core import multihost, sharding
 from emor3_jax.core.batches import PackedBatch
-from emor3_jax.rl import rollout_weights
+from emor3_jax.rl import balance, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
 from emor3_jax.rl.rows import packed_rows, score_async, training_rows
@@ -39,9 +45,14 @@ from emor3_jax.sampling.rollout import Rollouts, sample_rollouts
 # - "by_share": each micro-batch's gradient weighs its share of the mini-batch's loss (its
 #   tokens in "token" mode, its rows in "seq" mode), so the sum is the mini-batch's gradient.
 # - "equal": each micro-batch's own loss mean weighs 1 / (micro-batches per optimizer step),
-#   as the official EasyR1 run accumulates (spec section 5): a short response in a micro-batch
-#   of short ones weighs more than in a mini-batch-wide token mean.
-MICRO_BATCH_WEIGHTINGS = ("by_share", "equal")
+#   as the official EasyR1 run accumulates on one GPU (spec section 5): a short response in a
+#   micro-batch of short ones weighs more than in a mini-batch-wide token mean.
+# - "per_device_mean": the official run on K GPUs (EasyR1 dp_actor.py:233-276, FSDP averaging
+#   the K ranks' gradients): the step's rows are spread over K devices by sequence length
+#   (rl/balance.py), each device's micro-batch of `group_rows` rows takes its own loss mean,
+#   and each mean weighs 1 / (K x the device's micro-batches per optimizer step). K is the
+#   official run's device count, not our mesh's: a micro-batch holds loss.groups such groups.
+MICRO_BATCH_WEIGHTINGS = ("by_share", "equal", "per_device_mean")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +63,7 @@ class StepSettings:
     advantage: str  # a key of rl.advantages.ESTIMATORS
     max_response_len: int
     rollout: SamplingParams
-    micro_batch: int  # rows per forward / backward
+    micro_batch: int  # rows per forward / backward (per_device_mean: loss.groups official micro-batches)
     update_batch: int  # prompts per optimizer step
     recompute_old_logprobs: bool  # False: the sampler's log-probs are the old policy's
     prompt_buckets: tuple[int, ...]
@@ -66,6 +77,8 @@ class StepSettings:
     # to prompt + response buckets.
     packing: bool = False
     pack_length: int = 0
+    # per_device_mean: the official devices K the step's rows are spread over (rl/balance.py).
+    loss_devices: int = 1
 
     def __post_init__(self):
         if self.advantage not in ESTIMATORS:
@@ -81,10 +94,28 @@ class StepSettings:
         rows = self.update_batch * self.num_generations
         if self.micro_batch < 1 or rows % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide update_batch * num_generations = {rows}")
+        groups, k = self.loss.groups, self.loss_devices
+        if self.micro_batch_weighting != "per_device_mean" and (groups, k) != (1, 1):
+            raise ValueError(f"loss.groups={groups}, loss_devices={k} need micro_batch_weighting='per_device_mean'")
+        if groups < 1 or self.micro_batch % groups:
+            raise ValueError(f"micro_batch {self.micro_batch} must be a multiple of loss.groups={groups}")
+        if k < 1 or rows % (k * self.group_rows):
+            raise ValueError(
+                f"--config.rl.loss_devices={k} x --config.rl.micro_batch_per_device={self.group_rows} must "
+                f"divide update_batch * num_generations = {rows}"
+            )
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of one loss group (per_device_mean: an official device's micro-batch)."""
+        return self.micro_batch // self.loss.groups
 
     @classmethod
     def from_config(cls, c) -> StepSettings:
         rl = c.rl
+        loss, k = GRPOSettings.from_config(c), 1
+        if rl.micro_batch_weighting == "per_device_mean":
+            loss, k = dataclasses.replace(loss, groups=rl.micro_batch // rl.micro_batch_per_device), rl.loss_devices
         return cls(
             num_generations=rl.num_generations,
             advantage=rl.advantage,
@@ -94,11 +125,12 @@ class StepSettings:
             update_batch=rl.update_batch,
             recompute_old_logprobs=rl.recompute_old_logprobs,
             prompt_buckets=tuple(c.sampling.prompt_buckets),
-            loss=GRPOSettings.from_config(c),
+            loss=loss,
             micro_batch_weighting=rl.micro_batch_weighting,
             max_skipped_steps=rl.max_skipped_steps,
             packing=rl.packing,
             pack_length=rl.pack_length,
+            loss_devices=k,
         )
 
 
@@ -187,8 +219,7 @@ class GRPOStep:
         t = time.perf_counter()
         futures = score_async(self.pool, ro, self.task.score, multihost.local_rows(len(ro.responses)))
         # While the host scores: the rows, their reference (and old) log-probs on device.
-        rows = np.arange(len(ro.responses))
-        micro = [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
+        micro = self._micro_batches(ro)
         cfg, g_len = self.encoder.cfg, ro.tokens.shape[1]
         if s.packing:
             shards = sharding.axis_shards("batch")
@@ -221,6 +252,17 @@ class GRPOStep:
             ref_logp=ref_lp,
             times=times,
         )
+
+    def _micro_batches(self, ro: Rollouts) -> list[np.ndarray]:
+        """Row indices of each micro-batch: consecutive rows, or under per_device_mean the
+        official order (balance.device_micro_batches) over the rows' sequence lengths, prompt
+        (image tokens expanded) plus response through its EOS, as the official attention mask."""
+        s, rows = self.s, np.arange(len(ro.responses))
+        if s.micro_batch_weighting != "per_device_mean":
+            return [rows[i : i + s.micro_batch] for i in range(0, len(rows), s.micro_batch)]
+        lengths = [len(ro.prompts[r // ro.n].ids) + int(ro.lengths[r]) for r in rows]
+        rows_per_step = s.update_batch * s.num_generations
+        return balance.device_micro_batches(lengths, s.loss_devices, rows_per_step, s.group_rows, s.micro_batch)
 
     def _sample(self, weights, ref, records: list[dict], key, times: dict) -> Rollouts:
         """The rollouts of `records` by the policy with `weights`, and the reflections of the
@@ -258,7 +300,7 @@ class GRPOStep:
         sums, count, norms, losses = {}, 0, [], []
         for first in range(0, len(exp.batches), per_step):
             group = range(first, first + per_step)
-            if s.micro_batch_weighting == "equal":
+            if s.micro_batch_weighting in ("equal", "per_device_mean"):  # the groups' mean is in the loss
                 sizes = [1.0] * per_step
             elif s.loss.loss_mode == "token":
                 sizes = [float(exp.batches[i][1].sum()) for i in group]

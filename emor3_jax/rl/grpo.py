@@ -107,27 +107,37 @@ def _seq_mean(xm: jax.Array, m: jax.Array) -> jax.Array:
 MODES = {"token": _token_mean, "seq": _seq_mean}
 
 
-def aggregate(x: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """Masked mean of per-token values over the mini-batch.
+def aggregate(x: jax.Array, mask: jax.Array, mode: str, groups: int = 1) -> jax.Array:
+    """Masked mean of per-token values over the mini-batch, or the mean over `groups` equal
+    blocks of rows of each block's own masked mean.
 
     - "token": sum_bt x*m / sum_bt m  (every response token weighs the same)
     - "seq":   mean over sequences with sum_t m > 0 of (sum_t x*m / sum_t m)
                (every response weighs the same)
+    - groups = K > 1: (1/K) sum_k aggregate(rows k*B/K .. (k+1)*B/K - 1): each data-parallel
+      shard's micro-batch takes its own mean and the shards' means are averaged, as the official
+      run's loss over K GPUs (EasyR1 dp_actor.py:252-275 per GPU, FSDP averaging the gradients).
 
     Empty masks give 0, not NaN. EasyR1's "seq" divides by all B rows (an empty row counts as 0);
     here empty rows (e.g. batch padding) are left out. The two agree when every row has a token.
 
     Args:
-      x: [B, T]; mask: [B, T] bool or 0/1 float; mode: one of MODES (static).
+      x: [B, T]; mask: [B, T] bool or 0/1 float; mode: one of MODES (static); groups: K, a
+      divisor of B (static).
 
     Returns:
       scalar fp32.
     """
     if mode not in MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}, expected one of {tuple(MODES)}")
+    if groups < 1 or mask.shape[0] % groups:
+        raise ValueError(f"{mask.shape[0]} rows do not split into {groups} equal groups")
     m = mask.astype(jnp.float32)
     xm = jnp.where(m > 0, x.astype(jnp.float32), 0.0) * m  # masked garbage (inf, NaN) must not leak into the sum
-    return MODES[mode](xm, m)
+    if groups == 1:
+        return MODES[mode](xm, m)
+    per_group = lambda a: a.reshape(groups, -1, a.shape[-1])  # [K, B/K, T]
+    return jnp.mean(jax.vmap(MODES[mode])(per_group(xm), per_group(m)))
 
 
 def _check_shapes(mask: jax.Array, advantages: jax.Array, **per_token: jax.Array) -> None:
@@ -147,6 +157,7 @@ def policy_loss(
     clip_high: float = 0.3,
     dual_clip: float = 3.0,
     mode: str = "token",
+    groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate with asymmetric clip range and dual clip, per token:
 
@@ -155,7 +166,7 @@ def policy_loss(
       pg2     = -A * clip(ratio, 1 - clip_low, 1 + clip_high)
       clipped = max(pg1, pg2)
       pg      = min(clipped, -A * dual_clip) if A < 0 else clipped
-      loss    = aggregate(pg, mask, mode)
+      loss    = aggregate(pg, mask, mode, groups)
 
     Args:
       logp: [B, T] log-probs of the policy being trained (gradients flow through these).
@@ -165,10 +176,11 @@ def policy_loss(
       clip_low, clip_high: the clip range [1 - clip_low, 1 + clip_high].
       dual_clip: the cap on -A * ratio for A < 0 (> 1).
       mode: "token" | "seq" (static), see `aggregate`.
+      groups: the loss's row groups (static), see `aggregate`.
 
     Returns:
       (loss, metrics): loss a scalar; metrics scalars, token means over the mask as in EasyR1
-      whatever the mode:
+      whatever the mode and groups:
         clipfrac       pg1 < pg2 (the clip range bound: A > 0 with ratio > 1 + clip_high, or
                        A < 0 with ratio < 1 - clip_low)
         clipfrac_dual  A < 0 and max(pg1, pg2) > -A * dual_clip
@@ -191,7 +203,7 @@ def policy_loss(
     negative = adv < 0  # [B, 1]
     pg = jnp.where(negative, jnp.minimum(clipped, pg3), clipped)
 
-    loss = aggregate(pg, mask, mode)
+    loss = aggregate(pg, mask, mode, groups)
     metrics = {
         "clipfrac": aggregate(pg1 < pg2, mask, "token"),
         "clipfrac_dual": aggregate(negative & (clipped > pg3), mask, "token"),
@@ -214,22 +226,23 @@ def grpo_loss(
     kl_coef: float = 0.01,
     kl_kind: str = "low_var_kl",
     mode: str = "token",
+    groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """GRPO loss = policy_loss + kl_coef * aggregate(kl_penalty(logp, ref_logp), mask, mode).
+    """GRPO loss = policy_loss + kl_coef * aggregate(kl_penalty(logp, ref_logp), mask, mode, groups).
 
     The KL to the reference model is a loss term (EasyR1 use_kl_loss), not a reward penalty,
     aggregated in the same mode as the policy loss.
 
     Args:
       logp, old_logp, ref_logp: [B, T]; advantages: [B]; mask: [B, T].
-      clip_low, clip_high, dual_clip, mode: see `policy_loss`.
+      clip_low, clip_high, dual_clip, mode, groups: see `policy_loss`.
       kl_coef: weight of the KL term; kl_kind: see `kl_penalty` (static).
 
     Returns:
       (loss, metrics): metrics = policy_loss metrics + pg_loss, kl (the aggregated KL), loss.
     """
     _check_shapes(mask, advantages, ref_logp=ref_logp)
-    pg_loss, metrics = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, mode)
-    kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, mode)
+    pg_loss, metrics = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, mode, groups)
+    kl = aggregate(kl_penalty(logp, ref_logp, kl_kind), mask, mode, groups)
     loss = pg_loss + kl_coef * kl
     return loss, {**metrics, "pg_loss": pg_loss, "kl": kl, "loss": loss}

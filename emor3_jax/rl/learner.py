@@ -73,16 +73,29 @@ def _token_scores(model, h, targets, chunk: int):
     return unchunk(logp), unchunk(ent)
 
 
-def _warmup_constant(lr: float, warmup: int, total_steps: int):
+def _warmup_constant(lr: float, warmup: int, total_steps: int, updates_per_step: int):
     w = max(warmup, 1)
     return optax.join_schedules([optax.linear_schedule(0.0, lr, w), optax.constant_schedule(lr)], [w])
 
 
-# The registry the config validation reads (rl.schedule): (lr, warmup, total steps) -> schedule.
+def _stepwise_warmup_constant(lr: float, warmup: int, total_steps: int, updates_per_step: int):
+    """lr * min(1, s / max(1, warmup)) for every update of step s + 1 (s = 0, 1, ...): the official
+    run's `get_constant_schedule_with_warmup` (EasyR1 verl/utils/torch_functional.py:190-200: a
+    LambdaLR, whose first rate is lr_lambda(0)), stepped once per actor update call, i.e. per
+    GRPO step (verl/workers/fsdp_workers.py:521). With warmup 0 (lr_warmup_ratio 0.0,
+    examples/config.yaml:53) lr_lambda(0) = min(1, 0 / max(1, 0)) = 0: every optimizer update of
+    the first GRPO step has rate 0 (AdamW's moments still take its gradients), then lr."""
+    w = max(warmup, 1)
+    return lambda count: lr * jnp.minimum(1.0, (count // updates_per_step) / w)
+
+
+# The registry the config validation reads (rl.schedule): (lr, warmup, total steps, optimizer
+# updates per GRPO step) -> schedule of the optimizer update count.
 SCHEDULES = {
-    "constant": lambda lr, warmup, total_steps: optax.constant_schedule(lr),
+    "constant": lambda lr, warmup, total_steps, updates_per_step: optax.constant_schedule(lr),
     "warmup_constant": _warmup_constant,
-    "cosine": lambda lr, warmup, total_steps: optax.warmup_cosine_decay_schedule(
+    "stepwise_warmup_constant": _stepwise_warmup_constant,
+    "cosine": lambda lr, warmup, total_steps, updates_per_step: optax.warmup_cosine_decay_schedule(
         0.0, lr, max(warmup, 1), max(total_steps, warmup + 1)
     ),
 }
@@ -100,6 +113,7 @@ class OptimizerSettings:
     b1: float
     b2: float
     grad_clip: float
+    updates_per_step: int = 1  # optimizer updates per GRPO step (rl.rollout_batch / rl.update_batch)
 
     @classmethod
     def constant(cls, learning_rate: float, *, weight_decay: float = 0.0) -> OptimizerSettings:
@@ -124,9 +138,10 @@ class OptimizerSettings:
         if phase == "cold_start":
             cs = c.cold_start
             schedule = "warmup_constant" if cs.warmup_steps else "constant"
-            lr, warmup = cs.learning_rate, cs.warmup_steps
+            lr, warmup, updates = cs.learning_rate, cs.warmup_steps, 1
         elif phase == "grpo":
             schedule, lr, warmup = rl.schedule, rl.learning_rate, rl.warmup_steps
+            updates = rl.rollout_batch // rl.update_batch
         else:
             raise ValueError(f"unknown phase {phase!r}; expected cold_start or grpo")
         return cls(
@@ -138,6 +153,7 @@ class OptimizerSettings:
             b1=rl.b1,
             b2=rl.b2,
             grad_clip=rl.grad_clip,
+            updates_per_step=updates,
         )
 
 
@@ -145,7 +161,7 @@ def make_optimizer(s: OptimizerSettings) -> tuple[optax.GradientTransformation, 
     """AdamW after global-norm clipping; also the learning-rate schedule (for logging)."""
     if s.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {s.schedule!r}, expected one of {tuple(SCHEDULES)}")
-    lr_fn = SCHEDULES[s.schedule](s.learning_rate, s.warmup_steps, s.total_steps)
+    lr_fn = SCHEDULES[s.schedule](s.learning_rate, s.warmup_steps, s.total_steps, s.updates_per_step)
     tx = optax.chain(
         optax.clip_by_global_norm(s.grad_clip), optax.adamw(lr_fn, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay)
     )
@@ -155,7 +171,8 @@ def make_optimizer(s: OptimizerSettings) -> tuple[optax.GradientTransformation, 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPOSettings:
     """The clipped, KL-regularised loss (rl/grpo.py): kl_kind from grpo.KL_KINDS, loss_mode
-    from grpo.MODES."""
+    from grpo.MODES; `groups` > 1: a micro-batch's rows in that many equal blocks (its
+    data-parallel shards), each taking its own mean (grpo.aggregate)."""
 
     clip_low: float
     clip_high: float
@@ -163,6 +180,7 @@ class GRPOSettings:
     kl_coef: float
     kl_kind: str
     loss_mode: str
+    groups: int = 1
 
     @classmethod
     def from_config(cls, c) -> GRPOSettings:
@@ -292,6 +310,7 @@ class Learner:
                     kl_coef=settings.kl_coef,
                     kl_kind=settings.kl_kind,
                     mode=settings.loss_mode,
+                    groups=settings.groups,
                 )
                 metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
                 return weight * loss, metrics

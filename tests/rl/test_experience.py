@@ -21,6 +21,7 @@ from emor3_jax.models.api import create_model
 from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.experience import GRPOStep, StepSettings
 from emor3_jax.rl.learner import GRPOSettings, Learner, OptimizerSettings, make_optimizer
+from emor3_jax.rl.rows import training_rows
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Samples
 
@@ -68,12 +69,14 @@ class ScriptedTask:
         return {"overall": n / 10, "brevity": float(n <= 2)}
 
 
-def _setup(micro_batch, loss_mode, tx=None, devices=1, sampler=None, stop_ids=(), task=None, **settings_fields):
+def _setup(
+    micro_batch, loss_mode, tx=None, devices=1, sampler=None, stop_ids=(), task=None, groups=1, **settings_fields
+):
     """(mesh, learner, params, step, records) of a tiny random model (vocab 64) on `devices`,
     plain SGD at lr 1 unless `tx`, the scripted sampler unless `sampler` (built from the model
     config: a real one, which never samples the image / video / vision ids 60..63 and stops
-    at `stop_ids`), ScriptedTask unless `task`; settings_fields override StepSettings
-    (recompute_old_logprobs=True)."""
+    at `stop_ids`), ScriptedTask unless `task`; the loss in `groups` row groups;
+    settings_fields override StepSettings (recompute_old_logprobs=True)."""
     from emor3_jax.models.api import preset
 
     cfg = preset("tiny", vocab_size=64, param_dtype="float32", compute_dtype="float32")
@@ -87,7 +90,9 @@ def _setup(micro_batch, loss_mode, tx=None, devices=1, sampler=None, stop_ids=()
         micro_batch=micro_batch,
         update_batch=B,
         prompt_buckets=(8,),
-        loss=GRPOSettings(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode=loss_mode),
+        loss=GRPOSettings(
+            clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode=loss_mode, groups=groups
+        ),
         **{"recompute_old_logprobs": True, **settings_fields},
     )
     learner = Learner(graphdef, tx or optax.sgd(1.0))
@@ -176,6 +181,79 @@ def test_equal_micro_batch_weighting_averages_each_micro_batchs_own_mean():
         np.testing.assert_allclose(got, -g / 4, rtol=1e-4, atol=2.5e-7)
     gap = max(float(np.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, moved.values())))
     assert gap > 1e-5  # the two weightings differ on rows of unequal length
+
+
+@pytest.mark.parametrize("devices, micro, packing", [(2, 4, False), (2, 4, True), (1, 2, False)])
+def test_per_device_mean_is_easyr1s_loss_over_2_devices_and_2_micro_batches(devices, micro, packing):
+    """per_device_mean for 2 official devices, 2 rows per device per micro-batch, one optimizer
+    step of 8 rows, on our mesh of `devices` in micro-batches of `micro` rows. EasyR1's loss
+    (dp_actor.py:240-276: on each GPU, per micro-batch, the token mean of pg + kl_coef * kl over
+    its rows, divided by the 64 / 4 -> here 4 / 2 = 2 accumulation steps; FSDP averages the 2
+    GPUs' gradients) is
+      L = (1/2) sum_devices (1/2) sum_micro (sum_{rows r of the group} n_r * tm_r) / n_group,
+    tm_r the token mean of row r's per-token loss, n_r its response tokens (LENGTHS). The groups,
+    from rows of 3, 8, 6, 8, 6, 10, 9, 6 tokens (prompt + response) spread over the 2 devices as
+    tests/rl/test_balance.py works out by hand: device 0 {1, 2} then {4, 6}, device 1 {0, 3}
+    then {5, 7}. With SGD at lr 1 the move is -grad L = -sum_r w_r grad tm_r, w_r = n_r /
+    (4 n_group), each grad tm_r from the row alone, whatever our mesh and micro-batch size.
+    The by_share weights n_r / 32 differ."""
+    mesh, learner, params, step, records = _setup(
+        micro,
+        "token",
+        devices=devices,
+        groups=micro // 2,
+        micro_batch_weighting="per_device_mean",
+        loss_devices=2,
+        packing=packing,
+        pack_length=16,
+    )
+    ref = jax.tree.map(lambda x: x + 0.01, params)
+    by_hand = [[1, 2], [0, 3], [4, 6], [5, 7]]  # (micro-batch 0: device 0, device 1), (micro-batch 1: ...)
+    weights = np.zeros(B * N)
+    for rows in by_hand:
+        weights[rows] = LENGTHS[rows] / (2 * 2 * LENGTHS[rows].sum())
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        exp = step.experience(params, ref, records, jax.random.key(0))
+        laid_out = [by_hand[0] + by_hand[1], by_hand[2] + by_hand[3]] if micro == 4 else by_hand
+        assert [m.tolist() for m in exp.micro] == laid_out
+        row_grads = []
+        for r in range(B * N):
+            i, pos = next((i, list(m).index(r)) for i, m in enumerate(exp.micro) if r in m)
+            batch, mask, p_len, g_len = training_rows(exp.rollouts, step.encoder.cfg, PAD, (8,), np.array([r]))
+            old, old_ref = (np.asarray(x[i])[pos : pos + 1] for x in (exp.old_logp, exp.ref_logp))
+            single = dataclasses.replace(step.s.loss, groups=1)
+            args = (old, old_ref, exp.advantages[[r]], mask, 1.0, single)
+            g, _ = learner.grpo_grads(params, batch, p_len - 1, g_len, *args)
+            row_grads.append(jax.tree.map(np.asarray, g))
+        before = jax.tree.map(np.asarray, params)
+        new, _, _ = step.update(params, learner.init(params), exp, step=1)
+    step.close()
+    combine = lambda w: jax.tree.map(lambda *gs: -sum(wi * gi for wi, gi in zip(w, gs)), *row_grads)
+    moved = jax.tree.map(lambda a, b: np.asarray(a) - b, new, before)
+    for got, want in zip(jax.tree.leaves(moved), jax.tree.leaves(combine(weights))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2.5e-7)
+    by_share = combine(LENGTHS / LENGTHS.sum())
+    gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(by_share)))
+    assert gap > 1e-5
+
+
+def test_per_device_mean_settings_and_the_shapes_they_refuse():
+    """3b: micro-batches of 8 rows hold 2 loss groups of the official 4 rows, spread over the
+    official 8 devices; 3 devices x 4 rows do not divide the 2,048 rows of an optimizer step:
+    refused naming the flags (by_share has no groups)."""
+    from configs.qwen_vl import get_config
+
+    c = get_config("3b")
+    s = StepSettings.from_config(c)
+    assert (s.micro_batch, s.loss.groups, s.group_rows, s.loss_devices) == (8, 2, 4, 8)
+    c.rl.loss_devices = 3
+    with pytest.raises(ValueError, match=r"--config.rl.loss_devices=3 x --config.rl.micro_batch_per_device=4 must"):
+        StepSettings.from_config(c)
+    c.rl.micro_batch_weighting = "by_share"
+    s = StepSettings.from_config(c)
+    assert (s.micro_batch, s.loss.groups, s.loss_devices) == (8, 1, 1)
+    with pytest.raises(ValueError, match="loss.groups=2, loss_devices=1 need micro_batch_weighting='per_device_mean'"):
+        dataclasses.replace(s, loss=dataclasses.replace(s.loss, groups=2))
 
 
 def test_a_non_finite_gradient_skips_the_step_then_stops_the_run_past_the_limit():

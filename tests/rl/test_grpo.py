@@ -85,6 +85,20 @@ def test_aggregate_token_vs_seq():
         grpo.aggregate(x, mask, "batch")
 
 
+def test_aggregate_in_groups_averages_each_groups_own_mean():
+    """groups=2: rows 0-1 and 2-3 each take their own mean (the official loss on 2 GPUs).
+    token: group 0 (1 + 2 + 3 + 4) / 4 = 2.5, group 1 (10 + 20) / 2 = 15 -> 8.75; one group of
+    all 6 tokens would give 40 / 6 = 6.67. seq: group 0 mean(2, 4) = 3, group 1 mean(10, 20) = 15
+    -> 9."""
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [10.0, 99.0, 99.0], [20.0, 99.0, 99.0]], np.float32)
+    mask = np.array([[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 0, 0]], np.float32)
+    np.testing.assert_allclose(_jit(grpo.aggregate, mode="token", groups=2)(x, mask), 8.75)
+    np.testing.assert_allclose(_jit(grpo.aggregate, mode="seq", groups=2)(x, mask), 9.0)
+    np.testing.assert_allclose(grpo.aggregate(x, mask, "token", groups=4), (2 + 4 + 10 + 20) / 4)
+    with pytest.raises(ValueError, match="4 rows do not split into 3 equal groups"):
+        grpo.aggregate(x, mask, "token", groups=3)
+
+
 def test_aggregate_empty_mask_and_masked_garbage():
     x = np.array([[np.inf, np.nan]], np.float32)
     zero = np.zeros((1, 2), np.float32)
