@@ -18,8 +18,10 @@ per rollout_batch * num_generations row when 0) x (prompt bucket + generation bu
 in the compute dtype. The total adds them all, an upper bound: the rollout copy and the KV
 cache live while the step samples, the gradient accumulator while it updates. Not counted:
 activations, logit chunks, a micro-batch's fresh gradients while they are summed, the prompt
-cache of the prefill group being decoded (max_rows // n prompts x prompt bucket, n = 8 for the
-rollout and 1 for a reflection; all prompts when max_rows is 0), and the evaluation's cache.
+cache of the prefill group being decoded (min(max_rows // n, sampling.prefill_group) prompts x
+prompt bucket, n = 8 for the rollout and 1 for a reflection; all prompts when max_rows is 0;
+gathered whole onto every device while its rows take slots, so `--compile_for` is the measure),
+and the evaluation's cache.
 """
 
 from __future__ import annotations
