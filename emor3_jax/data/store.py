@@ -78,16 +78,7 @@ def build(
             records = sources.require_set_answers(records, is_set_answer, "answer")
         splits[s] = records
     if c.data.cold_start:
-        counter["cold_start"] = {}
-        records = sources.checked(
-            sources.read_cold_start(c.data.cold_start, labels),
-            c.data.skip_bad,
-            c.data.max_bad_fraction,
-            counter["cold_start"],
-        )
-        if is_set_answer is not None:
-            records = sources.require_set_answers(records, is_set_answer, "response")
-        splits["cold_start"] = records
+        splits["cold_start"] = _cold_start_records(c, labels, is_set_answer, counter.setdefault("cold_start", {}))
     if prompt_length is not None:
         for s, records in list(splits.items()):
             splits[s] = sources.drop_overlong(records, prompt_length, c.rl.max_prompt_len, dropped.setdefault(s, []))
@@ -107,6 +98,17 @@ def build(
     if not multihost.is_main() and local != out:
         paths.copy_tree(stored, tfds_builder.dataset_path(local, NAME))
     return local, counter
+
+
+def _cold_start_records(c: ConfigDict, labels: list, is_set_answer, counter: dict):
+    """data.cold_start's records, bad ones counted in `counter` (or stopping the build), each
+    answer checked to be a SET answer when `is_set_answer` is given."""
+    records = sources.checked(
+        sources.read_cold_start(c.data.cold_start, labels), c.data.skip_bad, c.data.max_bad_fraction, counter
+    )
+    if is_set_answer is not None:
+        records = sources.require_set_answers(records, is_set_answer, "response")
+    return records
 
 
 def train_size(directory: str) -> int:
