@@ -18,10 +18,17 @@ import math
 
 import numpy as np
 import PIL.Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 MIN_SIDE = 28  # patch_size * merge_size: the smallest image side the processor accepts
 RESIZES = ("one_stage", "two_stage")
+
+
+def _hf():
+    """transformers' Qwen2-VL PIL image processor module, imported on first use: it imports torch
+    (~4 s), which config validation and the workdir lock at start-up must not wait for."""
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
+
+    return image_processing_pil_qwen2_vl
 
 
 def first_stage_sizes(width: int, height: int, min_pixels: int, max_pixels: int) -> list[tuple[int, int]]:
@@ -81,7 +88,7 @@ class ImageProcessor:
         self.min_pixels, self.max_pixels, self.resize = min_pixels, max_pixels, resize
         # The bounds smart_resize applies: the checkpoint processor's after the first stage.
         self.bounds = tuple(checkpoint_pixels) if two else (min_pixels, max_pixels)
-        self.hf = Qwen2VLImageProcessorPil(min_pixels=self.bounds[0], max_pixels=self.bounds[1])
+        self.hf = _hf().Qwen2VLImageProcessorPil(min_pixels=self.bounds[0], max_pixels=self.bounds[1])
         self.merge_size = self.hf.merge_size
         if self.hf.patch_size * self.merge_size != MIN_SIDE:
             raise AssertionError(f"the processor's patches are not {MIN_SIDE}-pixel merged blocks")
@@ -127,7 +134,7 @@ def image_tokens(width: int, height: int, resize: str, pixels: tuple[int, int], 
         width, height = ([(width, height)] + first_stage_sizes(width, height, *pixels))[-1]
         if min(width, height) < 1:  # PIL refuses it too
             raise ValueError(f"the first stage resizes it to {width}x{height} pixels")
-    h, w = smart_resize(height, width, factor=MIN_SIDE, min_pixels=bounds[0], max_pixels=bounds[1])
+    h, w = _hf().smart_resize(height, width, factor=MIN_SIDE, min_pixels=bounds[0], max_pixels=bounds[1])
     return h * w // MIN_SIDE**2
 
 
