@@ -157,3 +157,23 @@ def test_without_adapters_the_views_are_the_params():
     for view in (lora.adapters_off(params), lora.merged(params)):
         for (p, v), (q, w) in zip(nnx.to_flat_state(view), nnx.to_flat_state(params)):
             assert p == q and v.get_value() is w.get_value()
+
+
+def test_a_hub_checkpoint_loads_under_adapters_drawn_as_create_model_draws_them(hf_tiny_dir, mesh1):
+    """load_hf with LoRA: the hub weights as without it (logits identical at step 0), the adapters
+    drawn from the seed as create_model draws them (the same A), and save_hf refuses the model
+    rather than drop its adapters."""
+    fp32 = dict(param_dtype="float32", compute_dtype="float32")
+    from emor3_jax.models.api import load_hf, save_hf
+
+    plain = load_hf(hf_tiny_dir, mesh1, RULES, **fp32)
+    adapted = load_hf(hf_tiny_dir, mesh1, RULES, seed=5, lora_rank=4, lora_targets=ALL, **fp32)
+    ids = np.arange(1, 13, dtype=np.int32).reshape(2, 6)
+    positions = np.broadcast_to(np.arange(6, dtype=np.int32), (3, 2, 6))
+    inputs = dict(input_ids=ids, positions=positions, attention_mask=np.ones_like(ids))
+    np.testing.assert_array_equal(np.asarray(_logits(adapted, inputs)), np.asarray(_logits(plain, inputs)))
+    drawn = create_model(adapted.cfg, mesh1, RULES, seed=5)
+    a = lambda m: np.asarray(m.layers.self_attn.q_proj.lora_a.get_value())
+    np.testing.assert_array_equal(a(adapted), a(drawn))
+    with pytest.raises(ValueError, match="without LoRA adapters"):
+        save_hf(adapted, "/tmp/unused")

@@ -231,8 +231,14 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
     are numbered after every base parameter: a seed's base is the same with or without them.
     """
     graphdef, abs_state = nnx.split(abstract_model(cfg))
+    return nnx.merge(graphdef, nnx.from_flat_state(init_params(nnx.to_flat_state(abs_state), mesh, rules, seed)))
+
+
+def init_params(flat: list, mesh: Mesh, rules, seed: int, only=None) -> list:
+    """(path, Variable) of the abstract model's flat state `flat`, each drawn with its key of
+    `seed` in its sharding; `only` (a Variable type): just those (load_hf: the LoRA adapters of
+    a checkpoint's model, drawn as create_model draws them)."""
     base = jax.random.key(seed)
-    flat = nnx.to_flat_state(abs_state)
     depths = {p: v.shape[0] for p, v in flat if _stack_of(p)}
     number = _per_layer_numbers([p for p, v in flat if not isinstance(v, lora.LoRAParam)], depths)
     taken = sum(len(n) for n in number.values())
@@ -240,6 +246,8 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
     number.update({p: [taken + n for n in ns] for p, ns in adapters.items()})
     leaves = []
     for path, v in flat:
+        if only is not None and not isinstance(v, only):
+            continue
         meta = v.get_metadata()
         target = sharding.named_sharding(meta["axes"], v.shape, mesh, rules)
         shape, dtype = tuple(v.shape), jnp.dtype(v.dtype)
@@ -249,7 +257,7 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
         else:
             value = _init_program(meta["init"], shape, dtype, target)(jax.random.fold_in(base, number[path][0]))
         leaves.append((path, v.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return leaves
 
 
 STACKS = (("layers",), ("visual", "blocks"))  # where the stacked modules sit in the parameter tree
