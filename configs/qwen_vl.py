@@ -85,6 +85,18 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # chunks of it, one after the other: the largest bounds the tower's memory (a largest of
     # 2M patches, as before, made one rollout prefill of 3b need 263 GB per v5p chip).
     c.model.vision_buckets = tuple(16 * 2**k for k in range(9)) if tiny else tuple(1024 * 2**k for k in range(6))
+    # The frozen base's weights when LoRA is on (lora.rank > 0; model.param_dtype otherwise): only
+    # the adapters train, so the base needs no fp32 master copy. The reference is this base.
+    c.model.base_dtype = "bfloat16"
+
+    # LoRA (models/lora.py): rank 0 = full fine-tuning. rank > 0: adapters (x @ A) @ B * alpha /
+    # rank on the projections of lora.targets (attention, mlp: the language model's; vision: the
+    # vision tower's blocks; merger: the patch merger), trained alone in both phases (AdamW state
+    # for them only); the GRPO reference is the base (the adapters off), no second copy.
+    c.lora = ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.targets = ("attention", "mlp")
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes

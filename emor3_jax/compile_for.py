@@ -56,6 +56,7 @@ from emor3_jax.core import paths, sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
+from emor3_jax.models import lora
 from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing, reference, rollout_weights
@@ -263,12 +264,12 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     params = sharding.abstract_with_shardings(state, mesh, rules)
     rt = factory.build(c, None, special, cfg, mesh, rules)
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
-    opt = dry_run.abstract_state(jax.eval_shape(tx.init, params), mesh, rules)
+    learner = Learner(graphdef, tx, trainable=lora.trainable(c.lora.rank))
+    opt = dry_run.abstract_state(jax.eval_shape(tx.init, learner.trained(params)), mesh, rules)
     settings = StepSettings.from_config(c)
-    ref = reference.abstract(params, config_lib.reference_dtype(c))
-    t = Target(
-        c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, Learner(graphdef, tx), opt, ref
-    )
+    # with LoRA the reference is the base: the params' shapes, dtypes and shardings (reference.base)
+    ref = params if c.lora.rank else reference.abstract(params, config_lib.reference_dtype(c))
+    t = Target(c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, learner, opt, ref)
     if c.rl.rollout_dtype:
         dtype, layout = c.rl.rollout_dtype, c.rl.rollout_sharding
         t.rollout = rollout_weights.abstract(params, mesh, rules, dtype, layout)
@@ -617,7 +618,7 @@ def _update_programs(s: Session) -> dict:
     if per_step > 1:
         beside = ("params", "optimizer", "reference")
         s.run(Program("accumulate", t.learner._add, (grads, grads), micro - micro // per_step, beside, "grpo", "state"))
-    args = (t.params, t.opt, grads, f32())
+    args = (t.learner.trained(t.params), t.opt, grads, f32())
     s.run(Program("optimizer_step", t.learner._apply, args, micro // per_step, ("reference",), "grpo", "state"))
     return grads
 
@@ -627,7 +628,7 @@ def _cold_start_programs(s: Session) -> None:
     optimizer step; rows padded to the largest bucket, every row with its record's image."""
     t, cs = s.t, s.t.c.cold_start
     tx, _ = make_optimizer(OptimizerSettings.from_config(t.c, "cold_start", max(cs.steps, 1)))
-    learner = Learner(t.graphdef, tx)
+    learner = Learner(t.graphdef, tx, trainable=lora.trainable(t.c.lora.rank))
     length = max(*t.c.sampling.prompt_buckets, t.c.rl.max_prompt_len + t.c.rl.max_response_len)
     f32 = lambda *shape: _replicated(t.mesh, shape, np.float32)
     grad_fn = learner.sft_grad_fn()
@@ -653,7 +654,7 @@ def _cold_start_programs(s: Session) -> None:
         Program(
             "cold_start_optimizer_step",
             learner._apply,
-            (t.params, t.opt, grads, f32()),
+            (learner.trained(t.params), t.opt, grads, f32()),
             1,
             (),
             "cold_start",
@@ -700,7 +701,8 @@ def compile_all(s: Session) -> None:
 def resident(s: Session) -> dict[str, int]:
     """Bytes per chip of what the run keeps on the chips across programs."""
     t = s.t
-    out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": chip_bytes(t.ref)}
+    ref = 0 if t.c.lora.rank else chip_bytes(t.ref)  # a LoRA run's reference is its params' base
+    out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": ref}
     out["gradients"] = chip_bytes(s.grads)  # the accumulator: the gradient program's own output shardings
     if t.rollout is not None:  # while the step samples (the rollout and evaluation programs)
         out["rollout"] = chip_bytes(t.rollout)

@@ -26,7 +26,9 @@ from emor3_jax.data.sources import cold_start as cold_start_data
 from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES, longest_reflection_prompt
+from emor3_jax.models import lora
 from emor3_jax.models.api import ModelConfig, preset
+from emor3_jax.models.qwen25_vl.config import DTYPES
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 from emor3_jax.rl import grpo, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS
@@ -70,6 +72,8 @@ RANGES = (
     ("data.image_size", _at_least(28), "must be >= 28 (one merged 2x2 patch of 14 pixels)"),
     ("data.min_pixels", _at_least(28 * 28), "must be >= 784 (one merged 2x2 patch of 14 pixels)"),
     ("data.max_pixels", _at_least(28 * 28), "must be >= 784 (one merged 2x2 patch of 14 pixels)"),
+    ("lora.rank", _at_least(0), "must be >= 0 (0: full fine-tuning)"),
+    ("lora.alpha", _positive, "must be > 0 (the adapters' term is scaled by alpha / rank)"),
     ("cold_start.steps", _at_least(0), "must be >= 0 (0: no cold start)"),
     ("cold_start.batch_size", _at_least(1), "must be >= 1"),
     ("cold_start.learning_rate", _positive, "must be > 0"),
@@ -335,6 +339,29 @@ def _model(c: ConfigDict) -> list[str]:
     )
 
 
+def _lora(c: ConfigDict) -> list[str]:
+    """lora: targets the adapters can take, the base's dtype, the reference (the base itself) in
+    it (rank and alpha: RANGES)."""
+    lo = c.lora
+    unknown = sorted(set(lo.targets) - set(lora.TARGETS))
+    return _failed(
+        (
+            not lo.rank or (bool(lo.targets) and not unknown),
+            f"--config.lora.targets={tuple(lo.targets)} must be a non-empty selection of {tuple(lora.TARGETS)}",
+        ),
+        (
+            c.model.base_dtype in DTYPES,
+            f"--config.model.base_dtype={c.model.base_dtype!r} must be one of {DTYPES}",
+        ),
+        (
+            not lo.rank or c.rl.reference_dtype in ("", c.model.base_dtype),
+            f"--config.rl.reference_dtype={c.rl.reference_dtype!r} with --config.lora.rank={lo.rank}: the reference "
+            f"is the base itself, in --config.model.base_dtype={c.model.base_dtype!r}; set rl.reference_dtype='' "
+            "(or to the base's dtype)",
+        ),
+    )
+
+
 def _data_path_problem(flag: str, source: str, path: str, what: str) -> str | None:
     """Why `path`, --config.<flag> (`what` it holds, for the message), is unusable for `source`,
     or None. emoset_parquet takes a file, a folder read whole, or one split of either
@@ -587,6 +614,7 @@ SECTION_CHECKS = {
     "": _top_level,
     "mesh": _mesh,
     "model": _model,
+    "lora": _lora,
     "data": _data,
     "cold_start": _cold_start,
     "rl": _rl,
@@ -609,7 +637,7 @@ def _section_errors(c: ConfigDict, section: str) -> list[str]:
 # The sections that fix a run's shapes and programs: what --compile_for and --dry_run build
 # (they read no data or weights and write no checkpoint). data: its pixel limits size the
 # vision program; reward: which reflections run, and how long.
-SHAPE_SECTIONS = ("mesh", "model", "data", "cold_start", "rl", "reward", "sampling", "eval")
+SHAPE_SECTIONS = ("mesh", "model", "lora", "data", "cold_start", "rl", "reward", "sampling", "eval")
 
 
 def validate_shapes(c: ConfigDict) -> None:
@@ -790,21 +818,25 @@ def compile_cache_dir(c: ConfigDict) -> str | None:
 
 
 def reference_dtype(c: ConfigDict) -> str:
-    """The GRPO reference's weights dtype: rl.reference_dtype, "" = model.param_dtype."""
-    return c.rl.reference_dtype or c.model.param_dtype
+    """The GRPO reference's weights dtype: rl.reference_dtype, "" = model.param_dtype; with LoRA
+    the base's (the reference is the base itself)."""
+    return c.model.base_dtype if c.lora.rank else c.rl.reference_dtype or c.model.param_dtype
 
 
 def runtime_fields(c: ConfigDict) -> dict:
     """The ModelConfig fields the run chooses (dtypes, attention, remat, vision buckets), not
     the checkpoint."""
     return dict(
-        param_dtype=c.model.param_dtype,
+        param_dtype=c.model.base_dtype if c.lora.rank else c.model.param_dtype,
         compute_dtype=c.model.compute_dtype,
         attention_impl=c.model.attention_impl,
         remat=c.model.remat,
         remat_policy=c.model.remat_policy,
         unroll_layers=c.model.unroll_layers,
         vision_buckets=tuple(int(n) for n in c.model.vision_buckets),
+        lora_rank=c.lora.rank,
+        lora_alpha=float(c.lora.alpha),
+        lora_targets=tuple(c.lora.targets),
     )
 
 

@@ -39,6 +39,7 @@ from emor3_jax import config_lib
 from emor3_jax.core import sharding
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
+from emor3_jax.models import lora
 from emor3_jax.models.api import ModelConfig, abstract_model, cache_length, cache_shapes, preset
 from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
@@ -165,14 +166,16 @@ def memory(c: ConfigDict) -> dict:
     rules = [tuple(r) for r in c.logical_axis_rules]
     _, params = nnx.split(abstract_model(cfg))
     tx, _ = make_optimizer(OptimizerSettings.from_config(c, "grpo", max(c.rl.steps, 1)))
-    opt = jax.eval_shape(tx.init, params)
+    trained = nnx.split_state(params, lora.trainable(c.lora.rank), ...)[0]  # everything, or the adapters
+    opt = jax.eval_shape(tx.init, trained)
     param_leaves = _sharded(params, mesh, rules)
     cache, cache_fallbacks, cache_call = kv_cache(c, cfg, mesh, rules)
     parts = {
         "params": param_leaves,
         "optimizer": _sharded(opt, mesh, rules),
-        "reference": reference.abstract(param_leaves, config_lib.reference_dtype(c)),  # the GRPO reference
-        "gradients": param_leaves,  # the micro-batch accumulator: param-shaped and -sharded
+        # the GRPO reference: a copy, or with LoRA the base itself (no bytes of its own)
+        "reference": [] if c.lora.rank else reference.abstract(param_leaves, config_lib.reference_dtype(c)),
+        "gradients": _sharded(trained, mesh, rules),  # the micro-batch accumulator: shaped as what trains
         "rollout": _rollout_copy(c, params, mesh, rules),
         "kv_cache": cache,
     }

@@ -35,8 +35,8 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
     (workdir/ckpt or workdir/best), its parameters placed on `mesh` by `rules`; also the
     step's metadata, the run's config (a dict) and the step.
 
-    The architecture and param_dtype are the run's; `runtime` sets ModelConfig's other
-    run-time fields (compute_dtype, attention_impl, remat).
+    The architecture, param_dtype and LoRA adapters are the run's; `runtime` sets ModelConfig's
+    other run-time fields (compute_dtype, attention_impl, remat).
     """
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints")
@@ -53,13 +53,27 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
                 "layers were stacked); export it with the emor3_jax it was trained with"
             )
         config = json.loads(meta["config"])
-        cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype=config["model"]["param_dtype"], **runtime)
+        cfg = ModelConfig.from_hf_dict(meta["model"], **_saved_weights(config), **runtime)
         graphdef, abstract = nnx.split(abstract_model(cfg))
         abstract = sharding.abstract_with_shardings(abstract, mesh, rules)
         params = ckpt.restore_subtree(step, {"params": abstract})["params"]
     finally:
         ckpt.close()
     return nnx.merge(graphdef, params), meta, config, step
+
+
+def _saved_weights(config: dict) -> dict:
+    """The ModelConfig fields a run's saved config fixes: its weights' dtype and its LoRA
+    adapters (a run saved before LoRA existed has no lora section: full fine-tuning)."""
+    lo = config.get("lora", {"rank": 0})
+    if not lo["rank"]:
+        return dict(param_dtype=config["model"]["param_dtype"])
+    return dict(
+        param_dtype=config["model"]["base_dtype"],
+        lora_rank=lo["rank"],
+        lora_alpha=float(lo["alpha"]),
+        lora_targets=tuple(lo["targets"]),
+    )
 
 
 def locate(path: str) -> tuple[str, int | None]:

@@ -108,7 +108,7 @@ def _model(c: ConfigDict, rt: factory.Runtime, scratch: paths.Scratch):
     `seed` at the shapes of hf_path's config or model.preset."""
     if c.hf_path and not c.model.init_random:
         hf = scratch.local(c.hf_path, "hf")  # safetensors are memory-mapped: a local copy
-        return load_hf(hf, rt.mesh, rt.rules, **config_lib.runtime_fields(c))
+        return load_hf(hf, rt.mesh, rt.rules, seed=c.seed, **config_lib.runtime_fields(c))
     shapes = f"{c.hf_path}'s config.json" if c.hf_path else f"the {c.model.preset} preset"
     print(f"model: RANDOM weights (seed {c.seed}) at the shapes of {shapes}; no checkpoint weights read")
     return create_model(rt.cfg, rt.mesh, rt.rules, seed=c.seed)

@@ -28,6 +28,7 @@ from emor3_jax.data import store
 from emor3_jax.emo_r3.reflection_examples import held_out_examples, judge_accuracy
 from emor3_jax.evaluation import report as eval_report
 from emor3_jax.evaluation.evaluate import HeldOutSettings, heldout, heldout_metrics
+from emor3_jax.models import lora
 from emor3_jax.rl import divergence, reference, rollout_weights
 from emor3_jax.rl.experience import Experience, GRPOStep, StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
@@ -113,15 +114,26 @@ class Run:
         total = self.c.cold_start.steps if phase == "cold_start" else self.rl_steps
         return make_optimizer(OptimizerSettings.from_config(self.c, phase, total))
 
+    def _learner(self, tx) -> Learner:
+        """The learner of `tx` over what trains: every parameter, or the LoRA adapters alone."""
+        return Learner(self.graphdef, tx, trainable=lora.trainable(self.c.lora.rank))
+
+    def _reference(self):
+        """The GRPO reference of the current params: a copy in rl.reference_dtype, or with LoRA
+        the base itself (reference.base: the params with their adapters off, no copy)."""
+        if self.c.lora.rank:
+            return reference.base(self.params)
+        return reference.copy(self.params, config_lib.reference_dtype(self.c))
+
     def _abstract_state(self, meta: dict) -> dict:
         """The tree a checkpoint of `meta`'s phase holds (arrays give shapes and shardings).
         Raises ValueError first when the config changed in ways a resume does not accept."""
         config_lib.resume_changes(meta["config"], self.c, self.accepted)
         state = {
             "params": self.params,
-            "opt": Learner(self.graphdef, self._optimizer(meta["phase"])[0]).init(self.params),
+            "opt": self._learner(self._optimizer(meta["phase"])[0]).init(self.params),
         }
-        if meta["phase"] == "grpo":
+        if meta["phase"] == "grpo" and not self.c.lora.rank:  # a LoRA run's reference is its base: not saved
             state["ref"] = reference.abstract(self.params, config_lib.reference_dtype(self.c))
         return state
 
@@ -191,7 +203,7 @@ class Run:
             return
         tx, lr_fn = self._optimizer("cold_start")
         step_fn = SFTStep(
-            learner=Learner(self.graphdef, tx),
+            learner=self._learner(tx),
             encoder=self.encoder,
             task=self.task,
             settings=SFTSettings.from_config(self.c),
@@ -258,7 +270,7 @@ class Run:
     # ---------------------------------------------------------------- GRPO
     def grpo(self) -> dict:
         tx, lr_fn = self._optimizer("grpo")
-        learner = Learner(self.graphdef, tx)
+        learner = self._learner(tx)
         opt, ref = self._enter_grpo(learner)
         step_fn = GRPOStep(
             learner=learner,
@@ -294,7 +306,7 @@ class Run:
                 self.meta.update(phase_step=step, global_step=gstep)
                 self.meta["data"]["grpo"] = it.get_state()
                 self._log_grpo(step, start, exp, metrics, float(lr_fn(step)), programs)
-                state = {"params": self.params, "opt": opt, "ref": ref}
+                state = {"params": self.params, "opt": opt} | ({} if self.c.lora.rank else {"ref": ref})
                 if step % self.c.eval.every == 0 or step == self.rl_steps:
                     self._validate(state, gstep)
                 self._checkpoint(step % self.c.checkpoint.every == 0 or step == self.rl_steps, state)
@@ -315,13 +327,14 @@ class Run:
 
     def _enter_grpo(self, learner: Learner) -> tuple:
         """(optimizer state, reference params): fresh when GRPO starts (the reference is the
-        cold-start result, evaluated first), else the checkpoint's."""
+        cold-start result, evaluated first; with LoRA the base), else the checkpoint's."""
         if self.meta["phase"] == "cold_start":
             self.meta.update(phase="grpo", phase_step=0)
             if self.c.cold_start.steps:
                 self.meta["evals"]["cold_start"] = self.eval_all("cold_start", self.meta["global_step"])
-            return learner.init(self.params), reference.copy(self.params, config_lib.reference_dtype(self.c))
-        return self.resumed.pop("opt"), self.resumed.pop("ref")
+            return learner.init(self.params), self._reference()
+        opt = self.resumed.pop("opt")
+        return opt, self._reference() if self.c.lora.rank else self.resumed.pop("ref")
 
     def _log_grpo(self, step: int, start: int, exp: Experience, metrics: dict, lr: float, programs: int) -> None:
         """metrics.jsonl / TensorBoard scalars of a GRPO step (every reward component the task

@@ -31,6 +31,8 @@ BAD = {
     "data.image_size": 27,
     "data.min_pixels": 783,
     "data.max_pixels": 783,
+    "lora.rank": -1,
+    "lora.alpha": 0.0,
     "cold_start.steps": -3,
     "cold_start.batch_size": 0,
     "cold_start.learning_rate": -1e-3,
@@ -265,6 +267,34 @@ def test_bad_rollout_copy_settings_name_their_flag(overrides, message):
     with pytest.raises(ValueError) as err:
         config_lib.validate(_config(**overrides))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lora.rank": 8, "lora.targets": ()}, "--config.lora.targets=() must be a non-empty selection of"),
+        ({"lora.rank": 8, "lora.targets": ("mlp", "lm_head")}, "--config.lora.targets=('mlp', 'lm_head') must be"),
+        ({"model.base_dtype": "int8"}, "--config.model.base_dtype='int8' must be one of"),
+        (
+            {"lora.rank": 8, "rl.reference_dtype": "float32"},
+            "--config.rl.reference_dtype='float32' with --config.lora.rank=8: the reference is the base itself",
+        ),
+    ],
+)
+def test_bad_lora_settings_name_their_flag(overrides, message):
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**overrides))
+    assert message in str(err.value)
+
+
+def test_lora_puts_the_base_in_base_dtype_and_its_reference_is_the_base():
+    c = _config(**{"lora.rank": 8, "lora.alpha": 32.0, "lora.targets": ("attention", "vision")})
+    config_lib.validate(c)
+    fields = config_lib.runtime_fields(c)
+    assert (fields["param_dtype"], config_lib.reference_dtype(c)) == ("bfloat16", "bfloat16")
+    assert (fields["lora_rank"], fields["lora_alpha"], fields["lora_targets"]) == (8, 32.0, ("attention", "vision"))
+    full = config_lib.runtime_fields(_config())  # rank 0: model.param_dtype, base_dtype unread
+    assert (full["param_dtype"], full["lora_rank"]) == ("float32", 0)
 
 
 def test_rollout_copy_settings_that_are_valid():

@@ -24,13 +24,14 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _memory(
-    variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = (), cut: str = ""
+    variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = (), cut: str = "", lora: int = 0
 ) -> tuple[dict, str]:
     """dry_run.main for configs/qwen_vl.py:<variant> (rollout: (rl.rollout_dtype,
-    rl.rollout_sharding), cut: reward.reflection_cut, else the variant's); (the returned
-    numbers, the printed report)."""
+    rl.rollout_sharding), cut: reward.reflection_cut, else the variant's; lora: lora.rank); (the
+    returned numbers, the printed report)."""
     set_rollout = f"c.rl.rollout_dtype, c.rl.rollout_sharding = {rollout!r}\n" if rollout else ""
     set_rollout += f"c.reward.reflection_cut = {cut!r}\n" if cut else ""
+    set_rollout += f"c.lora.rank = {lora}\n" if lora else ""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
         f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
@@ -107,6 +108,31 @@ def test_7b_on_64_devices_fsdp16_tensor4():
     assert m["per_device"]["params"] < m["global"]["params"] / 64 * 1.02  # all but 1% of it split 64 ways
     assert "activations" in report and "not included" in report
     assert "GiB/device" in report and "fsdp=16" in report
+
+
+def test_7b_with_lora_keeps_a_bf16_base_and_adapter_sized_optimizer_state():
+    """lora.rank=64 on the language model's attention and MLP (the default targets), 8 devices:
+    the base in bf16, gradients and AdamW moments only for the adapters (counted by hand), no
+    reference bytes (it is the base)."""
+    mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    full, _ = _memory("7b", 8, mesh)
+    m, _ = _memory("7b", 8, mesh, lora=64)
+    t, r = preset("7b").text, 64
+    d, q, kv, f = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    # (in + out) * r per adapted projection: q, k, v, o, gate, up, down
+    adapters = t.num_layers * r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d))
+    pd, gl = m["per_device"], m["global"]
+    assert gl["gradients"] == FP32 * adapters
+    # Per device: an adapter shards on its kernel's axis only (r never), and the default rules put
+    # only `embed` over fsdp: A of q/k/v/gate/up and B of o/down split 8 ways, the rest whole.
+    split, whole = 7 * d // 8, 2 * q + 2 * kv + 3 * f
+    assert pd["gradients"] == FP32 * t.num_layers * r * (split + whole)
+    assert pd["optimizer"] == 2 * pd["gradients"] + 2 * 4  # two fp32 moments + two int32 counters
+    assert gl["params"] == 2 * full["num_params"] + FP32 * adapters  # the bf16 base and the fp32 adapters
+    assert pd["reference"] == 0 and full["per_device"]["reference"] > 0
+    state = lambda x: sum(x[k] for k in ("params", "optimizer", "reference", "gradients"))  # the KV cache aside
+    assert state(pd) < state(full["per_device"]) / 4  # 4.03 vs 18.67 GB
+    assert pd["kv_cache"] == full["per_device"]["kv_cache"]
 
 
 def test_3b_on_8_devices_pure_fsdp():

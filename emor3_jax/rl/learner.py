@@ -195,14 +195,16 @@ class GRPOSettings:
         )
 
 
-def _grads_like_params(grad_fn):
-    """grad_fn(params, ...) -> (grads, aux) with each gradient constrained to its parameter's
-    logical axes under the rules in use: left to itself, XLA returns the gradient of an
-    fsdp-sharded parameter whole on every chip (issue 21: 3B's fp32 gradients, 14 GiB, on each
-    chip of a v5p slice; tests/test_compile_for.py checks the share per chip)."""
+def _trainable_grads(loss_fn, trainable):
+    """loss_fn(params, ...) -> (loss, aux) as (params, ...) -> (grads, aux): the gradient of the
+    `trainable` parameters only (the rest held fixed, none computed for them), each constrained
+    to its parameter's logical axes under the rules in use: left to itself, XLA returns the
+    gradient of an fsdp-sharded parameter whole on every chip (issue 21: 3B's fp32 gradients,
+    14 GiB, on each chip of a v5p slice; tests/test_compile_for.py checks the share per chip)."""
 
     def run(params, *args):
-        grads, aux = grad_fn(params, *args)
+        train, frozen = nnx.split_state(params, trainable, ...)
+        grads, aux = jax.grad(lambda t: loss_fn(nnx.merge_state(t, frozen), *args), has_aux=True)(train)
         like = lambda v: v.replace(sharding.constrain(v.get_value(), v.get_metadata()["axes"]))
         return jax.tree.map(like, grads, is_leaf=lambda x: isinstance(x, nnx.Variable)), aux
 
@@ -210,10 +212,15 @@ def _grads_like_params(grad_fn):
 
 
 class Learner:
-    """Owns the jitted gradient / update functions for one model graph and optimizer."""
+    """Owns the jitted gradient / update functions for one model graph and optimizer.
 
-    def __init__(self, graphdef, tx: optax.GradientTransformation, chunk: int = 256):
-        self.graphdef, self.tx, self.chunk = graphdef, tx, chunk
+    `trainable` (an nnx filter; models/lora.py `trainable`) picks the parameters the optimizer
+    updates: every nnx.Param (full fine-tuning) or the LoRA adapters. Gradients, their sum over
+    micro-batches and the optimizer state cover those alone; the others pass through each step
+    as the same arrays."""
+
+    def __init__(self, graphdef, tx: optax.GradientTransformation, chunk: int = 256, trainable=nnx.Param):
+        self.graphdef, self.tx, self.chunk, self.trainable = graphdef, tx, chunk, trainable
         self._grad = {}
         self._logprobs = jax.jit(self._logprobs_impl, static_argnums=(2, 3))
         self._packed_logprobs = jax.jit(self._packed_logprobs_impl)
@@ -256,7 +263,7 @@ class Learner:
                 nll = -(logp * loss_mask).sum() / jnp.maximum(loss_mask.sum(), 1)
                 return weight * nll, {"loss": nll, "tokens": loss_mask.sum()}
 
-            fn = self._grad["sft"] = jax.jit(_grads_like_params(jax.grad(loss_fn, has_aux=True)))
+            fn = self._grad["sft"] = jax.jit(_trainable_grads(loss_fn, self.trainable))
         return fn
 
     def grpo_grads(
@@ -315,7 +322,7 @@ class Learner:
                 metrics = dict(metrics, entropy=grpo.aggregate(ent, mask, "token"), loss=loss)
                 return weight * loss, metrics
 
-            fn = self._grad[key] = jax.jit(_grads_like_params(jax.grad(loss_fn, has_aux=True)))
+            fn = self._grad[key] = jax.jit(_trainable_grads(loss_fn, self.trainable))
         return fn
 
     def accumulate(self, total, grads):
@@ -323,10 +330,10 @@ class Learner:
 
     # ---- optimizer step ----
     def init(self, params):
-        """Optimizer state on the params' mesh: moments shaped and sharded like the params, the
-        step counters replicated (committed, so every step reuses one compiled `apply` and a
-        restore places them on the mesh too)."""
-        opt = self.tx.init(params)
+        """Optimizer state on the params' mesh: moments shaped and sharded like the trainable
+        params, the step counters replicated (committed, so every step reuses one compiled
+        `apply` and a restore places them on the mesh too)."""
+        opt = self.tx.init(self.trained(params))
         mesh = jax.tree.leaves(params)[0].sharding.mesh
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         # tx.init makes the counters with a default (single-device) sharding, even on a one-device
@@ -345,10 +352,19 @@ class Learner:
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         return keep(new_params, params), keep(new_opt, opt_state), norm
 
+    def trained(self, params):
+        """The part of `params` the optimizer updates (`trainable`): what `grads` and the optimizer
+        state are shaped like."""
+        return nnx.split_state(params, self.trainable, ...)[0]
+
     def apply(self, params, opt_state, grads, loss=0.0):
-        """One optimizer step, or none when `loss` or the gradient norm is not finite; returns
-        (params, opt_state, grad_norm before clipping)."""
-        return self._apply(params, opt_state, grads, jnp.asarray(loss, jnp.float32))
+        """One optimizer step of the trainable params (`grads` is theirs), or none when `loss`
+        or the gradient norm is not finite; returns (params, opt_state, grad_norm before
+        clipping). The other params come back as the same arrays: split off here, outside the
+        jitted step, they are neither donated nor copied."""
+        train, frozen = nnx.split_state(params, self.trainable, ...)
+        train, opt_state, norm = self._apply(train, opt_state, grads, jnp.asarray(loss, jnp.float32))
+        return nnx.merge_state(train, frozen), opt_state, norm
 
 
 def check_finite(step: int, phase: str, **values) -> None:

@@ -12,6 +12,11 @@ rules (LAYOUTS, the registry the config validation reads):
 - "tensor": heads / mlp / vocab over the mesh's tensor axis and nothing over data or fsdp:
   the weights split over the model-parallel devices, whole on each data-parallel group.
 Activations keep the sampler's rules (batch over data x fsdp) whatever the layout.
+
+With LoRA the copy holds the adapted weights merged, W + A B alpha/rank in each adapted kernel
+(models/lora.py `merged`) and its adapters zeros: a decode step then reads the same kernels as
+without LoRA, and the merge costs one thin matmul per kernel per GRPO step. (Without a copy,
+rl.rollout_dtype = "", the sampler runs the training model: the adapters applied on the fly.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 import numpy as np
 
 from emor3_jax.core import sharding
+from emor3_jax.models import lora
 
 
 def _only(target, axis: str):
@@ -46,8 +52,8 @@ def shardings(params, mesh, rules, layout: str):
 
 
 def cast(params, dtype: str):
-    """`params` with every leaf in `dtype`: the copy's values."""
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    """`params` with its adapters merged (none: as they are) and every leaf in `dtype`: the copy's values."""
+    return jax.tree.map(lambda x: x.astype(dtype), lora.merged(params))
 
 
 def copier(params, mesh, rules, dtype: str, layout: str) -> Callable:

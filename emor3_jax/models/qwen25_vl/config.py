@@ -13,6 +13,7 @@ from typing import Any
 
 from etils import epath
 
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 
 # xla / cudnn: jax.nn.dot_product_attention; einsum: explicit; splash (TPU) / flash (GPU): the
@@ -101,6 +102,11 @@ class ModelConfig:
     # vision inputs are padded to the smallest that holds them, so the number of compiled
     # programs depends on these, not on image sizes. Empty: no padding (a shape per batch).
     vision_buckets: tuple[int, ...] = ()
+    # LoRA adapters (models/lora.py): rank 0 = none (full fine-tuning); alpha / rank scales their
+    # term; targets names the projection groups (lora.TARGETS) that get one.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("attention", "mlp")
 
     def __post_init__(self):
         _validate(self)
@@ -109,6 +115,10 @@ class ModelConfig:
     def layer_remat(self) -> str | None:
         """The REMAT_POLICIES name the layer stacks recompute with; None without remat."""
         return self.remat_policy if self.remat else None
+
+    def adapter(self, group: str) -> lora.Adapter | None:
+        """The LoRA adapter of projection group `group` (a lora.TARGETS name), None without one."""
+        return lora.adapter(self.lora_rank, self.lora_alpha, self.lora_targets, group)
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -238,6 +248,11 @@ def _validate(c: ModelConfig) -> None:
     t, v = c.text, c.vision
     if c.param_dtype not in DTYPES or c.compute_dtype not in DTYPES:
         raise ValueError(f"param_dtype/compute_dtype must be in {DTYPES}, got {c.param_dtype!r}/{c.compute_dtype!r}")
+    if c.lora_rank < 0 or (c.lora_rank and (c.lora_alpha <= 0 or set(c.lora_targets) - set(lora.TARGETS))):
+        raise ValueError(
+            f"lora: rank {c.lora_rank} must be >= 0, alpha {c.lora_alpha} > 0 and targets {list(c.lora_targets)} "
+            f"within {tuple(lora.TARGETS)}"
+        )
     if c.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {c.remat_policy!r}")
     if c.attention_impl not in ATTENTION_IMPLS:

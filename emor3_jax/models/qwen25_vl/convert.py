@@ -27,8 +27,9 @@ from safetensors.numpy import save, save_file
 
 from emor3_jax.core import paths, sharding
 from emor3_jax.core.multihost import to_host
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl.config import ModelConfig
-from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model
+from emor3_jax.models.qwen25_vl.model import Qwen25VL, abstract_model, init_params
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def _to_hf(array: np.ndarray, layout: str, cfg: ModelConfig) -> np.ndarray:
 
 
 def _check_table(cfg: ModelConfig, abs_state) -> dict[tuple, nnx.Variable]:
-    flat = {tuple(p): v for p, v in nnx.to_flat_state(abs_state)}
+    """The model's hub-mapped parameters by path (all but LoRA adapters, which no hub checkpoint has)."""
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(abs_state) if not isinstance(v, lora.LoRAParam)}
     table_paths = {e.path for e in weight_table(cfg)}
     if table_paths != set(flat):
         raise AssertionError(f"weight table out of sync with the model: {sorted(table_paths ^ set(flat))[:5]}")
@@ -162,12 +164,14 @@ def _weight_files(path: str) -> list[str]:
     return files
 
 
-def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
+def load_hf(path: str, mesh: Mesh, rules, seed: int = 0, **runtime) -> Qwen25VL:
     """Loads a local HF Qwen2.5-VL checkpoint directly into its shardings on `mesh` (safetensors
     are memory-mapped: a checkpoint at a URI is read from its copy, paths.Scratch.local).
 
-    `runtime` sets ModelConfig's run-time fields (param_dtype, compute_dtype, attention_impl).
-    Raises, naming them, on unmapped keys, missing keys and shape mismatches.
+    `runtime` sets ModelConfig's run-time fields (param_dtype, compute_dtype, attention_impl,
+    lora_*). LoRA adapters are drawn from `seed` as create_model draws them (B zeros: the
+    loaded model's outputs). Raises, naming them, on unmapped keys, missing keys and shape
+    mismatches.
     """
     cfg = ModelConfig.from_hf_dir(path, **runtime)
     graphdef, abs_state = nnx.split(abstract_model(cfg))
@@ -199,8 +203,8 @@ def load_hf(path: str, mesh: Mesh, rules, **runtime) -> Qwen25VL:
         for p, entries in by_path.items():
             target = sharding.named_sharding(flat[p].get_metadata()["axes"], flat[p].shape, mesh, rules)
             leaves.append((p, flat[p].replace(_load_param(entries, flat[p], where, target, dtype, cfg))))
-    state = nnx.from_flat_state(leaves)
-    return nnx.merge(graphdef, state)
+    leaves += init_params(nnx.to_flat_state(abs_state), mesh, rules, seed, only=lora.LoRAParam)
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def _load_param(entries: list[Entry], var, where: dict, target, dtype, cfg: ModelConfig) -> jax.Array:
@@ -269,6 +273,8 @@ def save_hf(
     Every process takes part (gathers); only process 0 writes.
     """
     cfg = model.cfg
+    if cfg.lora_rank:  # its adapters have no key in the hub's table
+        raise ValueError("save_hf writes a model without LoRA adapters; merge them first (lora.merged)")
     out_dtype = np.dtype(jax.numpy.dtype(dtype or cfg.param_dtype))
     flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     table = weight_table(cfg)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import fused_attention
 
 # Initializers by name: the name is kept in the parameter's metadata so `create_model` can
@@ -23,6 +24,9 @@ INITS: dict[str, Callable[..., jax.Array]] = {
     "normal": nnx.initializers.normal(0.02),
     "zeros": nnx.initializers.zeros_init(),
     "ones": nnx.initializers.ones_init(),
+    # PEFT's lora_A: kaiming-uniform with a = sqrt(5) over fan_in = in (A [..., in, r]), i.e.
+    # U(-1/sqrt(in), 1/sqrt(in)): a uniform draw of variance 1 / (3 in).
+    "lora_a": nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1),
 }
 
 
@@ -35,7 +39,10 @@ def param(rngs: nnx.Rngs, init: str, shape: tuple[int, ...], axes: tuple[str | N
 
 
 class Linear(nnx.Module):
-    """y = x @ W (+ b), W stored [in, out] (HF stores [out, in]; convert.py transposes)."""
+    """y = x @ W (+ b), W stored [in, out] (HF stores [out, in]; convert.py transposes).
+
+    With an `adapter` (models/lora.py), + (x @ A) @ B * scale: lora_a A [in, r] sharded on the
+    kernel's `in` axis, lora_b B [r, out] on its `out` axis, r unsharded, both fp32."""
 
     def __init__(
         self,
@@ -47,10 +54,13 @@ class Linear(nnx.Module):
         param_dtype,
         compute_dtype,
         rngs: nnx.Rngs,
+        adapter: lora.Adapter | None = None,
     ):
         self.kernel = param(rngs, "normal", (d_in, d_out), axes, param_dtype)
         self.bias = param(rngs, "zeros", (d_out,), (axes[1],), param_dtype) if bias else None
         self.compute_dtype = compute_dtype
+        self.lora_a = _lora(rngs, "lora_a", (d_in, adapter.rank), (axes[0], None), adapter) if adapter else None
+        self.lora_b = _lora(rngs, "zeros", (adapter.rank, d_out), (None, axes[1]), adapter) if adapter else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out]. The leading dims are flattened into one for the matmul: the
@@ -61,7 +71,16 @@ class Linear(nnx.Module):
         y = jnp.dot(x2, self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
+        if self.lora_a is not None:
+            a, b = (m[...].astype(self.compute_dtype) for m in (self.lora_a, self.lora_b))
+            y = y + jnp.dot(jnp.dot(x2, a), b) * self.lora_a.get_metadata()["scale"]
         return y.reshape(*lead, y.shape[-1])
+
+
+def _lora(rngs: nnx.Rngs, init: str, shape: tuple[int, int], axes, adapter: lora.Adapter) -> lora.LoRAParam:
+    """An adapter matrix in lora.DTYPE, its scale in its metadata (lora.merged reads it)."""
+    value = INITS[init](rngs.params(), shape, lora.DTYPE)
+    return lora.LoRAParam(value, axes=axes, init=init, scale=adapter.scale)
 
 
 class RMSNorm(nnx.Module):
@@ -81,9 +100,18 @@ class GatedMLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(
-        self, d: int, f: int, axes: tuple[str, str], *, bias: bool, param_dtype, compute_dtype, rngs: nnx.Rngs
+        self,
+        d: int,
+        f: int,
+        axes: tuple[str, str],
+        *,
+        bias: bool,
+        param_dtype,
+        compute_dtype,
+        rngs: nnx.Rngs,
+        adapter: lora.Adapter | None = None,
     ):
-        kw = dict(bias=bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        kw = dict(bias=bias, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, adapter=adapter)
         self.gate_proj = Linear(d, f, axes, **kw)
         self.up_proj = Linear(d, f, axes, **kw)
         self.down_proj = Linear(f, d, (axes[1], axes[0]), **kw)

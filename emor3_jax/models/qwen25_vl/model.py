@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emor3_jax.core import sharding
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
@@ -46,9 +47,19 @@ class Qwen25VL(nnx.Module):
         t = cfg.text
         pd, cd = layers.dtype_of(cfg.param_dtype), layers.dtype_of(cfg.compute_dtype)
         kw = dict(param_dtype=pd, compute_dtype=cd, rngs=rngs)
-        self.visual = VisionTower(cfg.vision, cfg.attention_impl, remat=cfg.layer_remat, unroll=cfg.unroll_layers, **kw)
+        self.visual = VisionTower(
+            cfg.vision,
+            cfg.attention_impl,
+            remat=cfg.layer_remat,
+            unroll=cfg.unroll_layers,
+            adapters=(cfg.adapter("vision"), cfg.adapter("merger")),
+            **kw,
+        )
         self.embed_tokens = layers.param(rngs, "normal", (t.vocab_size, t.hidden_size), ("vocab", "embed"), pd)
-        make = lambda r: DecoderLayer(t, cfg.attention_impl, param_dtype=pd, compute_dtype=cd, rngs=r)
+        text_adapters = (cfg.adapter("attention"), cfg.adapter("mlp"))
+        make = lambda r: DecoderLayer(
+            t, cfg.attention_impl, param_dtype=pd, compute_dtype=cd, rngs=r, adapters=text_adapters
+        )
         self.layers = stack.stacked(make, t.num_layers, rngs)  # one module, parameters [Y, ...]
         self.norm = layers.RMSNorm(t.hidden_size, t.rms_norm_eps, "norm", param_dtype=pd, rngs=rngs)
         self.lm_head = (
@@ -216,14 +227,27 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
     One small jitted program per distinct (initializer, shape, dtype, sharding), so a 3B
     model compiles a dozen tiny programs instead of one with hundreds of RNG kernels. Each
     layer of a stacked parameter is drawn with the key it had when every layer was its own
-    module, so a seed gives the same model as before the layers were stacked.
+    module, so a seed gives the same model as before the layers were stacked. LoRA adapters
+    are numbered after every base parameter: a seed's base is the same with or without them.
     """
     graphdef, abs_state = nnx.split(abstract_model(cfg))
+    return nnx.merge(graphdef, nnx.from_flat_state(init_params(nnx.to_flat_state(abs_state), mesh, rules, seed)))
+
+
+def init_params(flat: list, mesh: Mesh, rules, seed: int, only=None) -> list:
+    """(path, Variable) of the abstract model's flat state `flat`, each drawn with its key of
+    `seed` in its sharding; `only` (a Variable type): just those (load_hf: the LoRA adapters of
+    a checkpoint's model, drawn as create_model draws them)."""
     base = jax.random.key(seed)
-    flat = nnx.to_flat_state(abs_state)
-    number = _per_layer_numbers([p for p, _ in flat], {p: v.shape[0] for p, v in flat if _stack_of(p)})
+    depths = {p: v.shape[0] for p, v in flat if _stack_of(p)}
+    number = _per_layer_numbers([p for p, v in flat if not isinstance(v, lora.LoRAParam)], depths)
+    taken = sum(len(n) for n in number.values())
+    adapters = _per_layer_numbers([p for p, v in flat if isinstance(v, lora.LoRAParam)], depths)
+    number.update({p: [taken + n for n in ns] for p, ns in adapters.items()})
     leaves = []
     for path, v in flat:
+        if only is not None and not isinstance(v, only):
+            continue
         meta = v.get_metadata()
         target = sharding.named_sharding(meta["axes"], v.shape, mesh, rules)
         shape, dtype = tuple(v.shape), jnp.dtype(v.dtype)
@@ -233,7 +257,7 @@ def create_model(cfg: ModelConfig, mesh: Mesh, rules, seed: int = 0) -> Qwen25VL
         else:
             value = _init_program(meta["init"], shape, dtype, target)(jax.random.fold_in(base, number[path][0]))
         leaves.append((path, v.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return leaves
 
 
 STACKS = (("layers",), ("visual", "blocks"))  # where the stacked modules sit in the parameter tree

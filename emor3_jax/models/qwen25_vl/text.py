@@ -58,9 +58,9 @@ def _write_rows(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> ja
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, adapter=None):
         d, h = cfg.hidden_size, cfg.head_dim
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, adapter=adapter)
         self.q_proj = layers.Linear(d, cfg.num_heads * h, ("embed", "heads"), bias=True, **kw)
         self.k_proj = layers.Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=True, **kw)
         self.v_proj = layers.Linear(d, cfg.num_kv_heads * h, ("embed", "kv_heads"), bias=True, **kw)
@@ -115,13 +115,23 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    """`adapters`: the LoRA adapters of its attention and of its MLP (models/lora.py; None: none)."""
+
+    def __init__(
+        self, cfg: TextConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, adapters=(None, None)
+    ):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
         self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", **kw)
-        self.self_attn = Attention(cfg, impl, compute_dtype=compute_dtype, **kw)
+        self.self_attn = Attention(cfg, impl, compute_dtype=compute_dtype, adapter=adapters[0], **kw)
         self.mlp = layers.GatedMLP(
-            cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, compute_dtype=compute_dtype, **kw
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            ("embed", "mlp"),
+            bias=False,
+            compute_dtype=compute_dtype,
+            adapter=adapters[1],
+            **kw,
         )
 
     def __call__(

@@ -288,9 +288,9 @@ def vision_layout(
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, adapter=None):
         e = cfg.hidden_size
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, adapter=adapter)
         self.qkv = layers.Linear(e, 3 * e, ("vision_embed", "vision_heads"), bias=True, **kw)
         self.proj = layers.Linear(e, e, ("vision_heads", "vision_embed"), bias=True, **kw)
         self.num_heads, self.impl = cfg.num_heads, impl
@@ -317,17 +317,20 @@ def _blocked_attention(q, k, v, blocks: Blocks, impl: str) -> jax.Array:
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    """`adapter`: the LoRA adapter of its attention and MLP projections (None: none)."""
+
+    def __init__(self, cfg: VisionConfig, impl: str, *, param_dtype, compute_dtype, rngs: nnx.Rngs, adapter=None):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layers.RMSNorm(cfg.hidden_size, 1e-6, "norm", **kw)
         self.norm2 = layers.RMSNorm(cfg.hidden_size, 1e-6, "norm", **kw)
-        self.attn = VisionAttention(cfg, impl, compute_dtype=compute_dtype, **kw)
+        self.attn = VisionAttention(cfg, impl, compute_dtype=compute_dtype, adapter=adapter, **kw)
         self.mlp = layers.GatedMLP(
             cfg.hidden_size,
             cfg.intermediate_size,
             ("vision_embed", "vision_mlp"),
             bias=True,
             compute_dtype=compute_dtype,
+            adapter=adapter,
             **kw,
         )
 
@@ -339,9 +342,9 @@ class VisionBlock(nnx.Module):
 class PatchMerger(nnx.Module):
     """RMSNorm, then 2x2 neighbouring patches concatenated -> MLP (GELU) -> text width."""
 
-    def __init__(self, cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs, adapter=None):
         d = cfg.hidden_size * cfg.merge_unit
-        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs, adapter=adapter)
         self.ln_q = layers.RMSNorm(cfg.hidden_size, 1e-6, "norm", param_dtype=param_dtype, rngs=rngs)
         self.fc1 = layers.Linear(d, d, ("vision_mlp", "vision_embed"), bias=True, **kw)
         self.fc2 = layers.Linear(d, cfg.out_hidden_size, ("vision_embed", "embed"), bias=True, **kw)
@@ -369,13 +372,15 @@ class VisionTower(nnx.Module):
         rngs: nnx.Rngs,
         remat: str | None = None,
         unroll: bool = False,
+        adapters=(None, None),
     ):
+        """`adapters`: the LoRA adapters of the blocks and of the merger (None: none)."""
         self.cfg, self.remat, self.unroll = cfg, remat, unroll
         kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, ("patch", "vision_embed"), bias=False, **kw)
-        make = lambda r: VisionBlock(cfg, impl, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=r)
+        make = lambda r: VisionBlock(cfg, impl, adapter=adapters[0], **dict(kw, rngs=r))
         self.blocks = stack.stacked(make, cfg.depth, rngs)  # one module, parameters [depth, ...]
-        self.merger = PatchMerger(cfg, **kw)
+        self.merger = PatchMerger(cfg, adapter=adapters[1], **kw)
 
     def __call__(self, pixels: jax.Array, layout: VisionLayout, return_blocks: bool = False):
         """pixels [L, C] in window order -> merged tokens [M, D] in window order.

@@ -1,0 +1,84 @@
+"""LoRA adapters (Hu et al. 2021, as PEFT implements them): a frozen projection y = x @ W gains
+a trainable low-rank term, y = x @ W + (x @ A) @ B * (alpha / rank).
+
+A [in, r] is drawn as PEFT draws lora_A (kaiming-uniform with a = sqrt(5), nn.Linear's init:
+U(-1/sqrt(in), 1/sqrt(in))), B [r, out] starts at zeros, so an adapted model at step 0 is its
+base. Both are `LoRAParam`s (an nnx.Param subclass, so filters tell them from the base) in fp32
+whatever the base's dtype, named `<module path>/lora_a` and `<module path>/lora_b` beside the
+module's `kernel` (e.g. `layers/self_attn/q_proj/lora_a` [Y, D, r] in a stacked decoder):
+the names an export maps to PEFT's `...q_proj.lora_A.weight` (transposed, as kernels are).
+
+Functions over a parameter state (an nnx.State of the whole model; each a no-op on a model
+without adapters): `trainable` (the filter of what an optimizer updates), `adapters_off` (the
+base's outputs exactly: every adapter matrix zeros) and `merged` (W + A B s in the kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# The adapters' dtype whatever the base's: their updates are small next to their values.
+DTYPE = jnp.float32
+
+# lora.targets -> the projections an adapter is put on (the registry the config validation reads).
+TARGETS = {
+    "attention": "the language model's attention q/k/v/o projections",
+    "mlp": "the language model's MLP gate/up/down projections",
+    "vision": "the vision tower blocks' attention (qkv, proj) and MLP (gate/up/down) projections",
+    "merger": "the patch merger's two projections (fc1, fc2)",
+}
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix (lora_a or lora_b); its metadata carries `scale` = alpha / rank."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """The adapter one projection gets: its rank and the scale alpha / rank of its term."""
+
+    rank: int
+    scale: float
+
+
+def adapter(rank: int, alpha: float, targets: tuple[str, ...], group: str) -> Adapter | None:
+    """The adapter of projection group `group` (a TARGETS name), None where it gets none."""
+    return Adapter(rank, alpha / rank) if rank and group in targets else None
+
+
+def trainable(rank: int):
+    """The filter of the parameters an optimizer updates: every nnx.Param (full fine-tuning) at
+    rank 0, else the adapters alone."""
+    return LoRAParam if rank else nnx.Param
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def adapters_off(params):
+    """`params` with every adapter matrix zeros (each in its own sharding), the base arrays
+    themselves (no copy): the model then gives the base's outputs exactly (x @ 0 @ 0 adds 0)."""
+    off = lambda v: v.replace(jnp.zeros_like(v.get_value())) if isinstance(v, LoRAParam) else v
+    return jax.tree.map(off, params, is_leaf=_is_var)
+
+
+def merged(params):
+    """`params` with each adapted kernel W [..., in, out] replaced by W + A @ B * scale (in W's
+    dtype, the sum in fp32) and its adapters zeros: the same model with no adapter term."""
+    flat = dict(nnx.to_flat_state(params))
+    out = []
+    for path, v in flat.items():
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
+            a, b = flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)]
+            delta = jnp.einsum("...ir,...ro->...io", a.get_value(), b.get_value()) * a.get_metadata()["scale"]
+            w = v.get_value()
+            v = v.replace((w.astype(jnp.float32) + delta).astype(w.dtype))
+        elif isinstance(v, LoRAParam):
+            v = v.replace(jnp.zeros_like(v.get_value()))
+        out.append((path, v))
+    return nnx.from_flat_state(out)
