@@ -39,6 +39,7 @@ setup(
             "ruff==0.14.14",
             "gcp-storage-emulator==2026.7.19",  # tests/gcs_emulator.py: a local gs:// for the tests
             "matplotlib==3.11.2",  # tests/test_benches.py runs bench/learning.py's report, curves included
+            "peft==0.21.2",  # tests/models/test_lora_export.py loads our PEFT adapter folder with peft
             # libtpu: tests/test_compile_for.py compiles for a TPU slice on the CPU; the suite's
             # JAX stays on the CPU (conftest sets JAX_PLATFORMS=cpu)
             "jax[tpu]==0.10.2",
