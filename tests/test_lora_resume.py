@@ -21,6 +21,9 @@ from emor3_jax.models.qwen25_vl.config import ModelConfig
 from emor3_jax.models.qwen25_vl.model import abstract_model
 from tests.test_train import _metrics, small_config
 
+# ~1.6 min of CI (two LoRA runs and a kill/resume): slow, listed in tests/README.md
+pytestmark = pytest.mark.slow
+
 LORA = {"lora.rank": 8}
 
 
