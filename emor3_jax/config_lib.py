@@ -74,6 +74,7 @@ RANGES = (
     ("data.max_pixels", _at_least(28 * 28), "must be >= 784 (one merged 2x2 patch of 14 pixels)"),
     ("lora.rank", _at_least(0), "must be >= 0 (0: full fine-tuning)"),
     ("lora.alpha", _positive, "must be > 0 (the adapters' term is scaled by alpha / rank)"),
+    ("lora.lr_multiplier", _positive, "must be > 0 (a LoRA run's learning rates are the phases' times it)"),
     ("cold_start.steps", _at_least(0), "must be >= 0 (0: no cold start)"),
     ("cold_start.batch_size", _at_least(1), "must be >= 1"),
     ("cold_start.learning_rate", _positive, "must be > 0"),

@@ -33,6 +33,7 @@ BAD = {
     "data.max_pixels": 783,
     "lora.rank": -1,
     "lora.alpha": 0.0,
+    "lora.lr_multiplier": 0.0,
     "cold_start.steps": -3,
     "cold_start.batch_size": 0,
     "cold_start.learning_rate": -1e-3,
@@ -273,7 +274,7 @@ def test_bad_rollout_copy_settings_name_their_flag(overrides, message):
     "overrides, message",
     [
         ({"lora.rank": 8, "lora.targets": ()}, "--config.lora.targets=() must be a non-empty selection of"),
-        ({"lora.rank": 8, "lora.targets": ("mlp", "lm_head")}, "--config.lora.targets=('mlp', 'lm_head') must be"),
+        ({"lora.rank": 8, "lora.targets": ("mlp", "head")}, "--config.lora.targets=('mlp', 'head') must be"),
         ({"model.base_dtype": "int8"}, "--config.model.base_dtype='int8' must be one of"),
         (
             {"lora.rank": 8, "rl.reference_dtype": "float32"},

@@ -10,16 +10,21 @@ the names an export maps to PEFT's `...q_proj.lora_A.weight` (transposed, as ker
 
 Functions over a parameter state (an nnx.State of the whole model; each a no-op on a model
 without adapters): `trainable` (the filter of what an optimizer updates), `adapters_off` (the
-base's outputs exactly: every adapter matrix zeros) and `merged` (W + A B s in the kernels).
+base's outputs exactly: every adapter matrix zeros), `merged` (W + A B s in the kernels),
+`adapters` / `with_adapters` (what a checkpoint holds and its return onto a base) and
+`base_fingerprint` (which base weights the adapters were trained on).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from emor3_jax.core.multihost import to_host
 
 # The adapters' dtype whatever the base's: their updates are small next to their values.
 DTYPE = jnp.float32
@@ -30,6 +35,7 @@ TARGETS = {
     "mlp": "the language model's MLP gate/up/down projections",
     "vision": "the vision tower blocks' attention (qkv, proj) and MLP (gate/up/down) projections",
     "merger": "the patch merger's two projections (fc1, fc2)",
+    "lm_head": "the language model's output projection (a model whose lm_head is not tied to its embedding)",
 }
 
 
@@ -82,3 +88,40 @@ def merged(params):
             v = v.replace(jnp.zeros_like(v.get_value()))
         out.append((path, v))
     return nnx.from_flat_state(out)
+
+
+def adapters(params):
+    """The adapter matrices of `params` alone (what a LoRA checkpoint saves: the base is read
+    from its own path again)."""
+    return nnx.filter_state(params, LoRAParam)
+
+
+def with_adapters(params, saved):
+    """`params` with its adapter matrices replaced by `saved`'s (an `adapters` state of the same
+    model), the base arrays themselves."""
+    flat = dict(nnx.to_flat_state(params))
+    for path, v in nnx.to_flat_state(saved):
+        if not isinstance(flat.get(path), LoRAParam):
+            raise ValueError(f"saved adapter {'/'.join(map(str, path))} has no adapter in the model")
+        flat[path] = flat[path].replace(v.get_value())
+    return nnx.from_flat_state(list(flat.items()))
+
+
+# Elements of each base array the fingerprint reads: enough that two fine-tunes of one model differ.
+_FINGERPRINT_ELEMENTS = 256
+
+
+def base_fingerprint(params) -> str:
+    """sha256 over every base (non-adapter) array's path, dtype, shape and the bytes of its first
+    _FINGERPRINT_ELEMENTS elements: cheap at 7B (a few KB leave the devices) and the same on any
+    mesh, it tells the base a run's adapters were trained on from another checkpoint of the same
+    architecture (a config hash cannot)."""
+    h = hashlib.sha256()
+    for path, v in nnx.to_flat_state(params):
+        if isinstance(v, LoRAParam):
+            continue
+        x = v.get_value()
+        head = to_host(jax.jit(lambda a: a.reshape(-1)[:_FINGERPRINT_ELEMENTS])(x))
+        h.update(f"{'/'.join(map(str, path))}:{x.dtype}:{x.shape}:".encode())
+        h.update(head.tobytes())
+    return h.hexdigest()

@@ -133,7 +133,8 @@ class OptimizerSettings:
     @classmethod
     def from_config(cls, c, phase: str, total_steps: int) -> OptimizerSettings:
         """Phase "grpo" reads rl.*; "cold_start" reads its learning rate and warmup from
-        cold_start.* (constant after warmup) and the AdamW moments and clipping from rl.*."""
+        cold_start.* (constant after warmup) and the AdamW moments and clipping from rl.*. A
+        LoRA run (lora.rank > 0) multiplies either learning rate by lora.lr_multiplier."""
         rl = c.rl
         if phase == "cold_start":
             cs = c.cold_start
@@ -146,7 +147,7 @@ class OptimizerSettings:
             raise ValueError(f"unknown phase {phase!r}; expected cold_start or grpo")
         return cls(
             schedule=schedule,
-            learning_rate=lr,
+            learning_rate=lr * (c.lora.lr_multiplier if c.lora.rank else 1.0),
             warmup_steps=warmup,
             total_steps=total_steps,
             weight_decay=rl.weight_decay,

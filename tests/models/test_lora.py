@@ -101,7 +101,8 @@ def test_an_adapted_projection_adds_x_a_b_times_alpha_over_rank():
 def test_a_is_pefts_kaiming_uniform_b_is_zeros_both_fp32_under_a_bf16_base():
     model = create_model(_cfg(8, "bfloat16"), _mesh(), RULES, seed=0)
     adapters = dict(nnx.to_flat_state(nnx.state(model, lora.LoRAParam)))
-    assert len(adapters) == 2 * (7 + 5 + 2)  # text q/k/v/o + gate/up/down, vision qkv/proj + 3 mlp, merger fc1/fc2
+    # text q/k/v/o + gate/up/down, vision qkv/proj + 3 mlp, merger fc1/fc2, lm_head
+    assert len(adapters) == 2 * (7 + 5 + 2 + 1)
     a = np.asarray(adapters[("layers", "mlp", "down_proj", "lora_a")].get_value())  # [Y, F=256, r]
     bound = 1 / np.sqrt(256)  # kaiming_uniform(a=sqrt(5)) over fan_in = in; fan_in = r would give 0.35
     assert a.shape == (2, 256, 8) and np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound
@@ -177,3 +178,8 @@ def test_a_hub_checkpoint_loads_under_adapters_drawn_as_create_model_draws_them(
     np.testing.assert_array_equal(a(adapted), a(drawn))
     with pytest.raises(ValueError, match="without LoRA adapters"):
         save_hf(adapted, "/tmp/unused")
+
+
+def test_lm_head_is_refused_as_a_target_where_the_model_ties_it_to_the_embedding():
+    with pytest.raises(ValueError, match="ties its lm_head to the token embedding"):
+        _cfg(8, targets=("attention", "lm_head")).replace(tie_word_embeddings=True)

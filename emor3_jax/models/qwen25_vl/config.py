@@ -253,6 +253,11 @@ def _validate(c: ModelConfig) -> None:
             f"lora: rank {c.lora_rank} must be >= 0, alpha {c.lora_alpha} > 0 and targets {list(c.lora_targets)} "
             f"within {tuple(lora.TARGETS)}"
         )
+    if c.lora_rank and "lm_head" in c.lora_targets and c.tie_word_embeddings:
+        raise ValueError(
+            "lora.targets has 'lm_head', but this model ties its lm_head to the token embedding "
+            "(tie_word_embeddings, e.g. Qwen2.5-VL-3B): there is no separate projection to adapt; drop 'lm_head'"
+        )
     if c.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {c.remat_policy!r}")
     if c.attention_impl not in ATTENTION_IMPLS:

@@ -65,7 +65,9 @@ class Qwen25VL(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else layers.Linear(t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, **kw)
+            else layers.Linear(
+                t.hidden_size, t.vocab_size, ("embed", "vocab"), bias=False, adapter=cfg.adapter("lm_head"), **kw
+            )
         )
         self.compute_dtype = cd
 
