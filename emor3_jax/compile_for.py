@@ -267,7 +267,8 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
     learner = Learner(graphdef, tx, trainable=lora.trainable(c.lora.rank))
     opt = dry_run.abstract_state(jax.eval_shape(tx.init, learner.trained(params)), mesh, rules)
     settings = StepSettings.from_config(c)
-    # with LoRA the reference is the base: the params' shapes, dtypes and shardings (reference.base)
+    # with LoRA the reference is the base with copied adapters: the params' shapes, dtypes and
+    # shardings (reference.frozen)
     ref = params if c.lora.rank else reference.abstract(params, config_lib.reference_dtype(c))
     t = Target(c, cfg, mesh, rules, graphdef, params, rt, EmoR3.from_config(c), settings, learner, opt, ref)
     if c.rl.rollout_dtype:

@@ -173,8 +173,12 @@ def memory(c: ConfigDict) -> dict:
     parts = {
         "params": param_leaves,
         "optimizer": _sharded(opt, mesh, rules),
-        # the GRPO reference: a copy, or with LoRA the base itself (no bytes of its own)
-        "reference": [] if c.lora.rank else reference.abstract(param_leaves, config_lib.reference_dtype(c)),
+        # the GRPO reference: a copy, or with LoRA a copy of the adapters over the base itself
+        "reference": (
+            _sharded(lora.adapters(params), mesh, rules)
+            if c.lora.rank
+            else reference.abstract(param_leaves, config_lib.reference_dtype(c))
+        ),
         "gradients": _sharded(trained, mesh, rules),  # the micro-batch accumulator: shaped as what trains
         "rollout": _rollout_copy(c, params, mesh, rules),
         "kv_cache": cache,

@@ -36,6 +36,7 @@ FLAGS = (
     flags.DEFINE_string("dtype", None, "weights dtype (default: the parameters')"),
     flags.DEFINE_bool("merged", False, "a LoRA run: a full checkpoint with the adapters merged"),
     flags.DEFINE_bool("adapter", False, "a LoRA run: a PEFT adapter folder over the run's base"),
+    flags.DEFINE_string("base", "", "a LoRA run: its base's HF dir when not at the run's hf_path (moved or copied)"),
 )
 
 
@@ -47,6 +48,7 @@ def export(
     dtype: str | None = None,
     merged: bool = False,
     adapter: bool = False,
+    base: str = "",
 ) -> str:
     directory = paths.join(workdir, "best" if best else "ckpt")
     if not epath.Path(directory).is_dir():
@@ -54,7 +56,7 @@ def export(
     if merged and adapter:
         raise ValueError("--merged and --adapter: one export per --out; run export twice")
     mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)])
-    model, _, config, _ = load_step(directory, step, mesh, sharding.DEFAULT_RULES, compute_dtype="float32")
+    model, _, config, _ = load_step(directory, step, mesh, sharding.DEFAULT_RULES, base=base, compute_dtype="float32")
     rank = model.cfg.lora_rank
     if rank and not (merged or adapter):
         raise ValueError(
@@ -63,16 +65,16 @@ def export(
         )
     if adapter and not rank:
         raise ValueError(f"{directory}: --adapter needs a LoRA run (lora.rank > 0); this run trained every weight")
-    like = config["hf_path"] or None
+    like = base or config["hf_path"] or None
     pixels = (config["data"]["min_pixels"], config["data"]["max_pixels"])
     hf = dict(like=like, dtype=dtype, image_pixels=pixels)
     if adapter:
-        base = like
-        if base is None:  # random base weights: written beside the adapter, for PEFT to load onto
-            base = paths.join(out, "base")
-            save_hf(base_of(model), base, **hf)
-            _copy_tokenizer(config, workdir, base)
-        save_peft(model, out, base=base)
+        base_dir = like
+        if base_dir is None:  # random base weights: written beside the adapter, for PEFT to load onto
+            base_dir = paths.join(out, "base")
+            save_hf(base_of(model), base_dir, **hf)
+            _copy_tokenizer(config, workdir, base_dir)
+        save_peft(model, out, base=base_dir)
         return out
     save_merged(model, out, **hf)
     if like is None:
@@ -89,10 +91,10 @@ def _copy_tokenizer(config: dict, workdir: str, out: str) -> None:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    workdir, out, step, best, dtype, merged, adapter = (f.value for f in FLAGS)
+    workdir, out, step, best, dtype, merged, adapter, base = (f.value for f in FLAGS)
     if not workdir or not out:
         raise app.UsageError("--workdir and --out are required")
-    print(f"wrote {export(workdir, out, step, best, dtype, merged, adapter)}")
+    print(f"wrote {export(workdir, out, step, best, dtype, merged, adapter, base)}")
 
 
 if __name__ == "__main__":

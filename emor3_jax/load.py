@@ -18,7 +18,9 @@ from ml_collections import ConfigDict
 from emor3_jax.core import paths, sharding
 from emor3_jax.core.checkpoint import Checkpointer
 from emor3_jax.factory import check_tokenizer
-from emor3_jax.models.api import PARAM_LAYOUT, Model, ModelConfig, abstract_model, load_hf
+from emor3_jax.models import lora
+from emor3_jax.models.api import PARAM_LAYOUT, Model, ModelConfig, abstract_model, architecture, create_model, load_hf
+from emor3_jax.run_checkpoints import base_record, check_base
 
 
 @dataclasses.dataclass
@@ -30,13 +32,18 @@ class Policy:
     step: int | None  # the Orbax step; None for an HF checkpoint
 
 
-def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple[Model, dict, dict, int]:
+def load_step(
+    directory: str, step: int | None, mesh, rules, scratch: paths.Scratch | None = None, base: str = "", **runtime
+) -> tuple[Model, dict, dict, int]:
     """The model saved as `step` (None: the latest) in a run's checkpoint `directory`
     (workdir/ckpt or workdir/best), its parameters placed on `mesh` by `rules`; also the
     step's metadata, the run's config (a dict) and the step.
 
     The architecture, param_dtype and LoRA adapters are the run's; `runtime` sets ModelConfig's
-    other run-time fields (compute_dtype, attention_impl, remat).
+    other run-time fields (compute_dtype, attention_impl, remat). A LoRA step holds its adapters
+    alone: they go onto the run's base, read again from its hf_path (or `base`, a copy of it
+    elsewhere; one at a URI through `scratch`) or drawn from its seed, and checked to be the
+    base they were trained on.
     """
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints")
@@ -54,12 +61,41 @@ def load_step(directory: str, step: int | None, mesh, rules, **runtime) -> tuple
             )
         config = json.loads(meta["config"])
         cfg = ModelConfig.from_hf_dict(meta["model"], **_saved_weights(config), **runtime)
+        if cfg.lora_rank:
+            model = _base(config, cfg, mesh, rules, scratch or paths.Scratch(), base, f"{directory}/{step}")
+            check_base(f"{directory}/{step}", meta.get("base"), _record(config, meta, model, base))
+            saved = ckpt.restore_subtree(step, {"params": lora.adapters(nnx.state(model))})["params"]
+            nnx.update(model, lora.with_adapters(nnx.state(model), saved))
+            return model, meta, config, step
         graphdef, abstract = nnx.split(abstract_model(cfg))
         abstract = sharding.abstract_with_shardings(abstract, mesh, rules)
         params = ckpt.restore_subtree(step, {"params": abstract})["params"]
     finally:
         ckpt.close()
     return nnx.merge(graphdef, params), meta, config, step
+
+
+def _base(config: dict, cfg: ModelConfig, mesh, rules, scratch: paths.Scratch, base: str, where: str) -> Model:
+    """A LoRA run's base with fresh adapters: `base` or the run's hf_path read, else its random
+    draw (create_model of its seed, the draw its run started from)."""
+    path = base or (config["hf_path"] if not config["model"]["init_random"] else "")
+    if not path:
+        return create_model(cfg, mesh, rules, seed=config["seed"])
+    if not epath.Path(path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"{where}: a LoRA checkpoint holds its adapters alone, and their base {path!r} is not a Hugging Face "
+            "checkpoint dir here; pass the base's path (--base)"
+        )
+    hub = ("text", "vision", "tie_word_embeddings", "image_token_id", "video_token_id")
+    hub += ("vision_start_token_id", "vision_end_token_id")
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in hub}
+    return load_hf(scratch.local(path, "hf"), mesh, rules, seed=config["seed"], **fields)
+
+
+def _record(config: dict, meta: dict, model: Model, base: str) -> dict:
+    """The base_record of `model`'s base (read from `base` when given)."""
+    config = dict(config, hf_path=base or config["hf_path"])
+    return base_record(config, architecture(model.cfg), lora.base_fingerprint(nnx.state(model)))
 
 
 def _saved_weights(config: dict) -> dict:
@@ -114,7 +150,7 @@ def load_policy(path: str, c: ConfigDict, mesh, rules, scratch: paths.Scratch | 
         model = load_hf(scratch.local(path, "hf"), mesh, rules, param_dtype=c.model.param_dtype, **runtime)
         tok_dir = c.tokenizer_path or path
     else:
-        model, _, run, step = load_step(where, step, mesh, rules, **runtime)
+        model, _, run, step = load_step(where, step, mesh, rules, scratch, **runtime)
         workdir = paths.parent(where)
         tok_dir = c.tokenizer_path or run["tokenizer_path"] or run["hf_path"] or paths.join(workdir, "tokenizer")
     if not epath.Path(tok_dir, "tokenizer_config.json").is_file():

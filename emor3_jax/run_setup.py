@@ -10,6 +10,7 @@ The GRPO reference is not among them: it is the cold start's result, copied when
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 from etils import epath
@@ -26,8 +27,9 @@ from emor3_jax.data import pipeline, store
 from emor3_jax.data.encode import Encoder
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3
+from emor3_jax.models import lora
 from emor3_jax.models.api import architecture, create_model, load_hf
-from emor3_jax.run_checkpoints import RunCheckpoints
+from emor3_jax.run_checkpoints import RunCheckpoints, base_record
 
 
 @dataclasses.dataclass
@@ -81,6 +83,9 @@ def set_up(c: ConfigDict, lock: WorkdirLock | None = None) -> RunSetup:
     with prof.phase("model_init"):
         model = _model(c, rt, scratch)
     graphdef, params = nnx.split(model)
+    base = None
+    if c.lora.rank:  # its checkpoints hold the adapters and this record of the base
+        base = base_record(json.loads(c.to_json()), architecture(cfg), lora.base_fingerprint(params))
     # Keyword arguments run in order: checkpoints, logs, flag and key as they always were built.
     return RunSetup(
         prof=prof,
@@ -95,7 +100,7 @@ def set_up(c: ConfigDict, lock: WorkdirLock | None = None) -> RunSetup:
         test_records=test_records,
         graphdef=graphdef,
         params=params,
-        ckpts=RunCheckpoints(c, architecture(cfg), lock),
+        ckpts=RunCheckpoints(c, architecture(cfg), lock, base),
         writer=MetricWriter(c.workdir),
         preempt=PreemptionFlag(),
         key=jax.random.key(c.seed),

@@ -96,6 +96,10 @@ class Run:
             rollout_weights.delete(weights)
 
     def save(self, state: dict, best: bool = False) -> None:
+        """Saves `state` as the current step; a LoRA run's params and reference as their adapters
+        alone (the base is read from its path again)."""
+        if self.c.lora.rank:
+            state = {k: lora.adapters(v) if k in ("params", "ref") else v for k, v in state.items()}
         self.ckpts.save(self.meta, state, self.writer.sizes(), best)
 
     def _report_data(self) -> None:
@@ -120,9 +124,9 @@ class Run:
 
     def _reference(self):
         """The GRPO reference of the current params: a copy in rl.reference_dtype, or with LoRA
-        the base itself (reference.base: the params with their adapters off, no copy)."""
+        a copy of the adapters over the base itself (reference.frozen)."""
         if self.c.lora.rank:
-            return reference.base(self.params)
+            return reference.frozen(self.params)
         return reference.copy(self.params, config_lib.reference_dtype(self.c))
 
     def _abstract_state(self, meta: dict) -> dict:
@@ -130,11 +134,12 @@ class Run:
         Raises ValueError first when the config changed in ways a resume does not accept."""
         config_lib.resume_changes(meta["config"], self.c, self.accepted)
         state = {
-            "params": self.params,
+            "params": lora.adapters(self.params) if self.c.lora.rank else self.params,
             "opt": self._learner(self._optimizer(meta["phase"])[0]).init(self.params),
         }
-        if meta["phase"] == "grpo" and not self.c.lora.rank:  # a LoRA run's reference is its base: not saved
-            state["ref"] = reference.abstract(self.params, config_lib.reference_dtype(self.c))
+        if meta["phase"] == "grpo":  # a LoRA run's reference: its adapters as GRPO started
+            dtype = config_lib.reference_dtype(self.c)
+            state["ref"] = state["params"] if self.c.lora.rank else reference.abstract(self.params, dtype)
         return state
 
     def resume_meta(self) -> None:
@@ -150,7 +155,8 @@ class Run:
         for line in config_lib.resume_changes(saved_config, self.c, self.accepted):
             print(line)
         self.writer.rewind(log_sizes)
-        self.params = state.pop("params")
+        saved = state.pop("params")  # a LoRA run's: its adapters, onto the base set_up read again
+        self.params = lora.with_adapters(self.params, saved) if self.c.lora.rank else saved
         self.resumed = state
 
     def _stop(self, phase: str, why: str) -> None:
@@ -306,7 +312,7 @@ class Run:
                 self.meta.update(phase_step=step, global_step=gstep)
                 self.meta["data"]["grpo"] = it.get_state()
                 self._log_grpo(step, start, exp, metrics, float(lr_fn(step)), programs)
-                state = {"params": self.params, "opt": opt} | ({} if self.c.lora.rank else {"ref": ref})
+                state = {"params": self.params, "opt": opt, "ref": ref}
                 if step % self.c.eval.every == 0 or step == self.rl_steps:
                     self._validate(state, gstep)
                 self._checkpoint(step % self.c.checkpoint.every == 0 or step == self.rl_steps, state)
@@ -327,14 +333,15 @@ class Run:
 
     def _enter_grpo(self, learner: Learner) -> tuple:
         """(optimizer state, reference params): fresh when GRPO starts (the reference is the
-        cold-start result, evaluated first; with LoRA the base), else the checkpoint's."""
+        cold-start result, evaluated first), else the checkpoint's (a LoRA run's reference
+        adapters put back onto the base)."""
         if self.meta["phase"] == "cold_start":
             self.meta.update(phase="grpo", phase_step=0)
             if self.c.cold_start.steps:
                 self.meta["evals"]["cold_start"] = self.eval_all("cold_start", self.meta["global_step"])
             return learner.init(self.params), self._reference()
-        opt = self.resumed.pop("opt")
-        return opt, self._reference() if self.c.lora.rank else self.resumed.pop("ref")
+        opt, ref = self.resumed.pop("opt"), self.resumed.pop("ref")
+        return opt, lora.with_adapters(self.params, ref) if self.c.lora.rank else ref
 
     def _log_grpo(self, step: int, start: int, exp: Experience, metrics: dict, lr: float, programs: int) -> None:
         """metrics.jsonl / TensorBoard scalars of a GRPO step (every reward component the task

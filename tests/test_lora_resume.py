@@ -1,7 +1,7 @@
-"""A LoRA run (lora.rank=8) on test_train's very small config: its checkpoints hold the bf16
-base and the fp32 adapters and no reference (the base is the reference); the base never
-changes from its random init; SIGTERM in the cold start and in GRPO, then resume, reaches the
-uninterrupted run's params and logs bit for bit."""
+"""A LoRA run (lora.rank=8) on test_train's very small config: its checkpoints hold the fp32
+adapters alone (params and reference), not the bf16 base, which never changes from its random
+init; SIGTERM in the cold start and in GRPO, then resume, reaches the uninterrupted run's params
+and logs bit for bit."""
 
 import os
 import signal
@@ -16,9 +16,9 @@ from flax import nnx
 from emor3_jax import config_lib, trainer
 from emor3_jax.core import sharding
 from emor3_jax.core.checkpoint import Checkpointer
+from emor3_jax.load import load_step
 from emor3_jax.models.api import create_model
 from emor3_jax.models.qwen25_vl.config import ModelConfig
-from emor3_jax.models.qwen25_vl.model import abstract_model
 from tests.test_train import _metrics, small_config
 
 # ~1.6 min of CI (two LoRA runs and a kill/resume): slow, listed in tests/README.md
@@ -27,30 +27,24 @@ pytestmark = pytest.mark.slow
 LORA = {"lora.rank": 8}
 
 
-def _checkpoint(workdir, step=None) -> tuple[int, dict, dict]:
-    """(step, {path: host array} of the params, the names of the checkpoint's trees) of the latest
-    (or the given) step of workdir/ckpt."""
-    ck = Checkpointer(os.path.join(workdir, "ckpt"), keep=10, async_save=False)
-    try:
-        step = ck.latest_step() if step is None else step
-        meta = ck.read_meta(step)
-        cfg = ModelConfig.from_hf_dict(meta["model"], param_dtype="bfloat16", lora_rank=8)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), nnx.state(abstract_model(cfg))
-        )
-        params = ck.restore_subtree(step, {"params": abstract})["params"]
-        reader = ocp.CheckpointManager(
-            os.path.join(workdir, "ckpt"),
-            item_names=("state", "meta"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        )
-        trees = set(reader.item_metadata(step)["state"].keys())
-        reader.close()
-        flat = {"/".join(map(str, p)): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-        return step, flat, trees
-    finally:
-        ck.close()
+def _checkpoint(workdir) -> tuple[int, dict, dict]:
+    """(step, {path: host array} of the model load.load_step puts together (the adapters saved
+    onto the base drawn again), {tree: [leaf paths of params and ref]} of what the step holds)
+    of workdir/ckpt."""
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
+    model, _, _, step = load_step(os.path.join(workdir, "ckpt"), None, mesh, sharding.DEFAULT_RULES)
+    reader = ocp.CheckpointManager(
+        os.path.join(workdir, "ckpt"),
+        item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    saved = reader.item_metadata(step)["state"]
+    trees = {name: [] for name in saved}  # the leaf paths of params and ref
+    for name in {"params", "ref"} & set(saved):
+        trees[name] = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(saved[name]))[0]]
+    reader.close()
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    return step, {"/".join(map(str, p)): np.asarray(v) for p, v in leaves}, trees
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +54,19 @@ def lora_run(tmp_path_factory):
     return workdir
 
 
-def test_a_lora_run_saves_the_adapters_and_keeps_its_random_base(lora_run):
-    """The last checkpoint: no reference tree; the base is create_model's draw of the run's seed
-    bit for bit, in bf16; the adapters moved (B away from its zeros)."""
+def test_a_lora_run_saves_its_adapters_alone_over_its_random_base(lora_run):
+    """The last checkpoint: params and reference hold adapters alone; loaded, the base is
+    create_model's draw of the run's seed bit for bit, in bf16; the adapters moved (B away from
+    its zeros)."""
     step, params, trees = _checkpoint(lora_run)
-    assert "ref" not in trees and {"params", "opt"} <= trees
+    assert {"params", "opt", "ref"} == set(trees)
+    for name in ("params", "ref"):
+        assert trees[name] and all("['lora_a']" in p or "['lora_b']" in p for p in trees[name]), trees[name][:3]
     c = small_config(lora_run, **LORA)
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
     ck = Checkpointer(os.path.join(lora_run, "ckpt"), keep=10, async_save=False)
     cfg = ModelConfig.from_hf_dict(ck.read_meta(step)["model"], **config_lib.runtime_fields(c))
     ck.close()
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", -1), ("tensor", 1)], jax.devices()[:1])
     init = nnx.state(create_model(cfg, mesh, sharding.DEFAULT_RULES, seed=c.seed))
     moved = []
     for p, v in jax.tree_util.tree_leaves_with_path(init):

@@ -1,18 +1,21 @@
 """The GRPO reference policy's weights: a frozen copy of the params taken when GRPO starts, in
 a dtype of its own (rl.reference_dtype; bf16 halves its memory, as the official run keeps it).
 
-With LoRA (lora.rank > 0) the reference is the base model: `base`, the policy's state with its
-adapters zeros and its base arrays shared, not copied (they never train). A flag that skips the
-adapter branch would need a second model graph and its own compiled programs; zeros keep the
-policy's graph and programs, cost a few adapter-sized arrays and two thin matmuls per projection,
-and give the base's log-probs exactly (x A B with A = B = 0 adds 0). Both matrices are zeroed,
-not just B: the policy's own adapters are donated to each optimizer step."""
+With LoRA (lora.rank > 0) the reference is `frozen`: the policy's state with a copy of its
+adapters as GRPO starts and its base arrays shared, not copied (they never train). GRPO without
+a cold start (3b/7b) starts from fresh adapters, B = 0, so the reference is then the base model
+exactly (x A B with B = 0 adds 0); after a LoRA cold start it is the cold-started policy, the
+reference the method defines (the policy GRPO starts from), where the base alone would pull every
+update back towards the model before the cold start. It keeps the policy's graph and compiled
+programs and costs one adapter-sized copy (the policy's own adapters are donated to each
+optimizer step, so the reference cannot share them)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from emor3_jax.models import lora
 
@@ -27,6 +30,8 @@ def abstract(params, dtype: str):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.dtype(dtype), sharding=x.sharding), params)
 
 
-def base(params):
-    """The reference of a LoRA run: `params` with the adapters off (their base arrays, no copy)."""
-    return lora.adapters_off(params)
+def frozen(params):
+    """The reference of a LoRA run: `params` with copies of its adapters (each in its own
+    sharding) and its base arrays themselves."""
+    copy_adapter = lambda v: v.replace(jnp.copy(v.get_value())) if isinstance(v, lora.LoRAParam) else v
+    return jax.tree.map(copy_adapter, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -7,8 +7,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from qwen_fixtures import CASES, hf_forward, make_batch
 from safetensors.numpy import load_file
@@ -80,6 +82,27 @@ def test_merged_export_loads_in_transformers_with_our_logits(adapted, hf_tiny_di
     _close(_ours(adapted, batch), hf_forward(reloaded, batch)[0], batch)
 
 
+def test_a_bf16_base_merged_into_fp32_keeps_the_adapted_logits(adapted, hf_tiny_dir, tmp_path):
+    """The merge is rounded once, to the export's dtype: a bf16 base exported in fp32 gives our
+    adapted model's logits (which add the fp32 adapters to the bf16 kernels); merged in bf16 it
+    would not (the check can fail)."""
+    state = nnx.state(adapted)
+    bf16 = lambda v: v if isinstance(v, lora.LoRAParam) else v.replace(v.get_value().astype(jnp.bfloat16))
+    low = nnx.merge(nnx.graphdef(adapted), jax.tree.map(bf16, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    batch = _batch()
+    want = _ours(low, batch)
+    for dtype, close in (("float32", True), ("bfloat16", False)):
+        out = str(tmp_path / dtype)
+        save_merged(low, out, like=hf_tiny_dir, dtype=dtype)
+        kw = dict(attn_implementation="eager", dtype=torch.float32)
+        reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, **kw).eval()
+        got = hf_forward(reloaded, batch)[0]
+        if close:
+            _close(want, got, batch)
+        else:
+            assert np.abs(got - want)[batch["attention_mask"].astype(bool)].max() > 1e-3
+
+
 def test_peft_folder_loads_onto_the_transformers_base_with_our_logits(adapted, hf_tiny_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is in the test extra (pip install -e '.[test]')")
     out = str(tmp_path / "adapter")
@@ -88,6 +111,7 @@ def test_peft_folder_loads_onto_the_transformers_base_with_our_logits(adapted, h
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (RANK, ALPHA, hf_tiny_dir)
     assert "model.visual.merger.mlp.0" in config["target_modules"]
     assert "model.language_model.layers.1.mlp.down_proj" in config["target_modules"]
+    assert "lm_head" in config["target_modules"]
     base = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_tiny_dir, attn_implementation="eager").eval()
     model = peft.PeftModel.from_pretrained(base, out).eval()
     # Every adapter we wrote became one of PEFT's modules, and every PEFT module got our weights.

@@ -122,7 +122,7 @@ def test_a_grpo_update_moves_only_the_adapters_against_the_base_as_reference():
     step = _grpo_step(cfg, _learner(graphdef))
     before = _snapshot(params)
     with sharding.use_mesh(mesh, RULES):
-        ref = reference.base(params)
+        ref = reference.frozen(params)
         exp = step.experience(params, ref, RECORDS, jax.random.key(0))
         for old, refp in zip(exp.old_logp, exp.ref_logp):
             np.testing.assert_array_equal(np.asarray(old), np.asarray(refp))
@@ -154,19 +154,28 @@ def _batch(cfg):
     return SequenceBatch(input_ids=ids, positions=positions, attention_mask=mask, pixels=None, layout=None)
 
 
-def test_the_reference_gives_the_base_models_log_probs_exactly():
-    """A trained LoRA policy's reference: its log-probs equal those of the rank-0 model of the
-    same seed and dtype bit for bit (and differ from the policy's)."""
+def test_the_reference_is_the_base_at_fresh_adapters_and_the_policy_as_grpo_found_it():
+    """Fresh adapters (B = 0): the reference's log-probs equal the rank-0 model's of the same seed
+    and dtype bit for bit. Trained adapters (after a LoRA cold start): the reference is that
+    policy, and stays it when the policy's adapters change. Its base arrays are the policy's own
+    (no second copy), its adapters copies (the policy's are donated to each update)."""
     cfg, _, graphdef, params = _model(8)
     _, _, base_graphdef, base_params = _model(0)
-    policy = _trained_adapters(params)
     batch = _batch(cfg)
     logp = lambda g, p: np.asarray(Learner(g, optax.sgd(1.0)).logprobs(p, batch, 2, 7))
     want = logp(base_graphdef, base_params)
-    np.testing.assert_array_equal(logp(graphdef, reference.base(policy)), want)
-    assert np.abs(logp(graphdef, policy) - want).max() > 1e-3
-    # no second copy: the reference's base arrays are the policy's own
-    assert all(r is p for r, p in zip(_split(reference.base(policy))[1].values(), _split(policy)[1].values()))
+    np.testing.assert_array_equal(logp(graphdef, reference.frozen(params)), want)
+    policy = _trained_adapters(params)
+    ref = reference.frozen(policy)
+    cold_started = logp(graphdef, policy)
+    assert np.abs(cold_started - want).max() > 1e-3
+    double = lambda v: v.replace(2 * v.get_value()) if isinstance(v, lora.LoRAParam) else v
+    moved = nnx.from_flat_state([(p, double(v)) for p, v in nnx.to_flat_state(policy)])  # after updates
+    np.testing.assert_array_equal(logp(graphdef, ref), cold_started)
+    assert np.abs(logp(graphdef, moved) - cold_started).max() > 1e-3
+    (ref_adapters, ref_base), (pol_adapters, pol_base) = _split(ref), _split(policy)
+    assert all(r is p for r, p in zip(ref_base.values(), pol_base.values()))
+    assert all(r is not p for r, p in zip(ref_adapters.values(), pol_adapters.values()))
 
 
 @pytest.mark.parametrize("dtype, atol", [("float32", 2e-5), ("bfloat16", 0.15)])
@@ -181,7 +190,7 @@ def test_the_rollout_copy_is_the_adapted_model_merged(dtype, atol):
         copy = rollout_weights.copier(policy, mesh, RULES, dtype, "replicated")(policy)
         got = np.asarray(forward(nnx.merge(graphdef, copy)))
         want = np.asarray(forward(nnx.merge(graphdef, policy)))
-        base = np.asarray(forward(nnx.merge(graphdef, reference.base(policy))))
+        base = np.asarray(forward(nnx.merge(graphdef, lora.adapters_off(policy))))
     assert all(not np.asarray(x).any() for x in _split(copy)[0].values())  # merged: no adapter term
     np.testing.assert_allclose(got, want, atol=atol)
     assert np.abs(base - want).max() > 3 * atol

@@ -52,10 +52,15 @@ def _plain(model: Qwen25VL, state) -> Qwen25VL:
     )
 
 
-def without_adapters(model: Qwen25VL) -> Qwen25VL:
-    """`model` with its adapters merged into the kernels (lora.merged): a model of rank 0 in the
-    base's dtype, which `save_hf` writes. `model` itself is unchanged."""
-    return _plain(model, lora.merged(nnx.state(model)))
+def without_adapters(model: Qwen25VL, dtype: str | None = None) -> Qwen25VL:
+    """`model` with its adapters merged into the kernels (lora.merged): a model of rank 0 in
+    `dtype` (None: the base's), which `save_hf` writes. The merge is rounded to that dtype once:
+    a bf16 base exported in fp32 keeps W + A B s exactly. `model` itself is unchanged."""
+    state = nnx.state(model)
+    if dtype is not None:
+        cast = lambda v: v if isinstance(v, lora.LoRAParam) else v.replace(v.get_value().astype(dtype))
+        state = jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return _plain(model, lora.merged(state))
 
 
 def base_of(model: Qwen25VL) -> Qwen25VL:
@@ -64,8 +69,10 @@ def base_of(model: Qwen25VL) -> Qwen25VL:
 
 
 def save_merged(model: Qwen25VL, out_dir: str, **save_hf_kwargs) -> None:
-    """A full Hugging Face checkpoint of `model` with its adapters merged (`save_hf`'s arguments)."""
-    save_hf(without_adapters(model) if model.cfg.lora_rank else model, out_dir, **save_hf_kwargs)
+    """A full Hugging Face checkpoint of `model` with its adapters merged (`save_hf`'s arguments;
+    the merge rounded to their dtype)."""
+    plain = without_adapters(model, save_hf_kwargs.get("dtype")) if model.cfg.lora_rank else model
+    save_hf(plain, out_dir, **save_hf_kwargs)
 
 
 def peft_tensors(model: Qwen25VL) -> tuple[dict[str, np.ndarray], list[str]]:
