@@ -451,7 +451,9 @@ def _lowered_cost(lowered, compiled, devices: int, chip: Chip) -> dict:
 
     cpu = jax.devices("cpu")[0].client
     whole = _jax.hlo_module_cost_analysis(cpu, lowered.compiler_ir("hlo").as_hlo_module())
-    flops = max(float(whole["flops"]), 0.0) / devices  # the analysis gives a few negative flops to some programs
+    # the analysis gives a few negative flops to some programs, and none (no key) to one without
+    # arithmetic, e.g. the slots' gathers and scatters at one device
+    flops = max(float(whole.get("flops", 0.0)), 0.0) / devices
     m = compiled.memory_analysis()
     accessed = float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
     return dict(flops=flops, bytes_accessed=accessed, roofline_s=_roofline(flops, accessed, chip))
@@ -702,7 +704,8 @@ def compile_all(s: Session) -> None:
 def resident(s: Session) -> dict[str, int]:
     """Bytes per chip of what the run keeps on the chips across programs."""
     t = s.t
-    ref = 0 if t.c.lora.rank else chip_bytes(t.ref)  # a LoRA run's reference is its params' base
+    # a LoRA run's reference: a copy of the adapters over the params' own base
+    ref = chip_bytes(lora.adapters(t.ref)) if t.c.lora.rank else chip_bytes(t.ref)
     out = {"params": chip_bytes(t.params), "optimizer": chip_bytes(t.opt), "reference": ref}
     out["gradients"] = chip_bytes(s.grads)  # the accumulator: the gradient program's own output shardings
     if t.rollout is not None:  # while the step samples (the rollout and evaluation programs)
