@@ -1,7 +1,7 @@
 """LoRA in training (lora.rank > 0) on the tiny preset, a bf16 base under fp32 adapters: one
 cold-start update and one GRPO update change the adapters alone (the base bit-identical, the
-same arrays even) and keep AdamW state for them only; the reference (rl/reference.py `base`)
-gives the rank-0 base model's log-probs exactly; the rollout copy (rl/rollout_weights.py) holds
+same arrays even) and keep AdamW state for them only; the reference (rl/reference.py `frozen`)
+gives the rank-0 base model's log-probs exactly at fresh adapters; the rollout copy (rl/rollout_weights.py) holds
 the adapted model, merged. The steps' scripted tasks and samplers: rl/test_sft.py and
 rl/test_experience.py."""
 
@@ -118,7 +118,7 @@ RECORDS = [{"id": str(b), "label": "x", "ids": list(range(1, 3 + b))} for b in r
 def test_a_grpo_update_moves_only_the_adapters_against_the_base_as_reference():
     """Two micro-batches accumulated (adapter-shaped gradients), the reference the base: at step
     0 the policy is the base, so its log-probs equal the reference's exactly (KL 0)."""
-    cfg, mesh, graphdef, params = _model(8, devices=8)
+    cfg, mesh, graphdef, params = _model(8, devices=2)
     step = _grpo_step(cfg, _learner(graphdef))
     before = _snapshot(params)
     with sharding.use_mesh(mesh, RULES):
