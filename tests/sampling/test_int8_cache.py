@@ -56,14 +56,16 @@ def test_a_zero_entry_has_scale_zero_and_dequantizes_to_zero():
 
 
 def _quantized_inputs(g, dtype, seed=0):
-    """q [B, K*G, H]; the float cache k / v [B, S, K, H]; its int8 form and scales [B, K, S]."""
+    """q [B, K*G, H]; the float cache k / v [B, S, K, H]; its int8 form [B, S, K * H] and scales
+    [B, K, S]."""
     rng = np.random.default_rng(seed)
     b = len(SPANS)
     q = jnp.asarray(rng.standard_normal((b, K * g, H)), dtype)
     k, v = (jnp.asarray(rng.standard_normal((b, S, K, H)) * 2, dtype) for _ in range(2))
     (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
     start, end = (jnp.asarray(x, jnp.int32) for x in zip(*SPANS))
-    return q, (k, v), (kq, vq, ks.swapaxes(1, 2), vs.swapaxes(1, 2)), start, end
+    packed = (kq.reshape(b, S, K * H), vq.reshape(b, S, K * H))
+    return q, (k, v), (*packed, ks.swapaxes(1, 2), vs.swapaxes(1, 2)), start, end
 
 
 def _int8(q, cache, start, end, impl):
@@ -82,7 +84,7 @@ def test_int8_attention_is_attention_on_the_dequantized_cache(impl, g):
     ~ 4 apart (observed: 0.043 there, under 0.02 elsewhere)."""
     q, (k, v), cache, start, end = _quantized_inputs(g, jnp.float32)
     kq, vq, ks, vs = cache
-    deq = [kv_cache.dequantize(x, s.swapaxes(1, 2)) for x, s in ((kq, ks), (vq, vs))]
+    deq = [kv_cache.dequantize(x.reshape(*x.shape[:2], K, H), s.swapaxes(1, 2)) for x, s in ((kq, ks), (vq, vs))]
     got = _int8(q, cache, start, end, impl)
     assert got.shape == q.shape and got.dtype == jnp.float32
     want = rd.ragged_decode_attention(q, *deq, start, end, impl="xla")
@@ -108,7 +110,7 @@ def test_dead_entries_and_their_nan_scales_do_not_change_the_result(impl):
     q, _, (kq, vq, ks, vs), start, end = _quantized_inputs(4, jnp.float32)
     pos = np.arange(S)
     dead = np.stack([(pos < lo) | (pos >= hi) for lo, hi in SPANS])  # [B, S]
-    kq_bad, vq_bad = (jnp.where(dead[:, :, None, None], jnp.int8(-127), x) for x in (kq, vq))
+    kq_bad, vq_bad = (jnp.where(dead[:, :, None], jnp.int8(-127), x) for x in (kq, vq))
     ks_bad, vs_bad = (jnp.where(dead[:, None, :], jnp.nan, x) for x in (ks, vs))
     clean = _int8(q, (kq, vq, ks, vs), start, end, impl)
     dirty = _int8(q, (kq_bad, vq_bad, ks_bad, vs_bad), start, end, impl)
@@ -122,14 +124,16 @@ def test_int8_is_refused_by_the_gpu_kernel_and_needs_both_scales():
         rd.ragged_decode_attention(q, kq, vq, start, end, impl="gpu", k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match="come together"):
         rd.ragged_decode_attention(q, kq, vq, start, end, impl="xla", k_scale=ks)
-    with pytest.raises(ValueError, match=r"scales \[B, K, S\]"):
+    with pytest.raises(ValueError, match=r"int8 \[B, S, K \* H\].*got k_scale \(4, 2, 8\) float32"):
         rd.ragged_decode_attention(q, kq, vq, start, end, impl="xla", k_scale=ks[:, :, :8], v_scale=vs)
+    with pytest.raises(ValueError, match=r"got k_cache \(4, 512, 2, 32\) int8"):
+        rd.ragged_decode_attention(q, kq.reshape(4, S, K, H), vq, start, end, impl="xla", k_scale=ks, v_scale=vs)
 
 
 @pytest.mark.parametrize("impl", ["xla", "tpu"])
 def test_sharded_int8_attention_splits_rows_heads_and_scales_alike(impl):
     """8 devices (data 2 x fsdp 2 x tensor 2): the kernel sees one row and one kv head of the
-    cache and of its scales ([1, 1, S]), and gives the unsharded result."""
+    cache ([1, S, H]) and of its scales ([1, 1, S]), and gives the unsharded result."""
     q, _, cache, start, end = _quantized_inputs(4, jnp.float32)
     want = _int8(q, cache, start, end, "xla")
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
@@ -139,7 +143,7 @@ def test_sharded_int8_attention_splits_rows_heads_and_scales_alike(impl):
         got = run(q, kq, vq, ks, vs, start, end)
         text = run.lower(q, kq, vq, ks, vs, start, end).as_text()
     if impl == "tpu":
-        assert "manual_computation" in text and f"tensor<1x1x{S}xf32>" in text
+        assert "manual_computation" in text and f"tensor<1x1x{S}xf32>" in text and f"tensor<1x{S}x{H}xi8>" in text
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
@@ -147,7 +151,7 @@ def test_sharded_int8_attention_splits_rows_heads_and_scales_alike(impl):
 def test_int8_tpu_kernel_lowers_to_mosaic_at_3b_shapes(g):
     """Pallas -> Mosaic lowering on CPU (compiling needs a TPU): bf16 q, int8 cache, fp32 scales."""
     b, s, h = 4, 4096, 128
-    args = [jax.ShapeDtypeStruct((b, K * g, h), jnp.bfloat16)] + [jax.ShapeDtypeStruct((b, s, K, h), jnp.int8)] * 2
+    args = [jax.ShapeDtypeStruct((b, K * g, h), jnp.bfloat16)] + [jax.ShapeDtypeStruct((b, s, K * h), jnp.int8)] * 2
     args += [jax.ShapeDtypeStruct((b,), jnp.int32)] * 2
     scales = [jax.ShapeDtypeStruct((b, K, s), jnp.float32)] * 2
 
@@ -220,7 +224,7 @@ def test_the_int8_cache_is_int8_with_fp32_scales(ours_fp32):
     y, k, h = t.num_layers, t.num_kv_heads, t.head_dim
     assert (c.keys.dtype, c.keys.shape, c.key_scale.dtype, c.key_scale.shape) == (
         jnp.int8,
-        (y, 3, 16, k, h),
+        (y, 3, 16, k * h),
         jnp.float32,
         (y, 3, k, 16),
     )

@@ -7,13 +7,19 @@ entry of each kv head is quantized on its own, symmetric absmax over H:
 
     scale = max_h |x_h| / 127,  q_h = round(x_h / scale) in [-127, 127],  x_h ~ q_h * scale
 
-so |x_h - q_h * scale| <= scale / 2 = absmax / 254. The scales are fp32 [Y, B, K, S]: fp32
-because a scale rounded to bf16 (2**-9 relative) would shift every dequantized value of its
-entry by up to 127 * 2**-9 of a step, more than the rounding itself; it costs nothing over
-bf16 in TPU memory, where the K (2 or 4) kv heads pad to a whole (8, 128) fp32 or (16, 128) bf16
-tile either way. The entry axis is minor-most: the decode kernels read a block of entries'
-scales as one lane row [K, block] that multiplies the [G, block] logits and probabilities,
-so a [B, S, K] layout would pad K to 128 lanes. Decode attention never materialises the
+so |x_h - q_h * scale| <= scale / 2 = absmax / 254. int8 keys and values are stored
+[Y, B, S, K * H], an entry's kv heads side by side: TPUs pack int8 four to a 32-bit word along
+the second-minor dim, so [.., K, H] with 3b's K = 2 would pad to 4 (twice the bytes, as much as
+bf16; the compiled 3b decode also relaid the whole cache out for the dot: two 2.25 GiB copies
+per chip); [S, K * H] tiles (32, 128) with no padding and is the [block, K * H] block the TPU
+kernel reads. Known cost (3b decode compiled for v6e): XLA's in-place row write wants int8
+tiled (8, 128), so it relays the cache out around each step's scatter (GB accessed per decode
+program 15 against bf16's 5, docs/training.md); a layout whose entry is whole 32-bit words
+(int8 packed into int32 along K * H) would avoid it. The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded to bf16 (2**-9
+relative) would shift every dequantized value of its entry by up to 127 * 2**-9 of a step,
+more than the rounding itself; the entry axis is minor-most, so the decode kernels read a
+block of entries' scales as one lane row [K, block] that multiplies the [G, block] logits and
+probabilities ([B, S, K] would pad K to 128 lanes). Decode attention never materialises the
 dequantized cache: keys' scales multiply the logits (q . k_e * s_e = q . (k_e * s_e)), values'
 scales the probabilities (sum_e p_e s_e v_e).
 
@@ -34,6 +40,7 @@ from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
 KV_DTYPES = ("", "int8")  # "": the compute dtype
 K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads", "head_dim")
+INT8_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads")  # [Y, B, S, K * H]: split by whole kv heads
 SCALE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq")
 SCALE_DTYPE = jnp.float32
 QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
@@ -41,8 +48,8 @@ QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 
 @struct.dataclass
 class KVCache:
-    """keys / values [Y, B, S, K, H] (compute dtype or int8); key_scale / value_scale
-    [Y, B, K, S] fp32 with int8, else None. A decode step writes one [K, H] entry per row,
+    """keys / values [Y, B, S, K, H] in the compute dtype, or int8 [Y, B, S, K * H] with
+    key_scale / value_scale [Y, B, K, S] fp32 (else None). A decode step writes one [K, H] entry per row,
     whole minor tiles, so XLA updates keys and values in place (with the entry axis minor-most
     but one, the 3b decode compiled for v5p copied the cache: 10.6 GiB temp per chip instead of
     2.1); each row's entries are contiguous, the blocks the live-span decode kernels read."""
@@ -65,11 +72,15 @@ def cache_shapes(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str)
     y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     kv = (y, rows, entries, k, h)
     stored = jnp.dtype(kv_dtype or dtype)
-    out = dict(keys=(K_CACHE_AXES, kv, stored), values=(V_CACHE_AXES, kv, stored))
-    if kv_dtype:
-        scale = (y, rows, k, entries)
-        out.update(key_scale=(SCALE_AXES, scale, SCALE_DTYPE), value_scale=(SCALE_AXES, scale, SCALE_DTYPE))
-    return out
+    if not kv_dtype:
+        return dict(keys=(K_CACHE_AXES, kv, stored), values=(V_CACHE_AXES, kv, stored))
+    packed, scale = (y, rows, entries, k * h), (y, rows, k, entries)
+    return dict(
+        keys=(INT8_AXES, packed, stored),
+        values=(INT8_AXES, packed, stored),
+        key_scale=(SCALE_AXES, scale, SCALE_DTYPE),
+        value_scale=(SCALE_AXES, scale, SCALE_DTYPE),
+    )
 
 
 def empty(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str) -> KVCache:
@@ -94,12 +105,18 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _stored(cache: KVCache, k: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
-    """New keys / values [B, T, K, H] as the cache stores them: {field: [B, T, K, H] or scales
-    [B, K, T]}."""
+    """New keys / values [B, T, K, H] as the cache stores them: {field: [B, T, K, H], or int8
+    [B, T, K * H] and scales [B, K, T]}."""
     if not cache.quantized:
         return dict(keys=k.astype(cache.keys.dtype), values=v.astype(cache.values.dtype))
     (kq, ks), (vq, vs) = quantize(k), quantize(v)
-    return dict(keys=kq, values=vq, key_scale=ks.swapaxes(1, 2), value_scale=vs.swapaxes(1, 2))
+    b, t = k.shape[:2]
+    return dict(
+        keys=kq.reshape(b, t, -1),
+        values=vq.reshape(b, t, -1),
+        key_scale=ks.swapaxes(1, 2),
+        value_scale=vs.swapaxes(1, 2),
+    )
 
 
 def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
@@ -115,38 +132,45 @@ def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
 
 def write_rows(cache: KVCache, k: jax.Array, v: jax.Array, layer, index: jax.Array) -> KVCache:
     """k / v [B, 1, K, H] written at layer `layer`, entry index [B] of each row."""
-    new = {f: x[:, 0] if x.ndim == 4 else x[..., 0] for f, x in _stored(cache, k, v).items()}
-    return cache.replace(**{f: _write_rows(getattr(cache, f), x, layer, index) for f, x in new.items()})
+    axes = _axes(cache)
+    new = {f: x[..., 0] if axes[f] == SCALE_AXES else x[:, 0] for f, x in _stored(cache, k, v).items()}
+    return cache.replace(**{f: _write_rows(getattr(cache, f), x, layer, index, axes[f]) for f, x in new.items()})
 
 
-def _write_rows(leaf: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
-    """leaf [Y, B, S, K, H] with new [B, K, H] at (layer, b, index[b]), or scales [Y, B, K, S]
+def _write_rows(leaf: jax.Array, new: jax.Array, layer, index: jax.Array, axes: tuple) -> jax.Array:
+    """leaf [Y, B, S, ...] with new [B, ...] at (layer, b, index[b]), or scales [Y, B, K, S]
     with new [B, K] at (layer, b, :, index[b]): a scatter on each device's own rows
     (shard_map), which XLA does in place; across a sharded batch its partitioner would gather
     the rows and copy the cache."""
-    scales = leaf.ndim == 4
+    scales = axes == SCALE_AXES
     if scales:
         write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), :, i].set(x)
     else:
         write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), i].set(x)
-    spec = sharding.current_spec(SCALE_AXES if scales else K_CACHE_AXES, leaf.shape)
+    spec = sharding.current_spec(axes, leaf.shape)
     if spec is None:
         return write(leaf, new, index)
-    new_spec = PartitionSpec(spec[1], spec[2]) if scales else PartitionSpec(spec[1], spec[3], spec[4])
+    entry = 3 if scales else 2
+    new_spec = PartitionSpec(*(spec[d] for d in range(1, leaf.ndim) if d != entry))
     return jax.shard_map(write, in_specs=(spec, new_spec, PartitionSpec(spec[1])), out_specs=spec, check_vma=False)(
         leaf, new, index
     )
 
 
+def _axes(cache: KVCache) -> dict[str, tuple]:
+    """Each present field's logical axes."""
+    if not cache.quantized:
+        return dict(keys=K_CACHE_AXES, values=V_CACHE_AXES)
+    return dict(keys=INT8_AXES, values=INT8_AXES, key_scale=SCALE_AXES, value_scale=SCALE_AXES)
+
+
 def constrain(cache: KVCache) -> KVCache:
-    axes = dict(keys=K_CACHE_AXES, values=V_CACHE_AXES, key_scale=SCALE_AXES, value_scale=SCALE_AXES)
-    leaves = {f: getattr(cache, f) for f in axes}
-    return KVCache(**{f: None if x is None else sharding.constrain(x, axes[f]) for f, x in leaves.items()})
+    return cache.replace(**{f: sharding.constrain(getattr(cache, f), a) for f, a in _axes(cache).items()})
 
 
 def layer(cache: KVCache, i, dtype) -> tuple[jax.Array, ...]:
     """Layer i as decode attention reads it: (keys, values) [B, S, K, H] in `dtype`, or int8
-    keys and values with their scales [B, K, S]."""
+    keys and values [B, S, K * H] with their scales [B, K, S]."""
     take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
     if not cache.quantized:
         return take(cache.keys).astype(dtype), take(cache.values).astype(dtype)

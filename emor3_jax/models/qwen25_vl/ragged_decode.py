@@ -14,7 +14,8 @@ query token per row. Three implementations of the same function:
 - "gpu": jax's Pallas GPU (Triton) `decode_attention.gqa`, which takes the span per row as
   `start_idx` / `kv_seq_len`.
 
-An int8 cache (kv_cache.py) comes with fp32 scales [B, K, S], one per entry and kv head: "xla"
+An int8 cache (kv_cache.py) is [B, S, K * H] (an entry's kv heads side by side) with fp32
+scales [B, K, S], one per entry and kv head: "xla"
 and "tpu" read the int8 entries, convert them to q's dtype (exact: |q| <= 127) and apply the
 scales to the [G, S] logits (keys) and probabilities (values), so no dequantized copy exists.
 "gpu" refuses it: jax's kernel takes no scales, and dequantizing a layer's cache ahead of it
@@ -61,8 +62,9 @@ def ragged_decode_attention(
 
     q [B, N, H], k_cache / v_cache [B, S, K, H], start / end [B] int32 -> [B, N, H] in q's dtype.
     Logits and softmax in fp32, scale H**-0.5. q, k_cache and v_cache share one dtype (the model
-    writes the cache in its compute dtype), or k_cache / v_cache are int8 with k_scale / v_scale
-    [B, K, S] fp32 (entry e of kv head k is k_cache[b, e, k] * k_scale[b, k, e]; "xla", "tpu").
+    writes the cache in its compute dtype), or k_cache / v_cache are int8 [B, S, K * H] with
+    k_scale / v_scale [B, K, S] fp32 (entry e of kv head k is k_cache[b, e, k*H:(k+1)*H] *
+    k_scale[b, k, e]; "xla", "tpu").
 
     The caller guarantees 0 <= start < end <= S per row (traced values, not checked); dead
     entries never reach the result for "xla" and "tpu" even when they are NaN.
@@ -98,7 +100,8 @@ def ragged_decode_attention(
         return _xla(q, k_cache, v_cache, start, end, *scales)
     if impl == "tpu":
         block = tpu_block(k_cache.shape[1], block)
-        return _tpu(q, k_cache, v_cache, start, end, *scales, block=block, interpret=interpret)
+        kh = k_scale.shape[1] if scales else k_cache.shape[2]
+        return _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads=kh, block=block, interpret=interpret)
     if scales:
         raise ValueError("impl='gpu' (jax's decode kernel) takes no int8 cache: it has no scales")
     k_splits, block_k = gpu_params(k_cache.shape[1], q.shape[2], block)
@@ -137,24 +140,33 @@ def _scales(scales) -> dict:
 
 def _check_shapes(q, k_cache, v_cache, start, end, k_scale, v_scale) -> None:
     b, n, h = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
-        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, S, K, H]")
-    cb, _, kh, ch = k_cache.shape
-    if (cb, ch) != (b, h) or n % kh:
-        raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, S, K, H] with N % K == 0")
-    if start.shape != (b,) or end.shape != (b,):
-        raise ValueError(f"start {start.shape} and end {end.shape} must both be [B] = ({b},)")
     if (k_scale is None) != (v_scale is None):
         raise ValueError("k_scale and v_scale come together (an int8 cache) or not at all")
-    if k_scale is None:
+    if k_scale is not None:
+        _check_int8(q, k_cache, v_cache, k_scale, v_scale)
+    elif k_cache.shape != v_cache.shape or k_cache.ndim != 4:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, S, K, H]")
+    else:
+        cb, _, kh, ch = k_cache.shape
+        if (cb, ch) != (b, h) or n % kh:
+            raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, S, K, H] with N % K == 0")
         if not (q.dtype == k_cache.dtype == v_cache.dtype):
             raise ValueError(f"q, k_cache, v_cache dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype} must be equal")
-        return
-    scale = (cb, kh, k_cache.shape[1])
-    if k_cache.dtype != jnp.int8 or v_cache.dtype != jnp.int8 or k_scale.shape != scale or v_scale.shape != scale:
+    if start.shape != (b,) or end.shape != (b,):
+        raise ValueError(f"start {start.shape} and end {end.shape} must both be [B] = ({b},)")
+
+
+def _check_int8(q, k_cache, v_cache, k_scale, v_scale) -> None:
+    b, n, h = q.shape
+    kh, s = k_scale.shape[1], k_cache.shape[1]
+    want = dict(k_cache=((b, s, kh * h), jnp.int8), v_cache=((b, s, kh * h), jnp.int8))
+    want.update(k_scale=((b, kh, s), jnp.float32), v_scale=((b, kh, s), jnp.float32))
+    got = dict(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale)
+    bad = [f"{name} {x.shape} {x.dtype}" for name, x in got.items() if (x.shape, x.dtype) != want[name]]
+    if bad or n % kh:
         raise ValueError(
-            f"with scales the cache is int8 with scales [B, K, S] = {scale}: got k_cache {k_cache.dtype}, v_cache "
-            f"{v_cache.dtype}, k_scale {k_scale.shape}, v_scale {v_scale.shape}"
+            f"an int8 cache is k_cache / v_cache int8 [B, S, K * H] = {(b, s, kh * h)} with scales fp32 [B, K, S] = "
+            f"{(b, kh, s)} (K from the scales, N % K == 0 for q {q.shape}): got {', '.join(bad) or 'N % K != 0'}"
         )
 
 
@@ -195,24 +207,39 @@ def gpu_params(s: int, h: int, block: int | None) -> tuple[int, int]:
 
 
 def _xla(q, k_cache, v_cache, start, end, k_scale=None, v_scale=None):
+    if k_scale is not None:
+        return _xla_int8(q, k_cache, v_cache, start, end, k_scale, v_scale)
     b, n, h = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
-    keys = k_cache if k_scale is None else k_cache.astype(q.dtype)  # int8 -> q's dtype: exact
-    logits = jnp.einsum("bkgh,bskh->bkgs", qg, keys, preferred_element_type=jnp.float32) * (h**-0.5)
-    if k_scale is not None:
-        logits = logits * k_scale[:, :, None, :]  # [B, K, 1, S]
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * (h**-0.5)
     pos = jnp.arange(s)
     live = (pos >= start[:, None]) & (pos < end[:, None])  # [B, S]
     # `where`, not an additive mask: a NaN logit in a dead entry must not survive.
     logits = jnp.where(live[:, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    if v_scale is None:
-        v = jnp.where(live[:, :, None, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
-    else:  # int8 values are finite; a dead entry's scale may not be
-        probs = probs * jnp.where(live[:, None, None, :], v_scale[:, :, None, :], 0)
-        v = v_cache.astype(q.dtype)
+    v = jnp.where(live[:, :, None, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
     out = jnp.einsum("bkgs,bskh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def _xla_int8(q, k_cache, v_cache, start, end, k_scale, v_scale):
+    """`_xla` on an int8 cache [B, S, K * H]: converted to q's dtype (exact) inside the jitted
+    program, where XLA fuses the conversion into the dots; the scales go on the [B, K, G, S]
+    logits (keys) and probabilities (values)."""
+    b, n, h = q.shape
+    s, kh = k_cache.shape[1], k_scale.shape[1]
+    qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
+    keys, values = (x.reshape(b, s, kh, h).astype(q.dtype) for x in (k_cache, v_cache))  # [B, S, K, H]
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, keys, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5) * k_scale[:, :, None, :]
+    pos = jnp.arange(s)
+    live = (pos >= start[:, None]) & (pos < end[:, None])  # [B, S]
+    logits = jnp.where(live[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # int8 values are finite; a dead entry's scale may not be (0 * NaN)
+    probs = probs * jnp.where(live[:, None, None, :], v_scale[:, :, None, :], 0)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs.astype(q.dtype), values, preferred_element_type=jnp.float32)
     return out.reshape(b, n, h).astype(q.dtype)
 
 
@@ -250,10 +277,10 @@ def bytes_read(start, end, s: int, block: int, *, kv_heads: int, head_dim: int, 
     return int(live_blocks(start, end, s, block).sum()) * per_block
 
 
-def _tpu(q, k_cache, v_cache, start, end, *scales, block: int, interpret: bool):
-    """scales: () or an int8 cache's k_scale, v_scale [B, K, S]."""
+def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, interpret: bool):
+    """scales: () or an int8 cache's k_scale, v_scale [B, K, S] (its k / v [B, S, K * H])."""
     b, n, h = q.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[1], kv_heads
     g = n // kh
 
     def kv_map(bi, j, start_ref, end_ref):
