@@ -350,7 +350,7 @@ class Sampler:
     the logits before each draw (-inf: never sampled). The run-time factory sets both for every
     generation of a run; `with_stops` gives a sampler that stops elsewhere.
     kv_cache_dtype: "" (the compute dtype) or "int8" (kv_cache.py: int8 keys and values with a
-    scale per entry and kv head, quantized as written, half the cache and the bytes decode reads).
+    scale per entry and kv head, quantized as written: about half the cache's memory).
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     After each `generate`, `last_schedule` says which slot ran each row and when.
     """

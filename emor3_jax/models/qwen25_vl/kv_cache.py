@@ -12,10 +12,12 @@ so |x_h - q_h * scale| <= scale / 2 = absmax / 254. int8 keys and values are sto
 the second-minor dim, so [.., K, H] with 3b's K = 2 would pad to 4 (twice the bytes, as much as
 bf16; the compiled 3b decode also relaid the whole cache out for the dot: two 2.25 GiB copies
 per chip); [S, K * H] tiles (32, 128) with no padding and is the [block, K * H] block the TPU
-kernel reads. Known cost (3b decode compiled for v6e): XLA's in-place row write wants int8
-tiled (8, 128), so it relays the cache out around each step's scatter (GB accessed per decode
-program 15 against bf16's 5, docs/training.md); a layout whose entry is whole 32-bit words
-(int8 packed into int32 along K * H) would avoid it. The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded to bf16 (2**-9
+kernel reads. Known cost (3b decode compiled for v6e): XLA's one-entry-per-row scatter wants
+int8 tiled (8, 128), not the (32, 128) it stores, so it relays the whole cache out around each
+step's write (15 GB accessed in the decode program's cost analysis against bf16's 5,
+docs/training.md). Packing four int8 into an int32 word along K * H (a write of whole words,
+like bf16's) was worse: 38 GB. The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded
+to bf16 (2**-9
 relative) would shift every dequantized value of its entry by up to 127 * 2**-9 of a step,
 more than the rounding itself; the entry axis is minor-most, so the decode kernels read a
 block of entries' scales as one lane row [K, block] that multiplies the [G, block] logits and
