@@ -135,8 +135,11 @@ def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
 def write_rows(cache: KVCache, k: jax.Array, v: jax.Array, layer, index: jax.Array) -> KVCache:
     """k / v [B, 1, K, H] written at layer `layer`, entry index [B] of each row."""
     axes = _axes(cache)
-    new = {f: x[..., 0] if axes[f] == SCALE_AXES else x[:, 0] for f, x in _stored(cache, k, v).items()}
-    return cache.replace(**{f: _write_rows(getattr(cache, f), x, layer, index, axes[f]) for f, x in new.items()})
+    entry = lambda f, x: x[..., 0] if axes[f] == SCALE_AXES else x[:, 0]  # drop T = 1
+    new = _stored(cache, k, v)
+    return cache.replace(
+        **{f: _write_rows(getattr(cache, f), entry(f, x), layer, index, axes[f]) for f, x in new.items()}
+    )
 
 
 def _write_rows(leaf: jax.Array, new: jax.Array, layer, index: jax.Array, axes: tuple) -> jax.Array:
