@@ -298,8 +298,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # tokens made the 3b image reflection's decode need 35 GiB per v6e chip (compile_for).
     c.sampling.prefill_group = 0 if tiny else 32
     # How the KV cache stores keys and values: "" (the compute dtype) or "int8" (one fp32 scale
-    # per entry and kv head: about half the cache's memory; on TPU not yet faster, see
-    # docs/training.md; decode attention xla or splash, not flash; models/qwen25_vl/kv_cache.py).
+    # per entry and kv head: about half the cache's memory, docs/training.md; decode attention
+    # xla or splash, not flash; models/qwen25_vl/kv_cache.py).
     c.sampling.kv_cache_dtype = ""
 
     c.eval = ConfigDict()

@@ -218,13 +218,13 @@ def test_int8_sampler_follows_the_float_cache(ours_fp32, float_run, max_rows):
     np.testing.assert_allclose(logp[rows, first[parted]], want_logp[rows, first[parted]], atol=1e-3, rtol=0)
 
 
-def test_the_int8_cache_is_int8_with_fp32_scales(ours_fp32):
+def test_the_int8_cache_is_int8_pairs_with_fp32_scales(ours_fp32):
     t = ours_fp32.cfg.text
     c = kv_cache.empty(t, 3, 16, jnp.float32, "int8")
     y, k, h = t.num_layers, t.num_kv_heads, t.head_dim
     assert (c.keys.dtype, c.keys.shape, c.key_scale.dtype, c.key_scale.shape) == (
-        jnp.int8,
-        (y, 3, 16, k * h),
+        jnp.int16,
+        (y, 3, 16, k * h // 2),
         jnp.float32,
         (y, 3, k, 16),
     )

@@ -7,23 +7,22 @@ entry of each kv head is quantized on its own, symmetric absmax over H:
 
     scale = max_h |x_h| / 127,  q_h = round(x_h / scale) in [-127, 127],  x_h ~ q_h * scale
 
-so |x_h - q_h * scale| <= scale / 2 = absmax / 254. int8 keys and values are stored
-[Y, B, S, K * H], an entry's kv heads side by side: TPUs pack int8 four to a 32-bit word along
-the second-minor dim, so [.., K, H] with 3b's K = 2 would pad to 4 (twice the bytes, as much as
-bf16; the compiled 3b decode also relaid the whole cache out for the dot: two 2.25 GiB copies
-per chip); [S, K * H] tiles (32, 128) with no padding and is the [block, K * H] block the TPU
-kernel reads. Known cost (3b decode compiled for v6e): XLA's one-entry-per-row scatter wants
-int8 tiled (8, 128), not the (32, 128) it stores, so it relays the whole cache out around each
-step's write (15 GB accessed in the decode program's cost analysis against bf16's 5,
-docs/training.md). Packing four int8 into an int32 word along K * H (a write of whole words,
-like bf16's) was worse: 38 GB. The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded
-to bf16 (2**-9
-relative) would shift every dequantized value of its entry by up to 127 * 2**-9 of a step,
-more than the rounding itself; the entry axis is minor-most, so the decode kernels read a
-block of entries' scales as one lane row [K, block] that multiplies the [G, block] logits and
-probabilities ([B, S, K] would pad K to 128 lanes). Decode attention never materialises the
-dequantized cache: keys' scales multiply the logits (q . k_e * s_e = q . (k_e * s_e)), values'
-scales the probabilities (sum_e p_e s_e v_e).
+so |x_h - q_h * scale| <= scale / 2 = absmax / 254. The int8 values are stored in pairs, an
+int16 word per two neighbours along K * H: [Y, B, S, K * H / 2], an entry's kv heads side by
+side. Why (3b decode compiled for v6e): TPUs pack int8 four entries to a 32-bit word along the
+second-minor dim, so [.., K, H] int8 padded 3b's K = 2 to 4 (as many bytes as bf16), and
+[.., S, K * H] int8 made XLA relay the whole cache out around each step's one-entry-per-row
+write (15 GB accessed in the decode program's cost analysis against bf16's 5); int32 words
+[.., K * H / 4] pad 3b's 64 lanes to 128 (38 GB). int16 pairs are written in place like bf16
+(5.4 GB, temp as bf16's), and read back with a bitcast.
+
+The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded to bf16 (2**-9 relative) would
+shift every dequantized value of its entry by up to 127 * 2**-9 of a step, more than the
+rounding itself; the entry axis is minor-most, so the decode kernels read a block of entries'
+scales as one lane row [K, block] that multiplies the [G, block] logits and probabilities
+([B, S, K] would pad K to 128 lanes). Decode attention never materialises the dequantized
+cache: keys' scales multiply the logits (q . k_e * s_e = q . (k_e * s_e)), values' scales the
+probabilities (sum_e p_e s_e v_e).
 
 A cache written in the compute dtype has no scales (None): the same leaves, programs and
 numbers as before int8 existed.
@@ -42,7 +41,8 @@ from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
 KV_DTYPES = ("", "int8")  # "": the compute dtype
 K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads", "head_dim")
-INT8_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads")  # [Y, B, S, K * H]: split by whole kv heads
+INT8_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads")  # [Y, B, S, K * H / 2]: split by whole kv heads
+PAIR = jnp.int16  # the word two int8 values are stored in
 SCALE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq")
 SCALE_DTYPE = jnp.float32
 QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
@@ -50,9 +50,9 @@ QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 
 @struct.dataclass
 class KVCache:
-    """keys / values [Y, B, S, K, H] in the compute dtype, or int8 [Y, B, S, K * H] with
-    key_scale / value_scale [Y, B, K, S] fp32 (else None). A decode step writes one [K, H] entry per row,
-    whole minor tiles, so XLA updates keys and values in place (with the entry axis minor-most
+    """keys / values [Y, B, S, K, H] in the compute dtype, or int8 pairs [Y, B, S, K * H / 2]
+    int16 with key_scale / value_scale [Y, B, K, S] fp32 (else None). A decode step writes one
+    [K, H] entry per row, whole minor tiles, so XLA updates keys and values in place (with the entry axis minor-most
     but one, the 3b decode compiled for v5p copied the cache: 10.6 GiB temp per chip instead of
     2.1); each row's entries are contiguous, the blocks the live-span decode kernels read."""
 
@@ -76,10 +76,10 @@ def cache_shapes(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str)
     stored = jnp.dtype(kv_dtype or dtype)
     if not kv_dtype:
         return dict(keys=(K_CACHE_AXES, kv, stored), values=(V_CACHE_AXES, kv, stored))
-    packed, scale = (y, rows, entries, k * h), (y, rows, k, entries)
+    packed, scale = (y, rows, entries, k * h // 2), (y, rows, k, entries)
     return dict(
-        keys=(INT8_AXES, packed, stored),
-        values=(INT8_AXES, packed, stored),
+        keys=(INT8_AXES, packed, jnp.dtype(PAIR)),
+        values=(INT8_AXES, packed, jnp.dtype(PAIR)),
         key_scale=(SCALE_AXES, scale, SCALE_DTYPE),
         value_scale=(SCALE_AXES, scale, SCALE_DTYPE),
     )
@@ -108,17 +108,13 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
 
 def _stored(cache: KVCache, k: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
     """New keys / values [B, T, K, H] as the cache stores them: {field: [B, T, K, H], or int8
-    [B, T, K * H] and scales [B, K, T]}."""
+    pairs [B, T, K * H / 2] and scales [B, K, T]}."""
     if not cache.quantized:
         return dict(keys=k.astype(cache.keys.dtype), values=v.astype(cache.values.dtype))
     (kq, ks), (vq, vs) = quantize(k), quantize(v)
     b, t = k.shape[:2]
-    return dict(
-        keys=kq.reshape(b, t, -1),
-        values=vq.reshape(b, t, -1),
-        key_scale=ks.swapaxes(1, 2),
-        value_scale=vs.swapaxes(1, 2),
-    )
+    pack = lambda x: jax.lax.bitcast_convert_type(x.reshape(b, t, -1, 2), PAIR)
+    return dict(keys=pack(kq), values=pack(vq), key_scale=ks.swapaxes(1, 2), value_scale=vs.swapaxes(1, 2))
 
 
 def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
@@ -175,8 +171,9 @@ def constrain(cache: KVCache) -> KVCache:
 
 def layer(cache: KVCache, i, dtype) -> tuple[jax.Array, ...]:
     """Layer i as decode attention reads it: (keys, values) [B, S, K, H] in `dtype`, or int8
-    keys and values [B, S, K * H] with their scales [B, K, S]."""
+    keys and values [B, S, K * H] (unpacked from their pairs) with their scales [B, K, S]."""
     take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
     if not cache.quantized:
         return take(cache.keys).astype(dtype), take(cache.values).astype(dtype)
-    return tuple(take(x) for x in (cache.keys, cache.values, cache.key_scale, cache.value_scale))
+    unpack = lambda w: jax.lax.bitcast_convert_type(w, jnp.int8).reshape(*w.shape[:-1], -1)
+    return unpack(take(cache.keys)), unpack(take(cache.values)), take(cache.key_scale), take(cache.value_scale)
