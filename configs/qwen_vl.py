@@ -297,6 +297,10 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # for the one-row calls (reflections, evaluation), whose 256-prompt groups of up to 4,096
     # tokens made the 3b image reflection's decode need 35 GiB per v6e chip (compile_for).
     c.sampling.prefill_group = 0 if tiny else 32
+    # How the KV cache stores keys and values: "" (the compute dtype) or "int8" (one fp32 scale
+    # per entry and kv head: about half the cache's memory, docs/training.md; decode attention
+    # xla or splash, not flash; models/qwen25_vl/kv_cache.py).
+    c.sampling.kv_cache_dtype = ""
 
     c.eval = ConfigDict()
     c.eval.every = 10 if tiny else 1

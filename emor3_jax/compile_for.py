@@ -57,6 +57,7 @@ from emor3_jax.core.batches import PackedBatch, SequenceBatch, bucket
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
 from emor3_jax.models import lora
+from emor3_jax.models.api import Cache as KVCache
 from emor3_jax.models.api import abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing, reference, rollout_weights
@@ -340,13 +341,15 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
     return _replicated(mesh, key.shape, key.dtype)
 
 
-def _cache(t: Target, slots: int, entries: int) -> tuple:
-    """The sampler's decode cache (keys and values, every layer stacked: [Y, W, .., S]),
-    sharded as `empty_cache` constrains it."""
-    dtype = jax.numpy.dtype(t.cfg.compute_dtype)
-    return tuple(
-        jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
-        for axes, shape in cache_shapes(t.cfg.text, slots, entries)
+def _cache(t: Target, slots: int, entries: int) -> KVCache:
+    """The sampler's decode cache (keys and values, every layer stacked: [Y, W, S, K, H]; with
+    an int8 cache their scales [Y, W, K, S]), sharded as `empty_cache` constrains it."""
+    leaves = cache_shapes(t.cfg.text, slots, entries, t.cfg.compute_dtype, t.c.sampling.kv_cache_dtype)
+    return KVCache(
+        **{
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
+            for name, (axes, shape, dtype) in leaves.items()
+        }
     )
 
 

@@ -27,9 +27,10 @@ from emor3_jax.data.synthetic import FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES, longest_reflection_prompt
 from emor3_jax.models import lora
-from emor3_jax.models.api import ModelConfig, preset
+from emor3_jax.models.api import KV_DTYPES, ModelConfig, preset
 from emor3_jax.models.qwen25_vl.config import DTYPES
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
+from emor3_jax.models.qwen25_vl.text import DECODE_IMPLS
 from emor3_jax.rl import grpo, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS
 from emor3_jax.rl.experience import MICRO_BATCH_WEIGHTINGS
@@ -569,9 +570,17 @@ def _reward(c: ConfigDict) -> list[str]:
 
 
 def _sampling(c: ConfigDict) -> list[str]:
-    """sampling: buckets that increase and reach the longest prompt and response; decode slots."""
+    """sampling: buckets that increase and reach the longest prompt and response; decode slots;
+    a KV cache dtype the decode kernel reads."""
     s, rl = c.sampling, c.rl
-    errors = _failed(
+    errors = _choices(c, [("sampling.kv_cache_dtype", KV_DTYPES)])
+    errors += _failed(
+        (
+            s.kv_cache_dtype != "int8" or DECODE_IMPLS.get(c.model.attention_impl) != "gpu",
+            f"--config.sampling.kv_cache_dtype='int8' with --config.model.attention_impl={c.model.attention_impl!r}: "
+            "its decode kernel (jax's Pallas GPU decode attention) takes no scales; on GPUs use attention_impl "
+            "'xla' or 'cudnn' (XLA decode reads the int8 cache), or kv_cache_dtype=''",
+        ),
         (
             max(s.prompt_buckets, default=0) >= rl.max_prompt_len,
             f"--config.sampling.prompt_buckets={tuple(s.prompt_buckets)} must reach rl.max_prompt_len",

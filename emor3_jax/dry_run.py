@@ -15,7 +15,8 @@ gradient accumulator (param-shaped, param dtype), the rollout copy of the policy
 largest KV cache of a step's sampling calls (the sampler allocates each call's and frees it
 after): the rollout's or the image reflection's, its decode slots (sampling.max_rows, or one
 per rollout_batch * num_generations row when 0) x (prompt bucket + generation bucket) entries
-in the compute dtype. The total adds them all, an upper bound: the rollout copy and the KV
+in the compute dtype (sampling.kv_cache_dtype="int8": int8 plus an fp32 scale per entry and kv
+head). The total adds them all, an upper bound: the rollout copy and the KV
 cache live while the step samples, the gradient accumulator while it updates. Not counted:
 activations, logit chunks, a micro-batch's fresh gradients while they are summed, the prompt
 cache of the prefill group being decoded (min(max_rows // n, sampling.prefill_group) prompts x
@@ -29,7 +30,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -137,15 +137,17 @@ def decode_caches(c: ConfigDict) -> dict[str, tuple[int, int]]:
 def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str], str]:
     """The largest decode cache of a GRPO step (`decode_caches`; the sampler allocates each call's
     and frees it after): K and V [Y, W, S, K, H], every layer stacked (W decode slots, S cache
-    entries per slot), and the call it belongs to."""
+    entries per slot), in the compute dtype or int8 with their scales [Y, W, K, S]
+    (sampling.kv_cache_dtype), and the call it belongs to."""
     name, (rows, slots) = max(decode_caches(c).items(), key=lambda kv: kv[1][0] * kv[1][1])
     slots = cache_length(cfg.attention_impl, slots)  # as the sampler rounds it
-    dtype = jnp.dtype(cfg.compute_dtype)
     leaves, fallbacks = [], []
-    for kv, (axes, shape) in zip("KV", cache_shapes(cfg.text, rows, slots)):
+    for field, (axes, shape, dtype) in cache_shapes(
+        cfg.text, rows, slots, cfg.compute_dtype, c.sampling.kv_cache_dtype
+    ).items():
         spec, fb = sharding.logical_to_spec(axes, shape, mesh, rules)
         leaves.append(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)))
-        fallbacks += [f"kv_cache {kv} {shape}: {f}" for f in fb]
+        fallbacks += [f"kv_cache {field} {shape}: {f}" for f in fb]
     return leaves, fallbacks, name
 
 
@@ -199,6 +201,7 @@ def memory(c: ConfigDict) -> dict:
         "kv_rows": k_shape[1],
         "kv_slots": k_shape[2],
         "kv_call": cache_call,
+        "kv_dtype": "int8 + fp32 scales" if c.sampling.kv_cache_dtype == "int8" else cfg.compute_dtype,
         "per_device": per_device,
         "global": global_,
         "fallbacks": sharding.describe_fallbacks(params, mesh, rules) + cache_fallbacks,
@@ -218,7 +221,7 @@ def report(m: dict) -> str:
         "reference": "GRPO reference policy",
         "gradients": "accumulator over micro-batches",
         "rollout": f"the policy's copy the rollouts sample with ({m['rollout_copy']})",
-        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['compute_dtype']} ({m['kv_call']})",
+        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['kv_dtype']} ({m['kv_call']})",
     }
     for name in (*CATEGORIES, "total"):
         gib = f"{m['per_device'][name] / GiB:12.2f}{m['global'][name] / GiB:12.2f}"

@@ -97,6 +97,7 @@ def build(c: ConfigDict, tokenizer, special: dict[str, int], cfg: ModelConfig, m
         rules=rules,
         max_rows=c.sampling.max_rows,
         prefill_group=c.sampling.prefill_group,
+        kv_cache_dtype=c.sampling.kv_cache_dtype,
     )
     processor = ImageProcessor(
         min_pixels=c.data.min_pixels,

@@ -24,14 +24,22 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _memory(
-    variant: str, devices: int, mesh: tuple, max_rows: int = 0, rollout: tuple = (), cut: str = "", lora: int = 0
+    variant: str,
+    devices: int,
+    mesh: tuple,
+    max_rows: int = 0,
+    rollout: tuple = (),
+    cut: str = "",
+    lora: int = 0,
+    kv: str = "",
 ) -> tuple[dict, str]:
     """dry_run.main for configs/qwen_vl.py:<variant> (rollout: (rl.rollout_dtype,
-    rl.rollout_sharding), cut: reward.reflection_cut, else the variant's; lora: lora.rank); (the
-    returned numbers, the printed report)."""
+    rl.rollout_sharding), cut: reward.reflection_cut, else the variant's; lora: lora.rank; kv:
+    sampling.kv_cache_dtype); (the returned numbers, the printed report)."""
     set_rollout = f"c.rl.rollout_dtype, c.rl.rollout_sharding = {rollout!r}\n" if rollout else ""
     set_rollout += f"c.reward.reflection_cut = {cut!r}\n" if cut else ""
     set_rollout += f"c.lora.rank = {lora}\n" if lora else ""
+    set_rollout += f"c.sampling.kv_cache_dtype = {kv!r}\n" if kv else ""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
         f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
@@ -161,6 +169,14 @@ def test_the_kv_cache_is_the_image_reflections_when_it_counts_its_image_as_one_t
     assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("image_reflection", 6144, per_entry * 6144)
     m, _ = _memory("3b", 8, mesh, max_rows=256, cut="expanded")
     assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("rollout", 4096, per_entry * 4096)
+
+
+def test_an_int8_kv_cache_counts_one_byte_per_element_plus_an_fp32_scale_per_entry_and_kv_head():
+    """3b, 256 slots over fsdp 8 (32 per device), 6144 entries: K and V of 36 layers x 2 kv heads
+    x 128 dims in int8, plus 2 kv heads' fp32 scales each: (128 + 4) / 256 of the bf16 cache."""
+    m, report = _memory("3b", 8, (("data", 1), ("fsdp", -1), ("tensor", 1)), max_rows=256, kv="int8")
+    assert m["per_device"]["kv_cache"] == 36 * 2 * 32 * 2 * (128 * 1 + 4) * 6144
+    assert "256 decode slots x 6144 entries, int8 + fp32 scales (image_reflection)" in report
 
 
 def test_the_rollout_copy_in_the_tensor_layout_and_without_one():

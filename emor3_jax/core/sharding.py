@@ -203,15 +203,15 @@ def current_spec(axes: Sequence[str | None], shape: Sequence[int]) -> PartitionS
     return logical_to_spec(axes, shape, mesh, rules)[0]
 
 
-def per_shard_heads(fn, q: jax.Array, q_heads: int, kvs: Sequence[jax.Array], kv_heads: int, rows: Sequence[jax.Array]):
+def per_shard_heads(fn, q: jax.Array, q_heads: int, kvs: Sequence[tuple[jax.Array, int]], rows: Sequence[jax.Array]):
     """fn(q, *kvs, *rows) run on each device's rows and heads (shard_map) under the current mesh,
     as is outside one: for a Pallas kernel, which XLA's partitioner cannot split (it would
     gather every row onto every device).
 
-    q's dim `q_heads` is its query heads, each of kvs (same shape) has its kv heads at dim
-    `kv_heads`: they split alike or neither splits, so each device keeps whole groups. Dim 0 of
-    every array is the batch; rows ([B, ...] each) split by it only; every other dim stays whole.
-    fn's output is laid out like q.
+    q's dim `q_heads` is its query heads; kvs are (array, the dim of its kv heads) pairs (keys,
+    values, an int8 cache's scales): they split alike or none splits, so each device keeps
+    whole groups. Dim 0 of every array is the batch; rows ([B, ...] each) split by it only;
+    every other dim stays whole. fn's output is laid out like q.
     """
 
     def spec(x, heads: int | None, name: str | None) -> PartitionSpec | None:
@@ -220,14 +220,15 @@ def per_shard_heads(fn, q: jax.Array, q_heads: int, kvs: Sequence[jax.Array], kv
             axes[heads] = name
         return current_spec(axes, x.shape)
 
+    arrays = [x for x, _ in kvs]
     q_spec = spec(q, q_heads, "heads")
     if q_spec is None:
-        return fn(q, *kvs, *rows)
-    kv_spec = spec(kvs[0], kv_heads, "kv_heads")
-    if q_spec[q_heads] != kv_spec[kv_heads]:
-        q_spec, kv_spec = spec(q, None, None), spec(kvs[0], None, None)
-    in_specs = (q_spec, *[kv_spec] * len(kvs), *[spec(r, None, None) for r in rows])
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=q_spec, check_vma=False)(q, *kvs, *rows)
+        return fn(q, *arrays, *rows)
+    kv_specs = [spec(x, d, "kv_heads") for x, d in kvs]
+    if any(s[d] != q_spec[q_heads] for s, (_, d) in zip(kv_specs, kvs)):
+        q_spec, kv_specs = spec(q, None, None), [spec(x, None, None) for x in arrays]
+    in_specs = (q_spec, *kv_specs, *[spec(r, None, None) for r in rows])
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=q_spec, check_vma=False)(q, *arrays, *rows)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

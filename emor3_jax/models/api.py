@@ -11,10 +11,11 @@ A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D wid
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
-layout (`Cache`, `cache_shapes`, `cache_length`, `K_CACHE_AXES`, `V_CACHE_AXES`), its configuration
-(`ModelConfig`, named `preset`s), and construction and checkpoint IO (`create_model`, `abstract_model`, `load_hf`,
-`save_hf`; `architecture`: what a run's checkpoints record and restores check, with
-`PARAM_LAYOUT`). Qwen2.5-VL is the family implemented; another one plugs in here.
+layout (`Cache`, `cache_shapes`, `empty_cache`, `cache_length`, `KV_DTYPES`, `K_CACHE_AXES`,
+`V_CACHE_AXES`), its configuration (`ModelConfig`, named `preset`s), and construction and
+checkpoint IO (`create_model`, `abstract_model`, `load_hf`, `save_hf`; `architecture`: what a
+run's checkpoints record and restores check, with `PARAM_LAYOUT`). Qwen2.5-VL is the family
+implemented; another one plugs in here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
+from emor3_jax.models.qwen25_vl.kv_cache import K_CACHE_AXES, KV_DTYPES, V_CACHE_AXES, cache_shapes
+from emor3_jax.models.qwen25_vl.kv_cache import empty as empty_cache
 from emor3_jax.models.qwen25_vl.layers import Live, Segments
 from emor3_jax.models.qwen25_vl.model import (
     PARAM_LAYOUT,
@@ -34,11 +37,12 @@ from emor3_jax.models.qwen25_vl.model import (
     create_model,
     prepare_inputs,
 )
-from emor3_jax.models.qwen25_vl.text import K_CACHE_AXES, V_CACHE_AXES, cache_length, cache_shapes
+from emor3_jax.models.qwen25_vl.text import cache_length
 
 __all__ = [
     "PARAM_LAYOUT",
     "K_CACHE_AXES",
+    "KV_DTYPES",
     "V_CACHE_AXES",
     "Cache",
     "Live",
@@ -50,6 +54,7 @@ __all__ = [
     "cache_length",
     "cache_shapes",
     "create_model",
+    "empty_cache",
     "load_hf",
     "prepare_inputs",
     "preset",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -43,7 +44,7 @@ from flax import nnx, struct
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
-from emor3_jax.models.api import Cache, Live, Model, Segments, cache_length, cache_shapes, prepare_inputs
+from emor3_jax.models.api import KV_DTYPES, Cache, Live, Model, Segments, cache_length, empty_cache, prepare_inputs
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -277,11 +278,14 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
     # follows the rows admitted, not W.
     order = jnp.nonzero(take, size=w, fill_value=0)[0]
 
-    def copy(i, kv):
+    def copy(i, kv):  # every leaf [Y, W, ...] (keys, values and any scales) from [Y, Q, ...]
         slot, prompt = order[i], b[order[i]]
-        return tuple(
-            jax.lax.dynamic_update_slice(x, jax.lax.dynamic_slice_in_dim(px, prompt, 1, axis=1), (0, slot, 0, 0, 0))
-            for x, px in zip(kv, pre.cache)
+        return jax.tree.map(
+            lambda x, px: jax.lax.dynamic_update_slice(
+                x, jax.lax.dynamic_slice_in_dim(px, prompt, 1, axis=1), (0, slot) + (0,) * (x.ndim - 2)
+            ),
+            kv,
+            pre.cache,
         )
 
     cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
@@ -345,6 +349,8 @@ class Sampler:
     stop_ids: a row stops after sampling one of them; logit_bias: {token id: value} added to
     the logits before each draw (-inf: never sampled). The run-time factory sets both for every
     generation of a run; `with_stops` gives a sampler that stops elsewhere.
+    kv_cache_dtype: "" (the compute dtype) or "int8" (kv_cache.py: int8 keys and values with a
+    scale per entry and kv head, quantized as written: about half the cache's memory).
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     After each `generate`, `last_schedule` says which slot ran each row and when.
     """
@@ -362,14 +368,17 @@ class Sampler:
         max_rows: int = 0,
         prefill_group: int = 0,
         continuous: bool = True,
+        kv_cache_dtype: str = "",
     ):
+        if kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_DTYPES}")
         if max_rows < 0:
             raise ValueError(f"max_rows must be >= 0 (0: one slot per row), got {max_rows}")
         if prefill_group < 0:
             raise ValueError(f"prefill_group must be >= 0 (0: max_rows // n prompts), got {prefill_group}")
         self.cfg, self.max_rows, self.prefill_group, self.continuous = cfg, max_rows, prefill_group, continuous
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
-        self.pad_id, self.rules = pad_id, rules
+        self.pad_id, self.rules, self.kv_cache_dtype = pad_id, rules, kv_cache_dtype
         self.stop_ids, self.logit_bias = tuple(stop_ids), dict(logit_bias or {})
         self.last_schedule: Schedule | None = None
         traces = self._traces = [0]  # a list: `with_stops` copies count into the same one
@@ -381,10 +390,10 @@ class Sampler:
 
             return run
 
-        self._prefill = jax.jit(traced(_prefill), static_argnums=(0,))
+        self._prefill = jax.jit(traced(functools.partial(_prefill, kv_dtype=kv_cache_dtype)), static_argnums=(0,))
         self._decode = jax.jit(traced(_decode), static_argnums=(0, 1), donate_argnums=(3, 4))
         self._fresh = jax.jit(fresh, static_argnums=(0, 1, 2, 3))
-        self._empty = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3))
+        self._empty = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3, 4))
         self.last_cache: tuple[int, int] | None = None  # (rows, entries) of the last call's KV cache
 
     def compiled_programs(self) -> int:
@@ -448,7 +457,8 @@ class Sampler:
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:  # allocated per call and freed with it: not held through the update
-                    cache = self._empty(self.cfg.text, lay.slots, lay.entries, pre.cache[0].dtype)
+                    dtype = self.cfg.compute_dtype
+                    cache = self._empty(self.cfg.text, lay.slots, lay.entries, dtype, self.kv_cache_dtype)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
@@ -477,19 +487,15 @@ class Sampler:
         return Layout(p_len, g_len, q, groups, slots, out_rows, cache_length(self.cfg.attention_impl, p_len + g_len))
 
 
-def empty_cache(t, rows: int, slots: int, dtype) -> Cache:
-    """A zero cache (`cache_shapes`) for text config `t`, sharded by its logical axes (inside jit)."""
-    return tuple(sharding.constrain(jnp.zeros(shape, dtype), axes) for axes, shape in cache_shapes(t, rows, slots))
-
-
-def _prefill(graphdef, state, batch) -> Prefilled:
-    """Vision tower + Q left-padded prompts [Q, P] -> `Prefilled`."""
+def _prefill(graphdef, state, batch, kv_dtype: str) -> Prefilled:
+    """Vision tower + Q left-padded prompts [Q, P] -> `Prefilled`, its cache stored as
+    kv_dtype says (`Sampler`)."""
     model = nnx.merge(graphdef, state)
     t = model.cfg.text
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, p = ids.shape
     x = model.embed(ids, batch.get("pixels"), batch.get("layout"))
-    cache = empty_cache(t, b, p, x.dtype)
+    cache = empty_cache(t, b, p, x.dtype, kv_dtype)
     seg = mask.astype(jnp.int32)  # left padding: segment 0, the prompt: 1
     h, cache = model.decode(x, batch["positions"], Segments(seg, seg, causal=True), cache, 0)
     return Prefilled(model.logits(h[:, -1]), cache, p - mask.sum(1).astype(jnp.int32), batch["next_pos"])
@@ -500,7 +506,7 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     last group (`final`) until every slot is free. cache [Y, W, S, K, H] (keys and values)
     and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
-    p_len = pre.cache[0].shape[2]  # [Y, Q, P, K, H]
+    p_len = pre.cache.keys.shape[2]  # [Y, Q, P, K, H]
     wait = waiting_rows(s, pre, rows, d)
 
     def cond(loop):

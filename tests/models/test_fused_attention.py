@@ -10,6 +10,7 @@ positions a kernel adds to fill its blocks attend only to each other), so no pat
 empty softmax whose output would be arbitrary.
 """
 
+import functools
 import time
 
 import jax
@@ -229,11 +230,11 @@ def test_sampler_prefill_through_the_kernel_matches_xla(ours_fp32, impl):
     batch = make_batch([[5, ("image", 8, 8), 6], [9]], np.random.default_rng(2), "left")
     inputs = prepare_inputs(ours_fp32.cfg, **batch)
     inputs["next_pos"] = inputs.pop("rope_deltas")  # carried through as is; any [B] ints
-    prefill = jax.jit(_prefill, static_argnums=(0,))
+    prefill = jax.jit(functools.partial(_prefill, kv_dtype=""), static_argnums=(0,))
     want = prefill(*nnx.split(ours_fp32), inputs)
     got = prefill(*nnx.split(_model_with(ours_fp32, impl)), inputs)
     real = batch["attention_mask"].astype(bool)  # cache entries of padding are never live in decode
     np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(got.start), np.asarray(want.start))
-    for g, w in zip(got.cache, want.cache):  # keys and values [Y, B, P, K, H]
+    for g, w in zip(jax.tree.leaves(got.cache), jax.tree.leaves(want.cache)):  # keys and values [Y, B, P, K, H]
         np.testing.assert_allclose(np.asarray(g)[:, real], np.asarray(w)[:, real], atol=1e-5, rtol=0)

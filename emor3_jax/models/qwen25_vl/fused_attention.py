@@ -48,7 +48,7 @@ def attention(
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys, got T={q.shape[1]}, S={k.shape[1]}")
     kernel = functools.partial(_splash if impl == "splash" else _flash, causal=causal, interpret=platform == "cpu")
-    return sharding.per_shard_heads(kernel, q, 2, (k, v), 2, (q_seg, kv_seg))  # [B, T, N, H], [B, S, K, H]
+    return sharding.per_shard_heads(kernel, q, 2, ((k, 2), (v, 2)), (q_seg, kv_seg))  # [B, T, N, H], [B, S, K, H]
 
 
 def _pad(x: jax.Array, length: int, value=0) -> jax.Array:

@@ -23,11 +23,12 @@ from emor3_jax.core import sharding
 from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import ModelConfig
+from emor3_jax.models.qwen25_vl.kv_cache import KVCache
 from emor3_jax.models.qwen25_vl.rope import get_rope_index, mrope_cos_sin
-from emor3_jax.models.qwen25_vl.text import KV, DecoderLayer
+from emor3_jax.models.qwen25_vl.text import DecoderLayer
 from emor3_jax.models.qwen25_vl.vision import VisionLayout, VisionTower, order_pixels, vision_layout
 
-Cache = KV  # every layer's keys and values [Y, B, S, K, H]
+Cache = KVCache  # every layer's keys and values [Y, B, S, K, H] (kv_cache.py)
 
 # The parameter tree's layout, recorded with the architecture in every Orbax checkpoint: a
 # checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as

@@ -13,6 +13,13 @@ query token per row. Three implementations of the same function:
   compute nothing but still pay the fixed cost of a grid step.
 - "gpu": jax's Pallas GPU (Triton) `decode_attention.gqa`, which takes the span per row as
   `start_idx` / `kv_seq_len`.
+
+An int8 cache (kv_cache.py) is [B, S, K * H] (an entry's kv heads side by side) with fp32
+scales [B, K, S], one per entry and kv head: "xla"
+and "tpu" read the int8 entries, convert them to q's dtype (exact: |q| <= 127) and apply the
+scales to the [G, S] logits (keys) and probabilities (values), so no dequantized copy exists.
+"gpu" refuses it: jax's kernel takes no scales, and dequantizing a layer's cache ahead of it
+would write and read a compute-dtype copy, more bytes than the cache it replaces.
 """
 
 from __future__ import annotations
@@ -48,12 +55,16 @@ def ragged_decode_attention(
     impl: str,
     interpret: bool | None = None,
     block: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """One query token per row against the live span [start, end) of its cache row.
 
     q [B, N, H], k_cache / v_cache [B, S, K, H], start / end [B] int32 -> [B, N, H] in q's dtype.
     Logits and softmax in fp32, scale H**-0.5. q, k_cache and v_cache share one dtype (the model
-    writes the cache in its compute dtype).
+    writes the cache in its compute dtype), or k_cache / v_cache are int8 [B, S, K * H] with
+    k_scale / v_scale [B, K, S] fp32 (entry e of kv head k is k_cache[b, e, k*H:(k+1)*H] *
+    k_scale[b, k, e]; "xla", "tpu").
 
     The caller guarantees 0 <= start < end <= S per row (traced values, not checked); dead
     entries never reach the result for "xla" and "tpu" even when they are NaN.
@@ -79,15 +90,20 @@ def ragged_decode_attention(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    _check_shapes(q, k_cache, v_cache, start, end)
+    _check_shapes(q, k_cache, v_cache, start, end, k_scale, v_scale)
+    scales = () if k_scale is None else (k_scale, v_scale)
     if interpret is None:
         interpret = sharding.platform() == "cpu"
     if impl == "xla":
         if block is not None:
             raise ValueError(f"block={block}: impl='xla' reads the whole cache and takes no block")
-        return _xla(q, k_cache, v_cache, start, end)
+        return _xla(q, k_cache, v_cache, start, end, *scales)
     if impl == "tpu":
-        return _tpu(q, k_cache, v_cache, start, end, block=tpu_block(k_cache.shape[1], block), interpret=interpret)
+        block = tpu_block(k_cache.shape[1], block)
+        kh = k_scale.shape[1] if scales else k_cache.shape[2]
+        return _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads=kh, block=block, interpret=interpret)
+    if scales:
+        raise ValueError("impl='gpu' (jax's decode kernel) takes no int8 cache: it has no scales")
     k_splits, block_k = gpu_params(k_cache.shape[1], q.shape[2], block)
     # gqa takes the cache's own layout [B, S, K, H].
     out = gpu_decode.gqa(
@@ -105,27 +121,53 @@ def ragged_decode_attention(
     return out.astype(q.dtype)  # its final division by the fp32 sums promotes to fp32
 
 
-def sharded_decode_attention(q, k_cache, v_cache, start, end, *, impl: str) -> jax.Array:
+def sharded_decode_attention(q, k_cache, v_cache, *args, impl: str) -> jax.Array:
     """`ragged_decode_attention` on each device's rows (and kv heads, when queries and kv heads
     split alike) under the current mesh (`sharding.per_shard_heads`: a Pallas call is opaque to
-    XLA's partitioner); "xla" is partitioned by XLA as is."""
-    run = functools.partial(ragged_decode_attention, impl=impl)
+    XLA's partitioner); "xla" is partitioned by XLA as is. args: start, end, or (int8 cache)
+    k_scale, v_scale, start, end."""
+    *scales, start, end = args
+    run = lambda q, k, v, *rest: ragged_decode_attention(q, k, v, *rest[-2:], impl=impl, **_scales(rest[:-2]))
     if impl == "xla":
-        return run(q, k_cache, v_cache, start, end)
-    return sharding.per_shard_heads(run, q, 1, (k_cache, v_cache), 2, (start, end))  # [B, N, H], [B, S, K, H]
+        return run(q, k_cache, v_cache, *scales, start, end)
+    # [B, N, H]; [B, S, K, H] and scales [B, K, S]
+    return sharding.per_shard_heads(run, q, 1, ((k_cache, 2), (v_cache, 2), *((x, 1) for x in scales)), (start, end))
 
 
-def _check_shapes(q, k_cache, v_cache, start, end) -> None:
+def _scales(scales) -> dict:
+    return dict(zip(("k_scale", "v_scale"), scales))
+
+
+def _check_shapes(q, k_cache, v_cache, start, end, k_scale, v_scale) -> None:
     b, n, h = q.shape
-    if k_cache.shape != v_cache.shape or k_cache.ndim != 4:
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale come together (an int8 cache) or not at all")
+    if k_scale is not None:
+        _check_int8(q, k_cache, v_cache, k_scale, v_scale)
+    elif k_cache.shape != v_cache.shape or k_cache.ndim != 4:
         raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must both be [B, S, K, H]")
-    cb, _, kh, ch = k_cache.shape
-    if (cb, ch) != (b, h) or n % kh:
-        raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, S, K, H] with N % K == 0")
+    else:
+        cb, _, kh, ch = k_cache.shape
+        if (cb, ch) != (b, h) or n % kh:
+            raise ValueError(f"q {q.shape} [B, N, H] does not match cache {k_cache.shape} [B, S, K, H] with N % K == 0")
+        if not (q.dtype == k_cache.dtype == v_cache.dtype):
+            raise ValueError(f"q, k_cache, v_cache dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype} must be equal")
     if start.shape != (b,) or end.shape != (b,):
         raise ValueError(f"start {start.shape} and end {end.shape} must both be [B] = ({b},)")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache, v_cache dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype} must be equal")
+
+
+def _check_int8(q, k_cache, v_cache, k_scale, v_scale) -> None:
+    b, n, h = q.shape
+    kh, s = k_scale.shape[1], k_cache.shape[1]
+    want = dict(k_cache=((b, s, kh * h), jnp.int8), v_cache=((b, s, kh * h), jnp.int8))
+    want.update(k_scale=((b, kh, s), jnp.float32), v_scale=((b, kh, s), jnp.float32))
+    got = dict(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale)
+    bad = [f"{name} {x.shape} {x.dtype}" for name, x in got.items() if (x.shape, x.dtype) != want[name]]
+    if bad or n % kh:
+        raise ValueError(
+            f"an int8 cache is k_cache / v_cache int8 [B, S, K * H] = {(b, s, kh * h)} with scales fp32 [B, K, S] = "
+            f"{(b, kh, s)} (K from the scales, N % K == 0 for q {q.shape}): got {', '.join(bad) or 'N % K != 0'}"
+        )
 
 
 def cache_multiple(impl: str) -> int:
@@ -164,7 +206,9 @@ def gpu_params(s: int, h: int, block: int | None) -> tuple[int, int]:
     return k_splits, block
 
 
-def _xla(q, k_cache, v_cache, start, end):
+def _xla(q, k_cache, v_cache, start, end, k_scale=None, v_scale=None):
+    if k_scale is not None:
+        return _xla_int8(q, k_cache, v_cache, start, end, k_scale, v_scale)
     b, n, h = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
@@ -176,6 +220,26 @@ def _xla(q, k_cache, v_cache, start, end):
     probs = jax.nn.softmax(logits, axis=-1)
     v = jnp.where(live[:, :, None, None], v_cache, 0)  # 0 * NaN is NaN, so zero dead values too
     out = jnp.einsum("bkgs,bskh->bkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, h).astype(q.dtype)
+
+
+def _xla_int8(q, k_cache, v_cache, start, end, k_scale, v_scale):
+    """`_xla` on an int8 cache [B, S, K * H]: converted to q's dtype (exact) inside the jitted
+    program, where XLA fuses the conversion into the dots; the scales go on the [B, K, G, S]
+    logits (keys) and probabilities (values)."""
+    b, n, h = q.shape
+    s, kh = k_cache.shape[1], k_scale.shape[1]
+    qg = q.reshape(b, kh, n // kh, h)  # [B, K, G, H]
+    keys, values = (x.reshape(b, s, kh, h).astype(q.dtype) for x in (k_cache, v_cache))  # [B, S, K, H]
+    logits = jnp.einsum("bkgh,bskh->bkgs", qg, keys, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5) * k_scale[:, :, None, :]
+    pos = jnp.arange(s)
+    live = (pos >= start[:, None]) & (pos < end[:, None])  # [B, S]
+    logits = jnp.where(live[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # int8 values are finite; a dead entry's scale may not be (0 * NaN)
+    probs = probs * jnp.where(live[:, None, None, :], v_scale[:, :, None, :], 0)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs.astype(q.dtype), values, preferred_element_type=jnp.float32)
     return out.reshape(b, n, h).astype(q.dtype)
 
 
@@ -213,24 +277,31 @@ def bytes_read(start, end, s: int, block: int, *, kv_heads: int, head_dim: int, 
     return int(live_blocks(start, end, s, block).sum()) * per_block
 
 
-def _tpu(q, k_cache, v_cache, start, end, *, block: int, interpret: bool):
+def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, interpret: bool):
+    """scales: () or an int8 cache's k_scale, v_scale [B, K, S] (its k / v [B, S, K * H])."""
     b, n, h = q.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[1], kv_heads
     g = n // kh
 
     def kv_map(bi, j, start_ref, end_ref):
         return bi, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
 
+    def scale_map(bi, j, start_ref, end_ref):
+        return bi, 0, kv_block_index(j, start_ref[bi], end_ref[bi], block)
+
     # Each row's cache as [S, K * H]: a block of `block` entries holds every kv head, tiled
     # (block, K * H) with no sublane padding (a [block, K, H] block would pad K to 8 or 16).
+    # Scales [K, block]: one lane row per kv head, as the [G, block] logits lie.
     kv_spec = pl.BlockSpec((None, block, kh * h), kv_map)
+    scale_specs = [pl.BlockSpec((None, kh, block), scale_map)] * len(scales)
     q_spec = pl.BlockSpec((None, kh, g, h), lambda bi, j, *_: (bi, 0, 0, 0))
+    kernel = functools.partial(_tpu_kernel, block=block, kv_heads=kh, scale=h**-0.5, quantized=bool(scales))
     out = pl.pallas_call(
-        functools.partial(_tpu_kernel, block=block, kv_heads=kh, scale=h**-0.5),
+        kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2,
             grid=(b, s // block),
-            in_specs=[q_spec, kv_spec, kv_spec],
+            in_specs=[q_spec, kv_spec, kv_spec, *scale_specs],
             out_specs=q_spec,
             scratch_shapes=[
                 pltpu.VMEM((kh, g, 1), jnp.float32),  # running max
@@ -249,15 +320,17 @@ def _tpu(q, k_cache, v_cache, start, end, *, block: int, interpret: bool):
         q.reshape(b, kh, g, h),
         k_cache.reshape(b, s, kh * h),
         v_cache.reshape(b, s, kh * h),
+        *scales,
     )
     return out.reshape(b, n, h)
 
 
-def _tpu_kernel(
-    start_ref, end_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block: int, kv_heads: int, scale: float
-):
+def _tpu_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, *refs, block: int, kv_heads: int, scale: float, quantized):
     """One (b, j) step: q_ref [K, G, H], k_ref / v_ref [block, K * H] (block kv_block_index),
-    o_ref [K, G, H]; kv head k is lanes [k * H, (k + 1) * H) of the block."""
+    o_ref [K, G, H]; kv head k is lanes [k * H, (k + 1) * H) of the block. quantized: k_ref /
+    v_ref are int8 and refs start with their scales ks_ref / vs_ref [K, block]."""
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)
+    o_ref, m_ref, l_ref, acc_ref = refs[2:] if quantized else refs
     row, j = pl.program_id(0), pl.program_id(1)
     start, end = start_ref[row], end_ref[row]
     h = q_ref.shape[-1]
@@ -275,9 +348,14 @@ def _tpu_kernel(
         live = (pos >= start) & (pos < end)  # [block, 1]
         for k in range(kv_heads):
             heads = slice(k * h, (k + 1) * h)
+            keys, v = k_ref[:, heads], v_ref[:, heads]  # [block, H]
+            if quantized:  # int8 -> q's dtype is exact; the scales go on logits and probabilities
+                keys, v = keys.astype(q_ref.dtype), v.astype(q_ref.dtype)
             logits = lax.dot_general(
-                q_ref[k], k_ref[:, heads], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                q_ref[k], keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )  # [G, block]
+            if quantized:
+                logits = logits * ks_ref[k : k + 1, :]
             logits = jnp.where(live.T, logits * scale, -jnp.inf)
             m_prev = m_ref[k]  # [G, 1]
             # Finite: every visited block holds at least one live entry.
@@ -285,7 +363,10 @@ def _tpu_kernel(
             p = jnp.exp(logits - m_next)  # [G, block], 0 on dead entries
             rescale = jnp.exp(m_prev - m_next)  # 0 on the first visited block (m_prev = -inf)
             l_ref[k] = rescale * l_ref[k] + p.sum(axis=1, keepdims=True)
-            v = jnp.where(live, v_ref[:, heads], 0)  # [block, H]; 0 * NaN is NaN
+            if quantized:  # int8 values are finite; a dead entry's scale may not be (0 * NaN)
+                p = p * jnp.where(live.T, vs_ref[k : k + 1, :], 0)
+            else:
+                v = jnp.where(live, v, 0)  # 0 * NaN is NaN
             pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
             acc_ref[k] = rescale * acc_ref[k] + pv
             m_ref[k] = m_next

@@ -7,33 +7,16 @@ D width.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec
 
 from emor3_jax.core import sharding
-from emor3_jax.models.qwen25_vl import layers
+from emor3_jax.models.qwen25_vl import kv_cache, layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
+from emor3_jax.models.qwen25_vl.kv_cache import KVCache
 from emor3_jax.models.qwen25_vl.ragged_decode import cache_multiple, sharded_decode_attention
-from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
 
-# The decoder's cache, every layer stacked: keys and values [Y, B, S, K, H] (carried through
-# the scan over layers; each layer writes its slice in place). A decode step writes one
-# [K, H] entry per row, whole minor tiles, so XLA updates the cache in place (with the entry
-# axis minor-most but one, [Y, B, K, S, H], the 3b decode compiled for v5p copied the cache:
-# 10.6 GiB temp per chip instead of 2.1); each row's entries are contiguous, the blocks the
-# live-span decode kernels read.
-KV = tuple[jax.Array, jax.Array]
-K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads", "head_dim")
 # The decode kernel of each attention impl: the fused TPU / GPU paths read only live blocks.
 DECODE_IMPLS = {"xla": "xla", "einsum": "xla", "cudnn": "xla", "splash": "tpu", "flash": "gpu"}
-
-
-def cache_shapes(cfg: TextConfig, rows: int, slots: int) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
-    """(logical axes, shape) of the keys and of the values of a cache of `rows` rows, `slots`
-    entries each."""
-    y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    return (K_CACHE_AXES, (y, rows, slots, k, h)), (V_CACHE_AXES, (y, rows, slots, k, h))
 
 
 def cache_length(attention_impl: str, entries: int) -> int:
@@ -41,20 +24,6 @@ def cache_length(attention_impl: str, entries: int) -> int:
     kernel of `attention_impl` reads in (the extra entries are never live)."""
     multiple = cache_multiple(DECODE_IMPLS[attention_impl])
     return -(-entries // multiple) * multiple
-
-
-def _write_rows(cache: jax.Array, new: jax.Array, layer, index: jax.Array) -> jax.Array:
-    """cache [Y, B, S, K, H] with new [B, K, H] written at layer `layer`, entry index [B] of
-    each row: a scatter on each device's own rows (shard_map), which XLA does in place; across
-    a sharded batch its partitioner would gather the rows and copy the cache."""
-    write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), i].set(x)
-    spec = sharding.current_spec(K_CACHE_AXES, cache.shape)
-    if spec is None:
-        return write(cache, new, index)
-    new_spec = PartitionSpec(spec[1], spec[3], spec[4])
-    return jax.shard_map(write, in_specs=(spec, new_spec, PartitionSpec(spec[1])), out_specs=spec, check_vma=False)(
-        cache, new, index
-    )
 
 
 class Attention(nnx.Module):
@@ -73,10 +42,10 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attn: layers.Segments | layers.Live,
-        kv: KV | None = None,
+        kv: KVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KV | None]:
+    ) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
         `attn` says what the tokens attend to: `layers.Segments` over this call's own tokens
@@ -96,20 +65,17 @@ class Attention(nnx.Module):
                 raise ValueError("a decode step (Live) needs the KV cache it reads")
             out = layers.attention(q, k, v, attn, self.impl)
             return self.o_proj(out.reshape(b, t, -1)), None
-        k_new, v_new = (a.astype(kv[0].dtype) for a in (k, v))  # [B, T, K, H]
         if own_tokens:
             if not (isinstance(index, int) and index == 0):
                 raise ValueError("a Segments call with a KV cache is a prefill and must start at entry 0")
-            kv = tuple(
-                jax.lax.dynamic_update_slice(c, new[None], (layer, 0, 0, 0, 0)) for c, new in zip(kv, (k_new, v_new))
-            )
+            kv = kv_cache.write_prefill(kv, k, v, layer)
         else:  # each row at its own entry: one [B, K, H] scatter per layer, in place
-            kv = tuple(_write_rows(c, new[:, 0], layer, index) for c, new in zip(kv, (k_new, v_new)))
-        kv = tuple(sharding.constrain(c, K_CACHE_AXES) for c in kv)
+            kv = kv_cache.write_rows(kv, k, v, layer, index)
+        kv = kv_cache.constrain(kv)
         if own_tokens:
             out = layers.attention(q, k, v, attn, self.impl)
         else:
-            own = [jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).astype(q.dtype) for c in kv]
+            own = kv_cache.layer(kv, layer, q.dtype)
             out = sharded_decode_attention(q[:, 0], *own, attn.start, attn.end, impl=DECODE_IMPLS[self.impl])[:, None]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
@@ -140,10 +106,10 @@ class DecoderLayer(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attn: layers.Segments | layers.Live,
-        kv: KV | None = None,
+        kv: KVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
-    ) -> tuple[jax.Array, KV | None]:
+    ) -> tuple[jax.Array, KVCache | None]:
         """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer)
         x = x + h

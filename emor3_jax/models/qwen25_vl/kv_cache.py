@@ -1,0 +1,179 @@
+"""The decoder's KV cache: every layer's keys and values, stored in the compute dtype or as int8.
+
+Letters: Y layers, B rows, S cache entries, T new entries, K kv heads, H head dim.
+
+Keys and values are [Y, B, S, K, H]. With int8 storage (`sampling.kv_cache_dtype="int8"`) each
+entry of each kv head is quantized on its own, symmetric absmax over H:
+
+    scale = max_h |x_h| / 127,  q_h = round(x_h / scale) in [-127, 127],  x_h ~ q_h * scale
+
+so |x_h - q_h * scale| <= scale / 2 = absmax / 254. The int8 values are stored in pairs, an
+int16 word per two neighbours along K * H: [Y, B, S, K * H / 2], an entry's kv heads side by
+side. Why (3b decode compiled for v6e): TPUs pack int8 four entries to a 32-bit word along the
+second-minor dim, so [.., K, H] int8 padded 3b's K = 2 to 4 (as many bytes as bf16), and
+[.., S, K * H] int8 made XLA relay the whole cache out around each step's one-entry-per-row
+write (15 GB accessed in the decode program's cost analysis against bf16's 5); int32 words
+[.., K * H / 4] pad 3b's 64 lanes to 128 (38 GB). int16 pairs are written in place like bf16
+(5.4 GB, temp as bf16's), and read back with a bitcast.
+
+The scales are fp32 [Y, B, K, S]: fp32 because a scale rounded to bf16 (2**-9 relative) would
+shift every dequantized value of its entry by up to 127 * 2**-9 of a step, more than the
+rounding itself; the entry axis is minor-most, so the decode kernels read a block of entries'
+scales as one lane row [K, block] that multiplies the [G, block] logits and probabilities
+([B, S, K] would pad K to 128 lanes). Decode attention never materialises the dequantized
+cache: keys' scales multiply the logits (q . k_e * s_e = q . (k_e * s_e)), values' scales the
+probabilities (sum_e p_e s_e v_e).
+
+A cache written in the compute dtype has no scales (None): the same leaves, programs and
+numbers as before int8 existed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import PartitionSpec
+
+from emor3_jax.core import sharding
+from emor3_jax.models.qwen25_vl.config import TextConfig
+from emor3_jax.models.qwen25_vl.stack import LAYER_AXIS
+
+KV_DTYPES = ("", "int8")  # "": the compute dtype
+K_CACHE_AXES = V_CACHE_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads", "head_dim")
+INT8_AXES = (LAYER_AXIS, "batch", "seq", "kv_heads")  # [Y, B, S, K * H / 2]: split by whole kv heads
+PAIR = jnp.int16  # the word two int8 values are stored in
+SCALE_AXES = (LAYER_AXIS, "batch", "kv_heads", "seq")
+SCALE_DTYPE = jnp.float32
+QMAX = 127  # symmetric: -128 is never used, so q and -q are both representable
+
+
+@struct.dataclass
+class KVCache:
+    """keys / values [Y, B, S, K, H] in the compute dtype, or int8 pairs [Y, B, S, K * H / 2]
+    int16 with key_scale / value_scale [Y, B, K, S] fp32 (else None). A decode step writes one
+    [K, H] entry per row, whole minor tiles, so XLA updates keys and values in place (with the entry axis minor-most
+    but one, the 3b decode compiled for v5p copied the cache: 10.6 GiB temp per chip instead of
+    2.1); each row's entries are contiguous, the blocks the live-span decode kernels read."""
+
+    keys: jax.Array
+    values: jax.Array
+    key_scale: jax.Array | None = None
+    value_scale: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+
+def cache_shapes(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str) -> dict[str, tuple]:
+    """{KVCache field: (logical axes, shape, dtype)} of a cache of `rows` rows, `entries` entries
+    each; dtype: the compute dtype, kv_dtype: one of KV_DTYPES."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_dtype!r}: expected one of {KV_DTYPES}")
+    y, k, h = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    kv = (y, rows, entries, k, h)
+    stored = jnp.dtype(kv_dtype or dtype)
+    if not kv_dtype:
+        return dict(keys=(K_CACHE_AXES, kv, stored), values=(V_CACHE_AXES, kv, stored))
+    packed, scale = (y, rows, entries, k * h // 2), (y, rows, k, entries)
+    return dict(
+        keys=(INT8_AXES, packed, jnp.dtype(PAIR)),
+        values=(INT8_AXES, packed, jnp.dtype(PAIR)),
+        key_scale=(SCALE_AXES, scale, SCALE_DTYPE),
+        value_scale=(SCALE_AXES, scale, SCALE_DTYPE),
+    )
+
+
+def empty(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str) -> KVCache:
+    """A zero cache (`cache_shapes`), sharded by its logical axes (inside jit)."""
+    leaves = cache_shapes(cfg, rows, entries, dtype, kv_dtype)
+    return KVCache(**{name: sharding.constrain(jnp.zeros(s, d), axes) for name, (axes, s, d) in leaves.items()})
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] -> (q [..., H] int8, scale [...] fp32), symmetric absmax over H (see above).
+    An all-zero vector gets scale 0 and q 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / QMAX
+    safe = jnp.where(scale > 0, scale, 1.0)  # 0 / 0 would be NaN
+    q = jnp.clip(jnp.round(x32 / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)
+    return q, scale
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """q [..., H] int8, scale [...] -> fp32 [..., H]."""
+    return q.astype(jnp.float32) * scale[..., None]
+
+
+def _stored(cache: KVCache, k: jax.Array, v: jax.Array) -> dict[str, jax.Array]:
+    """New keys / values [B, T, K, H] as the cache stores them: {field: [B, T, K, H], or int8
+    pairs [B, T, K * H / 2] and scales [B, K, T]}."""
+    if not cache.quantized:
+        return dict(keys=k.astype(cache.keys.dtype), values=v.astype(cache.values.dtype))
+    (kq, ks), (vq, vs) = quantize(k), quantize(v)
+    b, t = k.shape[:2]
+    pack = lambda x: jax.lax.bitcast_convert_type(x.reshape(b, t, -1, 2), PAIR)
+    return dict(keys=pack(kq), values=pack(vq), key_scale=ks.swapaxes(1, 2), value_scale=vs.swapaxes(1, 2))
+
+
+def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
+    """k / v [B, T, K, H] written at entries 0..T-1 of layer `layer`."""
+    new = _stored(cache, k, v)
+    return cache.replace(
+        **{
+            f: jax.lax.dynamic_update_slice(getattr(cache, f), x[None], (layer,) + (0,) * x.ndim)
+            for f, x in new.items()
+        }
+    )
+
+
+def write_rows(cache: KVCache, k: jax.Array, v: jax.Array, layer, index: jax.Array) -> KVCache:
+    """k / v [B, 1, K, H] written at layer `layer`, entry index [B] of each row."""
+    axes = _axes(cache)
+    entry = lambda f, x: x[..., 0] if axes[f] == SCALE_AXES else x[:, 0]  # drop T = 1
+    new = _stored(cache, k, v)
+    return cache.replace(
+        **{f: _write_rows(getattr(cache, f), entry(f, x), layer, index, axes[f]) for f, x in new.items()}
+    )
+
+
+def _write_rows(leaf: jax.Array, new: jax.Array, layer, index: jax.Array, axes: tuple) -> jax.Array:
+    """leaf [Y, B, S, ...] with new [B, ...] at (layer, b, index[b]), or scales [Y, B, K, S]
+    with new [B, K] at (layer, b, :, index[b]): a scatter on each device's own rows
+    (shard_map), which XLA does in place; across a sharded batch its partitioner would gather
+    the rows and copy the cache."""
+    scales = axes == SCALE_AXES
+    if scales:
+        write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), :, i].set(x)
+    else:
+        write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), i].set(x)
+    spec = sharding.current_spec(axes, leaf.shape)
+    if spec is None:
+        return write(leaf, new, index)
+    entry = 3 if scales else 2
+    new_spec = PartitionSpec(*(spec[d] for d in range(1, leaf.ndim) if d != entry))
+    return jax.shard_map(write, in_specs=(spec, new_spec, PartitionSpec(spec[1])), out_specs=spec, check_vma=False)(
+        leaf, new, index
+    )
+
+
+def _axes(cache: KVCache) -> dict[str, tuple]:
+    """Each present field's logical axes."""
+    if not cache.quantized:
+        return dict(keys=K_CACHE_AXES, values=V_CACHE_AXES)
+    return dict(keys=INT8_AXES, values=INT8_AXES, key_scale=SCALE_AXES, value_scale=SCALE_AXES)
+
+
+def constrain(cache: KVCache) -> KVCache:
+    return cache.replace(**{f: sharding.constrain(getattr(cache, f), a) for f, a in _axes(cache).items()})
+
+
+def layer(cache: KVCache, i, dtype) -> tuple[jax.Array, ...]:
+    """Layer i as decode attention reads it: (keys, values) [B, S, K, H] in `dtype`, or int8
+    keys and values [B, S, K * H] (unpacked from their pairs) with their scales [B, K, S]."""
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+    if not cache.quantized:
+        return take(cache.keys).astype(dtype), take(cache.values).astype(dtype)
+    unpack = lambda w: jax.lax.bitcast_convert_type(w, jnp.int8).reshape(*w.shape[:-1], -1)
+    return unpack(take(cache.keys)), unpack(take(cache.values)), take(cache.key_scale), take(cache.value_scale)
