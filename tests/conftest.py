@@ -28,28 +28,6 @@ import pytest  # noqa: E402
 # Parity is checked in fp32: keep XLA's CPU matmuls at full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The files that take a minute or more on 2 cores, longest first. The suite runs on two xdist
-# workers that take whole files in collection order (`--dist loadfile --no-loadscope-reorder`;
-# the default reorder puts files with many tests first): collected last, these kept one worker
-# busy for minutes after the other had finished (19 min for the suite, 4 of them on one worker).
-LONGEST_FIRST = (
-    "test_faults.py",
-    "test_train.py",
-    "test_benches.py",
-    "test_lora_training.py",
-    "test_experience.py",
-    "test_eval.py",
-    "test_compile_for.py",
-    "test_vision_buckets.py",
-    "test_continuous.py",
-    "test_multihost.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
 
 @pytest.fixture(scope="session")
 def hf_tiny():

@@ -71,6 +71,7 @@ def test_sampling_gpu_path_on_cpu(capsys, monkeypatch):
     assert "4 rows x 4 new tokens" in out and "decode step" in out, out  # --smoke: 2 prompts
 
 
+@pytest.mark.slow  # ~45 s of CI (two trainer steps in a subprocess); the trainer's steps: tests/test_train.py
 def test_grpo_step_small():
     """The real trainer for two GRPO steps on the small model; the phase table from its metrics.
     As the bench runs, on one CPU device (the suite's 8 fake ones would only slow it down)."""

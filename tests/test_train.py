@@ -456,6 +456,7 @@ def test_cold_start_trains_on_data_cold_start(tmp_path):
     assert [r["step"] for r in rows if r["phase"] == "cold_start"] == [1, 2]
 
 
+@pytest.mark.slow  # ~50 s of CI; the chunked tower's gradients and programs: tests/models/test_vision_buckets.py
 def test_batches_of_images_past_the_largest_vision_bucket_train_and_evaluate(tmp_path, monkeypatch):
     """Issue 21's stop, made small: a largest vision bucket of one image (16 patches at
     data.max_pixels) passes validation; the cold start's batch, the rollout's prefill group and
