@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from qwen_fixtures import IMAGE, PATCH_DIM, VEND, VSTART
 
 from emor3_jax import config_lib
 from emor3_jax.core import sharding
-from emor3_jax.core.batches import Prompt
 from emor3_jax.models.qwen25_vl import kv_cache
 from emor3_jax.models.qwen25_vl import ragged_decode as rd
 from emor3_jax.sampling.methods import GREEDY
 from emor3_jax.sampling.sampler import Sampler
+from tests.sampling.test_continuous import _prompt
 
 K, S, H = 2, 512, 32
 SPANS = [(0, 37), (150, 333), (400, 512), (127, 129)]  # off block boundaries; one across a boundary
@@ -162,21 +161,6 @@ def test_int8_tpu_kernel_lowers_to_mosaic_at_3b_shapes(g):
 
 
 # ---------------------------------------------------------------- the tiny model's sampler
-def _prompt(rng, segments):
-    """segments: ints (text tokens) or (h, w) image grids in patches."""
-    ids, pixels, grids = [], [], []
-    for seg in segments:
-        if isinstance(seg, int):
-            ids += rng.integers(1, IMAGE - 10, size=seg).tolist()
-        else:
-            grids.append([1, *seg])
-            pixels.append(rng.standard_normal((seg[0] * seg[1], PATCH_DIM)).astype(np.float32))
-            ids += [VSTART] + [IMAGE] * (seg[0] * seg[1] // 4) + [VEND]
-    if not grids:
-        return Prompt(np.array(ids))
-    return Prompt(np.array(ids), np.concatenate(pixels), np.array(grids))
-
-
 PROMPTS = [[4, (8, 12), 5], [9], [2, (4, 4), 7], [30]]
 
 
