@@ -265,23 +265,19 @@ def test_the_rollout_programs_take_the_rollout_copy(tmp_path):
 
 
 def test_the_gradients_take_a_key_with_lora_dropout(tmp_path, monkeypatch):
-    """lora.rank=8 with lora.dropout=0.1: the (packed) GRPO gradient is traced with the adapters'
-    dropout, its key an abstract argument (one program for every step's key), and compiles for
-    the slice under fsdp; the cold start's goes through the same `_dropout` (its values:
-    tests/rl/test_lora_training.py)."""
+    """lora.rank=8 with lora.dropout=0.1: the GRPO (packed) and cold-start gradients are traced
+    with the adapters' dropout, its key an abstract argument (one program for every step's key).
+    Traced for their shapes only (--compile_programs): compiling the packed gradient for the
+    slice as well passes too, at 13 s more."""
     from emor3_jax.models import lora
 
     c = small_tiny(tmp_path)
     c.lora.rank, c.lora.dropout = 8, 0.1
     rates, drop = [], lora.drop
     monkeypatch.setattr(lora, "drop", lambda x, d: rates.append(d.rate) or drop(x, d))  # each traced mask
-    only = frozenset({"gradient"})
     with contextlib.redirect_stdout(io.StringIO()):
-        assert compile_for.main(c, TOPOLOGY, only=only) == 0
+        assert compile_for.main(c, TOPOLOGY, only=frozenset({"optimizer_step"})) == 0
     assert rates and set(rates) == {0.1}
-    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
-        got = {p["name"]: p for p in json.load(f)["programs"] if "skipped" not in p}
-    assert set(got) == only and all("error" not in p and p["flops"] > 0 for p in got.values()), got
 
 
 @pytest.mark.slow  # 10 to 20 minutes on 2 cores: every program of the real 3b step
