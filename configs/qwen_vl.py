@@ -104,6 +104,10 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # moves slower than full fine-tuning's (tiny's cold start at 1x ended at loss 0.73 and 0.13
     # held-out accuracy; 5x, 0.28: docs/results.md "LoRA on the tiny model"). Ignored at rank 0.
     c.lora.lr_multiplier = 5.0
+    # PEFT's lora_dropout: in the gradient passes alone (not rollouts, log-probs or evaluation),
+    # each element of an adapter's input is zeroed with this probability, the rest scaled by
+    # 1 / (1 - p); keyed by (seed, step, micro-batch), so a resumed run repeats it. 0: off, as PEFT.
+    c.lora.dropout = 0.0
 
     c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))  # a tuple: ml_collections overrides tuples, not lists
     c.logical_axis_rules = [list(rule) for rule in DEFAULT_RULES]  # logical axis -> mesh axes

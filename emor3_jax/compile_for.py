@@ -341,6 +341,12 @@ def _key(mesh: Mesh) -> jax.ShapeDtypeStruct:
     return _replicated(mesh, key.shape, key.dtype)
 
 
+def _dropout(t: Target) -> lora.Dropout | None:
+    """The LoRA dropout a gradient program takes: an abstract key at lora.dropout > 0 (the same
+    program for every step), else None (the program without dropout)."""
+    return lora.Dropout(_key(t.mesh), t.c.lora.dropout) if t.c.lora.dropout else None
+
+
 def _cache(t: Target, slots: int, entries: int) -> KVCache:
     """The sampler's decode cache (keys and values, every layer stacked: [Y, W, S, K, H]; with
     an int8 cache their scales [Y, W, K, S]), sharded as `empty_cache` constrains it."""
@@ -618,7 +624,7 @@ def _update_programs(s: Session) -> dict:
             )
             logp = s.run(program)
     f32 = lambda *shape: _replicated(t.mesh, shape, np.float32)
-    args = (t.params, batch, logp, logp, f32(st.micro_batch), f32(*logp.shape), 1.0)
+    args = (t.params, batch, logp, logp, f32(st.micro_batch), f32(*logp.shape), 1.0, _dropout(t))
     held = ("optimizer", "reference") + (("gradients",) if per_step > 1 else ())
     grads, _ = s.run(Program("gradient", grad_fn, args, micro, held, "grpo", "learner"))
     if per_step > 1:
@@ -648,7 +654,7 @@ def _cold_start_programs(s: Session) -> None:
             Program(
                 name,
                 grad_fn,
-                (t.params, batch, f32(rows, length - 1), 1.0),
+                (t.params, batch, f32(rows, length - 1), 1.0, _dropout(t)),
                 1,
                 ("optimizer",) + held,
                 "cold_start",

@@ -76,6 +76,7 @@ RANGES = (
     ("lora.rank", _at_least(0), "must be >= 0 (0: full fine-tuning)"),
     ("lora.alpha", _positive, "must be > 0 (the adapters' term is scaled by alpha / rank)"),
     ("lora.lr_multiplier", _positive, "must be > 0 (a LoRA run's learning rates are the phases' times it)"),
+    ("lora.dropout", lambda x: 0 <= x < 1, "must be in [0, 1) (the probability an adapter's input element is zeroed)"),
     ("cold_start.steps", _at_least(0), "must be >= 0 (0: no cold start)"),
     ("cold_start.batch_size", _at_least(1), "must be >= 1"),
     ("cold_start.learning_rate", _positive, "must be > 0"),
@@ -342,14 +343,19 @@ def _model(c: ConfigDict) -> list[str]:
 
 
 def _lora(c: ConfigDict) -> list[str]:
-    """lora: targets the adapters can take, the base's dtype, the reference (the base itself) in
-    it (rank and alpha: RANGES)."""
+    """lora: targets the adapters can take, dropout only with adapters, the base's dtype, the
+    reference (the base itself) in it (rank, alpha and dropout's range: RANGES)."""
     lo = c.lora
     unknown = sorted(set(lo.targets) - set(lora.TARGETS))
     return _failed(
         (
             not lo.rank or (bool(lo.targets) and not unknown),
             f"--config.lora.targets={tuple(lo.targets)} must be a non-empty selection of {tuple(lora.TARGETS)}",
+        ),
+        (
+            lo.rank or not lo.dropout,
+            f"--config.lora.dropout={lo.dropout} with --config.lora.rank=0: dropout acts on the adapters' inputs, "
+            "and full fine-tuning has none; set lora.rank > 0 or lora.dropout=0",
         ),
         (
             c.model.base_dtype in DTYPES,

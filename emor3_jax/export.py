@@ -74,7 +74,8 @@ def export(
             base_dir = paths.join(out, "base")
             save_hf(base_of(model), base_dir, **hf)
             _copy_tokenizer(config, workdir, base_dir)
-        save_peft(model, out, base=base_dir)
+        # a run saved before lora.dropout existed trained without
+        save_peft(model, out, base=base_dir, dropout=config["lora"].get("dropout", 0.0))
         return out
     save_merged(model, out, **hf)
     if like is None:

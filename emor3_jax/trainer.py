@@ -122,6 +122,13 @@ class Run:
         """The learner of `tx` over what trains: every parameter, or the LoRA adapters alone."""
         return Learner(self.graphdef, tx, trainable=lora.trainable(self.c.lora.rank))
 
+    def _dropout(self, step: int) -> lora.Dropout | None:
+        """The LoRA dropout of global step `step`'s gradient passes, None at lora.dropout = 0: keyed
+        by (seed, step) like every draw of the run (the steps fold in each micro-batch), so a
+        resumed step drops out what the lost one did."""
+        rate = self.c.lora.dropout
+        return lora.Dropout(jax.random.fold_in(self.key, 3 * 10**6 + step), rate) if rate else None
+
     def _reference(self):
         """The GRPO reference of the current params: a copy in rl.reference_dtype, or with LoRA
         a copy of the adapters over the base itself (reference.frozen)."""
@@ -226,7 +233,9 @@ class Run:
                 records = multihost.gather_records(next(it))
                 try:
                     with self.rt.ctx():
-                        self.params, opt, metrics = step_fn.update(self.params, opt, records, step=step)
+                        self.params, opt, metrics = step_fn.update(
+                            self.params, opt, records, step=step, dropout=self._dropout(step)
+                        )
                 except FloatingPointError as e:
                     self._stop("cold_start", str(e))
                 norm = self._check_step("cold_start", step, norm)
@@ -304,7 +313,9 @@ class Run:
                     t = time.perf_counter()
                     try:
                         with self.prof.phase("update"):
-                            self.params, opt, metrics = step_fn.update(self.params, opt, exp, step=gstep)
+                            self.params, opt, metrics = step_fn.update(
+                                self.params, opt, exp, step=gstep, dropout=self._dropout(gstep)
+                            )
                     except FloatingPointError as e:
                         self._stop("grpo", str(e))
                     exp.times["update_s"] = time.perf_counter() - t

@@ -34,6 +34,7 @@ BAD = {
     "lora.rank": -1,
     "lora.alpha": 0.0,
     "lora.lr_multiplier": 0.0,
+    "lora.dropout": 1.0,
     "cold_start.steps": -3,
     "cold_start.batch_size": 0,
     "cold_start.learning_rate": -1e-3,
@@ -276,6 +277,9 @@ def test_bad_rollout_copy_settings_name_their_flag(overrides, message):
         ({"lora.rank": 8, "lora.targets": ()}, "--config.lora.targets=() must be a non-empty selection of"),
         ({"lora.rank": 8, "lora.targets": ("mlp", "head")}, "--config.lora.targets=('mlp', 'head') must be"),
         ({"model.base_dtype": "int8"}, "--config.model.base_dtype='int8' must be one of"),
+        ({"lora.rank": 8, "lora.dropout": -0.1}, "--config.lora.dropout=-0.1 must be in [0, 1)"),
+        ({"lora.rank": 8, "lora.dropout": 1.0}, "--config.lora.dropout=1.0 must be in [0, 1)"),
+        ({"lora.dropout": 0.05}, "--config.lora.dropout=0.05 with --config.lora.rank=0: dropout acts on the adapters'"),
         (
             {"lora.rank": 8, "rl.reference_dtype": "float32"},
             "--config.rl.reference_dtype='float32' with --config.lora.rank=8: the reference is the base itself",
@@ -453,3 +457,19 @@ def test_the_3b_vision_buckets_hold_the_largest_two_stage_image():
         config_lib.validate_shapes(c)
     c.data.resize = "one_stage"  # ours stays within max_pixels: 4 x 5,349 patches
     config_lib.validate_shapes(c)
+
+
+def test_lora_dropout_is_a_training_setting_not_the_architecture():
+    """Another lora.dropout on resume is refused like rl.learning_rate (accepted with
+    --accept_changes=lora.dropout), never as another model: the ModelConfig, and with it the
+    architecture each checkpoint records, is the same whatever the dropout."""
+    lora = {"lora.rank": 8}
+    saved = _config(**lora).to_json()
+    new = _config(**lora, **{"lora.dropout": 0.1})
+    config_lib.validate(new)
+    with pytest.raises(ValueError, match=r"lora\.dropout: 0\.0 -> 0\.1\. .*--accept_changes=lora\.dropout;"):
+        config_lib.resume_changes(saved, new)
+    assert config_lib.resume_changes(saved, new, accepted=["lora.dropout"]) == [
+        "lora.dropout: 0.0 -> 0.1 (accepted by --accept_changes)"
+    ]
+    assert config_lib.runtime_fields(new) == config_lib.runtime_fields(_config(**lora))

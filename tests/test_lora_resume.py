@@ -1,7 +1,8 @@
-"""A LoRA run (lora.rank=8) on test_train's very small config: its checkpoints hold the fp32
-adapters alone (params and reference), not the bf16 base, which never changes from its random
-init; SIGTERM in the cold start and in GRPO, then resume, reaches the uninterrupted run's params
-and logs bit for bit."""
+"""A LoRA run (lora.rank=8, lora.dropout=0.1) on test_train's very small config: its checkpoints
+hold the fp32 adapters alone (params and reference), not the bf16 base, which never changes from
+its random init; SIGTERM in the cold start and in GRPO, then resume, reaches the uninterrupted
+run's params and logs bit for bit (the dropout masks keyed by seed, step and micro-batch, so
+the resumed steps drop out what the lost ones did)."""
 
 import os
 import signal
@@ -24,7 +25,7 @@ from tests.test_train import _metrics, small_config
 # ~1.6 min of CI (two LoRA runs and a kill/resume): slow, listed in tests/README.md
 pytestmark = pytest.mark.slow
 
-LORA = {"lora.rank": 8}
+LORA = {"lora.rank": 8, "lora.dropout": 0.1}
 
 
 def _checkpoint(workdir) -> tuple[int, dict, dict]:

@@ -2,12 +2,16 @@
 
 A model is an `nnx.Module` with (letters: B rows, T tokens, S cache slots, D width, V vocab)
 
-    embed(input_ids [B, T], pixels [L, C] | None, layout | None) -> x [B, T, D]
-    hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None) -> h [B, T, D]
+    embed(input_ids [B, T], pixels [L, C] | None, layout | None, dropout | None) -> x [B, T, D]
+    hidden_states(x, positions [3, B, T], attention_mask [B, T], segment_ids [B, T] | None,
+        dropout | None) -> h [B, T, D]
     decode(x, positions, attn, cache, index) -> (h [B, T, D], cache); attn: Segments (q [B, T],
         kv [B, T] ids, causal) for a prefill from entry 0, Live (start / end [B]: each row's live
         cache entries) for a decode step, its token written at entry index [B]
-    logits(h [..., D]) -> [..., V] fp32
+    logits(h [..., D], dropout | None) -> [..., V] fp32
+
+`dropout` (a models.lora.Dropout) is given by the learner's gradient passes alone: the LoRA
+dropout of the adapters' inputs (None everywhere else: no dropout).
 
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
@@ -67,12 +71,17 @@ class Model(Protocol):
 
     cfg: ModelConfig
 
-    def embed(self, input_ids: jax.Array, pixels=None, layout=None) -> jax.Array: ...
+    def embed(self, input_ids: jax.Array, pixels=None, layout=None, dropout=None) -> jax.Array: ...
 
     def hidden_states(
-        self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        segment_ids: jax.Array | None = None,
+        dropout=None,
     ) -> jax.Array: ...
 
     def decode(self, x: jax.Array, positions: jax.Array, attn: Segments | Live, cache: Cache, index) -> tuple: ...
 
-    def logits(self, h: jax.Array) -> jax.Array: ...
+    def logits(self, h: jax.Array, dropout=None) -> jax.Array: ...

@@ -1,5 +1,7 @@
 """LoRA adapters (Hu et al. 2021, as PEFT implements them): a frozen projection y = x @ W gains
-a trainable low-rank term, y = x @ W + (x @ A) @ B * (alpha / rank).
+a trainable low-rank term, y = x @ W + (x @ A) @ B * (alpha / rank). With `Dropout` (PEFT's
+lora_dropout, in gradient passes only) the adapter's input is dropped out: y = x @ W +
+(dropout(x) @ A) @ B * (alpha / rank), the base term seeing x unchanged.
 
 A [in, r] is drawn as PEFT draws lora_A (kaiming-uniform with a = sqrt(5), nn.Linear's init:
 U(-1/sqrt(in), 1/sqrt(in))), B [r, out] starts at zeros, so an adapted model at step 0 is its
@@ -13,6 +15,12 @@ without adapters): `trainable` (the filter of what an optimizer updates), `adapt
 base's outputs exactly: every adapter matrix zeros), `merged` (W + A B s in the kernels),
 `adapters` / `with_adapters` (what a checkpoint holds and its return onto a base) and
 `base_fingerprint` (which base weights the adapters were trained on).
+
+Dropout is keyed, never stateful: a `Dropout` (key, rate) travels down a forward pass beside
+the activations, each module folding its own number into the key (`fold`; a scanned stack's
+layers take one key each, `split`), so every projection of every layer draws its own mask and a
+step's masks are a function of the key it was given. A module's numbers are distinct among its
+own children (projections 0-6 of a decoder layer, layers 0..Y-1 of a stack, ...).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import hashlib
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from emor3_jax.core.multihost import to_host
 
@@ -54,6 +62,36 @@ class Adapter:
 def adapter(rank: int, alpha: float, targets: tuple[str, ...], group: str) -> Adapter | None:
     """The adapter of projection group `group` (a TARGETS name), None where it gets none."""
     return Adapter(rank, alpha / rank) if rank and group in targets else None
+
+
+@struct.dataclass
+class Dropout:
+    """PEFT's lora_dropout of one forward pass: each element of an adapter's input is zeroed with
+    probability `rate` (static) and the rest scaled by 1 / (1 - rate), the mask drawn from `key`
+    (a typed PRNG key; [n] keys where a scan or map hands one to each of n layers or chunks)."""
+
+    key: jax.Array
+    rate: float = struct.field(pytree_node=False)
+
+
+def fold(d: Dropout | None, n: int) -> Dropout | None:
+    """The dropout of sub-module or projection number `n` (None stays None: no ops added)."""
+    return None if d is None else d.replace(key=jax.random.fold_in(d.key, n))
+
+
+def split(d: Dropout | None, n: int) -> Dropout | None:
+    """n dropouts in one, key [n], the i-th fold(d, i): the xs of a scan or map over n layers or
+    chunks (None: None). Folds, not jax.random.split, so that every key of a pass is a path of
+    numbers from its root and two modules differ whenever their paths do."""
+    return None if d is None else d.replace(key=jax.vmap(lambda i: jax.random.fold_in(d.key, i))(jnp.arange(n)))
+
+
+def drop(x: jax.Array, d: Dropout) -> jax.Array:
+    """x [..., in] with each element zeroed with probability d.rate, the rest divided by 1 - rate
+    (nn.Dropout in train mode): the expectation is x."""
+    keep = 1.0 - d.rate
+    mask = jax.random.bernoulli(d.key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 def trainable(rank: int):

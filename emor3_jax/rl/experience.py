@@ -34,6 +34,7 @@ import numpy as np
 
 from emor3_jax.core import multihost, sharding
 from emor3_jax.core.batches import PackedBatch
+from emor3_jax.models import lora
 from emor3_jax.rl import balance, rollout_weights
 from emor3_jax.rl.advantages import ESTIMATORS, compute_advantages
 from emor3_jax.rl.learner import GRPOSettings, Learner
@@ -287,14 +288,17 @@ class GRPOStep:
         times["reflection_s"] = time.perf_counter() - t
         return ro
 
-    def update(self, params, opt, exp: Experience, *, step: int) -> tuple[object, object, dict]:
+    def update(
+        self, params, opt, exp: Experience, *, step: int, dropout: lora.Dropout | None = None
+    ) -> tuple[object, object, dict]:
         """One pass over the experience in mini-batches of update_batch prompts, one optimizer
         step each, its gradient accumulated over micro-batches weighted as
         `micro_batch_weighting` says. A mini-batch whose loss or gradient norm is not finite is
         skipped (no optimizer step, as the official run does); more than max_skipped_steps
         skipped in a row, across updates, stop the run naming `step`. Returns (params, opt,
         metrics averaged over micro-batches, grad_norm over optimizer steps, skipped_steps:
-        the mini-batches skipped in this update)."""
+        the mini-batches skipped in this update). `dropout`: the step's LoRA dropout (None: none),
+        folded with each micro-batch's index in `exp.batches`."""
         s, learner = self.s, self.learner
         per_step = s.update_batch * s.num_generations // s.micro_batch  # micro-batches per optimizer step
         sums, count, norms, losses = {}, 0, [], []
@@ -311,6 +315,7 @@ class GRPOStep:
             for i, size in zip(group, sizes):
                 batch, mask = exp.batches[i]
                 args = (exp.old_logp[i], exp.ref_logp[i], exp.advantages[exp.micro[i]], mask, size / total, s.loss)
+                args += (lora.fold(dropout, i),)
                 if isinstance(batch, PackedBatch):
                     g, m = learner.packed_grpo_grads(params, batch, *args)
                 else:

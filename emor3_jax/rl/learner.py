@@ -11,6 +11,11 @@ rl/packing.py) and returns the same [R, G] layout, so the loss never sees the pa
 
 Gradients are accumulated over micro-batches with weights that make the sum equal the
 loss over the whole mini-batch (token-mean: each micro-batch's tokens over all tokens).
+
+LoRA dropout (lora.dropout > 0) runs in the gradient passes alone: each grad function takes a
+`lora.Dropout` (its key traced, so one program serves every step; None: the program without
+dropout). Rollouts, old and reference log-probs, evaluation and export see no dropout, as with
+PEFT's model.train() for the loss's forward pass and model.eval() everywhere else.
 """
 
 from __future__ import annotations
@@ -27,32 +32,41 @@ from flax import nnx
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import PackedBatch, SequenceBatch
 from emor3_jax.core.multihost import to_host
+from emor3_jax.models import lora
 from emor3_jax.rl import grpo
 
 
-def response_logprobs(model, batch: SequenceBatch, start: int, length: int, chunk: int = 256):
-    """Log-probs and entropies [R, length] of tokens start+1 .. start+length (static ints)."""
-    x = model.embed(batch.input_ids, batch.pixels, batch.layout)
-    h = model.hidden_states(x, batch.positions, batch.attention_mask)[:, start : start + length]  # [R, length, D]
-    return _token_scores(model, h, batch.input_ids[:, start + 1 : start + 1 + length], chunk)
+def response_logprobs(
+    model, batch: SequenceBatch, start: int, length: int, chunk: int = 256, dropout: lora.Dropout | None = None
+):
+    """Log-probs and entropies [R, length] of tokens start+1 .. start+length (static ints).
+    `dropout`: the LoRA dropout of a gradient pass (None: none)."""
+    body, head = lora.fold(dropout, 0), lora.fold(dropout, 1)
+    x = model.embed(batch.input_ids, batch.pixels, batch.layout, body)
+    h = model.hidden_states(x, batch.positions, batch.attention_mask, dropout=body)
+    h = h[:, start : start + length]  # [R, length, D]
+    return _token_scores(model, h, batch.input_ids[:, start + 1 : start + 1 + length], chunk, head)
 
 
-def packed_logprobs(model, packed: PackedBatch, chunk: int = 256):
+def packed_logprobs(model, packed: PackedBatch, chunk: int = 256, dropout: lora.Dropout | None = None):
     """Log-probs and entropies [R, G] of the packed rows' response tokens, unpacked: only the
     hidden states at `packed.scored` [P, N] reach the vocabulary projection (never a prompt
-    position or a row's padding to G), and `packed.index` puts each score in its row."""
+    position or a row's padding to G), and `packed.index` puts each score in its row.
+    `dropout`: the LoRA dropout of a gradient pass (None: none)."""
     b = packed.batch
-    x = model.embed(b.input_ids, b.pixels, b.layout)
-    h = model.hidden_states(x, b.positions, b.attention_mask, b.segment_ids)  # [P, L, D]
+    body, head = lora.fold(dropout, 0), lora.fold(dropout, 1)
+    x = model.embed(b.input_ids, b.pixels, b.layout, body)
+    h = model.hidden_states(x, b.positions, b.attention_mask, b.segment_ids, body)  # [P, L, D]
     h = jnp.take_along_axis(h, packed.scored[..., None], axis=1)  # [P, N, D], within each pack
     targets = jnp.take_along_axis(b.input_ids, packed.scored + 1, axis=1)  # [P, N]: the tokens they predict
-    logp, ent = _token_scores(model, h, targets, chunk)
+    logp, ent = _token_scores(model, h, targets, chunk, head)
     return logp.reshape(-1)[packed.index], ent.reshape(-1)[packed.index]
 
 
-def _token_scores(model, h, targets, chunk: int):
+def _token_scores(model, h, targets, chunk: int, dropout: lora.Dropout | None = None):
     """Log-probs of targets [R, T] and entropies, both [R, T], from hidden states h [R, T, D],
-    the logits formed C positions at a time (rematerialised in the backward pass)."""
+    the logits formed C positions at a time (rematerialised in the backward pass), each chunk
+    with its own LoRA dropout of an adapted lm_head."""
     length = h.shape[1]
     chunk = min(chunk, length)  # a short response is one chunk, not padded to C
     n_chunks = -(-length // chunk)
@@ -64,11 +78,11 @@ def _token_scores(model, h, targets, chunk: int):
 
     @jax.checkpoint
     def one(args):
-        hx, tx = args
-        logits = model.logits(hx)  # [R, C, V] fp32
+        hx, tx, d = args
+        logits = model.logits(hx, d)  # [R, C, V] fp32
         return grpo.token_logprobs(logits, tx), grpo.entropy(logits)
 
-    logp, ent = jax.lax.map(one, (hc, tc))
+    logp, ent = jax.lax.map(one, (hc, tc, lora.split(dropout, n_chunks)))  # no dropout: (hc, tc, None)
     unchunk = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1)[:, :length]
     return unchunk(logp), unchunk(ent)
 
@@ -248,19 +262,21 @@ class Learner:
         return self._packed_logprobs(params, packed)
 
     # ---- gradients ----
-    def sft_grads(self, params, batch: SequenceBatch, loss_mask, weight):
+    # Each takes `dropout`, the LoRA dropout of its forward pass (lora.dropout > 0: a
+    # lora.Dropout keyed by the run's seed, step and micro-batch; None: none, today's program).
+    def sft_grads(self, params, batch: SequenceBatch, loss_mask, weight, dropout: lora.Dropout | None = None):
         """Gradient of weight * (masked mean NLL of the tokens loss_mask [R, T-1] marks)."""
-        return self.sft_grad_fn()(params, batch, loss_mask, weight)
+        return self.sft_grad_fn()(params, batch, loss_mask, weight, dropout)
 
     def sft_grad_fn(self):
         """The jitted function `sft_grads` calls (compile_for lowers it)."""
         fn = self._grad.get("sft")
         if fn is None:
 
-            def loss_fn(p, batch, loss_mask, weight):
+            def loss_fn(p, batch, loss_mask, weight, dropout):
                 model = nnx.merge(self.graphdef, p)
                 length = batch.input_ids.shape[1] - 1
-                logp, _ = response_logprobs(model, batch, 0, length, self.chunk)
+                logp, _ = response_logprobs(model, batch, 0, length, self.chunk, dropout)
                 nll = -(logp * loss_mask).sum() / jnp.maximum(loss_mask.sum(), 1)
                 return weight * nll, {"loss": nll, "tokens": loss_mask.sum()}
 
@@ -279,33 +295,46 @@ class Learner:
         mask,
         weight,
         settings: GRPOSettings,
+        dropout: lora.Dropout | None = None,
     ):
         """Gradient of weight * GRPO loss on one micro-batch; metrics alongside."""
-        return self.grpo_grad_fn(start, length, settings)(params, batch, old_logp, ref_logp, advantages, mask, weight)
+        fn = self.grpo_grad_fn(start, length, settings)
+        return fn(params, batch, old_logp, ref_logp, advantages, mask, weight, dropout)
 
     def grpo_grad_fn(self, start: int, length: int, settings: GRPOSettings):
         """The jitted function `grpo_grads` calls (compile_for lowers it)."""
-        score = lambda model, b: response_logprobs(model, b, start, length, self.chunk)
+        score = lambda model, b, d: response_logprobs(model, b, start, length, self.chunk, d)
         return self._grpo_grad_fn(("grpo", start, length, settings), score, settings)
 
     def packed_grpo_grads(
-        self, params, packed: PackedBatch, old_logp, ref_logp, advantages, mask, weight, settings: GRPOSettings
+        self,
+        params,
+        packed: PackedBatch,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        weight,
+        settings: GRPOSettings,
+        dropout: lora.Dropout | None = None,
     ):
         """`grpo_grads` of a micro-batch of packed rows (the same loss on the same [R, G] layout)."""
-        return self.packed_grpo_grad_fn(settings)(params, packed, old_logp, ref_logp, advantages, mask, weight)
+        fn = self.packed_grpo_grad_fn(settings)
+        return fn(params, packed, old_logp, ref_logp, advantages, mask, weight, dropout)
 
     def packed_grpo_grad_fn(self, settings: GRPOSettings):
         """The jitted function `packed_grpo_grads` calls (compile_for lowers it)."""
-        score = lambda model, b: packed_logprobs(model, b, self.chunk)
+        score = lambda model, b, d: packed_logprobs(model, b, self.chunk, d)
         return self._grpo_grad_fn(("grpo_packed", settings), score, settings)
 
     def _grpo_grad_fn(self, key, score, settings: GRPOSettings):
-        """The jitted gradient of weight * GRPO loss, the log-probs [R, G] from score(model, batch)."""
+        """The jitted gradient of weight * GRPO loss, the log-probs [R, G] from
+        score(model, batch, dropout)."""
         fn = self._grad.get(key)
         if fn is None:
 
-            def loss_fn(p, batch, old_logp, ref_logp, advantages, mask, weight):
-                logp, ent = score(nnx.merge(self.graphdef, p), batch)
+            def loss_fn(p, batch, old_logp, ref_logp, advantages, mask, weight, dropout):
+                logp, ent = score(nnx.merge(self.graphdef, p), batch, dropout)
                 loss, metrics = grpo.grpo_loss(
                     logp,
                     old_logp,

@@ -22,6 +22,7 @@ import numpy as np
 
 from emor3_jax.core.batches import SequenceBatch
 from emor3_jax.data.encode import sft_batch
+from emor3_jax.models import lora
 from emor3_jax.rl.learner import Learner, check_finite
 
 
@@ -61,16 +62,20 @@ class SFTStep:
         inputs, loss_mask = sft_batch(examples, self.encoder.cfg, self.pad_id, self.s.buckets)
         return SequenceBatch.from_inputs(inputs), loss_mask
 
-    def update(self, params, opt, records: list[dict], *, step: int) -> tuple[object, object, dict]:
+    def update(
+        self, params, opt, records: list[dict], *, step: int, dropout: lora.Dropout | None = None
+    ) -> tuple[object, object, dict]:
         """One optimizer step on `records` (the global batch, the same on every process) and,
         with judge_batch_size, the judge's batch. Returns (params, opt, metrics: the SET rows'
         loss, grad_norm before clipping, tokens the loss is taken on, and judge_loss with a
         judge batch). A non-finite loss or gradient norm raises FloatingPointError naming
-        `step` (the caller says what is kept)."""
+        `step` (the caller says what is kept). `dropout`: the step's LoRA dropout (None: none),
+        folded with 0 for the SET batch and 1 for the judge's."""
         learner = self.learner
-        grads, m = learner.sft_grads(params, *self.set_batch(records), 1.0)
+        grads, m = learner.sft_grads(params, *self.set_batch(records), 1.0, lora.fold(dropout, 0))
         if self.s.judge_batch_size:
-            judge_grads, judge = learner.sft_grads(params, *self.judge_batch(records, step), 1.0)
+            judge = self.judge_batch(records, step)
+            judge_grads, judge = learner.sft_grads(params, *judge, 1.0, lora.fold(dropout, 1))
             grads = jax.tree.map(jnp.add, grads, judge_grads)
         params, opt, gnorm = learner.apply(params, opt, grads)
         check_finite(step, "cold_start", loss=m["loss"], grad_norm=gnorm)

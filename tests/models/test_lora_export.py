@@ -106,9 +106,10 @@ def test_a_bf16_base_merged_into_fp32_keeps_the_adapted_logits(adapted, hf_tiny_
 def test_peft_folder_loads_onto_the_transformers_base_with_our_logits(adapted, hf_tiny_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is in the test extra (pip install -e '.[test]')")
     out = str(tmp_path / "adapter")
-    save_peft(adapted, out, base=hf_tiny_dir)
+    save_peft(adapted, out, base=hf_tiny_dir, dropout=0.05)  # a training setting: eval() logits are the same
     config = json.loads(open(os.path.join(out, "adapter_config.json")).read())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (RANK, ALPHA, hf_tiny_dir)
+    assert config["lora_dropout"] == 0.05
     assert "model.visual.merger.mlp.0" in config["target_modules"]
     assert "model.language_model.layers.1.mlp.down_proj" in config["target_modules"]
     assert "lm_head" in config["target_modules"]

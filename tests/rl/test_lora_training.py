@@ -194,3 +194,28 @@ def test_the_rollout_copy_is_the_adapted_model_merged(dtype, atol):
     assert all(not np.asarray(x).any() for x in _split(copy)[0].values())  # merged: no adapter term
     np.testing.assert_allclose(got, want, atol=atol)
     assert np.abs(base - want).max() > 3 * atol
+
+
+def test_lora_dropout_gradients_repeat_with_their_key_and_change_with_another():
+    """The cold start's and GRPO's gradients with lora dropout 0.2 at fresh adapters (B's gradient,
+    (dropout(x) A)^T dL/dy, sees the masks): bit-identical again with the same key (what a resumed
+    step is given: the run's seed, step and micro-batch), another gradient with another key (no
+    dropout, or masks that ignore the key, would give the same). Adapters alone get gradients."""
+    cfg, _, graphdef, params = _model(8)
+    learner, batch = _learner(graphdef), _batch(cfg)
+    loss_mask = batch.attention_mask[:, 1:].astype(np.float32)
+    old = np.full((3, 7), -4.0, np.float32)  # about log(1 / 64): ratios near 1, inside the clip
+    settings = GRPOSettings(clip_low=0.2, clip_high=0.3, dual_clip=3.0, kl_coef=0.1, kl_kind="k3", loss_mode="token")
+    mask, advantages = batch.attention_mask[:, 3:].astype(np.float32), np.asarray([1.0, -1.0, 0.5], np.float32)
+    grads = {
+        "sft": lambda d: learner.sft_grads(params, batch, loss_mask, 1.0, d)[0],
+        "grpo": lambda d: learner.grpo_grads(params, batch, 2, 7, old, old, advantages, mask, 1.0, settings, d)[0],
+    }
+    for name, grad in grads.items():
+        first, again, other = (
+            [np.asarray(x) for x in jax.tree.leaves(grad(lora.Dropout(jax.random.key(k), 0.2)))] for k in (1, 1, 2)
+        )
+        assert len(first) == len(_split(params)[0]), name
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        assert max(np.abs(a - b).max() for a, b in zip(first, other)) > 1e-4, name

@@ -42,7 +42,8 @@ class Linear(nnx.Module):
     """y = x @ W (+ b), W stored [in, out] (HF stores [out, in]; convert.py transposes).
 
     With an `adapter` (models/lora.py), + (x @ A) @ B * scale: lora_a A [in, r] sharded on the
-    kernel's `in` axis, lora_b B [r, out] on its `out` axis, r unsharded, both fp32."""
+    kernel's `in` axis, lora_b B [r, out] on its `out` axis, r unsharded, both fp32. A call with
+    a `lora.Dropout` drops out the adapter's input alone: + (dropout(x) @ A) @ B * scale."""
 
     def __init__(
         self,
@@ -62,10 +63,11 @@ class Linear(nnx.Module):
         self.lora_a = _lora(rngs, "lora_a", (d_in, adapter.rank), (axes[0], None), adapter) if adapter else None
         self.lora_b = _lora(rngs, "zeros", (adapter.rank, d_out), (None, axes[1]), adapter) if adapter else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout: lora.Dropout | None = None) -> jax.Array:
         """x [..., in] -> [..., out]. The leading dims are flattened into one for the matmul: the
         weight gradient is then one plain [in, M] x [M, out] product (XLA's CPU backend is ~2.5x
-        slower at an MLP's backward with [B, T] kept apart); on GPU/TPU it is the same program."""
+        slower at an MLP's backward with [B, T] kept apart); on GPU/TPU it is the same program.
+        `dropout` (ignored without an adapter): the mask over x [M, in] of the adapter's term."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).astype(self.compute_dtype)
         y = jnp.dot(x2, self.kernel[...].astype(self.compute_dtype))
@@ -73,7 +75,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.compute_dtype)
         if self.lora_a is not None:
             a, b = (m[...].astype(self.compute_dtype) for m in (self.lora_a, self.lora_b))
-            y = y + jnp.dot(jnp.dot(x2, a), b) * self.lora_a.get_metadata()["scale"]
+            xa = x2 if dropout is None else lora.drop(x2, dropout)
+            y = y + jnp.dot(jnp.dot(xa, a), b) * self.lora_a.get_metadata()["scale"]
         return y.reshape(*lead, y.shape[-1])
 
 
@@ -116,8 +119,11 @@ class GatedMLP(nnx.Module):
         self.up_proj = Linear(d, f, axes, **kw)
         self.down_proj = Linear(f, d, (axes[1], axes[0]), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, dropout: lora.Dropout | None = None) -> jax.Array:
+        """x [..., D] -> [..., D]; `dropout` folded with 4, 5, 6 for gate, up, down (0-3 are the
+        attention projections of the same layer)."""
+        gate = jax.nn.silu(self.gate_proj(x, lora.fold(dropout, 4)))
+        return self.down_proj(gate * self.up_proj(x, lora.fold(dropout, 5)), lora.fold(dropout, 6))
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

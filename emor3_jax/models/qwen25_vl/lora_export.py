@@ -96,16 +96,17 @@ def peft_tensors(model: Qwen25VL) -> tuple[dict[str, np.ndarray], list[str]]:
     return tensors, modules
 
 
-def adapter_config(model: Qwen25VL, modules: list[str], base: str) -> dict:
+def adapter_config(model: Qwen25VL, modules: list[str], base: str, dropout: float = 0.0) -> dict:
     """PEFT's LoraConfig for `model`'s adapters on the modules named (full module paths, which
-    PEFT matches exactly) over base checkpoint `base`."""
+    PEFT matches exactly) over base checkpoint `base`; `dropout`, the run's lora.dropout, is
+    recorded as PEFT records its own (it acts in training alone: loaded, the logits are the same)."""
     cfg = model.cfg
     return {
         "peft_type": "LORA",
         "base_model_name_or_path": base,
         "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "target_modules": sorted(modules),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -116,9 +117,10 @@ def adapter_config(model: Qwen25VL, modules: list[str], base: str) -> dict:
     }
 
 
-def save_peft(model: Qwen25VL, out_dir: str, base: str) -> None:
+def save_peft(model: Qwen25VL, out_dir: str, base: str, dropout: float = 0.0) -> None:
     """`model`'s adapters as a PEFT adapter folder over base checkpoint `base` (its path or hub
-    id, recorded in adapter_config.json). Every process takes part (gathers); process 0 writes."""
+    id, recorded in adapter_config.json with the run's lora `dropout`). Every process takes part
+    (gathers); process 0 writes."""
     if not model.cfg.lora_rank:
         raise ValueError("save_peft: the model has no LoRA adapters (lora.rank=0); export the full checkpoint")
     tensors, modules = peft_tensors(model)
@@ -130,4 +132,4 @@ def save_peft(model: Qwen25VL, out_dir: str, base: str) -> None:
         (out / "adapter_model.safetensors").write_bytes(save(tensors, metadata={"format": "pt"}))
     else:
         save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, modules, base), indent=2))
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(model, modules, base, dropout), indent=2))

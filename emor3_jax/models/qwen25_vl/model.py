@@ -34,6 +34,8 @@ Cache = KVCache  # every layer's keys and values [Y, B, S, K, H] (kv_cache.py)
 # checkpoint of the earlier layout (one module per layer: `layers/0/...`) is then refused as
 # another model before Orbax is asked to restore a tree it does not have.
 PARAM_LAYOUT = "stacked_layers"
+# The numbers a forward pass's lora.Dropout is folded with for each part of the model.
+_VISION, _TEXT, _HEAD = 0, 1, 2
 
 
 def architecture(cfg: ModelConfig) -> dict:
@@ -73,13 +75,20 @@ class Qwen25VL(nnx.Module):
         self.compute_dtype = cd
 
     def embed(
-        self, input_ids: jax.Array, pixels: jax.Array | None = None, layout: VisionLayout | None = None
+        self,
+        input_ids: jax.Array,
+        pixels: jax.Array | None = None,
+        layout: VisionLayout | None = None,
+        dropout: lora.Dropout | None = None,
     ) -> jax.Array:
-        """Token embeddings [B, T, D], image/video features written at their pad tokens."""
+        """Token embeddings [B, T, D], image/video features written at their pad tokens.
+        `dropout` (training passes only): the LoRA dropout of the vision tower's adapters."""
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.compute_dtype)
         if pixels is None:
             return x
-        merged = self.visual(pixels.astype(self.compute_dtype), layout).astype(x.dtype)  # [M, D], window order
+        # [M, D], window order
+        merged = self.visual(pixels.astype(self.compute_dtype), layout, dropout=lora.fold(dropout, _VISION))
+        merged = merged.astype(x.dtype)
         for token_id, order in (
             (self.cfg.image_token_id, layout.merged_image),
             (self.cfg.video_token_id, layout.merged_video),
@@ -89,17 +98,24 @@ class Qwen25VL(nnx.Module):
         return x
 
     def hidden_states(
-        self, x: jax.Array, positions: jax.Array, attention_mask: jax.Array, segment_ids: jax.Array | None = None
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        segment_ids: jax.Array | None = None,
+        dropout: lora.Dropout | None = None,
     ) -> jax.Array:
         """Decoder over embeddings x [B, T, D] -> final-normed hidden states [B, T, D].
 
         A token attends causally to the tokens attention_mask [B, T] marks; with segment_ids
         [B, T] (packed rows, ids >= 1) only to those of its own segment. Both become one
         `layers.Segments` (0 where attention_mask is 0), which every attention impl takes.
+        `dropout` (training passes only): the LoRA dropout of the decoder's adapters.
         """
         real = attention_mask.astype(bool)
         ids = real.astype(jnp.int32) if segment_ids is None else jnp.where(real, segment_ids, 0).astype(jnp.int32)
-        return self.decode(x, positions, layers.Segments(ids, ids, causal=True))[0]
+        segments = layers.Segments(ids, ids, causal=True)
+        return self.decode(x, positions, segments, dropout=lora.fold(dropout, _TEXT))[0]
 
     def decode(
         self,
@@ -108,6 +124,7 @@ class Qwen25VL(nnx.Module):
         attn,
         cache: Cache | None = None,
         index: jax.Array | int = 0,
+        dropout: lora.Dropout | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """Decoder with an optional KV cache (`Cache`: every layer's keys and values, stacked).
 
@@ -115,15 +132,21 @@ class Qwen25VL(nnx.Module):
         when the tokens attend to themselves (no cache: training; with one: a prefill, written
         at entries 0..T-1); `layers.Live` [B] for a decode step (one token per row, written at
         entry index [B] of its row, attending to its live entries). The layers run as one
-        scanned body (remat'd with `cfg.remat` when there is no cache: training).
+        scanned body (remat'd with `cfg.remat` when there is no cache: training). `dropout`
+        (training only, no cache): the LoRA dropout, one key per layer scanned alongside.
         """
         t = self.cfg.text
         x = sharding.constrain(x, ("batch", "seq", "embed"))
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
         if cache is None:
-            body = lambda layer, h, _: (layer(h, cos, sin, attn)[0], None)
-            x, _ = stack.scan(self.layers, body, x, remat=self.cfg.layer_remat, unroll=self.cfg.unroll_layers)
+            body = lambda layer, h, d: (layer(h, cos, sin, attn, dropout=d)[0], None)
+            per_layer = lora.split(dropout, t.num_layers)  # None: no xs, today's program
+            x, _ = stack.scan(
+                self.layers, body, x, per_layer, remat=self.cfg.layer_remat, unroll=self.cfg.unroll_layers
+            )
             return self.norm(x), None
+        if dropout is not None:
+            raise ValueError("LoRA dropout is for training passes, which run without a KV cache")
 
         def body(layer, carry, i):
             h, kv = carry
@@ -134,12 +157,14 @@ class Qwen25VL(nnx.Module):
         )
         return self.norm(x), cache
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Hidden states [..., D] -> fp32 logits [..., V]."""
+    def logits(self, h: jax.Array, dropout: lora.Dropout | None = None) -> jax.Array:
+        """Hidden states [..., D] -> fp32 logits [..., V]. `dropout` (training passes only): the
+        LoRA dropout of an adapted lm_head (a caller computing the logits in pieces gives each
+        piece its own)."""
         if self.lm_head is None:
             out = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
         else:
-            out = self.lm_head(h)
+            out = self.lm_head(h, lora.fold(dropout, _HEAD))
         return out.astype(jnp.float32)
 
     def __call__(
@@ -149,10 +174,12 @@ class Qwen25VL(nnx.Module):
         attention_mask: jax.Array,
         pixels: jax.Array | None = None,
         layout: VisionLayout | None = None,
+        dropout: lora.Dropout | None = None,
     ) -> jax.Array:
-        """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32)."""
-        x = self.embed(input_ids, pixels, layout)
-        return self.logits(self.hidden_states(x, positions, attention_mask))
+        """input_ids [B, T], positions [3, B, T], attention_mask [B, T] -> logits [B, T, V] (fp32).
+        `dropout`: the LoRA dropout of a training pass (None: none, as in every other pass)."""
+        x = self.embed(input_ids, pixels, layout, dropout)
+        return self.logits(self.hidden_states(x, positions, attention_mask, dropout=dropout), dropout)
 
 
 def _scatter_features(x: jax.Array, is_pad: jax.Array, features: jax.Array) -> jax.Array:

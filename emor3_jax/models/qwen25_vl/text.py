@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 
 from emor3_jax.core import sharding
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import kv_cache, layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
 from emor3_jax.models.qwen25_vl.kv_cache import KVCache
@@ -45,6 +46,7 @@ class Attention(nnx.Module):
         kv: KVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
+        dropout: lora.Dropout | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
@@ -53,18 +55,19 @@ class Attention(nnx.Module):
         to its row's live cache entries). With `kv` (every layer's cache) this call's keys and
         values are written into layer `layer` and the updated cache is returned: a prefill at
         entries 0..T-1 (index must be 0), a decode token at entry index [B] of its own row.
+        `dropout` (training): the adapters' dropout, folded with 0-3 for q, k, v, o.
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
-        k = self.k_proj(x).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
-        v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
+        q = self.q_proj(x, lora.fold(dropout, 0)).reshape(b, t, -1, self.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x, lora.fold(dropout, 1)).reshape(b, t, -1, self.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x, lora.fold(dropout, 2)).reshape(b, t, -1, self.head_dim)
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         own_tokens = isinstance(attn, layers.Segments)
         if kv is None:
             if not own_tokens:
                 raise ValueError("a decode step (Live) needs the KV cache it reads")
             out = layers.attention(q, k, v, attn, self.impl)
-            return self.o_proj(out.reshape(b, t, -1)), None
+            return self.o_proj(out.reshape(b, t, -1), lora.fold(dropout, 3)), None
         if own_tokens:
             if not (isinstance(index, int) and index == 0):
                 raise ValueError("a Segments call with a KV cache is a prefill and must start at entry 0")
@@ -77,7 +80,7 @@ class Attention(nnx.Module):
         else:
             own = kv_cache.layer(kv, layer, q.dtype)
             out = sharded_decode_attention(q[:, 0], *own, attn.start, attn.end, impl=DECODE_IMPLS[self.impl])[:, None]
-        return self.o_proj(out.reshape(b, t, -1)), kv
+        return self.o_proj(out.reshape(b, t, -1), lora.fold(dropout, 3)), kv
 
 
 class DecoderLayer(nnx.Module):
@@ -109,9 +112,11 @@ class DecoderLayer(nnx.Module):
         kv: KVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
+        dropout: lora.Dropout | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer)
+        """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`; `dropout`:
+        this layer's (its attention and MLP fold in their projections' numbers)."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer, dropout)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), dropout)
         return sharding.constrain(x, ("batch", "seq", "embed")), kv

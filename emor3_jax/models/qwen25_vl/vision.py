@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx, struct
 
 from emor3_jax.core import sharding
+from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import layers, stack
 from emor3_jax.models.qwen25_vl.config import VisionConfig
 from emor3_jax.models.qwen25_vl.rope import vision_cos_sin
@@ -295,17 +296,18 @@ class VisionAttention(nnx.Module):
         self.proj = layers.Linear(e, e, ("vision_heads", "vision_embed"), bias=True, **kw)
         self.num_heads, self.impl = cfg.num_heads, impl
 
-    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array):
+    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array, dropout=None):
         """x [L, E] -> [L, E], each patch attending to its frame (full: a scalar bool, this
         block's per-layer flag) or else to its window: a branch taken at run time, so every
-        block of the scanned tower is the same program."""
+        block of the scanned tower is the same program. `dropout` (a lora.Dropout, training):
+        folded with 0, 1 for qkv, proj (4-6 are the block's MLP)."""
         n_patch = x.shape[0]
-        qkv = self.qkv(x).reshape(n_patch, 3, self.num_heads, -1)  # [L, 3, N, H]
+        qkv = self.qkv(x, lora.fold(dropout, 0)).reshape(n_patch, 3, self.num_heads, -1)  # [L, 3, N, H]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         within = lambda blocks: lambda: _blocked_attention(q, k, v, blocks, self.impl)
         out = jax.lax.cond(full, within(frames), within(windows))
-        return self.proj(out.reshape(n_patch, -1))
+        return self.proj(out.reshape(n_patch, -1), lora.fold(dropout, 1))
 
 
 def _blocked_attention(q, k, v, blocks: Blocks, impl: str) -> jax.Array:
@@ -334,9 +336,9 @@ class VisionBlock(nnx.Module):
             **kw,
         )
 
-    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array):
-        x = x + self.attn(self.norm1(x), cos, sin, windows, frames, full)
-        return x + self.mlp(self.norm2(x))
+    def __call__(self, x, cos, sin, windows: Blocks, frames: Blocks, full: jax.Array, dropout=None):
+        x = x + self.attn(self.norm1(x), cos, sin, windows, frames, full, dropout)
+        return x + self.mlp(self.norm2(x), dropout)
 
 
 class PatchMerger(nnx.Module):
@@ -350,9 +352,10 @@ class PatchMerger(nnx.Module):
         self.fc2 = layers.Linear(d, cfg.out_hidden_size, ("vision_embed", "embed"), bias=True, **kw)
         self.merge_unit = cfg.merge_unit
 
-    def __call__(self, x):
+    def __call__(self, x, dropout: lora.Dropout | None = None):
+        """x [L, E] -> [M, D]; `dropout` (training) folded with 0, 1 for fc1, fc2."""
         x = self.ln_q(x).reshape(-1, x.shape[-1] * self.merge_unit)  # [M, 4E]
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(jax.nn.gelu(self.fc1(x, lora.fold(dropout, 0)), approximate=False), lora.fold(dropout, 1))
 
 
 class VisionTower(nnx.Module):
@@ -382,21 +385,29 @@ class VisionTower(nnx.Module):
         self.blocks = stack.stacked(make, cfg.depth, rngs)  # one module, parameters [depth, ...]
         self.merger = PatchMerger(cfg, adapter=adapters[1], **kw)
 
-    def __call__(self, pixels: jax.Array, layout: VisionLayout, return_blocks: bool = False):
+    def __call__(
+        self,
+        pixels: jax.Array,
+        layout: VisionLayout,
+        return_blocks: bool = False,
+        dropout: lora.Dropout | None = None,
+    ):
         """pixels [L, C] in window order -> merged tokens [M, D] in window order.
 
         With `return_blocks`, also the hidden states [depth, L, E] after each block. A chunked
         layout (Blocks [K, R, S]: the batch past the largest bucket, `vision_layout`) is encoded
         one chunk of L / K patches after another in a loop inside the program, so its memory is
-        that of one chunk; the chunks' outputs come back laid end to end.
+        that of one chunk; the chunks' outputs come back laid end to end. `dropout` (training):
+        the LoRA dropout of the blocks' and merger's adapters, each chunk with its own key.
         """
         if layout.windows.index.ndim == 2:
-            return self._encode(pixels, layout.pos_hw, layout.windows, layout.frames, return_blocks)
+            return self._encode(pixels, layout.pos_hw, layout.windows, layout.frames, return_blocks, dropout)
         k = layout.windows.index.shape[0]
         chunks = (pixels.reshape(k, -1, pixels.shape[-1]), layout.pos_hw.reshape(k, -1, 2))
         graphdef, state = nnx.split(self)  # merged inside the loop: its Variables live in the loop's trace (remat)
-        encode = lambda a: nnx.merge(graphdef, state, copy=True)._encode(*a, return_blocks)
-        out = jax.lax.map(encode, (*chunks, layout.windows, layout.frames))  # [K, ...] per chunk
+        encode = lambda a: nnx.merge(graphdef, state, copy=True)._encode(*a[:4], return_blocks, a[4])
+        xs = (*chunks, layout.windows, layout.frames, lora.split(dropout, k))
+        out = jax.lax.map(encode, xs)  # [K, ...] per chunk
         if not return_blocks:
             return out.reshape(-1, out.shape[-1])
         merged, hidden = out  # hidden [K, depth, L / K, E] -> [depth, L, E]
@@ -404,21 +415,25 @@ class VisionTower(nnx.Module):
             self.cfg.depth, -1, hidden.shape[-1]
         )
 
-    def _encode(self, pixels, pos_hw, windows: Blocks, frames: Blocks, return_blocks: bool):
-        """One tower batch: pixels [L, C], pos_hw [L, 2], Blocks [R, S] -> merged [M, D] (and hidden)."""
+    def _encode(self, pixels, pos_hw, windows: Blocks, frames: Blocks, return_blocks: bool, dropout=None):
+        """One tower batch: pixels [L, C], pos_hw [L, 2], Blocks [R, S] -> merged [M, D] (and
+        hidden); `dropout` (a lora.Dropout): one key per block scanned alongside, the merger's
+        folded with `depth` (patch_embed has no adapter)."""
         cos, sin = vision_cos_sin(pos_hw, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.patch_embed(pixels)
         x = sharding.constrain(x, ("seq", "vision_embed"))
         full = np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes)  # [depth]
 
-        def body(block, h, f):
-            h = block(h, cos, sin, windows, frames, f)
+        def body(block, h, xs):
+            f, d = xs
+            h = block(h, cos, sin, windows, frames, f, d)
             return h, h if return_blocks else None
 
+        xs = (jnp.asarray(full), lora.split(dropout, self.cfg.depth))  # no dropout: (full, None), today's program
         x, hidden = stack.scan(
-            self.blocks, body, x, jnp.asarray(full), remat=None if return_blocks else self.remat, unroll=self.unroll
+            self.blocks, body, x, xs, remat=None if return_blocks else self.remat, unroll=self.unroll
         )
-        merged = self.merger(x)
+        merged = self.merger(x, lora.fold(dropout, self.cfg.depth))
         return (merged, hidden) if return_blocks else merged
 
 
