@@ -406,12 +406,12 @@ def test_a_bf16_rollout_copy_samples_every_generation_and_is_gone_before_each_up
         calls.append((sites, jax.tree.leaves(nnx.state(model))))
         return generate(self, model, prompts, **kwargs)
 
-    def spy_update(self, params, opt, exp, *, step):
+    def spy_update(self, params, opt, exp, *, step, **kwargs):
         assert calls and all(x.is_deleted() for _, leaves in calls for x in leaves), step
         master = jax.tree.leaves(params)
         assert all(x.dtype == np.float32 for x in master)
         assert any(not x.sharding.is_fully_replicated for x in master)  # the kernels: over fsdp
-        return update(self, params, opt, exp, step=step)
+        return update(self, params, opt, exp, step=step, **kwargs)
 
     monkeypatch.setattr(Sampler, "generate", spy_generate)
     monkeypatch.setattr(GRPOStep, "update", spy_update)
