@@ -9,6 +9,12 @@ same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores
     python -m bench.learning [--seeds 0 1 2 3 4] [--out DIR] [--extra --config.rl.steps=60 ...]
     python -m bench.learning --out DIR --seeds 0 1 --report_only   # the table of finished runs
 
+The image side needs step 1 to name what the tiny model sees (docs/results.md, "A detail the
+tiny model sees"): the light, after a 600-step cold start, over 60 GRPO steps:
+
+    python -m bench.learning --out DIR --extra --config.data.synthetic_detail=light \
+        --config.cold_start.steps=600 --config.rl.steps=60
+
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
 its reward settings (--accept_changes) and runs GRPO. The script reads each arm's results.json

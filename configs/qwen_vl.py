@@ -133,9 +133,13 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # (min, max): synthetic images of web-photo sizes instead, each side in the range and aspect
     # ratios from 1:3 to 3:1 (synthetic.image_shape); () = image_size squares.
     c.data.image_sides = ()
-    # Synthetic training answers with one wrong detail (a wrong size, or a feeling word of another
-    # label) but the right label, as imperfect distilled cold-start data (the synthetic source
-    # alone: real data brings its own answers).
+    # What synthetic step 1s name beside the figure (synthetic.DETAILS): "size" (the figure's
+    # size class) or "light" (day or night: the detail the tiny model learns to see, after a
+    # longer cold start; bench/learning.py's image side, docs/results.md).
+    c.data.synthetic_detail = "size"
+    # Synthetic training answers with one wrong detail (a wrong size or light, or a feeling word of
+    # another label) but the right label, as imperfect distilled cold-start data (the synthetic
+    # source alone: real data brings its own answers).
     c.data.unfaithful_share = 0.25 if tiny else 0.0
     c.data.min_pixels = 28 * 28 if tiny else 512 * 512
     c.data.max_pixels = 56 * 56 if tiny else 2048 * 2048

@@ -23,7 +23,7 @@ from emor3_jax.data.encode import CUTS
 from emor3_jax.data.processing import RESIZES, largest_image_tokens
 from emor3_jax.data.sources import SOURCES, overlap, split_files
 from emor3_jax.data.sources import cold_start as cold_start_data
-from emor3_jax.data.synthetic import FEELINGS
+from emor3_jax.data.synthetic import DETAILS, FEELINGS
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import JUDGES, longest_reflection_prompt
 from emor3_jax.models import lora
@@ -430,7 +430,8 @@ def _data_files(c: ConfigDict) -> list[str]:
 def _data(c: ConfigDict) -> list[str]:
     """data: the source, the labels, bad-record tolerance, image sizes (its files: _top_level)."""
     d, sides, bounds = c.data, tuple(c.data.image_sides), tuple(c.data.checkpoint_pixels)
-    return _choices(c, [("data.source", SOURCES), ("data.resize", RESIZES)]) + _failed(
+    choices = [("data.source", SOURCES), ("data.resize", RESIZES), ("data.synthetic_detail", DETAILS)]
+    return _choices(c, choices) + _failed(
         (
             len(bounds) == 2 and 28 * 28 <= bounds[0] <= bounds[1],
             f"--config.data.checkpoint_pixels={bounds} must be (min, max) pixels with 784 <= min <= max (the "
@@ -442,6 +443,11 @@ def _data(c: ConfigDict) -> list[str]:
         ),
         (0 <= d.max_bad_fraction < 1, f"--config.data.max_bad_fraction={d.max_bad_fraction} not in [0, 1)"),
         (0 <= d.unfaithful_share <= 1, f"--config.data.unfaithful_share={d.unfaithful_share} must be in [0, 1]"),
+        (
+            d.source == "synthetic" or d.synthetic_detail == "size",
+            f"--config.data.synthetic_detail={d.synthetic_detail!r}: only the synthetic source draws a detail "
+            "(leave it 'size')",
+        ),
         (d.min_pixels <= d.max_pixels, "--config.data.min_pixels must be <= max_pixels"),
         (
             sides == () or (len(sides) == 2 and 28 <= sides[0] <= sides[1]),

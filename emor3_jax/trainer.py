@@ -262,7 +262,9 @@ class Run:
         cold_start.judge_records held-out synthetic records (reflection_examples), logged as
         phase "judge" and printed."""
         c = self.c
-        examples = held_out_examples(c.cold_start.judge_records, c.seed, c.data.image_size, c.data.labels)
+        examples = held_out_examples(
+            c.cold_start.judge_records, c.seed, c.data.image_size, c.data.labels, c.data.synthetic_detail
+        )
         with self.rt.ctx(), self.prof.phase("judge"), self.sampling_model() as model:
             answers = self.task.judge_answers(
                 self.rt.sampler,

@@ -21,8 +21,8 @@ def load_eval_records(ds: ConfigDict, c: ConfigDict, counter: dict) -> list[dict
     """The first `ds.num_examples` records (0: all) of evaluation data set `ds`.
 
     Bad records are skipped and counted in `counter` as `c.data.skip_bad` and
-    `c.data.max_bad_fraction` say; synthetic records use `c.seed`, `c.data.image_size` and
-    `c.data.image_sides`.
+    `c.data.max_bad_fraction` say; synthetic records use `c.seed`, `c.data.image_size`,
+    `c.data.image_sides` and `c.data.synthetic_detail`.
     """
     records = sources.read_split(
         ds.source,
@@ -34,6 +34,7 @@ def load_eval_records(ds: ConfigDict, c: ConfigDict, counter: dict) -> list[dict
         seed=c.seed,
         image_size=c.data.image_size,
         image_sides=tuple(c.data.image_sides),
+        synthetic_detail=c.data.synthetic_detail if ds.source == "synthetic" else "size",
     )
     if ds.source != "synthetic":  # generated records cannot be bad
         records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter)

@@ -69,6 +69,7 @@ def build(
             image_sides=tuple(c.data.image_sides),
             # imperfect distilled answers: the synthetic generator's train split only
             unfaithful_share=c.data.unfaithful_share if s == "train" and synthetic else 0.0,
+            synthetic_detail=c.data.synthetic_detail,
         )
         if not synthetic:
             records = sources.checked(records, c.data.skip_bad, c.data.max_bad_fraction, counter[s])

@@ -8,19 +8,30 @@ figure size (within its size class, SIZE_RADII) and position are jittered and mi
 added, so examples differ but the label stays a simple function of the pixels (the mean
 colour alone separates the classes).
 
+Step 1 names the figure and one DETAIL of the image that the label does not decide
+(`detail`, --config.data.synthetic_detail):
+  size   its size class ("small pink ball", "pink ball", "huge pink ball"): the default. The
+         tiny model does not learn to see it, neither as policy nor as judge (docs/results.md,
+         "Where the size is lost").
+  light  the image is lit by day or by night (LIGHTS), drawn apart from the label: every pixel
+         shifted by LIGHT_SHIFT grey levels ("pink ball by night"). The tiny model sees it, after
+         a longer cold start (docs/results.md, "A detail the tiny model sees"): the learning
+         benchmark's setting.
+
 The reference answers follow the SET format in a few words each, short enough for the
-~1000-token test tokenizer (under 40 tokens): step 1 names the figure with its size class
-("small pink ball", "pink ball", "huge pink ball"), step 2 one feeling word of the label,
-step 3 valence and arousal as "positive, high" (the word "arousal" alone costs 5 tokens).
-FIGURES, SIZE_WORDS, FEELINGS and prompts.VALENCE_AROUSAL are the one vocabulary that the
-answers, the faithfulness metrics and the reflection examples share.
+~1000-token test tokenizer (at most 40 tokens): step 1 names the figure and its detail, step 2
+one feeling word of the label, step 3 valence and arousal as "positive, high" (the word
+"arousal" alone costs 5 tokens). FIGURES, SIZE_WORDS, LIGHTS, FEELINGS and
+prompts.VALENCE_AROUSAL are the one vocabulary that the answers, the faithfulness metrics and
+the reflection examples share.
 
 Every example knows its TRUTH (`truth`, a dict; JSON in the record): what is drawn and what
-its answer says. A share `unfaithful_share` of the answers carries one wrong detail (a wrong
-size class, or a feeling word of another label) while still boxing the right label, as
+its answer says. A share `unfaithful_share` of the answers carries one wrong detail (the wrong
+size class or light, or a feeling word of another label) while still boxing the right label, as
 imperfect distilled cold-start data would; the truth marks which.
 
-Everything is a function of (index, seed, split, unfaithful_share): no files, no downloads.
+Everything is a function of (index, seed, split, unfaithful_share, detail): no files, no
+downloads.
 """
 
 from __future__ import annotations
@@ -38,7 +49,15 @@ from emor3_jax.data.prompts import EMOSET_LABELS, VALENCE_AROUSAL, question
 
 SPLITS = {"train": 0, "test": 1}
 # Independent random streams: adding the unfaithful draws leaves labels and images unchanged.
-_LABEL_STREAM, _IMAGE_STREAM, _UNFAITHFUL_STREAM, _SHARE_OFFSET_STREAM, _SHARE_ORDER_STREAM, _SIDES_STREAM = range(6)
+(
+    _LABEL_STREAM,
+    _IMAGE_STREAM,
+    _UNFAITHFUL_STREAM,
+    _SHARE_OFFSET_STREAM,
+    _SHARE_ORDER_STREAM,
+    _SIDES_STREAM,
+    _LIGHT_STREAM,
+) = range(7)
 # Web-photo shapes (`sides`): width / height between 1:3 and 3:1.
 MAX_ASPECT = 3.0
 
@@ -75,8 +94,15 @@ BACKGROUNDS = {
     "fear": "black",
     "sadness": "grey",
 }
+# What step 1 names beside the figure (see the module's docstring) -> the truth's key for it.
+DETAILS = {"size": "size_class", "light": "light"}
 # Size class -> the word before the figure: small, medium (no word), large.
 SIZE_WORDS = ("small", "", "huge")
+# Light class -> the last of the step-1 words ("pink ball by night") and the grey levels added to
+# every pixel. The gap (80) is wider than the background's jitter (+-18 per channel, +-10 in
+# common), so each label's day and night images are apart in mean brightness.
+LIGHTS = ("night", "day")
+LIGHT_SHIFT = (-40.0, 40.0)
 # label -> the step-2 words: how a viewer would feel. No word belongs to two labels.
 FEELINGS = {
     "amusement": ("fun", "silly", "laugh"),
@@ -88,7 +114,8 @@ FEELINGS = {
     "fear": ("threat", "horror", "fear"),
     "sadness": ("grief", "sorrow", "alone"),
 }
-UNFAITHFUL_KINDS = ("size", "feeling")
+# The wrong details of unfaithful answers: the image's detail (named as in DETAILS) or the feeling.
+UNFAITHFUL_KINDS = ("detail", "feeling")
 # Size class -> range of the figure radius as a fraction of the image side. The gaps between
 # the ranges keep the classes apart in pixels (the figure's area grows with radius^2: a
 # pixel count names the class of nearly every image, tests/data/test_synthetic.py); contiguous
@@ -96,9 +123,22 @@ UNFAITHFUL_KINDS = ("size", "feeling")
 SIZE_RADII = ((0.10, 0.13), (0.18, 0.22), (0.27, 0.31))
 
 
-def describe(colour: str, noun: str, size_class: int) -> str:
-    """Step-1 words for a figure: "small pink ball", "pink ball" (medium), "huge pink ball"."""
-    return " ".join(w for w in (SIZE_WORDS[size_class], colour, noun) if w)
+def describe(colour: str, noun: str, detail: str, k: int) -> str:
+    """Step-1 words for a figure with class `k` of `detail`: "small pink ball", "pink ball"
+    (medium), "huge pink ball"; "pink ball by night", "pink ball by day"."""
+    if detail == "size":
+        return " ".join(w for w in (SIZE_WORDS[k], colour, noun) if w)
+    if detail == "light":
+        return f"{colour} {noun} by {LIGHTS[k]}"
+    raise ValueError(f"synthetic: detail={detail!r}, expected one of {list(DETAILS)}")
+
+
+def detail_of(truth: dict) -> tuple[str, int]:
+    """(detail, class) of a truth dict (see `_truth`): the one DETAILS key it holds."""
+    held = [(detail, truth[key]) for detail, key in DETAILS.items() if key in truth]
+    if len(held) != 1:
+        raise ValueError(f"truth {truth!r}: expected exactly one of {list(DETAILS.values())}")
+    return held[0]
 
 
 def set_answer(step1: str, feeling: str, label: str) -> str:
@@ -108,9 +148,10 @@ def set_answer(step1: str, feeling: str, label: str) -> str:
     return f"<step1> {step1} </step1><step2> {feeling} </step2><step3> {valence}, {arousal} </step3> \\boxed{{{label}}}"
 
 
-def reference_answer(label: str, size_class: int, feeling: str) -> str:
-    """The SET-formatted answer for a drawn figure of `label` of `size_class`, feeling `feeling`."""
-    return set_answer(describe(*FIGURES[label], size_class), feeling, label)
+def reference_answer(label: str, detail: str, k: int, feeling: str) -> str:
+    """The SET-formatted answer for the figure of `label` with class `k` of `detail`, feeling
+    `feeling`."""
+    return set_answer(describe(*FIGURES[label], detail, k), feeling, label)
 
 
 def label_of(index: int, seed: int, split: str = "train") -> str:
@@ -165,15 +206,20 @@ def make_example(
     split: str = "train",
     unfaithful_share: float = 0.0,
     sides: tuple[int, int] | None = None,
+    detail: str = "size",
 ) -> dict:
     """Example `index` of the (seed, split) stream: id, image (RGB, size x size; with `sides`
     = (min, max), web-photo sizes: `image_shape`), label, problem, answer, valence, arousal,
     truth (a dict, see `_truth`). With `unfaithful_share` > 0 the answers of the examples
     `is_unfaithful` picks carry one wrong detail; the image, the label and every other answer
     stay as they are without it. `sides` changes the canvas only: label, figure, size class
-    and answer are those of the square image."""
+    and answer are those of the square image. `detail` (DETAILS) is what step 1 names beside
+    the figure; "light" also lights the image, from its own stream (the figures, labels and
+    sizes are those of "size")."""
     if size < 28:
         raise ValueError(f"make_example: size={size} is below the 28-pixel minimum")
+    if detail not in DETAILS:
+        raise ValueError(f"make_example: detail={detail!r}, expected one of {list(DETAILS)}")
     width, height = image_shape(index, seed, split, sides) if sides else (size, size)
     label = label_of(index, seed, split)
     rng = _rng(seed, split, _IMAGE_STREAM, index)
@@ -195,13 +241,19 @@ def make_example(
 
     pixels = np.asarray(image, np.float64) + rng.normal(0, 6, (height, width, 3))
     feeling = FEELINGS[label][int(rng.integers(len(FEELINGS[label])))]
+    if detail == "size":
+        drawn, classes = size_class, len(SIZE_WORDS)
+    else:
+        drawn, classes = int(_rng(seed, split, _LIGHT_STREAM, index).integers(len(LIGHTS))), len(LIGHTS)
+        pixels += LIGHT_SHIFT[drawn]
 
-    wrong, said_size, said_feeling = "", size_class, feeling
+    wrong, said, said_feeling = "", drawn, feeling
     if is_unfaithful(index, seed, split, unfaithful_share):
         wrong_rng = _rng(seed, split, _UNFAITHFUL_STREAM, index)
         wrong = UNFAITHFUL_KINDS[int(wrong_rng.integers(len(UNFAITHFUL_KINDS)))]
-        if wrong == "size":
-            said_size = int(wrong_rng.choice([c for c in range(len(SIZE_WORDS)) if c != size_class]))
+        if wrong == "detail":
+            wrong = detail
+            said = int(wrong_rng.choice([c for c in range(classes) if c != drawn]))
         else:
             other = str(wrong_rng.choice([x for x in EMOSET_LABELS if x != label]))
             said_feeling = str(wrong_rng.choice(FEELINGS[other]))
@@ -211,25 +263,27 @@ def make_example(
         "image": PIL.Image.fromarray(_to_uint8(pixels)),
         "label": label,
         "problem": question(EMOSET_LABELS),
-        "answer": reference_answer(label, said_size, said_feeling),
+        "answer": reference_answer(label, detail, said, said_feeling),
         "valence": valence,
         "arousal": arousal,
-        "truth": _truth(label, size_class, fraction, said_size, said_feeling, wrong),
+        "truth": _truth(label, fraction, detail, drawn, said, said_feeling, wrong),
     }
 
 
-def _truth(label: str, size_class: int, fraction: float, said_size: int, said_feeling: str, wrong: str) -> dict:
-    """What is drawn (figure noun, colour word, size class, radius as a fraction of the side,
-    background) and what the answer says (answer_size_class, answer_feeling); `unfaithful`
-    names the wrong detail of the answer ("size" or "feeling"), "" when it is right."""
+def _truth(label: str, fraction: float, detail: str, drawn: int, said: int, said_feeling: str, wrong: str) -> dict:
+    """What is drawn (figure noun, colour word, the class of the detail under its DETAILS key:
+    size_class or light, radius as a fraction of the side, background) and what the answer
+    says (answer_size_class or answer_light, answer_feeling); `unfaithful` names the wrong
+    detail of the answer ("size", "light" or "feeling"), "" when it is right."""
     colour, noun = FIGURES[label]
+    key = DETAILS[detail]
     return {
         "figure": noun,
         "colour": colour,
-        "size_class": size_class,
+        key: drawn,
         "radius": float(fraction),
         "background": BACKGROUNDS[label],
-        "answer_size_class": said_size,
+        f"answer_{key}": said,
         "answer_feeling": said_feeling,
         "unfaithful": wrong,
     }
@@ -257,18 +311,22 @@ class SyntheticEmotions(Sequence):
         split: str = "train",
         unfaithful_share: float = 0.0,
         sides: tuple[int, int] | None = None,
+        detail: str = "size",
     ):
         if num_examples < 0:
             raise ValueError(f"SyntheticEmotions: num_examples={num_examples} is negative")
         if not 0.0 <= unfaithful_share <= 1.0:
             raise ValueError(f"SyntheticEmotions: unfaithful_share={unfaithful_share} must be in [0, 1]")
         _check_split(split)
+        if detail not in DETAILS:
+            raise ValueError(f"SyntheticEmotions: detail={detail!r}, expected one of {list(DETAILS)}")
         self.num_examples = num_examples
         self.seed = seed
         self.size = size
         self.split = split
         self.unfaithful_share = unfaithful_share
         self.sides = tuple(sides) if sides else None
+        self.detail = detail
 
     def __len__(self) -> int:
         return self.num_examples
@@ -280,7 +338,9 @@ class SyntheticEmotions(Sequence):
             index += self.num_examples
         if not 0 <= index < self.num_examples:
             raise IndexError(f"SyntheticEmotions: index {index} out of range for {self.num_examples} examples")
-        return make_example(int(index), self.seed, self.size, self.split, self.unfaithful_share, self.sides)
+        return make_example(
+            int(index), self.seed, self.size, self.split, self.unfaithful_share, self.sides, self.detail
+        )
 
 
 def _check_split(split: str) -> None:

@@ -1,12 +1,13 @@
 """Ground-truth faithfulness of SET responses, for data sets whose records carry a truth.
 
 No judge: the synthetic set knows what each image shows (`record["truth"]`, see
-synthetic.make_example), and its vocabulary (synthetic.FIGURES, SIZE_WORDS, FEELINGS and
-prompts.VALENCE_AROUSAL) says which words name which figure, size and feeling.
+synthetic.make_example), and its vocabulary (synthetic.FIGURES, SIZE_WORDS, LIGHTS, FEELINGS
+and prompts.VALENCE_AROUSAL) says which words name which figure, size, light and feeling.
 
 - image-faithful: step 1 (the image span the consistency judge reads) names the drawn
-  figure (its colour word and noun) with its size class (SIZE_WORDS; no size word means
-  medium), and no other figure of the vocabulary.
+  figure (its colour word and noun) and no other figure of the vocabulary, with the image's
+  detail (synthetic.DETAILS, the one the truth holds): its size class (SIZE_WORDS; no size
+  word means medium), or its light (LIGHTS) and no other light.
 - answer-coherent: the boxed answer is one of the labels; step 2 (inside the text span the
   coherence judge reads) holds at least one feeling word and all its feeling words belong to
   the boxed label; step 3 states exactly the boxed label's valence and arousal.
@@ -26,16 +27,17 @@ import re
 from collections.abc import Mapping, Sequence
 
 from emor3_jax.data.prompts import VALENCE_AROUSAL
-from emor3_jax.data.synthetic import FEELINGS, FIGURES, SIZE_WORDS
+from emor3_jax.data.synthetic import DETAILS, FEELINGS, FIGURES, LIGHTS, SIZE_WORDS, detail_of
 from emor3_jax.emo_r3 import rewards
 
 KEYS = ("image_faithful", "answer_coherent")
-TRUTH_KEYS = ("figure", "colour", "size_class")  # what image_faithful reads
+TRUTH_KEYS = ("figure", "colour")  # what image_faithful reads, with one key of DETAILS
 
 _NOUNS = frozenset(noun.lower() for _, noun in FIGURES.values())
 _COLOURS = frozenset(colour for colour, _ in FIGURES.values())
 _SIZE_CLASS = {word: k for k, word in enumerate(SIZE_WORDS) if word}
 _MEDIUM = SIZE_WORDS.index("")
+_LIGHT_CLASS = {word: k for k, word in enumerate(LIGHTS)}
 _FEELING_LABEL = {word: label for label, words in FEELINGS.items() for word in words}
 _VALENCES = frozenset(v for v, _ in VALENCE_AROUSAL.values())
 _AROUSALS = frozenset(a for _, a in VALENCE_AROUSAL.values())
@@ -51,6 +53,8 @@ def parse_truth(truth: str) -> dict:
         raise ValueError("no truth: this record's data set does not know what its image shows (real data)")
     parsed = json.loads(truth)
     missing = [k for k in TRUTH_KEYS if k not in parsed]
+    if sum(key in parsed for key in DETAILS.values()) != 1:
+        missing.append(" or ".join(DETAILS.values()))
     if missing:
         raise ValueError(f"truth {truth!r} lacks {missing}")
     return parsed
@@ -77,13 +81,22 @@ def figures_named(text: str) -> list[tuple[int | None, tuple[str, ...], str]]:
     return mentions
 
 
+def lights_named(text: str) -> list[int]:
+    """The light class of every light word (LIGHTS) in `text`, in order."""
+    return [_LIGHT_CLASS[w] for w in _words(text) if w in _LIGHT_CLASS]
+
+
 def image_faithful(response: str, truth: Mapping) -> bool:
-    """Step 1 names the drawn figure, with its colour and size class, and no other figure."""
+    """Step 1 names the drawn figure with its colour and no other figure, with the truth's
+    detail: the figure's size class, or the image's light and no other."""
     span = rewards.image_span(response)
     if not span:
         return False
-    drawn = (truth["size_class"], (truth["colour"],), truth["figure"].lower())
-    return figures_named(span) == [drawn]
+    figure = ((truth["colour"],), truth["figure"].lower())
+    detail, drawn = detail_of(truth)
+    if detail == "light":
+        return [named[1:] for named in figures_named(span)] == [figure] and lights_named(span) == [drawn]
+    return figures_named(span) == [(drawn, *figure)]
 
 
 def _check_labels(labels: Sequence[str]) -> None:

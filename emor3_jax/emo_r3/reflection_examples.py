@@ -10,14 +10,16 @@ Per synthetic record (its image and truth), four examples, in this order:
   text_feeling    the same figure with a feeling word of another label -> that other label:
                   the text's feeling decides, as the text alone implies it (so coherence with
                   the true label scores 0 for a response whose feeling belongs elsewhere)
-  image_true      the image + step 1 naming the drawn figure with its size class -> "yes"
+  image_true      the image + step 1 naming the drawn figure with its detail (synthetic.DETAILS:
+                  its size class or the image's light) -> "yes"
   image_wrong_*   the image + step 1 with one wrong detail -> "no"; the detail is, record by
-                  record in turn, the figure (another label's, same size), the size class,
-                  or the colour word (the drawn noun in another figure's colour)
+                  record in turn, the figure (another label's, same size or light), the size
+                  class or the light, or the colour word (the drawn noun in another figure's
+                  colour)
 So yes and no are balanced exactly, and the three wrong details within one.
 
   examples = reflection_examples(train_records, labels, seed)      # cold start
-  held_out = held_out_examples(128, seed, image_size, labels)      # the judge's accuracy
+  held_out = held_out_examples(128, seed, image_size, labels, "size")  # the judge's accuracy
   accuracy = judge_accuracy(held_out, judge_answers)
 """
 
@@ -29,13 +31,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from emor3_jax.data.sources import read_split
-from emor3_jax.data.synthetic import FEELINGS, FIGURES, SIZE_WORDS, describe, set_answer
+from emor3_jax.data.synthetic import FEELINGS, FIGURES, LIGHTS, SIZE_WORDS, describe, detail_of, set_answer
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.faithfulness import parse_truth
 
 TEXT_KINDS = ("text", "text_feeling")
-WRONG_KINDS = ("image_wrong_figure", "image_wrong_size", "image_wrong_colour")
-IMAGE_KINDS = ("image_true", *WRONG_KINDS)
+# The wrong detail "image_wrong_detail" takes the data's: image_wrong_size or image_wrong_light.
+WRONG_KINDS = ("image_wrong_figure", "image_wrong_detail", "image_wrong_colour")
+_CLASSES = {"size": len(SIZE_WORDS), "light": len(LIGHTS)}
 _COLOURS = sorted({colour for colour, _ in FIGURES.values()})
 
 
@@ -46,7 +49,7 @@ class ReflectionExample:
     prompt: the question as the judge gets it before the chat template (`<image>` marks the
       image in image questions); target: the answer to learn ("yes", "no" or a label);
       uses_image: whether `image` (the record's encoded image) goes with the prompt;
-      kind: one of TEXT_KINDS or IMAGE_KINDS; record_id: the record it was made from.
+      kind: one of TEXT_KINDS, "image_true" or an image_wrong_* kind; record_id: the record it was made from.
     """
 
     prompt: str
@@ -81,16 +84,17 @@ def _image_example(record: dict, step1: str, target: str, kind: str) -> Reflecti
 
 def wrong_description(truth: dict, kind: str, rng: np.random.Generator) -> str:
     """Step-1 words for the drawn figure of `truth` with the one wrong detail `kind`
-    (one of WRONG_KINDS)."""
-    colour, noun, size = truth["colour"], truth["figure"], truth["size_class"]
+    (one of WRONG_KINDS, or image_wrong_<the truth's detail>)."""
+    colour, noun = truth["colour"], truth["figure"]
+    detail, k = detail_of(truth)
     if kind == "image_wrong_figure":
         others = [look for look in FIGURES.values() if look[1] != noun]
-        return describe(*others[int(rng.integers(len(others)))], size)
-    if kind == "image_wrong_size":
-        return describe(colour, noun, int(rng.choice([k for k in range(len(SIZE_WORDS)) if k != size])))
+        return describe(*others[int(rng.integers(len(others)))], detail, k)
+    if kind in ("image_wrong_detail", f"image_wrong_{detail}"):
+        return describe(colour, noun, detail, int(rng.choice([c for c in range(_CLASSES[detail]) if c != k])))
     if kind == "image_wrong_colour":
-        return describe(str(rng.choice([c for c in _COLOURS if c != colour])), noun, size)
-    raise ValueError(f"wrong_description: kind {kind!r} is not one of {WRONG_KINDS}")
+        return describe(str(rng.choice([c for c in _COLOURS if c != colour])), noun, detail, k)
+    raise ValueError(f"wrong_description: kind {kind!r} is not one of {WRONG_KINDS} (detail {detail!r})")
 
 
 def reflection_examples(records: Sequence[dict], labels: Sequence[str], seed: int) -> list[ReflectionExample]:
@@ -103,9 +107,10 @@ def reflection_examples(records: Sequence[dict], labels: Sequence[str], seed: in
             raise ValueError(f"record {record['id']!r}: label {record['label']!r} is not one of {list(labels)}")
         truth = parse_truth(record["truth"])
         rng = np.random.default_rng([seed, index])
-        drawn = describe(truth["colour"], truth["figure"], truth["size_class"])
+        detail, k = detail_of(truth)
+        drawn = describe(truth["colour"], truth["figure"], detail, k)
         other = str(rng.choice([label for label in labels if label != record["label"]]))
-        wrong = WRONG_KINDS[index % len(WRONG_KINDS)]
+        wrong = WRONG_KINDS[index % len(WRONG_KINDS)].replace("detail", detail)
         out += [
             _text_example(record, drawn, record["label"], labels, rng, "text"),
             _text_example(record, drawn, other, labels, rng, "text_feeling"),
@@ -115,10 +120,15 @@ def reflection_examples(records: Sequence[dict], labels: Sequence[str], seed: in
     return out
 
 
-def held_out_examples(count: int, seed: int, image_size: int, labels: Sequence[str]) -> list[ReflectionExample]:
+def held_out_examples(
+    count: int, seed: int, image_size: int, labels: Sequence[str], detail: str
+) -> list[ReflectionExample]:
     """`reflection_examples` of `count` synthetic records of the test split (images the cold
-    start never sees): 4 * count questions to measure the judge on."""
-    records = read_split("synthetic", "", "", "test", labels, count=count, seed=seed, image_size=image_size)
+    start never sees), step 1 naming `detail` (synthetic.DETAILS): 4 * count questions to
+    measure the judge on."""
+    records = read_split(
+        "synthetic", "", "", "test", labels, count=count, seed=seed, image_size=image_size, synthetic_detail=detail
+    )
     return reflection_examples(list(records), labels, seed)
 
 
@@ -146,7 +156,7 @@ def judge_accuracy(examples: Sequence[ReflectionExample], answers: Sequence[str]
     return {
         "overall": share(right),
         "text": share(TEXT_KINDS),
-        "image": share(IMAGE_KINDS),
+        "image": share([kind for kind in right if kind.startswith("image_")]),
         "count": len(examples),
         "per_kind": {kind: share([kind]) for kind in sorted(right)},
     }

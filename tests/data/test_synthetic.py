@@ -107,7 +107,7 @@ def test_answers_short(train, small):
     for label in prompts.EMOSET_LABELS:
         for size_class in range(3):
             for feeling in synthetic.FEELINGS[label]:
-                answer = synthetic.reference_answer(label, size_class, feeling)
+                answer = synthetic.reference_answer(label, "size", size_class, feeling)
                 assert format_ok(answer) and len(small.encode(answer)) < 40, answer
 
 
@@ -299,4 +299,94 @@ def test_config_image_sides_reach_the_records():
     c.data.image_sides = (10, 300)
     c.workdir = "/tmp/unused"
     with pytest.raises(ValueError, match=r"data.image_sides=\(10, 300\) must be \(\) or \(min, max\)"):
+        config_lib.validate(c)
+
+
+# --- data.synthetic_detail = "light": step 1 names the image's light instead of the size ---
+
+
+@pytest.fixture(scope="module")
+def lit():
+    return synthetic.SyntheticEmotions(200, seed=0, detail="light")
+
+
+def test_light_is_the_size_data_lit_and_named(train, lit):
+    """Light changes the pixels by its shift (hand-copied: -40 by night, +40 by day) and step 1;
+    labels, figures, sizes and feelings stay those of the size data."""
+    for a, b in zip(train, lit):
+        assert (b["id"], b["label"], b["problem"]) == (a["id"], a["label"], a["problem"])
+        ta, tb = a["truth"], b["truth"]
+        assert "size_class" not in tb and tb["light"] == tb["answer_light"] in (0, 1)
+        assert {k: tb[k] for k in ("figure", "colour", "radius", "background", "answer_feeling")} == {
+            k: ta[k] for k in ("figure", "colour", "radius", "background", "answer_feeling")
+        }
+        light = ("night", "day")[tb["light"]]
+        assert f"<step1> {tb['colour']} {tb['figure']} by {light} </step1>" in b["answer"]
+        assert b["answer"].split("</step1>")[1] == a["answer"].split("</step1>")[1]
+        pa, pb = _pixels(a).astype(int), _pixels(b).astype(int)
+        inside = (pa >= 45) & (pa <= 210)  # neither side clipped (the noise rounds within 1)
+        assert inside.any() and np.abs(pb - pa - (-40, 40)[tb["light"]])[inside].max() <= 1, b["id"]
+    lights = collections.Counter((ex["label"], ex["truth"]["light"]) for ex in lit)
+    assert len(lights) == 16 and min(collections.Counter(light for _, light in lights.elements()).values()) > 80
+
+
+def test_light_answers_short(small):
+    """Every light answer is at most 40 tokens: the tiny job samples up to rl.max_response_len = 48."""
+    for label in prompts.EMOSET_LABELS:
+        for light in range(2):
+            for feeling in synthetic.FEELINGS[label]:
+                answer = synthetic.reference_answer(label, "light", light, feeling)
+                assert format_ok(answer) and len(small.encode(answer)) <= 40, answer
+
+
+def test_light_visible_in_pixels_and_the_label_still_learnable(lit):
+    """The mean grey level, cut per label halfway between the training classes' medians, names the
+    light of >= 98% of every label's test images; the nearest (label, light) mean colour names the
+    label of > 90%."""
+    test = synthetic.SyntheticEmotions(100, seed=0, split="test", detail="light")
+    grey, colour = collections.defaultdict(list), collections.defaultdict(list)
+    for ex in lit:
+        grey[ex["label"], ex["truth"]["light"]].append(_pixels(ex).mean())
+        colour[ex["label"], ex["truth"]["light"]].append(_pixels(ex).reshape(-1, 3).mean(0))
+    right = collections.defaultdict(list)
+    cells = sorted(colour)
+    means = np.stack([np.mean(colour[cell], 0) for cell in cells])
+    labelled = []
+    for ex in test:
+        cut = (np.median(grey[ex["label"], 0]) + np.median(grey[ex["label"], 1])) / 2
+        right[ex["label"]].append(int(_pixels(ex).mean() > cut) == ex["truth"]["light"])
+        nearest = np.argmin(((_pixels(ex).reshape(-1, 3).mean(0) - means) ** 2).sum(-1))
+        labelled.append(cells[nearest][0] == ex["label"])
+    rates = {label: np.mean(r) for label, r in right.items()}
+    assert min(rates.values()) >= 0.98, rates
+    assert np.mean(labelled) > 0.9, np.mean(labelled)
+
+
+def test_light_unfaithful_answers_name_the_other_light():
+    clean = synthetic.SyntheticEmotions(64, seed=2, detail="light")
+    mixed = synthetic.SyntheticEmotions(64, seed=2, unfaithful_share=0.25, detail="light")
+    kinds = collections.Counter(ex["truth"]["unfaithful"] for ex in mixed)
+    assert set(kinds) == {"", "light", "feeling"} and kinds[""] == 48
+    for a, b in zip(clean, mixed):
+        np.testing.assert_array_equal(_pixels(a), _pixels(b))
+        if b["truth"]["unfaithful"] == "light":
+            assert (
+                b["truth"]["answer_light"] == 1 - a["truth"]["light"]
+                and "by " + ("night", "day")[b["truth"]["answer_light"]] in b["answer"]
+            )
+
+
+def test_synthetic_detail_reaches_the_records_and_is_checked(tmp_path):
+    records = read_split("synthetic", "", "", "test", prompts.EMOSET_LABELS, count=3, seed=0, image_size=56,
+                         synthetic_detail="light")  # fmt: skip
+    assert all("light" in json.loads(r["truth"]) for r in records)
+    with pytest.raises(ValueError, match="only the synthetic source draws a detail"):
+        read_split("folder", str(tmp_path), str(tmp_path / "a.jsonl"), "test", prompts.EMOSET_LABELS, count=0,
+                   seed=0, image_size=56, synthetic_detail="light")  # fmt: skip
+    with pytest.raises(ValueError, match=r"detail='shadow', expected one of \['size', 'light'\]"):
+        synthetic.make_example(0, seed=0, detail="shadow")
+    c = get_config("tiny")
+    c.workdir = str(tmp_path)
+    c.data.synthetic_detail = "shadow"
+    with pytest.raises(ValueError, match=r"data.synthetic_detail='shadow' must be one of \('size', 'light'\)"):
         config_lib.validate(c)

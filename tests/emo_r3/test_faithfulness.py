@@ -12,6 +12,7 @@ from emor3_jax.emo_r3 import faithfulness
 
 SMALL_PINK_BALL = {"figure": "ball", "colour": "pink", "size_class": 0, "background": "yellow"}
 MEDIUM_DARK_X = {"figure": "X", "colour": "dark", "size_class": 1, "background": "red"}
+PINK_BALL_BY_NIGHT = {"figure": "ball", "colour": "pink", "light": 0, "background": "yellow"}
 
 
 def response(step1="small pink ball", step2="fun", step3="positive, high", box="amusement"):
@@ -55,10 +56,25 @@ def response(step1="small pink ball", step2="fun", step3="positive, high", box="
         ("<step1> small pink ball <step2> fun <step3> positive, high \\boxed{amusement}", SMALL_PINK_BALL, True, False),
         (response().replace("<step2>", "<step 2>"), SMALL_PINK_BALL, False, False),
         ("<step1> small pink ball </step1><step2> fun </step2> \\boxed{amusement}", SMALL_PINK_BALL, True, False),
+        # data.synthetic_detail = light: the light, once, beside the one drawn figure; a size word is
+        # neither right nor wrong there.
+        (response("pink ball by night"), PINK_BALL_BY_NIGHT, True, True),
+        (response("a small pink ball, at night"), PINK_BALL_BY_NIGHT, True, True),
+        (response("pink ball by day"), PINK_BALL_BY_NIGHT, False, True),
+        (response("pink ball"), PINK_BALL_BY_NIGHT, False, True),
+        (response("pink ball by night or day"), PINK_BALL_BY_NIGHT, False, True),
+        (response("pink ball by night, night"), PINK_BALL_BY_NIGHT, False, True),
+        (response("dark ball by night"), PINK_BALL_BY_NIGHT, False, True),
+        (response("pink ball and dark rain by night"), PINK_BALL_BY_NIGHT, False, True),
     ],
 )
 def test_hand_written(text, truth, faithful, coherent):
     assert faithfulness.score(text, truth, EMOSET_LABELS) == {"image_faithful": faithful, "answer_coherent": coherent}
+
+
+def test_lights_named():
+    assert faithfulness.lights_named("<step1> a ball by night, then by day </step1>") == [0, 1]
+    assert faithfulness.lights_named("nightly daylight") == []  # whole words only
 
 
 def test_figures_named():
@@ -69,11 +85,13 @@ def test_figures_named():
     assert faithfulness.figures_named("calm scene") == []
 
 
-def test_synthetic_answers_faithful_and_unfaithful():
-    """The generator's faithful answers pass both; a wrong size fails only image-faithful, a
-    feeling word of another label only answer-coherent, and both still box the right label."""
+@pytest.mark.parametrize("detail", ["size", "light"])
+def test_synthetic_answers_faithful_and_unfaithful(detail):
+    """The generator's faithful answers pass both; a wrong size or light fails only
+    image-faithful, a feeling word of another label only answer-coherent, and both still box the
+    right label."""
     records = list(read_split("synthetic", "", "", "train", EMOSET_LABELS, count=96, seed=1, image_size=56,
-                              unfaithful_share=0.25))  # fmt: skip
+                              unfaithful_share=0.25, synthetic_detail=detail))  # fmt: skip
     seen = set()
     for record in records:
         truth = faithfulness.parse_truth(record["truth"])
@@ -81,15 +99,15 @@ def test_synthetic_answers_faithful_and_unfaithful():
         wrong = truth["unfaithful"]
         seen.add(wrong)
         assert record["answer"].endswith(f"\\boxed{{{record['label']}}}")
-        assert flags == {"image_faithful": wrong != "size", "answer_coherent": wrong != "feeling"}, record
-    assert seen == {"", "size", "feeling"}
+        assert flags == {"image_faithful": wrong != detail, "answer_coherent": wrong != "feeling"}, record
+    assert seen == {"", detail, "feeling"}
     assert sum(json.loads(r["truth"])["unfaithful"] != "" for r in records) == 24
 
 
 def test_parse_truth_and_labels_errors():
     with pytest.raises(ValueError, match="no truth"):
         faithfulness.parse_truth("")
-    with pytest.raises(ValueError, match=r"lacks \['size_class'\]"):
+    with pytest.raises(ValueError, match=r"lacks \['size_class or light'\]"):
         faithfulness.parse_truth(json.dumps({"figure": "ball", "colour": "pink"}))
     with pytest.raises(ValueError, match=r"unknown: \['joy'\]"):
         faithfulness.answer_coherent(response(), ["amusement", "joy"])
@@ -124,7 +142,16 @@ def test_vocabulary_is_the_generators():
         for size_class in range(3):
             truth = {"figure": noun, "colour": colour, "size_class": size_class}
             for feeling in synthetic.FEELINGS[label]:
-                answer = synthetic.reference_answer(label, size_class, feeling)
+                answer = synthetic.reference_answer(label, "size", size_class, feeling)
+                assert faithfulness.score(answer, truth, EMOSET_LABELS) == {
+                    "image_faithful": True,
+                    "answer_coherent": True,
+                }
+    for label, (colour, noun) in synthetic.FIGURES.items():
+        for light in range(2):
+            truth = {"figure": noun, "colour": colour, "light": light}
+            for feeling in synthetic.FEELINGS[label]:
+                answer = synthetic.reference_answer(label, "light", light, feeling)
                 assert faithfulness.score(answer, truth, EMOSET_LABELS) == {
                     "image_faithful": True,
                     "answer_coherent": True,

@@ -80,7 +80,7 @@ def test_balanced_and_wrong_details_are_wrong(train):
         "text": 24,
         "text_feeling": 24,
         "image_true": 24,
-        **dict.fromkeys(reflection_examples.WRONG_KINDS, 8),
+        **dict.fromkeys(("image_wrong_figure", "image_wrong_size", "image_wrong_colour"), 8),
     }
     image = [ex for ex in examples if ex.uses_image]
     assert collections.Counter(ex.target for ex in image) == {"yes": 24, "no": 24}
@@ -112,7 +112,7 @@ def test_deterministic_given_seed(train):
 
 
 def test_held_out_examples_are_other_images(train):
-    held = reflection_examples.held_out_examples(8, seed=0, image_size=56, labels=LABELS)
+    held = reflection_examples.held_out_examples(8, seed=0, image_size=56, labels=LABELS, detail="size")
     assert len(held) == 32
     assert all(ex.record_id.startswith("synthetic-test-0-") for ex in held)
     assert not {ex.image for ex in held if ex.uses_image} & {r["image"] for r in train}
@@ -161,3 +161,36 @@ def test_errors():
         reflection_examples.reflection_examples([record(truth, label="awe")], ["amusement", "anger"], 0)
     with pytest.raises(ValueError, match="kind 'image_true' is not one of"):
         reflection_examples.wrong_description(truth, "image_true", None)
+
+
+def test_light_records_ask_about_the_light():
+    """With data.synthetic_detail = light, step 1 names the light, and the wrong details are the
+    figure (same light), the light, and the colour."""
+    truth = {"figure": "ball", "colour": "pink", "light": 0}
+    text, _, image_true, image_wrong = reflection_examples.reflection_examples([record(truth)], LABELS, 0)
+    assert text.prompt.startswith("<step1> pink ball by night </step1><step2> ")
+    assert image_true.prompt == IMAGE_QUESTION + "<step1> pink ball by night </step1>"
+    assert image_wrong.kind == "image_wrong_figure" and image_wrong.prompt.endswith(" by night </step1>")
+    assert "ball" not in image_wrong.prompt
+
+    lit = list(read_split("synthetic", "", "", "train", LABELS, count=24, seed=0, image_size=56,
+                          synthetic_detail="light"))  # fmt: skip
+    examples = reflection_examples.reflection_examples(lit, LABELS, 0)
+    kinds = collections.Counter(ex.kind for ex in examples)
+    assert kinds == {"text": 24, "text_feeling": 24, "image_true": 24,
+                     **dict.fromkeys(("image_wrong_figure", "image_wrong_light", "image_wrong_colour"), 8)}  # fmt: skip
+    for rec, ex in zip(lit, examples[3::4]):
+        truth = faithfulness.parse_truth(rec["truth"])
+        [(_, colours, noun)] = faithfulness.figures_named(ex.prompt)
+        [light] = faithfulness.lights_named(ex.prompt)
+        assert faithfulness.image_faithful(ex.prompt + "<step2>", truth) is False
+        if ex.kind == "image_wrong_figure":
+            assert noun != truth["figure"].lower() and light == truth["light"]
+        elif ex.kind == "image_wrong_light":
+            assert (colours, noun) == ((truth["colour"],), truth["figure"].lower()) and light != truth["light"]
+        else:
+            assert noun == truth["figure"].lower() and light == truth["light"] and colours != (truth["colour"],)
+    for rec, ex in zip(lit, examples[2::4]):
+        assert faithfulness.image_faithful(ex.prompt + "<step2>", json.loads(rec["truth"]))
+    held_out = reflection_examples.held_out_examples(8, 0, 56, LABELS, "light")
+    assert {ex.kind for ex in held_out} >= {"image_wrong_light"} and " by " in held_out[2].prompt

@@ -83,6 +83,7 @@ def read_split(
     image_size: int,
     image_sides: Sequence[int] = (),
     unfaithful_share: float = 0.0,
+    synthetic_detail: str = "size",
 ) -> Iterator[dict]:
     """RECORDS of one split of `source`.
 
@@ -91,8 +92,9 @@ def read_split(
 
     synthetic: `count` generated examples of `split` (train | test) for `seed`, images
     `image_size` pixels a side or `image_sides` (see read_synthetic), a share
-    `unfaithful_share` of the answers with a wrong detail; `path`, `annotations` unused.
-    Other sources: `unfaithful_share` must be 0.
+    `unfaithful_share` of the answers with a wrong detail, step 1 naming `synthetic_detail`
+    beside the figure (synthetic.DETAILS); `path`, `annotations` unused. Other sources:
+    `unfaithful_share` must be 0 and `synthetic_detail` "size" (the default, unused).
     emoset_parquet: the parquet file/dir `path`. folder: images under `path` listed in the
     JSONL/CSV `annotations`. emoset118k: split `split` (train | val | test) of the release at
     `path`. The readers' iterators are returned as they are (not wrapped in a generator), so
@@ -107,9 +109,12 @@ def read_split(
             image_size=image_size,
             image_sides=image_sides,
             unfaithful_share=unfaithful_share,
+            detail=synthetic_detail,
         )
     if unfaithful_share:
         raise ValueError(f"unfaithful_share={unfaithful_share}: only synthetic answers can be made unfaithful")
+    if synthetic_detail != "size":
+        raise ValueError(f"synthetic_detail={synthetic_detail!r}: only the synthetic source draws a detail")
     if source == "emoset_parquet":
         return read_emoset_parquet(path, labels)
     if source == "folder":
