@@ -1,22 +1,27 @@
-"""Can the tiny model see a figure's size class? Where the image judge's size check fails.
+"""Can the tiny model see what step 1 is asked to say of an image? Per attribute, from the
+pixels to the policy's words.
 
-The image reflection asks whether step 1 ("huge pink ball") describes the image; the taught
-tiny judge gets the figure and the colour right but answers "yes" to nearly every wrong size
-(docs/results.md "The tiny judge"). This script tells where the size is lost, on the synthetic set
-of a run (its seed, image size and labels):
+Step 1 names the figure (its noun and colour word, both given by the label) and the image's
+detail (data.synthetic_detail, synthetic.DETAILS): the figure's size class, or the light (day
+or night, drawn apart from the label). The image reflection asks whether step 1 describes the
+image, so a consistency reward can only teach what the policy and its judge can see. On the
+synthetic set of a run (its seed, image size, labels and detail):
 
-  mean colour   per label, the image's mean colour projected on (figure - background) colour,
-                cut between the training classes' medians: what the pixels give a linear
-                reader (the background shade and figure colour are jittered)
+  pixels        per label, a one-number reader cut between the training classes' medians: for
+                the size the image's mean colour projected on (figure - background) colour
+                (~ the figure's pixel share), for the light its mean grey level
   vision probe  an MLP (256 hidden, full-batch AdamW) and a linear probe from the run's merged
-                vision tokens (the LM's image inputs, flattened) to the size class
+                vision tokens (the LM's image inputs, flattened) to the detail's class
   policy        with --responses (eval's test_responses.jsonl of the same run): how often the
-                greedy step 1 names the drawn size, and its size words per drawn class
+                greedy step 1 names the drawn figure, its colour and the drawn detail (and no
+                other), and the detail's words per drawn class
 
-    python -m bench.size_probe --checkpoint workdir/tiny [--responses DIR/test_responses.jsonl]
+    python -m bench.attribute_probe --checkpoint workdir/tiny [--responses DIR/test_responses.jsonl]
 
-Prints the accuracies (chance 1/3) and `ratio policy_vs_vision_probe: x` (the policy's size
-accuracy over the MLP probe's: 1 when the LM uses what the vision tower gives it).
+Prints the accuracies and `ratio policy_vs_vision_probe: x` (the policy's accuracy on the detail
+over the MLP probe's: 1 when the LM uses what the vision tower gives it). Issue 25's bar: the
+policy names each attribute for at least 0.9 of the test images after the cold start. Run it
+with JAX_PLATFORMS=cpu on a machine with libtpu installed but no TPU.
 """
 
 from __future__ import annotations
@@ -34,48 +39,60 @@ from bench.common import make_mesh
 from emor3_jax.core import paths
 from emor3_jax.core.sharding import DEFAULT_RULES
 from emor3_jax.data.processing import ImageProcessor
-from emor3_jax.data.synthetic import _LOOK, SIZE_WORDS, make_example
-from emor3_jax.emo_r3.faithfulness import figures_named
+from emor3_jax.data.synthetic import _LOOK, DETAILS, LIGHTS, SIZE_WORDS, detail_of, make_example
+from emor3_jax.emo_r3.faithfulness import figures_named, lights_named
 from emor3_jax.emo_r3.rewards import image_span
 from emor3_jax.load import load_step
 from emor3_jax.models.qwen25_vl.vision import order_pixels, vision_layout
 
+# detail -> the names of its classes, as printed
+CLASS_NAMES = {"size": tuple(w or "medium" for w in SIZE_WORDS), "light": LIGHTS}
 
-def mean_colour_share(example: dict) -> float:
-    """The image's mean colour on the (figure - background) axis: ~ the figure's pixel share."""
+
+def pixel_reading(example: dict, detail: str) -> float:
+    """One number of the pixels that orders the detail's classes within a label: the mean
+    colour on the (figure - background) axis (~ the figure's pixel share) for the size, the
+    mean grey level for the light."""
+    pixels = np.asarray(example["image"], np.float64)
+    if detail == "light":
+        return float(pixels.mean())
     background, figure, _ = _LOOK[example["label"]]
     axis = np.subtract(figure, background, dtype=np.float64)
-    mean = np.asarray(example["image"], np.float64).mean((0, 1)) - background
-    return float(mean @ axis / (axis @ axis))
+    return float((pixels.mean((0, 1)) - background) @ axis / (axis @ axis))
 
 
-def mean_colour_accuracy(train: list[dict], test: list[dict]) -> float:
+def pixel_accuracy(train: list[dict], test: list[dict], detail: str) -> float:
+    """Share of `test` whose class `pixel_reading`, cut per label halfway between the training
+    classes' medians, names."""
     values = collections.defaultdict(list)
     for ex in train:
-        values[ex["label"], ex["truth"]["size_class"]].append(mean_colour_share(ex))
+        values[ex["label"], detail_of(ex["truth"])[1]].append(pixel_reading(ex, detail))
     right = []
     for ex in test:
-        medians = [np.median(values[ex["label"], k]) for k in range(len(SIZE_WORDS))]
+        medians = [np.median(values[ex["label"], k]) for k in range(len(CLASS_NAMES[detail]))]
         cuts = [(a + b) / 2 for a, b in zip(medians, medians[1:])]
-        right.append(int(np.searchsorted(cuts, mean_colour_share(ex))) == ex["truth"]["size_class"])
+        right.append(int(np.searchsorted(cuts, pixel_reading(ex, detail))) == detail_of(ex["truth"])[1])
     return float(np.mean(right))
 
 
-def vision_tokens(model, processor: ImageProcessor, examples: list[dict]) -> np.ndarray:
-    """[N, M * D]: each image's merged vision tokens, flattened (every image the same size)."""
+def vision_tokens(model, processor: ImageProcessor, examples: list[dict], batch: int = 64) -> np.ndarray:
+    """[N, M * D]: each image's merged vision tokens, flattened (every image the same size),
+    `batch` images per tower call."""
     rows = []
-    for ex in examples:
-        pixels, grid = processor(ex["image"])
-        layout = vision_layout(np.asarray(grid).reshape(1, 3), None, model.cfg.vision)
-        rows.append(np.asarray(model.visual(jnp.asarray(order_pixels(pixels, layout)), layout)).reshape(-1))
-    return np.stack(rows)
+    for start in range(0, len(examples), batch):
+        chunk = [processor(ex["image"]) for ex in examples[start : start + batch]]
+        grids = np.concatenate([np.asarray(grid).reshape(1, 3) for _, grid in chunk])
+        layout = vision_layout(grids, None, model.cfg.vision)
+        pixels = np.concatenate([p for p, _ in chunk])
+        rows.append(np.asarray(model.visual(jnp.asarray(order_pixels(pixels, layout)), layout)).reshape(len(chunk), -1))
+    return np.concatenate(rows)
 
 
-def probe_accuracy(x_train, y_train, x_test, y_test, hidden: int, steps: int = 2000) -> float:
+def probe_accuracy(x_train, y_train, x_test, y_test, classes: int, hidden: int, steps: int = 2000) -> float:
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    d, classes = x_train.shape[1], len(SIZE_WORDS)
+    d = x_train.shape[1]
     if hidden:
         params = {
             "w1": jax.random.normal(k1, (d, hidden)) / np.sqrt(d),
@@ -100,19 +117,28 @@ def probe_accuracy(x_train, y_train, x_test, y_test, hidden: int, steps: int = 2
     return float((np.asarray(apply(params, x_test)).argmax(-1) == y_test).mean())
 
 
-def policy_sizes(responses: str, seed: int, image_size: int) -> tuple[float, dict]:
-    """(share of greedy responses naming the drawn size class, {drawn class: Counter of named})."""
-    named, right = collections.defaultdict(collections.Counter), []
+def policy_attributes(responses: str, seed: int, image_size: int, detail: str) -> tuple[dict, dict]:
+    """({"figure", "colour", detail: share of greedy responses whose step 1 names the drawn one
+    and no other}, {drawn class: Counter of the detail's words named})."""
+    right, named = collections.defaultdict(list), collections.defaultdict(collections.Counter)
+    names = CLASS_NAMES[detail]
     with open(responses) as f:
         for line in f:
             row = json.loads(line)
             index = int(row["id"].rsplit("-", 1)[1])
-            truth = make_example(index, seed, image_size, "test")["truth"]
-            mentions = figures_named(image_span(row["response"]))
-            size = mentions[0][0] if len(mentions) == 1 else None
-            named[truth["size_class"]]["none" if size is None else (SIZE_WORDS[size] or "medium")] += 1
-            right.append(size == truth["size_class"])
-    return float(np.mean(right)), dict(named)
+            truth = make_example(index, seed, image_size, "test", detail=detail)["truth"]
+            drawn = detail_of(truth)[1]
+            span = image_span(row["response"])
+            mentions = figures_named(span)
+            right["figure"].append([noun for _, _, noun in mentions] == [truth["figure"].lower()])
+            right["colour"].append(len(mentions) == 1 and mentions[0][1] == (truth["colour"],))
+            if detail == "size":  # no size word names the medium class
+                said = [mentions[0][0]] if len(mentions) == 1 and mentions[0][0] is not None else []
+            else:
+                said = lights_named(span)
+            right[detail].append(said == [drawn])
+            named[names[drawn]]["+".join(names[k] for k in said) or "none"] += 1
+    return {k: float(np.mean(v)) for k, v in right.items()}, dict(named)
 
 
 def main() -> None:
@@ -137,23 +163,28 @@ def main() -> None:
             f"data.image_sides=()), got source {data['source']!r}, image_sides {tuple(data['image_sides'])}"
         )
     seed, size = config["seed"], data["image_size"]
-    train = [make_example(i, seed, size, "train") for i in range(args.train)]
-    test = [make_example(i, seed, size, "test") for i in range(args.test)]
-    y_train = np.array([ex["truth"]["size_class"] for ex in train])
-    y_test = np.array([ex["truth"]["size_class"] for ex in test])
-    print(f"{args.checkpoint} step {step}: size class of {args.test} test images (chance 0.333)")
-    print(f"mean colour (pixels, per-label cuts): {mean_colour_accuracy(train, test):.3f}")
+    detail = data.get("synthetic_detail", "size")  # runs saved before the detail existed drew sizes
+    if detail not in DETAILS:
+        raise ValueError(f"{args.checkpoint}: data.synthetic_detail={detail!r} is not one of {list(DETAILS)}")
+    train = [make_example(i, seed, size, "train", detail=detail) for i in range(args.train)]
+    test = [make_example(i, seed, size, "test", detail=detail) for i in range(args.test)]
+    y_train = np.array([detail_of(ex["truth"])[1] for ex in train])
+    y_test = np.array([detail_of(ex["truth"])[1] for ex in test])
+    classes = len(CLASS_NAMES[detail])
+    print(f"{args.checkpoint} step {step}: the {detail} of {args.test} test images (chance {1 / classes:.3f})")
+    print(f"pixels (per-label cuts): {pixel_accuracy(train, test, detail):.3f}")
     processor = ImageProcessor(min_pixels=data["min_pixels"], max_pixels=data["max_pixels"])
     x_train, x_test = vision_tokens(model, processor, train), vision_tokens(model, processor, test)
-    mlp = probe_accuracy(x_train, y_train, x_test, y_test, hidden=256)
-    linear = probe_accuracy(x_train, y_train, x_test, y_test, hidden=0)
+    mlp = probe_accuracy(x_train, y_train, x_test, y_test, classes, hidden=256)
+    linear = probe_accuracy(x_train, y_train, x_test, y_test, classes, hidden=0)
     print(f"vision probe: MLP {mlp:.3f}, linear {linear:.3f}")
     if args.responses:
-        share, named = policy_sizes(args.responses, seed, size)
-        print(f"policy (greedy step 1 names the drawn size): {share:.3f}")
-        for drawn in sorted(named):
-            print(f"  drawn {SIZE_WORDS[drawn] or 'medium'}: named {dict(named[drawn])}")
-        print(f"ratio policy_vs_vision_probe: {share / mlp:.3f}")
+        shares, named = policy_attributes(args.responses, seed, size, detail)
+        print("policy (greedy step 1 names the drawn one): " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
+        for drawn in CLASS_NAMES[detail]:
+            if drawn in named:
+                print(f"  drawn {drawn}: named {dict(named[drawn])}")
+        print(f"ratio policy_vs_vision_probe: {shares[detail] / mlp:.3f}")
 
 
 if __name__ == "__main__":

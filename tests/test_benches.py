@@ -2,7 +2,7 @@
 (the `main` that `python -m bench.X` calls, in this process unless the bench itself starts
 processes), checked on the lines it prints. A side that needs what this machine lacks (TRL's
 venv .venv-trl, the reference script in shared/, a GPU) is skipped with a reason naming it.
-bench/learning.py and bench/size_probe.py read trained runs, which take minutes: their smoke
+bench/learning.py and bench/attribute_probe.py read trained runs, which take minutes: their smoke
 runs read a crafted run (metrics and results files; a random tiny model's checkpoint) instead.
 The second modes of sampling (realistic lengths, the GPU path on the CPU) and grpo_step
 (realistic lengths) are slow-marked: CI runs each bench once, tests/README.md lists them.
@@ -230,11 +230,12 @@ def test_learning_report_of_crafted_runs(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "learning.png").stat().st_size > 0
 
 
-# ---------------------------------------------------------------- bench/size_probe.py on a crafted run
+# ---------------------------------------------------------------- bench/attribute_probe.py on a crafted run
 
 
-def craft_checkpoint(workdir):
-    """A random tiny model saved as a run's checkpoint (step 1) with the tiny config."""
+def craft_checkpoint(workdir, detail="size"):
+    """A random tiny model saved as a run's checkpoint (step 1) with the tiny config, its
+    synthetic step 1s naming `detail`."""
     from flax import nnx
 
     from bench.common import make_mesh
@@ -245,6 +246,7 @@ def craft_checkpoint(workdir):
 
     c = get_config("tiny")
     c.workdir = str(workdir)
+    c.data.synthetic_detail = detail
     cfg = preset("tiny", vocab_size=1024, param_dtype=c.model.param_dtype)
     _, params = nnx.split(create_model(cfg, make_mesh(), sharding.DEFAULT_RULES))
     ckpts = RunCheckpoints(c, architecture(cfg))
@@ -254,22 +256,50 @@ def craft_checkpoint(workdir):
     return c
 
 
-def test_size_probe_on_a_crafted_checkpoint(tmp_path, capsys, monkeypatch):
-    from emor3_jax.data.synthetic import FIGURES, SIZE_WORDS, make_example
+def test_attribute_probe_reads_the_size(tmp_path):
+    """The size's pixel reading orders each label's classes, and the policy's size words are read
+    as faithfulness reads them (no word: medium)."""
+    from bench.attribute_probe import pixel_accuracy, policy_attributes
+    from emor3_jax.data.synthetic import FIGURES, make_example
 
-    c = craft_checkpoint(tmp_path / "run")
-    rows = []
-    for i in range(12):  # greedy responses naming each test image's drawn size: the policy's share is 1
-        ex = make_example(i, c.seed, c.data.image_size, "test")
+    train = [make_example(i, 0, 56, "train") for i in range(96)]
+    test = [make_example(i, 0, 56, "test") for i in range(24)]
+    assert pixel_accuracy(train, test, "size") > 1 / 3  # above chance; the tower's share is in docs/results.md
+    rows, sizes = [], ("small ", "", "huge ")
+    for i, ex in enumerate(test[:6]):
         colour, noun = FIGURES[ex["label"]]
-        size = SIZE_WORDS[ex["truth"]["size_class"]]
-        rows.append({"id": f"test-{i}", "response": f"<step1>a {size} {colour} {noun}</step1><step2>x</step2>"})
+        drawn = ex["truth"]["size_class"]
+        said = sizes[drawn] if i % 2 == 0 else sizes[(drawn + 1) % 3]
+        rows.append({"id": f"test-{i}", "response": f"<step1>a {said}{colour} {noun}</step1><step2>x</step2>"})
+    write_jsonl(tmp_path / "responses.jsonl", rows)
+    shares, named = policy_attributes(str(tmp_path / "responses.jsonl"), 0, 56, "size")
+    assert shares == {"figure": 1.0, "colour": 1.0, "size": 0.5}
+    assert sum(sum(c.values()) for c in named.values()) == 6
+
+
+# The size's reading and naming without a checkpoint: test_attribute_probe_reads_the_size (CI).
+@pytest.mark.parametrize("detail", [pytest.param("size", marks=pytest.mark.slow), "light"])
+def test_attribute_probe_on_a_crafted_checkpoint(tmp_path, capsys, monkeypatch, detail):
+    from emor3_jax.data.synthetic import FIGURES, make_example
+
+    c = craft_checkpoint(tmp_path / "run", detail)
+    rows = []
+    for i in range(12):  # responses naming each test image's figure and detail, the colour of 2 of 3 wrong
+        ex = make_example(i, c.seed, c.data.image_size, "test", detail=detail)
+        colour, noun = FIGURES[ex["label"]]
+        colour = colour if i % 3 == 0 else "green"
+        if detail == "size":
+            step1 = f"a {('small', '', 'huge')[ex['truth']['size_class']]} {colour} {noun}"
+        else:
+            step1 = f"a {colour} {noun} by {('night', 'day')[ex['truth']['light']]}"
+        rows.append({"id": f"test-{i}", "response": f"<step1>{step1}</step1><step2>x</step2>"})
     write_jsonl(tmp_path / "test_responses.jsonl", rows)
     argv = ["--checkpoint", str(tmp_path / "run"), "--responses", str(tmp_path / "test_responses.jsonl")]
-    # 24 training images leave some label x size cells empty: numpy warns on their medians (the
-    # mean-colour figure means nothing at this size; the smoke run checks that every part runs).
-    out = run_main("bench.size_probe", [*argv, "--train", "24", "--test", "12"], capsys, monkeypatch)
-    assert "step 1: size class of 12 test images" in out, out
+    # 24 training images leave some label x class cells empty: numpy warns on their medians (the
+    # pixel figure means nothing at this size; the smoke run checks that every part runs).
+    out = run_main("bench.attribute_probe", [*argv, "--train", "24", "--test", "12"], capsys, monkeypatch)
+    assert f"step 1: the {detail} of 12 test images" in out, out
     assert re.search(r"^vision probe: MLP \d\.\d{3}, linear \d\.\d{3}$", out, re.M), out
-    assert "policy (greedy step 1 names the drawn size): 1.000" in out, out
+    # "green" is no colour word of the vocabulary: the figure is named, its colour is not
+    assert f"policy (greedy step 1 names the drawn one): figure 1.000, colour 0.333, {detail} 1.000" in out, out
     assert re.search(r"^ratio policy_vs_vision_probe: \d+\.\d{3}$", out, re.M), out
