@@ -6,7 +6,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM at -O0 for the CPU programs: the tests' programs are tiny and compiled once or twice
+# each, so compiling is most of their time; -O0 cuts it by about a third (one GRPO update test:
+# 14.9 s -> 9.7 s of XLA compilation, 19.2 s -> 14.1 s in all), and the programs compute the
+# same math (CPU fast-math stays off).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -135,7 +135,8 @@ def test_cli_end_to_end_on_a_tiny_run(tiny_run, tmp_path):
         "--config.sampling.gen_buckets=(8,)",
         "--config.reward.compat=emo_r3_code",  # asks the judge even without a step span
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")  # one CPU device, as the command runs on a CPU
+    # one CPU device, as the command runs on a CPU; -O0 as conftest.py says
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "| test | 3 |" in done.stdout

@@ -46,7 +46,7 @@ from emor3_jax.core.workdir_lock import LOCK_NAME
 # One CPU device, as the command runs on a CPU machine: the faults are about checkpoints, locks
 # and resuming, which the suite's 8 fake devices only slow down (a third longer per run);
 # sharded saving and resuming are test_train.py's (in-process, 8 devices).
-ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+ENV = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")  # -O0: conftest.py
 # Cold start only, a checkpoint at steps 3 and 5: a kill after step 1 is before the first one.
 SHORT = {"cold_start.steps": 5, "rl.steps": 0, "rl.epochs": 0, "checkpoint.every": 3, "eval.num_examples": 2}
 
@@ -180,6 +180,7 @@ def test_kill_before_the_first_checkpoint_restarts_from_nothing(uninterrupted, t
     assert _logs(workdir) == uninterrupted  # each step once, the same numbers
 
 
+@pytest.mark.slow  # ~17 s of CI; in-process: test_checkpoint.py::test_the_trainers_state_falls_back_past_a_damaged_step
 def test_damaged_latest_step_falls_back_to_the_previous_one(uninterrupted_dir, uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted_dir, workdir)
@@ -265,6 +266,7 @@ def test_kill_during_a_save_then_a_second_run_is_refused_while_the_resume_finish
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"step {step} {k}")
 
 
+@pytest.mark.slow  # ~30 s of CI; the comparison, its message and --accept_changes: test_config_lib.py
 def test_a_changed_setting_on_resume_stops_naming_the_field_until_accepted(uninterrupted_dir, uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted_dir, workdir)

@@ -112,7 +112,8 @@ def test_initialize_lets_jax_find_the_cluster_and_skips_a_single_process(launch_
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"  # -O0: conftest.py
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
     env["PYTHONPATH"] = ROOT
     return env
 

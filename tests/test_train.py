@@ -387,6 +387,7 @@ def test_bad_record_stops_the_data_build_naming_it_or_is_skipped_and_counted(tmp
         )
 
 
+@pytest.mark.slow  # ~40 s of CI; the copy per step: rl/test_experience.py, its layouts: rl/test_rollout_weights.py
 def test_a_bf16_rollout_copy_samples_every_generation_and_is_gone_before_each_update(tmp_path, monkeypatch):
     """rl.rollout_dtype=bfloat16 in the replicated layout: the rollouts, the policy's reflections
     and the evaluations all sample with a bf16 copy held whole on each of the 8 devices, while
