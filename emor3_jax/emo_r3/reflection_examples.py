@@ -13,10 +13,10 @@ Per synthetic record (its image and truth), four examples, in this order:
   image_true      the image + step 1 naming the drawn figure with its detail (synthetic.DETAILS:
                   its size class or the image's light) -> "yes"
   image_wrong_*   the image + step 1 with one wrong detail -> "no"; the detail is, record by
-                  record in turn, the figure (another label's, same size or light), the size
-                  class or the light, or the colour word (the drawn noun in another figure's
-                  colour)
-So yes and no are balanced exactly, and the three wrong details within one.
+                  record in turn (WRONG_CYCLE), the figure (another label's, same size or
+                  light), the size class or the light, or the colour word (the drawn noun in
+                  another figure's colour)
+So yes and no are balanced exactly, and the wrong details within one as WRONG_CYCLE says.
 
   examples = reflection_examples(train_records, labels, seed)      # cold start
   held_out = held_out_examples(128, seed, image_size, labels, "size")  # the judge's accuracy
@@ -38,6 +38,16 @@ from emor3_jax.emo_r3.faithfulness import parse_truth
 TEXT_KINDS = ("text", "text_feeling")
 # The wrong detail "image_wrong_detail" takes the data's: image_wrong_size or image_wrong_light.
 WRONG_KINDS = ("image_wrong_figure", "image_wrong_detail", "image_wrong_colour")
+# detail -> the wrong details of the image_wrong questions, record by record in turn. The light
+# takes half the turns: the figure and its colour follow from the label, which the judge learns
+# from every question, the light only the image shows; at a third of the turns a 600-step cold
+# start left the judge saying "yes" to every wrong light (docs/results.md, "A detail the tiny
+# model sees"). The size keeps thirds: half the turns taught it no better (docs/results.md, "The
+# tiny judge"), and the main job's judge stays as it was.
+WRONG_CYCLE = {
+    "size": ("image_wrong_figure", "image_wrong_size", "image_wrong_colour"),
+    "light": ("image_wrong_figure", "image_wrong_light", "image_wrong_colour", "image_wrong_light"),
+}
 _CLASSES = {"size": len(SIZE_WORDS), "light": len(LIGHTS)}
 _COLOURS = sorted({colour for colour, _ in FIGURES.values()})
 
@@ -110,7 +120,7 @@ def reflection_examples(records: Sequence[dict], labels: Sequence[str], seed: in
         detail, k = detail_of(truth)
         drawn = describe(truth["colour"], truth["figure"], detail, k)
         other = str(rng.choice([label for label in labels if label != record["label"]]))
-        wrong = WRONG_KINDS[index % len(WRONG_KINDS)].replace("detail", detail)
+        wrong = WRONG_CYCLE[detail][index % len(WRONG_CYCLE[detail])]
         out += [
             _text_example(record, drawn, record["label"], labels, rng, "text"),
             _text_example(record, drawn, other, labels, rng, "text_feeling"),
