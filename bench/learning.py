@@ -10,10 +10,13 @@ same cold start (not a test: ~4 minutes per cold start and ~3 per arm on 2 cores
     python -m bench.learning --out DIR --seeds 0 1 --report_only   # the table of finished runs
 
 The image side needs step 1 to name what the tiny model sees (docs/results.md, "A detail the
-tiny model sees"): the light, after a 600-step cold start, over 60 GRPO steps:
+tiny model sees"): the light, taught by a 900-step cold start. Such a cold start also leaves the
+policy nearly faithful on both sides, with nothing left for a reward to raise, so half its
+answers carry a wrong detail (not a quarter): issue 25's run, 60 GRPO steps,
 
     python -m bench.learning --out DIR --extra --config.data.synthetic_detail=light \
-        --config.cold_start.steps=600 --config.rl.steps=60
+        --config.data.unfaithful_share=0.5 --config.cold_start.steps=900 \
+        --config.cold_start.judge_records=64 --config.rl.steps=60
 
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
