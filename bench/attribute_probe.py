@@ -39,14 +39,14 @@ from bench.common import make_mesh
 from emor3_jax.core import paths
 from emor3_jax.core.sharding import DEFAULT_RULES
 from emor3_jax.data.processing import ImageProcessor
-from emor3_jax.data.synthetic import _LOOK, DETAILS, LIGHTS, SIZE_WORDS, detail_of, make_example
+from emor3_jax.data.synthetic import _LOOK, DETAIL_WORDS, DETAILS, detail_of, make_example
 from emor3_jax.emo_r3.faithfulness import figures_named, lights_named
 from emor3_jax.emo_r3.rewards import image_span
 from emor3_jax.load import load_step
 from emor3_jax.models.qwen25_vl.vision import order_pixels, vision_layout
 
-# detail -> the names of its classes, as printed
-CLASS_NAMES = {"size": tuple(w or "medium" for w in SIZE_WORDS), "light": LIGHTS}
+# detail -> the names of its classes, as printed (no size word: medium)
+CLASS_NAMES = {detail: tuple(w or "medium" for w in words) for detail, words in DETAIL_WORDS.items()}
 
 
 def pixel_reading(example: dict, detail: str) -> float:

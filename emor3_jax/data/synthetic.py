@@ -103,6 +103,8 @@ SIZE_WORDS = ("small", "", "huge")
 # common), so each label's day and night images are apart in mean brightness.
 LIGHTS = ("night", "day")
 LIGHT_SHIFT = (-40.0, 40.0)
+# detail -> the words of its classes
+DETAIL_WORDS = {"size": SIZE_WORDS, "light": LIGHTS}
 # label -> the step-2 words: how a viewer would feel. No word belongs to two labels.
 FEELINGS = {
     "amusement": ("fun", "silly", "laugh"),
@@ -242,9 +244,9 @@ def make_example(
     pixels = np.asarray(image, np.float64) + rng.normal(0, 6, (height, width, 3))
     feeling = FEELINGS[label][int(rng.integers(len(FEELINGS[label])))]
     if detail == "size":
-        drawn, classes = size_class, len(SIZE_WORDS)
+        drawn = size_class
     else:
-        drawn, classes = int(_rng(seed, split, _LIGHT_STREAM, index).integers(len(LIGHTS))), len(LIGHTS)
+        drawn = int(_rng(seed, split, _LIGHT_STREAM, index).integers(len(LIGHTS)))
         pixels += LIGHT_SHIFT[drawn]
 
     wrong, said, said_feeling = "", drawn, feeling
@@ -253,7 +255,7 @@ def make_example(
         wrong = UNFAITHFUL_KINDS[int(wrong_rng.integers(len(UNFAITHFUL_KINDS)))]
         if wrong == "detail":
             wrong = detail
-            said = int(wrong_rng.choice([c for c in range(classes) if c != drawn]))
+            said = int(wrong_rng.choice([c for c in range(len(DETAIL_WORDS[detail])) if c != drawn]))
         else:
             other = str(wrong_rng.choice([x for x in EMOSET_LABELS if x != label]))
             said_feeling = str(wrong_rng.choice(FEELINGS[other]))

@@ -31,13 +31,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from emor3_jax.data.sources import read_split
-from emor3_jax.data.synthetic import FEELINGS, FIGURES, LIGHTS, SIZE_WORDS, describe, detail_of, set_answer
+from emor3_jax.data.synthetic import DETAIL_WORDS, FEELINGS, FIGURES, describe, detail_of, set_answer
 from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.faithfulness import parse_truth
 
 TEXT_KINDS = ("text", "text_feeling")
-# The wrong detail "image_wrong_detail" takes the data's: image_wrong_size or image_wrong_light.
-WRONG_KINDS = ("image_wrong_figure", "image_wrong_detail", "image_wrong_colour")
 # detail -> the wrong details of the image_wrong questions, record by record in turn. The light
 # takes half the turns: the figure and its colour follow from the label, which the judge learns
 # from every question, the light only the image shows; at a third of the turns a 600-step cold
@@ -48,7 +46,6 @@ WRONG_CYCLE = {
     "size": ("image_wrong_figure", "image_wrong_size", "image_wrong_colour"),
     "light": ("image_wrong_figure", "image_wrong_light", "image_wrong_colour", "image_wrong_light"),
 }
-_CLASSES = {"size": len(SIZE_WORDS), "light": len(LIGHTS)}
 _COLOURS = sorted({colour for colour, _ in FIGURES.values()})
 
 
@@ -94,17 +91,18 @@ def _image_example(record: dict, step1: str, target: str, kind: str) -> Reflecti
 
 def wrong_description(truth: dict, kind: str, rng: np.random.Generator) -> str:
     """Step-1 words for the drawn figure of `truth` with the one wrong detail `kind`
-    (one of WRONG_KINDS, or image_wrong_<the truth's detail>)."""
+    (one of WRONG_CYCLE[the truth's detail])."""
     colour, noun = truth["colour"], truth["figure"]
     detail, k = detail_of(truth)
     if kind == "image_wrong_figure":
         others = [look for look in FIGURES.values() if look[1] != noun]
         return describe(*others[int(rng.integers(len(others)))], detail, k)
-    if kind in ("image_wrong_detail", f"image_wrong_{detail}"):
-        return describe(colour, noun, detail, int(rng.choice([c for c in range(_CLASSES[detail]) if c != k])))
+    if kind == f"image_wrong_{detail}":
+        others = [c for c in range(len(DETAIL_WORDS[detail])) if c != k]
+        return describe(colour, noun, detail, int(rng.choice(others)))
     if kind == "image_wrong_colour":
         return describe(str(rng.choice([c for c in _COLOURS if c != colour])), noun, detail, k)
-    raise ValueError(f"wrong_description: kind {kind!r} is not one of {WRONG_KINDS} (detail {detail!r})")
+    raise ValueError(f"wrong_description: kind {kind!r} is not one of {sorted(set(WRONG_CYCLE[detail]))}")
 
 
 def reflection_examples(records: Sequence[dict], labels: Sequence[str], seed: int) -> list[ReflectionExample]:
