@@ -25,7 +25,8 @@ its reward settings (--accept_changes) and runs GRPO. The script reads each arm'
 and sampled: greedy decoding hides what the policy still samples) and metrics.jsonl (training
 reward components per GRPO step, validation every eval.every steps, the judge's accuracy after
 the cold start, which the tiny job measures: cold_start.judge_records), prints
-mean +- std over seeds (std with ddof 1) and writes DIR/learning.md (the table) and
+mean +- std over seeds (std with ddof 1), the paired per-seed differences of each RER arm
+from no RER, the judge's accuracy per kind of question, and writes DIR/learning.md (the table) and
 DIR/learning.png (the curves; needs the `bench` extra: matplotlib).
 """
 
@@ -140,6 +141,7 @@ def read_arm(workdir: str, cold: str) -> dict:
         **{f"cold_{k}": res["cold_start"][k] for k in HELD_OUT},
         **{f"grpo_{k}": res["grpo"][k] for k in HELD_OUT},
         **{f"judge_{k}": judge[-1][f"judge_{k}"] if judge else float("nan") for k in ("text", "image")},
+        "judge_kinds": {k.removeprefix("judge_kind_"): v for k, v in (judge or [{}])[-1].items() if "_kind_" in k},
         "train": {k: [(m["step"] - offset, m[k]) for m in metrics if m["phase"] == "grpo"] for k in TRAIN_CURVES},
         "eval": {k: [(m["step"] - offset, m[k]) for m in evals] for k in EVAL_CURVES},
     }
@@ -161,6 +163,37 @@ def table(runs: dict, seeds: list[int]) -> str:
         rows.append([f"GRPO, {arm}", *(cell([runs[arm][s][f"grpo_{k}"] for s in seeds]) for k in HELD_OUT), ""])
     line = lambda cells: "| " + " | ".join(cells) + " |"
     return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+
+
+def paired(runs: dict, seeds: list[int]) -> str:
+    """Markdown: per held-out figure (a row) and RER arm (a column), the arm's figure after GRPO
+    minus no RER's, seed by seed (each pair shares its cold start): mean +- std (ddof 1) and
+    the per-seed values."""
+    arms = [arm for arm in runs if arm != "no RER"]
+    rows = []
+    for k, name in HELD_OUT.items():
+        cells = []
+        for arm in arms:
+            diffs = [runs[arm][s][f"grpo_{k}"] - runs["no RER"][s][f"grpo_{k}"] for s in seeds]
+            cells.append("{:+.3f} ± {:.3f} ({})".format(*mean_std(diffs), ", ".join(f"{d:+.2f}" for d in diffs)))
+        rows.append([name, *cells])
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    head = ["minus no RER, paired by seed", *arms]
+    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+
+
+def judge_table(runs: dict, seeds: list[int]) -> str:
+    """Markdown: the judge's accuracy per kind of reflection question after each seed's cold
+    start, and the mean over seeds (every seed asks as many questions of each kind)."""
+    first = runs[next(iter(runs))]
+    kinds = sorted({k for s in seeds for k in first[s]["judge_kinds"]})
+    if not kinds:
+        return "(no judge measured: cold_start.judge_records=0)"
+    value = lambda s, k: first[s]["judge_kinds"].get(k, float("nan"))
+    rows = [[f"seed {s}", *(f"{value(s, k):.3f}" for k in kinds)] for s in seeds]
+    rows.append(["mean", *(f"{np.mean([value(s, k) for s in seeds]):.3f}" for k in kinds)])
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return "\n".join([line(["judge", *kinds]), "|" + "---|" * (len(kinds) + 1), *map(line, rows)])
 
 
 def curve(runs: dict, seeds: list[int], part: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,7 +235,7 @@ def arm_dir(root: str, seed: int, arm: str) -> str:
 
 def report(runs: dict, seeds: list[int], extra: list[str], root: str) -> None:
     """Prints the table and the ratio lines; writes root/learning.md and root/learning.png."""
-    md = table(runs, seeds)
+    md = "\n\n".join([table(runs, seeds), paired(runs, seeds), judge_table(runs, seeds)])
     print(md)
     plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in seeds])[0]
     for arm in runs:

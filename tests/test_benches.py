@@ -196,7 +196,9 @@ def craft_learning_runs(root, seeds):
     learning = importlib.import_module("bench.learning")
     for seed in seeds:
         cold_dir = root / f"seed{seed}" / "cold_start"
-        write_jsonl(cold_dir / "metrics.jsonl", [{"phase": "judge", "step": 10, "judge_text": 0.9, "judge_image": 0.7}])
+        kinds = {"judge_kind_text": 0.9, "judge_kind_image_wrong_light": 0.5 + 0.25 * int(seed)}
+        judge = {"phase": "judge", "step": 10, "judge_text": 0.9, "judge_image": 0.7, **kinds}
+        write_jsonl(cold_dir / "metrics.jsonl", [judge])
         for arm, v in CRAFTED.items():
             held = lambda acc, faithful: {k: faithful if k in learning.FAITHFUL else acc for k in learning.HELD_OUT}
             workdir = pathlib.Path(learning.arm_dir(str(root), seed, arm))
@@ -226,6 +228,12 @@ def test_learning_report_of_crafted_runs(tmp_path, capsys, monkeypatch):
     assert re.search(r"^ratio grpo_vs_cold_start_sampled_accuracy_rer_policy_judge: 1\.500$", out, re.M), out
     assert re.search(r"^ratio rer_policy_judge_vs_no_rer_greedy_image_faithful: 2\.000$", out, re.M), out
     assert "| GRPO, RER, policy judge | 0.750 ± 0.000 |" in out, out
+    # paired: greedy acc 0.75 - 0.6, image-faithful 0.8 - 0.4 in both seeds
+    assert "| greedy acc | +0.150 ± 0.000 (+0.15, +0.15) |" in out, out
+    assert "| sampled image-faithful | +0.400 ± 0.000 (+0.40, +0.40) |" in out, out
+    # the judge per kind, per seed and the mean: wrong light 0.5 and 0.75
+    assert "| judge | image_wrong_light | text |" in out, out
+    assert "| seed 1 | 0.750 | 0.900 |" in out and "| mean | 0.625 | 0.900 |" in out, out
     assert (tmp_path / "learning.md").read_text().count("| GRPO,") == 2
     assert (tmp_path / "learning.png").stat().st_size > 0
 
