@@ -18,6 +18,8 @@ answers carry a wrong detail (not a quarter): issue 25's run, 60 GRPO steps,
         --config.data.unfaithful_share=0.5 --config.cold_start.steps=900 \
         --config.cold_start.judge_records=64 --config.rl.steps=60
 
+(about 28 minutes per seed on 2 cores: 14 for the cold start, 4-5 per arm; docs/learning_light.md).
+
 Per seed the README's main job (`python -m emor3_jax.train --config=configs/qwen_vl.py`) runs
 its cold start alone (rl.steps = rl.epochs = 0); each arm resumes a copy of that workdir with
 its reward settings (--accept_changes) and runs GRPO. The script reads each arm's results.json
