@@ -44,6 +44,8 @@ import tempfile
 
 import numpy as np
 
+from emor3_jax.evaluation.report import markdown_table
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {  # arm -> its reward flags; the cold start runs with the config's defaults
     "no RER": ["--config.reward.reflection=none"],
@@ -143,7 +145,9 @@ def read_arm(workdir: str, cold: str) -> dict:
         **{f"cold_{k}": res["cold_start"][k] for k in HELD_OUT},
         **{f"grpo_{k}": res["grpo"][k] for k in HELD_OUT},
         **{f"judge_{k}": judge[-1][f"judge_{k}"] if judge else float("nan") for k in ("text", "image")},
-        "judge_kinds": {k.removeprefix("judge_kind_"): v for k, v in (judge or [{}])[-1].items() if "_kind_" in k},
+        "judge_kinds": {
+            k.removeprefix("judge_kind_"): v for k, v in (judge or [{}])[-1].items() if k.startswith("judge_kind_")
+        },
         "train": {k: [(m["step"] - offset, m[k]) for m in metrics if m["phase"] == "grpo"] for k in TRAIN_CURVES},
         "eval": {k: [(m["step"] - offset, m[k]) for m in evals] for k in EVAL_CURVES},
     }
@@ -163,8 +167,7 @@ def table(runs: dict, seeds: list[int]) -> str:
     rows = [["cold start", *(cell([first[s][f"cold_{k}"] for s in seeds]) for k in HELD_OUT), " / ".join(judge)]]
     for arm in runs:
         rows.append([f"GRPO, {arm}", *(cell([runs[arm][s][f"grpo_{k}"] for s in seeds]) for k in HELD_OUT), ""])
-    line = lambda cells: "| " + " | ".join(cells) + " |"
-    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+    return markdown_table(head, rows)
 
 
 def paired(runs: dict, seeds: list[int]) -> str:
@@ -179,9 +182,7 @@ def paired(runs: dict, seeds: list[int]) -> str:
             diffs = [runs[arm][s][f"grpo_{k}"] - runs["no RER"][s][f"grpo_{k}"] for s in seeds]
             cells.append("{:+.3f} ± {:.3f} ({})".format(*mean_std(diffs), ", ".join(f"{d:+.2f}" for d in diffs)))
         rows.append([name, *cells])
-    line = lambda cells: "| " + " | ".join(cells) + " |"
-    head = ["minus no RER, paired by seed", *arms]
-    return "\n".join([line(head), "|" + "---|" * len(head), *map(line, rows)])
+    return markdown_table(["minus no RER, paired by seed", *arms], rows)
 
 
 def judge_table(runs: dict, seeds: list[int]) -> str:
@@ -194,8 +195,7 @@ def judge_table(runs: dict, seeds: list[int]) -> str:
     value = lambda s, k: first[s]["judge_kinds"].get(k, float("nan"))
     rows = [[f"seed {s}", *(f"{value(s, k):.3f}" for k in kinds)] for s in seeds]
     rows.append(["mean", *(f"{np.mean([value(s, k) for s in seeds]):.3f}" for k in kinds)])
-    line = lambda cells: "| " + " | ".join(cells) + " |"
-    return "\n".join([line(["judge", *kinds]), "|" + "---|" * (len(kinds) + 1), *map(line, rows)])
+    return markdown_table(["judge", *kinds], rows)
 
 
 def curve(runs: dict, seeds: list[int], part: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -236,7 +236,8 @@ def arm_dir(root: str, seed: int, arm: str) -> str:
 
 
 def report(runs: dict, seeds: list[int], extra: list[str], root: str) -> None:
-    """Prints the table and the ratio lines; writes root/learning.md and root/learning.png."""
+    """Prints the tables (per arm, paired, the judge) and the ratio lines; writes root/learning.md
+    and root/learning.png."""
     md = "\n\n".join([table(runs, seeds), paired(runs, seeds), judge_table(runs, seeds)])
     print(md)
     plain = lambda k: mean_std([runs["no RER"][s][f"grpo_{k}"] for s in seeds])[0]

@@ -90,7 +90,8 @@ def summarize(labels: Sequence[str], greedy: dict, sampled: dict) -> dict:
 
 
 # ---------------------------------------------------------------- Markdown
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table: the header, its rule, one line per row (cells as str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -131,7 +132,7 @@ def summary_table(datasets: dict[str, dict]) -> str:
                 *(_cell(g.get(k)) for k in FAITHFULNESS),
             ]
         )
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def markdown(results: dict) -> str:
@@ -152,7 +153,7 @@ def markdown(results: dict) -> str:
         parts.append(f"## {name}")
         faithful = [k for k in FAITHFULNESS if k in d["greedy"]]  # data sets with a truth
         parts.append(
-            _table(
+            markdown_table(
                 ["label", "n", "greedy acc", *faithful],
                 [[label, v["count"], *(_cell(v.get(k)) for k in ["accuracy", *faithful])] for label, v in per.items()],
             )
@@ -160,7 +161,9 @@ def markdown(results: dict) -> str:
         conf = d["confusion"]
         parts.append("Confusion (rows: label, columns: greedy prediction):")
         parts.append(
-            _table(["label \\ prediction", *conf["columns"]], [[r, *c] for r, c in zip(conf["rows"], conf["counts"])])
+            markdown_table(
+                ["label \\ prediction", *conf["columns"]], [[r, *c] for r, c in zip(conf["rows"], conf["counts"])]
+            )
         )
     return "\n\n".join(parts) + "\n"
 
