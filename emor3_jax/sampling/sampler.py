@@ -45,6 +45,7 @@ from flax import nnx, struct
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
 from emor3_jax.models.api import KV_DTYPES, Cache, Live, Model, Segments, cache_length, empty_cache, prepare_inputs
+from emor3_jax.sampling import pages
 from emor3_jax.sampling.methods import SamplingParams, select
 
 
@@ -94,7 +95,8 @@ class Schedule:
 class Layout:
     """How one `generate` call runs: prompt bucket P (p_len), generation bucket G (g_len), Q
     prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows,
-    S >= P + G cache entries per slot (rounded up to what the decode kernel reads in)."""
+    S >= P + G cache entries per slot (rounded up to what the decode kernel reads in; paged:
+    whole pages, A for the prompt and ceil(G / page) for the tokens)."""
 
     p_len: int
     g_len: int
@@ -103,6 +105,9 @@ class Layout:
     slots: int
     out_rows: int
     entries: int
+    page: int = 0  # paged: entries per page (0: each slot's cache is one contiguous row)
+    prompt_pages: int = 0  # paged: A, the pages a prompt fills
+    pages: int = 0  # paged: the pool's pages, over all shards (spares not counted)
 
 
 def _row_limits(rows: int, max_new_tokens: int, row_max_new: Sequence[int] | None) -> np.ndarray:
@@ -264,7 +269,7 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
     gets its row's first token and settings, and its prompt's cache at entries [0, P).
     pending: the group's rows already admitted. -> (carry, cache, pending)."""
     sl = c.slots
-    w, out_rows = sl.row.shape[0], c.out.tokens.shape[0]
+    out_rows = c.out.tokens.shape[0]
     free = sl.row < 0
     rank = jnp.cumsum(free) - 1
     take = free & (rank < rows.valid - pending)
@@ -272,11 +277,36 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
         take &= jnp.all(free)
     src = jnp.where(take, pending + rank, 0)  # the group row each taking slot gets
     b = wait.prompt[src]  # its prompt: the fork to n samples
+    shift = 0
+    if isinstance(cache, pages.Pages):  # only rows whose pages the pool can promise
+        take = pages.fits(cache, take, b, rows.limit[src])
+        last = src == jnp.minimum(rows.valid, (b + 1) * s.n) - 1  # its prompt's last row
+        shift = cache.prompt.shape[2] * cache.cache.page - pre.cache.keys.shape[2]
+        cache = pages.seat(cache, take, b, rows.limit[src], last, pre.cache, shift)
+    else:
+        cache = _copy_prompts(cache, take, b, pre.cache)
     row = jnp.where(take, rows.row0 + src, out_rows)  # out_rows: dropped by the scatters
+    pick = lambda new, old: jnp.where(take, new, old)
+    slots = Slots(
+        row=pick(rows.row0 + src, sl.row),
+        step=pick(0, sl.step),
+        pos=pick(pre.pos[b], sl.pos),
+        limit=pick(rows.limit[src], sl.limit),
+        start=pick(pre.start[b] + shift, sl.start),
+        token=pick(wait.token[src], sl.token),
+        logp=pick(wait.logp[src], sl.logp),
+    )
+    out = c.out.replace(
+        slot=c.out.slot.at[row].set(jnp.arange(take.shape[0], dtype=jnp.int32), mode="drop"),
+        start=c.out.start.at[row].set(c.step, mode="drop"),
+    )
+    return c.replace(slots=slots, out=out), cache, pending + jnp.sum(take)
 
-    # Each new row's prompt cache (every layer) into its slot, one slot at a time: the cost
-    # follows the rows admitted, not W.
-    order = jnp.nonzero(take, size=w, fill_value=0)[0]
+
+def _copy_prompts(cache: Cache, take: jax.Array, b: jax.Array, pre: Cache) -> Cache:
+    """Each taking slot of take [W] gets its prompt b [W]'s prefill cache (every layer) at
+    entries [0, P), one slot at a time: the cost follows the rows admitted, not W."""
+    order = jnp.nonzero(take, size=take.shape[0], fill_value=0)[0]
 
     def copy(i, kv):  # every leaf [Y, W, ...] (keys, values and any scales) from [Y, Q, ...]
         slot, prompt = order[i], b[order[i]]
@@ -285,25 +315,10 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
                 x, jax.lax.dynamic_slice_in_dim(px, prompt, 1, axis=1), (0, slot) + (0,) * (x.ndim - 2)
             ),
             kv,
-            pre.cache,
+            pre,
         )
 
-    cache = jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
-    pick = lambda new, old: jnp.where(take, new, old)
-    slots = Slots(
-        row=pick(rows.row0 + src, sl.row),
-        step=pick(0, sl.step),
-        pos=pick(pre.pos[b], sl.pos),
-        limit=pick(rows.limit[src], sl.limit),
-        start=pick(pre.start[b], sl.start),
-        token=pick(wait.token[src], sl.token),
-        logp=pick(wait.logp[src], sl.logp),
-    )
-    out = c.out.replace(
-        slot=c.out.slot.at[row].set(jnp.arange(w, dtype=jnp.int32), mode="drop"),
-        start=c.out.start.at[row].set(c.step, mode="drop"),
-    )
-    return c.replace(slots=slots, out=out), cache, pending + jnp.sum(take)
+    return jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
 
 
 def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tuple[Carry, Cache]:
@@ -322,13 +337,17 @@ def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tup
         lengths=out.lengths.at[row].set(j + 1, mode="drop"),
         done=out.done.at[row].set(hit, mode="drop"),
     )
-    entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot's write lands in its own dead row
+    entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot's write lands in its own dead row (paged: the spare)
     positions = jnp.broadcast_to((sl.pos + j)[None, :, None], (3, w, 1))
     span = Live(start=sl.start, end=entry + 1)
-    h, cache = model.decode(model.embed(tok[:, None]), positions, span, cache, entry)
+    paged = isinstance(cache, pages.Pages)
+    if paged:  # a token that starts a page takes a fresh one
+        cache = pages.grow(cache, live & (entry % cache.cache.page == 0), entry // cache.cache.page)
+    h, kv = model.decode(model.embed(tok[:, None]), positions, span, cache.cache if paged else cache, entry)
     token, logp = draw(model.logits(h[:, -1]), sl.row, j + 1, d, s.params)
     ended = live & (hit | (j + 1 >= sl.limit))
     slots = sl.replace(row=jnp.where(ended, -1, sl.row), step=j + live, token=token, logp=logp)
+    cache = pages.release(cache.replace(cache=kv), ended) if paged else kv
     return Carry(slots, out, c.step + 1), cache
 
 
@@ -351,6 +370,12 @@ class Sampler:
     generation of a run; `with_stops` gives a sampler that stops elsewhere.
     kv_cache_dtype: "" (the compute dtype) or "int8" (kv_cache.py: int8 keys and values with a
     scale per entry and kv head, quantized as written: about half the cache's memory).
+    page_size: 0, each slot's cache one contiguous row of S entries; else the cache is a pool
+    of pages of this many entries (sampling/pages.py): the n rows of a prompt share its pages,
+    a row's tokens take pages as they need them, a stopped row's pages go back to the pool.
+    kv_pages: the pool's pages (over all shards of the slots); 0: as many as no row ever waits
+    for (every slot's pages plus one prompt's). Fewer save memory: a row then waits for a slot
+    whose shard can promise all the pages it may need.
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     After each `generate`, `last_schedule` says which slot ran each row and when.
     """
@@ -369,7 +394,13 @@ class Sampler:
         prefill_group: int = 0,
         continuous: bool = True,
         kv_cache_dtype: str = "",
+        page_size: int = 0,
+        kv_pages: int = 0,
     ):
+        if page_size < 0 or kv_pages < 0:
+            raise ValueError(f"page_size and kv_pages must be >= 0 (0: off / as needed), got {page_size}, {kv_pages}")
+        if kv_pages and not page_size:
+            raise ValueError(f"kv_pages={kv_pages} sizes a paged cache: set page_size too")
         if kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_DTYPES}")
         if max_rows < 0:
@@ -380,6 +411,7 @@ class Sampler:
         self.prompt_buckets, self.gen_buckets = tuple(prompt_buckets), tuple(gen_buckets)
         self.pad_id, self.rules, self.kv_cache_dtype = pad_id, rules, kv_cache_dtype
         self.stop_ids, self.logit_bias = tuple(stop_ids), dict(logit_bias or {})
+        self.page_size, self.kv_pages = page_size, kv_pages
         self.last_schedule: Schedule | None = None
         traces = self._traces = [0]  # a list: `with_stops` copies count into the same one
 
@@ -394,6 +426,7 @@ class Sampler:
         self._decode = jax.jit(traced(_decode), static_argnums=(0, 1), donate_argnums=(3, 4))
         self._fresh = jax.jit(fresh, static_argnums=(0, 1, 2, 3))
         self._empty = jax.jit(empty_cache, static_argnums=(0, 1, 2, 3, 4))
+        self._empty_pages = jax.jit(pages.empty, static_argnums=tuple(range(9)))
         self.last_cache: tuple[int, int] | None = None  # (rows, entries) of the last call's KV cache
 
     def compiled_programs(self) -> int:
@@ -437,7 +470,6 @@ class Sampler:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         rows = len(prompts) * n
         limits = _row_limits(rows, max_new_tokens, row_max_new)
-        lay = self._layout(prompts, n, max_new_tokens)
         bias = np.zeros((self.cfg.text.vocab_size,), np.float32)
         for tok, value in self.logit_bias.items():
             bias[tok] = value
@@ -446,8 +478,9 @@ class Sampler:
         settings = Settings(n, params, self.continuous)
         graphdef, state = nnx.split(model)
         mesh = jax.tree.leaves(state)[0].sharding.mesh
-        q = lay.group_prompts
         with sharding.use_mesh(mesh, self.rules):
+            lay = self._layout(prompts, n, max_new_tokens)  # paged: under the mesh, which splits the pool
+            q = lay.group_prompts
             carry = self._fresh(lay.slots, lay.out_rows, lay.g_len, self.pad_id)
             cache = None
             for g in range(lay.groups):
@@ -457,8 +490,7 @@ class Sampler:
                 if g:  # the previous group's decode done: at most two groups' prompt caches exist
                     jax.block_until_ready(carry)
                 if cache is None:  # allocated per call and freed with it: not held through the update
-                    dtype = self.cfg.compute_dtype
-                    cache = self._empty(self.cfg.text, lay.slots, lay.entries, dtype, self.kv_cache_dtype)
+                    cache = self._empty_cache(lay)
                 valid = len(chunk) * n
                 group_limits = np.ones((q * n,), np.int32)
                 group_limits[:valid] = limits[g * q * n : g * q * n + valid]
@@ -468,6 +500,21 @@ class Sampler:
         out = carry.out
         self.last_schedule = Schedule(slot=out.slot[:rows], start=out.start[:rows], steps=carry.step)
         return Samples(out.tokens[:rows], out.logprobs[:rows], out.lengths[:rows], out.done[:rows])
+
+    def _empty_cache(self, lay: Layout) -> Cache | pages.Pages:
+        """The decode cache of one `generate` call (under its mesh)."""
+        dtype, kv = self.cfg.compute_dtype, self.kv_cache_dtype
+        if not lay.page:
+            return self._empty(self.cfg.text, lay.slots, lay.entries, dtype, kv)
+        shards = sharding.axis_shards("batch")
+        if lay.slots % shards or lay.pages % shards:
+            raise ValueError(
+                f"a paged cache splits its {lay.slots} slots and {lay.pages} pages over the {shards} shards of the "
+                "mesh's batch axis: both must divide evenly (set sampling.max_rows / sampling.kv_pages)"
+            )
+        group, columns = (lay.group_prompts, lay.prompt_pages), lay.entries // lay.page
+        per_shard = lay.pages // shards
+        return self._empty_pages(self.cfg.text, lay.slots, shards, per_shard, lay.page, columns, group, dtype, kv)
 
     def _layout(self, prompts: Sequence[Prompt], n: int, max_new_tokens: int) -> Layout:
         """The buckets, prefill groups and slots of one `generate` call."""
@@ -484,7 +531,18 @@ class Sampler:
         groups = -(-num_prompts // q)
         slots = min(self.max_rows, rows) if self.max_rows else rows
         out_rows = q * n * (1 << (groups - 1).bit_length())  # groups rounded up to a power of two: few programs
-        return Layout(p_len, g_len, q, groups, slots, out_rows, cache_length(self.cfg.attention_impl, p_len + g_len))
+        if not self.page_size:
+            entries = cache_length(self.cfg.attention_impl, p_len + g_len)
+            return Layout(p_len, g_len, q, groups, slots, out_rows, entries)
+        page, shards = self.page_size, sharding.axis_shards("batch")
+        a, own = -(-p_len // page), -(-g_len // page)
+        pool = self.kv_pages or shards * ((slots // shards) * (a + own) + a)
+        if pool // shards < a + own:
+            raise ValueError(
+                f"kv_pages={self.kv_pages}: each of the {shards} shards needs at least the {a + own} pages of one row "
+                f"(a {p_len}-entry prompt and {g_len} tokens in pages of {page}), {shards * (a + own)} in all"
+            )
+        return Layout(p_len, g_len, q, groups, slots, out_rows, (a + own) * page, page, a, pool)
 
 
 def _prefill(graphdef, state, batch, kv_dtype: str) -> Prefilled:
@@ -507,6 +565,9 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
     p_len = pre.cache.keys.shape[2]  # [Y, Q, P, K, H]
+    if isinstance(cache, pages.Pages):  # the prompt fills A whole pages
+        cache = pages.new_group(cache)
+        p_len = cache.prompt.shape[2] * cache.cache.page
     wait = waiting_rows(s, pre, rows, d)
 
     def cond(loop):

@@ -182,3 +182,57 @@ def test_sharded_kernel_runs_on_each_devices_rows_and_heads(impl):
         text = run.lower(q, k, v, start, end).as_text()
     assert "manual_computation" in text and f"tensor<1x{S}x1x{H}xf32>" in text
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL[jnp.float32], rtol=0)
+
+
+def _paged(rows, page, rng, spare=3):
+    """A table [B, S / page] of shuffled page ids for `rows` rows, and the pool's page count
+    (`spare` pages more, which no row uses)."""
+    mp = S // page
+    return rng.permutation(rows * mp + spare)[: rows * mp].reshape(rows, mp), rows * mp + spare
+
+
+def _to_pool(x, table, n_pages, scales=False):
+    """x [B, S, ...] (scales: [B, K, S]) -> a pool of n_pages pages [n_pages, page, ...] ([n_pages,
+    K, page]) laid out by table; unused pages hold NaN (float) or 7 (int8)."""
+    b, mp = table.shape
+    if scales:
+        rows = x.reshape(b, x.shape[1], mp, -1).swapaxes(1, 2).reshape(b * mp, x.shape[1], -1)
+    else:
+        rows = x.reshape(b * mp, -1, *x.shape[2:])
+    pool = jnp.full((n_pages, *rows.shape[1:]), jnp.nan if x.dtype == jnp.float32 else 7, x.dtype)
+    return pool.at[table.reshape(-1)].set(rows)
+
+
+@pytest.mark.parametrize("impl", ["xla", "tpu"])
+@pytest.mark.parametrize("g", [1, 4])
+def test_a_paged_cache_read_through_its_table_gives_the_dense_result(impl, g):
+    """Each row's pages scattered over a pool with NaN spares, rows' spans on and off page
+    boundaries: the same output as the dense cache, and the gpu kernel refuses a table."""
+    spans = SPANS["start_middle_end"] + SPANS["edges_and_straddle"]
+    q, k, v, start, end = _inputs(spans, g, jnp.float32)
+    want = ragged_decode_attention(q, k, v, start, end, impl="xla")
+    rng = np.random.default_rng(1)
+    table, pages = _paged(k.shape[0], TPU_BLOCK, rng)
+    pool_k, pool_v = _to_pool(k, table, pages), _to_pool(v, table, pages)
+    got = ragged_decode_attention(q, pool_k, pool_v, start, end, impl=impl, pages=jnp.asarray(table, jnp.int32))
+    np.testing.assert_allclose(got, want, atol=TOL[jnp.float32], rtol=0)
+    with pytest.raises(ValueError, match="paged"):
+        ragged_decode_attention(q, pool_k, pool_v, start, end, impl="gpu", pages=jnp.asarray(table, jnp.int32))
+
+
+@pytest.mark.parametrize("impl", ["xla", "tpu"])
+def test_a_paged_int8_cache_gives_the_dense_int8_result(impl):
+    """The int8 pool and its scales [pages, K, page] paged alike give the dense int8 output."""
+    from emor3_jax.models.qwen25_vl import kv_cache
+
+    q, k, v, start, end = _inputs(SPANS["start_middle_end"], 4, jnp.float32)
+    (kq, ks), (vq, vs) = kv_cache.quantize(k), kv_cache.quantize(v)
+    b = k.shape[0]
+    kq, vq, ks, vs = kq.reshape(b, S, K * H), vq.reshape(b, S, K * H), ks.swapaxes(1, 2), vs.swapaxes(1, 2)
+    want = ragged_decode_attention(q, kq, vq, start, end, impl="xla", k_scale=ks, v_scale=vs)
+    table, pages = _paged(b, TPU_BLOCK, np.random.default_rng(2))
+    pools = [_to_pool(x, table, pages) for x in (kq, vq)] + [_to_pool(x, table, pages, scales=True) for x in (ks, vs)]
+    got = ragged_decode_attention(
+        q, pools[0], pools[1], start, end, impl=impl, k_scale=pools[2], v_scale=pools[3], pages=jnp.asarray(table)
+    )
+    np.testing.assert_allclose(got, want, atol=TOL[jnp.float32], rtol=0)

@@ -26,6 +26,12 @@ probabilities (sum_e p_e s_e v_e).
 
 A cache written in the compute dtype has no scales (None): the same leaves, programs and
 numbers as before int8 existed.
+
+Paged (`PagedKVCache`): a pool of pages, each a `KVCache` row of `page` entries, [Y, pages,
+page, K, H] (or int8 pairs and scales as above), and a page table [B, E / page] naming the page
+that holds each row's entries [i * page, (i + 1) * page). Rows that share a prompt share its
+pages; a row's entry e is page table[b, e // page], offset e % page. Decode writes and reads
+go through the table; who owns which page is the sampler's business (sampling/pages.py).
 """
 
 from __future__ import annotations
@@ -64,6 +70,20 @@ class KVCache:
     @property
     def quantized(self) -> bool:
         return self.key_scale is not None
+
+
+@struct.dataclass
+class PagedKVCache:
+    """pool: a `KVCache` whose rows are pages [Y, pages, page, ...]; table [B, E / page] int32:
+    row b's entry e lives in page table[b, e // page] at offset e % page. Table entries past a
+    row's live span may name any page (a spare one): decode attention never reads them as live."""
+
+    pool: KVCache
+    table: jax.Array
+
+    @property
+    def page(self) -> int:
+        return self.pool.keys.shape[2]
 
 
 def cache_shapes(cfg: TextConfig, rows: int, entries: int, dtype, kv_dtype: str) -> dict[str, tuple]:
@@ -128,33 +148,50 @@ def write_prefill(cache: KVCache, k: jax.Array, v: jax.Array, layer) -> KVCache:
     )
 
 
-def write_rows(cache: KVCache, k: jax.Array, v: jax.Array, layer, index: jax.Array) -> KVCache:
-    """k / v [B, 1, K, H] written at layer `layer`, entry index [B] of each row."""
+def write_rows(
+    cache: KVCache | PagedKVCache, k: jax.Array, v: jax.Array, layer, index: jax.Array
+) -> KVCache | PagedKVCache:
+    """k / v [B, 1, K, H] written at layer `layer`, entry index [B] of each row (of a paged
+    cache: at page table[b, index[b] // page], offset index[b] % page)."""
+    if isinstance(cache, PagedKVCache):
+        pages = cache.table[jnp.arange(index.shape[0]), index // cache.page]
+        return cache.replace(pool=_write(cache.pool, k, v, layer, pages, index % cache.page))
+    return _write(cache, k, v, layer, None, index)
+
+
+def _write(cache: KVCache, k: jax.Array, v: jax.Array, layer, rows: jax.Array | None, index: jax.Array) -> KVCache:
+    """k / v [B, 1, K, H] written at layer `layer`, row rows[b] (None: row b), entry index[b]."""
     axes = _axes(cache)
     entry = lambda f, x: x[..., 0] if axes[f] == SCALE_AXES else x[:, 0]  # drop T = 1
     new = _stored(cache, k, v)
     return cache.replace(
-        **{f: _write_rows(getattr(cache, f), entry(f, x), layer, index, axes[f]) for f, x in new.items()}
+        **{f: _write_rows(getattr(cache, f), entry(f, x), layer, rows, index, axes[f]) for f, x in new.items()}
     )
 
 
-def _write_rows(leaf: jax.Array, new: jax.Array, layer, index: jax.Array, axes: tuple) -> jax.Array:
-    """leaf [Y, B, S, ...] with new [B, ...] at (layer, b, index[b]), or scales [Y, B, K, S]
-    with new [B, K] at (layer, b, :, index[b]): a scatter on each device's own rows
-    (shard_map), which XLA does in place; across a sharded batch its partitioner would gather
-    the rows and copy the cache."""
+def _write_rows(
+    leaf: jax.Array, new: jax.Array, layer, rows: jax.Array | None, index: jax.Array, axes: tuple
+) -> jax.Array:
+    """leaf [Y, R, S, ...] with new [B, ...] at (layer, rows[b], index[b]), or scales [Y, R, K, S]
+    with new [B, K] at (layer, rows[b], :, index[b]); rows None: row b (R = B). A scatter on
+    each device's own rows (shard_map), which XLA does in place; across a sharded batch its
+    partitioner would gather the rows and copy the cache. With the rows split, explicit rows
+    (a paged pool's pages) are local: row b names a row of its own device's block."""
     scales = axes == SCALE_AXES
     if scales:
-        write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), :, i].set(x)
+        write = lambda c, x, r, i: c.at[layer, r, :, i].set(x)
     else:
-        write = lambda c, x, i: c.at[layer, jnp.arange(x.shape[0]), i].set(x)
+        write = lambda c, x, r, i: c.at[layer, r, i].set(x)
+    local = lambda c, x, i, *r: write(c, x, r[0] if r else jnp.arange(x.shape[0]), i)
+    extra = () if rows is None else (rows,)
     spec = sharding.current_spec(axes, leaf.shape)
     if spec is None:
-        return write(leaf, new, index)
+        return local(leaf, new, index, *extra)
     entry = 3 if scales else 2
     new_spec = PartitionSpec(*(spec[d] for d in range(1, leaf.ndim) if d != entry))
-    return jax.shard_map(write, in_specs=(spec, new_spec, PartitionSpec(spec[1])), out_specs=spec, check_vma=False)(
-        leaf, new, index
+    row_specs = (PartitionSpec(spec[1]),) * (1 + len(extra))
+    return jax.shard_map(local, in_specs=(spec, new_spec, *row_specs), out_specs=spec, check_vma=False)(
+        leaf, new, index, *extra
     )
 
 
@@ -165,13 +202,18 @@ def _axes(cache: KVCache) -> dict[str, tuple]:
     return dict(keys=INT8_AXES, values=INT8_AXES, key_scale=SCALE_AXES, value_scale=SCALE_AXES)
 
 
-def constrain(cache: KVCache) -> KVCache:
+def constrain(cache: KVCache | PagedKVCache) -> KVCache | PagedKVCache:
+    if isinstance(cache, PagedKVCache):
+        return cache.replace(pool=constrain(cache.pool))
     return cache.replace(**{f: sharding.constrain(getattr(cache, f), a) for f, a in _axes(cache).items()})
 
 
-def layer(cache: KVCache, i, dtype) -> tuple[jax.Array, ...]:
+def layer(cache: KVCache | PagedKVCache, i, dtype) -> tuple[jax.Array, ...]:
     """Layer i as decode attention reads it: (keys, values) [B, S, K, H] in `dtype`, or int8
-    keys and values [B, S, K * H] (unpacked from their pairs) with their scales [B, K, S]."""
+    keys and values [B, S, K * H] (unpacked from their pairs) with their scales [B, K, S]. Of a
+    paged cache: the same of its pool, pages for rows ([pages, page, ...], scales [pages, K, page])."""
+    if isinstance(cache, PagedKVCache):
+        cache = cache.pool
     take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
     if not cache.quantized:
         return take(cache.keys).astype(dtype), take(cache.values).astype(dtype)

@@ -20,6 +20,12 @@ and "tpu" read the int8 entries, convert them to q's dtype (exact: |q| <= 127) a
 scales to the [G, S] logits (keys) and probabilities (values), so no dequantized copy exists.
 "gpu" refuses it: jax's kernel takes no scales, and dequantizing a layer's cache ahead of it
 would write and read a compute-dtype copy, more bytes than the cache it replaces.
+
+A paged cache (`pages` [B, S / page], kv_cache.PagedKVCache) is a pool of pages [pages, page,
+K, H] (int8: [pages, page, K * H], scales [pages, K, page]) and each row's page table: entry e
+of row b is page pages[b, e // page], offset e % page. "xla" gathers each row's pages into the
+[B, S, ...] cache above (the reference); "tpu" maps its grid step j through the table (block =
+page), so it still fetches only the live pages; "gpu" refuses it (jax's gqa reads contiguous rows).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ def ragged_decode_attention(
     block: int | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    pages: jax.Array | None = None,
 ) -> jax.Array:
     """One query token per row against the live span [start, end) of its cache row.
 
@@ -65,6 +72,9 @@ def ragged_decode_attention(
     writes the cache in its compute dtype), or k_cache / v_cache are int8 [B, S, K * H] with
     k_scale / v_scale [B, K, S] fp32 (entry e of kv head k is k_cache[b, e, k*H:(k+1)*H] *
     k_scale[b, k, e]; "xla", "tpu").
+
+    pages [B, S / page] int32 (a paged cache, see above): k_cache / v_cache (and the scales)
+    are a pool of pages; "xla" and "tpu" (block = page, a multiple of 128).
 
     The caller guarantees 0 <= start < end <= S per row (traced values, not checked); dead
     entries never reach the result for "xla" and "tpu" even when they are NaN.
@@ -90,6 +100,8 @@ def ragged_decode_attention(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
+    if pages is not None:
+        return _paged(q, k_cache, v_cache, start, end, k_scale, v_scale, pages, impl, interpret, block)
     _check_shapes(q, k_cache, v_cache, start, end, k_scale, v_scale)
     scales = () if k_scale is None else (k_scale, v_scale)
     if interpret is None:
@@ -121,17 +133,55 @@ def ragged_decode_attention(
     return out.astype(q.dtype)  # its final division by the fp32 sums promotes to fp32
 
 
-def sharded_decode_attention(q, k_cache, v_cache, *args, impl: str) -> jax.Array:
+def _paged(q, k_pool, v_pool, start, end, k_scale, v_scale, pages, impl, interpret, block):
+    """`ragged_decode_attention` on a paged cache: the pool [pages, page, ...] read through the
+    table pages [B, S / page]."""
+    b, mp = pages.shape
+    if pages.ndim != 2 or b != q.shape[0] or not jnp.issubdtype(pages.dtype, jnp.integer):
+        raise ValueError(f"pages {pages.shape} {pages.dtype} must be an int page table [B, S / page], B = {q.shape[0]}")
+    page = k_pool.shape[1]
+    if impl == "gpu":
+        raise ValueError("impl='gpu' (jax's gqa) reads contiguous rows: it takes no paged cache")
+    if impl == "tpu":
+        # the dense checks on one row's view: [1, page, ...] stands for a [B, S, ...] cache
+        rows = lambda x: None if x is None else x[:1]
+        _check_shapes(q[:1], k_pool[:1], v_pool[:1], start[:1], end[:1], rows(k_scale), rows(v_scale))
+        if block is not None and block != page:
+            raise ValueError(f"block={block}: a paged cache's block is its page ({page})")
+        tpu_block(page, page)
+        kh = k_scale.shape[1] if k_scale is not None else k_pool.shape[2]
+        if interpret is None:
+            interpret = sharding.platform() == "cpu"
+        scales = () if k_scale is None else (k_scale, v_scale)
+        return _tpu(q, k_pool, v_pool, start, end, *scales, kv_heads=kh, block=page, interpret=interpret, pages=pages)
+    # "xla": each row's pages gathered into a [B, S, ...] cache
+    gather = lambda x: x[pages].reshape(b, mp * page, *x.shape[2:])
+    gather_scale = lambda x: None if x is None else x[pages].swapaxes(1, 2).reshape(b, x.shape[1], mp * page)
+    k, v = gather(k_pool), gather(v_pool)
+    return ragged_decode_attention(
+        q, k, v, start, end, impl="xla", block=block, k_scale=gather_scale(k_scale), v_scale=gather_scale(v_scale)
+    )
+
+
+def sharded_decode_attention(q, k_cache, v_cache, *args, impl: str, pages: jax.Array | None = None) -> jax.Array:
     """`ragged_decode_attention` on each device's rows (and kv heads, when queries and kv heads
     split alike) under the current mesh (`sharding.per_shard_heads`: a Pallas call is opaque to
     XLA's partitioner); "xla" is partitioned by XLA as is. args: start, end, or (int8 cache)
-    k_scale, v_scale, start, end."""
+    k_scale, v_scale, start, end. pages: a paged cache's table [B, S / page], run per device on
+    every impl: with the rows split, the pool splits alike and the table names local pages."""
     *scales, start, end = args
-    run = lambda q, k, v, *rest: ragged_decode_attention(q, k, v, *rest[-2:], impl=impl, **_scales(rest[:-2]))
-    if impl == "xla":
-        return run(q, k_cache, v_cache, *scales, start, end)
-    # [B, N, H]; [B, S, K, H] and scales [B, K, S]
-    return sharding.per_shard_heads(run, q, 1, ((k_cache, 2), (v_cache, 2), *((x, 1) for x in scales)), (start, end))
+    rows = (start, end) if pages is None else (start, end, pages)
+
+    def run(q, k, v, *rest):
+        kw = _scales(rest[: len(scales)])
+        start, end, *table = rest[len(scales) :]
+        return ragged_decode_attention(q, k, v, start, end, impl=impl, pages=table[0] if table else None, **kw)
+
+    if impl == "xla" and pages is None:
+        return run(q, k_cache, v_cache, *scales, *rows)
+    # [B, N, H]; [B, S, K, H] and scales [B, K, S] (paged: [pages, page, K, H], [pages, K, page],
+    # the table's local ids naming pages of its device's block)
+    return sharding.per_shard_heads(run, q, 1, ((k_cache, 2), (v_cache, 2), *((x, 1) for x in scales)), rows)
 
 
 def _scales(scales) -> dict:
@@ -277,17 +327,31 @@ def bytes_read(start, end, s: int, block: int, *, kv_heads: int, head_dim: int, 
     return int(live_blocks(start, end, s, block).sum()) * per_block
 
 
-def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, interpret: bool):
-    """scales: () or an int8 cache's k_scale, v_scale [B, K, S] (its k / v [B, S, K * H])."""
+def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, interpret: bool, pages=None):
+    """scales: () or an int8 cache's k_scale, v_scale [B, K, S] (its k / v [B, S, K * H]).
+    pages [B, S / block]: k_cache / v_cache / scales are a pool of pages of `block` entries,
+    grid step j of row b reads page pages[b, j] (clamped into the live span like a block)."""
     b, n, h = q.shape
-    s, kh = k_cache.shape[1], kv_heads
-    g = n // kh
+    kh, g = kv_heads, n // kv_heads
+    s = k_cache.shape[1] if pages is None else pages.shape[1] * block
+    steps = s // block
 
-    def kv_map(bi, j, start_ref, end_ref):
-        return bi, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
+    if pages is None:
+        prefetch = (start.astype(jnp.int32), end.astype(jnp.int32))
 
-    def scale_map(bi, j, start_ref, end_ref):
-        return bi, 0, kv_block_index(j, start_ref[bi], end_ref[bi], block)
+        def kv_map(bi, j, start_ref, end_ref):
+            return bi, kv_block_index(j, start_ref[bi], end_ref[bi], block), 0
+
+        def scale_map(bi, j, start_ref, end_ref):
+            return bi, 0, kv_block_index(j, start_ref[bi], end_ref[bi], block)
+
+    else:
+        prefetch = (start.astype(jnp.int32), end.astype(jnp.int32), pages.astype(jnp.int32))
+
+        def kv_map(bi, j, start_ref, end_ref, pages_ref):
+            return pages_ref[bi, kv_block_index(j, start_ref[bi], end_ref[bi], block)], 0, 0
+
+        scale_map = kv_map
 
     # Each row's cache as [S, K * H]: a block of `block` entries holds every kv head, tiled
     # (block, K * H) with no sublane padding (a [block, K, H] block would pad K to 8 or 16).
@@ -296,11 +360,14 @@ def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, in
     scale_specs = [pl.BlockSpec((None, kh, block), scale_map)] * len(scales)
     q_spec = pl.BlockSpec((None, kh, g, h), lambda bi, j, *_: (bi, 0, 0, 0))
     kernel = functools.partial(_tpu_kernel, block=block, kv_heads=kh, scale=h**-0.5, quantized=bool(scales))
+    if pages is not None:  # the table is read by the index maps only
+        dense = kernel
+        kernel = lambda start_ref, end_ref, _pages_ref, *refs: dense(start_ref, end_ref, *refs)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2,
-            grid=(b, s // block),
+            num_scalar_prefetch=len(prefetch),
+            grid=(b, steps),
             in_specs=[q_spec, kv_spec, kv_spec, *scale_specs],
             out_specs=q_spec,
             scratch_shapes=[
@@ -315,11 +382,10 @@ def _tpu(q, k_cache, v_cache, start, end, *scales, kv_heads: int, block: int, in
         # fills uninitialized VMEM with NaN, so a missed scratch init or a dead read shows on CPU.
         interpret=pltpu.InterpretParams() if interpret else False,
     )(
-        start.astype(jnp.int32),
-        end.astype(jnp.int32),
+        *prefetch,
         q.reshape(b, kh, g, h),
-        k_cache.reshape(b, s, kh * h),
-        v_cache.reshape(b, s, kh * h),
+        k_cache.reshape(*k_cache.shape[:2], kh * h),
+        v_cache.reshape(*v_cache.shape[:2], kh * h),
         *scales,
     )
     return out.reshape(b, n, h)

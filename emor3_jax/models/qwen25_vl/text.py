@@ -13,7 +13,7 @@ from emor3_jax.core import sharding
 from emor3_jax.models import lora
 from emor3_jax.models.qwen25_vl import kv_cache, layers
 from emor3_jax.models.qwen25_vl.config import TextConfig
-from emor3_jax.models.qwen25_vl.kv_cache import KVCache
+from emor3_jax.models.qwen25_vl.kv_cache import KVCache, PagedKVCache
 from emor3_jax.models.qwen25_vl.ragged_decode import cache_multiple, sharded_decode_attention
 
 # The decode kernel of each attention impl: the fused TPU / GPU paths read only live blocks.
@@ -43,18 +43,19 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attn: layers.Segments | layers.Live,
-        kv: KVCache | None = None,
+        kv: KVCache | PagedKVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
         dropout: lora.Dropout | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
         """x [B, T, D], cos/sin [B, T, H] -> [B, T, D].
 
         `attn` says what the tokens attend to: `layers.Segments` over this call's own tokens
         (S = T: training, prefill), or `layers.Live` [B] (decode: one token per row, attending
         to its row's live cache entries). With `kv` (every layer's cache) this call's keys and
         values are written into layer `layer` and the updated cache is returned: a prefill at
-        entries 0..T-1 (index must be 0), a decode token at entry index [B] of its own row.
+        entries 0..T-1 (index must be 0), a decode token at entry index [B] of its own row
+        (a `PagedKVCache`, decode only: through its page table).
         `dropout` (training): the adapters' dropout, folded with 0-3 for q, k, v, o.
         """
         b, t, _ = x.shape
@@ -71,6 +72,8 @@ class Attention(nnx.Module):
         if own_tokens:
             if not (isinstance(index, int) and index == 0):
                 raise ValueError("a Segments call with a KV cache is a prefill and must start at entry 0")
+            if isinstance(kv, PagedKVCache):
+                raise ValueError("a prefill writes a dense KVCache; pages are filled from it (sampling/pages.py)")
             kv = kv_cache.write_prefill(kv, k, v, layer)
         else:  # each row at its own entry: one [B, K, H] scatter per layer, in place
             kv = kv_cache.write_rows(kv, k, v, layer, index)
@@ -79,7 +82,9 @@ class Attention(nnx.Module):
             out = layers.attention(q, k, v, attn, self.impl)
         else:
             own = kv_cache.layer(kv, layer, q.dtype)
-            out = sharded_decode_attention(q[:, 0], *own, attn.start, attn.end, impl=DECODE_IMPLS[self.impl])[:, None]
+            pages = kv.table if isinstance(kv, PagedKVCache) else None
+            impl = DECODE_IMPLS[self.impl]
+            out = sharded_decode_attention(q[:, 0], *own, attn.start, attn.end, impl=impl, pages=pages)[:, None]
         return self.o_proj(out.reshape(b, t, -1), lora.fold(dropout, 3)), kv
 
 
@@ -109,11 +114,11 @@ class DecoderLayer(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         attn: layers.Segments | layers.Live,
-        kv: KVCache | None = None,
+        kv: KVCache | PagedKVCache | None = None,
         index: jax.Array | int = 0,
         layer: jax.Array | int = 0,
         dropout: lora.Dropout | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | PagedKVCache | None]:
         """See `Attention`: `kv` holds every layer's cache, this layer's is `layer`; `dropout`:
         this layer's (its attention and MLP fold in their projections' numbers)."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, attn, kv, index, layer, dropout)

@@ -1,0 +1,195 @@
+"""The paged KV cache (sampling.page_size, sampling/pages.py): the sampler with its slots' caches
+in a pool of pages gives the rows of the contiguous cache (greedy tokens, log-probs, lengths),
+with pages that do not divide the prompt, with a pool too small for every row at once (rows
+wait), on the live-span TPU kernel (interpret mode) and with the slots split over devices; the
+page bookkeeping (sharing, growth, release, promises) step by step against hand counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emor3_jax.sampling import pages
+from emor3_jax.sampling.sampler import Sampler
+from tests.sampling import test_continuous
+from tests.sampling.test_continuous import NEW, PAD, N, _host
+
+PROMPT_BUCKET = 64
+case = test_continuous.case  # the continuous-batching tests' prompts, limits and reference rows
+
+
+def _sampler(cfg, stops, max_rows=3, page_size=4, kv_pages=0):
+    return Sampler(
+        cfg,
+        prompt_buckets=(PROMPT_BUCKET,),
+        gen_buckets=(NEW,),
+        pad_id=PAD,
+        stop_ids=stops,
+        max_rows=max_rows,
+        page_size=page_size,
+        kv_pages=kv_pages,
+    )
+
+
+def _live_rows(sampler, lengths):
+    """Per decode step, the rows in slots: [(step, rows)] from the last generate's schedule."""
+    sched = sampler.last_schedule
+    start = np.asarray(sched.start)
+    live = lambda t: [r for r in range(len(start)) if start[r] <= t < start[r] + lengths[r]]
+    return [(t, live(t)) for t in range(int(sched.steps))]
+
+
+@pytest.mark.parametrize("page_size, kv_pages", [(4, 0), (5, 0), (4, 20)])
+def test_paged_rows_equal_the_contiguous_cache(ours_fp32, case, page_size, kv_pages):
+    """3 slots refilled as rows stop, pages of 4 (the 64-entry prompt in 16 pages) and of 5
+    (13 pages, the prompt shifted by one entry); with 20 pages, room for one prompt's pages
+    and two rows' tokens (16 + 2 + 2): the rows wait, two rows of one prompt at a time."""
+    prompts, kw, ref, stops = case
+    s = _sampler(ours_fp32.cfg, stops, page_size=page_size, kv_pages=kv_pages)
+    _same_rows(_host(s.generate(ours_fp32, prompts, **kw)), ref)
+    assert s.last_cache == (3, {4: 72, 5: 75}[page_size])  # (slots, entries per slot): whole pages
+    live = _live_rows(s, ref["lengths"])
+    most = max(len(rows) for _, rows in live)
+    if kv_pages:
+        assert most == 2 and all(len({r // N for r in rows}) == 1 for _, rows in live)
+    else:
+        assert most == 3
+
+
+def test_paged_rows_on_the_tpu_kernel_and_on_two_shards(hf_tiny_dir, ours_fp32, case):
+    """The live-span TPU kernel (interpret mode) reading pages of 128 through the table, and
+    4 slots split over 2 devices, each with its own block of 20 pages: the same rows."""
+    from flax import nnx
+
+    from emor3_jax.core import sharding
+    from emor3_jax.models.qwen25_vl.convert import load_hf
+
+    prompts, kw, ref, stops = case
+    cfg = ours_fp32.cfg.replace(attention_impl="splash")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(ours_fp32)(cfg, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, nnx.split(ours_fp32)[1])
+    _same_rows(_host(_sampler(cfg, stops, page_size=128).generate(model, prompts, **kw)), ref)
+
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 1), ("tensor", 1)], jax.devices()[:2])
+    two = load_hf(hf_tiny_dir, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
+    s = _sampler(ours_fp32.cfg, stops, max_rows=4, kv_pages=40)
+    _same_rows(_host(s.generate(two, prompts, **kw)), ref)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(page_size=4, kv_pages=17), "kv_pages=17: each of the 1 shards needs at least the 18 pages of one row"),
+        (dict(page_size=0, kv_pages=40), "kv_pages=40 sizes a paged cache: set page_size too"),
+        (dict(page_size=-1), "page_size and kv_pages must be >= 0"),
+    ],
+)
+def test_bad_page_settings_are_refused(ours_fp32, case, kw, message):
+    prompts, gen_kw, _, stops = case
+    with pytest.raises(ValueError, match=message):
+        _sampler(ours_fp32.cfg, stops, **kw).generate(ours_fp32, prompts, **gen_kw)
+
+
+def _same_rows(out, ref):
+    np.testing.assert_array_equal(out["tokens"], ref["tokens"])
+    np.testing.assert_array_equal(out["lengths"], ref["lengths"])
+    np.testing.assert_array_equal(out["done"], ref["done"])
+    np.testing.assert_allclose(out["logprobs"], ref["logprobs"], atol=1e-5)
+
+
+# The bookkeeping by hand: 3 slots, pages of 2 entries, 2 prompts of P = 3 entries (A = 2 pages,
+# 1 entry of left shift), slots of 3 pages (2 for the prompt, 1 for 2 tokens), 10 pages + spare.
+class _Text:
+    num_layers, num_kv_heads, head_dim = 1, 1, 1
+
+
+W, PAGE, A, COLUMNS, L, SPARE = 3, 2, 2, 3, 10, 10
+
+
+def _pool(per_shard=L, shards=1, slots=W):
+    return pages.empty(_Text, slots, shards, per_shard, PAGE, COLUMNS, (2, A), jnp.float32, "")
+
+
+def _prefill():
+    """Prompt q's entry e holds 10 * (q + 1) + e (keys) and minus that (values): [1, 2, 3, 1, 1]."""
+    x = (10 * jnp.arange(1, 3)[:, None] + jnp.arange(3)[None, :]).astype(jnp.float32)
+    x = x[None, :, :, None, None]
+    from emor3_jax.models.qwen25_vl.kv_cache import KVCache
+
+    return KVCache(x, -x)
+
+
+def _refs(p):
+    return np.asarray(p.refs)[0].tolist()
+
+
+def test_rows_of_a_prompt_share_its_pages_until_the_last_one_stops():
+    p = _pool()
+    take, b, limit = jnp.array([True, True, False]), jnp.array([0, 0, 0]), jnp.array([2, 1, 2])
+    last = jnp.array([False, True, False])  # slot 1 takes prompt 0's last row: its pin goes
+    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, last, _prefill(), shift=1)
+    table = np.asarray(p.cache.table)
+    assert table[0].tolist() == [0, 1, SPARE] and table[1].tolist() == [0, 1, SPARE]
+    assert table[2].tolist() == [SPARE] * 3  # free
+    assert _refs(p) == [2, 2] + [0] * 8 + [1]  # two rows hold the prompt; the spare's 1
+    keys = np.asarray(p.cache.pool.keys)[0, :2, :, 0, 0]
+    assert keys.tolist() == [[0, 10], [11, 12]]  # the shift's zero, then prompt 0's entries
+    assert np.asarray(p.cache.pool.values)[0, 1, 1, 0, 0] == -12
+    assert np.asarray(p.owed).tolist() == [1, 1, 0]
+
+    p = pages.grow(p, jnp.array([True, True, False]), jnp.array([2, 2, 2]))
+    assert np.asarray(p.cache.table)[:2, 2].tolist() == [2, 3] and _refs(p)[2:4] == [1, 1]
+    assert np.asarray(p.owed).tolist() == [0, 0, 0]
+
+    p = pages.release(p, jnp.array([True, False, False]))
+    assert _refs(p) == [1, 1, 0, 1] + [0] * 6 + [1]  # slot 0's own page is free, the prompt still held
+    assert np.asarray(p.cache.table)[0].tolist() == [SPARE] * 3
+    p = pages.release(p, jnp.array([False, True, False]))
+    assert _refs(p) == [0] * 10 + [1]  # every page back in the pool
+
+
+def test_a_pinned_prompt_outlives_its_stopped_rows_until_its_last_row_is_seated():
+    p = _pool()
+    one = jnp.array([True, False, False])
+    b, limit = jnp.zeros((3,), jnp.int32), jnp.array([2, 2, 2])
+    p = pages.seat(p, one, b, limit, jnp.zeros((3,), bool), _prefill(), shift=1)
+    assert _refs(p)[:2] == [2, 2]  # the pin and the row
+    p = pages.release(p, one)
+    assert _refs(p)[:2] == [1, 1]  # its rows stopped, the prompt waits for its last row
+    p = pages.seat(p, one, b, limit, jnp.ones((3,), bool), _prefill(), shift=1)
+    assert np.asarray(p.cache.table)[0, :2].tolist() == [0, 1]  # the same pages, not copied again
+    assert _refs(p)[:2] == [1, 1]
+    p = pages.release(p, one)
+    assert _refs(p) == [0] * 10 + [1]
+
+
+def test_rows_are_seated_in_order_while_their_shard_can_promise_their_pages():
+    b, limit = jnp.array([0, 0, 1]), jnp.array([2, 2, 4])
+    take = jnp.ones((3,), bool)
+    # needs: prompt 0's 2 pages + 1, then 1, then prompt 1's 2 + 2 = 8 pages in all
+    assert np.asarray(pages.fits(_pool(8), take, b, limit)).tolist() == [True, True, True]
+    assert np.asarray(pages.fits(_pool(7), take, b, limit)).tolist() == [True, True, False]
+    assert np.asarray(pages.fits(_pool(3), take, b, limit)).tolist() == [True, False, False]
+    # a row that does not fit holds back the rows after it, even one another shard has room for
+    four = pages.fits(_pool(3, shards=2, slots=4), jnp.ones((4,), bool), jnp.zeros((4,), jnp.int32), jnp.full((4,), 2))
+    assert np.asarray(four).tolist() == [True, False, False, False]
+    # promised pages count as taken
+    p = _pool(8).replace(owed=jnp.array([2, 0, 0]))
+    assert np.asarray(pages.fits(p, take, b, limit)).tolist() == [True, True, False]
+
+
+def test_each_shard_gives_pages_of_its_own_block():
+    """4 slots on 2 shards of 10 pages: a prompt whose rows land on both shards is copied to
+    each; every slot's table names local ids; growth takes from the slot's own shard."""
+    p = _pool(shards=2, slots=4)
+    take, b, limit = jnp.ones((4,), bool), jnp.array([0, 0, 0, 1]), jnp.array([2, 2, 2, 2])
+    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, jnp.array([False, False, True, True]), _prefill(), 1)
+    table = np.asarray(p.cache.table)
+    assert table[:, :2].tolist() == [[0, 1], [0, 1], [0, 1], [2, 3]]  # shard 1: prompt 0, then prompt 1
+    keys = np.asarray(p.cache.pool.keys)[0, :, :, 0, 0]
+    assert keys[0].tolist() == keys[L + 1].tolist() == [0, 10]  # prompt 0 on both shards' blocks
+    assert keys[L + 1 + 2].tolist() == [0, 20]
+    refs = np.asarray(p.refs)
+    assert refs[0, :2].tolist() == [2, 2] and refs[1, :4].tolist() == [1, 1, 1, 1]
+    p = pages.grow(p, jnp.ones((4,), bool), jnp.full((4,), 2))
+    assert np.asarray(p.cache.table)[:, 2].tolist() == [2, 3, 4, 5]
