@@ -18,6 +18,10 @@ the same 32 decode slots, i.e. the same KV cache:
 
     python -m bench.sampling --lengths realistic [--prompts 64] [--n 8] [--new 256] [--slots 32]
 
+--page_size N adds a third arm, continuous with a paged cache (pages of N entries, a pool of
+--kv_pages pages; 0: as many as no row ever waits for): speed and entries held against the
+contiguous cache.
+
 GPU mode: Qwen2.5-VL-3B shapes with random bf16 weights, 32 prompts x 8 samples (256 rows)
 with a 448x448 image, 512 new tokens; tokens/s and the fraction of HBM bandwidth the decode
 steps use (bytes of weights + KV cache read per step over the step time).
@@ -131,7 +135,10 @@ def lengths_main(args) -> None:
     lengths = realistic_lengths(rows, args.new, np.random.default_rng(1))
     kw = dict(max_new_tokens=args.new, n=args.n, params=SamplingParams(temperature=1.0), row_max_new=lengths)
     res = {}
-    for name, continuous in (("static", False), ("continuous", True)):
+    arms = [("static", False, 0, 0), ("continuous", True, 0, 0)]
+    if args.page_size:
+        arms.append(("paged", True, args.page_size, args.kv_pages))
+    for name, continuous, page_size, kv_pages in arms:
         s = Sampler(
             model.cfg,
             prompt_buckets=(128,),
@@ -139,6 +146,8 @@ def lengths_main(args) -> None:
             pad_id=0,
             max_rows=args.slots,
             continuous=continuous,
+            page_size=page_size,
+            kv_pages=kv_pages,
         )
         jax.block_until_ready(s.generate(model, prompts, key=jax.random.key(0), **kw).tokens)  # compile
         walls = []
@@ -149,10 +158,13 @@ def lengths_main(args) -> None:
             walls.append(time.perf_counter() - t0)
         np.testing.assert_array_equal(np.asarray(out.lengths), lengths)  # every row stopped at its drawn length
         cache_rows, entries = s.last_cache
+        lay = s.layout(args.prompts, 128, args.n, args.new)
         res[name] = dict(
             seconds=float(np.median(walls)),
             steps=int(s.last_schedule.steps),
             cache=(cache_rows, entries),
+            # entries the cache holds (a paged pool: its pages and each shard's spare)
+            held=(lay.pages + 1) * lay.page if lay.page else cache_rows * entries,
             programs=s.compiled_programs(),
         )
     st, co = res["static"], res["continuous"]
@@ -165,13 +177,21 @@ def lengths_main(args) -> None:
         f"lengths: log-normal, median {np.median(lengths):.0f}, mean {lengths.mean():.1f}, "
         f"{(lengths == args.new).mean():.1%} at the limit, {tokens} tokens"
     )
-    for name, r in (("static (chunks)", st), ("continuous", co)):
+    names = {"static": "static (chunks)", "continuous": "continuous", "paged": f"paged ({args.page_size})"}
+    for name, r in res.items():
         print(
-            f"{name:16} {tokens / r['seconds']:8,.0f} tok/s ({r['seconds']:.2f} s, {r['steps']} decode steps, "
-            f"KV cache {r['cache'][0]} rows x {r['cache'][1]} entries, {r['programs']} programs)"
+            f"{names[name]:16} {tokens / r['seconds']:8,.0f} tok/s ({r['seconds']:.2f} s, {r['steps']} decode steps, "
+            f"KV cache {r['cache'][0]} rows x {r['cache'][1]} entries, {r['held']:,} entries held, "
+            f"{r['programs']} programs)"
         )
     print(f"ideal steps (tokens / slots): {tokens / args.slots:.0f}")
     print(f"ratio continuous_vs_static: {st['seconds'] / co['seconds']:.2f}")
+    if "paged" in res:
+        pg = res["paged"]
+        # A row reserves pages for its limit; here each row's limit is its drawn length.
+        print("paged: each row's limit is its drawn length, so a row reserves the pages it uses")
+        print(f"ratio paged_vs_contiguous: {co['seconds'] / pg['seconds']:.2f}")
+        print(f"ratio kv_entries_contiguous_over_paged: {co['held'] / pg['held']:.2f}")
 
 
 def cpu_main(args) -> None:
@@ -306,6 +326,8 @@ def main() -> None:
         "--lengths", choices=("forced", "realistic"), default="forced", help="CPU: realistic = drawn per row"
     )
     ap.add_argument("--slots", type=int, default=32, help="--lengths realistic: decode slots (max_rows)")
+    ap.add_argument("--page_size", type=int, default=0, help="--lengths realistic: also a paged cache of these pages")
+    ap.add_argument("--kv_pages", type=int, default=0, help="--lengths realistic: the paged pool (0: no row waits)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new", type=int, default=None)

@@ -309,6 +309,14 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # per entry and kv head: about half the cache's memory, docs/training.md; decode attention
     # xla or splash, not flash; models/qwen25_vl/kv_cache.py).
     c.sampling.kv_cache_dtype = ""
+    # Paged KV cache (sampling/pages.py): entries per page (0: each decode slot's cache is one
+    # contiguous row of prompt bucket + generation bucket entries; prompt buckets must be whole
+    # pages). Paged, a prompt's n rows share its pages and a row's tokens take pages as they go;
+    # kv_pages caps the pool (0: enough that no row ever waits), and fewer pages make rows wait
+    # for room. Decode attention xla or splash (pages of a multiple of 128), not flash.
+    # docs/training.md has the 3b figures.
+    c.sampling.page_size = 0
+    c.sampling.kv_pages = 0
 
     c.eval = ConfigDict()
     c.eval.every = 10 if tiny else 1

@@ -58,11 +58,12 @@ from emor3_jax.emo_r3 import rewards
 from emor3_jax.emo_r3.task import EmoR3, longest_reflection_prompt
 from emor3_jax.models import lora
 from emor3_jax.models.api import Cache as KVCache
-from emor3_jax.models.api import abstract_model, cache_shapes
+from emor3_jax.models.api import PagedCache, abstract_model, cache_shapes
 from emor3_jax.models.qwen25_vl.vision import vision_layout
 from emor3_jax.rl import packing, reference, rollout_weights
 from emor3_jax.rl.experience import StepSettings
 from emor3_jax.rl.learner import Learner, OptimizerSettings, make_optimizer
+from emor3_jax.sampling import pages
 from emor3_jax.sampling.methods import GREEDY, SamplingParams
 from emor3_jax.sampling.sampler import Draw, GroupRows, Settings
 
@@ -276,9 +277,10 @@ def target(c: ConfigDict, devices: list, scratch: paths.Scratch) -> Target:
         dtype, layout = c.rl.rollout_dtype, c.rl.rollout_sharding
         t.rollout = rollout_weights.abstract(params, mesh, rules, dtype, layout)
         t.copy_fn = rollout_weights.copier(params, mesh, rules, dtype, layout)
-    for g in generates(t):  # the sampler keeps one cache per shape between calls
-        sh = g.shapes(rt.sampler)
-        t.caches[_cache_name(sh)] = _cache(t, sh["slots"], sh["entries"])
+    with sharding.use_mesh(mesh, rules):  # a paged cache's layout depends on the mesh's batch split
+        for g in generates(t):  # the sampler keeps one cache per shape between calls
+            sh = g.shapes(rt.sampler)
+            t.caches[_cache_name(sh)] = _cache(t, sh)
     return t
 
 
@@ -347,15 +349,30 @@ def _dropout(t: Target) -> lora.Dropout | None:
     return lora.Dropout(_key(t.mesh), t.c.lora.dropout) if t.c.lora.dropout else None
 
 
-def _cache(t: Target, slots: int, entries: int) -> KVCache:
+def _cache(t: Target, sh: dict) -> KVCache | pages.Pages:
     """The sampler's decode cache (keys and values, every layer stacked: [Y, W, S, K, H]; with
-    an int8 cache their scales [Y, W, K, S]), sharded as `empty_cache` constrains it."""
-    leaves = cache_shapes(t.cfg.text, slots, entries, t.cfg.compute_dtype, t.c.sampling.kv_cache_dtype)
-    return KVCache(
+    an int8 cache their scales [Y, W, K, S]), sharded as `empty_cache` constrains it; paged
+    (sampling.page_size): the pool, table and page counts `pages.empty` makes (under the mesh)."""
+    abstract = lambda shape, dtype, axes: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules)
+    )
+    dtype, kv_dtype = t.cfg.compute_dtype, t.c.sampling.kv_cache_dtype
+    kv = lambda rows, entries: KVCache(
         **{
-            name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(axes, shape, t.mesh, t.rules))
-            for name, (axes, shape, dtype) in leaves.items()
+            name: abstract(shape, dtype, axes)
+            for name, (axes, shape, dtype) in cache_shapes(t.cfg.text, rows, entries, dtype, kv_dtype).items()
         }
+    )
+    if not sh["page"]:
+        return kv(sh["slots"], sh["entries"])
+    shards, w, i32 = sharding.axis_shards("batch"), sh["slots"], np.int32
+    per_shard = sh["pages"] // shards
+    table = abstract((w, sh["entries"] // sh["page"]), i32, ("batch", None))
+    return pages.Pages(
+        cache=PagedCache(kv(shards * (per_shard + 1), sh["page"]), table),
+        refs=abstract((shards, per_shard + 1), i32, (None, None)),
+        owed=abstract((w,), i32, ("batch",)),
+        prompt=abstract((sh["q"], shards, sh["prompt_pages"]), i32, (None, None, None)),
     )
 
 
@@ -498,6 +515,9 @@ class Generate:
             slots=lay.slots,
             out_rows=lay.out_rows,
             entries=lay.entries,
+            page=lay.page,
+            prompt_pages=lay.prompt_pages,
+            pages=lay.pages,
         )
 
 
@@ -525,7 +545,8 @@ def generates(t: Target) -> list[Generate]:
 
 
 def _cache_name(shapes: dict) -> str:
-    return f"kv_cache {shapes['slots']}x{shapes['entries']}"
+    paged = f" in {shapes['pages']} pages of {shapes['page']}" if shapes["page"] else ""
+    return f"kv_cache {shapes['slots']}x{shapes['entries']}{paged}"
 
 
 def _generate_programs(s: Session, g: Generate, caches: dict) -> None:

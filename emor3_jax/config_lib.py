@@ -29,6 +29,7 @@ from emor3_jax.emo_r3.task import JUDGES, longest_reflection_prompt
 from emor3_jax.models import lora
 from emor3_jax.models.api import KV_DTYPES, ModelConfig, preset
 from emor3_jax.models.qwen25_vl.config import DTYPES
+from emor3_jax.models.qwen25_vl.ragged_decode import LANES
 from emor3_jax.models.qwen25_vl.stack import REMAT_POLICIES
 from emor3_jax.models.qwen25_vl.text import DECODE_IMPLS
 from emor3_jax.rl import grpo, rollout_weights
@@ -97,6 +98,8 @@ RANGES = (
     ("rl.top_p", _unit, "must be in (0, 1]"),
     ("rl.max_prompt_len", _at_least(1), "must be >= 1"),
     ("sampling.prefill_group", _at_least(0), "must be >= 0 (prompts per prefill group; 0: sampling.max_rows // n)"),
+    ("sampling.page_size", _at_least(0), "must be >= 0 (entries per KV cache page; 0: one contiguous row per slot)"),
+    ("sampling.kv_pages", _at_least(0), "must be >= 0 (pages in the KV cache pool; 0: enough that no row waits)"),
     ("rl.max_response_len", _at_least(1), "must be >= 1"),
     ("rl.max_skipped_steps", _at_least(0), "must be >= 0 (0: a non-finite gradient stops the run)"),
     ("reward.w_accuracy", _at_least(0), "must be >= 0"),
@@ -583,9 +586,31 @@ def _reward(c: ConfigDict) -> list[str]:
 
 def _sampling(c: ConfigDict) -> list[str]:
     """sampling: buckets that increase and reach the longest prompt and response; decode slots;
-    a KV cache dtype the decode kernel reads."""
+    a KV cache dtype and pages the decode kernel reads."""
     s, rl = c.sampling, c.rl
     errors = _choices(c, [("sampling.kv_cache_dtype", KV_DTYPES)])
+    decode, page = DECODE_IMPLS.get(c.model.attention_impl), s.page_size
+    errors += _failed(
+        (
+            not page or decode != "gpu",
+            f"--config.sampling.page_size={page} with --config.model.attention_impl={c.model.attention_impl!r}: its "
+            "decode kernel (jax's Pallas GPU decode attention) reads contiguous rows, not pages; use page_size=0",
+        ),
+        (
+            not page or decode != "tpu" or page % LANES == 0,
+            f"--config.sampling.page_size={page} with --config.model.attention_impl={c.model.attention_impl!r}: the "
+            f"TPU decode kernel reads a page as one block, a multiple of {LANES} entries",
+        ),
+        (
+            page or not s.kv_pages,
+            f"--config.sampling.kv_pages={s.kv_pages} sizes a paged KV cache: set sampling.page_size too",
+        ),
+        (
+            not page or page < 0 or all(b % page == 0 for b in s.prompt_buckets),
+            f"--config.sampling.page_size={page}: every prompt bucket must be whole pages (a prompt's rows share "
+            f"them), got sampling.prompt_buckets={tuple(s.prompt_buckets)}",
+        ),
+    )
     errors += _failed(
         (
             s.kv_cache_dtype != "int8" or DECODE_IMPLS.get(c.model.attention_impl) != "gpu",

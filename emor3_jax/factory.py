@@ -98,6 +98,8 @@ def build(c: ConfigDict, tokenizer, special: dict[str, int], cfg: ModelConfig, m
         max_rows=c.sampling.max_rows,
         prefill_group=c.sampling.prefill_group,
         kv_cache_dtype=c.sampling.kv_cache_dtype,
+        page_size=c.sampling.page_size,
+        kv_pages=c.sampling.kv_pages,
     )
     processor = ImageProcessor(
         min_pixels=c.data.min_pixels,

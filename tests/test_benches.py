@@ -59,10 +59,10 @@ def test_sampling_small(capsys, monkeypatch):
 
 @pytest.mark.slow  # a second mode of a bench CI already runs; about a minute on 2 cores
 def test_sampling_realistic_lengths(capsys, monkeypatch):
-    argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "8", "--slots", "4"]
+    argv = ["--lengths", "realistic", "--prompts", "2", "--n", "2", "--new", "8", "--slots", "4", "--page_size", "16"]
     out = run_main("bench.sampling", argv, capsys, monkeypatch)
     assert "2 prompts (224x224 image, 128-token prompt) x n=2 = 4 rows" in out, out
-    assert_ratios(out, "continuous_vs_static")
+    assert_ratios(out, "continuous_vs_static", "paged_vs_contiguous", "kv_entries_contiguous_over_paged")
 
 
 @pytest.mark.slow  # a second mode of a bench CI already runs; about a minute on 2 cores

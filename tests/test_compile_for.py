@@ -307,3 +307,19 @@ def test_the_3b_step_compiles_for_a_v6e_8_and_fits(tmp_path):
     names = {p["name"] for p in report["programs"] if "error" not in p}
     assert {"rollout_weights", "rollout_prefill", "rollout_decode", "gradient", "optimizer_step"} <= names
     assert "reference_logprobs" in names
+
+
+def test_the_paged_decode_compiles_with_the_tpu_kernel(tmp_path):
+    """sampling.page_size=128 with splash: the rollout and image reflection decode loops, paged
+    and read by the live-span TPU kernel through the page table, lower and compile for the
+    slice (Mosaic); the eval calls' 2 rows get spare slots up to one per shard."""
+    c = small_tiny(tmp_path)
+    c.sampling.prompt_buckets, c.sampling.page_size, c.model.attention_impl = (128,), 128, "splash"
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = compile_for.main(c, TOPOLOGY, only=frozenset({"rollout_decode", "image_reflection_decode"}))
+    with open(compile_for.output_path(c, TOPOLOGY, 1)) as f:
+        got = json.load(f)
+    assert status == 0
+    done = {p["name"]: p for p in got["programs"] if "skipped" not in p}
+    assert set(done) == {"rollout_decode", "image_reflection_decode"}
+    assert all(p["temp_bytes"] >= 0 for p in done.values())

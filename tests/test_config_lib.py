@@ -70,6 +70,8 @@ BAD = {
     "eval.sampled_temperature": -0.6,
     "eval.sampled_top_p": 1.01,
     "sampling.prefill_group": -1,
+    "sampling.page_size": -1,
+    "sampling.kv_pages": -1,
     "checkpoint.every": 0,
     "checkpoint.keep": 0,
     "guard.max_norm_ratio": 1.0,

@@ -16,7 +16,9 @@ dropout of the adapters' inputs (None everywhere else: no dropout).
 and the family provides the host-side input preparation (`prepare_inputs`: token ids, pixel
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
 layout (`Cache`, `cache_shapes`, `empty_cache`, `cache_length`, `KV_DTYPES`, `K_CACHE_AXES`,
-`V_CACHE_AXES`), its configuration (`ModelConfig`, named `preset`s), and construction and
+`V_CACHE_AXES`; paged: `PagedCache`, a pool of `Cache` pages and a page table, which decode
+takes in place of a `Cache`, and `write_pages`),
+its configuration (`ModelConfig`, named `preset`s), and construction and
 checkpoint IO (`create_model`, `abstract_model`, `load_hf`, `save_hf`; `architecture`: what a
 run's checkpoints record and restores check, with `PARAM_LAYOUT`). Qwen2.5-VL is the family
 implemented; another one plugs in here.
@@ -30,7 +32,8 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
-from emor3_jax.models.qwen25_vl.kv_cache import K_CACHE_AXES, KV_DTYPES, V_CACHE_AXES, cache_shapes
+from emor3_jax.models.qwen25_vl.kv_cache import K_CACHE_AXES, KV_DTYPES, V_CACHE_AXES, cache_shapes, write_pages
+from emor3_jax.models.qwen25_vl.kv_cache import PagedKVCache as PagedCache
 from emor3_jax.models.qwen25_vl.kv_cache import empty as empty_cache
 from emor3_jax.models.qwen25_vl.layers import Live, Segments
 from emor3_jax.models.qwen25_vl.model import (
@@ -52,6 +55,7 @@ __all__ = [
     "Live",
     "Model",
     "ModelConfig",
+    "PagedCache",
     "Segments",
     "abstract_model",
     "architecture",
@@ -63,6 +67,7 @@ __all__ = [
     "prepare_inputs",
     "preset",
     "save_hf",
+    "write_pages",
 ]
 
 

@@ -5,8 +5,8 @@ Letters: W slots, D shards of the slots (the mesh's "batch" split), L pages per 
 shard also has a spare page, local id L), M table columns per slot, A prompt pages, Q prompts
 of the group.
 
-A slot's entries [0, A * page) hold its prompt as the prefill wrote it (left-padded to P, and
-A * page - P entries more on the left), entry A * page + j its j-th token. Slot w lives on
+A slot's entries [0, P) hold its prompt as the prefill wrote it (left-padded to P, a whole
+number A of pages), entry P + j its j-th token. Slot w lives on
 shard d = w // (W / D) and names only pages of shard d, by local id (the pool's page
 d * (L + 1) + id), so each device writes and reads its own block of the pool.
 
@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from emor3_jax.core import sharding
-from emor3_jax.models.qwen25_vl import kv_cache
-from emor3_jax.models.qwen25_vl.kv_cache import KVCache, PagedKVCache
+from emor3_jax.models.api import Cache, PagedCache, empty_cache, write_pages
 
 
 @struct.dataclass
@@ -40,7 +39,7 @@ class Pages:
     int32: holders of each page; owed [W] int32: pages each slot's tokens may still take;
     prompt [Q, D, A] int32: the group's prompts' pages on each shard (-1: not there)."""
 
-    cache: PagedKVCache
+    cache: PagedCache
     refs: jax.Array
     owed: jax.Array
     prompt: jax.Array
@@ -49,10 +48,10 @@ class Pages:
 def empty(text_cfg, slots: int, shards: int, per_shard: int, page: int, columns: int, group: tuple, dtype, kv_dtype):
     """A pool of `per_shard` pages (+ a spare) on each of `shards` shards for `slots` slots of
     `columns` pages each, every page free; group: (Q prompts, A pages each)."""
-    pool = kv_cache.empty(text_cfg, shards * (per_shard + 1), page, dtype, kv_dtype)
+    pool = empty_cache(text_cfg, shards * (per_shard + 1), page, dtype, kv_dtype)
     rows = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
     return Pages(
-        cache=PagedKVCache(pool, rows(jnp.full((slots, columns), per_shard, jnp.int32))),
+        cache=PagedCache(pool, rows(jnp.full((slots, columns), per_shard, jnp.int32))),
         refs=jnp.zeros((shards, per_shard + 1), jnp.int32).at[:, per_shard].set(1),
         owed=rows(jnp.zeros((slots,), jnp.int32)),
         prompt=jnp.full((group[0], shards, group[1]), -1, jnp.int32),
@@ -102,24 +101,7 @@ def fits(p: Pages, take: jax.Array, b: jax.Array, limit: jax.Array) -> jax.Array
     return take & (jnp.cumsum(short) == 0)
 
 
-def _prompt_rows(leaf: jax.Array, prompt, shift: int, a: int, scales: bool) -> jax.Array:
-    """A prefill cache leaf's prompt `prompt` as A pages: [Y, Q, P, ...] -> [Y, A, page, ...],
-    or scales [Y, Q, K, P] -> [Y, A, K, page]; shift entries of zeros on the left."""
-    x = jax.lax.dynamic_index_in_dim(leaf, prompt, axis=1, keepdims=False)  # [Y, P, ...] / [Y, K, P]
-    entry = 2 if scales else 1
-    x = jnp.pad(x, [(shift, 0) if i == entry else (0, 0) for i in range(x.ndim)])
-    if scales:
-        y, k, e = x.shape
-        return x.reshape(y, k, a, e // a).swapaxes(1, 2)
-    return x.reshape(x.shape[0], a, -1, *x.shape[2:])
-
-
-def _leaves(cache: KVCache) -> dict[str, jax.Array]:
-    names = ("keys", "values", "key_scale", "value_scale")
-    return {f: getattr(cache, f) for f in names if getattr(cache, f) is not None}
-
-
-def _bring(p: Pages, pre: KVCache, new: jax.Array, b: jax.Array, shift: int) -> Pages:
+def _bring(p: Pages, pre: Cache, new: jax.Array, b: jax.Array) -> Pages:
     """Copies the prompt of each `new` slot [W] (prompt b [W]) from the prefill cache pre
     [Y, Q, P, ...] to free pages of its shard, pinned (ref 1)."""
     d, a, spare = _shard(p), p.prompt.shape[2], _spare(p)
@@ -129,14 +111,7 @@ def _bring(p: Pages, pre: KVCache, new: jax.Array, b: jax.Array, shift: int) -> 
         slot = order[i]
         prompt, shard = b[slot], d[slot]
         ids = jnp.nonzero(p.refs[shard] == 0, size=a, fill_value=spare)[0]  # `fits` checked there are a
-        where = shard * (spare + 1) + ids
-        pool = p.cache.pool
-        pool = pool.replace(
-            **{
-                f: getattr(pool, f).at[:, where].set(_prompt_rows(x, prompt, shift, a, f.endswith("scale")))
-                for f, x in _leaves(pre).items()
-            }
-        )
+        pool = write_pages(p.cache.pool, pre, prompt, shard, ids, spare + 1)
         return p.replace(
             cache=p.cache.replace(pool=pool),
             refs=p.refs.at[shard, ids].set(1),
@@ -146,12 +121,11 @@ def _bring(p: Pages, pre: KVCache, new: jax.Array, b: jax.Array, shift: int) -> 
     return jax.lax.fori_loop(0, jnp.sum(new), bring, p)
 
 
-def seat(p: Pages, take, b, limit, last, pre: KVCache, shift: int) -> Pages:
+def seat(p: Pages, take, b, limit, last, pre: Cache) -> Pages:
     """Seats a row in each taking slot of take [W]: its prompt b [W], its limit [W]; last [W]:
     the row is its prompt's last, which unpins the prompt's pages. Prompts not yet on a slot's
-    shard are copied from the prefill cache pre [Y, Q, P, ...] (prefill entry e at slot entry
-    shift + e)."""
-    p = _bring(p, pre, _new_prompts(p, take, b), b, shift)
+    shard are copied from the prefill cache pre [Y, Q, P, ...] (P = A * page)."""
+    p = _bring(p, pre, _new_prompts(p, take, b), b)
     d, spare, columns = _shard(p), _spare(p), p.cache.table.shape[1]
     own = p.prompt[b, d]  # [W, A]
     rows = jnp.concatenate([own, jnp.full((own.shape[0], columns - own.shape[1]), spare, jnp.int32)], axis=1)

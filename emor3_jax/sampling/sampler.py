@@ -96,7 +96,7 @@ class Layout:
     """How one `generate` call runs: prompt bucket P (p_len), generation bucket G (g_len), Q
     prompts per prefill group (group_prompts), the groups, W decode slots, R_out output rows,
     S >= P + G cache entries per slot (rounded up to what the decode kernel reads in; paged:
-    whole pages, A for the prompt and ceil(G / page) for the tokens)."""
+    whole pages, A = P / page for the prompt and ceil(G / page) for the tokens)."""
 
     p_len: int
     g_len: int
@@ -277,12 +277,10 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
         take &= jnp.all(free)
     src = jnp.where(take, pending + rank, 0)  # the group row each taking slot gets
     b = wait.prompt[src]  # its prompt: the fork to n samples
-    shift = 0
     if isinstance(cache, pages.Pages):  # only rows whose pages the pool can promise
         take = pages.fits(cache, take, b, rows.limit[src])
         last = src == jnp.minimum(rows.valid, (b + 1) * s.n) - 1  # its prompt's last row
-        shift = cache.prompt.shape[2] * cache.cache.page - pre.cache.keys.shape[2]
-        cache = pages.seat(cache, take, b, rows.limit[src], last, pre.cache, shift)
+        cache = pages.seat(cache, take, b, rows.limit[src], last, pre.cache)
     else:
         cache = _copy_prompts(cache, take, b, pre.cache)
     row = jnp.where(take, rows.row0 + src, out_rows)  # out_rows: dropped by the scatters
@@ -292,7 +290,7 @@ def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: Gr
         step=pick(0, sl.step),
         pos=pick(pre.pos[b], sl.pos),
         limit=pick(rows.limit[src], sl.limit),
-        start=pick(pre.start[b] + shift, sl.start),
+        start=pick(pre.start[b], sl.start),
         token=pick(wait.token[src], sl.token),
         logp=pick(wait.logp[src], sl.logp),
     )
@@ -371,11 +369,13 @@ class Sampler:
     kv_cache_dtype: "" (the compute dtype) or "int8" (kv_cache.py: int8 keys and values with a
     scale per entry and kv head, quantized as written: about half the cache's memory).
     page_size: 0, each slot's cache one contiguous row of S entries; else the cache is a pool
-    of pages of this many entries (sampling/pages.py): the n rows of a prompt share its pages,
-    a row's tokens take pages as they need them, a stopped row's pages go back to the pool.
-    kv_pages: the pool's pages (over all shards of the slots); 0: as many as no row ever waits
-    for (every slot's pages plus one prompt's). Fewer save memory: a row then waits for a slot
-    whose shard can promise all the pages it may need.
+    of pages of this many entries (sampling/pages.py; every prompt bucket whole pages): the n
+    rows of a prompt share its pages, a row's tokens take pages as they need them, a stopped
+    row's pages go back to the pool.
+    kv_pages: at most this many pages in the pool (over all shards of the slots); 0, and for a
+    call that needs fewer: as many as no row ever waits for (every slot's pages plus one
+    prompt's). Fewer save memory: a row then waits until its shard can promise all the pages
+    it may need.
     Runs on the mesh the model's parameters live on, with `rules` for activations and cache.
     After each `generate`, `last_schedule` says which slot ran each row and when.
     """
@@ -507,10 +507,10 @@ class Sampler:
         if not lay.page:
             return self._empty(self.cfg.text, lay.slots, lay.entries, dtype, kv)
         shards = sharding.axis_shards("batch")
-        if lay.slots % shards or lay.pages % shards:
+        if lay.pages % shards:
             raise ValueError(
-                f"a paged cache splits its {lay.slots} slots and {lay.pages} pages over the {shards} shards of the "
-                "mesh's batch axis: both must divide evenly (set sampling.max_rows / sampling.kv_pages)"
+                f"kv_pages={lay.pages}: a paged cache splits its pages over the {shards} shards of the mesh's batch "
+                "axis, so they must divide evenly"
             )
         group, columns = (lay.group_prompts, lay.prompt_pages), lay.entries // lay.page
         per_shard = lay.pages // shards
@@ -535,8 +535,14 @@ class Sampler:
             entries = cache_length(self.cfg.attention_impl, p_len + g_len)
             return Layout(p_len, g_len, q, groups, slots, out_rows, entries)
         page, shards = self.page_size, sharding.axis_shards("batch")
-        a, own = -(-p_len // page), -(-g_len // page)
-        pool = self.kv_pages or shards * ((slots // shards) * (a + own) + a)
+        if p_len % page:
+            raise ValueError(
+                f"page_size={page}: a prompt bucket must be whole pages (its rows share them), got bucket {p_len}"
+            )
+        a, own = p_len // page, -(-g_len // page)
+        slots = -(-slots // shards) * shards  # each shard its own slots and pages: spare slots stay free
+        roomy = shards * ((slots // shards) * (a + own) + a)  # no row ever waits
+        pool = min(self.kv_pages, roomy) if self.kv_pages else roomy
         if pool // shards < a + own:
             raise ValueError(
                 f"kv_pages={self.kv_pages}: each of the {shards} shards needs at least the {a + own} pages of one row "
@@ -565,9 +571,8 @@ def _decode(graphdef, s: Settings, state, cache: Cache, carry: Carry, pre: Prefi
     and carry are donated; -> (cache, carry)."""
     model = nnx.merge(graphdef, state)
     p_len = pre.cache.keys.shape[2]  # [Y, Q, P, K, H]
-    if isinstance(cache, pages.Pages):  # the prompt fills A whole pages
+    if isinstance(cache, pages.Pages):
         cache = pages.new_group(cache)
-        p_len = cache.prompt.shape[2] * cache.cache.page
     wait = waiting_rows(s, pre, rows, d)
 
     def cond(loop):

@@ -18,10 +18,10 @@ PROMPT_BUCKET = 64
 case = test_continuous.case  # the continuous-batching tests' prompts, limits and reference rows
 
 
-def _sampler(cfg, stops, max_rows=3, page_size=4, kv_pages=0):
+def _sampler(cfg, stops, max_rows=3, page_size=4, kv_pages=0, bucket=PROMPT_BUCKET):
     return Sampler(
         cfg,
-        prompt_buckets=(PROMPT_BUCKET,),
+        prompt_buckets=(bucket,),
         gen_buckets=(NEW,),
         pad_id=PAD,
         stop_ids=stops,
@@ -39,15 +39,15 @@ def _live_rows(sampler, lengths):
     return [(t, live(t)) for t in range(int(sched.steps))]
 
 
-@pytest.mark.parametrize("page_size, kv_pages", [(4, 0), (5, 0), (4, 20)])
+@pytest.mark.parametrize("page_size, kv_pages", [(4, 0), (16, 0), (4, 20)])
 def test_paged_rows_equal_the_contiguous_cache(ours_fp32, case, page_size, kv_pages):
-    """3 slots refilled as rows stop, pages of 4 (the 64-entry prompt in 16 pages) and of 5
-    (13 pages, the prompt shifted by one entry); with 20 pages, room for one prompt's pages
+    """3 slots refilled as rows stop, pages of 4 (the 64-entry prompt in 16 pages, 8 tokens in
+    2) and of 16 (4 pages, and one for the tokens); with 20 pages, room for one prompt's pages
     and two rows' tokens (16 + 2 + 2): the rows wait, two rows of one prompt at a time."""
     prompts, kw, ref, stops = case
     s = _sampler(ours_fp32.cfg, stops, page_size=page_size, kv_pages=kv_pages)
     _same_rows(_host(s.generate(ours_fp32, prompts, **kw)), ref)
-    assert s.last_cache == (3, {4: 72, 5: 75}[page_size])  # (slots, entries per slot): whole pages
+    assert s.last_cache == (3, {4: 72, 16: 80}[page_size])  # (slots, entries per slot): whole pages
     live = _live_rows(s, ref["lengths"])
     most = max(len(rows) for _, rows in live)
     if kv_pages:
@@ -57,8 +57,9 @@ def test_paged_rows_equal_the_contiguous_cache(ours_fp32, case, page_size, kv_pa
 
 
 def test_paged_rows_on_the_tpu_kernel_and_on_two_shards(hf_tiny_dir, ours_fp32, case):
-    """The live-span TPU kernel (interpret mode) reading pages of 128 through the table, and
-    4 slots split over 2 devices, each with its own block of 20 pages: the same rows."""
+    """The live-span TPU kernel (interpret mode) reading pages of 128 through the table (a
+    128-entry prompt bucket), and 4 slots split over 2 devices, each with its own block of 20
+    pages: the same rows."""
     from flax import nnx
 
     from emor3_jax.core import sharding
@@ -68,12 +69,20 @@ def test_paged_rows_on_the_tpu_kernel_and_on_two_shards(hf_tiny_dir, ours_fp32, 
     cfg = ours_fp32.cfg.replace(attention_impl="splash")
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(ours_fp32)(cfg, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, nnx.split(ours_fp32)[1])
-    _same_rows(_host(_sampler(cfg, stops, page_size=128).generate(model, prompts, **kw)), ref)
+    _same_rows(_host(_sampler(cfg, stops, page_size=128, bucket=128).generate(model, prompts, **kw)), ref)
 
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 1), ("tensor", 1)], jax.devices()[:2])
     two = load_hf(hf_tiny_dir, mesh, sharding.DEFAULT_RULES, param_dtype="float32", compute_dtype="float32")
     s = _sampler(ours_fp32.cfg, stops, max_rows=4, kv_pages=40)
     _same_rows(_host(s.generate(two, prompts, **kw)), ref)
+
+
+def test_kv_pages_caps_the_pool_and_a_call_that_needs_fewer_takes_fewer(ours_fp32):
+    """3 slots of 18 pages (16 for the 64-entry prompt in pages of 4, 2 for 8 tokens) and one
+    pinned prompt's 16: 70 pages let no row wait; kv_pages=40 caps that, 1000 does not."""
+    lay = lambda kv_pages: _sampler(ours_fp32.cfg, (), kv_pages=kv_pages).layout(5, 64, N, NEW)
+    assert (lay(0).pages, lay(40).pages, lay(1000).pages) == (70, 40, 70)
+    assert (lay(0).prompt_pages, lay(0).entries) == (16, 72)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +91,7 @@ def test_paged_rows_on_the_tpu_kernel_and_on_two_shards(hf_tiny_dir, ours_fp32, 
         (dict(page_size=4, kv_pages=17), "kv_pages=17: each of the 1 shards needs at least the 18 pages of one row"),
         (dict(page_size=0, kv_pages=40), "kv_pages=40 sizes a paged cache: set page_size too"),
         (dict(page_size=-1), "page_size and kv_pages must be >= 0"),
+        (dict(page_size=5), "page_size=5: a prompt bucket must be whole pages .* got bucket 64"),
     ],
 )
 def test_bad_page_settings_are_refused(ours_fp32, case, kw, message):
@@ -97,8 +107,8 @@ def _same_rows(out, ref):
     np.testing.assert_allclose(out["logprobs"], ref["logprobs"], atol=1e-5)
 
 
-# The bookkeeping by hand: 3 slots, pages of 2 entries, 2 prompts of P = 3 entries (A = 2 pages,
-# 1 entry of left shift), slots of 3 pages (2 for the prompt, 1 for 2 tokens), 10 pages + spare.
+# The bookkeeping by hand: 3 slots, pages of 2 entries, 2 prompts of P = 4 entries (A = 2 pages),
+# slots of 3 pages (2 for the prompt, 1 for 2 tokens), 10 pages + spare.
 class _Text:
     num_layers, num_kv_heads, head_dim = 1, 1, 1
 
@@ -111,8 +121,8 @@ def _pool(per_shard=L, shards=1, slots=W):
 
 
 def _prefill():
-    """Prompt q's entry e holds 10 * (q + 1) + e (keys) and minus that (values): [1, 2, 3, 1, 1]."""
-    x = (10 * jnp.arange(1, 3)[:, None] + jnp.arange(3)[None, :]).astype(jnp.float32)
+    """Prompt q's entry e holds 10 * (q + 1) + e (keys) and minus that (values): [1, 2, 4, 1, 1]."""
+    x = (10 * jnp.arange(1, 3)[:, None] + jnp.arange(4)[None, :]).astype(jnp.float32)
     x = x[None, :, :, None, None]
     from emor3_jax.models.qwen25_vl.kv_cache import KVCache
 
@@ -127,14 +137,14 @@ def test_rows_of_a_prompt_share_its_pages_until_the_last_one_stops():
     p = _pool()
     take, b, limit = jnp.array([True, True, False]), jnp.array([0, 0, 0]), jnp.array([2, 1, 2])
     last = jnp.array([False, True, False])  # slot 1 takes prompt 0's last row: its pin goes
-    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, last, _prefill(), shift=1)
+    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, last, _prefill())
     table = np.asarray(p.cache.table)
     assert table[0].tolist() == [0, 1, SPARE] and table[1].tolist() == [0, 1, SPARE]
     assert table[2].tolist() == [SPARE] * 3  # free
     assert _refs(p) == [2, 2] + [0] * 8 + [1]  # two rows hold the prompt; the spare's 1
     keys = np.asarray(p.cache.pool.keys)[0, :2, :, 0, 0]
-    assert keys.tolist() == [[0, 10], [11, 12]]  # the shift's zero, then prompt 0's entries
-    assert np.asarray(p.cache.pool.values)[0, 1, 1, 0, 0] == -12
+    assert keys.tolist() == [[10, 11], [12, 13]]  # prompt 0's entries
+    assert np.asarray(p.cache.pool.values)[0, 1, 1, 0, 0] == -13
     assert np.asarray(p.owed).tolist() == [1, 1, 0]
 
     p = pages.grow(p, jnp.array([True, True, False]), jnp.array([2, 2, 2]))
@@ -152,11 +162,11 @@ def test_a_pinned_prompt_outlives_its_stopped_rows_until_its_last_row_is_seated(
     p = _pool()
     one = jnp.array([True, False, False])
     b, limit = jnp.zeros((3,), jnp.int32), jnp.array([2, 2, 2])
-    p = pages.seat(p, one, b, limit, jnp.zeros((3,), bool), _prefill(), shift=1)
+    p = pages.seat(p, one, b, limit, jnp.zeros((3,), bool), _prefill())
     assert _refs(p)[:2] == [2, 2]  # the pin and the row
     p = pages.release(p, one)
     assert _refs(p)[:2] == [1, 1]  # its rows stopped, the prompt waits for its last row
-    p = pages.seat(p, one, b, limit, jnp.ones((3,), bool), _prefill(), shift=1)
+    p = pages.seat(p, one, b, limit, jnp.ones((3,), bool), _prefill())
     assert np.asarray(p.cache.table)[0, :2].tolist() == [0, 1]  # the same pages, not copied again
     assert _refs(p)[:2] == [1, 1]
     p = pages.release(p, one)
@@ -183,13 +193,39 @@ def test_each_shard_gives_pages_of_its_own_block():
     each; every slot's table names local ids; growth takes from the slot's own shard."""
     p = _pool(shards=2, slots=4)
     take, b, limit = jnp.ones((4,), bool), jnp.array([0, 0, 0, 1]), jnp.array([2, 2, 2, 2])
-    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, jnp.array([False, False, True, True]), _prefill(), 1)
+    p = pages.seat(p, pages.fits(p, take, b, limit), b, limit, jnp.array([False, False, True, True]), _prefill())
     table = np.asarray(p.cache.table)
     assert table[:, :2].tolist() == [[0, 1], [0, 1], [0, 1], [2, 3]]  # shard 1: prompt 0, then prompt 1
     keys = np.asarray(p.cache.pool.keys)[0, :, :, 0, 0]
-    assert keys[0].tolist() == keys[L + 1].tolist() == [0, 10]  # prompt 0 on both shards' blocks
-    assert keys[L + 1 + 2].tolist() == [0, 20]
+    assert keys[0].tolist() == keys[L + 1].tolist() == [10, 11]  # prompt 0 on both shards' blocks
+    assert keys[L + 1 + 2].tolist() == [20, 21]
     refs = np.asarray(p.refs)
     assert refs[0, :2].tolist() == [2, 2] and refs[1, :4].tolist() == [1, 1, 1, 1]
     p = pages.grow(p, jnp.ones((4,), bool), jnp.full((4,), 2))
     assert np.asarray(p.cache.table)[:, 2].tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"sampling.page_size": 64, "model.attention_impl": "flash"},
+            "--config.sampling.page_size=64 with --config.model.attention_impl='flash'",
+        ),
+        (
+            {"sampling.page_size": 64, "model.attention_impl": "splash"},
+            "the TPU decode kernel reads a page as one block, a multiple of 128 entries",
+        ),
+        ({"sampling.kv_pages": 100}, "--config.sampling.kv_pages=100 sizes a paged KV cache: set sampling.page_size"),
+        ({"sampling.page_size": 64}, "--config.sampling.page_size=64: every prompt bucket must be whole pages"),
+    ],
+)
+def test_bad_page_settings_name_their_flags(overrides, message):
+    from emor3_jax import config_lib
+    from tests.sampling.test_int8_cache import _config
+
+    with pytest.raises(ValueError) as err:
+        config_lib.validate(_config(**overrides))
+    assert message in str(err.value)
+    good = {"sampling.page_size": 32, "sampling.kv_pages": 64, "model.attention_impl": "xla"}
+    config_lib.validate(_config(**good))
