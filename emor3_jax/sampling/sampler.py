@@ -26,7 +26,9 @@ carries no [W, V] array. Admission runs after every step; with no slot free it t
 row and copies no cache, so it costs a few [W] operations.
 
 The KV cache [W, S] is set by the slot count, allocated once per shape and donated to each
-decode call. Shapes come from the buckets and settings, so a run compiles a bounded number
+decode call. Paged (`page_size`, sampling/pages.py), it is a pool of pages instead: a prompt's
+n rows share its pages, a row's tokens take pages as they go, and admission also waits for
+the pages a row may need. Shapes come from the buckets and settings, so a run compiles a bounded number
 of programs (`Sampler.compiled_programs`).
 """
 
