@@ -34,16 +34,18 @@ def _prompt(rng, segments):
     return Prompt(np.array(ids), np.concatenate(pixels), np.array(grids))
 
 
-def _sampler(cfg, max_rows=0, continuous=True, stop_ids=(), prefill_group=0):
+def _sampler(cfg, max_rows=0, continuous=True, stop_ids=(), prefill_group=0, **kw):
+    """kw: more Sampler settings (prompt_buckets: (64,) unless given)."""
+    kw = {"prompt_buckets": (64,), **kw}
     return Sampler(
         cfg,
-        prompt_buckets=(64,),
         gen_buckets=(NEW,),
         pad_id=PAD,
         stop_ids=stop_ids,
         max_rows=max_rows,
         prefill_group=prefill_group,
         continuous=continuous,
+        **kw,
     )
 
 

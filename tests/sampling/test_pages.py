@@ -10,24 +10,16 @@ import numpy as np
 import pytest
 
 from emor3_jax.sampling import pages
-from emor3_jax.sampling.sampler import Sampler
 from tests.sampling import test_continuous
-from tests.sampling.test_continuous import NEW, PAD, N, _host
+from tests.sampling.test_continuous import NEW, N, _host
 
 PROMPT_BUCKET = 64
 case = test_continuous.case  # the continuous-batching tests' prompts, limits and reference rows
 
 
 def _sampler(cfg, stops, max_rows=3, page_size=4, kv_pages=0, bucket=PROMPT_BUCKET):
-    return Sampler(
-        cfg,
-        prompt_buckets=(bucket,),
-        gen_buckets=(NEW,),
-        pad_id=PAD,
-        stop_ids=stops,
-        max_rows=max_rows,
-        page_size=page_size,
-        kv_pages=kv_pages,
+    return test_continuous._sampler(
+        cfg, max_rows, True, stops, page_size=page_size, kv_pages=kv_pages, prompt_buckets=(bucket,)
     )
 
 
