@@ -28,8 +28,8 @@ row and copies no cache, so it costs a few [W] operations.
 The KV cache [W, S] is set by the slot count, allocated once per shape and donated to each
 decode call. Paged (`page_size`, sampling/pages.py), it is a pool of pages instead: a prompt's
 n rows share its pages, a row's tokens take pages as they go, and admission also waits for
-the pages a row may need. Shapes come from the buckets and settings, so a run compiles a bounded number
-of programs (`Sampler.compiled_programs`).
+the pages a row may need. Shapes come from the buckets and settings, so a run compiles a
+bounded number of programs (`Sampler.compiled_programs`).
 """
 
 from __future__ import annotations
@@ -266,9 +266,10 @@ def fresh(slots: int, out_rows: int, g_len: int, pad_id: int) -> Carry:
     )
 
 
-def admit(s: Settings, c: Carry, cache: Cache, pending, pre: Prefilled, rows: GroupRows, wait: Waiting):
+def admit(s: Settings, c: Carry, cache: Cache | pages.Pages, pending, pre: Prefilled, rows: GroupRows, wait: Waiting):
     """Waiting rows take free slots in row order (all at once when not continuous): a slot
-    gets its row's first token and settings, and its prompt's cache at entries [0, P).
+    gets its row's first token and settings, and its prompt's cache at entries [0, P) (paged:
+    its prompt's pages, copied once per shard; a row waits while its shard lacks pages).
     pending: the group's rows already admitted. -> (carry, cache, pending)."""
     sl = c.slots
     out_rows = c.out.tokens.shape[0]
@@ -321,7 +322,9 @@ def _copy_prompts(cache: Cache, take: jax.Array, b: jax.Array, pre: Cache) -> Ca
     return jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
 
 
-def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tuple[Carry, Cache]:
+def step(
+    s: Settings, model, c: Carry, cache: Cache | pages.Pages, p_len: int, d: Draw
+) -> tuple[Carry, Cache | pages.Pages]:
     """One decode step: every busy slot emits its next token, writes it to its cache row at
     entry P + j, reads its live span, and draws the token after; a slot whose token is a stop
     id or whose row reached its limit is freed."""
@@ -337,7 +340,7 @@ def step(s: Settings, model, c: Carry, cache: Cache, p_len: int, d: Draw) -> tup
         lengths=out.lengths.at[row].set(j + 1, mode="drop"),
         done=out.done.at[row].set(hit, mode="drop"),
     )
-    entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot's write lands in its own dead row (paged: the spare)
+    entry = p_len + jnp.minimum(j, g_len - 1)  # a free slot writes its own dead row (paged: the spare page)
     positions = jnp.broadcast_to((sl.pos + j)[None, :, None], (3, w, 1))
     span = Live(start=sl.start, end=entry + 1)
     paged = isinstance(cache, pages.Pages)

@@ -69,6 +69,16 @@ def test_paged_rows_on_the_tpu_kernel_and_on_two_shards(hf_tiny_dir, ours_fp32, 
     _same_rows(_host(s.generate(two, prompts, **kw)), ref)
 
 
+def test_paged_int8_rows_equal_the_contiguous_int8_cache(ours_fp32, case):
+    """The int8 cache paged: the int16 pairs and their scales [Y, pages, K, page] copied from the
+    prefill and written by each step give the contiguous int8 cache's rows."""
+    prompts, kw, _, stops = case
+    int8 = dict(kv_cache_dtype="int8")
+    ref = _host(test_continuous._sampler(ours_fp32.cfg, 3, True, stops, **int8).generate(ours_fp32, prompts, **kw))
+    paged = test_continuous._sampler(ours_fp32.cfg, 3, True, stops, page_size=4, **int8)
+    _same_rows(_host(paged.generate(ours_fp32, prompts, **kw)), ref)
+
+
 def test_kv_pages_caps_the_pool_and_a_call_that_needs_fewer_takes_fewer(ours_fp32):
     """3 slots of 18 pages (16 for the 64-entry prompt in pages of 4, 2 for 8 tokens) and one
     pinned prompt's 16: 70 pages let no row wait; kv_pages=40 caps that, 1000 does not."""
