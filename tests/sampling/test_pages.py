@@ -31,15 +31,19 @@ def _live_rows(sampler, lengths):
     return [(t, live(t)) for t in range(int(sched.steps))]
 
 
-@pytest.mark.parametrize("page_size, kv_pages", [(4, 0), (16, 0), (4, 20)])
-def test_paged_rows_equal_the_contiguous_cache(ours_fp32, case, page_size, kv_pages):
+@pytest.mark.parametrize(
+    "page_size, kv_pages, max_rows, continuous",
+    [(4, 0, 3, True), (16, 0, 3, True), (4, 20, 3, True), (4, 20, 4, False)],
+)
+def test_paged_rows_equal_the_contiguous_cache(ours_fp32, case, page_size, kv_pages, max_rows, continuous):
     """3 slots refilled as rows stop, pages of 4 (the 64-entry prompt in 16 pages, 8 tokens in
     2) and of 16 (4 pages, and one for the tokens); with 20 pages, room for one prompt's pages
-    and two rows' tokens (16 + 2 + 2): the rows wait, two rows of one prompt at a time."""
+    and two rows' tokens (16 + 2 + 2): the rows wait, two rows of one prompt at a time, also
+    when 4 slots are refilled only once all are free (chunks)."""
     prompts, kw, ref, stops = case
-    s = _sampler(ours_fp32.cfg, stops, page_size=page_size, kv_pages=kv_pages)
+    s = test_continuous._sampler(ours_fp32.cfg, max_rows, continuous, stops, page_size=page_size, kv_pages=kv_pages)
     _same_rows(_host(s.generate(ours_fp32, prompts, **kw)), ref)
-    assert s.last_cache == (3, {4: 72, 16: 80}[page_size])  # (slots, entries per slot): whole pages
+    assert s.last_cache == (max_rows, {4: 72, 16: 80}[page_size])  # (slots, entries per slot): whole pages
     live = _live_rows(s, ref["lengths"])
     most = max(len(rows) for _, rows in live)
     if kv_pages:
