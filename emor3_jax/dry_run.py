@@ -16,8 +16,10 @@ largest KV cache of a step's sampling calls (the sampler allocates each call's a
 after): the rollout's or the image reflection's, its decode slots (sampling.max_rows, or one
 per rollout_batch * num_generations row when 0) x (prompt bucket + generation bucket) entries
 in the compute dtype (sampling.kv_cache_dtype="int8": int8 plus an fp32 scale per entry and kv
-head). The total adds them all, an upper bound: the rollout copy and the KV
-cache live while the step samples, the gradient accumulator while it updates. Not counted:
+head); with a paged cache (sampling.page_size), the pool the sampler would allocate for that
+call (sampling.kv_pages, or enough that no row waits; each shard's spare page). The total
+adds them all, an upper bound: the rollout copy and the KV cache live while the step
+samples, the gradient accumulator while it updates. Not counted:
 activations, logit chunks, a micro-batch's fresh gradients while they are summed, the prompt
 cache of the prefill group being decoded (min(max_rows // n, sampling.prefill_group) prompts x
 prompt bucket, n = 8 for the rollout and 1 for a reflection; all prompts when max_rows is 0;
@@ -43,7 +45,7 @@ from emor3_jax.models import lora
 from emor3_jax.models.api import ModelConfig, abstract_model, cache_length, cache_shapes, preset
 from emor3_jax.rl import reference, rollout_weights
 from emor3_jax.rl.learner import OptimizerSettings, make_optimizer
-from emor3_jax.sampling.sampler import bucket
+from emor3_jax.sampling.sampler import Sampler, bucket
 
 CATEGORIES = ("params", "optimizer", "reference", "gradients", "rollout", "kv_cache")
 GiB = 1024**3
@@ -134,13 +136,43 @@ def decode_caches(c: ConfigDict) -> dict[str, tuple[int, int]]:
     return caches
 
 
+def paged_pools(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> dict[str, tuple[int, int]]:
+    """(pool pages, each shard's spare included; entries per page) of each sampling call of a
+    GRPO step with a paged cache (sampling.page_size): the sampler's own layout of the rollout
+    and of the image reflection, under the mesh that splits the pool."""
+    s = c.sampling
+    sampler = Sampler(
+        cfg,
+        prompt_buckets=s.prompt_buckets,
+        gen_buckets=s.gen_buckets,
+        pad_id=0,
+        max_rows=s.max_rows,
+        prefill_group=s.prefill_group,
+        page_size=s.page_size,
+        kv_pages=s.kv_pages,
+    )
+    calls = {"rollout": (c.rl.rollout_batch, c.rl.max_prompt_len, c.rl.num_generations, c.rl.max_response_len)}
+    task = EmoR3.from_config(c)
+    if task.reflects and rewards.runs(c.reward.reflection, "image"):
+        rows = c.rl.rollout_batch * c.rl.num_generations
+        calls["image_reflection"] = (rows, longest_reflection_prompt(c), 1, task.reflection.max_new)
+    with sharding.use_mesh(mesh, rules):
+        shards = sharding.axis_shards("batch")
+        layouts = {name: sampler.layout(*args) for name, args in calls.items()}
+    return {name: (lay.pages + shards, lay.page) for name, lay in layouts.items()}
+
+
 def kv_cache(c: ConfigDict, cfg: ModelConfig, mesh: Mesh, rules) -> tuple[list[jax.ShapeDtypeStruct], list[str], str]:
     """The largest decode cache of a GRPO step (`decode_caches`; the sampler allocates each call's
     and frees it after): K and V [Y, W, S, K, H], every layer stacked (W decode slots, S cache
     entries per slot), in the compute dtype or int8 with their scales [Y, W, K, S]
-    (sampling.kv_cache_dtype), and the call it belongs to."""
-    name, (rows, slots) = max(decode_caches(c).items(), key=lambda kv: kv[1][0] * kv[1][1])
-    slots = cache_length(cfg.attention_impl, slots)  # as the sampler rounds it
+    (sampling.kv_cache_dtype), and the call it belongs to. Paged: the pool [Y, pages, page, ...]
+    (`paged_pools`) in place of W x S."""
+    if c.sampling.page_size:
+        name, (rows, slots) = max(paged_pools(c, cfg, mesh, rules).items(), key=lambda kv: kv[1][0])
+    else:
+        name, (rows, slots) = max(decode_caches(c).items(), key=lambda kv: kv[1][0] * kv[1][1])
+        slots = cache_length(cfg.attention_impl, slots)  # as the sampler rounds it
     leaves, fallbacks = [], []
     for field, (axes, shape, dtype) in cache_shapes(
         cfg.text, rows, slots, cfg.compute_dtype, c.sampling.kv_cache_dtype
@@ -201,6 +233,7 @@ def memory(c: ConfigDict) -> dict:
         "kv_rows": k_shape[1],
         "kv_slots": k_shape[2],
         "kv_call": cache_call,
+        "kv_paged": bool(c.sampling.page_size),
         "kv_dtype": "int8 + fp32 scales" if c.sampling.kv_cache_dtype == "int8" else cfg.compute_dtype,
         "per_device": per_device,
         "global": global_,
@@ -221,7 +254,11 @@ def report(m: dict) -> str:
         "reference": "GRPO reference policy",
         "gradients": "accumulator over micro-batches",
         "rollout": f"the policy's copy the rollouts sample with ({m['rollout_copy']})",
-        "kv_cache": f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['kv_dtype']} ({m['kv_call']})",
+        "kv_cache": (
+            f"{m['kv_rows']} pages of {m['kv_slots']} entries (paged), {m['kv_dtype']} ({m['kv_call']})"
+            if m["kv_paged"]
+            else f"{m['kv_rows']} decode slots x {m['kv_slots']} entries, {m['kv_dtype']} ({m['kv_call']})"
+        ),
     }
     for name in (*CATEGORIES, "total"):
         gib = f"{m['per_device'][name] / GiB:12.2f}{m['global'][name] / GiB:12.2f}"

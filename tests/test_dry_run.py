@@ -32,14 +32,17 @@ def _memory(
     cut: str = "",
     lora: int = 0,
     kv: str = "",
+    paged: tuple = (),
 ) -> tuple[dict, str]:
     """dry_run.main for configs/qwen_vl.py:<variant> (rollout: (rl.rollout_dtype,
     rl.rollout_sharding), cut: reward.reflection_cut, else the variant's; lora: lora.rank; kv:
-    sampling.kv_cache_dtype); (the returned numbers, the printed report)."""
+    sampling.kv_cache_dtype; paged: (sampling.page_size, sampling.kv_pages)); (the returned
+    numbers, the printed report)."""
     set_rollout = f"c.rl.rollout_dtype, c.rl.rollout_sharding = {rollout!r}\n" if rollout else ""
     set_rollout += f"c.reward.reflection_cut = {cut!r}\n" if cut else ""
     set_rollout += f"c.lora.rank = {lora}\n" if lora else ""
     set_rollout += f"c.sampling.kv_cache_dtype = {kv!r}\n" if kv else ""
+    set_rollout += f"c.sampling.page_size, c.sampling.kv_pages = {paged!r}\n" if paged else ""
     script = (
         "import json; from configs.qwen_vl import get_config; from emor3_jax import dry_run\n"
         f"c = get_config({variant!r}); c.mesh = {mesh!r}; c.sampling.max_rows = {max_rows}\n"
@@ -169,6 +172,20 @@ def test_the_kv_cache_is_the_image_reflections_when_it_counts_its_image_as_one_t
     assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("image_reflection", 6144, per_entry * 6144)
     m, _ = _memory("3b", 8, mesh, max_rows=256, cut="expanded")
     assert (m["kv_call"], m["kv_slots"], m["per_device"]["kv_cache"]) == ("rollout", 4096, per_entry * 4096)
+
+
+def test_a_paged_kv_cache_counts_the_pool_the_sampler_would_allocate():
+    """3b, 256 slots over fsdp 8, pages of 128. The image reflection's rows share nothing: 32
+    slots per device x (32 prompt + 16 token pages) + one prompt's 32 = 1,568 pages and a spare
+    per device, against the rollout's 32 x 32 + 16 = 1,040; kv_pages=4800 caps it at 600 + 1."""
+    mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
+    per_page = 36 * 2 * 128 * 2 * 128 * 2  # K and V, 36 layers, 128 entries, 2 kv heads x 128, bf16
+    m, report = _memory("3b", 8, mesh, max_rows=256, paged=(128, 0))
+    assert (m["kv_call"], m["kv_rows"], m["kv_slots"]) == ("image_reflection", 8 * 1569, 128)
+    assert m["per_device"]["kv_cache"] == 1569 * per_page
+    assert "12552 pages of 128 entries (paged), bfloat16 (image_reflection)" in report
+    m, _ = _memory("3b", 8, mesh, max_rows=256, paged=(128, 4800))
+    assert (m["kv_rows"], m["per_device"]["kv_cache"]) == (8 * 601, 601 * per_page)
 
 
 def test_an_int8_kv_cache_counts_one_byte_per_element_plus_an_fp32_scale_per_entry_and_kv_head():
