@@ -17,7 +17,7 @@ and the family provides the host-side input preparation (`prepare_inputs`: token
 rows and image grids -> positions, vision layout, pixels in the tower's order), the KV-cache
 layout (`Cache`, `cache_shapes`, `empty_cache`, `cache_length`, `KV_DTYPES`, `K_CACHE_AXES`,
 `V_CACHE_AXES`; paged: `PagedCache`, a pool of `Cache` pages and a page table, which decode
-takes in place of a `Cache`, and `write_pages`),
+takes in place of a `Cache`, and `write_pages`; `write_slot` copies a prefill row into a slot),
 its configuration (`ModelConfig`, named `preset`s), and construction and
 checkpoint IO (`create_model`, `abstract_model`, `load_hf`, `save_hf`; `architecture`: what a
 run's checkpoints record and restores check, with `PARAM_LAYOUT`). Qwen2.5-VL is the family
@@ -32,7 +32,14 @@ import jax
 
 from emor3_jax.models.qwen25_vl.config import ModelConfig, preset
 from emor3_jax.models.qwen25_vl.convert import load_hf, save_hf
-from emor3_jax.models.qwen25_vl.kv_cache import K_CACHE_AXES, KV_DTYPES, V_CACHE_AXES, cache_shapes, write_pages
+from emor3_jax.models.qwen25_vl.kv_cache import (
+    K_CACHE_AXES,
+    KV_DTYPES,
+    V_CACHE_AXES,
+    cache_shapes,
+    write_pages,
+    write_slot,
+)
 from emor3_jax.models.qwen25_vl.kv_cache import PagedKVCache as PagedCache
 from emor3_jax.models.qwen25_vl.kv_cache import empty as empty_cache
 from emor3_jax.models.qwen25_vl.layers import Live, Segments
@@ -68,6 +75,7 @@ __all__ = [
     "preset",
     "save_hf",
     "write_pages",
+    "write_slot",
 ]
 
 

@@ -46,7 +46,17 @@ from flax import nnx, struct
 
 from emor3_jax.core import sharding
 from emor3_jax.core.batches import Prompt, bucket, prompt_images
-from emor3_jax.models.api import KV_DTYPES, Cache, Live, Model, Segments, cache_length, empty_cache, prepare_inputs
+from emor3_jax.models.api import (
+    KV_DTYPES,
+    Cache,
+    Live,
+    Model,
+    Segments,
+    cache_length,
+    empty_cache,
+    prepare_inputs,
+    write_slot,
+)
 from emor3_jax.sampling import pages
 from emor3_jax.sampling.methods import SamplingParams, select
 
@@ -306,19 +316,9 @@ def admit(s: Settings, c: Carry, cache: Cache | pages.Pages, pending, pre: Prefi
 
 def _copy_prompts(cache: Cache, take: jax.Array, b: jax.Array, pre: Cache) -> Cache:
     """Each taking slot of take [W] gets its prompt b [W]'s prefill cache (every layer) at
-    entries [0, P), one slot at a time: the cost follows the rows admitted, not W."""
+    entries [0, P), one slot at a time (`write_slot`): the cost follows the rows admitted, not W."""
     order = jnp.nonzero(take, size=take.shape[0], fill_value=0)[0]
-
-    def copy(i, kv):  # every leaf [Y, W, ...] (keys, values and any scales) from [Y, Q, ...]
-        slot, prompt = order[i], b[order[i]]
-        return jax.tree.map(
-            lambda x, px: jax.lax.dynamic_update_slice(
-                x, jax.lax.dynamic_slice_in_dim(px, prompt, 1, axis=1), (0, slot) + (0,) * (x.ndim - 2)
-            ),
-            kv,
-            pre,
-        )
-
+    copy = lambda i, kv: write_slot(kv, pre, order[i], b[order[i]])
     return jax.lax.fori_loop(0, jnp.sum(take), copy, cache)
 
 

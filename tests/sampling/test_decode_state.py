@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from emor3_jax.models.api import Cache as KVCache
 from emor3_jax.sampling.methods import GREEDY
 from emor3_jax.sampling.sampler import (
     Carry,
@@ -33,7 +34,7 @@ def _cache(rows, entries, fill=0.0):
     """A one-layer, one-head cache [1, rows, entries, 1, 1] ([Y, B, S, K, H]): each entry holds
     one number."""
     x = jnp.full((1, rows, entries, 1, 1), fill, jnp.float32)
-    return (x, x + 0.5)
+    return KVCache(x, x + 0.5)
 
 
 class NextToken:
@@ -49,8 +50,8 @@ class NextToken:
     def decode(self, x, positions, span, cache, entry):
         self.spans.append((span.start, span.end, entry, positions))
         rows = jnp.arange(x.shape[0])
-        cache = tuple(c.at[0, rows, entry, 0, 0].set(x[:, 0, 0]) for c in cache)
-        return x, cache
+        write = lambda c: c.at[0, rows, entry, 0, 0].set(x[:, 0, 0])
+        return x, cache.replace(keys=write(cache.keys), values=write(cache.values))
 
     def logits(self, h):
         nxt = (h[:, 0].astype(jnp.int32) + 1) % V
@@ -62,7 +63,7 @@ def _group(n=2, valid=3, row0=10, limits=(3, 2, 5, 1)):
     q = 2
     pc = jnp.broadcast_to(100.0 + jnp.arange(q, dtype=jnp.float32)[None, :, None, None, None], (1, q, P, 1, 1))
     logits = jnp.where(jax.nn.one_hot(jnp.array([3, 7]), V) > 0, 0.0, -3.0)  # prompt 0 -> 3, prompt 1 -> 7
-    pre = Prefilled(logits, (pc, pc), start=jnp.array([2, 4], jnp.int32), pos=jnp.array([20, 30], jnp.int32))
+    pre = Prefilled(logits, KVCache(pc, pc), start=jnp.array([2, 4], jnp.int32), pos=jnp.array([20, 30], jnp.int32))
     rows = GroupRows(jnp.asarray(limits, jnp.int32), jnp.int32(row0), jnp.int32(valid), jnp.bool_(True))
     return pre, rows
 
@@ -89,7 +90,7 @@ def test_free_slots_take_the_waiting_rows_in_order(continuous):
     if not continuous:  # two slots busy: nobody is admitted
         assert int(pending) == 1
         np.testing.assert_array_equal(c2.slots.row, busy.row)
-        np.testing.assert_array_equal(cache2[0], cache[0])
+        np.testing.assert_array_equal(cache2.keys, cache.keys)
         return
     # Rows 1 and 2 of the group (output rows 11, 12) wait; slots 1 and 3 are free.
     assert int(pending) == 3
@@ -100,7 +101,7 @@ def test_free_slots_take_the_waiting_rows_in_order(continuous):
     np.testing.assert_array_equal(c2.slots.start, [0, 2, 0, 4])
     np.testing.assert_array_equal(c2.slots.pos, [0, 20, 0, 30])
     np.testing.assert_array_equal(c2.slots.step, [0, 0, 0, 0])
-    k = np.asarray(cache2[0])[0, :, :, 0, 0]
+    k = np.asarray(cache2.keys)[0, :, :, 0, 0]
     np.testing.assert_array_equal(k[1, :P], 100.0)  # prompt 0's cache
     np.testing.assert_array_equal(k[3, :P], 101.0)  # prompt 1's cache
     np.testing.assert_array_equal(k[[0, 2]], -1.0)  # busy slots untouched
@@ -130,7 +131,7 @@ def test_a_step_emits_writes_at_its_own_entry_and_frees_on_stop_or_limit():
     np.testing.assert_array_equal(start, [1, 3, 0, 2])
     np.testing.assert_array_equal(end, np.asarray(entry) + 1)  # the span ends at the new token
     np.testing.assert_array_equal(positions[0, :, 0], [10, 22, 0, 31])
-    k = np.asarray(cache[0])[0, :, :, 0, 0]
+    k = np.asarray(cache.keys)[0, :, :, 0, 0]
     assert k[0, P] == 4 and k[1, P + 2] == 5 and k[3, P + 1] == 11
     out = c2.out
     np.testing.assert_array_equal(np.asarray(out.tokens)[[0, 1, 2], [0, 2, 1]], [4, 5, 11])
