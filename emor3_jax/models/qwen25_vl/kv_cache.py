@@ -195,6 +195,16 @@ def _write_rows(
     )
 
 
+def _from_owner(x: jax.Array, prompt, take, split, rows_split: bool) -> jax.Array:
+    """take(x, q) of prefill row `prompt` on every device, inside shard_map: x [Y, Q', ...] is
+    this device's block of the prefill rows when they are split over `split` (rows_split), and
+    then the device holding the row sends it to all (a psum of what take returns), else all Q."""
+    if not rows_split:
+        return take(x, prompt)
+    mine = jax.lax.axis_index(split) == prompt // x.shape[1]
+    return jax.lax.psum(jnp.where(mine, take(x, prompt % x.shape[1]), 0), split)
+
+
 def write_pages(pool: KVCache, prompts: KVCache, prompt, shard, ids: jax.Array, block: int) -> KVCache:
     """A paged pool with prompt `prompt` of a prefill cache prompts [Y, Q, P, ...] (scales
     [Y, Q, K, P]) in the pages ids [A] (A * page = P) of shard `shard`'s block of `block` pages
@@ -227,14 +237,10 @@ def write_pages(pool: KVCache, prompts: KVCache, prompt, shard, ids: jax.Array, 
         x_spec = sharding.current_spec(a, x.shape)  # the prefill rows split like the pool's, or whole
 
         def local(c, x, shard, ids, prompt, split=spec[1], scales=scales, rows_split=x_spec[1] is not None):
-            me = jax.lax.axis_index(split)
-            row = jnp.where(me == shard, ids, c.shape[1] - 1)
-            q = prompt % x.shape[1] if rows_split else prompt
+            row = jnp.where(jax.lax.axis_index(split) == shard, ids, c.shape[1] - 1)
 
             def put(i, c):
-                new = take(x, q, i, scales)
-                if rows_split:  # from the device that holds the prompt's row
-                    new = jax.lax.psum(jnp.where(me == prompt // x.shape[1], new, 0), split)
+                new = _from_owner(x, prompt, lambda x, q: take(x, q, i, scales), split, rows_split)
                 return jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), row[i], axis=1)
 
             return jax.lax.fori_loop(0, ids.shape[0], put, c)
@@ -271,12 +277,9 @@ def write_slot(cache: KVCache, prompts: KVCache, slot, prompt) -> KVCache:
         x_spec = sharding.current_spec(a, x.shape)
 
         def local(c, x, slot, prompt, split=spec[1], rows_split=x_spec[1] is not None):
-            me = jax.lax.axis_index(split)
-            q = prompt % x.shape[1] if rows_split else prompt
-            row = jax.lax.dynamic_slice_in_dim(x, q, 1, axis=1)
-            if rows_split:  # from the device that holds the prompt's row
-                row = jax.lax.psum(jnp.where(me == prompt // x.shape[1], row, 0), split)
-            return put(c, row, slot % c.shape[1], 0, keep=me == slot // c.shape[1])
+            take = lambda x, q: jax.lax.dynamic_slice_in_dim(x, q, 1, axis=1)
+            row = _from_owner(x, prompt, take, split, rows_split)
+            return put(c, row, slot % c.shape[1], 0, keep=jax.lax.axis_index(split) == slot // c.shape[1])
 
         scalar = PartitionSpec()
         out[f] = jax.shard_map(local, in_specs=(spec, x_spec, scalar, scalar), out_specs=spec, check_vma=False)(
